@@ -1,0 +1,1 @@
+//! Kernel offsets from BTF and tracefs.

@@ -1,0 +1,14 @@
+//! DeltaBox's controller library: everything `deltaboxd` and `deltabox` do, so that
+//! the binaries stay argument parsing and wiring, and tests call the logic directly.
+//!
+//! - [`bpf`]: the eBPF write tracker (load, pin, adopt, unload, read the counters).
+//! - [`cgroup`]: cgroup v2 paths and ids.
+//! - [`api`]: the HTTP/JSON API: types, server, client.
+//! - [`daemon`]: the daemon's configuration and run loop.
+//! - [`metrics`]: the Prometheus metrics.
+
+pub mod api;
+pub mod bpf;
+pub mod cgroup;
+pub mod daemon;
+pub mod metrics;
