@@ -8,12 +8,14 @@
 
 pub mod loader;
 pub mod offsets;
+mod tracker;
 
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-pub use loader::{BpfError, Origin, PinnedTracker, unload};
+pub use loader::{BpfError, load_and_pin, unload};
+pub use tracker::{Origin, PinnedTracker};
 
 /// Default pin directory of programs, links and maps (on bpffs).
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/deltabox";

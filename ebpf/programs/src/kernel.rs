@@ -21,6 +21,7 @@ pub struct FdFile {
     pub is_regular: u32,
 }
 
+#[inline(always)]
 fn read<T>(addr: u64) -> Option<T> {
     // SAFETY: bpf_probe_read_kernel copies from any kernel address and fails cleanly
     // on a bad one.
@@ -28,6 +29,7 @@ fn read<T>(addr: u64) -> Option<T> {
 }
 
 /// Follows `current->files->fdt->fd[fd]->f_inode`.
+#[inline(always)]
 pub fn regular_file_of_fd(off: &KernelOffsets, fd: u64) -> Option<FdFile> {
     // SAFETY: the helper returns the current task pointer; it is only dereferenced
     // through bpf_probe_read_kernel.
@@ -54,6 +56,7 @@ pub fn regular_file_of_fd(off: &KernelOffsets, fd: u64) -> Option<FdFile> {
 }
 
 /// The base name of the file's dentry, copied into `buf`.
+#[inline(always)]
 pub fn file_name<'a>(off: &KernelOffsets, file: u64, buf: &'a mut [u8]) -> Option<&'a [u8]> {
     let dentry: u64 = read(file + off.file_dentry)?;
     let name: u64 = read(dentry + off.dentry_name)?;

@@ -25,6 +25,8 @@ mod programs;
 
 #[cfg(not(target_arch = "bpf"))]
 fn main() {
-    eprintln!("deltabox-ebpf holds eBPF programs: build it for bpfel-unknown-none (cargo xtask build)");
+    eprintln!(
+        "deltabox-ebpf holds eBPF programs: build it for bpfel-unknown-none (cargo xtask build)"
+    );
     std::process::exit(2);
 }

@@ -1,7 +1,11 @@
 //! The programs and their maps.
+//!
+//! Helpers are `#[inline(always)]`: as BPF-to-BPF calls, an `Option<&[u8]>` argument
+//! passed as `None` leaves a register the verifier rejects as uninitialised.
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
+use crate::kernel;
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_cgroup_id, bpf_get_current_pid_tgid},
@@ -10,7 +14,6 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use aya_log_ebpf::warn;
-use crate::kernel;
 use deltabox_common::{
     Counter, InodeKey, InodeStats, KernelOffsets, MAX_INODE_STATS, MAX_PENDING, MAX_WATCHED,
     WatchState,
@@ -40,8 +43,7 @@ static DBX_OFFSETS: KernelOffsets = KernelOffsets {
 static WATCHED: HashMap<u64, WatchState> = HashMap::with_max_entries(MAX_WATCHED, 0);
 
 #[map(name = "DBX_INODE_STATS")]
-static INODE_STATS: HashMap<InodeKey, InodeStats> =
-    HashMap::with_max_entries(MAX_INODE_STATS, 0);
+static INODE_STATS: HashMap<InodeKey, InodeStats> = HashMap::with_max_entries(MAX_INODE_STATS, 0);
 
 #[map(name = "DBX_PENDING")]
 static PENDING: HashMap<u64, InodeKey> = HashMap::with_max_entries(MAX_PENDING, 0);
@@ -49,12 +51,14 @@ static PENDING: HashMap<u64, InodeKey> = HashMap::with_max_entries(MAX_PENDING, 
 #[map(name = "DBX_COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
 
+#[inline(always)]
 fn offsets() -> KernelOffsets {
     // SAFETY: DBX_OFFSETS is read-only data; the volatile read stops the compiler from
     // folding the all-zero initialiser that userspace overrides at load time.
     unsafe { core::ptr::read_volatile(&DBX_OFFSETS) }
 }
 
+#[inline(always)]
 fn bump(counter: Counter) {
     if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
         // SAFETY: per-CPU slot of this CPU; a tracepoint program is not preempted by
@@ -64,12 +68,13 @@ fn bump(counter: Counter) {
 }
 
 /// The key under which the current task's writes to `ino` count, if its cgroup is watched.
+#[inline(always)]
 fn watched_key(ino: u64) -> Option<InodeKey> {
     // SAFETY: the helper only reads the current task's cgroup.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     // SAFETY: the value is copied out at once; a concurrent delete cannot free it
     // while this program runs (maps values are RCU-protected).
-    let state = unsafe { WATCHED.get(&cgroup_id) }?;
+    let state = unsafe { WATCHED.get(cgroup_id) }?;
     Some(InodeKey {
         cgroup_id,
         ino,
@@ -78,7 +83,12 @@ fn watched_key(ino: u64) -> Option<InodeKey> {
 }
 
 /// The counters of `key`, created (with `name`) if absent.
-fn stats_of(ctx: &TracePointContext, key: &InodeKey, name: Option<&[u8]>) -> Option<*mut InodeStats> {
+#[inline(always)]
+fn stats_of(
+    ctx: &TracePointContext,
+    key: &InodeKey,
+    name: Option<&[u8]>,
+) -> Option<*mut InodeStats> {
     if let Some(ptr) = INODE_STATS.get_ptr_mut(key) {
         return Some(ptr);
     }
@@ -88,7 +98,7 @@ fn stats_of(ctx: &TracePointContext, key: &InodeKey, name: Option<&[u8]>) -> Opt
         fresh.name[..n].copy_from_slice(&name[..n]);
     }
     // BPF_NOEXIST: another CPU may have created it meanwhile; then use that one.
-    if let Err(err) = INODE_STATS.insert(key, &fresh, BPF_NOEXIST as u64)
+    if let Err(err) = INODE_STATS.insert(key, fresh, BPF_NOEXIST as u64)
         && err != -EEXIST
     {
         bump(Counter::StatsFull);
@@ -101,6 +111,7 @@ fn stats_of(ctx: &TracePointContext, key: &InodeKey, name: Option<&[u8]>) -> Opt
     INODE_STATS.get_ptr_mut(key)
 }
 
+#[inline(always)]
 fn add(field: *mut u64, n: u64) {
     // SAFETY: `field` points into a live map value; other CPUs update it concurrently,
     // hence the atomic add.
@@ -140,7 +151,7 @@ pub fn dbx_write_enter(ctx: TracePointContext) -> u32 {
     add(unsafe { &raw mut (*stats).writes }, 1);
     bump(Counter::WriteSyscalls);
     // Overwrites a stale entry of a task that died between enter and exit.
-    let _ = PENDING.insert(&bpf_get_current_pid_tgid(), &key, 0);
+    let _ = PENDING.insert(bpf_get_current_pid_tgid(), key, 0);
     0
 }
 
@@ -148,17 +159,17 @@ pub fn dbx_write_enter(ctx: TracePointContext) -> u32 {
 pub fn dbx_write_exit(ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     // SAFETY: the value is copied out before the entry is removed.
-    let Some(key) = (unsafe { PENDING.get(&pid_tgid) }).copied() else {
+    let Some(key) = (unsafe { PENDING.get(pid_tgid) }).copied() else {
         return 0;
     };
-    let _ = PENDING.remove(&pid_tgid);
+    let _ = PENDING.remove(pid_tgid);
     let off = offsets();
     // SAFETY: tp_exit_ret was read from this tracepoint's format file.
     let Ok(ret) = (unsafe { ctx.read_at::<i64>(off.tp_exit_ret as usize) }) else {
         return 0;
     };
     if ret > 0
-        && let Some(stats) = INODE_STATS.get_ptr_mut(&key)
+        && let Some(stats) = INODE_STATS.get_ptr_mut(key)
     {
         // SAFETY: `stats` is a live map value; the field pointer stays inside it.
         add(unsafe { &raw mut (*stats).bytes }, ret as u64);

@@ -1,0 +1,294 @@
+//! [`PinnedTracker`]: the [`WriteTracker`] over the pinned maps.
+
+use std::{
+    collections::HashMap as StdHashMap,
+    path::{Path, PathBuf},
+    sync::{Mutex, MutexGuard},
+};
+
+use aya::{
+    maps::{HashMap, Map, MapData, MapError, PerCpuArray},
+    programs::{ProgramInfo, links::PinnedLink},
+};
+use deltabox_common::{Counter, InodeKey, InodeStats, WatchState, map_names};
+
+use super::{
+    AttachedProgram, GlobalCounters, InodeRecord, WriteTracker,
+    loader::{self, ATTACHMENTS, BpfError},
+};
+
+/// How [`PinnedTracker::load_or_adopt`] got its programs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Origin {
+    /// Loaded and attached now.
+    Loaded,
+    /// Found pinned and adopted.
+    Adopted,
+}
+
+struct Maps {
+    watched: HashMap<MapData, u64, WatchState>,
+    stats: HashMap<MapData, InodeKey, InodeStats>,
+    counters: PerCpuArray<MapData, u64>,
+}
+
+/// The write tracker over the maps pinned under a pin directory.
+pub struct PinnedTracker {
+    pin_dir: PathBuf,
+    // One lock for all maps: epoch changes read `watched` and rewrite `stats`.
+    maps: Mutex<Maps>,
+}
+
+fn map_err(map: &'static str) -> impl FnOnce(MapError) -> BpfError {
+    move |source| BpfError::Map { map, source }
+}
+
+/// Lookups report a missing key as `KeyNotFound`, deletes as a raw ENOENT.
+fn is_not_found(e: &MapError) -> bool {
+    match e {
+        MapError::KeyNotFound => true,
+        MapError::SyscallError(s) => s.io_error.kind() == std::io::ErrorKind::NotFound,
+        _ => false,
+    }
+}
+
+fn open_map(pin_dir: &Path, name: &'static str) -> Result<MapData, BpfError> {
+    MapData::from_pin(loader::maps_dir(pin_dir).join(name)).map_err(map_err(name))
+}
+
+impl PinnedTracker {
+    /// Loads the programs, attaches and pins them under `pin_dir`, replacing any
+    /// previous deltabox pins there (no duplicate attachments).
+    pub fn load(pin_dir: &Path) -> Result<Self, BpfError> {
+        loader::load_and_pin(pin_dir)?;
+        Self::adopt(pin_dir)
+    }
+
+    /// Adopts programs and maps already pinned under `pin_dir`.
+    pub fn adopt(pin_dir: &Path) -> Result<Self, BpfError> {
+        if !pin_dir.exists() {
+            return Err(BpfError::NotLoaded {
+                pin_dir: pin_dir.into(),
+            });
+        }
+        if let Some(missing) = loader::missing_pin(pin_dir) {
+            return Err(BpfError::Incomplete {
+                pin_dir: pin_dir.into(),
+                missing,
+            });
+        }
+        let watched = open_map(pin_dir, map_names::WATCHED)?;
+        let stats = open_map(pin_dir, map_names::INODE_STATS)?;
+        let counters = open_map(pin_dir, map_names::COUNTERS)?;
+        let maps = Maps {
+            watched: HashMap::try_from(Map::HashMap(watched))
+                .map_err(map_err(map_names::WATCHED))?,
+            stats: HashMap::try_from(Map::HashMap(stats))
+                .map_err(map_err(map_names::INODE_STATS))?,
+            counters: PerCpuArray::try_from(Map::PerCpuArray(counters))
+                .map_err(map_err(map_names::COUNTERS))?,
+        };
+        Ok(Self {
+            pin_dir: pin_dir.into(),
+            maps: Mutex::new(maps),
+        })
+    }
+
+    /// Adopts what is pinned, else loads. An incomplete pin directory is reloaded.
+    pub fn load_or_adopt(pin_dir: &Path) -> Result<(Self, Origin), BpfError> {
+        match Self::adopt(pin_dir) {
+            Ok(tracker) => Ok((tracker, Origin::Adopted)),
+            Err(BpfError::NotLoaded { .. } | BpfError::Incomplete { .. }) => {
+                Ok((Self::load(pin_dir)?, Origin::Loaded))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Where this tracker's objects are pinned.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// Reader of the programs' aya-log records (a ring buffer: poll its fd for
+    /// readability, then `flush()` to emit the records through the `log` crate).
+    pub fn logger(&self) -> Result<aya_log::EbpfLogger<&'static dyn log::Log>, BpfError> {
+        let program = loader::PROGRAMS[0];
+        let info = ProgramInfo::from_pin(loader::progs_dir(&self.pin_dir).join(program)).map_err(
+            |source| BpfError::Program {
+                program: program.into(),
+                source,
+            },
+        )?;
+        Ok(aya_log::EbpfLogger::init_from_id(info.id())?)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Maps> {
+        // A panic while holding the lock cannot leave the kernel maps inconsistent
+        // (each update is one syscall), so a poisoned lock is still usable.
+        self.maps.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Maps {
+    fn epoch_of(&self, cgroup_id: u64) -> Result<Option<u64>, BpfError> {
+        match self.watched.get(&cgroup_id, 0) {
+            Ok(state) => Ok(Some(state.epoch)),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(map_err(map_names::WATCHED)(e)),
+        }
+    }
+
+    /// Removes the counters of `cgroup_id` whose epoch is below `keep_from`.
+    fn drop_stats(&mut self, cgroup_id: u64, keep_from: u64) -> Result<(), BpfError> {
+        let stale: Vec<InodeKey> = self
+            .stats
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.cgroup_id == cgroup_id && k.epoch < keep_from)
+            .collect();
+        for key in stale {
+            match self.stats.remove(&key) {
+                Err(e) if !is_not_found(&e) => return Err(map_err(map_names::INODE_STATS)(e)),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+impl WriteTracker for PinnedTracker {
+    fn attached(&self) -> Result<Vec<AttachedProgram>, BpfError> {
+        ATTACHMENTS
+            .iter()
+            .map(|&(program, category, name)| {
+                let file = loader::link_file(category, name);
+                let path = loader::links_dir(&self.pin_dir).join(&file);
+                let link_err = |source| BpfError::Link {
+                    what: file.clone(),
+                    source,
+                };
+                let link = PinnedLink::from_pin(&path).map_err(link_err)?;
+                let info = aya::programs::links::FdLink::from(link)
+                    .info()
+                    .map_err(link_err)?;
+                Ok(AttachedProgram {
+                    name: program.into(),
+                    tracepoint: format!("{category}:{name}"),
+                    program_id: info.program_id(),
+                    link_id: info.id(),
+                    pinned_at: path,
+                })
+            })
+            .collect()
+    }
+
+    fn watch(&self, cgroup_id: u64) -> Result<u64, BpfError> {
+        let mut maps = self.lock();
+        if let Some(epoch) = maps.epoch_of(cgroup_id)? {
+            return Ok(epoch);
+        }
+        // Counters a previous watch left (e.g. a daemon killed mid-unwatch) must not
+        // show up as this watch's.
+        maps.drop_stats(cgroup_id, u64::MAX)?;
+        maps.watched
+            .insert(cgroup_id, WatchState { epoch: 0 }, 0)
+            .map_err(map_err(map_names::WATCHED))?;
+        Ok(0)
+    }
+
+    fn unwatch(&self, cgroup_id: u64) -> Result<bool, BpfError> {
+        let mut maps = self.lock();
+        let was = match maps.watched.remove(&cgroup_id) {
+            Ok(()) => true,
+            Err(e) if is_not_found(&e) => false,
+            Err(e) => return Err(map_err(map_names::WATCHED)(e)),
+        };
+        maps.drop_stats(cgroup_id, u64::MAX)?;
+        Ok(was)
+    }
+
+    fn watched(&self) -> Result<Vec<(u64, u64)>, BpfError> {
+        let maps = self.lock();
+        let mut out: Vec<(u64, u64)> = maps
+            .watched
+            .iter()
+            .map(|r| r.map(|(id, s)| (id, s.epoch)))
+            .collect::<Result<_, _>>()
+            .map_err(map_err(map_names::WATCHED))?;
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    fn advance_epoch(&self, cgroup_id: u64) -> Result<u64, BpfError> {
+        let mut maps = self.lock();
+        let epoch = maps
+            .epoch_of(cgroup_id)?
+            .ok_or(BpfError::NotWatched { cgroup_id })?
+            + 1;
+        maps.watched
+            .insert(cgroup_id, WatchState { epoch }, 0)
+            .map_err(map_err(map_names::WATCHED))?;
+        maps.drop_stats(cgroup_id, epoch)?;
+        Ok(epoch)
+    }
+
+    fn inode_stats(&self, cgroup_id: Option<u64>) -> Result<Vec<InodeRecord>, BpfError> {
+        let maps = self.lock();
+        let epochs: StdHashMap<u64, u64> = match cgroup_id {
+            Some(id) => {
+                let epoch = maps
+                    .epoch_of(id)?
+                    .ok_or(BpfError::NotWatched { cgroup_id: id })?;
+                StdHashMap::from([(id, epoch)])
+            }
+            None => maps
+                .watched
+                .iter()
+                .map(|r| r.map(|(id, s)| (id, s.epoch)))
+                .collect::<Result<_, _>>()
+                .map_err(map_err(map_names::WATCHED))?,
+        };
+        let mut out = Vec::new();
+        for entry in maps.stats.iter() {
+            let (key, stats) = match entry {
+                Ok(kv) => kv,
+                // Deleted by the kernel side between key and value lookup.
+                Err(e) if is_not_found(&e) => continue,
+                Err(e) => return Err(map_err(map_names::INODE_STATS)(e)),
+            };
+            if epochs.get(&key.cgroup_id) != Some(&key.epoch) {
+                continue;
+            }
+            out.push(InodeRecord {
+                cgroup_id: key.cgroup_id,
+                ino: key.ino,
+                epoch: key.epoch,
+                name: String::from_utf8_lossy(stats.name_bytes()).into_owned(),
+                writes: stats.writes,
+                bytes: stats.bytes,
+                pages_dirtied: stats.pages_dirtied,
+            });
+        }
+        out.sort_by_key(|r| (r.cgroup_id, r.ino));
+        Ok(out)
+    }
+
+    fn counters(&self) -> Result<GlobalCounters, BpfError> {
+        let maps = self.lock();
+        let sum = |c: Counter| -> Result<u64, BpfError> {
+            let values = maps
+                .counters
+                .get(&(c as u32), 0)
+                .map_err(map_err(map_names::COUNTERS))?;
+            Ok(values.iter().sum())
+        };
+        Ok(GlobalCounters {
+            write_syscalls: sum(Counter::WriteSyscalls)?,
+            dirtied_folios: sum(Counter::DirtiedFolios)?,
+            stats_full: sum(Counter::StatsFull)?,
+            fd_unresolved: sum(Counter::FdUnresolved)?,
+        })
+    }
+}

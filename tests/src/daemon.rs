@@ -1,0 +1,1 @@
+//! deltaboxd started for one test (filled in with the daemon tests).
