@@ -3,7 +3,7 @@
 
 use std::{fs, os::unix::fs::MetadataExt as _, path::Path, process::Command};
 
-use deltabox_controller::bpf::{InodeRecord, WriteTracker};
+use deltabox_controller::bpf::{InodeRecord, LoadOptions, PinnedTracker, WriteTracker};
 use deltabox_tests::{cgroup::TestCgroup, pins::TestPins, require_root, scratch_dir, unique};
 
 const PAGE: u64 = 4096;
@@ -131,5 +131,54 @@ fn writes_of_several_syscalls_and_pipes() {
     let stats = tracker.inode_stats(Some(cg.id())).unwrap();
     let rec = record_of(&stats, &file).unwrap_or_else(|| panic!("no record in {stats:?}"));
     assert_eq!((rec.writes, rec.bytes), (4, 22), "{rec:?}");
+    let _ = fs::remove_dir_all(&dir);
+}
+
+/// Captures the programs' aya-log records.
+#[derive(Default, Clone)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl log::Log for Captured {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+    fn log(&self, record: &log::Record<'_>) {
+        self.0
+            .lock()
+            .unwrap()
+            .push(format!("{} {}", record.level(), record.args()));
+    }
+    fn flush(&self) {}
+}
+
+#[test]
+fn a_full_counter_map_is_counted_and_logged_not_silent() {
+    require_root();
+    let pins = TestPins::new("full");
+    let tracker = PinnedTracker::load_with(
+        pins.dir(),
+        LoadOptions {
+            inode_stats_capacity: 2,
+        },
+    )
+    .unwrap();
+    let captured = Captured::default();
+    let mut logger = tracker.logger_with(captured.clone()).unwrap();
+    let cg = TestCgroup::new(&unique("full"));
+    let dir = scratch_dir("full");
+    tracker.watch(cg.id()).unwrap();
+    for i in 0..4 {
+        cg.run(&mut dd(&dir.join(format!("f{i}")), 1));
+    }
+    assert_eq!(tracker.inode_stats(Some(cg.id())).unwrap().len(), 2);
+    assert!(tracker.counters().unwrap().stats_full >= 2);
+    logger.flush();
+    let lines = captured.0.lock().unwrap().clone();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("WARN") && l.contains("inode stats map full")),
+        "no warning reached userspace: {lines:?}"
+    );
     let _ = fs::remove_dir_all(&dir);
 }

@@ -19,7 +19,7 @@ use aya::{
     EbpfLoader,
     programs::{ProgramError, TracePoint, links::FdLink},
 };
-use deltabox_common::map_names;
+use deltabox_common::{MAX_INODE_STATS, map_names};
 
 use super::offsets::{self, OffsetsError};
 
@@ -181,14 +181,29 @@ fn ensure_bpffs(dir: &Path) -> Result<(), BpfError> {
     Ok(())
 }
 
+/// Choices made at load time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Entries of the per-inode counters map (default [`MAX_INODE_STATS`]).
+    pub inode_stats_capacity: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            inode_stats_capacity: MAX_INODE_STATS,
+        }
+    }
+}
+
 /// Loads the programs, attaches them and pins programs, links and maps under
 /// `pin_dir`. Whatever deltabox had pinned there is removed first, so loading twice
 /// leaves one attachment per tracepoint. On failure nothing stays pinned.
-pub fn load_and_pin(pin_dir: &Path) -> Result<(), BpfError> {
+pub fn load_and_pin(pin_dir: &Path, options: LoadOptions) -> Result<(), BpfError> {
     let parent = pin_dir.parent().unwrap_or(Path::new("/"));
     ensure_bpffs(parent)?;
     unload(pin_dir)?;
-    let result = load_and_pin_fresh(pin_dir);
+    let result = load_and_pin_fresh(pin_dir, options);
     if result.is_err() {
         // Leave nothing half-attached behind.
         let _ = unload(pin_dir);
@@ -196,10 +211,11 @@ pub fn load_and_pin(pin_dir: &Path) -> Result<(), BpfError> {
     result
 }
 
-fn load_and_pin_fresh(pin_dir: &Path) -> Result<(), BpfError> {
+fn load_and_pin_fresh(pin_dir: &Path, options: LoadOptions) -> Result<(), BpfError> {
     let offsets = offsets::kernel_offsets()?;
     let mut ebpf = EbpfLoader::new()
         .override_global("DBX_OFFSETS", &offsets, true)
+        .map_max_entries(map_names::INODE_STATS, options.inode_stats_capacity)
         .load(OBJECT)?;
     for dir in [progs_dir(pin_dir), links_dir(pin_dir), maps_dir(pin_dir)] {
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-pub use loader::{BpfError, load_and_pin, unload};
+pub use loader::{BpfError, LoadOptions, load_and_pin, unload};
 pub use tracker::{Origin, PinnedTracker};
 
 /// Default pin directory of programs, links and maps (on bpffs).

@@ -14,7 +14,7 @@ use deltabox_common::{Counter, InodeKey, InodeStats, WatchState, map_names};
 
 use super::{
     AttachedProgram, GlobalCounters, InodeRecord, WriteTracker,
-    loader::{self, ATTACHMENTS, BpfError},
+    loader::{self, ATTACHMENTS, BpfError, LoadOptions},
 };
 
 /// How [`PinnedTracker::load_or_adopt`] got its programs.
@@ -61,7 +61,12 @@ impl PinnedTracker {
     /// Loads the programs, attaches and pins them under `pin_dir`, replacing any
     /// previous deltabox pins there (no duplicate attachments).
     pub fn load(pin_dir: &Path) -> Result<Self, BpfError> {
-        loader::load_and_pin(pin_dir)?;
+        Self::load_with(pin_dir, LoadOptions::default())
+    }
+
+    /// [`load`](Self::load) with non-default options.
+    pub fn load_with(pin_dir: &Path, options: LoadOptions) -> Result<Self, BpfError> {
+        loader::load_and_pin(pin_dir, options)?;
         Self::adopt(pin_dir)
     }
 
@@ -114,6 +119,11 @@ impl PinnedTracker {
     /// Reader of the programs' aya-log records (a ring buffer: poll its fd for
     /// readability, then `flush()` to emit the records through the `log` crate).
     pub fn logger(&self) -> Result<aya_log::EbpfLogger<&'static dyn log::Log>, BpfError> {
+        self.logger_with(log::logger())
+    }
+
+    /// [`logger`](Self::logger) emitting into `logger` instead of the global one.
+    pub fn logger_with<L: log::Log>(&self, logger: L) -> Result<aya_log::EbpfLogger<L>, BpfError> {
         let program = loader::PROGRAMS[0];
         let info = ProgramInfo::from_pin(loader::progs_dir(&self.pin_dir).join(program)).map_err(
             |source| BpfError::Program {
@@ -121,7 +131,10 @@ impl PinnedTracker {
                 source,
             },
         )?;
-        Ok(aya_log::EbpfLogger::init_from_id(info.id())?)
+        Ok(aya_log::EbpfLogger::init_from_id_with_logger(
+            info.id(),
+            logger,
+        )?)
     }
 
     fn lock(&self) -> MutexGuard<'_, Maps> {
