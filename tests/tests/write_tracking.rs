@@ -182,3 +182,30 @@ fn a_full_counter_map_is_counted_and_logged_not_silent() {
     );
     let _ = fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn stores_through_a_shared_mapping_count_as_dirtied_pages() {
+    require_root();
+    let pins = TestPins::new("mmap");
+    let tracker = pins.load();
+    let cg = TestCgroup::new(&unique("mmap"));
+    let dir = scratch_dir("mmap");
+    tracker.watch(cg.id()).unwrap();
+    let file = dir.join("mapped.bin");
+    // ftruncate then store one byte into each of 5 pages: no write syscall, 5 dirtied.
+    let script = format!(
+        "import mmap, os\nfd = os.open('{}', os.O_RDWR | os.O_CREAT | os.O_TRUNC)\n\
+         os.ftruncate(fd, 5 * 4096)\nm = mmap.mmap(fd, 5 * 4096)\n\
+         for i in range(5):\n    m[i * 4096] = 1\nm.close()\nos.close(fd)\n",
+        file.display()
+    );
+    cg.run(Command::new("python3").arg("-c").arg(script));
+    let stats = tracker.inode_stats(Some(cg.id())).unwrap();
+    let rec = record_of(&stats, &file).unwrap_or_else(|| panic!("no record in {stats:?}"));
+    assert_eq!(
+        (rec.writes, rec.bytes, rec.pages_dirtied),
+        (0, 0, 5),
+        "{rec:?}"
+    );
+    let _ = fs::remove_dir_all(&dir);
+}
