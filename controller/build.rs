@@ -11,10 +11,14 @@ fn main() -> anyhow::Result<()> {
         .parent()
         .context("controller has no parent directory")?;
     let programs = root.join("ebpf/programs");
-    println!("cargo:rerun-if-changed={}", root.join("ebpf/common/src").display());
-    println!("cargo:rerun-if-env-changed=PATH");
+    println!(
+        "cargo:rerun-if-changed={}",
+        root.join("ebpf/common/src").display()
+    );
     check_toolchain()?;
-    let programs = programs.to_str().context("non-UTF-8 path of ebpf/programs")?;
+    let programs = programs
+        .to_str()
+        .context("non-UTF-8 path of ebpf/programs")?;
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "deltabox-ebpf",
@@ -38,8 +42,6 @@ fn check_toolchain() -> anyhow::Result<()> {
         .output();
     match src {
         Ok(out) if String::from_utf8_lossy(&out.stdout).contains("rust-src") => Ok(()),
-        _ => bail!(
-            "the nightly toolchain with rust-src is missing: run `cargo xtask setup` first"
-        ),
+        _ => bail!("the nightly toolchain with rust-src is missing: run `cargo xtask setup` first"),
     }
 }
