@@ -1,1 +1,59 @@
-fn main(){}
+//! `cargo xtask`: DeltaBox's developer tasks, one module and one options struct per
+//! subcommand (the layout of aya's xtask). Reached through the alias in
+//! `.cargo/config.toml`.
+//!
+//! Every task except `setup` itself runs set-up first, so one command works on a fresh
+//! machine.
+
+mod build;
+mod build_and_load;
+mod cgroup;
+mod demo;
+mod setup;
+mod test;
+mod util;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "DeltaBox developer tasks")]
+struct XtaskOptions {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install and check everything DeltaBox needs on this machine (idempotent)
+    Setup(setup::Options),
+    /// Build the eBPF programs and the userspace crates
+    Build(build::Options),
+    /// Build, then load and attach the eBPF programs on this kernel (or detach them)
+    BuildAndLoad(build_and_load::Options),
+    /// Run every quality gate: fmt, clippy, build, unit tests, integration tests
+    Test(test::Options),
+    /// Start the daemon, track a real workload's writes in a cgroup, print what it counted
+    Demo(demo::Options),
+}
+
+/// Exit codes: 0 success, 1 the task failed (the message says which step and why), 2 bad
+/// arguments (clap's own code).
+fn main() -> ExitCode {
+    let options = XtaskOptions::parse();
+    let result = match options.command {
+        Command::Setup(options) => setup::run(&options).map(drop),
+        Command::Build(options) => build::run(&options).map(drop),
+        Command::BuildAndLoad(options) => build_and_load::run(&options),
+        Command::Test(options) => test::run(&options),
+        Command::Demo(options) => demo::run(&options),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

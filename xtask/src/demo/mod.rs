@@ -1,0 +1,153 @@
+//! `cargo xtask demo`: the write tracker end to end on this machine.
+//!
+//! Set-up and build, start `deltaboxd serve` on a socket in a temporary directory, create
+//! a cgroup `deltabox-demo-<pid>` and have the daemon watch it, run a real workload in it
+//! (`sh` writing files of different sizes under `target/`, on the disk: `/tmp` may be a
+//! tmpfs), print what the tracker counted per file, advance the epoch, write again and
+//! print again to show the counts restart. Cleanup (unwatch, SIGTERM the daemon, remove
+//! the cgroup and the files) is done by guards, so it also happens on an error or Ctrl-C.
+
+mod daemon;
+mod workload;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+
+use self::daemon::{Cli, Daemon, Watch};
+use self::workload::{FIRST, SECOND};
+use crate::build;
+use crate::cgroup::{Cgroup, cgroup2_mount};
+use crate::util::{TempDir, step, target_dir};
+
+/// Options of `cargo xtask demo`.
+#[derive(clap::Args, Debug)]
+pub struct Options {
+    /// Seconds to wait for the daemon's API socket
+    #[arg(long, default_value_t = 30)]
+    pub timeout_secs: u64,
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_signal: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Turns SIGINT, SIGTERM and SIGHUP into a flag the demo checks between steps, so the
+/// guards' cleanup runs instead of the process dying mid-way.
+fn catch_interrupts() -> Result<()> {
+    let action = SigAction::new(
+        SigHandler::Handler(on_signal),
+        SaFlags::empty(),
+        SigSet::empty(),
+    );
+    for signal in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe, and
+        // replacing the default disposition of these signals affects no other code here.
+        unsafe { sigaction(signal, &action) }
+            .with_context(|| format!("cannot install a handler for {signal}"))?;
+    }
+    Ok(())
+}
+
+/// Fails once a SIGINT, SIGTERM or SIGHUP has arrived.
+pub(crate) fn check_interrupted() -> Result<()> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+pub fn run(options: &Options) -> Result<()> {
+    catch_interrupts()?;
+    let bin = build::run(&build::Options { release: false })?;
+    check_interrupted()?;
+
+    let pid = std::process::id();
+    // Declared in reverse order of cleanup: the watch goes first, then the daemon, the
+    // cgroup, and the files.
+    let files = TempDir::new(
+        &target_dir()?.join("demo"),
+        &format!("deltabox-demo-{pid}-"),
+    )?;
+    let run_dir = TempDir::new(&std::env::temp_dir(), "deltabox-demo-")?;
+    let cgroup = Cgroup::create(&cgroup2_mount()?, &format!("deltabox-demo-{pid}"))?;
+    step(format!(
+        "starting deltaboxd serve --socket {}",
+        run_dir.path().join("api.sock").display()
+    ));
+    let mut daemon = Daemon::start(
+        &bin.join("deltaboxd"),
+        run_dir.path(),
+        Duration::from_secs(options.timeout_secs),
+    )?;
+    let cli = Cli::new(bin.join("deltabox"), daemon.socket());
+    let status = cli.status()?;
+    println!(
+        "  deltaboxd {} (pid {}): {} programs attached, pinned in {}, metrics on http://{}/metrics",
+        status.version,
+        status.pid,
+        status.bpf.programs.len(),
+        status.bpf.pin_dir.display(),
+        status.metrics_addr
+    );
+
+    let (mut watch, watched) = Watch::start(&cli, cgroup.path())?;
+    let id = cgroup.id()?;
+    if watched.id != id {
+        bail!(
+            "the daemon reports id {} for {}, whose directory is inode {id}",
+            watched.id,
+            cgroup.path().display()
+        );
+    }
+    step(format!(
+        "watching cgroup {} (id {}, epoch {})",
+        watched.path, watched.id, watched.epoch
+    ));
+    check_interrupted()?;
+
+    step(format!(
+        "workload in the cgroup: sh writes {} in {}",
+        FIRST.files.join(", "),
+        files.path().display()
+    ));
+    let inodes = workload::run(&FIRST, &cgroup, files.path())?;
+    let stats = cli.inode_stats(cgroup.path())?;
+    workload::print_table(&FIRST, &inodes, &stats, watched.epoch)?;
+    check_interrupted()?;
+
+    let advanced = cli.epoch(cgroup.path())?;
+    step(format!(
+        "epoch advanced to {} (what a checkpoint does); workload writes {}",
+        advanced.epoch,
+        SECOND.files.join(", ")
+    ));
+    let inodes = workload::run(&SECOND, &cgroup, files.path())?;
+    let stats = cli.inode_stats(cgroup.path())?;
+    workload::print_table(&SECOND, &inodes, &stats, advanced.epoch)?;
+    check_interrupted()?;
+
+    step("cleaning up");
+    watch.stop().context("cannot unwatch the demo cgroup")?;
+    drop(watch);
+    println!("  unwatched {}", cgroup.path().display());
+    let daemon_pid = daemon.pid();
+    let how = daemon.stop()?;
+    println!("  deltaboxd (pid {}) {how}", daemon_pid.unwrap_or_default());
+    let cgroup_path = cgroup.path().to_owned();
+    cgroup.remove()?;
+    println!("  removed cgroup {}", cgroup_path.display());
+    let (files_path, run_path) = (files.path().to_owned(), run_dir.path().to_owned());
+    files.remove()?;
+    run_dir.remove()?;
+    println!(
+        "  removed {} and {}",
+        files_path.display(),
+        run_path.display()
+    );
+    Ok(())
+}
