@@ -168,6 +168,20 @@ fn cargo_home() -> Result<PathBuf> {
 }
 
 pub fn ensure_bpf_linker() -> Check {
+    if which::which("bpf-linker").is_err()
+        && let Ok(home) = cargo_home()
+        && home.join("bin/bpf-linker").exists()
+    {
+        let bin = home.join("bin");
+        return Err(Failure::new(
+            format!(
+                "{}/bpf-linker exists but {} is not on PATH",
+                bin.display(),
+                bin.display()
+            ),
+            format!("add {} to PATH (`. {}/env`)", bin.display(), home.display()),
+        ));
+    }
     ensure_bpf_linker_inner().map_err(|err| {
         Failure::from_error(
             &err,
@@ -263,12 +277,7 @@ fn write_stamp(path: &Path, stamp: &str) -> Result<()> {
 /// `Err(reason)` otherwise, saying why it must be (re)built.
 fn installed_linker(lib_dir: &Path, llvm: &LibLlvm) -> Result<Result<String, String>> {
     let Ok(binary) = which::which("bpf-linker") else {
-        let in_cargo_home = cargo_home()?.join("bin/bpf-linker");
-        return Ok(Err(if in_cargo_home.exists() {
-            format!("{} is not on PATH", in_cargo_home.display())
-        } else {
-            "it is not installed".to_owned()
-        }));
+        return Ok(Err("it is not installed".to_owned()));
     };
     let version = raw_output(Command::new(&binary).arg("--version"))?;
     if !version.status.success() {
