@@ -1,1 +1,296 @@
-//! (being written)
+//! The daemon's Prometheus metrics, in one typed struct on its own [`Registry`].
+//!
+//! Every metric is a field of [`Metrics`], documented where it is defined; the
+//! `metrics!` macro registers each field, so a metric cannot be defined without being
+//! exported. A test drives the daemon's code paths and fails when a defined metric is
+//! never updated, so dashboards cannot drift from the code (Firecracker's rule).
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+use crate::bpf::GlobalCounters;
+
+/// Errors of the metrics module.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    /// Two metrics have the same name (a programming error caught by tests).
+    #[error("cannot register metric {name}")]
+    Register {
+        /// The metric's name.
+        name: &'static str,
+        /// Why.
+        #[source]
+        source: prometheus::Error,
+    },
+    /// The text exposition could not be encoded.
+    #[error("cannot encode metrics")]
+    Encode(#[source] prometheus::Error),
+}
+
+/// Defines [`Metrics`]: each field with its doc, type and constructor, all registered.
+macro_rules! metrics {
+    ($( $(#[doc = $doc:literal])+ $field:ident: $ty:ty = $make:expr; )+) => {
+        /// The daemon's metrics. Cheap to clone (every metric is a shared handle).
+        #[derive(Clone)]
+        pub struct Metrics {
+            registry: Registry,
+            $( $(#[doc = $doc])+ pub $field: $ty, )+
+        }
+
+        impl Metrics {
+            /// Creates every metric and registers it on a new registry.
+            pub fn new() -> Result<Self, MetricsError> {
+                let registry = Registry::new();
+                $(
+                    let $field: $ty = $make.map_err(|source| MetricsError::Register {
+                        name: stringify!($field),
+                        source,
+                    })?;
+                    registry
+                        .register(Box::new($field.clone()))
+                        .map_err(|source| MetricsError::Register {
+                            name: stringify!($field),
+                            source,
+                        })?;
+                )+
+                Ok(Self { registry, $($field),+ })
+            }
+        }
+    };
+}
+
+metrics! {
+    /// `deltabox_api_requests_total{route,status}`: API requests answered, by route
+    /// template (`/v1/cgroups/watch`, or `unmatched`) and HTTP status code.
+    api_requests_total: IntCounterVec = IntCounterVec::new(
+        Opts::new("deltabox_api_requests_total", "API requests answered, by route and HTTP status"),
+        &["route", "status"],
+    );
+    /// `deltabox_api_request_duration_seconds{route}`: time to answer an API request.
+    api_request_duration_seconds: HistogramVec = HistogramVec::new(
+        HistogramOpts::new("deltabox_api_request_duration_seconds", "Time to answer an API request, by route")
+            .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5]),
+        &["route"],
+    );
+    /// `deltabox_watched_cgroups`: cgroups the eBPF programs count writes for.
+    watched_cgroups: IntGauge = IntGauge::new(
+        "deltabox_watched_cgroups", "cgroups the eBPF programs count writes for",
+    );
+    /// `deltabox_bpf_programs_attached`: eBPF programs attached to their tracepoints.
+    bpf_programs_attached: IntGauge = IntGauge::new(
+        "deltabox_bpf_programs_attached", "eBPF programs attached to their tracepoints",
+    );
+    /// `deltabox_bpf_write_syscalls_total`: write syscalls counted in watched cgroups
+    /// since the programs were loaded.
+    bpf_write_syscalls_total: IntCounter = IntCounter::new(
+        "deltabox_bpf_write_syscalls_total", "Write syscalls counted in watched cgroups since load",
+    );
+    /// `deltabox_bpf_dirtied_folios_total`: page-cache folios dirtied in watched cgroups
+    /// since load.
+    bpf_dirtied_folios_total: IntCounter = IntCounter::new(
+        "deltabox_bpf_dirtied_folios_total", "Page-cache folios dirtied in watched cgroups since load",
+    );
+    /// `deltabox_bpf_stats_full_total`: new inodes left uncounted because the stats map
+    /// was full (non-zero means the per-inode figures are incomplete).
+    bpf_stats_full_total: IntCounter = IntCounter::new(
+        "deltabox_bpf_stats_full_total", "New inodes not counted because the stats map was full",
+    );
+    /// `deltabox_bpf_fd_unresolved_total`: write syscalls whose fd could not be followed
+    /// to an inode.
+    bpf_fd_unresolved_total: IntCounter = IntCounter::new(
+        "deltabox_bpf_fd_unresolved_total", "Write syscalls whose fd could not be followed to an inode",
+    );
+    /// `deltabox_tracker_errors_total{op}`: failed reads or updates of the eBPF maps,
+    /// by operation (`watch a cgroup`, `read counters`, ...).
+    tracker_errors_total: IntCounterVec = IntCounterVec::new(
+        Opts::new("deltabox_tracker_errors_total", "Failed operations on the eBPF maps, by operation"),
+        &["op"],
+    );
+    /// `deltabox_cgroup_epoch{cgroup}`: current epoch of each watched cgroup.
+    cgroup_epoch: IntGaugeVec = IntGaugeVec::new(
+        Opts::new("deltabox_cgroup_epoch", "Current epoch of a watched cgroup"),
+        &["cgroup"],
+    );
+    /// `deltabox_inode_bytes_written{cgroup}`: bytes the cgroup's write syscalls wrote
+    /// in its current epoch, summed over inodes (drops to zero when the epoch advances).
+    inode_bytes_written: IntGaugeVec = IntGaugeVec::new(
+        Opts::new("deltabox_inode_bytes_written", "Bytes written in the cgroup's current epoch"),
+        &["cgroup"],
+    );
+    /// `deltabox_inode_writes{cgroup}`: write syscalls of the cgroup in its current epoch.
+    inode_writes: IntGaugeVec = IntGaugeVec::new(
+        Opts::new("deltabox_inode_writes", "Write syscalls in the cgroup's current epoch"),
+        &["cgroup"],
+    );
+    /// `deltabox_inode_pages_dirtied{cgroup}`: page-cache folios the cgroup dirtied in its
+    /// current epoch.
+    inode_pages_dirtied: IntGaugeVec = IntGaugeVec::new(
+        Opts::new("deltabox_inode_pages_dirtied", "Folios dirtied in the cgroup's current epoch"),
+        &["cgroup"],
+    );
+    /// `deltabox_inodes_written{cgroup}`: distinct inodes the cgroup wrote or dirtied in
+    /// its current epoch (what a checkpoint has to consider).
+    inodes_written: IntGaugeVec = IntGaugeVec::new(
+        Opts::new("deltabox_inodes_written", "Distinct inodes written in the cgroup's current epoch"),
+        &["cgroup"],
+    );
+}
+
+/// Per-cgroup figures of the current epoch, for [`Metrics::set_cgroups`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CgroupFigures {
+    /// The cgroup's path (the label).
+    pub path: String,
+    /// Its current epoch.
+    pub epoch: u64,
+    /// Bytes written.
+    pub bytes: u64,
+    /// Write syscalls.
+    pub writes: u64,
+    /// Folios dirtied.
+    pub pages_dirtied: u64,
+    /// Distinct inodes.
+    pub inodes: u64,
+}
+
+impl Metrics {
+    /// Counts one answered API request.
+    pub fn observe_request(&self, route: &str, status: u16, seconds: f64) {
+        self.api_requests_total
+            .with_label_values(&[route, &status.to_string()])
+            .inc();
+        self.api_request_duration_seconds
+            .with_label_values(&[route])
+            .observe(seconds);
+    }
+
+    /// Counts one failed tracker operation.
+    pub fn tracker_error(&self, op: &str) {
+        self.tracker_errors_total.with_label_values(&[op]).inc();
+    }
+
+    /// Brings the `deltabox_bpf_*_total` counters to the tracker's totals. The kernel's
+    /// totals are the source of truth; a total below the exported value means the
+    /// programs were reloaded, which Prometheus reads as a counter reset.
+    pub fn set_bpf_counters(&self, counters: &GlobalCounters) {
+        sync_counter(&self.bpf_write_syscalls_total, counters.write_syscalls);
+        sync_counter(&self.bpf_dirtied_folios_total, counters.dirtied_folios);
+        sync_counter(&self.bpf_stats_full_total, counters.stats_full);
+        sync_counter(&self.bpf_fd_unresolved_total, counters.fd_unresolved);
+    }
+
+    /// Replaces the per-cgroup gauges (cgroups no longer watched disappear).
+    pub fn set_cgroups(&self, cgroups: &[CgroupFigures]) {
+        self.watched_cgroups.set(gauge_value(cgroups.len() as u64));
+        let vecs = [
+            &self.cgroup_epoch,
+            &self.inode_bytes_written,
+            &self.inode_writes,
+            &self.inode_pages_dirtied,
+            &self.inodes_written,
+        ];
+        for vec in vecs {
+            vec.reset();
+        }
+        for c in cgroups {
+            let label = [c.path.as_str()];
+            self.cgroup_epoch
+                .with_label_values(&label)
+                .set(gauge_value(c.epoch));
+            self.inode_bytes_written
+                .with_label_values(&label)
+                .set(gauge_value(c.bytes));
+            self.inode_writes
+                .with_label_values(&label)
+                .set(gauge_value(c.writes));
+            self.inode_pages_dirtied
+                .with_label_values(&label)
+                .set(gauge_value(c.pages_dirtied));
+            self.inodes_written
+                .with_label_values(&label)
+                .set(gauge_value(c.inodes));
+        }
+    }
+
+    /// The registry, for tests that inspect what is exported.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> Result<String, MetricsError> {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .map_err(MetricsError::Encode)?;
+        // The text encoder writes only UTF-8 (names, labels and numbers).
+        Ok(String::from_utf8_lossy(&out).into_owned())
+    }
+}
+
+/// Content type of [`Metrics::encode`]'s output.
+pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+fn sync_counter(counter: &IntCounter, total: u64) {
+    let current = counter.get();
+    if total < current {
+        counter.reset();
+        counter.inc_by(total);
+    } else {
+        counter.inc_by(total - current);
+    }
+}
+
+/// Gauges are `i64`; kernel counts past `i64::MAX` saturate rather than wrap negative.
+fn gauge_value(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_follow_kernel_totals_and_resets() {
+        let m = Metrics::new().unwrap();
+        let mut c = GlobalCounters {
+            write_syscalls: 10,
+            dirtied_folios: 3,
+            stats_full: 0,
+            fd_unresolved: 1,
+        };
+        m.set_bpf_counters(&c);
+        assert_eq!(m.bpf_write_syscalls_total.get(), 10);
+        c.write_syscalls = 15;
+        m.set_bpf_counters(&c);
+        assert_eq!(m.bpf_write_syscalls_total.get(), 15);
+        // Programs reloaded: the kernel's totals restart.
+        c.write_syscalls = 2;
+        m.set_bpf_counters(&c);
+        assert_eq!(m.bpf_write_syscalls_total.get(), 2);
+        assert_eq!(m.bpf_fd_unresolved_total.get(), 1);
+    }
+
+    #[test]
+    fn unwatched_cgroups_disappear() {
+        let m = Metrics::new().unwrap();
+        let a = CgroupFigures {
+            path: "/a".into(),
+            bytes: 5,
+            ..Default::default()
+        };
+        m.set_cgroups(&[
+            a.clone(),
+            CgroupFigures {
+                path: "/b".into(),
+                ..a
+            },
+        ]);
+        assert_eq!(m.watched_cgroups.get(), 2);
+        m.set_cgroups(&[]);
+        assert_eq!(m.watched_cgroups.get(), 0);
+        assert!(!m.encode().unwrap().contains("cgroup=\"/a\""));
+    }
+}

@@ -1,1 +1,222 @@
-//! (being written)
+//! The daemon's HTTP/JSON API, served on a Unix socket.
+//!
+//! - [`types`]: request and response bodies, shared by server and client.
+//! - [`service`]: what each endpoint does, synchronous and HTTP-free.
+//! - [`server`]: the axum routers (API and `/metrics`) over a [`service::ApiService`].
+//! - [`client`]: a hyper client over the Unix socket, used by the `deltabox` CLI.
+//! - [`render`]: API values as text tables, for the binaries.
+//!
+//! The contract is `controller/api/openapi.yaml`; tests check that the router serves
+//! exactly the routes it lists and answers with the fields it documents. Every error
+//! is `{"error": "<message>", "kind": "<snake_case kind>"}` with a fitting status.
+
+pub mod client;
+pub mod render;
+pub mod server;
+pub mod service;
+pub mod types;
+
+#[cfg(test)]
+pub(crate) mod fake;
+#[cfg(test)]
+mod tests;
+
+use std::error::Error as _;
+
+use axum::http::StatusCode;
+
+use crate::bpf::BpfError;
+use crate::cgroup::CgroupError;
+
+/// Paths of the API's routes (and of the metrics endpoint), shared by server, client
+/// and tests.
+pub mod routes {
+    /// `GET`: daemon, eBPF and counter status.
+    pub const STATUS: &str = "/v1/status";
+    /// `GET`: watched cgroups.
+    pub const CGROUPS: &str = "/v1/cgroups";
+    /// `POST`: start counting a cgroup.
+    pub const WATCH: &str = "/v1/cgroups/watch";
+    /// `POST`: stop counting a cgroup.
+    pub const UNWATCH: &str = "/v1/cgroups/unwatch";
+    /// `POST`: advance a cgroup's epoch.
+    pub const EPOCH: &str = "/v1/cgroups/epoch";
+    /// `GET`: per-inode counters of the current epochs.
+    pub const INODE_STATS: &str = "/v1/inode-stats";
+    /// `GET`, on the loopback TCP address: Prometheus text exposition.
+    pub const METRICS: &str = "/metrics";
+}
+
+/// Machine-readable kinds of API errors (the `kind` field).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The JSON body is malformed, has the wrong fields, or the content type is wrong.
+    InvalidBody,
+    /// The query string is malformed or has unknown parameters.
+    InvalidQuery,
+    /// The cgroup path is empty or resolves outside the cgroup2 mount.
+    InvalidCgroupPath,
+    /// No directory exists at the cgroup path.
+    CgroupNotFound,
+    /// The path exists but is not a cgroup v2 directory.
+    NotACgroup,
+    /// The cgroup is not watched.
+    NotWatched,
+    /// The eBPF programs are no longer pinned (unloaded under the daemon).
+    BpfNotLoaded,
+    /// An eBPF map operation failed.
+    Bpf,
+    /// Reading the cgroup filesystem failed.
+    CgroupIo,
+    /// No such route.
+    RouteNotFound,
+    /// The route exists, not with this method.
+    MethodNotAllowed,
+    /// Anything else that went wrong in the daemon.
+    Internal,
+}
+
+impl ErrorKind {
+    /// Every kind, for the contract test.
+    pub const ALL: [Self; 12] = [
+        Self::InvalidBody,
+        Self::InvalidQuery,
+        Self::InvalidCgroupPath,
+        Self::CgroupNotFound,
+        Self::NotACgroup,
+        Self::NotWatched,
+        Self::BpfNotLoaded,
+        Self::Bpf,
+        Self::CgroupIo,
+        Self::RouteNotFound,
+        Self::MethodNotAllowed,
+        Self::Internal,
+    ];
+
+    /// The snake_case name sent in the `kind` field.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InvalidBody => "invalid_body",
+            Self::InvalidQuery => "invalid_query",
+            Self::InvalidCgroupPath => "invalid_cgroup_path",
+            Self::CgroupNotFound => "cgroup_not_found",
+            Self::NotACgroup => "not_a_cgroup",
+            Self::NotWatched => "not_watched",
+            Self::BpfNotLoaded => "bpf_not_loaded",
+            Self::Bpf => "bpf",
+            Self::CgroupIo => "cgroup_io",
+            Self::RouteNotFound => "route_not_found",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::Internal => "internal",
+        }
+    }
+}
+
+/// Errors the API answers with.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The request body was rejected.
+    #[error("invalid request body: {message}")]
+    InvalidBody {
+        /// What is wrong with it.
+        message: String,
+    },
+    /// The query string was rejected.
+    #[error("invalid query: {message}")]
+    InvalidQuery {
+        /// What is wrong with it.
+        message: String,
+    },
+    /// The cgroup path did not resolve.
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    /// The cgroup exists but is not watched.
+    #[error("cgroup {path} (id {id}) is not watched")]
+    NotWatched {
+        /// Its path.
+        path: String,
+        /// Its id.
+        id: u64,
+    },
+    /// A tracker operation failed.
+    #[error("eBPF tracker failed to {op}")]
+    Bpf {
+        /// The operation (`watch a cgroup`, `read counters`...).
+        op: &'static str,
+        /// Why (boxed: aya's errors are large and this travels in every `Result`).
+        #[source]
+        source: Box<BpfError>,
+    },
+    /// No route for this path.
+    #[error("no route for {method} {path}")]
+    RouteNotFound {
+        /// Request method.
+        method: String,
+        /// Request path.
+        path: String,
+    },
+    /// The route does not take this method.
+    #[error("{path} does not accept {method}")]
+    MethodNotAllowed {
+        /// Request method.
+        method: String,
+        /// Request path.
+        path: String,
+    },
+    /// Something else failed in the daemon.
+    #[error("internal error: {message}")]
+    Internal {
+        /// What failed.
+        message: String,
+    },
+}
+
+impl ApiError {
+    /// The `kind` field and HTTP status of this error.
+    pub fn kind_and_status(&self) -> (ErrorKind, StatusCode) {
+        match self {
+            Self::InvalidBody { .. } => (ErrorKind::InvalidBody, StatusCode::BAD_REQUEST),
+            Self::InvalidQuery { .. } => (ErrorKind::InvalidQuery, StatusCode::BAD_REQUEST),
+            Self::Cgroup(err) => match err {
+                CgroupError::NotFound { .. } => (ErrorKind::CgroupNotFound, StatusCode::NOT_FOUND),
+                CgroupError::NotACgroup { .. } => (ErrorKind::NotACgroup, StatusCode::NOT_FOUND),
+                CgroupError::OutsideMount { .. } | CgroupError::EmptyPath => {
+                    (ErrorKind::InvalidCgroupPath, StatusCode::BAD_REQUEST)
+                }
+                CgroupError::MountInfo { .. }
+                | CgroupError::NoCgroup2Mount { .. }
+                | CgroupError::Io { .. } => {
+                    (ErrorKind::CgroupIo, StatusCode::INTERNAL_SERVER_ERROR)
+                }
+            },
+            Self::NotWatched { .. } => (ErrorKind::NotWatched, StatusCode::NOT_FOUND),
+            Self::Bpf { source, .. } => match &**source {
+                BpfError::NotWatched { .. } => (ErrorKind::NotWatched, StatusCode::NOT_FOUND),
+                // The pins were removed under a running daemon: a state to fix, not a bug.
+                BpfError::NotLoaded { .. } => (ErrorKind::BpfNotLoaded, StatusCode::CONFLICT),
+                // BpfError is still growing variants; the rest are internal failures.
+                #[allow(unreachable_patterns)]
+                _ => (ErrorKind::Bpf, StatusCode::INTERNAL_SERVER_ERROR),
+            },
+            Self::RouteNotFound { .. } => (ErrorKind::RouteNotFound, StatusCode::NOT_FOUND),
+            Self::MethodNotAllowed { .. } => {
+                (ErrorKind::MethodNotAllowed, StatusCode::METHOD_NOT_ALLOWED)
+            }
+            Self::Internal { .. } => (ErrorKind::Internal, StatusCode::INTERNAL_SERVER_ERROR),
+        }
+    }
+
+    /// The message sent in the `error` field: this error and its causes, joined by `: `.
+    pub fn message(&self) -> String {
+        let mut message = self.to_string();
+        // `transparent` forwards `source()` to the inner error's own cause, so nothing
+        // is printed twice.
+        let mut source = self.source();
+        while let Some(err) = source {
+            message.push_str(": ");
+            message.push_str(&err.to_string());
+            source = err.source();
+        }
+        message
+    }
+}

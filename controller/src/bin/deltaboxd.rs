@@ -1,1 +1,165 @@
-fn main(){}
+//! `deltaboxd`: DeltaBox's daemon. Argument parsing and wiring only; the work is in
+//! `deltabox_controller::daemon`.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use deltabox_controller::api::client::DEFAULT_SOCKET;
+use deltabox_controller::api::render;
+use deltabox_controller::bpf::DEFAULT_PIN_DIR;
+use deltabox_controller::daemon::{self, DEFAULT_METRICS_ADDR, DaemonError, ServeConfig};
+use tracing_subscriber::EnvFilter;
+
+const AFTER_HELP: &str = "\
+Exit codes:
+  0   stopped cleanly (SIGTERM or SIGINT), or load/unload done
+  1   any other failure
+  2   bad arguments
+  64  bad --metrics-addr (not IP:PORT, or not loopback)
+  69  the eBPF programs cannot be loaded or adopted, or no cgroup2 mount
+  70  internal set-up failure (signal handlers, metrics registry)
+  73  cannot create the socket (its directory, bind, or a non-socket file is in the way)
+  75  another process owns the socket (its pid is named)
+  77  not running as root
+
+Logs go to stderr; set RUST_LOG (default `info`), for example RUST_LOG=deltabox=debug.";
+
+/// DeltaBox's daemon: loads the eBPF write tracker, serves the HTTP/JSON API on a
+/// Unix socket and Prometheus metrics on loopback TCP.
+///
+/// With no subcommand it runs `serve` (the options below are serve's).
+#[derive(Parser)]
+#[command(name = "deltaboxd", version, args_conflicts_with_subcommands = true, after_help = AFTER_HELP)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the API until SIGTERM or SIGINT (the default).
+    ///
+    /// Loads and pins the eBPF programs, or adopts those already pinned. At exit the
+    /// socket is removed and the programs stay pinned (counting goes on) unless
+    /// --unload-on-exit is given.
+    Serve(ServeArgs),
+    /// Load, attach and pin the eBPF programs, print them, and exit.
+    ///
+    /// Replaces any deltabox pins already in the pin directory. Do not run it under a
+    /// running daemon: that daemon keeps the old maps.
+    Load(PinArgs),
+    /// Detach and unpin every deltabox program, link and map, print them, and exit.
+    Unload(PinArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Unix socket of the API (its directory is created; the socket is mode 0600).
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Address of the Prometheus endpoint /metrics; must be loopback.
+    #[arg(long, value_name = "ADDR", default_value = DEFAULT_METRICS_ADDR)]
+    metrics_addr: String,
+    /// Directory on bpffs where programs, links and maps are pinned.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+    /// Only adopt programs already pinned; fail if there are none.
+    #[arg(long)]
+    adopt_only: bool,
+    /// Unload the programs at exit instead of leaving them pinned.
+    #[arg(long)]
+    unload_on_exit: bool,
+}
+
+#[derive(Args)]
+struct PinArgs {
+    /// Directory on bpffs where programs, links and maps are pinned.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("deltaboxd: {err:#}");
+            let code = err
+                .downcast_ref::<DaemonError>()
+                .map_or(1, DaemonError::exit_code);
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command.unwrap_or(Command::Serve(cli.serve)) {
+        Command::Serve(args) => serve(args),
+        Command::Load(args) => {
+            let programs = daemon::load(&args.pin_dir)
+                .with_context(|| format!("cannot load under {}", args.pin_dir.display()))?;
+            if args.json {
+                let value = serde_json::json!({ "pin_dir": args.pin_dir, "programs": programs });
+                print(&format!("{value}\n"))
+            } else {
+                print(&render::programs_table(&programs))
+            }
+        }
+        Command::Unload(args) => {
+            let unpinned = daemon::unload(&args.pin_dir)
+                .with_context(|| format!("cannot unload under {}", args.pin_dir.display()))?;
+            if args.json {
+                let value = serde_json::json!({ "pin_dir": args.pin_dir, "unpinned": unpinned });
+                print(&format!("{value}\n"))
+            } else {
+                print(&render::unloaded_text(&unpinned))
+            }
+        }
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    // Checked before anything else so that a non-root run fails with its own code.
+    daemon::require_root()?;
+    let config = ServeConfig {
+        metrics_addr: daemon::parse_metrics_addr(&args.metrics_addr)?,
+        socket: args.socket,
+        pin_dir: args.pin_dir,
+        adopt_only: args.adopt_only,
+        unload_on_exit: args.unload_on_exit,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    runtime.block_on(daemon::run(config))?;
+    Ok(())
+}
+
+/// Logs to stderr through `tracing`; `init()` also routes the `log` crate (which
+/// carries the eBPF programs' aya-log records) into it.
+fn init_tracing() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Writes to stdout; a closed pipe (`| head`) is not an error.
+fn print(text: &str) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other.context("cannot write to stdout"),
+    }
+}

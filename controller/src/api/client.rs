@@ -1,0 +1,333 @@
+//! A client of the API over the daemon's Unix socket: hyper 1, HTTP/1.1, one
+//! connection per request (the CLI makes one or two calls; no pool to manage).
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper::header::{CONTENT_TYPE, HOST};
+use hyper_util::rt::TokioIo;
+use serde::de::DeserializeOwned;
+use tokio::net::UnixStream;
+
+use super::routes;
+use super::types::{
+    CgroupRequest, CgroupsResponse, ErrorBody, InodeStatsResponse, StatusResponse, WatchedCgroup,
+};
+
+/// Default path of the API socket.
+pub const DEFAULT_SOCKET: &str = "/run/deltabox/api.sock";
+
+/// Longest a request may take, connection included: the daemon answers in
+/// milliseconds, so this only bounds a wedged daemon.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Errors of API calls.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// No socket file at the path.
+    #[error(
+        "deltaboxd is not running (no socket at {}): start it with `deltaboxd serve`",
+        socket.display()
+    )]
+    NotRunning {
+        /// The socket path.
+        socket: PathBuf,
+    },
+    /// A socket file, but nothing listens on it (the daemon died without removing it).
+    #[error(
+        "deltaboxd is not running (nothing listens on {}): start it with `deltaboxd serve`",
+        socket.display()
+    )]
+    StaleSocket {
+        /// The socket path.
+        socket: PathBuf,
+    },
+    /// The socket is mode 0600 root.
+    #[error("permission denied on {}: run as root", socket.display())]
+    PermissionDenied {
+        /// The socket path.
+        socket: PathBuf,
+    },
+    /// Connecting failed otherwise.
+    #[error("cannot connect to deltaboxd at {}", socket.display())]
+    Connect {
+        /// The socket path.
+        socket: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The HTTP exchange failed (the daemon closed the connection, for instance).
+    #[error("HTTP exchange with deltaboxd at {} failed", socket.display())]
+    Http {
+        /// The socket path.
+        socket: PathBuf,
+        /// Why.
+        #[source]
+        source: hyper::Error,
+    },
+    /// The daemon did not answer in time.
+    #[error("deltaboxd at {} did not answer within {} s", socket.display(), timeout.as_secs())]
+    Timeout {
+        /// The socket path.
+        socket: PathBuf,
+        /// The limit.
+        timeout: Duration,
+    },
+    /// The daemon answered with an API error.
+    #[error("{message}")]
+    Api {
+        /// HTTP status.
+        status: u16,
+        /// The error's `kind`.
+        kind: String,
+        /// The error's message.
+        message: String,
+    },
+    /// The daemon answered something that is not the API's JSON.
+    #[error("unexpected answer from deltaboxd (HTTP {status}): {detail}")]
+    BadResponse {
+        /// HTTP status.
+        status: u16,
+        /// What was wrong with it.
+        detail: String,
+    },
+}
+
+/// One API call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ApiRequest {
+    /// `GET /v1/status`.
+    Status,
+    /// `GET /v1/cgroups`.
+    Cgroups,
+    /// `POST /v1/cgroups/watch`.
+    Watch {
+        /// The cgroup path.
+        path: String,
+    },
+    /// `POST /v1/cgroups/unwatch`.
+    Unwatch {
+        /// The cgroup path.
+        path: String,
+    },
+    /// `POST /v1/cgroups/epoch`.
+    Epoch {
+        /// The cgroup path.
+        path: String,
+    },
+    /// `GET /v1/inode-stats[?cgroup=PATH]`.
+    InodeStats {
+        /// Only this cgroup.
+        cgroup: Option<String>,
+    },
+}
+
+impl ApiRequest {
+    fn method(&self) -> hyper::Method {
+        match self {
+            Self::Status | Self::Cgroups | Self::InodeStats { .. } => hyper::Method::GET,
+            Self::Watch { .. } | Self::Unwatch { .. } | Self::Epoch { .. } => hyper::Method::POST,
+        }
+    }
+
+    fn path_and_query(&self) -> String {
+        match self {
+            Self::Status => routes::STATUS.to_owned(),
+            Self::Cgroups => routes::CGROUPS.to_owned(),
+            Self::Watch { .. } => routes::WATCH.to_owned(),
+            Self::Unwatch { .. } => routes::UNWATCH.to_owned(),
+            Self::Epoch { .. } => routes::EPOCH.to_owned(),
+            Self::InodeStats { cgroup: None } => routes::INODE_STATS.to_owned(),
+            Self::InodeStats {
+                cgroup: Some(cgroup),
+            } => format!("{}?cgroup={}", routes::INODE_STATS, percent_encode(cgroup)),
+        }
+    }
+
+    fn body(&self) -> Option<String> {
+        match self {
+            Self::Watch { path } | Self::Unwatch { path } | Self::Epoch { path } => {
+                let req = CgroupRequest { path: path.clone() };
+                // A struct of one string always serialises.
+                Some(serde_json::to_string(&req).unwrap_or_default())
+            }
+            _ => None,
+        }
+    }
+}
+
+/// A client of one daemon's API socket.
+#[derive(Clone, Debug)]
+pub struct Client {
+    socket: PathBuf,
+}
+
+impl Client {
+    /// A client of the daemon listening on `socket`.
+    pub fn new(socket: impl Into<PathBuf>) -> Self {
+        Self {
+            socket: socket.into(),
+        }
+    }
+
+    /// The socket path.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// `GET /v1/status`.
+    pub async fn status(&self) -> Result<StatusResponse, ClientError> {
+        self.call(&ApiRequest::Status).await
+    }
+
+    /// `GET /v1/cgroups`.
+    pub async fn cgroups(&self) -> Result<CgroupsResponse, ClientError> {
+        self.call(&ApiRequest::Cgroups).await
+    }
+
+    /// `POST /v1/cgroups/watch`.
+    pub async fn watch(&self, path: &str) -> Result<WatchedCgroup, ClientError> {
+        let path = path.to_owned();
+        self.call(&ApiRequest::Watch { path }).await
+    }
+
+    /// `POST /v1/cgroups/unwatch`.
+    pub async fn unwatch(&self, path: &str) -> Result<WatchedCgroup, ClientError> {
+        let path = path.to_owned();
+        self.call(&ApiRequest::Unwatch { path }).await
+    }
+
+    /// `POST /v1/cgroups/epoch`.
+    pub async fn advance_epoch(&self, path: &str) -> Result<WatchedCgroup, ClientError> {
+        let path = path.to_owned();
+        self.call(&ApiRequest::Epoch { path }).await
+    }
+
+    /// `GET /v1/inode-stats`.
+    pub async fn inode_stats(
+        &self,
+        cgroup: Option<&str>,
+    ) -> Result<InodeStatsResponse, ClientError> {
+        let cgroup = cgroup.map(str::to_owned);
+        self.call(&ApiRequest::InodeStats { cgroup }).await
+    }
+
+    /// Sends `request` and decodes the answer.
+    pub async fn call<T: DeserializeOwned>(&self, request: &ApiRequest) -> Result<T, ClientError> {
+        let (status, body) = self.send(request).await?;
+        serde_json::from_slice(&body).map_err(|err| ClientError::BadResponse {
+            status,
+            detail: format!("cannot decode the JSON: {err}"),
+        })
+    }
+
+    /// Sends `request`; returns the HTTP status and the success body as the daemon sent
+    /// it (what `--json` prints). An error answer becomes [`ClientError::Api`].
+    pub async fn send(&self, request: &ApiRequest) -> Result<(u16, Bytes), ClientError> {
+        tokio::time::timeout(REQUEST_TIMEOUT, self.exchange(request))
+            .await
+            .map_err(|_| ClientError::Timeout {
+                socket: self.socket.clone(),
+                timeout: REQUEST_TIMEOUT,
+            })?
+    }
+
+    async fn exchange(&self, request: &ApiRequest) -> Result<(u16, Bytes), ClientError> {
+        let stream = UnixStream::connect(&self.socket)
+            .await
+            .map_err(|err| self.connect_error(err))?;
+        let http_err = |source| ClientError::Http {
+            socket: self.socket.clone(),
+            source,
+        };
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(http_err)?;
+        // The connection task ends when the exchange is over (or failed; the error
+        // surfaces through `send_request`).
+        let connection = tokio::spawn(connection);
+
+        let body = request.body();
+        let mut builder = Request::builder()
+            .method(request.method())
+            .uri(request.path_and_query())
+            .header(HOST, "localhost");
+        if body.is_some() {
+            builder = builder.header(CONTENT_TYPE, "application/json");
+        }
+        let req = builder
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|err| ClientError::BadResponse {
+                status: 0,
+                detail: format!("cannot build the request: {err}"),
+            })?;
+        let response = sender.send_request(req).await.map_err(http_err)?;
+        let status = response.status();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(http_err)?
+            .to_bytes();
+        drop(sender);
+        connection.abort();
+
+        if status.is_success() {
+            return Ok((status.as_u16(), bytes));
+        }
+        match serde_json::from_slice::<ErrorBody>(&bytes) {
+            Ok(err) => Err(ClientError::Api {
+                status: status.as_u16(),
+                kind: err.kind,
+                message: err.error,
+            }),
+            Err(_) => Err(ClientError::BadResponse {
+                status: status.as_u16(),
+                detail: String::from_utf8_lossy(&bytes).chars().take(200).collect(),
+            }),
+        }
+    }
+
+    fn connect_error(&self, err: io::Error) -> ClientError {
+        let socket = self.socket.clone();
+        match err.kind() {
+            io::ErrorKind::NotFound => ClientError::NotRunning { socket },
+            io::ErrorKind::ConnectionRefused => ClientError::StaleSocket { socket },
+            io::ErrorKind::PermissionDenied => ClientError::PermissionDenied { socket },
+            _ => ClientError::Connect {
+                socket,
+                source: err,
+            },
+        }
+    }
+}
+
+/// Percent-encodes a query value: everything but RFC 3986 unreserved characters and `/`.
+fn percent_encode(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for byte in value.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~/".contains(&byte) {
+            out.push(char::from(byte));
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_query_values() {
+        assert_eq!(percent_encode("/sys/fs/cgroup/a b"), "/sys/fs/cgroup/a%20b");
+        assert_eq!(percent_encode("x&y=z%"), "x%26y%3Dz%25");
+        assert_eq!(percent_encode("é"), "%C3%A9");
+    }
+}

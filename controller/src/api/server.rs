@@ -1,0 +1,227 @@
+//! The axum routers: the API (served on the Unix socket) and `/metrics` (served on
+//! loopback TCP), both over one [`ApiService`].
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{MatchedPath, Query, Request, State};
+use axum::http::{Method, StatusCode, Uri, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{MethodRouter, get, post};
+
+use super::service::ApiService;
+use super::types::{CgroupRequest, ErrorBody, InodeStatsQuery};
+use super::{ApiError, routes};
+use crate::metrics::TEXT_CONTENT_TYPE;
+
+type Svc = Arc<ApiService>;
+
+/// Route label of requests that matched no route (keeps the label set bounded).
+const UNMATCHED_ROUTE: &str = "unmatched";
+
+/// The API router: every route of [`served_routes`], JSON errors for unknown routes,
+/// wrong methods and rejected bodies, and a request counter per route and status.
+pub fn api_router(service: Svc) -> Router {
+    let metrics = service.metrics().clone();
+    route_table()
+        .router
+        .fallback(route_not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(move |req: Request, next: Next| {
+            let metrics = metrics.clone();
+            async move {
+                let route = req
+                    .extensions()
+                    .get::<MatchedPath>()
+                    .map_or(UNMATCHED_ROUTE.to_owned(), |p| p.as_str().to_owned());
+                let started = Instant::now();
+                let response = next.run(req).await;
+                let seconds = started.elapsed().as_secs_f64();
+                metrics.observe_request(&route, response.status().as_u16(), seconds);
+                response
+            }
+        }))
+        .with_state(service)
+}
+
+/// Every (method, path) the API router serves, as registered.
+pub fn served_routes() -> Vec<(Method, &'static str)> {
+    route_table().served
+}
+
+/// The metrics router: `GET /metrics` refreshes the scrape-time metrics from the
+/// tracker and answers the Prometheus text exposition.
+pub fn metrics_router(service: Svc) -> Router {
+    Router::new()
+        .route(routes::METRICS, get(metrics))
+        .with_state(service)
+}
+
+/// The routes with their methods, recorded as they are added so that the contract
+/// test compares what is really served with `openapi.yaml`.
+struct RouteTable {
+    router: Router<Svc>,
+    served: Vec<(Method, &'static str)>,
+}
+
+impl RouteTable {
+    fn add(mut self, method: Method, path: &'static str, route: MethodRouter<Svc>) -> Self {
+        self.served.push((method, path));
+        self.router = self.router.route(path, route);
+        self
+    }
+}
+
+fn route_table() -> RouteTable {
+    RouteTable {
+        router: Router::new(),
+        served: Vec::new(),
+    }
+    .add(Method::GET, routes::STATUS, get(status))
+    .add(Method::GET, routes::CGROUPS, get(cgroups))
+    .add(Method::POST, routes::WATCH, post(watch))
+    .add(Method::POST, routes::UNWATCH, post(unwatch))
+    .add(Method::POST, routes::EPOCH, post(epoch))
+    .add(Method::GET, routes::INODE_STATS, get(inode_stats))
+}
+
+/// Runs a service call on the blocking pool.
+async fn blocking<T, F>(service: Svc, call: F) -> Result<Json<T>, ApiError>
+where
+    T: Send + 'static,
+    F: FnOnce(&ApiService) -> Result<T, ApiError> + Send + 'static,
+{
+    tokio::task::spawn_blocking(move || call(&service))
+        .await
+        .map_err(|err| ApiError::Internal {
+            message: format!("request task failed: {err}"),
+        })?
+        .map(Json)
+}
+
+async fn status(State(svc): State<Svc>) -> impl IntoResponse {
+    blocking(svc, ApiService::status).await
+}
+
+async fn cgroups(State(svc): State<Svc>) -> impl IntoResponse {
+    blocking(svc, ApiService::cgroups).await
+}
+
+async fn watch(
+    State(svc): State<Svc>,
+    body: Result<Json<CgroupRequest>, JsonRejection>,
+) -> impl IntoResponse {
+    let Json(req) = body?;
+    blocking(svc, move |s| s.watch(&req)).await
+}
+
+async fn unwatch(
+    State(svc): State<Svc>,
+    body: Result<Json<CgroupRequest>, JsonRejection>,
+) -> impl IntoResponse {
+    let Json(req) = body?;
+    blocking(svc, move |s| s.unwatch(&req)).await
+}
+
+async fn epoch(
+    State(svc): State<Svc>,
+    body: Result<Json<CgroupRequest>, JsonRejection>,
+) -> impl IntoResponse {
+    let Json(req) = body?;
+    blocking(svc, move |s| s.advance_epoch(&req)).await
+}
+
+async fn inode_stats(
+    State(svc): State<Svc>,
+    query: Result<Query<InodeStatsQuery>, QueryRejection>,
+) -> impl IntoResponse {
+    let Query(query) = query?;
+    blocking(svc, move |s| s.inode_stats(&query)).await
+}
+
+async fn metrics(State(svc): State<Svc>) -> Response {
+    let encoded = tokio::task::spawn_blocking(move || {
+        svc.refresh_metrics();
+        svc.metrics().encode()
+    })
+    .await;
+    match encoded {
+        Ok(Ok(text)) => ([(header::CONTENT_TYPE, TEXT_CONTENT_TYPE)], text).into_response(),
+        Ok(Err(err)) => {
+            tracing::error!(error = %err, "cannot encode metrics");
+            (StatusCode::INTERNAL_SERVER_ERROR, err.to_string()).into_response()
+        }
+        Err(err) => {
+            tracing::error!(error = %err, "metrics task failed");
+            (StatusCode::INTERNAL_SERVER_ERROR, err.to_string()).into_response()
+        }
+    }
+}
+
+async fn route_not_found(method: Method, uri: Uri) -> ApiError {
+    ApiError::RouteNotFound {
+        method: method.to_string(),
+        path: uri.path().to_owned(),
+    }
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::MethodNotAllowed {
+        method: method.to_string(),
+        path: uri.path().to_owned(),
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (kind, status) = self.kind_and_status();
+        let body = ErrorBody {
+            error: self.message(),
+            kind: kind.as_str().to_owned(),
+        };
+        if status.is_server_error() {
+            tracing::error!(kind = body.kind, "{}", body.error);
+        } else {
+            tracing::debug!(kind = body.kind, "{}", body.error);
+        }
+        (status, Json(body)).into_response()
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        let cause = std::error::Error::source(&rejection)
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        let message = match rejection {
+            JsonRejection::JsonSyntaxError(_) => format!("malformed JSON: {cause}"),
+            JsonRejection::JsonDataError(_) => cause,
+            JsonRejection::MissingJsonContentType(_) => {
+                "expected `Content-Type: application/json`".to_owned()
+            }
+            other => lower_first(&other.body_text()),
+        };
+        Self::InvalidBody { message }
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> Self {
+        let message = std::error::Error::source(&rejection)
+            .map(ToString::to_string)
+            .unwrap_or_else(|| lower_first(&rejection.body_text()));
+        Self::InvalidQuery { message }
+    }
+}
+
+/// axum's rejection texts start upper-case; ours do not.
+fn lower_first(text: &str) -> String {
+    let mut chars = text.chars();
+    chars.next().map_or_else(String::new, |c| {
+        c.to_lowercase().chain(chars).collect::<String>()
+    })
+}

@@ -1,0 +1,111 @@
+//! Request and response bodies of the API, shared by the server and the client.
+//! `controller/api/openapi.yaml` documents them; a test checks the two agree.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::bpf::{AttachedProgram, GlobalCounters, Origin};
+
+/// Body of the cgroup requests (`watch`, `unwatch`, `epoch`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CgroupRequest {
+    /// Absolute path inside the cgroup2 mount, or a path relative to the mount.
+    pub path: String,
+}
+
+/// A watched cgroup.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatchedCgroup {
+    /// Absolute path of its directory, or `<unknown cgroup ID>` if it cannot be found.
+    pub path: String,
+    /// cgroup v2 id (inode number of the directory).
+    pub id: u64,
+    /// Current epoch: the counts are since this epoch began.
+    pub epoch: u64,
+}
+
+/// `GET /v1/cgroups`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CgroupsResponse {
+    /// Watched cgroups, sorted by path.
+    pub watched: Vec<WatchedCgroup>,
+}
+
+/// Query of `GET /v1/inode-stats`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InodeStatsQuery {
+    /// Only this cgroup (a path as in [`CgroupRequest`]); every watched one if absent.
+    pub cgroup: Option<String>,
+}
+
+/// Counters of one inode written by one cgroup in its current epoch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InodeStat {
+    /// cgroup v2 id.
+    pub cgroup_id: u64,
+    /// Path of the cgroup's directory (or `<unknown cgroup ID>`).
+    pub cgroup_path: String,
+    /// Inode number.
+    pub ino: u64,
+    /// Epoch the counts belong to.
+    pub epoch: u64,
+    /// Base name seen by the first write (may be empty or truncated).
+    pub name: String,
+    /// Write-family syscalls.
+    pub writes: u64,
+    /// Bytes those syscalls wrote.
+    pub bytes: u64,
+    /// Page-cache folios dirtied.
+    pub pages_dirtied: u64,
+}
+
+/// `GET /v1/inode-stats`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InodeStatsResponse {
+    /// Sorted by cgroup id, then inode.
+    pub stats: Vec<InodeStat>,
+}
+
+/// The eBPF side of `GET /v1/status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BpfStatus {
+    /// Where programs, links and maps are pinned.
+    pub pin_dir: PathBuf,
+    /// Whether this daemon loaded the programs or adopted pinned ones.
+    pub origin: Origin,
+    /// The attached programs.
+    pub programs: Vec<AttachedProgram>,
+}
+
+/// `GET /v1/status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusResponse {
+    /// Daemon version.
+    pub version: String,
+    /// Daemon pid.
+    pub pid: u32,
+    /// Seconds since the daemon started.
+    pub uptime_secs: u64,
+    /// The API's Unix socket.
+    pub socket: PathBuf,
+    /// Where `/metrics` is served (loopback TCP address).
+    pub metrics_addr: String,
+    /// The eBPF programs.
+    pub bpf: BpfStatus,
+    /// Watched cgroups, sorted by path.
+    pub watched: Vec<WatchedCgroup>,
+    /// Totals since the programs were loaded.
+    pub counters: GlobalCounters,
+}
+
+/// Body of every error response.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// What went wrong, naming the object (lower case, no final period).
+    pub error: String,
+    /// Machine-readable kind, snake_case (see [`super::ErrorKind`]).
+    pub kind: String,
+}
