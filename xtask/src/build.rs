@@ -23,23 +23,27 @@ const BINARIES: &[&str] = &["deltaboxd", "deltabox", "deltafs-probe"];
 /// Runs set-up and builds; returns the directory holding the binaries.
 pub fn run(options: &Options) -> Result<PathBuf> {
     setup::run(&setup::Options { quiet: true })?;
-    build(options)
+    build(options.release, false)
 }
 
-/// Builds without set-up (for tasks that ran it already); returns the binaries' directory.
-pub fn build(options: &Options) -> Result<PathBuf> {
-    let profile = if options.release { "release" } else { "dev" };
+/// Builds without set-up (for tasks that ran it already); returns the binaries'
+/// directory. `quiet` hides cargo's progress (and the eBPF build's replayed output).
+pub fn build(release: bool, quiet: bool) -> Result<PathBuf> {
+    let profile = if release { "release" } else { "dev" };
     step(format!(
         "cargo build --workspace ({profile} profile; the eBPF programs build in the \
          controller's build script, about a minute when cold)"
     ));
     let mut cmd = cargo();
     cmd.args(["build", "--workspace"]);
-    if options.release {
+    if release {
         cmd.arg("--release");
     }
+    if quiet {
+        cmd.arg("--quiet");
+    }
     run_cmd(&mut cmd).context("the build failed")?;
-    let dir = profile_dir(options.release)?;
+    let dir = profile_dir(release)?;
     for binary in BINARIES {
         let path = dir.join(binary);
         if path.exists() {

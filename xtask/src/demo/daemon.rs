@@ -29,9 +29,9 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Starts `deltaboxd serve` with its API socket and log in `dir`, and waits until the
-    /// socket accepts connections.
-    pub fn start(deltaboxd: &Path, dir: &Path, timeout: Duration) -> Result<Self> {
+    /// Starts `deltaboxd serve` with its API socket and log in `dir` and its programs
+    /// pinned in `pin_dir`, and waits until the socket accepts connections.
+    pub fn start(deltaboxd: &Path, dir: &Path, pin_dir: &Path, timeout: Duration) -> Result<Self> {
         let socket = dir.join("api.sock");
         let log = dir.join("deltaboxd.log");
         let metrics_addr = format!("127.0.0.1:{}", free_port()?);
@@ -45,6 +45,11 @@ impl Daemon {
             .arg("--socket")
             .arg(&socket)
             .args(["--metrics-addr", &metrics_addr])
+            // Its own pin directory, unloaded at exit: the demo neither adopts nor disturbs
+            // the programs of a deltaboxd already running, and leaves nothing pinned.
+            .arg("--pin-dir")
+            .arg(pin_dir)
+            .arg("--unload-on-exit")
             .stdin(Stdio::null())
             .stdout(log_file)
             .stderr(log_err)

@@ -10,6 +10,7 @@
 mod daemon;
 mod workload;
 
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -18,9 +19,10 @@ use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction
 
 use self::daemon::{Cli, Daemon, Watch};
 use self::workload::{FIRST, SECOND};
-use crate::build;
 use crate::cgroup::{Cgroup, cgroup2_mount};
+use crate::setup::BPFFS;
 use crate::util::{TempDir, step, target_dir};
+use crate::{build, setup};
 
 /// Options of `cargo xtask demo`.
 #[derive(clap::Args, Debug)]
@@ -63,25 +65,39 @@ pub(crate) fn check_interrupted() -> Result<()> {
 
 pub fn run(options: &Options) -> Result<()> {
     catch_interrupts()?;
-    let bin = build::run(&build::Options { release: false })?;
+    let result = run_demo(options);
+    if result.is_err() {
+        // The guards inside run_demo have unwatched, stopped the daemon and removed the
+        // cgroup and files by now; each printed a warning if it could not.
+        println!("==> demo stopped; cleaned up what it had started (see warnings above, if any)");
+    }
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        // A child killed by the same Ctrl-C makes a less useful error than this.
+        bail!("interrupted");
+    }
+    result
+}
+
+fn run_demo(options: &Options) -> Result<()> {
+    setup::run(&setup::Options { quiet: true })?;
+    let bin = build::build(false, true)?;
     check_interrupted()?;
 
     let pid = std::process::id();
     // Declared in reverse order of cleanup: the watch goes first, then the daemon, the
     // cgroup, and the files.
-    let files = TempDir::new(
-        &target_dir()?.join("demo"),
-        &format!("deltabox-demo-{pid}-"),
-    )?;
+    let files = TempDir::new(target_dir()?, &format!("deltabox-demo-{pid}-"))?;
     let run_dir = TempDir::new(&std::env::temp_dir(), "deltabox-demo-")?;
     let cgroup = Cgroup::create(&cgroup2_mount()?, &format!("deltabox-demo-{pid}"))?;
     step(format!(
         "starting deltaboxd serve --socket {}",
         run_dir.path().join("api.sock").display()
     ));
+    let pin_dir = Path::new(BPFFS).join(format!("deltabox-demo-{pid}"));
     let mut daemon = Daemon::start(
         &bin.join("deltaboxd"),
         run_dir.path(),
+        &pin_dir,
         Duration::from_secs(options.timeout_secs),
     )?;
     let cli = Cli::new(bin.join("deltabox"), daemon.socket());

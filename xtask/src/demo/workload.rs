@@ -6,6 +6,7 @@ use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::Once;
 
 use anyhow::{Context as _, Result, bail};
 
@@ -106,6 +107,7 @@ pub fn print_table(
         );
         print_row(&label, stat);
     }
+    print_notes(&current);
     if !missing.is_empty() {
         bail!(
             "the tracker counted nothing in epoch {epoch} for {} (cgroup ids in the stats: {:?})",
@@ -114,6 +116,31 @@ pub fn print_table(
         );
     }
     Ok(())
+}
+
+/// Explains the counts that surprise: fewer dirtied pages than 4 KiB pages written.
+fn print_notes(stats: &[&InodeStat]) {
+    static FOLIO_NOTE: Once = Once::new();
+    if stats
+        .iter()
+        .any(|stat| stat.pages_dirtied > 0 && stat.pages_dirtied < stat.bytes.div_ceil(4096))
+    {
+        FOLIO_NOTE.call_once(|| {
+            println!(
+                "  (pages dirtied counts page-cache folios as the kernel dirties them: with \
+                 large folios one write can dirty a single folio of many 4 KiB pages)"
+            );
+        });
+    }
+    if stats
+        .iter()
+        .any(|stat| stat.writes > 0 && stat.pages_dirtied == 0)
+    {
+        println!(
+            "  (0 pages dirtied after writes: the page was still dirty from an earlier epoch, \
+             not yet written back, so no page became dirty)"
+        );
+    }
 }
 
 fn print_row(label: &str, stat: &InodeStat) {

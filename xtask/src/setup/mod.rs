@@ -12,6 +12,8 @@ mod kernel;
 mod mounts;
 mod toolchain;
 
+pub use self::mounts::BPFFS;
+
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
