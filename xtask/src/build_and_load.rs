@@ -7,8 +7,8 @@ use std::process::Command;
 
 use anyhow::{Context as _, Result};
 
-use crate::build;
 use crate::util::{display, run_cmd, step};
+use crate::{build, setup};
 
 /// Options of `cargo xtask build-and-load`.
 #[derive(clap::Args, Debug, Default)]
@@ -25,9 +25,8 @@ pub struct Options {
 }
 
 pub fn run(options: &Options) -> Result<()> {
-    let dir = build::run(&build::Options {
-        release: options.release,
-    })?;
+    setup::run(&setup::Options { quiet: true })?;
+    let dir = build::build(options.release, true)?;
     let deltaboxd = dir.join("deltaboxd");
     let mut cmd = Command::new(&deltaboxd);
     cmd.arg(if options.unload { "unload" } else { "load" });

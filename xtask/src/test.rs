@@ -94,7 +94,7 @@ fn print_summary(done: &[(&str, Duration, bool)], total: Duration) {
         .map(|gate| gate.name)
         .collect();
     for name in skipped {
-        println!("  {:<7} {name:<18} {:>8}", "skipped", "");
+        println!("  {:<7} {name}", "skipped");
     }
     println!("  {:<7} {:<18} {:>8}", "", "total", human_duration(total));
 }
