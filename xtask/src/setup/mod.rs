@@ -73,7 +73,7 @@ pub fn run(options: &Options) -> Result<usize> {
     let mut report = Report::new(options.quiet);
     report.item("root", kernel::check_root());
     if !report.failed.is_empty() {
-        bail!("set-up needs root: rerun as root");
+        bail!("set-up cannot go on without root and CAP_SYS_ADMIN (see the fix above)");
     }
     report.item("debian packages", apt::ensure_packages());
     report.item("nightly components", toolchain::ensure_components());
