@@ -135,9 +135,15 @@ impl CgroupFs {
         let path = match joined.canonicalize() {
             Ok(path) => path,
             Err(err) if err.kind() == io::ErrorKind::NotFound => {
-                return Err(CgroupError::NotFound {
-                    path: lexically_normal(&joined),
-                });
+                // `../../etc` that does not exist is still better reported as outside.
+                let path = lexically_normal(&joined);
+                if !path.starts_with(&self.root) {
+                    return Err(CgroupError::OutsideMount {
+                        path,
+                        mount: self.root.clone(),
+                    });
+                }
+                return Err(CgroupError::NotFound { path });
             }
             Err(source) => {
                 return Err(CgroupError::Io {
@@ -337,6 +343,8 @@ mod tests {
         );
 
         let err = cgroups.resolve("../").unwrap_err();
+        assert!(matches!(err, CgroupError::OutsideMount { .. }), "{err:?}");
+        let err = cgroups.resolve("../../no/such/dir").unwrap_err();
         assert!(matches!(err, CgroupError::OutsideMount { .. }), "{err:?}");
         assert!(
             err.to_string().contains("outside the cgroup2 mount"),

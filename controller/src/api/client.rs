@@ -98,6 +98,23 @@ pub enum ClientError {
     },
 }
 
+impl ClientError {
+    /// The `deltabox` exit code for this error, documented in `docs/cli.md` (0 is
+    /// success, 1 an error that is not a `ClientError`, 2 clap's bad arguments).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::NotRunning { .. } | Self::StaleSocket { .. } => 3,
+            Self::PermissionDenied { .. } => 4,
+            Self::Api { status, .. } if (400..500).contains(status) => 5,
+            Self::Api { .. }
+            | Self::Connect { .. }
+            | Self::Http { .. }
+            | Self::Timeout { .. }
+            | Self::BadResponse { .. } => 6,
+        }
+    }
+}
+
 /// One API call.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ApiRequest {
@@ -323,6 +340,29 @@ fn percent_encode(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connect_errors_have_distinct_exit_codes() {
+        let client = Client::new("/run/x.sock");
+        let code = |kind: io::ErrorKind| client.connect_error(io::Error::from(kind)).exit_code();
+        assert_eq!(code(io::ErrorKind::NotFound), 3);
+        assert_eq!(code(io::ErrorKind::ConnectionRefused), 3);
+        assert_eq!(code(io::ErrorKind::PermissionDenied), 4);
+        assert_eq!(code(io::ErrorKind::TimedOut), 6);
+        let err = client.connect_error(io::Error::from(io::ErrorKind::PermissionDenied));
+        assert_eq!(
+            err.to_string(),
+            "permission denied on /run/x.sock: run as root"
+        );
+        let api = |status| ClientError::Api {
+            status,
+            kind: String::new(),
+            message: String::new(),
+        };
+        assert_eq!(api(404).exit_code(), 5);
+        assert_eq!(api(409).exit_code(), 5);
+        assert_eq!(api(500).exit_code(), 6);
+    }
 
     #[test]
     fn encodes_query_values() {

@@ -1,7 +1,7 @@
 //! `deltaboxd`: DeltaBox's daemon. Argument parsing and wiring only; the work is in
 //! `deltabox_controller::daemon`.
 
-use std::io::Write as _;
+use std::io::{IsTerminal as _, Write as _};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -25,7 +25,9 @@ Exit codes:
   75  another process owns the socket (its pid is named)
   77  not running as root
 
-Logs go to stderr; set RUST_LOG (default `info`), for example RUST_LOG=deltabox=debug.";
+Logs go to stderr; set RUST_LOG (default `info`), for example
+RUST_LOG=deltabox_controller=debug; the eBPF programs' records have the target
+deltabox_ebpf.";
 
 /// DeltaBox's daemon: loads the eBPF write tracker, serves the HTTP/JSON API on a
 /// Unix socket and Prometheus metrics on loopback TCP.
@@ -152,6 +154,7 @@ fn init_tracing() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 }
 

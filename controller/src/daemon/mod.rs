@@ -227,7 +227,11 @@ pub async fn run(config: ServeConfig) -> Result<(), DaemonError> {
     } else {
         PinnedTracker::load_or_adopt(pin_dir).map_err(bpf_error("load or adopt", pin_dir))?
     };
-    tracing::info!(pin_dir = %pin_dir.display(), ?origin, "eBPF programs ready");
+    let origin_name = match origin {
+        Origin::Loaded => "loaded",
+        Origin::Adopted => "adopted",
+    };
+    tracing::info!(pin_dir = %pin_dir.display(), origin = origin_name, "eBPF programs ready");
     let log_task = match tracker.logger() {
         Ok(logger) => Some(tokio::spawn(forward_bpf_logs(logger))),
         Err(err) => {

@@ -19,7 +19,8 @@ const SOCKET_MODE: u32 = 0o600;
 const SOCKET_DIR_MODE: u32 = 0o755;
 
 /// A bound API socket and the identity of its file, so that only this file is removed
-/// at exit (not a socket a later daemon bound at the same path).
+/// at exit (not a socket a later daemon bound at the same path). Dropping it removes
+/// the file.
 #[derive(Debug)]
 pub struct ApiSocket {
     listener: UnixListener,
@@ -94,16 +95,12 @@ impl ApiSocket {
         })?;
         // bind() created the file with mode 0777 & ~umask; with the usual umask 022
         // nobody else can connect (that needs write permission) before this chmod.
-        let file = SocketFile::of(path).map_err(|source| DaemonError::Bind {
+        let bind_err = |source| DaemonError::Bind {
             path: path.to_path_buf(),
             source,
-        })?;
-        fs::set_permissions(path, fs::Permissions::from_mode(SOCKET_MODE)).map_err(|source| {
-            DaemonError::Bind {
-                path: path.to_path_buf(),
-                source,
-            }
-        })?;
+        };
+        fs::set_permissions(path, fs::Permissions::from_mode(SOCKET_MODE)).map_err(bind_err)?;
+        let file = SocketFile::of(path).map_err(bind_err)?;
         Ok(Self { listener, file })
     }
 
@@ -124,12 +121,15 @@ impl ApiSocket {
     }
 }
 
-/// The socket file this daemon created, identified by device and inode.
+/// The socket file this daemon created, identified by device and inode; removed when
+/// dropped.
 #[derive(Debug)]
 pub struct SocketFile {
     path: PathBuf,
-    dev: u64,
-    ino: u64,
+    /// Device, inode and change time: tmpfs reuses inode numbers at once, so a
+    /// successor's socket can have ours; the change time (set by our chmod) tells
+    /// them apart.
+    identity: (u64, u64, i64, i64),
 }
 
 impl SocketFile {
@@ -137,8 +137,7 @@ impl SocketFile {
         let meta = fs::symlink_metadata(path)?;
         Ok(Self {
             path: path.to_path_buf(),
-            dev: meta.dev(),
-            ino: meta.ino(),
+            identity: identity(&meta),
         })
     }
 
@@ -150,8 +149,8 @@ impl SocketFile {
     /// Removes the file if it is still the one this daemon bound. Returns whether it
     /// removed it.
     pub fn remove(&self) -> bool {
-        let ours = fs::symlink_metadata(&self.path)
-            .is_ok_and(|meta| meta.dev() == self.dev && meta.ino() == self.ino);
+        let ours =
+            fs::symlink_metadata(&self.path).is_ok_and(|meta| identity(&meta) == self.identity);
         if !ours {
             return false;
         }
@@ -163,6 +162,18 @@ impl SocketFile {
             }
         }
     }
+}
+
+impl Drop for SocketFile {
+    /// A daemon that fails after claiming the socket (no programs to adopt, say)
+    /// leaves no socket file behind.
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
+fn identity(meta: &fs::Metadata) -> (u64, u64, i64, i64) {
+    (meta.dev(), meta.ino(), meta.ctime(), meta.ctime_nsec())
 }
 
 fn remove_if_present(path: &Path) -> io::Result<()> {
@@ -225,12 +236,15 @@ mod tests {
     }
 
     #[test]
-    fn creates_parent_directory() {
+    fn creates_parent_directory_and_removes_the_file_when_dropped() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("run/deltabox/api.sock");
         let claimed = ApiSocket::claim(&path).unwrap();
         assert_eq!(claimed.path(), path);
         assert!(path.exists());
+        // What happens when start-up fails after the claim.
+        drop(claimed);
+        assert!(!path.exists());
     }
 
     #[test]

@@ -43,11 +43,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// Exit codes, documented in `--help` and docs/cli.md (clap exits with 2 itself).
 fn exit_code(err: &anyhow::Error) -> u8 {
-    match err.downcast_ref::<ClientError>() {
-        Some(ClientError::NotRunning { .. } | ClientError::StaleSocket { .. }) => 3,
-        Some(ClientError::PermissionDenied { .. }) => 4,
-        Some(ClientError::Api { status, .. }) if (400..500).contains(status) => 5,
-        Some(_) => 6,
-        None => 1,
-    }
+    err.downcast_ref::<ClientError>()
+        .map_or(1, ClientError::exit_code)
 }
