@@ -193,9 +193,10 @@ impl ApiError {
             Self::Bpf { source, .. } => match &**source {
                 BpfError::NotWatched { .. } => (ErrorKind::NotWatched, StatusCode::NOT_FOUND),
                 // The pins were removed under a running daemon: a state to fix, not a bug.
-                BpfError::NotLoaded { .. } => (ErrorKind::BpfNotLoaded, StatusCode::CONFLICT),
-                // BpfError is still growing variants; the rest are internal failures.
-                #[allow(unreachable_patterns)]
+                BpfError::NotLoaded { .. } | BpfError::Incomplete { .. } => {
+                    (ErrorKind::BpfNotLoaded, StatusCode::CONFLICT)
+                }
+                // Load, map and filesystem failures: internal (new variants land here too).
                 _ => (ErrorKind::Bpf, StatusCode::INTERNAL_SERVER_ERROR),
             },
             Self::RouteNotFound { .. } => (ErrorKind::RouteNotFound, StatusCode::NOT_FOUND),
@@ -208,15 +209,43 @@ impl ApiError {
 
     /// The message sent in the `error` field: this error and its causes, joined by `: `.
     pub fn message(&self) -> String {
-        let mut message = self.to_string();
         // `transparent` forwards `source()` to the inner error's own cause, so nothing
         // is printed twice.
+        let mut causes = Vec::new();
         let mut source = self.source();
         while let Some(err) = source {
-            message.push_str(": ");
-            message.push_str(&err.to_string());
+            causes.push(err.to_string());
             source = err.source();
         }
-        message
+        join_causes(std::iter::once(self.to_string()).chain(causes))
+    }
+}
+
+/// Joins an error's message and its causes' with `: `, skipping a cause whose text
+/// the message already ends with (some errors print their source in their own
+/// message and also return it from `source()`).
+pub fn join_causes(messages: impl IntoIterator<Item = String>) -> String {
+    let mut joined = String::new();
+    for message in messages {
+        if joined.is_empty() {
+            joined = message;
+        } else if !joined.ends_with(&message) {
+            joined.push_str(": ");
+            joined.push_str(&message);
+        }
+    }
+    joined
+}
+
+#[cfg(test)]
+mod message_tests {
+    use super::*;
+
+    #[test]
+    fn causes_already_printed_are_not_repeated() {
+        let joined = join_causes(["a: b: c".to_owned(), "b: c".to_owned(), "c".to_owned()]);
+        assert_eq!(joined, "a: b: c");
+        let joined = join_causes(["a".to_owned(), "b".to_owned()]);
+        assert_eq!(joined, "a: b");
     }
 }

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use deltabox_controller::api::client::DEFAULT_SOCKET;
-use deltabox_controller::api::render;
+use deltabox_controller::api::{self, render};
 use deltabox_controller::bpf::DEFAULT_PIN_DIR;
 use deltabox_controller::daemon::{self, DEFAULT_METRICS_ADDR, DaemonError, ServeConfig};
 use tracing_subscriber::EnvFilter;
@@ -94,7 +94,8 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("deltaboxd: {err:#}");
+            let causes = err.chain().map(ToString::to_string);
+            eprintln!("deltaboxd: {}", api::join_causes(causes));
             let code = err
                 .downcast_ref::<DaemonError>()
                 .map_or(1, DaemonError::exit_code);

@@ -8,7 +8,10 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Parser as _;
-use deltabox_controller::api::client::{Client, ClientError};
+use deltabox_controller::api::{
+    self,
+    client::{Client, ClientError},
+};
 
 use args::{Cli, Command};
 
@@ -17,7 +20,8 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("deltabox: {err:#}");
+            let causes = err.chain().map(ToString::to_string);
+            eprintln!("deltabox: {}", api::join_causes(causes));
             ExitCode::from(exit_code(&err))
         }
     }
