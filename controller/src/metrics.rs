@@ -2,8 +2,9 @@
 //!
 //! Every metric is a field of [`Metrics`], documented where it is defined; the
 //! `metrics!` macro registers each field, so a metric cannot be defined without being
-//! exported. A test drives the daemon's code paths and fails when a defined metric is
-//! never updated, so dashboards cannot drift from the code (Firecracker's rule).
+//! exported. A test (`api::tests::every_metric_is_updated`) drives the daemon's code
+//! paths and fails when a defined metric is never updated, so dashboards cannot drift
+//! from the code (Firecracker's rule).
 
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
