@@ -100,11 +100,13 @@ pub fn print_table(
         .iter()
         .filter(|stat| !inodes.contains_key(&stat.ino))
     {
-        let label = format!(
-            "{} (ino {}, not a demo file)",
-            display_name(&stat.name),
-            stat.ino
-        );
+        let label = if stat.name.is_empty() {
+            // No write syscall named it: a page dirtied through another path, such as a
+            // filesystem metadata block in the block device's page cache.
+            format!("ino {} (unnamed; e.g. fs metadata)", stat.ino)
+        } else {
+            format!("{} (ino {}, not a demo file)", stat.name, stat.ino)
+        };
         print_row(&label, stat);
     }
     print_notes(&current);
@@ -148,10 +150,6 @@ fn print_row(label: &str, stat: &InodeStat) {
         "  {label:<34} {:>7} {:>10} {:>14}",
         stat.writes, stat.bytes, stat.pages_dirtied
     );
-}
-
-fn display_name(name: &str) -> &str {
-    if name.is_empty() { "?" } else { name }
 }
 
 #[cfg(test)]
