@@ -83,7 +83,7 @@ pub fn print_table(
         .filter_map(|stat| Some((*inodes.get(&stat.ino)?, *stat)))
         .collect();
     println!(
-        "  {:<34} {:>7} {:>10} {:>14}",
+        "  {:<38} {:>7} {:>10} {:>14}",
         "file (epoch ".to_owned() + &epoch.to_string() + ")",
         "writes",
         "bytes",
@@ -103,7 +103,7 @@ pub fn print_table(
         let label = if stat.name.is_empty() {
             // No write syscall named it: a page dirtied through another path, such as a
             // filesystem metadata block in the block device's page cache.
-            format!("ino {} (unnamed; e.g. fs metadata)", stat.ino)
+            format!("ino {} (unnamed: fs metadata?)", stat.ino)
         } else {
             format!("{} (ino {}, not a demo file)", stat.name, stat.ino)
         };
@@ -147,7 +147,7 @@ fn print_notes(stats: &[&InodeStat]) {
 
 fn print_row(label: &str, stat: &InodeStat) {
     println!(
-        "  {label:<34} {:>7} {:>10} {:>14}",
+        "  {label:<38} {:>7} {:>10} {:>14}",
         stat.writes, stat.bytes, stat.pages_dirtied
     );
 }
