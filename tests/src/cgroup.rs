@@ -53,6 +53,25 @@ impl TestCgroup {
     /// Runs `cmd` to completion inside this cgroup: the child moves itself in before
     /// exec, so every write of the command is the cgroup's.
     pub fn run(&self, cmd: &mut Command) -> Output {
+        self.enter_before_exec(cmd);
+        let out = cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
+        assert!(
+            out.status.success(),
+            "{cmd:?} failed: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    /// Starts `cmd` inside this cgroup and returns its pid; dropping the cgroup kills it.
+    pub fn spawn(&self, cmd: &mut Command) -> u32 {
+        self.enter_before_exec(cmd);
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+        child.id()
+    }
+
+    fn enter_before_exec(&self, cmd: &mut Command) {
         let procs = CString::new(self.path.join("cgroup.procs").as_os_str().as_bytes())
             .expect("cgroup path without NUL");
         // SAFETY: the closure runs between fork and exec and only makes
@@ -73,14 +92,6 @@ impl TestCgroup {
                 Ok(())
             });
         }
-        let out = cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
-        assert!(
-            out.status.success(),
-            "{cmd:?} failed: {}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
     }
 }
 

@@ -1,1 +1,224 @@
-//! deltaboxd started for one test (filled in with the daemon tests).
+//! `deltaboxd` started for one test, and the `deltabox` CLI pointed at it. Dropping
+//! the guard stops the daemon by pid (SIGTERM, then SIGKILL), removes its socket
+//! directory and unloads its pin directory, whatever the test did.
+
+use std::{
+    fs,
+    io::{Read as _, Write as _},
+    net::TcpListener,
+    os::unix::{net::UnixStream, process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Output, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
+
+/// The directory holding the workspace's built binaries (`target/<profile>`), next to
+/// this test executable's `deps/` directory.
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("test executable under target/<profile>/deps")
+        .to_path_buf()
+}
+
+/// Path of a built binary of the workspace, failing clearly when it was not built.
+pub fn binary(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} is not built: run `cargo build` first (`cargo xtask test` does)",
+        path.display()
+    );
+    path
+}
+
+/// A loopback TCP port free right now (for `--metrics-addr`).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+/// A running `deltaboxd serve`.
+pub struct TestDaemon {
+    child: Option<Child>,
+    dir: PathBuf,
+    socket: PathBuf,
+    pin_dir: PathBuf,
+    metrics_port: u16,
+}
+
+impl TestDaemon {
+    /// Starts `deltaboxd serve` with its own socket, metrics port and pin directory
+    /// plus `extra` arguments, and waits until its socket accepts connections.
+    pub fn start(test: &str, extra: &[&str]) -> Self {
+        let dir = PathBuf::from("/run/deltabox-tests").join(crate::unique(test));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("create daemon dir");
+        let socket = dir.join("api.sock");
+        let pin_dir = PathBuf::from("/sys/fs/bpf").join(crate::unique(test));
+        let metrics_port = free_port();
+        let child = Command::new(binary("deltaboxd"))
+            .arg("serve")
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--metrics-addr")
+            .arg(format!("127.0.0.1:{metrics_port}"))
+            .arg("--pin-dir")
+            .arg(&pin_dir)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn deltaboxd");
+        let mut daemon = Self {
+            child: Some(child),
+            dir,
+            socket,
+            pin_dir,
+            metrics_port,
+        };
+        daemon.wait_ready();
+        daemon
+    }
+
+    /// Ready = `GET /v1/status` answers 200. The socket listens before the programs
+    /// are loaded, so a successful connect alone is too early.
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if status_ok(&self.socket) {
+                return;
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                let out = self
+                    .child
+                    .take()
+                    .expect("child")
+                    .wait_with_output()
+                    .expect("output");
+                panic!(
+                    "deltaboxd exited at start ({status}): {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "deltaboxd did not listen on {} within 30 s",
+            self.socket.display()
+        );
+    }
+
+    /// The daemon's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("daemon running").id()
+    }
+
+    /// Its API socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Its pin directory.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// Its metrics port on 127.0.0.1.
+    pub fn metrics_port(&self) -> u16 {
+        self.metrics_port
+    }
+
+    /// Runs `deltabox --socket <ours> args…`.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        cli(&self.socket, args)
+    }
+
+    /// Sends SIGTERM and waits for the exit; returns its status and stderr.
+    pub fn stop(&mut self) -> (ExitStatus, String) {
+        let child = self.child.take().expect("daemon running");
+        let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+        let out = wait_with_timeout(child, Duration::from_secs(20));
+        (
+            out.status,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
+fn status_ok(socket: &Path) -> bool {
+    let Ok(mut conn) = UnixStream::connect(socket) else {
+        return false;
+    };
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+    let request = b"GET /v1/status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    let mut head = [0u8; 12];
+    conn.write_all(request).is_ok()
+        && conn.read_exact(&mut head).is_ok()
+        && head.starts_with(b"HTTP/1.1 200")
+}
+
+/// Waits for `child`, killing it by pid if it outlives `timeout`.
+fn wait_with_timeout(mut child: Child, timeout: Duration) -> Output {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            break;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    if !matches!(child.try_wait(), Ok(Some(_))) {
+        let _ = child.kill();
+    }
+    child.wait_with_output().expect("wait for child")
+}
+
+impl Drop for TestDaemon {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let _ = self.stop();
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+        let _ = deltabox_controller::bpf::unload(&self.pin_dir);
+    }
+}
+
+/// Runs `deltabox --socket SOCKET args…`.
+pub fn cli(socket: &Path, args: &[&str]) -> Output {
+    Command::new(binary("deltabox"))
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .expect("run deltabox")
+}
+
+/// Runs `cmd` as the unprivileged user `nobody` (uid/gid 65534).
+pub fn as_nobody(cmd: &mut Command) -> Output {
+    // SAFETY: between fork and exec only async-signal-safe syscalls are made.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(65534) != 0
+                || libc::setuid(65534) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.output().expect("run as nobody")
+}
