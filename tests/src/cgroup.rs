@@ -5,7 +5,7 @@ use std::{
     fs,
     os::unix::{ffi::OsStrExt as _, fs::MetadataExt as _, process::CommandExt as _},
     path::{Path, PathBuf},
-    process::{Command, Output},
+    process::{Child, Command, Output},
     thread,
     time::Duration,
 };
@@ -64,11 +64,10 @@ impl TestCgroup {
         out
     }
 
-    /// Starts `cmd` inside this cgroup and returns its pid; dropping the cgroup kills it.
-    pub fn spawn(&self, cmd: &mut Command) -> u32 {
+    /// Starts `cmd` inside this cgroup; dropping the cgroup kills it.
+    pub fn spawn(&self, cmd: &mut Command) -> Child {
         self.enter_before_exec(cmd);
-        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
-        child.id()
+        cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"))
     }
 
     fn enter_before_exec(&self, cmd: &mut Command) {

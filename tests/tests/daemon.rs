@@ -246,16 +246,23 @@ fn a_test_failing_midway_still_cleans_up() {
         panic!("simulated failure midway");
     }));
     assert!(result.is_err());
-    let (socket, pins, cgroup, pid, sleeper) = seen.expect("set-up ran");
+    let (socket, pins, cgroup, pid, mut sleeper) = seen.expect("set-up ran");
     assert!(!socket.exists(), "socket left behind");
     assert!(!pins.exists(), "pins left behind");
     assert!(!cgroup.exists(), "cgroup left behind");
-    for p in [pid, sleeper] {
-        let stat = fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
-        // Gone, or a zombie of this test process waiting to be reaped.
-        assert!(
-            stat.is_empty() || stat.contains(") Z "),
-            "process {p} still running: {stat}"
-        );
-    }
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Gone, or a zombie waiting to be reaped by this test process.
+    assert!(
+        stat.is_empty() || stat.contains(") Z "),
+        "deltaboxd {pid} still running: {stat}"
+    );
+    // The sleeper was killed (SIGKILL through cgroup.kill), not left to run.
+    let status = sleeper
+        .try_wait()
+        .unwrap()
+        .expect("process in the cgroup still running");
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(9)
+    );
 }
