@@ -58,6 +58,18 @@ macro_rules! metrics {
                 )+
                 Ok(Self { registry, $($field),+ })
             }
+
+            /// The name of every defined metric, including labelled ones that have no
+            /// series yet (which `Registry::gather` leaves out).
+            pub fn names(&self) -> Vec<String> {
+                let mut names = Vec::new();
+                $(
+                    for desc in prometheus::core::Collector::desc(&self.$field) {
+                        names.push(desc.fq_name.clone());
+                    }
+                )+
+                names
+            }
         }
     };
 }

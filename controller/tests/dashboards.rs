@@ -1,0 +1,66 @@
+//! The Grafana dashboard and the daemon's metrics cannot drift apart: every metric a
+//! panel queries is defined, and every defined metric is on a panel.
+
+use std::collections::BTreeSet;
+
+use deltabox_controller::metrics::Metrics;
+
+const DASHBOARD: &str = include_str!("../../dashboards/grafana/deltabox.json");
+
+/// `deltabox_*` identifiers in a PromQL expression, histogram series suffixes removed.
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = expr;
+    while let Some(start) = rest.find("deltabox_") {
+        let tail = &rest[start..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        let name = &tail[..end];
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(name);
+        names.push(base.to_string());
+        rest = &tail[end..];
+    }
+    names
+}
+
+fn queried() -> BTreeSet<String> {
+    let dashboard: serde_json::Value = serde_json::from_str(DASHBOARD).expect("dashboard is JSON");
+    let panels = dashboard["panels"].as_array().expect("panels");
+    panels
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .flat_map(|t| metric_names(t["expr"].as_str().unwrap_or_default()))
+        .collect()
+}
+
+#[test]
+fn every_queried_metric_is_defined_and_every_metric_is_shown() {
+    let defined: BTreeSet<String> = Metrics::new()
+        .expect("metrics")
+        .names()
+        .into_iter()
+        .collect();
+    let queried = queried();
+    let undefined: Vec<_> = queried.difference(&defined).collect();
+    assert!(
+        undefined.is_empty(),
+        "dashboard queries undefined metrics: {undefined:?}"
+    );
+    let unshown: Vec<_> = defined.difference(&queried).collect();
+    assert!(
+        unshown.is_empty(),
+        "metrics on no dashboard panel: {unshown:?}"
+    );
+}
+
+#[test]
+fn extracts_names_from_promql() {
+    assert_eq!(
+        metric_names("histogram_quantile(0.99, rate(deltabox_x_seconds_bucket[5m])) + deltabox_y"),
+        ["deltabox_x_seconds", "deltabox_y"]
+    );
+}
