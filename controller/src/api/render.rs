@@ -132,9 +132,9 @@ pub fn inode_stats_table(stats: &[InodeStat]) -> String {
         ("BYTES", Align::Right),
         ("PAGES DIRTIED", Align::Right),
     ]);
-    for s in stats {
+    for InodeStat { cgroup_path, record: s } in stats {
         table.row(vec![
-            s.cgroup_path.clone(),
+            cgroup_path.clone(),
             s.epoch.to_string(),
             s.ino.to_string(),
             if s.name.is_empty() {

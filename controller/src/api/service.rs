@@ -161,18 +161,12 @@ impl ApiService {
                     .or_insert_with(|| self.path_of(r.cgroup_id))
                     .clone();
                 InodeStat {
-                    cgroup_id: r.cgroup_id,
                     cgroup_path,
-                    ino: r.ino,
-                    epoch: r.epoch,
-                    name: r.name,
-                    writes: r.writes,
-                    bytes: r.bytes,
-                    pages_dirtied: r.pages_dirtied,
+                    record: r,
                 }
             })
             .collect();
-        stats.sort_by_key(|s| (s.cgroup_id, s.ino));
+        stats.sort_by_key(|s| (s.record.cgroup_id, s.record.ino));
         Ok(InodeStatsResponse { stats })
     }
 

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::bpf::{AttachedProgram, GlobalCounters, Origin};
+use crate::bpf::{AttachedProgram, GlobalCounters, InodeRecord, Origin};
 
 /// Body of the cgroup requests (`watch`, `unwatch`, `epoch`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,25 +41,15 @@ pub struct InodeStatsQuery {
     pub cgroup: Option<String>,
 }
 
-/// Counters of one inode written by one cgroup in its current epoch.
+/// Counters of one inode written by one cgroup in its current epoch: the tracker's
+/// record plus the cgroup's path, as one flat JSON object.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InodeStat {
-    /// cgroup v2 id.
-    pub cgroup_id: u64,
     /// Path of the cgroup's directory (or `<unknown cgroup ID>`).
     pub cgroup_path: String,
-    /// Inode number.
-    pub ino: u64,
-    /// Epoch the counts belong to.
-    pub epoch: u64,
-    /// Base name seen by the first write (may be empty or truncated).
-    pub name: String,
-    /// Write-family syscalls.
-    pub writes: u64,
-    /// Bytes those syscalls wrote.
-    pub bytes: u64,
-    /// Page-cache folios dirtied.
-    pub pages_dirtied: u64,
+    /// The counters, with the cgroup id, inode, epoch and name.
+    #[serde(flatten)]
+    pub record: InodeRecord,
 }
 
 /// `GET /v1/inode-stats`.

@@ -27,7 +27,7 @@ async fn client_round_trips() {
         .await
         .unwrap();
     assert_eq!(stats.stats.len(), 1);
-    assert_eq!(stats.stats[0].name, "file with space");
+    assert_eq!(stats.stats[0].record.name, "file with space");
     assert_eq!(
         client.advance_epoch("deltabox/demo").await.unwrap().epoch,
         2
