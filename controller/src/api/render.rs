@@ -132,7 +132,11 @@ pub fn inode_stats_table(stats: &[InodeStat]) -> String {
         ("BYTES", Align::Right),
         ("PAGES DIRTIED", Align::Right),
     ]);
-    for InodeStat { cgroup_path, record: s } in stats {
+    for InodeStat {
+        cgroup_path,
+        record: s,
+    } in stats
+    {
         table.row(vec![
             cgroup_path.clone(),
             s.epoch.to_string(),
