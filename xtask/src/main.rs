@@ -10,6 +10,7 @@ mod build_and_load;
 mod cgroup;
 mod demo;
 mod setup;
+mod signals;
 mod test;
 mod util;
 

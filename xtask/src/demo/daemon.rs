@@ -17,7 +17,7 @@ use nix::unistd::Pid;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
-use super::check_interrupted;
+use crate::signals::check_interrupted;
 use crate::util::{display, raw_output};
 
 /// A running `deltaboxd serve`. Dropping it sends SIGTERM (by pid) and waits, then

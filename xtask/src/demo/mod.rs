@@ -11,16 +11,15 @@ mod daemon;
 mod workload;
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
-use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
 
 use self::daemon::{Cli, Daemon, Watch};
 use self::workload::{FIRST, SECOND};
 use crate::cgroup::{Cgroup, cgroup2_mount};
 use crate::setup::BPFFS;
+use crate::signals::{catch_interrupts, check_interrupted, interrupted};
 use crate::util::{TempDir, step, target_dir};
 use crate::{build, setup};
 
@@ -32,37 +31,6 @@ pub struct Options {
     pub timeout_secs: u64,
 }
 
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_signal: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
-/// Turns SIGINT, SIGTERM and SIGHUP into a flag the demo checks between steps, so the
-/// guards' cleanup runs instead of the process dying mid-way.
-fn catch_interrupts() -> Result<()> {
-    let action = SigAction::new(
-        SigHandler::Handler(on_signal),
-        SaFlags::empty(),
-        SigSet::empty(),
-    );
-    for signal in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe, and
-        // replacing the default disposition of these signals affects no other code here.
-        unsafe { sigaction(signal, &action) }
-            .with_context(|| format!("cannot install a handler for {signal}"))?;
-    }
-    Ok(())
-}
-
-/// Fails once a SIGINT, SIGTERM or SIGHUP has arrived.
-pub(crate) fn check_interrupted() -> Result<()> {
-    if INTERRUPTED.load(Ordering::SeqCst) {
-        bail!("interrupted");
-    }
-    Ok(())
-}
-
 pub fn run(options: &Options) -> Result<()> {
     catch_interrupts()?;
     let result = run_demo(options);
@@ -71,7 +39,7 @@ pub fn run(options: &Options) -> Result<()> {
         // cgroup and files by now; each printed a warning if it could not.
         println!("==> demo stopped; cleaned up what it had started (see warnings above, if any)");
     }
-    if INTERRUPTED.load(Ordering::SeqCst) {
+    if interrupted() {
         // A child killed by the same Ctrl-C makes a less useful error than this.
         bail!("interrupted");
     }

@@ -10,6 +10,8 @@
 mod apt;
 mod kernel;
 mod mounts;
+mod store;
+mod suites;
 mod toolchain;
 
 pub use self::mounts::BPFFS;
@@ -78,6 +80,8 @@ pub fn run(options: &Options) -> Result<usize> {
     report.item("debian packages", apt::ensure_packages());
     report.item("nightly components", toolchain::ensure_components());
     report.item("bpf-linker", toolchain::ensure_bpf_linker());
+    report.item("pjdfstest", suites::ensure_pjdfstest());
+    report.item("fsx", suites::ensure_fsx());
     report.item("tracefs", mounts::ensure_tracefs());
     report.item("bpffs", mounts::ensure_bpffs());
     report.item("kernel BTF", kernel::check_btf());
@@ -85,6 +89,7 @@ pub fn run(options: &Options) -> Result<usize> {
     report.item("cgroup v2", kernel::check_cgroup());
     report.item("/dev/fuse", kernel::check_dev_fuse());
     report.item("FUSE passthrough", kernel::check_passthrough());
+    report.item("xfs store", store::ensure_store());
     report.finish(start.elapsed())
 }
 
