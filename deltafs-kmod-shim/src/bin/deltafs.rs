@@ -1,0 +1,3 @@
+//! `deltafs`: the DeltaFS daemon for harnesses (work in progress).
+
+fn main() {}
