@@ -35,6 +35,10 @@ const PACKAGES: &[(&str, &str)] = &[
         "libc6-dev",
         "the C library and start files host binaries link against",
     ),
+    (
+        "prometheus",
+        "a real Prometheus server that tests scrape deltaboxd with and run every dashboard query through",
+    ),
 ];
 
 pub fn ensure_packages() -> Check {
