@@ -56,7 +56,9 @@ macro_rules! metrics {
                             source,
                         })?;
                 )+
-                Ok(Self { registry, $($field),+ })
+                let metrics = Self { registry, $($field),+ };
+                metrics.init_series();
+                Ok(metrics)
             }
 
             /// The name of every defined metric, including labelled ones that have no
@@ -179,9 +181,21 @@ impl Metrics {
             .observe(seconds);
     }
 
-    /// Counts one failed tracker operation.
+    /// Counts one failed tracker operation (one of [`TRACKER_OPS`]).
     pub fn tracker_error(&self, op: &str) {
+        debug_assert!(
+            TRACKER_OPS.contains(&op),
+            "tracker op {op:?} missing from TRACKER_OPS"
+        );
         self.tracker_errors_total.with_label_values(&[op]).inc();
+    }
+
+    /// Creates the labelled series whose label values are known in advance, at zero,
+    /// so that dashboards and alerts see them before the first event.
+    fn init_series(&self) {
+        for op in TRACKER_OPS {
+            self.tracker_errors_total.with_label_values(&[op]);
+        }
     }
 
     /// Brings the `deltabox_bpf_*_total` counters to the tracker's totals. The kernel's
@@ -243,6 +257,17 @@ impl Metrics {
     }
 }
 
+/// The operations `deltabox_tracker_errors_total{op}` counts failures of.
+pub const TRACKER_OPS: &[&str] = &[
+    "list attached programs",
+    "list watched cgroups",
+    "read counters",
+    "read inode stats",
+    "watch a cgroup",
+    "unwatch a cgroup",
+    "advance an epoch",
+];
+
 /// Content type of [`Metrics::encode`]'s output.
 pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -264,6 +289,31 @@ fn gauge_value(v: u64) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tracker_error_series_exist_from_the_start() {
+        let metrics = Metrics::new().unwrap();
+        let text = metrics.encode().unwrap();
+        for op in TRACKER_OPS {
+            assert!(
+                text.contains(&format!("deltabox_tracker_errors_total{{op=\"{op}\"}} 0")),
+                "{op}: {text}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_tracker_op_the_service_names_is_listed() {
+        // The service names its operations as string literals in `bpf("…")` and
+        // `bpf_error("…")`; each must have its series created at start.
+        let source = include_str!("api/service.rs");
+        for call in ["self.bpf(\"", "self.bpf_error(\""] {
+            for rest in source.split(call).skip(1) {
+                let op = &rest[..rest.find('"').unwrap()];
+                assert!(TRACKER_OPS.contains(&op), "{op:?} is not in TRACKER_OPS");
+            }
+        }
+    }
 
     #[test]
     fn counters_follow_kernel_totals_and_resets() {

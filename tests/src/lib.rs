@@ -9,6 +9,7 @@
 pub mod cgroup;
 pub mod daemon;
 pub mod pins;
+pub mod prometheus;
 
 use std::path::PathBuf;
 

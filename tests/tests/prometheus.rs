@@ -1,0 +1,82 @@
+//! The dashboards against a real Prometheus: it scrapes a running deltaboxd with the
+//! project's scrape configuration while a watched cgroup writes and its epoch
+//! advances, and every PromQL expression of every Grafana panel returns data.
+
+use std::{
+    process::Command,
+    thread,
+    time::{Duration, Instant},
+};
+
+use deltabox_tests::{
+    cgroup::TestCgroup, daemon::TestDaemon, prometheus::TestPrometheus, require_root, scratch_dir,
+    unique,
+};
+
+const DASHBOARD: &str = include_str!("../../dashboards/grafana/deltabox.json");
+
+fn panel_queries() -> Vec<(String, String)> {
+    let dashboard: serde_json::Value = serde_json::from_str(DASHBOARD).expect("dashboard JSON");
+    let mut out = Vec::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let title = panel["title"].as_str().unwrap_or_default().to_string();
+            out.push((title, target["expr"].as_str().expect("expr").to_string()));
+        }
+    }
+    out
+}
+
+#[test]
+fn every_dashboard_query_returns_data_from_a_real_prometheus() {
+    require_root();
+    let daemon = TestDaemon::start("prom", &[]);
+    let cg = TestCgroup::new(&unique("prom"));
+    let path = cg.path().to_str().unwrap().to_string();
+    assert!(daemon.cli(&["watch", &path]).status.success());
+    let prometheus = TestPrometheus::start(
+        "prom",
+        &format!("127.0.0.1:{}", daemon.metrics_port()),
+        "1s",
+    );
+    let dir = scratch_dir("prom");
+
+    // Activity over several scrapes: writes, epochs, API calls.
+    let deadline = Instant::now() + Duration::from_secs(8);
+    let mut round = 0;
+    while Instant::now() < deadline {
+        let file = dir.join(format!("f{round}"));
+        cg.run(Command::new("dd").args([
+            "if=/dev/zero",
+            &format!("of={}", file.display()),
+            "bs=4096",
+            "count=4",
+            "status=none",
+        ]));
+        assert!(daemon.cli(&["inode-stats", "--json"]).status.success());
+        if round % 3 == 2 {
+            assert!(daemon.cli(&["epoch", &path]).status.success());
+        }
+        round += 1;
+        thread::sleep(Duration::from_millis(500));
+    }
+
+    let up = prometheus.query("up{job=\"deltaboxd\"}");
+    assert_eq!(up[0]["value"][1], "1", "deltaboxd not scraped: {up}");
+    let mut empty = Vec::new();
+    for (title, expr) in panel_queries() {
+        if prometheus
+            .query(&expr)
+            .as_array()
+            .is_none_or(|r| r.is_empty())
+        {
+            empty.push(format!("{title}: {expr}"));
+        }
+    }
+    assert!(
+        empty.is_empty(),
+        "panels with no data:\n{}",
+        empty.join("\n")
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
