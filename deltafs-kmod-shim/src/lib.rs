@@ -15,3 +15,6 @@ pub mod index;
 pub mod node;
 pub mod probe;
 mod sync;
+pub mod ioctl;
+pub mod layer;
+pub mod persist;
