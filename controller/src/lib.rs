@@ -10,5 +10,6 @@
 pub mod api;
 pub mod bpf;
 pub mod cgroup;
+pub mod cr;
 pub mod daemon;
 pub mod metrics;

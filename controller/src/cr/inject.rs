@@ -1,0 +1,436 @@
+//! Syscall injection: making a stopped tracee run one syscall of DeltaCR's choosing.
+//!
+//! An [`Injection`] saves the tracee's registers, then for each syscall sets `rax` (and
+//! `orig_rax = -1`, so the kernel applies no restart logic of its own), the arguments,
+//! and `rip` = a `syscall` instruction (`0f 05`) found in the tracee's `[vdso]`
+//! ([`SyscallSite`]); `PTRACE_SYSCALL` runs the tracee to the entry stop, then (through
+//! a `PTRACE_EVENT_FORK` for `clone`) to the exit stop, where `rax` is the result. Only
+//! the one `syscall` instruction runs in user mode. [`Injection::finish`] gives the
+//! registers back with the restart fix-up of [`resume_regs`] when the tracee had been
+//! stopped inside a syscall.
+//!
+//! Signals that arrive meanwhile are suppressed and deferred on the [`Tracee`]; whoever
+//! owns the tracee re-sends them ([`requeue_signals`]) or, for templates, drops them.
+
+use std::io;
+
+use nix::unistd::Pid;
+
+use super::ptrace::{PtraceError, Regs, Resume, Stop, Tracee};
+
+/// `-ERESTARTSYS` and friends (`include/linux/errno.h`): a syscall interrupted by a
+/// signal or a ptrace stop returns one of these to the kernel's exit path, which then
+/// either restarts it or turns it into `EINTR`. User space never sees them.
+pub const ERESTARTSYS: i64 = 512;
+/// Restart whatever the signal handler's `SA_RESTART` says.
+pub const ERESTARTNOINTR: i64 = 513;
+/// Restart unless a handler runs.
+pub const ERESTARTNOHAND: i64 = 514;
+/// Restart through `restart_syscall(2)` with the task's saved `restart_block`
+/// (relative `nanosleep`, `poll` with a timeout, …).
+pub const ERESTART_RESTARTBLOCK: i64 = 516;
+
+/// The `clone` flags of every fork DeltaCR injects: the child is a sibling of the
+/// tracee (`CLONE_PARENT`), so the tracee never sees it in `wait()` nor gets a
+/// `SIGCHLD` for it, and `SIGCHLD` makes the kernel report it as `PTRACE_EVENT_FORK`.
+pub const FORK_FLAGS: u64 = (libc::CLONE_PARENT | libc::SIGCHLD) as u64;
+
+/// Errors of syscall injection.
+#[derive(Debug, thiserror::Error)]
+pub enum InjectError {
+    /// A ptrace request or wait failed.
+    #[error(transparent)]
+    Ptrace(#[from] PtraceError),
+    /// The tracee has no `[vdso]` mapping.
+    #[error("pid {pid} has no [vdso] mapping to run injected syscalls from")]
+    NoVdso {
+        /// The tracee.
+        pid: i32,
+    },
+    /// The tracee's `[vdso]` holds no `syscall` instruction.
+    #[error("no syscall instruction in the [vdso] of pid {pid}")]
+    NoSyscallInstruction {
+        /// The tracee.
+        pid: i32,
+    },
+    /// The tracee is not a 64-bit x86 process.
+    #[error("pid {pid} is not a 64-bit process (cs {cs:#x}); DeltaCR handles x86_64 only")]
+    NotX86_64 {
+        /// The tracee.
+        pid: i32,
+        /// Its code segment selector.
+        cs: u64,
+    },
+    /// The injected syscall returned an error.
+    #[error("{name} injected into pid {pid} failed")]
+    Syscall {
+        /// The tracee.
+        pid: i32,
+        /// The syscall, e.g. `openat`.
+        name: &'static str,
+        /// The errno it returned.
+        #[source]
+        source: io::Error,
+    },
+    /// The tracee entered another syscall than the one injected.
+    #[error("pid {pid} entered syscall {seen} instead of the injected {expected}")]
+    WrongEntry {
+        /// The tracee.
+        pid: i32,
+        /// The injected syscall number.
+        expected: i64,
+        /// What `orig_rax` said at the entry stop.
+        seen: i64,
+    },
+    /// An injected `clone` succeeded without a `PTRACE_EVENT_FORK`.
+    #[error("clone injected into pid {pid} returned {ret} without a fork event")]
+    NoForkEvent {
+        /// The tracee.
+        pid: i32,
+        /// What it returned.
+        ret: i64,
+    },
+    /// The new child did not stop in its attach stop first.
+    #[error("new child {child} of pid {pid} reported {stop:?} before its attach stop")]
+    ChildStop {
+        /// The tracee that forked.
+        pid: i32,
+        /// The child.
+        child: i32,
+        /// What the child reported.
+        stop: Stop,
+    },
+}
+
+/// The registers a task must resume with so that it continues exactly where it was
+/// stopped, when no signal is delivered first.
+///
+/// A task stopped inside a syscall (`orig_rax >= 0`) that the stop interrupted has
+/// `rax` = `-ERESTART*`: the kernel would rewind `rip` over the 2-byte `syscall`
+/// instruction and reload `rax` on its way out, but only on a signal-handling path
+/// that a task resumed from injected registers (or a fresh fork child) does not take.
+/// So this does it: `rip -= 2` and `rax = orig_rax` (or `restart_syscall` for
+/// `-ERESTART_RESTARTBLOCK`). `orig_rax` becomes -1 so that no restart logic runs twice.
+pub fn resume_regs(saved: &Regs) -> Regs {
+    let mut regs = *saved;
+    regs.orig_rax = u64::MAX;
+    if (saved.orig_rax as i64) < 0 {
+        return regs;
+    }
+    match (saved.rax as i64).wrapping_neg() {
+        ERESTARTSYS | ERESTARTNOINTR | ERESTARTNOHAND => {
+            regs.rax = saved.orig_rax;
+            regs.rip = saved.rip.wrapping_sub(2);
+        }
+        ERESTART_RESTARTBLOCK => {
+            regs.rax = libc::SYS_restart_syscall as u64;
+            regs.rip = saved.rip.wrapping_sub(2);
+        }
+        _ => {}
+    }
+    regs
+}
+
+/// Whether `saved` stopped inside a syscall that will be restarted on resume.
+pub fn interrupted_syscall(saved: &Regs) -> Option<i64> {
+    let nr = saved.orig_rax as i64;
+    let err = (saved.rax as i64).wrapping_neg();
+    (nr >= 0
+        && matches!(
+            err,
+            ERESTARTSYS | ERESTARTNOINTR | ERESTARTNOHAND | ERESTART_RESTARTBLOCK
+        ))
+    .then_some(nr)
+}
+
+/// Offset of the first `syscall` instruction (`0f 05`) in `code`.
+pub fn find_syscall_instruction(code: &[u8]) -> Option<usize> {
+    code.windows(2).position(|w| w == [0x0f, 0x05])
+}
+
+/// The address of a `syscall` instruction in a process's `[vdso]`. The vdso is mapped
+/// at the same address in every fork of the process, so one site serves the process,
+/// its templates and their children.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SyscallSite(pub u64);
+
+impl SyscallSite {
+    /// Finds the instruction in the vdso mapped at `vdso` (start, end) of `tracee`.
+    pub fn find(tracee: &Tracee, vdso: Option<(u64, u64)>) -> Result<Self, InjectError> {
+        let pid = tracee.pid().as_raw();
+        let (start, end) = vdso.ok_or(InjectError::NoVdso { pid })?;
+        let len = usize::try_from(end.saturating_sub(start)).unwrap_or(0);
+        let mut code = vec![0u8; len];
+        tracee.read_memory(start, &mut code)?;
+        let offset =
+            find_syscall_instruction(&code).ok_or(InjectError::NoSyscallInstruction { pid })?;
+        Ok(Self(start + offset as u64))
+    }
+}
+
+/// A decoded syscall return value: `Err(errno)` for -4095..=-1.
+pub fn syscall_result(rax: i64) -> Result<u64, i32> {
+    if (-4095..0).contains(&rax) {
+        Err(i32::try_from(-rax).unwrap_or(libc::EINVAL))
+    } else {
+        Ok(rax as u64)
+    }
+}
+
+/// Syscalls run one after the other in a stopped tracee, its registers saved at the
+/// start and given back by [`Injection::finish`] (or, best effort, on drop).
+pub struct Injection<'t> {
+    tracee: &'t mut Tracee,
+    site: SyscallSite,
+    saved: Regs,
+    /// The tracee holds injection registers that must be replaced before it runs.
+    dirty: bool,
+}
+
+impl<'t> Injection<'t> {
+    /// Saves the registers of `tracee`, which must be in a ptrace-stop.
+    pub fn begin(tracee: &'t mut Tracee, site: SyscallSite) -> Result<Self, InjectError> {
+        let saved = tracee.regs()?;
+        if saved.cs != 0x33 {
+            return Err(InjectError::NotX86_64 {
+                pid: tracee.pid().as_raw(),
+                cs: saved.cs,
+            });
+        }
+        Ok(Self {
+            tracee,
+            site,
+            saved,
+            dirty: false,
+        })
+    }
+
+    /// The registers saved at [`Injection::begin`].
+    pub fn saved(&self) -> &Regs {
+        &self.saved
+    }
+
+    /// The tracee.
+    pub fn tracee(&self) -> &Tracee {
+        self.tracee
+    }
+
+    /// Runs syscall `nr` with up to six arguments; returns `rax` as the kernel left it
+    /// (a negative errno on failure) and the child of a fork event, if any.
+    fn run(&mut self, nr: i64, args: &[u64]) -> Result<(i64, Option<Pid>), InjectError> {
+        let mut regs = self.saved;
+        regs.rax = nr as u64;
+        regs.orig_rax = u64::MAX;
+        regs.rip = self.site.0;
+        let mut a = [0u64; 6];
+        a[..args.len()].copy_from_slice(args);
+        (regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9) =
+            (a[0], a[1], a[2], a[3], a[4], a[5]);
+        self.tracee.set_regs(&regs)?;
+        self.dirty = true;
+        let mut entered = false;
+        let mut child = None;
+        self.tracee.resume(Resume::Syscall, 0)?;
+        loop {
+            match self.tracee.wait()? {
+                Stop::Syscall if !entered => {
+                    let seen = self.tracee.regs()?.orig_rax as i64;
+                    if seen != nr {
+                        return Err(InjectError::WrongEntry {
+                            pid: self.tracee.pid().as_raw(),
+                            expected: nr,
+                            seen,
+                        });
+                    }
+                    entered = true;
+                }
+                Stop::Syscall => break,
+                Stop::NewChild { child: c, .. } => child = Some(c),
+                Stop::Signal(sig) => self.tracee.defer_signal(sig),
+                // A stale interrupt or group-stop report, or an event we did not ask for:
+                // the tracee is still headed for the syscall.
+                Stop::Interrupt | Stop::Group(_) | Stop::Event(_) => {}
+            }
+            self.tracee.resume(Resume::Syscall, 0)?;
+        }
+        Ok((self.tracee.regs()?.rax as i64, child))
+    }
+
+    /// Runs syscall `nr` (`name` for errors) and returns its non-negative result.
+    pub fn syscall(
+        &mut self,
+        name: &'static str,
+        nr: i64,
+        args: &[u64],
+    ) -> Result<u64, InjectError> {
+        let (rax, _) = self.run(nr, args)?;
+        syscall_result(rax).map_err(|errno| InjectError::Syscall {
+            pid: self.tracee.pid().as_raw(),
+            name,
+            source: io::Error::from_raw_os_error(errno),
+        })
+    }
+
+    /// Injects `clone(flags)` and returns the child, auto-attached and in its attach
+    /// stop: it has not run a single instruction.
+    pub fn fork(&mut self, flags: u64) -> Result<Tracee, InjectError> {
+        let pid = self.tracee.pid().as_raw();
+        let (rax, child) = self.run(libc::SYS_clone, &[flags, 0, 0, 0, 0])?;
+        if let Err(errno) = syscall_result(rax) {
+            return Err(InjectError::Syscall {
+                pid,
+                name: "clone",
+                source: io::Error::from_raw_os_error(errno),
+            });
+        }
+        let child = child.ok_or(InjectError::NoForkEvent { pid, ret: rax })?;
+        let mut child = Tracee::auto_attached(child);
+        match child.wait() {
+            Ok(Stop::Interrupt) => Ok(child),
+            Ok(stop) => {
+                let child_pid = child.pid().as_raw();
+                child.kill();
+                Err(InjectError::ChildStop {
+                    pid,
+                    child: child_pid,
+                    stop,
+                })
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Maps `len` bytes of private anonymous read-write memory in the tracee.
+    pub fn mmap_scratch(&mut self, len: u64) -> Result<u64, InjectError> {
+        let prot = (libc::PROT_READ | libc::PROT_WRITE) as u64;
+        let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
+        self.syscall("mmap", libc::SYS_mmap, &[0, len, prot, flags, u64::MAX, 0])
+    }
+
+    /// Gives the tracee its saved registers back, ready to resume where it stopped.
+    ///
+    /// With `signals_follow` false, an interrupted syscall is set up for restart here
+    /// ([`resume_regs`]). With it true (the owner will re-send deferred signals with
+    /// [`requeue_signals`] before resuming), the registers go back exactly and the
+    /// kernel restarts the syscall or fails it with `EINTR`, as the handler's
+    /// `SA_RESTART` says, when it delivers the signal.
+    pub fn finish(mut self, signals_follow: bool) -> Result<(), InjectError> {
+        let regs = if signals_follow {
+            self.saved
+        } else {
+            resume_regs(&self.saved)
+        };
+        self.tracee.set_regs(&regs)?;
+        self.dirty = false;
+        Ok(())
+    }
+
+    /// Gives the tracee `regs` instead of the saved registers (a restored process gets
+    /// the checkpoint's).
+    pub fn finish_with(mut self, regs: &Regs) -> Result<(), InjectError> {
+        self.tracee.set_regs(regs)?;
+        self.dirty = false;
+        Ok(())
+    }
+}
+
+impl Drop for Injection<'_> {
+    fn drop(&mut self) {
+        if self.dirty {
+            // An error left the tracee with injection registers: put its own back so that
+            // a detach does not run it in the vdso. Fails only if it is gone.
+            let _ = self.tracee.set_regs(&resume_regs(&self.saved));
+        }
+    }
+}
+
+/// Re-sends, with `kill(2)`, the signals a tracee received while DeltaCR held it, so
+/// that it handles them once resumed (their `siginfo` becomes that of a `kill` by the
+/// controller).
+pub fn requeue_signals(tracee: &mut Tracee) {
+    for sig in tracee.take_deferred_signals() {
+        // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+        unsafe { libc::kill(tracee.pid().as_raw(), sig) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn regs() -> Regs {
+        // SAFETY: user_regs_struct is plain integers; all-zero is a valid value.
+        let mut r: Regs = unsafe { std::mem::zeroed() };
+        r.rip = 0x1000;
+        r.orig_rax = u64::MAX;
+        r.rax = 7;
+        r
+    }
+
+    #[test]
+    fn resume_regs_leaves_user_code_alone() {
+        let r = regs();
+        assert_eq!(resume_regs(&r).rip, 0x1000);
+        assert_eq!(resume_regs(&r).rax, 7);
+        // A value that looks like -ERESTARTSYS outside a syscall is user data.
+        let mut r = regs();
+        r.rax = (-ERESTARTSYS) as u64;
+        assert_eq!(resume_regs(&r).rax, (-ERESTARTSYS) as u64);
+        assert_eq!(resume_regs(&r).rip, 0x1000);
+        assert_eq!(interrupted_syscall(&r), None);
+    }
+
+    #[test]
+    fn resume_regs_restarts_an_interrupted_read() {
+        for code in [ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND] {
+            let mut r = regs();
+            r.orig_rax = libc::SYS_read as u64;
+            r.rax = (-code) as u64;
+            let out = resume_regs(&r);
+            assert_eq!(out.rip, 0x1000 - 2);
+            assert_eq!(out.rax, libc::SYS_read as u64);
+            assert_eq!(out.orig_rax, u64::MAX);
+            assert_eq!(interrupted_syscall(&r), Some(libc::SYS_read));
+            // Applying it twice changes nothing more.
+            assert_eq!(resume_regs(&out).rip, out.rip);
+        }
+    }
+
+    #[test]
+    fn resume_regs_restarts_a_nanosleep_through_restart_syscall() {
+        let mut r = regs();
+        r.orig_rax = libc::SYS_nanosleep as u64;
+        r.rax = (-ERESTART_RESTARTBLOCK) as u64;
+        let out = resume_regs(&r);
+        assert_eq!(out.rip, 0x1000 - 2);
+        assert_eq!(out.rax, libc::SYS_restart_syscall as u64);
+    }
+
+    #[test]
+    fn resume_regs_keeps_a_finished_syscall_result() {
+        let mut r = regs();
+        r.orig_rax = libc::SYS_read as u64;
+        r.rax = (-i64::from(libc::EAGAIN)) as u64;
+        let out = resume_regs(&r);
+        assert_eq!(out.rip, 0x1000);
+        assert_eq!(out.rax, r.rax);
+        assert_eq!(interrupted_syscall(&r), None);
+    }
+
+    #[test]
+    fn finds_syscall_instruction() {
+        assert_eq!(find_syscall_instruction(&[0x90, 0x0f, 0x05, 0xc3]), Some(1));
+        assert_eq!(find_syscall_instruction(&[0x0f, 0x0f, 0x05]), Some(1));
+        assert_eq!(find_syscall_instruction(&[0x05, 0x0f]), None);
+        assert_eq!(find_syscall_instruction(&[]), None);
+    }
+
+    #[test]
+    fn decodes_syscall_results() {
+        assert_eq!(syscall_result(3), Ok(3));
+        assert_eq!(syscall_result(-2), Err(libc::ENOENT));
+        assert_eq!(syscall_result(-4095), Err(4095));
+        // mmap addresses in the upper half are results, not errors.
+        assert_eq!(syscall_result(-4096), Ok((-4096i64) as u64));
+    }
+}

@@ -1,0 +1,106 @@
+//! DeltaCR: process checkpoint and rollback by template fork (docs/deltacr.md).
+//!
+//! A checkpoint ([`checkpoint`]) forks a stopped process, by a ptrace-injected
+//! `clone`, into a [`Template`]: a frozen copy that shares the process's memory
+//! copy-on-write and never runs. A restore ([`Template::restore`]; [`rollback`] kills
+//! the current process first) forks the template again and turns the child into the
+//! process as it was at the checkpoint — registers, XSAVE area, fds reopened at their
+//! offsets, stdio on fresh controller pipes — as many times as wanted, each child
+//! independent (a branch).
+//!
+//! One module per kernel interface or job:
+//!
+//! - [`ptrace`] — the one wrapper of ptrace(2) ([`ptrace::Tracee`]).
+//! - [`inject`] — syscall injection and the syscall-restart fix-up.
+//! - [`procfs`] — what `/proc/<pid>` says.
+//! - [`pidfd`] — pidfds.
+//! - [`freezer`] — the frozen cgroup of a template.
+//! - [`fdtable`] — recording and rebuilding fd tables.
+//! - [`state`] — the recorded, versioned process state.
+//! - [`template`] — checkpoint; [`restore`] — restore, rollback, branch.
+//!
+//! x86_64 only (registers, syscall numbers, the `syscall` instruction). Single-threaded
+//! processes only, for now: a multi-threaded one is refused with an error naming it.
+
+#[cfg(not(target_arch = "x86_64"))]
+compile_error!("DeltaCR (controller/src/cr) supports x86_64 only");
+
+pub mod fdtable;
+pub mod freezer;
+pub mod inject;
+pub mod pidfd;
+pub mod procfs;
+pub mod ptrace;
+pub mod restore;
+pub mod state;
+pub mod template;
+
+use std::time::Duration;
+
+pub use restore::{RestoreOptions, RestoreTimings, Restored, rollback};
+pub use state::ProcessState;
+pub use template::{CheckpointOptions, CheckpointTimings, Template, checkpoint};
+
+/// How long DeltaCR waits for a SIGKILLed process to die.
+pub(crate) const KILL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Errors of checkpoint and restore.
+#[derive(Debug, thiserror::Error)]
+pub enum CrError {
+    /// The process has more than one thread.
+    #[error(
+        "pid {pid} ({comm}) has {threads} threads: DeltaCR checkpoints single-threaded \
+         processes only, for now"
+    )]
+    MultiThreaded {
+        /// The process.
+        pid: i32,
+        /// Its name.
+        comm: String,
+        /// How many threads it has.
+        threads: usize,
+    },
+    /// The process has a writable shared mapping, whose pages a fork shares.
+    #[error(
+        "pid {pid} ({comm}) has a writable shared mapping {start:#x}-{end:#x} {name:?}: \
+         writes after a checkpoint would reach the template, so DeltaCR refuses it for now"
+    )]
+    SharedWritableMapping {
+        /// The process.
+        pid: i32,
+        /// Its name.
+        comm: String,
+        /// First address.
+        start: u64,
+        /// End address.
+        end: u64,
+        /// Its path or pseudo-path.
+        name: String,
+    },
+    /// The new template did not reach group-stop.
+    #[error("template pid {pid} reported {stop:?} instead of its group-stop")]
+    TemplateStop {
+        /// The template.
+        pid: i32,
+        /// What it reported.
+        stop: ptrace::Stop,
+    },
+    /// A ptrace request or wait failed.
+    #[error(transparent)]
+    Ptrace(#[from] ptrace::PtraceError),
+    /// Syscall injection failed.
+    #[error(transparent)]
+    Inject(#[from] inject::InjectError),
+    /// Reading `/proc` failed.
+    #[error(transparent)]
+    Proc(#[from] procfs::ProcError),
+    /// Recording or rebuilding the fd table failed (or an fd is not restorable).
+    #[error(transparent)]
+    Fd(#[from] fdtable::FdError),
+    /// A template cgroup operation failed.
+    #[error(transparent)]
+    Freezer(#[from] freezer::FreezerError),
+    /// A pidfd operation failed.
+    #[error(transparent)]
+    Pidfd(#[from] pidfd::PidfdError),
+}

@@ -1,0 +1,642 @@
+//! ptrace(2), wrapped once.
+//!
+//! [`Tracee`] owns one traced task from `PTRACE_SEIZE` (or from its automatic attach as
+//! the child of a traced `fork`) to `PTRACE_DETACH`: stopping it, waiting for its stops
+//! (decoded into [`Stop`]), its registers and XSAVE area, and its memory. Everything
+//! DeltaCR does to another process goes through here; syscall injection on top of it is
+//! [`super::inject`].
+//!
+//! The kernel accepts ptrace requests for a tracee only from the thread that attached
+//! it, so a [`Tracee`] is neither `Send` nor `Sync`: the compiler keeps it on its thread.
+//! DeltaCR holds a tracee only for the length of one operation and detaches it before
+//! returning; what outlives an operation (a template) is a pid and a pidfd, not a
+//! `Tracee`.
+
+use std::io::{self, IoSlice, IoSliceMut};
+use std::marker::PhantomData;
+
+use nix::sys::ptrace as nix_ptrace;
+use nix::sys::uio::{RemoteIoVec, process_vm_readv, process_vm_writev};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+
+pub use nix::sys::ptrace::Options;
+
+/// The general-purpose registers, as `PTRACE_GETREGS` returns them.
+pub type Regs = libc::user_regs_struct;
+
+/// `NT_X86_XSTATE` (`<elf.h>`): the XSAVE-area register set. libc does not export it.
+const NT_X86_XSTATE: usize = 0x202;
+
+/// Room for the largest XSAVE area (AMX tile data makes it about 11 KiB); the kernel
+/// reports the real size, which is what [`XState`] keeps.
+const XSTATE_BUF: usize = 16 * 1024;
+
+/// The options DeltaCR seizes with: syscall stops marked `SIGTRAP | 0x80`, and the
+/// children of `fork` auto-attached (stopped before they run).
+pub fn cr_options() -> Options {
+    Options::PTRACE_O_TRACESYSGOOD | Options::PTRACE_O_TRACEFORK
+}
+
+/// Errors of ptrace requests and of waiting for a tracee.
+#[derive(Debug, thiserror::Error)]
+pub enum PtraceError {
+    /// A ptrace request failed.
+    #[error("ptrace {request} on pid {pid}")]
+    Request {
+        /// The request, e.g. `PTRACE_SEIZE`.
+        request: &'static str,
+        /// The tracee.
+        pid: i32,
+        /// The errno.
+        #[source]
+        source: io::Error,
+    },
+    /// `waitpid` failed.
+    #[error("waitpid on pid {pid}")]
+    Wait {
+        /// The tracee.
+        pid: i32,
+        /// The errno.
+        #[source]
+        source: io::Error,
+    },
+    /// The tracee exited while it was traced.
+    #[error("pid {pid} exited with status {status} while traced")]
+    Exited {
+        /// The tracee.
+        pid: i32,
+        /// Its exit status.
+        status: i32,
+    },
+    /// The tracee was killed while it was traced.
+    #[error("pid {pid} was killed by signal {signal} while traced")]
+    Killed {
+        /// The tracee.
+        pid: i32,
+        /// The signal that killed it.
+        signal: i32,
+    },
+    /// The tracee stopped for another reason than the one the caller waited for.
+    #[error("pid {pid} reported {stop:?} while DeltaCR waited for {expected}")]
+    Unexpected {
+        /// The tracee.
+        pid: i32,
+        /// What it reported.
+        stop: Stop,
+        /// What was expected.
+        expected: &'static str,
+    },
+    /// Reading or writing the tracee's memory failed or was short.
+    #[error("{op} of {len} bytes at {addr:#x} in pid {pid}")]
+    Memory {
+        /// `process_vm_readv` or `process_vm_writev`.
+        op: &'static str,
+        /// The tracee.
+        pid: i32,
+        /// Start address in the tracee.
+        addr: u64,
+        /// Bytes asked for.
+        len: usize,
+        /// Why (a short transfer is `UnexpectedEof`).
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl PtraceError {
+    /// Whether the error says the tracee no longer exists (or is no longer ours).
+    pub fn is_gone(&self) -> bool {
+        match self {
+            Self::Exited { .. } | Self::Killed { .. } => true,
+            Self::Request { source, .. } | Self::Wait { source, .. } => {
+                source.raw_os_error() == Some(libc::ESRCH)
+                    || source.raw_os_error() == Some(libc::ECHILD)
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Why a tracee is in a ptrace-stop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// A syscall-enter or syscall-exit stop (`SIGTRAP | 0x80`, `PTRACE_O_TRACESYSGOOD`);
+    /// which of the two is known from the sequence of resumes.
+    Syscall,
+    /// `PTRACE_EVENT_STOP` with a stop signal: the tracee is in group-stop.
+    Group(i32),
+    /// `PTRACE_EVENT_STOP` with `SIGTRAP`: after `PTRACE_INTERRUPT`, or the first stop of
+    /// an auto-attached child.
+    Interrupt,
+    /// `PTRACE_EVENT_FORK`, `_VFORK` or `_CLONE`: the tracee created `child`, which is
+    /// auto-attached and will report its own [`Stop::Interrupt`].
+    NewChild {
+        /// The `PTRACE_EVENT_*` number.
+        event: i32,
+        /// The new task.
+        child: Pid,
+    },
+    /// Another `PTRACE_EVENT_*` stop (exec, exit, vfork-done, seccomp).
+    Event(i32),
+    /// A signal-delivery-stop: the signal is delivered only if the next resume passes it.
+    Signal(i32),
+}
+
+/// A `waitpid` status, decoded without side effects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WaitReport {
+    /// In a ptrace-stop: `WSTOPSIG` and the `PTRACE_EVENT_*` number (0 for none).
+    Stopped {
+        /// `WSTOPSIG(status)`.
+        signal: i32,
+        /// `status >> 16`.
+        event: i32,
+    },
+    /// Exited with this status.
+    Exited(i32),
+    /// Killed by this signal.
+    Killed(i32),
+    /// Resumed by `SIGCONT` (only reported with `WCONTINUED`, which DeltaCR never asks).
+    Continued,
+}
+
+/// Decodes a raw `waitpid` status.
+pub fn decode_status(status: libc::c_int) -> WaitReport {
+    if libc::WIFEXITED(status) {
+        WaitReport::Exited(libc::WEXITSTATUS(status))
+    } else if libc::WIFSIGNALED(status) {
+        WaitReport::Killed(libc::WTERMSIG(status))
+    } else if libc::WIFSTOPPED(status) {
+        WaitReport::Stopped {
+            signal: libc::WSTOPSIG(status),
+            event: (status >> 16) & 0xff,
+        }
+    } else {
+        WaitReport::Continued
+    }
+}
+
+/// Classifies a stop, except the child pid of fork events (which needs a request).
+fn classify(signal: i32, event: i32) -> Stop {
+    match event {
+        0 if signal == libc::SIGTRAP | 0x80 => Stop::Syscall,
+        0 => Stop::Signal(signal),
+        libc::PTRACE_EVENT_STOP => match signal {
+            libc::SIGSTOP | libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU => Stop::Group(signal),
+            _ => Stop::Interrupt,
+        },
+        libc::PTRACE_EVENT_FORK | libc::PTRACE_EVENT_VFORK | libc::PTRACE_EVENT_CLONE => {
+            Stop::NewChild {
+                event,
+                child: Pid::from_raw(0),
+            }
+        }
+        other => Stop::Event(other),
+    }
+}
+
+/// The XSAVE area of a task (x87, SSE, AVX, … state), as `PTRACE_GETREGSET
+/// NT_X86_XSTATE` returns it: opaque bytes given back whole to `PTRACE_SETREGSET`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct XState(pub Vec<u8>);
+
+/// How to resume a tracee.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resume {
+    /// `PTRACE_CONT`: run until the next signal or event.
+    Cont,
+    /// `PTRACE_SYSCALL`: run until the next syscall entry or exit (or signal/event).
+    Syscall,
+}
+
+/// One traced task, attached until [`Tracee::detach`] (or drop, which detaches).
+pub struct Tracee {
+    pid: Pid,
+    attached: bool,
+    /// Signals that arrived (as signal-delivery-stops) while DeltaCR held the tracee;
+    /// they were suppressed and are given back by the owner of the tracee.
+    deferred: Vec<i32>,
+    /// Dropping it kills it instead of detaching: a fork child that has not been given
+    /// its registers would run from the middle of the vdso.
+    kill_on_drop: bool,
+    /// ptrace requests are accepted only from the attaching thread.
+    _same_thread: PhantomData<*const ()>,
+}
+
+impl std::fmt::Debug for Tracee {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tracee")
+            .field("pid", &self.pid)
+            .field("attached", &self.attached)
+            .field("deferred", &self.deferred)
+            .field("kill_on_drop", &self.kill_on_drop)
+            .finish()
+    }
+}
+
+fn request_error(request: &'static str, pid: Pid) -> impl FnOnce(nix::Error) -> PtraceError {
+    move |errno| PtraceError::Request {
+        request,
+        pid: pid.as_raw(),
+        source: io::Error::from(errno),
+    }
+}
+
+impl Tracee {
+    /// `PTRACE_SEIZE`s `pid` (a running or stopped task) with `options`; the task keeps
+    /// running until [`Tracee::interrupt`].
+    pub fn seize(pid: Pid, options: Options) -> Result<Self, PtraceError> {
+        nix_ptrace::seize(pid, options).map_err(request_error("PTRACE_SEIZE", pid))?;
+        Ok(Self::attached(pid))
+    }
+
+    /// Seizes `pid` and waits until it is in a ptrace-stop (interrupt or group-stop);
+    /// signals that arrive meanwhile are deferred.
+    pub fn seize_stopped(pid: Pid, options: Options) -> Result<Self, PtraceError> {
+        let mut tracee = Self::seize(pid, options)?;
+        tracee.interrupt()?;
+        tracee.wait_for_stop()?;
+        Ok(tracee)
+    }
+
+    /// The tracee of a task that is already attached to this thread: the child of a
+    /// traced `fork`, reported by [`Stop::NewChild`]. It is killed if dropped before
+    /// [`Tracee::detach`].
+    pub(crate) fn auto_attached(pid: Pid) -> Self {
+        let mut tracee = Self::attached(pid);
+        tracee.kill_on_drop = true;
+        tracee
+    }
+
+    fn attached(pid: Pid) -> Self {
+        Self {
+            pid,
+            attached: true,
+            deferred: Vec::new(),
+            kill_on_drop: false,
+            _same_thread: PhantomData,
+        }
+    }
+
+    /// The traced task.
+    pub fn pid(&self) -> Pid {
+        self.pid
+    }
+
+    /// `PTRACE_INTERRUPT`: the tracee stops at once (a blocking syscall is interrupted
+    /// and will be restarted) and reports [`Stop::Interrupt`] or [`Stop::Group`].
+    pub fn interrupt(&self) -> Result<(), PtraceError> {
+        nix_ptrace::interrupt(self.pid).map_err(request_error("PTRACE_INTERRUPT", self.pid))
+    }
+
+    /// Waits for the tracee's next report. An exit or death is an error.
+    pub fn wait(&mut self) -> Result<Stop, PtraceError> {
+        let pid = self.pid;
+        let mut status: libc::c_int = 0;
+        loop {
+            // SAFETY: `status` is a valid, writable c_int for the whole call; waitpid has
+            // no other memory effects.
+            let ret = unsafe { libc::waitpid(pid.as_raw(), &mut status, libc::__WALL) };
+            if ret == pid.as_raw() {
+                break;
+            }
+            let source = io::Error::last_os_error();
+            if ret < 0 && source.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(PtraceError::Wait {
+                pid: pid.as_raw(),
+                source,
+            });
+        }
+        match decode_status(status) {
+            WaitReport::Exited(status) => {
+                self.attached = false;
+                Err(PtraceError::Exited {
+                    pid: pid.as_raw(),
+                    status,
+                })
+            }
+            WaitReport::Killed(signal) => {
+                self.attached = false;
+                Err(PtraceError::Killed {
+                    pid: pid.as_raw(),
+                    signal,
+                })
+            }
+            WaitReport::Continued => self.wait(),
+            WaitReport::Stopped { signal, event } => match classify(signal, event) {
+                Stop::NewChild { event, .. } => {
+                    let msg = self.event_msg()?;
+                    let child = i32::try_from(msg).map_err(|_| PtraceError::Request {
+                        request: "PTRACE_GETEVENTMSG",
+                        pid: pid.as_raw(),
+                        source: io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            format!("child pid {msg} out of range"),
+                        ),
+                    })?;
+                    Ok(Stop::NewChild {
+                        event,
+                        child: Pid::from_raw(child),
+                    })
+                }
+                stop => Ok(stop),
+            },
+        }
+    }
+
+    /// Waits until the tracee is in an interrupt or group-stop, deferring the signals
+    /// that arrive first (see [`Tracee::take_deferred_signals`]).
+    pub fn wait_for_stop(&mut self) -> Result<Stop, PtraceError> {
+        loop {
+            match self.wait()? {
+                stop @ (Stop::Interrupt | Stop::Group(_)) => return Ok(stop),
+                Stop::Signal(sig) => {
+                    self.deferred.push(sig);
+                    self.resume(Resume::Cont, 0)?;
+                }
+                // A stale event stop from before the interrupt: let the interrupt trap come.
+                _ => self.resume(Resume::Cont, 0)?,
+            }
+        }
+    }
+
+    /// Resumes the tracee, delivering `signal` (0 for none).
+    pub fn resume(&self, how: Resume, signal: i32) -> Result<(), PtraceError> {
+        let (request, name) = match how {
+            Resume::Cont => (libc::PTRACE_CONT, "PTRACE_CONT"),
+            Resume::Syscall => (libc::PTRACE_SYSCALL, "PTRACE_SYSCALL"),
+        };
+        // The signal is a plain integer (real-time signals included), which nix's
+        // `Signal` enum cannot carry: raw request.
+        let data = usize::try_from(signal).unwrap_or(0);
+        // SAFETY: PTRACE_CONT and PTRACE_SYSCALL read no memory of ours: addr is ignored
+        // and data is a signal number passed by value.
+        let ret = unsafe {
+            libc::ptrace(
+                request,
+                self.pid.as_raw(),
+                std::ptr::null_mut::<libc::c_void>(),
+                data as *mut libc::c_void,
+            )
+        };
+        if ret < 0 {
+            return Err(PtraceError::Request {
+                request: name,
+                pid: self.pid.as_raw(),
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The general-purpose registers.
+    pub fn regs(&self) -> Result<Regs, PtraceError> {
+        nix_ptrace::getregs(self.pid).map_err(request_error("PTRACE_GETREGS", self.pid))
+    }
+
+    /// Sets the general-purpose registers.
+    pub fn set_regs(&self, regs: &Regs) -> Result<(), PtraceError> {
+        nix_ptrace::setregs(self.pid, *regs).map_err(request_error("PTRACE_SETREGS", self.pid))
+    }
+
+    /// The XSAVE area (FPU, SSE, AVX, … registers).
+    pub fn xstate(&self) -> Result<XState, PtraceError> {
+        let mut buf = vec![0u8; XSTATE_BUF];
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: the kernel writes at most `iov.iov_len` bytes at `iov.iov_base`, which
+        // is `buf`'s allocation of that length, and updates `iov.iov_len`; both live until
+        // the call returns.
+        let ret = unsafe {
+            libc::ptrace(
+                libc::PTRACE_GETREGSET,
+                self.pid.as_raw(),
+                NT_X86_XSTATE as *mut libc::c_void,
+                (&raw mut iov).cast::<libc::c_void>(),
+            )
+        };
+        if ret < 0 {
+            return Err(PtraceError::Request {
+                request: "PTRACE_GETREGSET NT_X86_XSTATE",
+                pid: self.pid.as_raw(),
+                source: io::Error::last_os_error(),
+            });
+        }
+        buf.truncate(iov.iov_len);
+        Ok(XState(buf))
+    }
+
+    /// Sets the XSAVE area; `xstate` must be a whole area from [`Tracee::xstate`] on
+    /// this machine (the kernel checks its size and header).
+    pub fn set_xstate(&self, xstate: &XState) -> Result<(), PtraceError> {
+        let mut buf = xstate.0.clone();
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: the kernel reads `iov.iov_len` bytes at `iov.iov_base`, which is `buf`'s
+        // allocation of that length; both live until the call returns.
+        let ret = unsafe {
+            libc::ptrace(
+                libc::PTRACE_SETREGSET,
+                self.pid.as_raw(),
+                NT_X86_XSTATE as *mut libc::c_void,
+                (&raw mut iov).cast::<libc::c_void>(),
+            )
+        };
+        if ret < 0 {
+            return Err(PtraceError::Request {
+                request: "PTRACE_SETREGSET NT_X86_XSTATE",
+                pid: self.pid.as_raw(),
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+
+    /// `PTRACE_GETEVENTMSG`: after a fork event, the child's pid.
+    pub fn event_msg(&self) -> Result<u64, PtraceError> {
+        let msg = nix_ptrace::getevent(self.pid)
+            .map_err(request_error("PTRACE_GETEVENTMSG", self.pid))?;
+        // The kernel stores an unsigned long; nix hands it back as c_long.
+        Ok(msg as u64)
+    }
+
+    /// Reads `buf.len()` bytes of the tracee's memory at `addr`.
+    pub fn read_memory(&self, addr: u64, buf: &mut [u8]) -> Result<(), PtraceError> {
+        let len = buf.len();
+        let err = |source| PtraceError::Memory {
+            op: "process_vm_readv",
+            pid: self.pid.as_raw(),
+            addr,
+            len,
+            source,
+        };
+        let remote = [RemoteIoVec {
+            base: usize::try_from(addr).map_err(|_| err(io::ErrorKind::InvalidInput.into()))?,
+            len,
+        }];
+        let done = process_vm_readv(self.pid, &mut [IoSliceMut::new(buf)], &remote)
+            .map_err(|e| err(e.into()))?;
+        if done != len {
+            return Err(err(io::ErrorKind::UnexpectedEof.into()));
+        }
+        Ok(())
+    }
+
+    /// Writes `data` into the tracee's memory at `addr` (writable pages only).
+    pub fn write_memory(&self, addr: u64, data: &[u8]) -> Result<(), PtraceError> {
+        let len = data.len();
+        let err = |source| PtraceError::Memory {
+            op: "process_vm_writev",
+            pid: self.pid.as_raw(),
+            addr,
+            len,
+            source,
+        };
+        let remote = [RemoteIoVec {
+            base: usize::try_from(addr).map_err(|_| err(io::ErrorKind::InvalidInput.into()))?,
+            len,
+        }];
+        let done = process_vm_writev(self.pid, &[IoSlice::new(data)], &remote)
+            .map_err(|e| err(e.into()))?;
+        if done != len {
+            return Err(err(io::ErrorKind::UnexpectedEof.into()));
+        }
+        Ok(())
+    }
+
+    /// Records a signal the tracee received while held, to be given back later.
+    pub fn defer_signal(&mut self, signal: i32) {
+        self.deferred.push(signal);
+    }
+
+    /// Whether signals were suppressed while the tracee was held.
+    pub fn has_deferred_signals(&self) -> bool {
+        !self.deferred.is_empty()
+    }
+
+    /// The signals suppressed while the tracee was held, oldest first.
+    pub fn take_deferred_signals(&mut self) -> Vec<i32> {
+        std::mem::take(&mut self.deferred)
+    }
+
+    /// `PTRACE_DETACH` from a ptrace-stop, delivering `signal` (0 for none) if the tracee
+    /// is in a signal-delivery-stop. A task in group-stop when detached stays stopped.
+    pub fn detach(mut self, signal: i32) -> Result<(), PtraceError> {
+        self.attached = false;
+        raw_detach(self.pid, signal).map_err(|source| PtraceError::Request {
+            request: "PTRACE_DETACH",
+            pid: self.pid.as_raw(),
+            source,
+        })
+    }
+
+    /// SIGKILLs the tracee and collects its death report, so that neither a traced zombie
+    /// nor a pending report is left behind.
+    pub fn kill(mut self) {
+        self.kill_in_place();
+    }
+
+    fn kill_in_place(&mut self) {
+        // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+        unsafe { libc::kill(self.pid.as_raw(), libc::SIGKILL) };
+        // Reports already queued (stops) come first; the death report ends the loop
+        // (`wait` clears `attached` on it) and so does an error.
+        while self.attached {
+            if self.wait().is_err() {
+                break;
+            }
+        }
+        self.attached = false;
+    }
+}
+
+fn raw_detach(pid: Pid, signal: i32) -> Result<(), io::Error> {
+    let data = usize::try_from(signal).unwrap_or(0);
+    // SAFETY: PTRACE_DETACH reads no memory of ours: addr is ignored and data is a
+    // signal number passed by value.
+    let ret = unsafe {
+        libc::ptrace(
+            libc::PTRACE_DETACH,
+            pid.as_raw(),
+            std::ptr::null_mut::<libc::c_void>(),
+            data as *mut libc::c_void,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+impl Drop for Tracee {
+    fn drop(&mut self) {
+        if self.attached && self.kill_on_drop {
+            self.kill_in_place();
+        } else if self.attached {
+            // Best effort: fails with ESRCH unless the tracee is in a ptrace-stop, which is
+            // where every DeltaCR operation leaves the tracees it has not detached.
+            let _ = raw_detach(self.pid, 0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Builds a stopped status as the kernel encodes it: `0x7f | sig << 8 | event << 16`.
+    fn stopped(signal: i32, event: i32) -> libc::c_int {
+        0x7f | (signal << 8) | (event << 16)
+    }
+
+    #[test]
+    fn decodes_wait_statuses() {
+        assert_eq!(decode_status(3 << 8), WaitReport::Exited(3));
+        assert_eq!(
+            decode_status(libc::SIGKILL),
+            WaitReport::Killed(libc::SIGKILL)
+        );
+        assert_eq!(
+            decode_status(stopped(libc::SIGTRAP, libc::PTRACE_EVENT_FORK)),
+            WaitReport::Stopped {
+                signal: libc::SIGTRAP,
+                event: libc::PTRACE_EVENT_FORK
+            }
+        );
+        assert_eq!(decode_status(0xffff), WaitReport::Continued);
+    }
+
+    #[test]
+    fn classifies_stops() {
+        assert_eq!(classify(libc::SIGTRAP | 0x80, 0), Stop::Syscall);
+        assert_eq!(classify(libc::SIGCHLD, 0), Stop::Signal(libc::SIGCHLD));
+        assert_eq!(classify(libc::SIGTRAP, 0), Stop::Signal(libc::SIGTRAP));
+        assert_eq!(
+            classify(libc::SIGSTOP, libc::PTRACE_EVENT_STOP),
+            Stop::Group(libc::SIGSTOP)
+        );
+        assert_eq!(
+            classify(libc::SIGTTOU, libc::PTRACE_EVENT_STOP),
+            Stop::Group(libc::SIGTTOU)
+        );
+        assert_eq!(
+            classify(libc::SIGTRAP, libc::PTRACE_EVENT_STOP),
+            Stop::Interrupt
+        );
+        assert!(matches!(
+            classify(libc::SIGTRAP, libc::PTRACE_EVENT_CLONE),
+            Stop::NewChild { event, .. } if event == libc::PTRACE_EVENT_CLONE
+        ));
+        assert_eq!(
+            classify(libc::SIGTRAP, libc::PTRACE_EVENT_EXEC),
+            Stop::Event(libc::PTRACE_EVENT_EXEC)
+        );
+    }
+}

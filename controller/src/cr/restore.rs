@@ -1,0 +1,191 @@
+//! Restore, rollback and branch: fork a template again and make the child the process
+//! as it was at the checkpoint.
+//!
+//! [`Template::restore`] seizes the template (it re-traps into a ptrace-stop from its
+//! group-stop), thaws its cgroup — a thaw does not wake a task in a ptrace-stop —
+//! injects `clone(CLONE_PARENT | SIGCHLD)`, freezes the cgroup again and detaches the
+//! template, which falls back into group-stop. The child, stopped before it ran an
+//! instruction, is moved to the session's cgroup, gets its own fd table
+//! ([`fdtable::install`]) and working directory, the checkpoint's registers (with the
+//! restart fix-up, so an interrupted `read` or `nanosleep` is restarted) and XSAVE
+//! area, and is detached: it resumes exactly where the checkpoint was, its memory
+//! shared copy-on-write with the template. Signals pending at the checkpoint are sent
+//! to it again. Each call gives a new, independent process: a branch.
+//!
+//! [`rollback`] first kills the current process, then restores.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use nix::unistd::Pid;
+
+use super::fdtable::{self, StdioPipes};
+use super::freezer;
+use super::inject::{FORK_FLAGS, Injection, resume_regs};
+use super::pidfd::{Pidfd, PidfdError};
+use super::ptrace::{Regs, Tracee, cr_options};
+use super::template::Template;
+use super::{CrError, KILL_TIMEOUT};
+
+/// Where a restored process goes.
+#[derive(Clone, Debug, Default)]
+pub struct RestoreOptions {
+    /// The cgroup v2 directory (absolute, or relative to the cgroup2 mount) the process
+    /// joins; `None`: the one it was in at the checkpoint.
+    pub cgroup: Option<PathBuf>,
+}
+
+/// How long a restore took.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RestoreTimings {
+    /// Killing the process that was running (rollback only).
+    pub kill: Duration,
+    /// Seizing the template, the injected fork, and letting the template go.
+    pub fork: Duration,
+    /// The whole call.
+    pub total: Duration,
+}
+
+/// A restored process, running. Dropping the handle does not kill it.
+#[derive(Debug)]
+pub struct Restored {
+    pidfd: Pidfd,
+    /// The controller's ends of its stdin, stdout and stderr.
+    pub stdio: StdioPipes,
+    /// How long the restore took.
+    pub timings: RestoreTimings,
+}
+
+impl Restored {
+    /// The process.
+    pub fn pid(&self) -> Pid {
+        self.pidfd.pid()
+    }
+
+    /// Its pidfd.
+    pub fn pidfd(&self) -> &Pidfd {
+        &self.pidfd
+    }
+
+    /// SIGKILLs it and waits until it is dead (reaping it if it is a child of ours).
+    pub fn kill(&self) -> Result<(), CrError> {
+        Ok(self.pidfd.kill_and_wait(KILL_TIMEOUT)?)
+    }
+}
+
+/// Bits of a `SigPnd`-style mask as signal numbers.
+fn signals_of(mask: u64) -> Vec<i32> {
+    (1..=64).filter(|s| mask & (1u64 << (s - 1)) != 0).collect()
+}
+
+impl Template {
+    /// Forks the template into a new process that resumes where the checkpoint was
+    /// (a branch; [`rollback`] kills the current process first).
+    pub fn restore(&self, opts: &RestoreOptions) -> Result<Restored, CrError> {
+        let start = Instant::now();
+        let _one_at_a_time = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let site = self.state.syscall_site;
+        let dest = match &opts.cgroup {
+            Some(path) if path.is_absolute() => path.clone(),
+            Some(path) => self.cgroup_root.join(path),
+            None => self.cgroup_root.join(
+                self.state
+                    .cgroup
+                    .strip_prefix("/")
+                    .unwrap_or(&self.state.cgroup),
+            ),
+        };
+
+        let mut child = self.fork_template()?;
+        let fork = start.elapsed();
+
+        let pidfd = Pidfd::open(child.pid())?;
+        freezer::move_to(&dest, child.pid())?;
+        let regs = Regs::from(&self.state.regs);
+        let st = &self.state.status;
+        let pending = signals_of(st.sig_pending | st.shared_pending);
+        let stdio = {
+            let mut inj = Injection::begin(&mut child, site)?;
+            let stdio = fdtable::install(&mut inj, &pidfd, &self.state.fds, &self.state.cwd)?;
+            // With signals to deliver, the kernel makes the restart decision (SA_RESTART
+            // or EINTR) from the exact registers; otherwise the fix-up restarts here.
+            let signals_follow = !pending.is_empty() || inj.tracee().has_deferred_signals();
+            inj.finish_with(&if signals_follow {
+                regs
+            } else {
+                resume_regs(&regs)
+            })?;
+            stdio
+        };
+        child.set_xstate(&self.state.xstate)?;
+        for sig in pending.into_iter().chain(child.take_deferred_signals()) {
+            // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+            unsafe { libc::kill(child.pid().as_raw(), sig) };
+        }
+        child.detach(0)?;
+        Ok(Restored {
+            pidfd,
+            stdio,
+            timings: RestoreTimings {
+                kill: Duration::ZERO,
+                fork,
+                total: start.elapsed(),
+            },
+        })
+    }
+
+    /// Injects a fork into the template, under ptrace and thawed only meanwhile, and
+    /// returns the child in its attach stop.
+    fn fork_template(&self) -> Result<Tracee, CrError> {
+        let mut template = Tracee::seize_stopped(self.pid(), cr_options())?;
+        self.cgroup.thaw()?;
+        let forked = (|| {
+            let mut inj = Injection::begin(&mut template, self.state.syscall_site)?;
+            let child = inj.fork(FORK_FLAGS)?;
+            // The template's registers are the checkpoint's with the fix-up applied
+            // (`orig_rax` -1): given back unchanged.
+            inj.finish(false)?;
+            Ok::<_, CrError>(child)
+        })();
+        // Frozen again before the template is let go, whatever happened.
+        let refrozen = self.cgroup.freeze();
+        template.take_deferred_signals();
+        let detached = template.detach(0);
+        let child = forked?;
+        refrozen?;
+        detached?;
+        Ok(child)
+    }
+}
+
+/// Rolls back: kills `current` (the process running now, if it still exists) and
+/// restores `template` in its place.
+pub fn rollback(
+    template: &Template,
+    current: Pid,
+    opts: &RestoreOptions,
+) -> Result<Restored, CrError> {
+    let start = Instant::now();
+    match Pidfd::open(current) {
+        Ok(victim) => victim.kill_and_wait(KILL_TIMEOUT)?,
+        Err(PidfdError::Syscall { source, .. }) if source.raw_os_error() == Some(libc::ESRCH) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let kill = start.elapsed();
+    let mut restored = template.restore(opts)?;
+    restored.timings.kill = kill;
+    restored.timings.total = start.elapsed();
+    Ok(restored)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signal_masks_decode() {
+        assert_eq!(signals_of(0x201), vec![libc::SIGHUP, libc::SIGUSR1]);
+        assert!(signals_of(0).is_empty());
+        assert_eq!(signals_of(1 << 63), vec![64]);
+    }
+}

@@ -1,0 +1,292 @@
+//! Checkpoint: fork a stopped process into a frozen template.
+//!
+//! [`checkpoint`] interrupts the process with ptrace, records its registers, XSAVE
+//! area, fd table and signal state, injects `clone(CLONE_PARENT | SIGCHLD)` and lets
+//! the process go: it is paused only for that. The child, auto-attached and stopped
+//! before it ran an instruction, becomes the [`Template`]:
+//!
+//! 1. its fd table is emptied (`close_range`) so that it holds no open file of the
+//!    process, and it gets a session of its own (`setsid`) so that the death of the
+//!    process cannot send the orphaned-process-group `SIGHUP` + `SIGCONT` to it;
+//! 2. it is given the checkpoint's registers (restart fix-up applied) and XSAVE area:
+//!    the template *is* the checkpoint, self-contained;
+//! 3. it is put in group-stop (`SIGSTOP`, passed through its signal-delivery-stop)
+//!    and moved into a cgroup of its own, which is frozen;
+//! 4. it is detached: the kernel turns the group-stop back into a plain stop.
+//!
+//! From then on three things each keep it from running: the group-stop (undone only by
+//! `SIGCONT`), the frozen cgroup (undone only by a thaw), and, while DeltaCR holds it,
+//! the ptrace-stop. No step above returns it to user mode: every resume happens with a
+//! signal or trap pending, which the kernel handles before the return to user mode.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use nix::unistd::Pid;
+
+use super::fdtable;
+use super::freezer::TemplateCgroup;
+use super::inject::{
+    FORK_FLAGS, Injection, SyscallSite, interrupted_syscall, requeue_signals, resume_regs,
+};
+use super::pidfd::Pidfd;
+use super::procfs;
+use super::ptrace::{Resume, Stop, Tracee, cr_options};
+use super::state::{ProcessState, Registers, STATE_VERSION};
+use super::{CrError, KILL_TIMEOUT};
+use crate::cgroup::CgroupFs;
+
+/// Where templates go.
+#[derive(Clone, Debug)]
+pub struct CheckpointOptions {
+    /// The cgroup (absolute, or relative to the cgroup2 mount) under which each
+    /// template gets a frozen cgroup of its own.
+    pub template_cgroups: PathBuf,
+}
+
+/// How long a checkpoint took.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CheckpointTimings {
+    /// From the process's interrupt to its release.
+    pub paused: Duration,
+    /// The whole call, template set-up included.
+    pub total: Duration,
+}
+
+/// A frozen fork of a process at a checkpoint: it never runs, and every restore forks
+/// it again. Dropping it kills it and removes its cgroup.
+#[derive(Debug)]
+pub struct Template {
+    pub(super) pidfd: Pidfd,
+    pub(super) cgroup: TemplateCgroup,
+    pub(super) cgroup_root: PathBuf,
+    pub(super) state: ProcessState,
+    pub(super) timings: CheckpointTimings,
+    /// One restore at a time: ptrace allows one tracer.
+    pub(super) lock: Mutex<()>,
+}
+
+impl Template {
+    /// The template process.
+    pub fn pid(&self) -> Pid {
+        self.pidfd.pid()
+    }
+
+    /// What was recorded at the checkpoint.
+    pub fn state(&self) -> &ProcessState {
+        &self.state
+    }
+
+    /// The template's own frozen cgroup.
+    pub fn cgroup_path(&self) -> &Path {
+        self.cgroup.path()
+    }
+
+    /// How long the checkpoint took.
+    pub fn timings(&self) -> CheckpointTimings {
+        self.timings
+    }
+
+    /// Kills the template and removes its cgroup.
+    pub fn destroy(mut self) -> Result<(), CrError> {
+        self.pidfd.kill_and_wait(KILL_TIMEOUT)?;
+        self.cgroup.remove()?;
+        Ok(())
+    }
+}
+
+impl Drop for Template {
+    fn drop(&mut self) {
+        // After `destroy` this finds the template gone; otherwise it kills it, and the
+        // cgroup's own drop removes the cgroup.
+        let _ = self.pidfd.kill_and_wait(KILL_TIMEOUT);
+    }
+}
+
+fn template_name(pid: i32) -> String {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+    format!("tpl-{pid}-{nanos:x}-{seq}")
+}
+
+fn refuse_threads(pid: i32) -> Result<(), CrError> {
+    let threads = procfs::thread_count(pid)?;
+    if threads > 1 {
+        return Err(CrError::MultiThreaded {
+            pid,
+            comm: procfs::comm_or_unknown(pid),
+            threads,
+        });
+    }
+    Ok(())
+}
+
+fn refuse_shared_writable(pid: i32, maps: &[procfs::Mapping]) -> Result<(), CrError> {
+    match maps.iter().find(|m| m.is_shared_writable()) {
+        Some(m) => Err(CrError::SharedWritableMapping {
+            pid,
+            comm: procfs::comm_or_unknown(pid),
+            start: m.start,
+            end: m.end,
+            name: m.name.clone(),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Bitmask (bit `n - 1` for signal `n`) of `signals`.
+fn signal_bits(signals: &[i32]) -> u64 {
+    signals
+        .iter()
+        .filter(|&&s| (1..=64).contains(&s))
+        .fold(0, |acc, &s| acc | 1u64 << (s - 1))
+}
+
+/// Checkpoints the single-threaded process `pid` into a new [`Template`].
+///
+/// Refused, before the process is touched, with an error naming it: more than one
+/// thread, a writable shared mapping, or an fd DeltaCR cannot reopen.
+pub fn checkpoint(pid: Pid, opts: &CheckpointOptions) -> Result<Template, CrError> {
+    let start = Instant::now();
+    let raw = pid.as_raw();
+    refuse_threads(raw)?;
+    let maps = procfs::maps(raw)?;
+    refuse_shared_writable(raw, &maps)?;
+    fdtable::check_supported(raw)?;
+    let comm = procfs::comm(raw)?;
+    let cgroup_root = CgroupFs::from_mountinfo()
+        .map_err(super::freezer::FreezerError::from)?
+        .root()
+        .to_path_buf();
+    let own_cgroup = procfs::cgroup_v2(raw)?;
+    let cgroup = TemplateCgroup::create(&opts.template_cgroups, &template_name(raw))?;
+
+    // The pause: from here to the detach.
+    let mut tracee = Tracee::seize_stopped(pid, cr_options())?;
+    let paused_at = Instant::now();
+    // A thread created between the first check and the stop would not be forked.
+    refuse_threads(raw)?;
+    let site = SyscallSite::find(&tracee, procfs::vdso(&maps))?;
+    let xstate = tracee.xstate()?;
+    let (mut child, regs, fds, mut status) = {
+        let mut inj = Injection::begin(&mut tracee, site)?;
+        let regs = *inj.saved();
+        let fds = fdtable::record(raw)?;
+        let status = procfs::status(raw)?;
+        let child = inj.fork(FORK_FLAGS)?;
+        let signals_follow = inj.tracee().has_deferred_signals();
+        inj.finish(signals_follow)?;
+        (child, regs, fds, status)
+    };
+    // Signals that arrived during the pause are the process's: it gets them back, and
+    // the checkpoint records them as pending.
+    let deferred = tracee.take_deferred_signals();
+    status.sig_pending |= signal_bits(&deferred);
+    for sig in deferred {
+        tracee.defer_signal(sig);
+    }
+    requeue_signals(&mut tracee);
+    tracee.detach(0)?;
+    let paused = paused_at.elapsed();
+
+    let pidfd = Pidfd::open(child.pid())?;
+    hold(&mut child, site, &regs, &xstate, &cgroup)?;
+    let tpid = child.pid().as_raw();
+    child.detach(0)?;
+
+    let state = ProcessState {
+        version: STATE_VERSION,
+        pid: raw,
+        comm,
+        regs: Registers::from(&regs),
+        xstate,
+        interrupted_syscall: interrupted_syscall(&regs),
+        syscall_site: site,
+        fds,
+        cwd: procfs::cwd(tpid)?,
+        status,
+        rlimits: procfs::rlimits(tpid)?,
+        cgroup: own_cgroup,
+    };
+    Ok(Template {
+        pidfd,
+        cgroup,
+        cgroup_root,
+        state,
+        timings: CheckpointTimings {
+            paused,
+            total: start.elapsed(),
+        },
+        lock: Mutex::new(()),
+    })
+}
+
+/// Turns the fresh fork `child` into a template: empty fd table, own session, the
+/// checkpoint's registers, group-stop, frozen cgroup. Leaves it in a ptrace-stop.
+fn hold(
+    child: &mut Tracee,
+    site: SyscallSite,
+    regs: &libc::user_regs_struct,
+    xstate: &super::ptrace::XState,
+    cgroup: &TemplateCgroup,
+) -> Result<(), CrError> {
+    {
+        let mut inj = Injection::begin(child, site)?;
+        inj.syscall(
+            "close_range",
+            libc::SYS_close_range,
+            &[0, u64::from(u32::MAX), 0],
+        )?;
+        inj.syscall("setsid", libc::SYS_setsid, &[])?;
+        inj.finish_with(&resume_regs(regs))?;
+    }
+    child.set_xstate(xstate)?;
+
+    // Group-stop. SIGSTOP is pending from the kill() on, so the resume below only runs
+    // the kernel's signal loop, which reports the signal before any return to user mode.
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+    unsafe { libc::kill(child.pid().as_raw(), libc::SIGSTOP) };
+    child.resume(Resume::Cont, 0)?;
+    loop {
+        match child.wait()? {
+            Stop::Signal(libc::SIGSTOP) => child.resume(Resume::Cont, libc::SIGSTOP)?,
+            Stop::Group(_) => break,
+            // Another signal sent to the template, or a stale trap: not the template's
+            // business; SIGSTOP is still pending and comes next.
+            Stop::Signal(_) | Stop::Interrupt => child.resume(Resume::Cont, 0)?,
+            stop => {
+                return Err(CrError::TemplateStop {
+                    pid: child.pid().as_raw(),
+                    stop,
+                });
+            }
+        }
+    }
+    cgroup.add(child.pid())?;
+    cgroup.freeze()?;
+    // Signals to a template are not part of the checkpoint.
+    child.take_deferred_signals();
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signal_bits_match_proc_status() {
+        // SigPnd shows SIGHUP (1) as bit 0, SIGUSR1 (10) as bit 9.
+        assert_eq!(signal_bits(&[libc::SIGHUP, libc::SIGUSR1]), 0x201);
+        assert_eq!(signal_bits(&[0, 65]), 0);
+    }
+
+    #[test]
+    fn template_names_are_unique() {
+        assert_ne!(template_name(1), template_name(1));
+    }
+}
