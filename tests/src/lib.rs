@@ -7,6 +7,7 @@
 //! message naming it: nothing here skips silently.
 
 pub mod cgroup;
+pub mod cr;
 pub mod daemon;
 pub mod pins;
 pub mod prometheus;

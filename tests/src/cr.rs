@@ -1,0 +1,285 @@
+//! Support for the DeltaCR tests: a cgroup tree per test ([`CrEnv`]) whose drop kills
+//! every process the test started or restored (by pid, then through `cgroup.kill`)
+//! and removes the cgroups, even when an assertion failed; and [`Lines`], a
+//! line reader with a timeout over a process's stdout.
+
+use std::cell::RefCell;
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use deltabox_controller::cr::{CheckpointOptions, RestoreOptions, Restored};
+
+use crate::cgroup::cgroup2_root;
+use crate::unique;
+
+/// How long a test waits for one line of output.
+pub const LINE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The test helper binary (`tests/src/bin/cr-target.rs`).
+pub fn target_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test>-<hash> → target/<profile>/cr-target
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join("cr-target");
+    assert!(
+        bin.exists(),
+        "{} missing: build it with `cargo build -p deltabox-tests --bin cr-target`",
+        bin.display()
+    );
+    bin
+}
+
+/// A process under test: its pid, stdin, and stdout lines.
+pub struct Proc {
+    /// The pid.
+    pub pid: i32,
+    stdin: File,
+    /// Its stdout.
+    pub out: Lines,
+}
+
+impl Proc {
+    /// Writes `line` and a newline to its stdin.
+    pub fn send(&mut self, line: &str) {
+        writeln!(self.stdin, "{line}").unwrap_or_else(|e| panic!("write to pid {}: {e}", self.pid));
+    }
+
+    /// The next line of its stdout.
+    pub fn line(&mut self) -> String {
+        self.out
+            .next_line(LINE_TIMEOUT)
+            .unwrap_or_else(|e| panic!("no line from pid {}: {e}", self.pid))
+    }
+
+    /// Sends `line` and returns the reply line.
+    pub fn ask(&mut self, line: &str) -> String {
+        self.send(line);
+        self.line()
+    }
+}
+
+/// Lines of a pipe, read with a timeout.
+pub struct Lines {
+    file: File,
+    buf: Vec<u8>,
+}
+
+impl Lines {
+    /// Wraps the read end of a pipe.
+    pub fn new(file: File) -> Self {
+        Self {
+            file,
+            buf: Vec::new(),
+        }
+    }
+
+    /// The next line (without its newline), or an error after `timeout` or at EOF.
+    pub fn next_line(&mut self, timeout: Duration) -> io::Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(i) = self.buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=i).collect();
+                return Ok(String::from_utf8_lossy(&line[..i]).into_owned());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("partial: {:?}", String::from_utf8_lossy(&self.buf)),
+                ));
+            }
+            let mut pfd = libc::pollfd {
+                fd: self.file.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let ms = left.as_millis().min(i32::MAX as u128) as i32;
+            // SAFETY: one valid pollfd for the duration of the call.
+            let ready = unsafe { libc::poll(&mut pfd, 1, ms) };
+            if ready <= 0 {
+                continue;
+            }
+            let mut chunk = [0u8; 4096];
+            let n = self.file.read(&mut chunk)?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("EOF; partial: {:?}", String::from_utf8_lossy(&self.buf)),
+                ));
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+/// The cgroups of one test — `<cgroup2>/<unique>/session` for the processes under test
+/// and `<unique>/templates` for the templates' own cgroups — and every pid it started.
+/// Dropping it kills them all and removes the tree.
+pub struct CrEnv {
+    root: PathBuf,
+    pids: RefCell<Vec<i32>>,
+    children: RefCell<Vec<Child>>,
+}
+
+impl CrEnv {
+    /// Creates the tree for test `name`.
+    pub fn new(name: &str) -> Self {
+        let root = cgroup2_root().join(unique(&format!("cr-{name}")));
+        if root.exists() {
+            remove_tree(&root);
+        }
+        for dir in [&root, &root.join("session"), &root.join("templates")] {
+            fs::create_dir(dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+        }
+        Self {
+            root,
+            pids: RefCell::new(Vec::new()),
+            children: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// The session cgroup.
+    pub fn session(&self) -> PathBuf {
+        self.root.join("session")
+    }
+
+    /// Options that put templates under this test's tree.
+    pub fn checkpoint_opts(&self) -> CheckpointOptions {
+        CheckpointOptions {
+            template_cgroups: self.root.join("templates"),
+        }
+    }
+
+    /// Options that put restored processes in the session cgroup.
+    pub fn restore_opts(&self) -> RestoreOptions {
+        RestoreOptions {
+            cgroup: Some(self.session()),
+        }
+    }
+
+    /// Starts `cr-target ARGS` in the session cgroup with piped stdio.
+    pub fn spawn_target(&self, args: &[&str]) -> Proc {
+        let mut cmd = Command::new(target_bin());
+        cmd.args(args);
+        self.spawn(cmd)
+    }
+
+    /// Starts `cmd` in the session cgroup with piped stdin and stdout, and no other fd
+    /// (the test runner may leak some, e.g. a jobserver pipe, which DeltaCR refuses).
+    pub fn spawn(&self, mut cmd: Command) -> Proc {
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        // SAFETY: close_range is async-signal-safe and touches no memory.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::syscall(libc::SYS_close_range, 3, u32::MAX, 0);
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+        let pid = child.id() as i32;
+        self.track(pid);
+        fs::write(self.session().join("cgroup.procs"), pid.to_string())
+            .expect("move the target into the session cgroup");
+        let stdin = File::from(std::os::fd::OwnedFd::from(child.stdin.take().unwrap()));
+        let stdout = File::from(std::os::fd::OwnedFd::from(child.stdout.take().unwrap()));
+        self.children.borrow_mut().push(child);
+        Proc {
+            pid,
+            stdin,
+            out: Lines::new(stdout),
+        }
+    }
+
+    /// Takes a restored process under this test's guard.
+    pub fn adopt(&self, restored: Restored) -> Proc {
+        let pid = restored.pid().as_raw();
+        self.track(pid);
+        let Restored { stdio, .. } = restored;
+        Proc {
+            pid,
+            stdin: stdio.stdin.expect("restored stdin"),
+            out: Lines::new(stdio.stdout.expect("restored stdout")),
+        }
+    }
+
+    /// Kills `pid` when the test ends.
+    pub fn track(&self, pid: i32) {
+        self.pids.borrow_mut().push(pid);
+    }
+}
+
+impl Drop for CrEnv {
+    fn drop(&mut self) {
+        for &pid in self.pids.borrow().iter() {
+            // SAFETY: kill(2) takes plain integers.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        for child in self.children.borrow_mut().iter_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        remove_tree(&self.root);
+        for &pid in self.pids.borrow().iter() {
+            reap(pid);
+        }
+    }
+}
+
+/// Reaps `pid` if it is a child of the test process (templates and restored processes
+/// are: DeltaCR forks them with `CLONE_PARENT`).
+fn reap(pid: i32) {
+    for _ in 0..500 {
+        let mut status = 0;
+        // SAFETY: `status` is a valid c_int for waitpid to fill.
+        let ret = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG | libc::__WALL) };
+        if ret != 0 {
+            return;
+        }
+        thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// `cgroup.kill` on `dir` (recursive), then removes its cgroups depth first.
+pub fn remove_tree(dir: &Path) {
+    let _ = fs::write(dir.join("cgroup.kill"), "1");
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_tree(&e.path());
+            }
+        }
+    }
+    for _ in 0..500 {
+        match fs::remove_dir(dir) {
+            Ok(()) => return,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return,
+            Err(_) => thread::sleep(Duration::from_millis(2)),
+        }
+    }
+    eprintln!("warning: could not remove cgroup {}", dir.display());
+}
+
+/// Reads a `u64` at `addr` in `pid`'s memory through `/proc/<pid>/mem`.
+pub fn read_u64(pid: i32, addr: u64) -> u64 {
+    let mem = File::open(format!("/proc/{pid}/mem")).expect("open /proc/pid/mem");
+    let mut buf = [0u8; 8];
+    mem.read_exact_at(&mut buf, addr)
+        .unwrap_or_else(|e| panic!("read {addr:#x} of pid {pid}: {e}"));
+    u64::from_ne_bytes(buf)
+}
+
+/// The value after `key=` in `line`.
+pub fn field<'a>(line: &'a str, key: &str) -> &'a str {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
+        .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
+}
