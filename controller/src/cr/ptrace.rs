@@ -251,13 +251,14 @@ impl Tracee {
         Ok(Self::attached(pid))
     }
 
-    /// Seizes `pid` and waits until it is in a ptrace-stop (interrupt or group-stop);
-    /// signals that arrive meanwhile are deferred.
-    pub fn seize_stopped(pid: Pid, options: Options) -> Result<Self, PtraceError> {
+    /// Seizes `pid` and waits until it is in a ptrace-stop: [`Stop::Group`] if it was
+    /// (or got) group-stopped, else [`Stop::Interrupt`]. Signals that arrive meanwhile
+    /// are deferred.
+    pub fn seize_stopped(pid: Pid, options: Options) -> Result<(Self, Stop), PtraceError> {
         let mut tracee = Self::seize(pid, options)?;
         tracee.interrupt()?;
-        tracee.wait_for_stop()?;
-        Ok(tracee)
+        let stop = tracee.wait_for_stop()?;
+        Ok((tracee, stop))
     }
 
     /// The tracee of a task that is already attached to this thread: the child of a

@@ -23,8 +23,8 @@ use super::fdtable::{self, StdioPipes};
 use super::freezer;
 use super::inject::{FORK_FLAGS, Injection, resume_regs};
 use super::pidfd::{Pidfd, PidfdError};
-use super::ptrace::{Regs, Tracee, cr_options};
-use super::template::Template;
+use super::ptrace::{Regs, Stop, Tracee, cr_options};
+use super::template::{Template, group_stop};
 use super::{CrError, KILL_TIMEOUT};
 
 /// Where a restored process goes.
@@ -137,14 +137,22 @@ impl Template {
     /// Injects a fork into the template, under ptrace and thawed only meanwhile, and
     /// returns the child in its attach stop.
     fn fork_template(&self) -> Result<Tracee, CrError> {
-        let mut template = Tracee::seize_stopped(self.pid(), cr_options())?;
+        let (mut template, first) = Tracee::seize_stopped(self.pid(), cr_options())?;
         self.cgroup.thaw()?;
         let forked = (|| {
-            let mut inj = Injection::begin(&mut template, self.state.syscall_site)?;
-            let child = inj.fork(FORK_FLAGS)?;
-            // The template's registers are the checkpoint's with the fix-up applied
-            // (`orig_rax` -1): given back unchanged.
-            inj.finish(false)?;
+            let child = {
+                let mut inj = Injection::begin(&mut template, self.state.syscall_site)?;
+                let child = inj.fork(FORK_FLAGS)?;
+                // The template's registers are the checkpoint's with the fix-up applied
+                // (`orig_rax` -1): given back unchanged.
+                inj.finish(false)?;
+                child
+            };
+            // A SIGCONT (from inside the sandbox, say) ended its group-stop; the frozen
+            // cgroup held it meanwhile. Stop it again before letting it go.
+            if !matches!(first, Stop::Group(_)) {
+                group_stop(&mut template)?;
+            }
             Ok::<_, CrError>(child)
         })();
         // Frozen again before the template is let go, whatever happened.

@@ -167,7 +167,7 @@ pub fn checkpoint(pid: Pid, opts: &CheckpointOptions) -> Result<Template, CrErro
     let cgroup = TemplateCgroup::create(&opts.template_cgroups, &template_name(raw))?;
 
     // The pause: from here to the detach.
-    let mut tracee = Tracee::seize_stopped(pid, cr_options())?;
+    let (mut tracee, _) = Tracee::seize_stopped(pid, cr_options())?;
     let paused_at = Instant::now();
     // A thread created between the first check and the stop would not be forked.
     refuse_threads(raw)?;
@@ -247,31 +247,37 @@ fn hold(
     }
     child.set_xstate(xstate)?;
 
-    // Group-stop. SIGSTOP is pending from the kill() on, so the resume below only runs
-    // the kernel's signal loop, which reports the signal before any return to user mode.
-    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
-    unsafe { libc::kill(child.pid().as_raw(), libc::SIGSTOP) };
-    child.resume(Resume::Cont, 0)?;
-    loop {
-        match child.wait()? {
-            Stop::Signal(libc::SIGSTOP) => child.resume(Resume::Cont, libc::SIGSTOP)?,
-            Stop::Group(_) => break,
-            // Another signal sent to the template, or a stale trap: not the template's
-            // business; SIGSTOP is still pending and comes next.
-            Stop::Signal(_) | Stop::Interrupt => child.resume(Resume::Cont, 0)?,
-            stop => {
-                return Err(CrError::TemplateStop {
-                    pid: child.pid().as_raw(),
-                    stop,
-                });
-            }
-        }
-    }
+    group_stop(child)?;
     cgroup.add(child.pid())?;
     cgroup.freeze()?;
     // Signals to a template are not part of the checkpoint.
     child.take_deferred_signals();
     Ok(())
+}
+
+/// Puts the tracee (in a ptrace-stop) in group-stop and leaves it in the group-stop
+/// report. `SIGSTOP` is pending from the `kill()` on, so every resume below only runs
+/// the kernel's signal loop, which reports a signal or a stop before any return to
+/// user mode.
+pub(super) fn group_stop(tracee: &mut Tracee) -> Result<(), CrError> {
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+    unsafe { libc::kill(tracee.pid().as_raw(), libc::SIGSTOP) };
+    tracee.resume(Resume::Cont, 0)?;
+    loop {
+        match tracee.wait()? {
+            Stop::Signal(libc::SIGSTOP) => tracee.resume(Resume::Cont, libc::SIGSTOP)?,
+            Stop::Group(_) => return Ok(()),
+            // Another signal sent to the template, or a stale trap: not the template's
+            // business; SIGSTOP is still pending and comes next.
+            Stop::Signal(_) | Stop::Interrupt => tracee.resume(Resume::Cont, 0)?,
+            stop => {
+                return Err(CrError::TemplateStop {
+                    pid: tracee.pid().as_raw(),
+                    stop,
+                });
+            }
+        }
+    }
 }
 
 #[cfg(test)]

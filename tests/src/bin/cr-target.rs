@@ -3,11 +3,12 @@
 //! - `cr-target serve [--alloc MIB] [--thp]`: a command loop (see [`serve`]) over a
 //!   counter in memory, an optional touched allocation, and files it opens.
 //! - `cr-target ticker MS`: prints `addr=<counter address>`, then increments the counter
-//!   and prints `tick <n>` every MS milliseconds (relative `nanosleep`).
+//!   and prints `tick=<n>` every MS milliseconds (relative `nanosleep`).
 //! - `cr-target sleep MS`: prints `start`, sleeps MS milliseconds in one relative
 //!   `nanosleep`, prints `woke elapsed_ms=<since start>` (or the error).
 //! - `cr-target threads`: starts a second thread, prints `ready`, waits.
 //! - `cr-target pipe`: opens a pipe (fds 3 and 4), prints `ready`, waits.
+//! - `cr-target shm`: maps a page of shared anonymous memory, prints `ready`, waits.
 
 use std::arch::asm;
 use std::fs::File;
@@ -27,7 +28,7 @@ fn main() {
         "ticker" => ticker(arg(1).parse().expect("ticker MS")),
         "sleep" => sleep(arg(1).parse().expect("sleep MS")),
         "threads" => {
-            std::thread::spawn(|| std::thread::park());
+            std::thread::spawn(std::thread::park);
             println!("ready");
             wait_forever();
         }
@@ -35,6 +36,22 @@ fn main() {
             let mut fds = [0; 2];
             // SAFETY: `fds` is a valid array of two c_ints for pipe(2) to fill.
             assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+            println!("ready");
+            wait_forever();
+        }
+        "shm" => {
+            // SAFETY: a fresh shared anonymous mapping, never dereferenced.
+            let ptr = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    4096,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            assert_ne!(ptr, libc::MAP_FAILED);
             println!("ready");
             wait_forever();
         }
@@ -66,7 +83,7 @@ fn ticker(ms: u64) {
     println!("addr={:#x}", COUNTER.as_ptr() as usize);
     loop {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst) + 1;
-        println!("tick {n}");
+        println!("tick={n}");
         let _ = nanosleep(ms);
     }
 }
