@@ -8,7 +8,10 @@
 mod build;
 mod build_and_load;
 mod cgroup;
+mod conformance;
 mod demo;
+mod fstarget;
+mod machine;
 mod setup;
 mod signals;
 mod test;
@@ -33,8 +36,10 @@ enum Command {
     Build(build::Options),
     /// Build, then load and attach the eBPF programs on this kernel (or detach them)
     BuildAndLoad(build_and_load::Options),
-    /// Run every quality gate: fmt, clippy, build, unit tests, integration tests
+    /// Run every quality gate: fmt, clippy, build, unit tests, integration tests, conformance
     Test(test::Options),
+    /// pjdfstest and fsx on ext4, overlayfs and DeltaFS; tally into docs/conformance.md
+    Conformance(conformance::Options),
     /// Start the daemon, track a real workload's writes in a cgroup, print what it counted
     Demo(demo::Options),
 }
@@ -48,6 +53,7 @@ fn main() -> ExitCode {
         Command::Build(options) => build::run(&options).map(drop),
         Command::BuildAndLoad(options) => build_and_load::run(&options),
         Command::Test(options) => test::run(&options),
+        Command::Conformance(options) => conformance::run(&options),
         Command::Demo(options) => demo::run(&options),
     };
     match result {

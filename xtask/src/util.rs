@@ -146,6 +146,17 @@ impl ChildGuard {
         Self(Some(child))
     }
 
+    /// Whether the child has exited (then it is reaped and its status returned).
+    pub fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
+        let child = self
+            .0
+            .as_mut()
+            .context("the child was already waited for")?;
+        child
+            .try_wait()
+            .with_context(|| format!("cannot wait for process {}", child.id()))
+    }
+
     /// Waits for the child to exit.
     pub fn wait(&mut self) -> Result<ExitStatus> {
         let mut child = self.0.take().context("the child was already waited for")?;

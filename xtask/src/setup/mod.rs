@@ -15,6 +15,8 @@ mod suites;
 mod toolchain;
 
 pub use self::mounts::BPFFS;
+pub use self::store::STORE_DIR;
+pub use self::suites::installed_version;
 
 use std::time::{Duration, Instant};
 

@@ -85,7 +85,7 @@ fn ensure_inner(suite: &Suite) -> Result<Outcome> {
 }
 
 /// The version `cargo install --list` shows for `krate` (`v0.2.2`), if it is installed.
-fn installed_version(krate: &str) -> Result<Option<String>> {
+pub fn installed_version(krate: &str) -> Result<Option<String>> {
     let list = output(Command::new("cargo").args(["install", "--list"]))?;
     Ok(listed_version(&list, krate))
 }

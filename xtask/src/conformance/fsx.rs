@@ -1,0 +1,254 @@
+//! fsx (the file system exerciser): random reads, writes, mmap reads and writes,
+//! truncates, hole punches, fallocates, copy_file_range, sendfile, fsyncs and
+//! close/reopens of one file, each read checked against fsx's in-memory copy.
+//!
+//! On DeltaFS it runs while the harness checkpoints and rolls back under it: every
+//! interval, `freeze` then `switch <that id>`. The switch is a rollback to the state just
+//! frozen, so fsx's expected content stays valid while the switch and the redirection of
+//! its open file descriptor (and of the file it reopens) are exercised.
+//!
+//! fsx prints `All operations completed A-OK!` and exits 0 when every operation checked
+//! out; on a mismatch it logs `[ERROR fsx] miscompare: …` and an operation log dump to
+//! stderr and exits 1; an unexpected I/O error makes it panic (exit 101).
+
+use std::fs::{self, File};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result};
+
+use crate::fstarget::deltafs::DeltaFs;
+use crate::signals::check_interrupted;
+use crate::util::{ChildGuard, display, human_duration, step};
+
+/// Operation weights: every operation fsx has on Linux, the data path ones most often.
+const CONFIG: &str = "\
+# written by `cargo xtask conformance`
+[weights]
+close_open = 1
+read = 10
+write = 10
+mapread = 10
+mapwrite = 10
+invalidate = 1
+truncate = 10
+fsync = 1
+fdatasync = 1
+posix_fallocate = 1
+punch_hole = 1
+sendfile = 1
+posix_fadvise = 1
+copy_file_range = 1
+";
+
+/// The success line.
+const OK_LINE: &str = "All operations completed A-OK!";
+
+/// Checkpoints and rollbacks taken under one run, with their round-trip times (command
+/// sent on the daemon's stdin to answer read).
+#[derive(Clone, Debug, Default)]
+pub struct Checkpoints {
+    pub interval: Duration,
+    pub freezes: Vec<Duration>,
+    pub switches: Vec<Duration>,
+}
+
+/// One fsx run.
+#[derive(Clone, Debug)]
+pub struct Run {
+    pub ops: u64,
+    pub seed: u64,
+    pub duration: Duration,
+    /// `None` when every operation checked out; else what went wrong.
+    pub failure: Option<String>,
+    pub checkpoints: Option<Checkpoints>,
+}
+
+/// Writes fsx's configuration file.
+pub fn write_config(path: &Path) -> Result<()> {
+    fs::write(path, CONFIG).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Runs `ops` operations on `<dir>/fsx.data`; with `deltafs`, freezes and switches back
+/// every `interval` until fsx exits. `artifacts` gets fsx's stdout, stderr and, on a
+/// failure, its `.fsxgood` file. A failure of fsx is a `Run` with `failure` set; an
+/// error of the daemon (or of starting fsx) is an `Err`.
+pub fn run(
+    config: &Path,
+    dir: &Path,
+    ops: u64,
+    seed: u64,
+    artifacts: &Path,
+    mut deltafs: Option<(&mut DeltaFs, Duration)>,
+) -> Result<Run> {
+    let binary = which::which("fsx").context("fsx is not on PATH: run `cargo xtask setup`")?;
+    fs::create_dir_all(artifacts)
+        .with_context(|| format!("cannot create {}", artifacts.display()))?;
+    let stdout_path = artifacts.join("fsx.stdout");
+    let stderr_path = artifacts.join("fsx.stderr");
+    let open = |path: &Path| {
+        File::create(path).with_context(|| format!("cannot create {}", path.display()))
+    };
+    let mut cmd = Command::new(binary);
+    cmd.arg("-f")
+        .arg(config)
+        .arg("-N")
+        .arg(ops.to_string())
+        .arg("-S")
+        .arg(seed.to_string())
+        .arg("-P")
+        .arg(artifacts)
+        .arg(dir.join("fsx.data"))
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(open(&stdout_path)?)
+        .stderr(open(&stderr_path)?);
+    // Generous: about 0.2 ms per operation on ext4 here; a hung run is killed at this.
+    let timeout = Duration::from_secs(300) + Duration::from_millis(20 * ops);
+    let line = display(&cmd);
+    let start = Instant::now();
+    let mut child = ChildGuard::new(
+        cmd.spawn()
+            .with_context(|| format!("cannot start `{line}`"))?,
+    );
+    let mut checkpoints = deltafs.as_ref().map(|(_, interval)| Checkpoints {
+        interval: *interval,
+        ..Checkpoints::default()
+    });
+    let mut next_report = Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        check_interrupted()?;
+        let elapsed = start.elapsed();
+        if elapsed > timeout {
+            // The guard kills it (by pid) on the way out.
+            anyhow::bail!("`{line}` did not finish within {}", human_duration(timeout));
+        }
+        if elapsed > next_report {
+            let taken = checkpoints
+                .as_ref()
+                .map(|c| format!(", {} checkpoint+rollback cycles", c.freezes.len()))
+                .unwrap_or_default();
+            println!("  … fsx running for {}{taken}", human_duration(elapsed));
+            next_report += Duration::from_secs(30);
+        }
+        match (&mut deltafs, &mut checkpoints) {
+            (Some((daemon, interval)), Some(taken)) => {
+                thread::sleep(*interval);
+                let started = Instant::now();
+                let id = daemon.freeze().context("freeze under fsx")?;
+                let frozen = Instant::now();
+                daemon
+                    .switch(&id)
+                    .with_context(|| format!("switch to {id} under fsx"))?;
+                taken.freezes.push(frozen - started);
+                taken.switches.push(frozen.elapsed());
+            }
+            _ => thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    let duration = start.elapsed();
+    // A Ctrl-C reaches fsx too: its death is then no verdict.
+    check_interrupted()?;
+    let stdout = fs::read_to_string(&stdout_path).unwrap_or_default();
+    let stderr = fs::read_to_string(&stderr_path).unwrap_or_default();
+    let failure = verdict(status.success(), &stdout, &stderr).map(|why| {
+        format!(
+            "{why} (exit status {status}; fsx's log: {}, {})",
+            stdout_path.display(),
+            stderr_path.display()
+        )
+    });
+    if failure.is_none() {
+        step(format!(
+            "fsx: {ops} operations checked out in {}",
+            human_duration(duration)
+        ));
+    }
+    Ok(Run {
+        ops,
+        seed,
+        duration,
+        failure,
+        checkpoints,
+    })
+}
+
+/// `None` when fsx succeeded; else the first lines that say what went wrong.
+pub fn verdict(success: bool, stdout: &str, stderr: &str) -> Option<String> {
+    if success && stdout.contains(OK_LINE) {
+        return None;
+    }
+    let telling: Vec<&str> = stderr
+        .lines()
+        .map(str::trim)
+        .take_while(|line| !line.contains("LOG DUMP"))
+        .filter(|line| !line.is_empty())
+        .filter(|line| {
+            ["ERROR", "Err", "error", "panicked"]
+                .iter()
+                .any(|word| line.contains(word))
+        })
+        .take(3)
+        .collect();
+    Some(if telling.is_empty() {
+        if success {
+            format!("fsx exited 0 without printing `{OK_LINE}`")
+        } else {
+            "fsx failed without an error message".to_owned()
+        }
+    } else {
+        telling.join("; ")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn success_needs_the_ok_line_and_status_zero() {
+        assert_eq!(verdict(true, "All operations completed A-OK!\n", ""), None);
+        assert_eq!(
+            verdict(true, "", "").unwrap(),
+            "fsx exited 0 without printing `All operations completed A-OK!`"
+        );
+        assert_eq!(
+            verdict(false, "All operations completed A-OK!\n", "").unwrap(),
+            "fsx failed without an error message"
+        );
+    }
+
+    #[test]
+    fn a_miscompare_is_reported_by_its_first_lines() {
+        let stderr = "\
+[ERROR fsx] miscompare: offset= 0x1f3a, size = 0x8c2
+[ERROR fsx] OFFSET  GOOD  BAD  RANGE
+[ERROR fsx] 0x1f3a  0x2c  0x00 0x8c2
+[ERROR fsx] Step# (mod 256) for a misdirected write may be 0
+[ERROR fsx] Using seed 42
+[ERROR fsx] LOG DUMP
+[ERROR fsx]     1 WRITE    0x0 .. 0xfff (0x1000 bytes)
+";
+        assert_eq!(
+            verdict(false, "", stderr).unwrap(),
+            "[ERROR fsx] miscompare: offset= 0x1f3a, size = 0x8c2; [ERROR fsx] OFFSET  GOOD  \
+             BAD  RANGE; [ERROR fsx] 0x1f3a  0x2c  0x00 0x8c2"
+        );
+    }
+
+    #[test]
+    fn a_panic_is_reported() {
+        let stderr = "\nthread 'main' panicked at src/main.rs:1395:31:\ncalled `Result::unwrap()` \
+                      on an `Err` value: Os { code: 107, kind: NotConnected }\n";
+        assert_eq!(
+            verdict(false, "", stderr).unwrap(),
+            "thread 'main' panicked at src/main.rs:1395:31:; called `Result::unwrap()` on an \
+             `Err` value: Os { code: 107, kind: NotConnected }"
+        );
+    }
+}
