@@ -247,7 +247,9 @@ fn run_target(
             return Ok(TargetReport {
                 target,
                 pjdfstest: Outcome::Error(err.clone()),
-                fsx: target.runs_fsx(ctx.options.target).then(|| Outcome::Error(err.clone())),
+                fsx: target
+                    .runs_fsx(ctx.options.target)
+                    .then(|| Outcome::Error(err.clone())),
             });
         }
         (Kind::DeltaFs, Ok(Binary::NotAvailable(why))) => {
@@ -256,7 +258,9 @@ fn run_target(
             return Ok(TargetReport {
                 target,
                 pjdfstest: Outcome::NotRun(why.clone()),
-                fsx: target.runs_fsx(ctx.options.target).then(|| Outcome::NotRun(why.clone())),
+                fsx: target
+                    .runs_fsx(ctx.options.target)
+                    .then(|| Outcome::NotRun(why.clone())),
             });
         }
         (Kind::DeltaFs, Ok(Binary::Available(path))) => Some(path.as_path()),
