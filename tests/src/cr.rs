@@ -46,9 +46,17 @@ pub struct Proc {
 }
 
 impl Proc {
-    /// Writes `line` and a newline to its stdin.
+    /// Writes `line` and a newline to its stdin, in one `write` (a raw `read` in the
+    /// target must see the whole line).
     pub fn send(&mut self, line: &str) {
-        writeln!(self.stdin, "{line}").unwrap_or_else(|e| panic!("write to pid {}: {e}", self.pid));
+        self.stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .unwrap_or_else(|e| panic!("write to pid {}: {e}", self.pid));
+    }
+
+    /// Waits until it is blocked in syscall `nr` (`/proc/<pid>/syscall`).
+    pub fn wait_blocked_in(&self, nr: i64) {
+        wait_blocked_in(self.pid, nr);
     }
 
     /// The next line of its stdout.
@@ -266,6 +274,22 @@ pub fn remove_tree(dir: &Path) {
         }
     }
     eprintln!("warning: could not remove cgroup {}", dir.display());
+}
+
+/// Waits (up to [`LINE_TIMEOUT`]) until `pid` is blocked in syscall `nr`.
+pub fn wait_blocked_in(pid: i32, nr: i64) {
+    let deadline = Instant::now() + LINE_TIMEOUT;
+    loop {
+        let text = fs::read_to_string(format!("/proc/{pid}/syscall")).unwrap_or_default();
+        if text.split_whitespace().next() == Some(nr.to_string().as_str()) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pid {pid} never blocked in syscall {nr}: {text}"
+        );
+        thread::sleep(Duration::from_millis(1));
+    }
 }
 
 /// Reads a `u64` at `addr` in `pid`'s memory through `/proc/<pid>/mem`.

@@ -24,6 +24,7 @@ fn rollback_restores_memory_and_continues_twice_from_one_template() {
     }
     let sum = p.ask("sum");
     // The target is blocked in read(0): the checkpoint interrupts that read.
+    p.wait_blocked_in(libc::SYS_read);
     let template = cr::checkpoint(pid(p.pid), &env.checkpoint_opts()).unwrap();
     env.track(template.pid().as_raw());
     let state = template.state();
@@ -77,7 +78,7 @@ fn a_raw_read_survives_checkpoint_and_restore_with_its_vector_registers() {
     assert_eq!(p.ask("inc"), "n=1");
     // Loads xmm15 and blocks in a raw read(0) syscall.
     p.send("xmm");
-    std::thread::sleep(Duration::from_millis(100));
+    p.wait_blocked_in(libc::SYS_read);
     let template = cr::checkpoint(pid(p.pid), &env.checkpoint_opts()).unwrap();
     env.track(template.pid().as_raw());
     assert_eq!(template.state().interrupted_syscall, Some(libc::SYS_read));
@@ -99,6 +100,7 @@ fn a_process_in_nanosleep_sleeps_to_its_deadline_after_checkpoint_and_restore() 
     let mut p = env.spawn_target(&["sleep", "3000"]);
     assert_eq!(p.line(), "start");
     std::thread::sleep(Duration::from_millis(300));
+    p.wait_blocked_in(libc::SYS_clock_nanosleep);
     let template = cr::checkpoint(pid(p.pid), &env.checkpoint_opts()).unwrap();
     env.track(template.pid().as_raw());
     let state = template.state();
