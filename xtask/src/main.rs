@@ -5,6 +5,7 @@
 //! Every task except `setup` itself runs set-up first, so one command works on a fresh
 //! machine.
 
+mod bench;
 mod build;
 mod build_and_load;
 mod cgroup;
@@ -14,6 +15,7 @@ mod fstarget;
 mod machine;
 mod setup;
 mod signals;
+mod table;
 mod test;
 mod util;
 
@@ -40,6 +42,9 @@ enum Command {
     Test(test::Options),
     /// pjdfstest and fsx on ext4, overlayfs and DeltaFS; tally into docs/conformance.md
     Conformance(conformance::Options),
+    /// Benchmarks (`fs`: ext4, xfs, overlayfs and DeltaFS side by side); figures into
+    /// docs/benchmarks.md
+    Bench(bench::Options),
     /// Start the daemon, track a real workload's writes in a cgroup, print what it counted
     Demo(demo::Options),
 }
@@ -54,6 +59,7 @@ fn main() -> ExitCode {
         Command::BuildAndLoad(options) => build_and_load::run(&options),
         Command::Test(options) => test::run(&options),
         Command::Conformance(options) => conformance::run(&options),
+        Command::Bench(options) => bench::run(&options),
         Command::Demo(options) => demo::run(&options),
     };
     match result {
@@ -62,5 +68,23 @@ fn main() -> ExitCode {
             eprintln!("error: {err:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        XtaskOptions::command().debug_assert();
+        let parsed = XtaskOptions::try_parse_from(["xtask", "bench"]).unwrap();
+        assert!(matches!(parsed.command, Command::Bench(_)));
+        let parsed =
+            XtaskOptions::try_parse_from(["xtask", "conformance", "--target", "deltafs-deep"])
+                .unwrap();
+        assert!(matches!(parsed.command, Command::Conformance(_)));
     }
 }

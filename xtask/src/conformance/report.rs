@@ -10,6 +10,7 @@ use anyhow::{Result, bail};
 
 use super::{Target, fsx, pjdfstest};
 use crate::machine::Facts;
+use crate::table::{markdown_table, text_table};
 use crate::util::human_duration;
 
 /// What became of one suite on one target.
@@ -457,48 +458,6 @@ fn spread(samples: &[Duration]) -> String {
         micros(sorted[sorted.len() / 2]),
         micros(sorted[sorted.len() - 1])
     )
-}
-
-/// Columns padded to their widest cell; a row whose second cell says why it did not run
-/// is printed without padding after it.
-pub fn text_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) -> String {
-    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for row in rows {
-        widths[0] = widths[0].max(row[0].chars().count());
-    }
-    for row in rows.iter().filter(|row| !row[2].is_empty()) {
-        for (width, cell) in widths.iter_mut().zip(row) {
-            *width = (*width).max(cell.chars().count());
-        }
-    }
-    let mut out = String::new();
-    let mut line = |cells: Vec<&str>| {
-        let mut text = String::from(" ");
-        for (cell, width) in cells.iter().zip(&widths) {
-            let _ = write!(text, " {cell:<width$}");
-        }
-        out.push_str(text.trim_end());
-        out.push('\n');
-    };
-    line(header.to_vec());
-    for row in rows {
-        if row[2].is_empty() {
-            line(vec![&row[0], &row[1]]);
-        } else {
-            line(row.iter().map(String::as_str).collect());
-        }
-    }
-    out
-}
-
-/// A Markdown table; a row whose second cell says why it did not run spans it alone.
-pub fn markdown_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) -> String {
-    let mut md = format!("| {} |\n|{}\n", header.join(" | "), "---|".repeat(N));
-    for row in rows {
-        let cells: Vec<String> = row.iter().map(|c| c.replace('|', "\\|")).collect();
-        let _ = writeln!(md, "| {} |", cells.join(" | "));
-    }
-    md
 }
 
 #[cfg(test)]

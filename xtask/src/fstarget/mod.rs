@@ -2,6 +2,8 @@
 //! scratch directory that is torn down by guards, also on an error or Ctrl-C:
 //!
 //! - **ext4**: a directory under `/var/tmp/dbx` (checked to be on ext4).
+//! - **xfs**: a directory on the xfs store (what overlayfs's upper and DeltaFS's layers
+//!   are on: the backing filesystem alone, for reference).
 //! - **overlayfs**: a kernel overlay mount whose (empty) lower directory is on ext4 and
 //!   whose upper and work directories are on the xfs store set-up mounts, as DeltaFS's
 //!   layers are.
@@ -32,6 +34,7 @@ use crate::util::{TempDir, target_dir};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     Ext4,
+    Xfs,
     Overlayfs,
     DeltaFs,
 }
@@ -40,6 +43,7 @@ impl Kind {
     pub fn name(self) -> &'static str {
         match self {
             Kind::Ext4 => "ext4",
+            Kind::Xfs => "xfs",
             Kind::Overlayfs => "overlayfs",
             Kind::DeltaFs => "deltafs",
         }
@@ -68,8 +72,13 @@ impl Scratch {
         let prefix = format!("{purpose}-{}-", kind.name());
         let ext4_root = ext4_root()?;
         match kind {
-            Kind::Ext4 => {
-                let dir = open_dir(&ext4_root, &prefix)?;
+            Kind::Ext4 | Kind::Xfs => {
+                let root = if kind == Kind::Ext4 {
+                    ext4_root
+                } else {
+                    store_root()?
+                };
+                let dir = open_dir(&root, &prefix)?;
                 Ok(Self {
                     dir: dir.path().to_owned(),
                     daemon: None,

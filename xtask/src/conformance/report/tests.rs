@@ -222,31 +222,3 @@ fn errors_and_fsx_failures_fail_the_verdict() {
     }]);
     assert!(no_baseline.verdict().is_err());
 }
-
-#[test]
-fn tables_line_up() {
-    let rows = vec![
-        [
-            "ext4".to_owned(),
-            "383".to_owned(),
-            "0".to_owned(),
-            "15".to_owned(),
-        ],
-        [
-            "deltafs".to_owned(),
-            "not run: no binary".to_owned(),
-            String::new(),
-            String::new(),
-        ],
-    ];
-    let header = ["target", "passed", "failed", "skipped"];
-    assert_eq!(
-        text_table(&header, &rows),
-        "  target  passed failed skipped\n  ext4    383    0      15\n  deltafs not run: no binary\n"
-    );
-    assert_eq!(
-        markdown_table(&header, &rows),
-        "| target | passed | failed | skipped |\n|---|---|---|---|\n| ext4 | 383 | 0 | 15 |\n\
-         | deltafs | not run: no binary |  |  |\n"
-    );
-}
