@@ -410,8 +410,9 @@ ext4 too: it is the baseline every other target is compared with.
   `<target dir>/fs-logs/` (the DeltaFS daemon's stderr).
 - `cargo xtask test` runs the same (without rewriting this file) after the integration
   tests and fails when a case that passes on ext4 does not pass on a DeltaFS target, or
-  when fsx fails. Until the `deltafs` binary exists, the DeltaFS targets are reported as
-  not run, and the step says so; they never count as passed.
+  when fsx fails. Until the `deltafs` binary exists (a placeholder whose `deltafs mount
+  --help` exits 0 without printing anything counts as not there yet), the DeltaFS targets
+  are reported as not run, and the step says so; they never count as passed.
 ";
 
 /// One line per case: failures first, then skips (which do not fail the step).

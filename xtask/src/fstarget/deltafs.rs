@@ -27,7 +27,7 @@ use anyhow::{Context as _, Result, bail};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use crate::util::{cargo, output, profile_dir, run_cmd, step};
+use crate::util::{cargo, output, output_with_timeout, profile_dir, run_cmd, step};
 
 /// How long the daemon may take to print `mounted`.
 const MOUNT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -73,7 +73,24 @@ pub fn binary(explicit: Option<&Path>, release: bool) -> Result<Binary> {
         if release { " --release" } else { "" }
     ));
     run_cmd(&mut build).context("the deltafs binary does not build")?;
-    Ok(Binary::Available(profile_dir(release)?.join("deltafs")))
+    let path = profile_dir(release)?.join("deltafs");
+    if is_placeholder(&path)? {
+        return Ok(Binary::NotAvailable(format!(
+            "{} is a placeholder: `deltafs mount --help` exits 0 without printing anything",
+            path.display()
+        )));
+    }
+    Ok(Binary::Available(path))
+}
+
+/// Whether the binary is still the placeholder committed before the daemon (`fn main()
+/// {}`): `mount --help` exits 0 and prints nothing. Whatever implements the contract
+/// prints a usage, or fails with a message.
+fn is_placeholder(path: &Path) -> Result<bool> {
+    let mut help = Command::new(path);
+    help.args(["mount", "--help"]);
+    let out = output_with_timeout(&mut help, Duration::from_secs(10))?;
+    Ok(out.status.success() && out.stdout.is_empty() && out.stderr.is_empty())
 }
 
 /// Whether `cargo metadata` JSON lists a binary target `bin` in package `package`.
