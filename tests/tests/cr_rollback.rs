@@ -25,6 +25,7 @@ fn rollback_restores_memory_and_continues_twice_from_one_template() {
     let sum = p.ask("sum");
     // The target is blocked in read(0): the checkpoint interrupts that read.
     p.wait_blocked_in(libc::SYS_read);
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", p.pid)).unwrap();
     let template = cr::checkpoint(pid(p.pid), &env.checkpoint_opts()).unwrap();
     env.track(template.pid().as_raw());
     let state = template.state();
@@ -45,6 +46,11 @@ fn rollback_restores_memory_and_continues_twice_from_one_template() {
         }
     );
     let mut r = env.adopt(restored);
+    // The same address space as at the checkpoint: no scratch page left behind.
+    assert_eq!(
+        std::fs::read_to_string(format!("/proc/{}/maps", r.pid)).unwrap(),
+        maps
+    );
     assert_eq!(r.ask("get"), "n=5");
     assert_eq!(r.ask("sum"), sum);
     assert_eq!(r.ask("inc"), "n=6");

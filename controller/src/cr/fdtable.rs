@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::inject::{InjectError, Injection};
+use super::inject::{InjectError, Injection, SCRATCH_LEN};
 use super::pidfd::{Pidfd, PidfdError};
 use super::procfs::{self, ProcError};
 
@@ -239,16 +239,21 @@ fn move_fd(inj: &mut Injection<'_>, from: u64, to: i32, flags: u32) -> Result<()
     Ok(())
 }
 
-/// Rebuilds `table` and the working directory `cwd` in the stopped tracee of `inj`,
-/// whose fd table is empty (a fork of a template): each path reopened at its offset,
-/// fds 0–2 on fresh pipes whose other ends are returned.
+/// Rebuilds `table` and the working directory `cwd` in the stopped tracee of `inj`, a
+/// fork of a template: its fd table is emptied (it holds at most the cgroup fd of the
+/// template's `clone3`), each path reopened at its offset, fds 0–2 put on fresh pipes
+/// whose other ends are returned. `scratch` is the template's scratch page
+/// ([`SCRATCH_LEN`] bytes), inherited: used, then unmapped.
 pub fn install(
     inj: &mut Injection<'_>,
     pidfd: &Pidfd,
     table: &[FdEntry],
     cwd: &Path,
+    scratch: u64,
 ) -> Result<StdioPipes, FdError> {
     let pid = inj.tracee().pid().as_raw();
+    let all = u64::from(u32::MAX);
+    inj.syscall("close_range", libc::SYS_close_range, &[0, all, 0])?;
     // Scratch memory: 8 bytes for pipe2's result, then the NUL-terminated paths.
     let mut blob = vec![0u8; 8];
     let mut path_at = Vec::with_capacity(table.len());
@@ -262,8 +267,13 @@ pub fn install(
     let cwd_at = blob.len() as u64;
     blob.extend_from_slice(cwd.as_os_str().as_bytes());
     blob.push(0);
+    let inherited = scratch;
     let len = (blob.len() as u64).next_multiple_of(4096);
-    let scratch = inj.mmap_scratch(len)?;
+    let scratch = if len <= SCRATCH_LEN {
+        inherited
+    } else {
+        inj.mmap_scratch(len)?
+    };
     inj.tracee()
         .write_memory(scratch, &blob)
         .map_err(InjectError::from)?;
@@ -337,7 +347,10 @@ pub fn install(
         }
     }
     inj.syscall("chdir", libc::SYS_chdir, &[scratch + cwd_at])?;
-    inj.syscall("munmap", libc::SYS_munmap, &[scratch, len])?;
+    if scratch != inherited {
+        inj.syscall("munmap", libc::SYS_munmap, &[scratch, len])?;
+    }
+    inj.syscall("munmap", libc::SYS_munmap, &[inherited, SCRATCH_LEN])?;
     Ok(pipes)
 }
 

@@ -4,7 +4,7 @@
 //! `orig_rax = -1`, so the kernel applies no restart logic of its own), the arguments,
 //! and `rip` = a `syscall` instruction (`0f 05`) found in the tracee's `[vdso]`
 //! ([`SyscallSite`]); `PTRACE_SYSCALL` runs the tracee to the entry stop, then (through
-//! a `PTRACE_EVENT_FORK` for `clone`) to the exit stop, where `rax` is the result. Only
+//! a `PTRACE_EVENT_CLONE` for `clone3`) to the exit stop, where `rax` is the result. Only
 //! the one `syscall` instruction runs in user mode. [`Injection::finish`] gives the
 //! registers back with the restart fix-up of [`resume_regs`] when the tracee had been
 //! stopped inside a syscall.
@@ -13,6 +13,8 @@
 //! owns the tracee re-sends them ([`requeue_signals`]) or, for templates, drops them.
 
 use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
 
 use nix::unistd::Pid;
 
@@ -30,10 +32,27 @@ pub const ERESTARTNOHAND: i64 = 514;
 /// (relative `nanosleep`, `poll` with a timeout, …).
 pub const ERESTART_RESTARTBLOCK: i64 = 516;
 
-/// The `clone` flags of every fork DeltaCR injects: the child is a sibling of the
+/// `CLONE_INTO_CGROUP` (`<linux/sched.h>`), a `clone3`-only flag.
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// The `clone3` flags of every fork DeltaCR injects. The child is a sibling of the
 /// tracee (`CLONE_PARENT`), so the tracee never sees it in `wait()` nor gets a
-/// `SIGCHLD` for it, and `SIGCHLD` makes the kernel report it as `PTRACE_EVENT_FORK`.
-pub const FORK_FLAGS: u64 = (libc::CLONE_PARENT | libc::SIGCHLD) as u64;
+/// `SIGCHLD` for it; and it is born in its cgroup (`CLONE_INTO_CGROUP`): writing a pid
+/// to `cgroup.procs` waits for an RCU grace period here (14–22 ms measured once
+/// migrations are 50 ms apart; DESIGN.md, `favordynmods` is off), a fork into a cgroup
+/// does not. The kernel reports it as `PTRACE_EVENT_CLONE` (`exit_signal` must be 0
+/// with `CLONE_PARENT`; the child inherits the tracee's).
+pub const CLONE_FLAGS: u64 = libc::CLONE_PARENT as u64 | CLONE_INTO_CGROUP;
+
+/// Size of `struct clone_args` up to its `cgroup` field (`CLONE_ARGS_SIZE_VER2`).
+const CLONE_ARGS_SIZE: u64 = 88;
+
+/// Bytes of the scratch page an injected `clone3` uses: `struct clone_args` at 0, the
+/// cgroup directory's path at [`SCRATCH_PATH_AT`].
+pub const SCRATCH_LEN: u64 = 4096;
+
+/// Where the path goes in the scratch page.
+const SCRATCH_PATH_AT: u64 = 128;
 
 /// Errors of syscall injection.
 #[derive(Debug, thiserror::Error)]
@@ -82,8 +101,16 @@ pub enum InjectError {
         /// What `orig_rax` said at the entry stop.
         seen: i64,
     },
-    /// An injected `clone` succeeded without a `PTRACE_EVENT_FORK`.
-    #[error("clone injected into pid {pid} returned {ret} without a fork event")]
+    /// A path does not fit in the scratch page.
+    #[error("path {path:?} is too long to pass to pid {pid}")]
+    PathTooLong {
+        /// The tracee.
+        pid: i32,
+        /// The path.
+        path: std::path::PathBuf,
+    },
+    /// An injected `clone3` succeeded without a `PTRACE_EVENT_CLONE`.
+    #[error("clone3 injected into pid {pid} returned {ret} without a clone event")]
     NoForkEvent {
         /// The tracee.
         pid: i32,
@@ -271,20 +298,52 @@ impl<'t> Injection<'t> {
         })
     }
 
-    /// Injects `clone(flags)` and returns the child, auto-attached and in its attach
-    /// stop: it has not run a single instruction.
-    pub fn fork(&mut self, flags: u64) -> Result<Tracee, InjectError> {
+    /// Injects `clone3` with [`CLONE_FLAGS`], the child born in the cgroup directory
+    /// `cgroup`, and returns the child, auto-attached and in its attach stop: it has
+    /// not run a single instruction. `scratch` is a writable page of the tracee
+    /// ([`SCRATCH_LEN`] bytes) for the path and `struct clone_args`; the cgroup is
+    /// opened in the tracee for the call and closed again (the child inherits that fd
+    /// and the page).
+    pub fn clone_into_cgroup(
+        &mut self,
+        scratch: u64,
+        cgroup: &Path,
+    ) -> Result<Tracee, InjectError> {
         let pid = self.tracee.pid().as_raw();
-        let (rax, child) = self.run(libc::SYS_clone, &[flags, 0, 0, 0, 0])?;
+        let mut path = cgroup.as_os_str().as_bytes().to_vec();
+        path.push(0);
+        if path.len() as u64 > SCRATCH_LEN - SCRATCH_PATH_AT {
+            return Err(InjectError::PathTooLong {
+                pid,
+                path: cgroup.to_path_buf(),
+            });
+        }
+        self.tracee.write_memory(scratch + SCRATCH_PATH_AT, &path)?;
+        let flags = (libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC) as u64;
+        let at_fdcwd = libc::AT_FDCWD as u64;
+        let dirfd = self.syscall(
+            "openat",
+            libc::SYS_openat,
+            &[at_fdcwd, scratch + SCRATCH_PATH_AT, flags, 0],
+        )?;
+        // flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size, tls,
+        // set_tid, set_tid_size, cgroup.
+        let args: [u64; 11] = [CLONE_FLAGS, 0, 0, 0, 0, 0, 0, 0, 0, 0, dirfd];
+        let bytes: Vec<u8> = args.iter().flat_map(|a| a.to_ne_bytes()).collect();
+        self.tracee.write_memory(scratch, &bytes)?;
+        let cloned = self.run(libc::SYS_clone3, &[scratch, CLONE_ARGS_SIZE]);
+        let closed = self.syscall("close", libc::SYS_close, &[dirfd]);
+        let (rax, child) = cloned?;
         if let Err(errno) = syscall_result(rax) {
             return Err(InjectError::Syscall {
                 pid,
-                name: "clone",
+                name: "clone3",
                 source: io::Error::from_raw_os_error(errno),
             });
         }
         let child = child.ok_or(InjectError::NoForkEvent { pid, ret: rax })?;
         let mut child = Tracee::auto_attached(child);
+        closed?;
         match child.wait() {
             Ok(Stop::Interrupt) => Ok(child),
             Ok(stop) => {

@@ -33,9 +33,9 @@ const NT_X86_XSTATE: usize = 0x202;
 const XSTATE_BUF: usize = 16 * 1024;
 
 /// The options DeltaCR seizes with: syscall stops marked `SIGTRAP | 0x80`, and the
-/// children of `fork` auto-attached (stopped before they run).
+/// children of `fork` and `clone` auto-attached (stopped before they run).
 pub fn cr_options() -> Options {
-    Options::PTRACE_O_TRACESYSGOOD | Options::PTRACE_O_TRACEFORK
+    Options::PTRACE_O_TRACESYSGOOD | Options::PTRACE_O_TRACEFORK | Options::PTRACE_O_TRACECLONE
 }
 
 /// Errors of ptrace requests and of waiting for a tracee.

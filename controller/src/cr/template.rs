@@ -1,7 +1,8 @@
 //! Checkpoint: fork a stopped process into a frozen template.
 //!
 //! [`checkpoint`] interrupts the process with ptrace, records its registers, XSAVE
-//! area, fd table and signal state, injects `clone(CLONE_PARENT | SIGCHLD)` and lets
+//! area, fd table and signal state, injects `clone3(CLONE_PARENT | CLONE_INTO_CGROUP)`
+//! (see [`super::inject::CLONE_FLAGS`]) and lets
 //! the process go: it is paused only for that. The child, auto-attached and stopped
 //! before it ran an instruction, becomes the [`Template`]:
 //!
@@ -10,8 +11,9 @@
 //!    process cannot send the orphaned-process-group `SIGHUP` + `SIGCONT` to it;
 //! 2. it is given the checkpoint's registers (restart fix-up applied) and XSAVE area:
 //!    the template *is* the checkpoint, self-contained;
-//! 3. it is put in group-stop (`SIGSTOP`, passed through its signal-delivery-stop)
-//!    and moved into a cgroup of its own, which is frozen;
+//! 3. it is put in group-stop (`SIGSTOP`, passed through its signal-delivery-stop),
+//!    and the cgroup of its own that it was born in (`clone3(CLONE_INTO_CGROUP)`) is
+//!    frozen;
 //! 4. it is detached: the kernel turns the group-stop back into a plain stop.
 //!
 //! From then on three things each keep it from running: the group-stop (undone only by
@@ -29,7 +31,7 @@ use nix::unistd::Pid;
 use super::fdtable;
 use super::freezer::TemplateCgroup;
 use super::inject::{
-    FORK_FLAGS, Injection, SyscallSite, interrupted_syscall, requeue_signals, resume_regs,
+    Injection, SCRATCH_LEN, SyscallSite, interrupted_syscall, requeue_signals, resume_regs,
 };
 use super::pidfd::Pidfd;
 use super::procfs;
@@ -63,6 +65,9 @@ pub struct Template {
     pub(super) cgroup: TemplateCgroup,
     pub(super) cgroup_root: PathBuf,
     pub(super) state: ProcessState,
+    /// A page of the template's own (not the checkpoint's) memory, where each restore
+    /// passes `struct clone_args` and a cgroup path; restored processes unmap it.
+    pub(super) scratch: u64,
     pub(super) timings: CheckpointTimings,
     /// One restore at a time: ptrace allows one tracer.
     pub(super) lock: Mutex<()>,
@@ -173,12 +178,19 @@ pub fn checkpoint(pid: Pid, opts: &CheckpointOptions) -> Result<Template, CrErro
     refuse_threads(raw)?;
     let site = SyscallSite::find(&tracee, procfs::vdso(&maps))?;
     let xstate = tracee.xstate()?;
-    let (mut child, regs, fds, mut status) = {
+    let ((mut child, scratch), regs, fds, mut status) = {
         let mut inj = Injection::begin(&mut tracee, site)?;
         let regs = *inj.saved();
         let fds = fdtable::record(raw)?;
         let status = procfs::status(raw)?;
-        let child = inj.fork(FORK_FLAGS)?;
+        // The template is born in its own cgroup; the scratch page (struct clone_args,
+        // the cgroup's path) is the process's only for the call, the template keeps it
+        // for the clone3 of every restore.
+        let scratch = inj.mmap_scratch(SCRATCH_LEN)?;
+        let child = inj.clone_into_cgroup(scratch, cgroup.path());
+        let unmapped = inj.syscall("munmap", libc::SYS_munmap, &[scratch, SCRATCH_LEN]);
+        let child = (child?, scratch);
+        unmapped?;
         let signals_follow = inj.tracee().has_deferred_signals();
         inj.finish(signals_follow)?;
         (child, regs, fds, status)
@@ -218,6 +230,7 @@ pub fn checkpoint(pid: Pid, opts: &CheckpointOptions) -> Result<Template, CrErro
         cgroup,
         cgroup_root,
         state,
+        scratch,
         timings: CheckpointTimings {
             paused,
             total: start.elapsed(),
@@ -226,8 +239,9 @@ pub fn checkpoint(pid: Pid, opts: &CheckpointOptions) -> Result<Template, CrErro
     })
 }
 
-/// Turns the fresh fork `child` into a template: empty fd table, own session, the
-/// checkpoint's registers, group-stop, frozen cgroup. Leaves it in a ptrace-stop.
+/// Turns the fresh fork `child`, born in `cgroup`, into a template: empty fd table, own
+/// session, the checkpoint's registers, group-stop, frozen cgroup. Leaves it in a
+/// ptrace-stop.
 fn hold(
     child: &mut Tracee,
     site: SyscallSite,
@@ -248,7 +262,6 @@ fn hold(
     child.set_xstate(xstate)?;
 
     group_stop(child)?;
-    cgroup.add(child.pid())?;
     cgroup.freeze()?;
     // Signals to a template are not part of the checkpoint.
     child.take_deferred_signals();
