@@ -1,0 +1,83 @@
+//! DeltaCR latency of a process holding 256 MiB of touched memory, with 4 KiB pages
+//! and with transparent huge pages: checkpoint (pause and whole call) and rollback
+//! (template fork, waiting for the old process's exit, whole call), median of 9
+//! after one warm-up, each operation 100 ms after the previous one. A measurement,
+//! not a pass/fail test: run it alone, in release mode, and read its output:
+//!
+//!     cargo test --release -p deltabox-tests --test cr_latency -- --ignored --nocapture
+
+use std::time::Duration;
+
+use deltabox_controller::cr;
+use deltabox_tests::cr::CrEnv;
+use deltabox_tests::require_root;
+use nix::unistd::Pid;
+
+const RUNS: usize = 9;
+
+/// Pause before each checkpoint and each rollback.
+const GAP: Duration = Duration::from_millis(100);
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn measure(mib: usize, thp: bool) {
+    let env = CrEnv::new(if thp { "latency-thp" } else { "latency-4k" });
+    let mut args = vec!["serve", "--alloc"];
+    let mib_s = mib.to_string();
+    args.push(&mib_s);
+    if thp {
+        args.push("--thp");
+    }
+    let mut current = env.spawn_target(&args);
+    let sum = current.ask("sum");
+    let mut cols: [Vec<f64>; 5] = Default::default();
+    let mut previous: Option<cr::Template> = None;
+    for run in 0..=RUNS {
+        // Operations spaced as an agent's are, not back to back (kernel fast paths
+        // such as the RCU-sync state of cgroup locks would flatter the figures).
+        std::thread::sleep(GAP);
+        current.wait_blocked_in(libc::SYS_read);
+        let template = cr::checkpoint(Pid::from_raw(current.pid), &env.checkpoint_opts()).unwrap();
+        env.track(template.pid().as_raw());
+        std::thread::sleep(GAP);
+        let restored =
+            cr::rollback(&template, Pid::from_raw(current.pid), &env.restore_opts()).unwrap();
+        let (c, r) = (template.timings(), restored.timings);
+        current = env.adopt(restored);
+        assert_eq!(current.ask("sum"), sum);
+        if let Some(old) = previous.replace(template) {
+            old.destroy().unwrap();
+        }
+        if run == 0 {
+            continue; // warm-up
+        }
+        for (col, v) in cols
+            .iter_mut()
+            .zip([c.paused, c.total, r.kill, r.fork, r.total])
+        {
+            col.push(ms(v));
+        }
+    }
+    let [paused, ck_total, kill, fork, rb_total] = cols.map(median);
+    println!(
+        "{mib} MiB {}: checkpoint pause {paused:.2} ms, checkpoint {ck_total:.2} ms; \
+         rollback {rb_total:.2} ms (template fork {fork:.2}, then waiting for the old \
+         process's exit {kill:.2}); median of {RUNS}",
+        if thp { "THP" } else { "4 KiB pages" }
+    );
+}
+
+#[test]
+#[ignore = "a measurement: run with --ignored --nocapture, in release mode"]
+fn checkpoint_and_rollback_latency_256_mib() {
+    require_root();
+    measure(256, false);
+    measure(256, true);
+}
