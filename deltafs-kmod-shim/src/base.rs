@@ -57,6 +57,8 @@ pub struct BaseTree {
     root_node: Arc<Node>,
     dirs: Mutex<HashMap<Ino, Arc<BaseDir>>>,
     nodes: Mutex<HashMap<Ino, Arc<Node>>>,
+    /// The directory each base object was first read from.
+    parents: Mutex<HashMap<Ino, Ino>>,
 }
 
 impl BaseTree {
@@ -82,6 +84,7 @@ impl BaseTree {
             root_node: Arc::new(root_node),
             dirs: Mutex::new(HashMap::new()),
             nodes: Mutex::new(HashMap::new()),
+            parents: Mutex::new(HashMap::new()),
         })
     }
 
@@ -139,7 +142,8 @@ impl BaseTree {
                     Some(node) => Arc::clone(node),
                     None => {
                         let target = if meta.file_type().is_symlink() {
-                            let target = fs::read_link(&child_path).map_err(read_err(&child_path))?;
+                            let target =
+                                fs::read_link(&child_path).map_err(read_err(&child_path))?;
                             Some(Bytes(target.into_os_string().into_vec()))
                         } else {
                             None
@@ -154,10 +158,16 @@ impl BaseTree {
                     }
                 }
             };
+            lock(&self.parents).entry(child_ino).or_insert(ino);
             entries.insert(name, child_ino);
             children.push((child_ino, node));
         }
         Ok(BaseDir { entries, children })
+    }
+
+    /// The directory base object `ino` was first read from, if it was read.
+    pub fn parent_of(&self, ino: Ino) -> Option<Ino> {
+        lock(&self.parents).get(&ino).copied()
     }
 
     /// The DeltaFS inode number of a base object.

@@ -5,16 +5,30 @@
 //! is safe, behind the same control interface (freeze the writable layer and stack a new
 //! one, switch the visible state, branch). `docs/deltafs.md` describes the scheme.
 //!
+//! The control interface: [`Store::open`], [`Store::mount`] → [`View`],
+//! [`View::freeze`], [`View::switch`], [`View::unmount`], [`Store::drop_snapshot`],
+//! [`Store::gc`].
+//!
 //! - [`index`]: the namespace in persistent maps (O(1) snapshots, no per-layer scan);
 //! - [`base`]: the read-only base tree, read lazily;
+//! - [`layer`], [`persist`]: layer directories and their on-disk metadata;
+//! - [`store`], [`view`]: the control interface;
 //! - [`probe`]: the check that this kernel's FUSE passthrough works as DeltaFS needs.
 
 pub mod base;
+mod fs;
 pub mod ids;
 pub mod index;
-pub mod node;
-pub mod probe;
-mod sync;
 pub mod ioctl;
 pub mod layer;
+pub mod maps;
+pub mod node;
 pub mod persist;
+pub mod probe;
+pub mod store;
+mod sync;
+pub mod view;
+
+pub use crate::ids::{LayerId, SnapshotId};
+pub use crate::store::{GcReport, SnapshotInfo, Store, StoreError};
+pub use crate::view::{FreezeOpts, FreezeReport, MappedFiles, SwitchReport, View, ViewError};

@@ -58,8 +58,9 @@ impl Kind {
 }
 
 /// A timestamp with nanoseconds, as `stat` reports it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-#[derive(Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct Time {
     /// Seconds since the epoch (negative before it).
     pub sec: i64,
@@ -243,8 +244,14 @@ mod tests {
     fn times_convert_both_ways() {
         for t in [
             Time { sec: 0, nsec: 0 },
-            Time { sec: 1_700_000_000, nsec: 123 },
-            Time { sec: -5, nsec: 250_000_000 },
+            Time {
+                sec: 1_700_000_000,
+                nsec: 123,
+            },
+            Time {
+                sec: -5,
+                nsec: 250_000_000,
+            },
         ] {
             assert_eq!(Time::from(t.to_system()), t);
         }

@@ -124,7 +124,9 @@ impl DeltaRecord {
     }
 
     /// The record's parts in the form [`Index::apply`] takes.
-    pub(crate) fn into_parts(self) -> (Vec<(Ino, Option<Node>)>, Vec<(Ino, OsString, Option<Ino>)>) {
+    pub(crate) fn into_parts(
+        self,
+    ) -> (Vec<(Ino, Option<Node>)>, Vec<(Ino, OsString, Option<Ino>)>) {
         let entries = self
             .entries
             .into_iter()
@@ -168,11 +170,10 @@ pub fn write_frozen(
         path: delta_path.clone(),
         source,
     })?;
-    let manifest_bytes =
-        serde_json::to_vec(manifest).map_err(|source| PersistError::Parse {
-            path: manifest_path.clone(),
-            source,
-        })?;
+    let manifest_bytes = serde_json::to_vec(manifest).map_err(|source| PersistError::Parse {
+        path: manifest_path.clone(),
+        source,
+    })?;
     Ok(write_atomic(&delta_path, &delta)? + write_atomic(&manifest_path, &manifest_bytes)?)
 }
 
@@ -245,10 +246,20 @@ mod tests {
         let etc = {
             let mut txn = index.txn(&mut delta, &base);
             let etc = txn.lookup(ROOT_INO, OsStr::new("etc")).unwrap();
-            txn.insert(etc, OsStr::new("hosts"), 10, Node::new(Kind::File, 0o644, 0, 0))
-                .unwrap();
-            txn.insert(ROOT_INO, OsStr::new("d"), 11, Node::new(Kind::Dir, 0o755, 0, 0))
-                .unwrap();
+            txn.insert(
+                etc,
+                OsStr::new("hosts"),
+                10,
+                Node::new(Kind::File, 0o644, 0, 0),
+            )
+            .unwrap();
+            txn.insert(
+                ROOT_INO,
+                OsStr::new("d"),
+                11,
+                Node::new(Kind::Dir, 0o755, 0, 0),
+            )
+            .unwrap();
             txn.insert(11, OsStr::new("x"), 12, Node::new(Kind::Fifo, 0o600, 0, 0))
                 .unwrap();
             etc
@@ -278,6 +289,10 @@ mod tests {
         assert_eq!(txn.lookup(etc, OsStr::new("hosts")).unwrap(), 10);
         assert_eq!(txn.lookup(11, OsStr::new("x")).unwrap(), 12);
         assert_eq!(txn.node(12).unwrap(), Arc::clone(index.node(12).unwrap()));
-        assert!(read_manifest(&dir.path().join("nothing")).unwrap().is_none());
+        assert!(
+            read_manifest(&dir.path().join("nothing"))
+                .unwrap()
+                .is_none()
+        );
     }
 }

@@ -20,7 +20,7 @@ use crate::base::{BaseError, BaseTree};
 use crate::ids::{Ino, ROOT_INO};
 use crate::node::{DataRef, Kind, Node};
 
-pub use self::ops::Txn;
+pub use self::ops::{RenameMode, Txn};
 
 /// A directory's entries: name → inode number.
 pub type Dir = imbl::OrdMap<OsString, Ino>;
@@ -170,6 +170,26 @@ impl Index {
             self.dirs.insert(ino, listing.entries.clone());
         }
         Ok(&self.dirs[&ino])
+    }
+
+    /// The node of `ino`, reading the base directories on its path if this index did not
+    /// read them yet (the kernel may hold a base inode that another index, the one shown
+    /// before a switch, read). `None` when the index does not have it (removed).
+    pub fn ensure_node(&mut self, ino: Ino, base: &BaseTree) -> Option<Arc<Node>> {
+        if let Some(node) = self.nodes.get(&ino) {
+            return Some(Arc::clone(node));
+        }
+        if ino & crate::ids::BASE_INO_FLAG == 0 {
+            return None;
+        }
+        let parent = base.parent_of(ino)?;
+        self.ensure_node(parent, base)?;
+        if self.dirs.contains_key(&parent) {
+            // Read already: the node is gone from this index.
+            return None;
+        }
+        self.ensure_dir(parent, base).ok()?;
+        self.nodes.get(&ino).cloned()
     }
 
     /// What `name` in directory `dir` maps to, reading base listings from the shared

@@ -64,15 +64,12 @@ impl<'a> Txn<'a> {
     }
 
     /// Replaces the node of `ino` by `f` applied to a copy of it.
-    pub fn update(
-        &mut self,
-        ino: Ino,
-        f: impl FnOnce(&mut Node),
-    ) -> Result<Arc<Node>, IndexError> {
+    pub fn update(&mut self, ino: Ino, f: impl FnOnce(&mut Node)) -> Result<Arc<Node>, IndexError> {
         let mut node = Node::clone(self.index.node(ino).ok_or(IndexError::NotFound)?);
         f(&mut node);
         let node = Arc::new(node);
-        self.index.put_node(ino, Some(Arc::clone(&node)), self.delta);
+        self.index
+            .put_node(ino, Some(Arc::clone(&node)), self.delta);
         Ok(node)
     }
 
@@ -109,7 +106,8 @@ impl<'a> Txn<'a> {
         }
         let now = node.ctime;
         let node = Arc::new(node);
-        self.index.put_node(ino, Some(Arc::clone(&node)), self.delta);
+        self.index
+            .put_node(ino, Some(Arc::clone(&node)), self.delta);
         self.index.put_entry(parent, name, Some(ino), self.delta);
         self.touch_dir(parent, i32::from(is_dir), now)?;
         Ok(node)
@@ -227,7 +225,8 @@ impl<'a> Txn<'a> {
                 return Err(IndexError::Invalid);
             }
             self.index.put_entry(parent, name, Some(dst), self.delta);
-            self.index.put_entry(new_parent, new_name, Some(src), self.delta);
+            self.index
+                .put_entry(new_parent, new_name, Some(src), self.delta);
             let moved = i32::from(src_is_dir) - i32::from(dst_is_dir);
             for (ino, dir_parent) in [(src, new_parent), (dst, parent)] {
                 self.update(ino, |node| {
@@ -370,7 +369,10 @@ mod tests {
         f.txn().remove(a);
         assert!(f.index.node(a).is_none());
         assert!(snapshot.node(a).is_some());
-        assert_eq!(snapshot.loaded_dir(ROOT_INO).unwrap().get(OsStr::new("a")), Some(&a));
+        assert_eq!(
+            snapshot.loaded_dir(ROOT_INO).unwrap().get(OsStr::new("a")),
+            Some(&a)
+        );
         assert!(f.delta.nodes.contains(&a));
         assert!(f.delta.entries.contains(&(ROOT_INO, OsString::from("a"))));
     }
@@ -385,15 +387,26 @@ mod tests {
         let sub = f.mk(d1, "sub", Kind::Dir);
         assert_eq!(f.txn().node(d1).unwrap().nlink, 3);
         f.txn()
-            .rename(d1, OsStr::new("sub"), d2, OsStr::new("sub"), RenameMode::default())
+            .rename(
+                d1,
+                OsStr::new("sub"),
+                d2,
+                OsStr::new("sub"),
+                RenameMode::default(),
+            )
             .unwrap();
         assert_eq!(f.txn().node(d1).unwrap().nlink, 2);
         assert_eq!(f.txn().node(d2).unwrap().nlink, 3);
         assert_eq!(f.txn().node(sub).unwrap().parent, d2);
         // Moving a directory under itself is refused.
         assert!(matches!(
-            f.txn()
-                .rename(ROOT_INO, OsStr::new("d2"), sub, OsStr::new("x"), RenameMode::default()),
+            f.txn().rename(
+                ROOT_INO,
+                OsStr::new("d2"),
+                sub,
+                OsStr::new("x"),
+                RenameMode::default()
+            ),
             Err(IndexError::Invalid)
         ));
         assert!(matches!(
@@ -420,22 +433,45 @@ mod tests {
             ..Default::default()
         };
         assert!(matches!(
-            f.txn().rename(ROOT_INO, OsStr::new("a"), ROOT_INO, OsStr::new("b"), noreplace),
+            f.txn().rename(
+                ROOT_INO,
+                OsStr::new("a"),
+                ROOT_INO,
+                OsStr::new("b"),
+                noreplace
+            ),
             Err(IndexError::Exists)
         ));
         assert!(matches!(
-            f.txn()
-                .rename(ROOT_INO, OsStr::new("a"), ROOT_INO, OsStr::new("d"), RenameMode::default()),
+            f.txn().rename(
+                ROOT_INO,
+                OsStr::new("a"),
+                ROOT_INO,
+                OsStr::new("d"),
+                RenameMode::default()
+            ),
             Err(IndexError::IsDir)
         ));
         f.txn()
-            .rename(ROOT_INO, OsStr::new("a"), ROOT_INO, OsStr::new("d"), exchange)
+            .rename(
+                ROOT_INO,
+                OsStr::new("a"),
+                ROOT_INO,
+                OsStr::new("d"),
+                exchange,
+            )
             .unwrap();
         assert_eq!(f.txn().lookup(ROOT_INO, OsStr::new("d")).unwrap(), a);
         assert_eq!(f.txn().lookup(ROOT_INO, OsStr::new("a")).unwrap(), d);
         let replaced = f
             .txn()
-            .rename(ROOT_INO, OsStr::new("d"), ROOT_INO, OsStr::new("b"), RenameMode::default())
+            .rename(
+                ROOT_INO,
+                OsStr::new("d"),
+                ROOT_INO,
+                OsStr::new("b"),
+                RenameMode::default(),
+            )
             .unwrap()
             .unwrap();
         assert_eq!(replaced.0, b);
@@ -457,7 +493,13 @@ mod tests {
         // Renaming one name over the other of the same inode does nothing.
         assert!(
             f.txn()
-                .rename(ROOT_INO, OsStr::new("a"), ROOT_INO, OsStr::new("b"), RenameMode::default())
+                .rename(
+                    ROOT_INO,
+                    OsStr::new("a"),
+                    ROOT_INO,
+                    OsStr::new("b"),
+                    RenameMode::default()
+                )
                 .unwrap()
                 .is_none()
         );

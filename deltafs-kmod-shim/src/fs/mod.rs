@@ -1,0 +1,481 @@
+//! The FUSE adapter: fuser's `Filesystem` over a view. Each method locks the view's
+//! state for the metadata work and answers; data I/O of daemon-served handles runs
+//! outside the lock on the handle's backing file.
+
+mod data;
+
+use std::ffi::OsStr;
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use fuser::{
+    AccessFlags, BsdFileFlags, Errno, FileAttr, FileHandle, Filesystem, FopenFlags, Generation,
+    INodeNo, InitFlags, KernelConfig, OpenFlags, RenameFlags, ReplyAttr, ReplyData, ReplyDirectory,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    TimeOrNow,
+};
+
+use crate::sync::lock;
+use crate::view::state::{FsResult, TTL, ViewState, file_type};
+use crate::view::{Caller, SetAttr, ViewShared};
+
+/// The FUSE filesystem of one view.
+pub(crate) struct DeltaFs {
+    view: Arc<ViewShared>,
+}
+
+impl DeltaFs {
+    pub(crate) fn new(view: Arc<ViewShared>) -> Self {
+        Self { view }
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut ViewState) -> T) -> T {
+        f(&mut lock(&self.view.state))
+    }
+}
+
+fn caller(req: &Request) -> Caller {
+    Caller {
+        uid: req.uid(),
+        gid: req.gid(),
+    }
+}
+
+fn reply_entry(reply: ReplyEntry, result: FsResult<FileAttr>) {
+    match result {
+        Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+        Err(e) => reply.error(e),
+    }
+}
+
+fn reply_empty(reply: ReplyEmpty, result: FsResult<()>) {
+    match result {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(e),
+    }
+}
+
+/// Answers an xattr read: the size when `size` is 0, else the data if it fits.
+fn reply_xattr(reply: ReplyXattr, size: u32, result: FsResult<Vec<u8>>) {
+    match result {
+        Ok(data) if size == 0 => reply.size(data.len() as u32),
+        Ok(data) if data.len() > size as usize => reply.error(Errno::ERANGE),
+        Ok(data) => reply.data(&data),
+        Err(e) => reply.error(e),
+    }
+}
+
+impl Filesystem for DeltaFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        config
+            .add_capabilities(InitFlags::FUSE_PASSTHROUGH)
+            .map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "the kernel does not offer FUSE passthrough",
+                )
+            })?;
+        config
+            .set_max_stack_depth(1)
+            .map_err(|max| io::Error::other(format!("max_stack_depth 1 refused (max {max})")))?;
+        // Optional: each is used when the kernel offers it.
+        for flag in [
+            InitFlags::FUSE_ATOMIC_O_TRUNC,
+            InitFlags::FUSE_DO_READDIRPLUS,
+            InitFlags::FUSE_READDIRPLUS_AUTO,
+            InitFlags::FUSE_CACHE_SYMLINKS,
+            InitFlags::FUSE_PARALLEL_DIROPS,
+        ] {
+            let _ = config.add_capabilities(flag);
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        reply_entry(reply, self.with(|s| s.lookup(parent, name)));
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, _nlookup: u64) {
+        self.with(|s| s.nids.forget(ino.0));
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.with(|s| s.attr_of(ino)) {
+            Ok(attr) => reply.attr(&TTL, &attr),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let set = SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            atime,
+            mtime,
+            ctime,
+        };
+        match self.with(|s| s.setattr(ino, set)) {
+            Ok(attr) => reply.attr(&TTL, &attr),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.with(|s| s.readlink(ino)) {
+            Ok(target) => reply.data(&target),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        reply_entry(
+            reply,
+            self.with(|s| s.mknod(parent, name, mode, rdev, caller(req))),
+        );
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        reply_entry(
+            reply,
+            self.with(|s| s.mkdir(parent, name, mode, caller(req))),
+        );
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        reply_empty(reply, self.with(|s| s.unlink(parent, name)));
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        reply_empty(reply, self.with(|s| s.rmdir(parent, name)));
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let target = target.as_os_str();
+        reply_entry(
+            reply,
+            self.with(|s| s.symlink(parent, link_name, target, caller(req))),
+        );
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let result = self.with(|s| s.rename(parent, name, newparent, newname, flags.bits()));
+        reply_empty(reply, result);
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        reply_entry(reply, self.with(|s| s.link(ino, newparent, newname)));
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let open_backing = |file: &std::fs::File| reply.open_backing(file);
+        let result = self.with(|s| s.open(ino, flags.0, &open_backing));
+        data::reply_open(reply, result);
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.with(|s| s.opendir(ino)) {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let mut state = lock(&self.view.state);
+        let (dir, parent, entries) = match state.dir_entries(fh.0) {
+            Ok(found) => found,
+            Err(e) => return reply.error(e),
+        };
+        let dots = [(OsStr::new("."), dir), (OsStr::new(".."), parent)];
+        let all = dots
+            .into_iter()
+            .chain(entries.iter().map(|(name, ino)| (name.as_os_str(), *ino)));
+        for (i, (name, ino)) in all.enumerate().skip(offset as usize) {
+            let Some(node) = state.index.node(ino) else {
+                continue;
+            };
+            let nid = state.nids.nid(ino);
+            if reply.add(INodeNo(nid), i as u64 + 1, file_type(node.kind), name) {
+                break;
+            }
+        }
+        drop(state);
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let mut state = lock(&self.view.state);
+        let (dir, parent, entries) = match state.dir_entries(fh.0) {
+            Ok(found) => found,
+            Err(e) => return reply.error(e),
+        };
+        let dir_nid = state.nids.nid(dir);
+        let dots = [(OsStr::new("."), dir), (OsStr::new(".."), parent)];
+        let all = dots
+            .into_iter()
+            .chain(entries.iter().map(|(name, ino)| (name.as_os_str(), *ino)));
+        for (i, (name, ino)) in all.enumerate().skip(offset as usize) {
+            let Ok(attr) = state.attr_of_ino(ino) else {
+                continue;
+            };
+            if reply.add(attr.ino, i as u64 + 1, name, &TTL, &attr, Generation(0)) {
+                break;
+            }
+            if i >= 2 && attr.kind == fuser::FileType::RegularFile {
+                state
+                    .nids
+                    .record_name(attr.ino.0, dir_nid, &name.to_owned());
+            }
+        }
+        drop(state);
+        reply.ok();
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.with(|s| s.dir_handles.remove(&fh.0));
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match nix::sys::statvfs::statvfs(&self.view.store.root) {
+            Ok(st) => reply.statfs(
+                st.blocks(),
+                st.blocks_free(),
+                st.blocks_available(),
+                st.files(),
+                st.files_free(),
+                st.block_size() as u32,
+                crate::index::NAME_MAX as u32,
+                st.fragment_size() as u32,
+            ),
+            Err(e) => reply.error(Errno::from_i32(e as i32)),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        reply_empty(reply, self.with(|s| s.setxattr(ino, name, value, flags)));
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        reply_xattr(reply, size, self.with(|s| s.getxattr(ino, name)));
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        reply_xattr(reply, size, self.with(|s| s.listxattr(ino)));
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        reply_empty(reply, self.with(|s| s.removexattr(ino, name)));
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // `default_permissions`: the kernel checks modes itself; only existence is ours.
+        reply_empty(reply, self.with(|s| s.attr_of(ino).map(drop)));
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        flags: i32,
+        reply: fuser::ReplyCreate,
+    ) {
+        let open_backing = |file: &std::fs::File| reply.open_backing(file);
+        let result = self.with(|s| s.create(parent, name, mode, flags, caller(req), &open_backing));
+        data::reply_create(reply, result);
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: ReplyData,
+    ) {
+        data::read(self, fh, offset, size, reply);
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: fuser::WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: fuser::ReplyWrite,
+    ) {
+        data::write(self, fh, offset, data, reply);
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: fuser::LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.with(|s| s.release(fh.0));
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        data::fsync(self, fh, datasync, reply);
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        data::fallocate(self, fh, offset, length, mode, reply);
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: fuser::ReplyLseek,
+    ) {
+        data::lseek(self, fh, offset, whence, reply);
+    }
+}

@@ -1,0 +1,245 @@
+//! Freeze (checkpoint) and switch (rollback) of a view.
+
+use std::collections::HashSet;
+use std::ffi::OsString;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use fuser::INodeNo;
+
+use super::{FreezeOpts, FreezeReport, MappedFiles, SwitchReport, ViewError, ViewShared};
+use crate::ids::{Ino, LayerId, SnapshotId};
+use crate::index::Delta;
+use crate::layer::{CopyStats, Layers};
+use crate::maps;
+use crate::node::{Bytes, DataRef};
+use crate::persist::{self, DeltaRecord, FORMAT_VERSION, Manifest};
+use crate::store::{Snapshot, StoreError};
+use crate::sync::lock;
+
+impl ViewShared {
+    pub(crate) fn freeze(&self, opts: &FreezeOpts) -> Result<FreezeReport, ViewError> {
+        let start = Instant::now();
+        let mapped = match &opts.mapped {
+            MappedFiles::Conservative => None,
+            MappedFiles::Pids(pids) => Some(maps::shared_writable(pids.iter().copied())?),
+            MappedFiles::AllProcesses => Some(maps::shared_writable(maps::all_pids())?),
+        };
+        let layers = &self.store.layers;
+        let mut store = lock(&self.store.state);
+        let mut state = lock(&self.state);
+        let frozen = state.writable;
+        let next = LayerId::generate();
+
+        // Files that stay with the live view: open ones, and those that may be mapped.
+        let mut keep: Vec<Ino> = state.opens.keys().copied().collect();
+        for &ino in &state.maybe_mapped {
+            if state.opens.contains_key(&ino) {
+                continue;
+            }
+            let still_mapped = match (&mapped, state.index.node(ino).and_then(|n| n.data.clone())) {
+                (None, _) => true,
+                (Some(found), Some(data)) => std::fs::metadata(state.data_path(&data))
+                    .is_ok_and(|m| found.contains(&(m.dev(), m.ino()))),
+                (Some(_), None) => false,
+            };
+            if still_mapped {
+                keep.push(ino);
+            }
+        }
+        let mut moved = Vec::new();
+        let mut orphans = Vec::new();
+        let mut copies = CopyStats::default();
+        for ino in keep {
+            let Some(node) = state.index.node(ino).cloned() else {
+                continue;
+            };
+            let Some(DataRef::Layer { layer, file }) = node.data else {
+                continue;
+            };
+            if layer != frozen {
+                continue;
+            }
+            layers.ensure(next)?;
+            let live = layers.file(frozen, file);
+            let target = layers.file(next, file);
+            if node.nlink > 0 {
+                let tmp = live.with_extension("freeze");
+                let (_, stats) = match state.opens.get(&ino) {
+                    Some(entry) => entry.backing.exclusive(|f| layers.copy_to(f, &tmp))?,
+                    None => layers.copy_to(&Layers::open_file(&live, false)?, &tmp)?,
+                };
+                copies.add(stats);
+                Layers::rename(&live, &target)?;
+                Layers::rename(&tmp, &live)?;
+            } else {
+                // Open but unlinked: no snapshot shows it; its handles keep writing to it.
+                Layers::rename(&live, &target)?;
+                orphans.push(ino);
+            }
+            moved.push((ino, file));
+        }
+
+        // The snapshot: the index as it is (orphans left out), and its delta on disk.
+        let mut index = state.index.clone();
+        let mut scratch = Delta::default();
+        for &ino in &orphans {
+            index.put_node(ino, None, &mut scratch);
+        }
+        let record = DeltaRecord::capture(&state.delta, &index);
+        let changes = (record.nodes.len() + record.entries.len()) as u64;
+        let dir = layers.ensure(frozen)?;
+        let manifest = Manifest {
+            version: FORMAT_VERSION,
+            id: frozen,
+            parent: state.parent,
+            base: Bytes(state.base.root().as_os_str().as_bytes().to_vec()),
+            next_ino: self.store.next_ino.load(Ordering::Relaxed),
+        };
+        let metadata_bytes = persist::write_frozen(&dir, &manifest, &record)?;
+        let id = SnapshotId::of_layer(frozen);
+        let delta = std::mem::take(&mut state.delta);
+        store.snapshots.insert(
+            id,
+            Snapshot {
+                parent: state.parent,
+                base: state.base.root().to_owned(),
+                delta: Arc::new(delta),
+                index: Some(index),
+                dropped: false,
+            },
+        );
+        drop(store);
+
+        // The live view: a fresh writable layer that owns the files kept live.
+        state.parent = Some(id);
+        state.writable = next;
+        let kept: HashSet<Ino> = moved.iter().map(|(ino, _)| *ino).collect();
+        state.maybe_mapped.retain(|ino| kept.contains(ino));
+        for (ino, file) in &moved {
+            let file = *file;
+            // The node exists: it was read from the index above under the same lock.
+            let _ = state.txn().update(*ino, |node| {
+                node.data = Some(DataRef::Layer { layer: next, file });
+            });
+        }
+        Ok(FreezeReport {
+            id,
+            kept_live: moved.len() as u64,
+            copies,
+            changes,
+            metadata_bytes,
+            elapsed: start.elapsed(),
+        })
+    }
+
+    pub(crate) fn switch(&self, to: SnapshotId) -> Result<SwitchReport, ViewError> {
+        let start = Instant::now();
+        let mut store = lock(&self.store.state);
+        let base_root = lock(&self.state).base.root().to_owned();
+        let target = store.index_of(&self.store.layers, to, &base_root)?;
+        let mut state = lock(&self.state);
+
+        // What may differ: the deltas on the path between the current state and `to`.
+        let mut candidates = state.delta.clone();
+        let mut ours = Vec::new();
+        let mut cur = state.parent;
+        while let Some(id) = cur {
+            ours.push(id);
+            cur = store.snapshots.get(&id).and_then(|s| s.parent);
+        }
+        let ours_set: HashSet<SnapshotId> = ours.iter().copied().collect();
+        let mut cur = Some(to);
+        let mut common = None;
+        while let Some(id) = cur {
+            if ours_set.contains(&id) {
+                common = Some(id);
+                break;
+            }
+            let snapshot = store
+                .snapshots
+                .get(&id)
+                .ok_or(StoreError::UnknownSnapshot(id))?;
+            candidates.extend(&snapshot.delta);
+            cur = snapshot.parent;
+        }
+        for id in ours {
+            if Some(id) == common {
+                break;
+            }
+            if let Some(snapshot) = store.snapshots.get(&id) {
+                candidates.extend(&snapshot.delta);
+            }
+        }
+        drop(store);
+
+        let old = std::mem::replace(&mut state.index, target);
+        let mut inodes = Vec::new();
+        let mut entries: Vec<(u64, OsString)> = Vec::new();
+        let mut retired = 0;
+        for &ino in &candidates.nodes {
+            let (before, after) = (old.node(ino), state.index.node(ino));
+            let same = match (before, after) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a == b,
+                (None, None) => true,
+                _ => false,
+            };
+            if same {
+                continue;
+            }
+            inodes.push(state.nids.nid(ino));
+            if let Some(open) = state.opens.remove(&ino) {
+                let new_nid = self.store.next_ino.fetch_add(1, Ordering::Relaxed);
+                let node = before
+                    .cloned()
+                    .unwrap_or_else(|| Arc::clone(&open_node_fallback()));
+                let (_, names) = state.nids.retire(ino, node, Some(open), new_nid);
+                entries.extend(names);
+                retired += 1;
+            }
+        }
+        let base = Arc::clone(&state.base);
+        for (dir, name) in &candidates.entries {
+            if old.peek_entry(*dir, name, &base) != state.index.peek_entry(*dir, name, &base) {
+                entries.push((state.nids.nid(*dir), name.clone()));
+            }
+        }
+        let abandoned = std::mem::replace(&mut state.writable, LayerId::generate());
+        state.abandoned.push(abandoned);
+        state.delta = Delta::default();
+        state.parent = Some(to);
+        state.maybe_mapped.clear();
+        for nid in &inodes {
+            state.stale_cache.remove(nid);
+        }
+        drop(state);
+        drop(old);
+
+        if let Some(notifier) = self.notifier.get() {
+            // ENOENT means the kernel holds nothing for it: nothing to invalidate.
+            for nid in &inodes {
+                let _ = notifier.inval_inode(INodeNo(*nid), 0, 0);
+            }
+            for (dir, name) in &entries {
+                let _ = notifier.inval_entry(INodeNo(*dir), name);
+            }
+        }
+        Ok(SwitchReport {
+            id: to,
+            candidates: candidates.nodes.len() as u64,
+            inodes_invalidated: inodes.len() as u64,
+            entries_invalidated: entries.len() as u64,
+            retired,
+            elapsed: start.elapsed(),
+        })
+    }
+}
+
+/// The node a retired id reports if the previous index did not hold it (cannot happen
+/// for an open inode; kept total rather than panicking).
+fn open_node_fallback() -> Arc<crate::node::Node> {
+    Arc::new(crate::node::Node::new(crate::node::Kind::File, 0, 0, 0))
+}

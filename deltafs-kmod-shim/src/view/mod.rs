@@ -1,0 +1,246 @@
+//! A view: one mount of DeltaFS, its index and writable layer, and its control
+//! operations ([`View::freeze`], [`View::switch`], [`View::unmount`]).
+
+mod control;
+mod nodeids;
+pub(crate) mod open;
+mod ops;
+pub(crate) mod state;
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use fuser::{BackgroundSession, Config, MountOption, Notifier, SessionACL};
+use nix::mount::{MntFlags, umount2};
+
+use self::state::ViewState;
+use crate::base::BaseTree;
+use crate::fs::DeltaFs;
+use crate::ids::{LayerId, SnapshotId};
+use crate::index::Index;
+use crate::layer::{CopyStats, LayerError};
+use crate::maps::MapsError;
+use crate::persist::PersistError;
+use crate::store::{StoreError, StoreShared};
+use crate::sync::lock;
+
+pub(crate) use self::ops::{Caller, SetAttr};
+
+/// Failures of control operations on a view.
+#[derive(Debug, thiserror::Error)]
+pub enum ViewError {
+    /// A store-level failure (unknown or dropped snapshot, other base, rebuild).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Moving or cloning a backing file failed.
+    #[error(transparent)]
+    Layer(#[from] LayerError),
+    /// Writing the frozen layer's metadata failed.
+    #[error(transparent)]
+    Persist(#[from] PersistError),
+    /// Reading the mappings of the named processes failed.
+    #[error(transparent)]
+    Maps(#[from] MapsError),
+    /// Unmounting failed.
+    #[error("cannot unmount {mountpoint}")]
+    Unmount {
+        /// The mount point.
+        mountpoint: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Which files a freeze must assume are still mapped `MAP_SHARED` and writable (such a
+/// mapping writes to the backing file after its fd is closed, so the file must stay with
+/// the live view and the snapshot gets a clone).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum MappedFiles {
+    /// Every file that had a writable passthrough open and is still in the writable
+    /// layer (always correct; costs a clone per such file per freeze).
+    #[default]
+    Conservative,
+    /// Only those found mapped shared-writable in `/proc/<pid>/maps` of these processes
+    /// (the caller vouches that no other process maps files of this view).
+    Pids(Vec<u32>),
+    /// Only those found mapped shared-writable by any process on the machine.
+    AllProcesses,
+}
+
+/// Options of [`View::freeze`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FreezeOpts {
+    /// Which files may still be mapped writable.
+    pub mapped: MappedFiles,
+}
+
+/// What a freeze did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FreezeReport {
+    /// The new snapshot.
+    pub id: SnapshotId,
+    /// Files that stayed with the live view (open or mapped), their snapshot copy cloned.
+    pub kept_live: u64,
+    /// How those copies were made.
+    pub copies: CopyStats,
+    /// Nodes and entries the frozen epoch changed (the delta persisted).
+    pub changes: u64,
+    /// Bytes of metadata written to the store (`delta.json` and `layer.json`).
+    pub metadata_bytes: u64,
+    /// Wall time.
+    pub elapsed: Duration,
+}
+
+/// What a switch did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SwitchReport {
+    /// The snapshot now shown.
+    pub id: SnapshotId,
+    /// Inodes compared (the deltas between the two states).
+    pub candidates: u64,
+    /// Kernel inodes invalidated.
+    pub inodes_invalidated: u64,
+    /// Kernel directory entries invalidated.
+    pub entries_invalidated: u64,
+    /// Open files whose handles kept the previous state (under a retired node id).
+    pub retired: u64,
+    /// Wall time.
+    pub elapsed: Duration,
+}
+
+/// What a view shares with its FUSE session.
+pub(crate) struct ViewShared {
+    pub store: Arc<StoreShared>,
+    pub state: Mutex<ViewState>,
+    pub notifier: OnceLock<Notifier>,
+    pub mountpoint: PathBuf,
+}
+
+impl ViewShared {
+    pub(crate) fn new(
+        store: Arc<StoreShared>,
+        base: Arc<BaseTree>,
+        index: Index,
+        parent: Option<SnapshotId>,
+        mountpoint: PathBuf,
+    ) -> Self {
+        Self {
+            state: Mutex::new(ViewState::new(Arc::clone(&store), base, index, parent)),
+            store,
+            notifier: OnceLock::new(),
+            mountpoint,
+        }
+    }
+
+    /// The writable layer, the abandoned ones, and the snapshot the state is stacked on.
+    pub(crate) fn layers_in_use(&self) -> (LayerId, Vec<LayerId>, Option<SnapshotId>) {
+        let state = lock(&self.state);
+        (state.writable, state.abandoned.clone(), state.parent)
+    }
+}
+
+/// A mounted DeltaFS view. Dropping it unmounts (lazily if busy).
+pub struct View {
+    shared: Arc<ViewShared>,
+    session: Option<BackgroundSession>,
+}
+
+impl View {
+    /// Mounts `shared` at its mount point and runs the FUSE session in the background.
+    pub(crate) fn spawn(shared: Arc<ViewShared>) -> io::Result<Self> {
+        let mut config = Config::default();
+        config.mount_options = vec![
+            MountOption::FSName("deltafs".to_owned()),
+            MountOption::Subtype("deltafs".to_owned()),
+            MountOption::DefaultPermissions,
+            MountOption::RW,
+            MountOption::Dev,
+            MountOption::Suid,
+        ];
+        config.acl = SessionACL::All;
+        config.n_threads = Some(2);
+        let fs = DeltaFs::new(Arc::clone(&shared));
+        let session = fuser::Session::new(fs, &shared.mountpoint, &config)?;
+        let _ = shared.notifier.set(session.notifier());
+        let session = session.spawn()?;
+        Ok(Self {
+            shared,
+            session: Some(session),
+        })
+    }
+
+    /// Where the view is mounted.
+    pub fn mountpoint(&self) -> &Path {
+        &self.shared.mountpoint
+    }
+
+    /// The snapshot the current state is stacked on (`None`: the bare base).
+    pub fn parent(&self) -> Option<SnapshotId> {
+        lock(&self.shared.state).parent
+    }
+
+    /// The layer new and modified files go to.
+    pub fn writable_layer(&self) -> LayerId {
+        lock(&self.shared.state).writable
+    }
+
+    /// Checkpoint: freezes the writable layer into a snapshot and stacks a fresh one.
+    /// O(files open or mapped) + O(changes since the last freeze); no data copied except
+    /// clones of files still open or mapped for writing (see `docs/deltafs.md`). The
+    /// caller quiesces the processes using the view first.
+    pub fn freeze(&self, opts: &FreezeOpts) -> Result<FreezeReport, ViewError> {
+        self.shared.freeze(opts)
+    }
+
+    /// Rollback: shows snapshot `to` over a fresh writable layer, invalidating in the
+    /// kernel only what differs.
+    pub fn switch(&self, to: SnapshotId) -> Result<SwitchReport, ViewError> {
+        self.shared.switch(to)
+    }
+
+    /// Unmounts and waits for the FUSE session to end. If the mount is busy it is
+    /// detached instead (it goes away when its last user does).
+    pub fn unmount(mut self) -> Result<(), ViewError> {
+        self.unmount_inner()
+    }
+
+    fn unmount_inner(&mut self) -> Result<(), ViewError> {
+        let Some(session) = self.session.take() else {
+            return Ok(());
+        };
+        nix::unistd::sync();
+        match session.umount_and_join() {
+            Ok(()) => Ok(()),
+            Err(source) => {
+                let detached = umount2(&self.shared.mountpoint, MntFlags::MNT_DETACH);
+                if detached.is_ok() {
+                    Ok(())
+                } else {
+                    Err(ViewError::Unmount {
+                        mountpoint: self.shared.mountpoint.clone(),
+                        source,
+                    })
+                }
+            }
+        }
+    }
+}
+
+impl Drop for View {
+    fn drop(&mut self) {
+        if let Err(e) = self.unmount_inner() {
+            log::warn!("{e}");
+        }
+    }
+}
+
+impl std::fmt::Debug for View {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("View")
+            .field("mountpoint", &self.shared.mountpoint)
+            .finish()
+    }
+}

@@ -1,0 +1,286 @@
+//! Opening regular files: the passthrough safety scheme (DESIGN invariant 1).
+//!
+//! - A file whose backing file is the writable layer's is opened passthrough (one
+//!   `BackingId` per inode, shared by all its opens), unless the inode already has
+//!   daemon-served opens (the kernel refuses to mix the two on one inode).
+//! - A frozen file (a frozen layer's or the base's) opened for reading is served by the
+//!   daemon, never passthrough: a later writer can then copy it up without meeting an
+//!   open passthrough file bound to the frozen backing file.
+//! - Opening a frozen file for writing (or with `O_TRUNC`), or truncating it, first copies
+//!   it up into the writable layer. Daemon-served handles follow the inode's current
+//!   backing file ([`Backing`]), so readers see the writer's data.
+
+use std::fs::File;
+use std::io;
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+
+use fuser::{BackingId, Errno, INodeNo};
+use nix::sys::stat::futimens;
+use nix::sys::time::TimeSpec;
+
+use super::nodeids::Resolved;
+use super::state::{FsResult, IntoErrno, ViewState};
+use crate::ids::Ino;
+use crate::layer::Layers;
+use crate::node::{DataRef, Kind, Node};
+use crate::sync::{read, write};
+
+/// The backing file an open inode's handles read and write through. Replaced in place by
+/// a copy-up; write-locked by a freeze while it clones the file, so no daemon-served write
+/// lands half in the checkpoint.
+pub(crate) struct Backing {
+    file: RwLock<Arc<File>>,
+}
+
+impl Backing {
+    fn new(file: File) -> Self {
+        Self {
+            file: RwLock::new(Arc::new(file)),
+        }
+    }
+
+    /// The current backing file.
+    pub fn file(&self) -> Arc<File> {
+        Arc::clone(&read(&self.file))
+    }
+
+    /// The current backing file, held against replacement and freeze while writing.
+    pub fn hold(&self) -> RwLockReadGuard<'_, Arc<File>> {
+        read(&self.file)
+    }
+
+    /// Replaces the backing file (copy-up).
+    pub fn replace(&self, file: File) {
+        *write(&self.file) = Arc::new(file);
+    }
+
+    /// Runs `f` with writes through this backing file held off.
+    pub fn exclusive<T>(&self, f: impl FnOnce(&File) -> T) -> T {
+        let guard = write(&self.file);
+        f(&guard)
+    }
+}
+
+/// How an inode's opens are served while it has any.
+pub(crate) enum Mode {
+    /// By the kernel from the backing file.
+    Passthrough(Arc<BackingId>),
+    /// By the daemon.
+    Daemon,
+}
+
+/// The shared state of an inode's open handles.
+pub(crate) struct OpenEntry {
+    pub backing: Arc<Backing>,
+    pub handles: u32,
+    pub mode: Mode,
+}
+
+/// An open file handle.
+pub(crate) struct Handle {
+    /// The node id it was opened on.
+    pub nid: u64,
+    pub backing: Arc<Backing>,
+    pub write: bool,
+}
+
+/// How to answer an `OPEN` or `CREATE`.
+pub(crate) enum OpenReply {
+    /// Passthrough to the backing file.
+    Passthrough { fh: u64, id: Arc<BackingId> },
+    /// Served by the daemon; `keep_cache` unless the page cache may be stale.
+    Daemon { fh: u64, keep_cache: bool },
+}
+
+/// Registers a backing file with the kernel for passthrough.
+pub(crate) type OpenBacking<'a> = &'a dyn Fn(&File) -> io::Result<BackingId>;
+
+impl ViewState {
+    /// `OPEN` of node id `nid` with open flags `flags`.
+    pub fn open(
+        &mut self,
+        nid: INodeNo,
+        flags: i32,
+        open_backing: OpenBacking<'_>,
+    ) -> FsResult<OpenReply> {
+        let ino = self.live(nid)?;
+        let node = self.node(ino)?;
+        if node.kind != Kind::File {
+            return Err(Errno::EINVAL);
+        }
+        let write = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        let trunc = flags & libc::O_TRUNC != 0;
+        if (write || trunc) && !self.is_writable(&node) {
+            self.copy_up(ino, trunc)?;
+        }
+        if trunc {
+            self.truncate(ino, 0)?;
+        }
+        self.attach(nid.0, ino, write, open_backing)
+    }
+
+    /// Adds a handle on `ino` (node id `nid`), deciding passthrough or daemon service if
+    /// it is the inode's first open.
+    pub fn attach(
+        &mut self,
+        nid: u64,
+        ino: Ino,
+        write: bool,
+        open_backing: OpenBacking<'_>,
+    ) -> FsResult<OpenReply> {
+        if !self.opens.contains_key(&ino) {
+            let node = self.node(ino)?;
+            let writable = self.is_writable(&node);
+            let data = node.data.as_ref().ok_or(Errno::EIO)?;
+            let file =
+                Layers::open_file(&self.data_path(data), writable).map_err(IntoErrno::errno)?;
+            let mode = if writable {
+                match open_backing(&file) {
+                    Ok(id) => Mode::Passthrough(Arc::new(id)),
+                    Err(e) => {
+                        log::warn!("passthrough refused for inode {ino}, serving it: {e}");
+                        Mode::Daemon
+                    }
+                }
+            } else {
+                Mode::Daemon
+            };
+            self.opens.insert(
+                ino,
+                OpenEntry {
+                    backing: Arc::new(Backing::new(file)),
+                    handles: 0,
+                    mode,
+                },
+            );
+        }
+        let fh = self.alloc_fh();
+        let entry = self.opens.get_mut(&ino).ok_or(Errno::EIO)?;
+        entry.handles += 1;
+        let handle = Handle {
+            nid,
+            backing: Arc::clone(&entry.backing),
+            write,
+        };
+        let reply = match &entry.mode {
+            Mode::Passthrough(id) => OpenReply::Passthrough {
+                fh,
+                id: Arc::clone(id),
+            },
+            Mode::Daemon => OpenReply::Daemon {
+                fh,
+                keep_cache: true,
+            },
+        };
+        self.handles.insert(fh, handle);
+        Ok(match reply {
+            OpenReply::Passthrough { fh, id } => {
+                if write {
+                    self.maybe_mapped.insert(ino);
+                }
+                self.stale_cache.insert(nid);
+                OpenReply::Passthrough { fh, id }
+            }
+            OpenReply::Daemon { fh, .. } => OpenReply::Daemon {
+                fh,
+                keep_cache: !self.stale_cache.remove(&nid),
+            },
+        })
+    }
+
+    /// Copies a frozen file up into the writable layer (empty when `empty`: the caller
+    /// truncates it to 0 anyway). Handles already open on it follow.
+    pub fn copy_up(&mut self, ino: Ino, empty: bool) -> FsResult<Arc<Node>> {
+        let node = self.node(ino)?;
+        if self.is_writable(&node) {
+            return Ok(node);
+        }
+        let data = node.data.clone().ok_or(Errno::EIO)?;
+        let file = self.alloc_file();
+        let layers = &self.store.layers;
+        layers.ensure(self.writable).map_err(IntoErrno::errno)?;
+        let dest = layers.file(self.writable, file);
+        let new_file = if empty {
+            layers
+                .create(self.writable, file)
+                .map_err(IntoErrno::errno)?
+        } else {
+            let src = match self.opens.get(&ino) {
+                Some(entry) => entry.backing.file(),
+                None => Arc::new(
+                    Layers::open_file(&self.data_path(&data), false).map_err(IntoErrno::errno)?,
+                ),
+            };
+            layers.copy_to(&src, &dest).map_err(IntoErrno::errno)?.0
+        };
+        if !node.mtime_from_data {
+            let atime = TimeSpec::new(node.atime.sec, node.atime.nsec.into());
+            let mtime = TimeSpec::new(node.mtime.sec, node.mtime.nsec.into());
+            futimens(&new_file, &atime, &mtime).map_err(IntoErrno::errno)?;
+        }
+        let writable = self.writable;
+        let node = self
+            .txn()
+            .update(ino, |node| {
+                node.data = Some(DataRef::Layer {
+                    layer: writable,
+                    file,
+                });
+                node.mtime_from_data = true;
+            })
+            .map_err(IntoErrno::errno)?;
+        if let Some(entry) = self.opens.get(&ino) {
+            entry.backing.replace(new_file);
+        }
+        Ok(node)
+    }
+
+    /// Truncates (or extends) a regular file to `size`, copying it up first if frozen.
+    pub fn truncate(&mut self, ino: Ino, size: u64) -> FsResult<()> {
+        let node = self.copy_up(ino, size == 0)?;
+        let file = match self.opens.get(&ino) {
+            Some(entry) => entry.backing.file(),
+            None => {
+                let data = node.data.as_ref().ok_or(Errno::EIO)?;
+                Arc::new(Layers::open_file(&self.data_path(data), true).map_err(IntoErrno::errno)?)
+            }
+        };
+        file.set_len(size).map_err(IntoErrno::errno)
+    }
+
+    /// `RELEASE` of file handle `fh`.
+    pub fn release(&mut self, fh: u64) {
+        let Some(handle) = self.handles.remove(&fh) else {
+            return;
+        };
+        match self.nids.resolve(handle.nid) {
+            Resolved::Retired => {
+                if let Some(retired) = self.nids.retired.get_mut(&handle.nid)
+                    && let Some(open) = &mut retired.open
+                {
+                    open.handles -= 1;
+                    if open.handles == 0 {
+                        retired.open = None;
+                    }
+                }
+            }
+            Resolved::Live(ino) => {
+                if let Some(entry) = self.opens.get_mut(&ino) {
+                    entry.handles -= 1;
+                    if entry.handles == 0 {
+                        self.opens.remove(&ino);
+                        self.reap(ino);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The backing file of handle `fh`.
+    pub fn handle(&self, fh: u64) -> FsResult<(Arc<Backing>, bool)> {
+        self.handles
+            .get(&fh)
+            .map(|handle| (Arc::clone(&handle.backing), handle.write))
+            .ok_or(Errno::EBADF)
+    }
+}

@@ -1,0 +1,427 @@
+//! Namespace and attribute operations of a view, as the FUSE adapter calls them: each
+//! resolves node ids, applies the change to the index through a [`crate::index::Txn`] and
+//! returns what the reply needs.
+
+use std::ffi::{OsStr, OsString};
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use fuser::{Errno, FileAttr, FileType, INodeNo, TimeOrNow};
+use nix::sys::stat::futimens;
+use nix::sys::time::TimeSpec;
+
+use super::open::{OpenBacking, OpenReply};
+use super::state::{DirHandle, FsResult, IntoErrno, ViewState};
+use crate::ids::Ino;
+use crate::index::RenameMode;
+use crate::layer::Layers;
+use crate::node::{Bytes, DataRef, Kind, Node, Time};
+
+/// Who asks: owner of what they create.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// The attribute changes of a `SETATTR`.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<TimeOrNow>,
+    pub mtime: Option<TimeOrNow>,
+    pub ctime: Option<SystemTime>,
+}
+
+fn resolve_time(t: TimeOrNow) -> Time {
+    match t {
+        TimeOrNow::Now => Time::now(),
+        TimeOrNow::SpecificTime(t) => t.into(),
+    }
+}
+
+fn timespec(t: Option<TimeOrNow>) -> TimeSpec {
+    match t {
+        None => TimeSpec::UTIME_OMIT,
+        Some(TimeOrNow::Now) => TimeSpec::UTIME_NOW,
+        Some(TimeOrNow::SpecificTime(t)) => {
+            let t = Time::from(t);
+            TimeSpec::new(t.sec, t.nsec.into())
+        }
+    }
+}
+
+impl ViewState {
+    /// Records the entry for regular files (see [`super::nodeids`]) and returns `attr`.
+    fn entry(&mut self, parent: INodeNo, name: &OsStr, attr: FileAttr) -> FileAttr {
+        if attr.kind == FileType::RegularFile {
+            self.nids
+                .record_name(attr.ino.0, parent.0, &name.to_owned());
+        }
+        attr
+    }
+
+    /// `LOOKUP`.
+    pub fn lookup(&mut self, parent: INodeNo, name: &OsStr) -> FsResult<FileAttr> {
+        let dir = self.live(parent)?;
+        let ino = self.txn().lookup(dir, name).map_err(IntoErrno::errno)?;
+        let attr = self.attr_of_ino(ino)?;
+        Ok(self.entry(parent, name, attr))
+    }
+
+    /// A new node of `kind` made by `caller` in directory `parent` (setgid directories
+    /// give their group, and their setgid bit to subdirectories).
+    fn new_node(&self, parent: Ino, kind: Kind, mode: u32, caller: Caller) -> FsResult<Node> {
+        let dir = self.node(parent)?;
+        let mut node = Node::new(kind, (mode & 0o7777) as u16, caller.uid, caller.gid);
+        if u32::from(dir.perm) & libc::S_ISGID != 0 {
+            node.gid = dir.gid;
+            if kind == Kind::Dir {
+                node.perm |= libc::S_ISGID as u16;
+            }
+        }
+        Ok(node)
+    }
+
+    /// Inserts `node` as `parent/name` under a fresh inode number; returns its attributes.
+    fn insert(&mut self, parent: INodeNo, name: &OsStr, node: Node) -> FsResult<(Ino, FileAttr)> {
+        let dir = self.live(parent)?;
+        let ino = self.alloc_ino();
+        let data = node.data.clone();
+        if let Err(e) = self.txn().insert(dir, name, ino, node) {
+            if let Some(data) = data {
+                let _ = fs::remove_file(self.data_path(&data));
+            }
+            return Err(e.errno());
+        }
+        let attr = self.attr_of_ino(ino)?;
+        Ok((ino, self.entry(parent, name, attr)))
+    }
+
+    /// A new empty backing file in the writable layer.
+    fn new_backing(&mut self) -> FsResult<DataRef> {
+        let file = self.alloc_file();
+        self.store
+            .layers
+            .create(self.writable, file)
+            .map_err(IntoErrno::errno)?;
+        Ok(DataRef::Layer {
+            layer: self.writable,
+            file,
+        })
+    }
+
+    /// `MKDIR`.
+    pub fn mkdir(
+        &mut self,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        caller: Caller,
+    ) -> FsResult<FileAttr> {
+        let dir = self.live(parent)?;
+        let node = self.new_node(dir, Kind::Dir, mode, caller)?;
+        Ok(self.insert(parent, name, node)?.1)
+    }
+
+    /// `MKNOD`: FIFOs, sockets, device nodes and regular files.
+    pub fn mknod(
+        &mut self,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        rdev: u32,
+        caller: Caller,
+    ) -> FsResult<FileAttr> {
+        let kind = Kind::from_mode(mode).ok_or(Errno::EINVAL)?;
+        if kind == Kind::Dir {
+            return Err(Errno::EINVAL);
+        }
+        let dir = self.live(parent)?;
+        let mut node = self.new_node(dir, kind, mode, caller)?;
+        node.rdev = rdev.into();
+        if kind == Kind::File {
+            self.txn().lookup(dir, name).err().ok_or(Errno::EEXIST)?;
+            node.data = Some(self.new_backing()?);
+        }
+        Ok(self.insert(parent, name, node)?.1)
+    }
+
+    /// `SYMLINK`.
+    pub fn symlink(
+        &mut self,
+        parent: INodeNo,
+        name: &OsStr,
+        target: &OsStr,
+        caller: Caller,
+    ) -> FsResult<FileAttr> {
+        if target.len() >= libc::PATH_MAX as usize {
+            return Err(Errno::ENAMETOOLONG);
+        }
+        let dir = self.live(parent)?;
+        let mut node = self.new_node(dir, Kind::Symlink, 0o777, caller)?;
+        node.perm = 0o777;
+        node.size = target.len() as u64;
+        node.target = Some(Bytes(target.as_bytes().to_vec()));
+        Ok(self.insert(parent, name, node)?.1)
+    }
+
+    /// `READLINK`.
+    pub fn readlink(&mut self, nid: INodeNo) -> FsResult<Vec<u8>> {
+        let ino = self.live(nid)?;
+        let node = self.node(ino)?;
+        node.target
+            .as_ref()
+            .map(|t| t.0.clone())
+            .ok_or(Errno::EINVAL)
+    }
+
+    /// `LINK`.
+    pub fn link(&mut self, nid: INodeNo, parent: INodeNo, name: &OsStr) -> FsResult<FileAttr> {
+        let ino = self.live(nid)?;
+        let dir = self.live(parent)?;
+        self.txn().link(ino, dir, name).map_err(IntoErrno::errno)?;
+        let attr = self.attr_of_ino(ino)?;
+        Ok(self.entry(parent, name, attr))
+    }
+
+    /// `UNLINK`.
+    pub fn unlink(&mut self, parent: INodeNo, name: &OsStr) -> FsResult<()> {
+        let dir = self.live(parent)?;
+        let (ino, _) = self.txn().unlink(dir, name).map_err(IntoErrno::errno)?;
+        self.reap(ino);
+        Ok(())
+    }
+
+    /// `RMDIR`.
+    pub fn rmdir(&mut self, parent: INodeNo, name: &OsStr) -> FsResult<()> {
+        let dir = self.live(parent)?;
+        self.txn().rmdir(dir, name).map_err(IntoErrno::errno)?;
+        Ok(())
+    }
+
+    /// `RENAME` (`renameat2` flags `RENAME_NOREPLACE`, `RENAME_EXCHANGE`).
+    pub fn rename(
+        &mut self,
+        parent: INodeNo,
+        name: &OsStr,
+        new_parent: INodeNo,
+        new_name: &OsStr,
+        flags: u32,
+    ) -> FsResult<()> {
+        if flags & !(libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE) != 0 {
+            return Err(Errno::EINVAL);
+        }
+        let mode = RenameMode {
+            noreplace: flags & libc::RENAME_NOREPLACE != 0,
+            exchange: flags & libc::RENAME_EXCHANGE != 0,
+        };
+        let (dir, new_dir) = (self.live(parent)?, self.live(new_parent)?);
+        let moved = self.txn().lookup(dir, name).map_err(IntoErrno::errno)?;
+        let replaced = self
+            .txn()
+            .rename(dir, name, new_dir, new_name, mode)
+            .map_err(IntoErrno::errno)?;
+        if self.node(moved)?.kind == Kind::File {
+            let nid = self.nids.nid(moved);
+            self.nids
+                .record_name(nid, new_parent.0, &new_name.to_owned());
+        }
+        if let Some((ino, _)) = replaced {
+            self.reap(ino);
+        }
+        Ok(())
+    }
+
+    /// `CREATE`: a new regular file, opened (always passthrough: nothing else has it open).
+    pub fn create(
+        &mut self,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        flags: i32,
+        caller: Caller,
+        open_backing: OpenBacking<'_>,
+    ) -> FsResult<(FileAttr, OpenReply)> {
+        let dir = self.live(parent)?;
+        match self.txn().lookup(dir, name) {
+            Ok(_) => return Err(Errno::EEXIST),
+            Err(crate::index::IndexError::NotFound) => {}
+            Err(e) => return Err(e.errno()),
+        }
+        let mut node = self.new_node(dir, Kind::File, mode, caller)?;
+        node.data = Some(self.new_backing()?);
+        let (ino, attr) = self.insert(parent, name, node)?;
+        let write = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        let reply = self.attach(attr.ino.0, ino, write, open_backing)?;
+        Ok((attr, reply))
+    }
+
+    /// `SETATTR`: mode, owner, size, times.
+    pub fn setattr(&mut self, nid: INodeNo, set: SetAttr) -> FsResult<FileAttr> {
+        let ino = self.live(nid)?;
+        if let Some(size) = set.size {
+            match self.node(ino)?.kind {
+                Kind::File => self.truncate(ino, size)?,
+                Kind::Dir => return Err(Errno::EISDIR),
+                _ => return Err(Errno::EINVAL),
+            }
+        }
+        let node = self.node(ino)?;
+        let writable_file = node.kind == Kind::File && self.is_writable(&node);
+        if writable_file && (set.atime.is_some() || set.mtime.is_some()) {
+            let file = match self.opens.get(&ino) {
+                Some(entry) => entry.backing.file(),
+                None => {
+                    let data = node.data.as_ref().ok_or(Errno::EIO)?;
+                    Arc::new(
+                        Layers::open_file(&self.data_path(data), true).map_err(IntoErrno::errno)?,
+                    )
+                }
+            };
+            futimens(&*file, &timespec(set.atime), &timespec(set.mtime))
+                .map_err(IntoErrno::errno)?;
+        }
+        let now = Time::now();
+        self.txn()
+            .update(ino, |node| {
+                if let Some(mode) = set.mode {
+                    node.perm = (mode & 0o7777) as u16;
+                }
+                if let Some(uid) = set.uid {
+                    node.uid = uid;
+                }
+                if let Some(gid) = set.gid {
+                    node.gid = gid;
+                }
+                if let Some(atime) = set.atime {
+                    node.atime = resolve_time(atime);
+                }
+                if let Some(mtime) = set.mtime
+                    && !writable_file
+                {
+                    node.mtime = resolve_time(mtime);
+                    node.mtime_from_data = false;
+                }
+                node.ctime = set.ctime.map(Time::from).unwrap_or(now);
+            })
+            .map_err(IntoErrno::errno)?;
+        self.attr_of(nid)
+    }
+
+    /// `OPENDIR`.
+    pub fn opendir(&mut self, nid: INodeNo) -> FsResult<u64> {
+        let ino = self.live(nid)?;
+        if self.node(ino)?.kind != Kind::Dir {
+            return Err(Errno::ENOTDIR);
+        }
+        let fh = self.alloc_fh();
+        self.dir_handles
+            .insert(fh, DirHandle { ino, entries: None });
+        Ok(fh)
+    }
+
+    /// The entries of directory handle `fh`, as they were at its first read, and the
+    /// directory's inode and parent.
+    pub fn dir_entries(&mut self, fh: u64) -> FsResult<(Ino, Ino, Arc<Vec<(OsString, Ino)>>)> {
+        let handle = self.dir_handles.get(&fh).ok_or(Errno::EBADF)?;
+        let ino = handle.ino;
+        let entries = match &handle.entries {
+            Some(entries) => Arc::clone(entries),
+            None => {
+                let listing = self.txn().list(ino).map_err(IntoErrno::errno)?;
+                let entries: Arc<Vec<_>> = Arc::new(
+                    listing
+                        .iter()
+                        .map(|(name, ino)| (name.clone(), *ino))
+                        .collect(),
+                );
+                if let Some(handle) = self.dir_handles.get_mut(&fh) {
+                    handle.entries = Some(Arc::clone(&entries));
+                }
+                entries
+            }
+        };
+        let parent = self
+            .index
+            .node(ino)
+            .map(|n| n.parent)
+            .filter(|p| *p != 0)
+            .unwrap_or(ino);
+        Ok((ino, parent, entries))
+    }
+
+    /// `GETXATTR`.
+    pub fn getxattr(&mut self, nid: INodeNo, name: &OsStr) -> FsResult<Vec<u8>> {
+        let ino = self.live(nid)?;
+        let node = self.node(ino)?;
+        node.xattrs
+            .get(&Bytes(name.as_bytes().to_vec()))
+            .map(|v| v.0.clone())
+            .ok_or(Errno::NO_XATTR)
+    }
+
+    /// `LISTXATTR`: the names, each NUL-terminated.
+    pub fn listxattr(&mut self, nid: INodeNo) -> FsResult<Vec<u8>> {
+        let ino = self.live(nid)?;
+        let node = self.node(ino)?;
+        let mut list = Vec::new();
+        for name in node.xattrs.keys() {
+            list.extend_from_slice(&name.0);
+            list.push(0);
+        }
+        Ok(list)
+    }
+
+    /// `SETXATTR` with `XATTR_CREATE` / `XATTR_REPLACE`. POSIX ACLs are not supported.
+    pub fn setxattr(
+        &mut self,
+        nid: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+    ) -> FsResult<()> {
+        let ino = self.live(nid)?;
+        if name.as_bytes().starts_with(b"system.") {
+            return Err(Errno::EOPNOTSUPP);
+        }
+        let key = Bytes(name.as_bytes().to_vec());
+        let exists = self.node(ino)?.xattrs.contains_key(&key);
+        if flags & libc::XATTR_CREATE != 0 && exists {
+            return Err(Errno::EEXIST);
+        }
+        if flags & libc::XATTR_REPLACE != 0 && !exists {
+            return Err(Errno::NO_XATTR);
+        }
+        let now = Time::now();
+        self.txn()
+            .update(ino, |node| {
+                node.xattrs.insert(key, Bytes(value.to_vec()));
+                node.ctime = now;
+            })
+            .map_err(IntoErrno::errno)?;
+        Ok(())
+    }
+
+    /// `REMOVEXATTR`.
+    pub fn removexattr(&mut self, nid: INodeNo, name: &OsStr) -> FsResult<()> {
+        let ino = self.live(nid)?;
+        let key = Bytes(name.as_bytes().to_vec());
+        if !self.node(ino)?.xattrs.contains_key(&key) {
+            return Err(Errno::NO_XATTR);
+        }
+        let now = Time::now();
+        self.txn()
+            .update(ino, |node| {
+                node.xattrs.remove(&key);
+                node.ctime = now;
+            })
+            .map_err(IntoErrno::errno)?;
+        Ok(())
+    }
+}

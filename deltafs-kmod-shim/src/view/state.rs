@@ -1,0 +1,282 @@
+//! The mutable state of a view behind its lock, and what every FUSE operation needs from
+//! it: resolving node ids, attributes, backing paths, allocation.
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsString;
+use std::fs::{self, File};
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use fuser::{Errno, FileAttr, FileType, INodeNo};
+
+use super::nodeids::{NodeIds, Resolved};
+use super::open::{Handle, OpenEntry};
+use crate::base::BaseTree;
+use crate::ids::{Ino, LayerId, SnapshotId};
+use crate::index::{Delta, Index, IndexError, Txn};
+use crate::layer::LayerError;
+use crate::node::{DataRef, Kind, Node, Time};
+use crate::store::StoreShared;
+
+/// How long the kernel may cache attributes and entries. Every change made through the
+/// mount updates the kernel's copy; a switch invalidates what it changes.
+pub(crate) const TTL: Duration = Duration::from_secs(1);
+
+/// Result of a FUSE-side operation: the errno is what the caller sees.
+pub(crate) type FsResult<T> = Result<T, Errno>;
+
+/// Conversion of the crate's errors into the errno a FUSE caller gets.
+pub(crate) trait IntoErrno {
+    fn errno(self) -> Errno;
+}
+
+impl IntoErrno for IndexError {
+    fn errno(self) -> Errno {
+        Errno::from_i32(IndexError::errno(&self))
+    }
+}
+
+impl IntoErrno for LayerError {
+    fn errno(self) -> Errno {
+        Errno::from_i32(LayerError::errno(&self))
+    }
+}
+
+impl IntoErrno for std::io::Error {
+    fn errno(self) -> Errno {
+        Errno::from_i32(self.raw_os_error().unwrap_or(libc::EIO))
+    }
+}
+
+impl IntoErrno for nix::errno::Errno {
+    fn errno(self) -> Errno {
+        Errno::from_i32(self as i32)
+    }
+}
+
+/// A directory handle: the entries as they were at the first `readdir`, so offsets stay
+/// stable whatever happens to the directory meanwhile.
+pub(crate) struct DirHandle {
+    pub ino: Ino,
+    pub entries: Option<Arc<Vec<(OsString, Ino)>>>,
+}
+
+/// Everything a view changes, behind its lock.
+pub(crate) struct ViewState {
+    pub store: Arc<StoreShared>,
+    pub base: Arc<BaseTree>,
+    /// What the view shows.
+    pub index: Index,
+    /// What changed since the last freeze or switch.
+    pub delta: Delta,
+    /// The snapshot the current state was stacked on.
+    pub parent: Option<SnapshotId>,
+    /// The layer new and copied-up files go to (this view's only).
+    pub writable: LayerId,
+    /// Next backing-file number (never reused within the view, across layers).
+    pub next_file: u64,
+    /// Shared state of the open inodes of the current index.
+    pub opens: HashMap<Ino, OpenEntry>,
+    /// Open file handles.
+    pub handles: HashMap<u64, Handle>,
+    /// Open directory handles.
+    pub dir_handles: HashMap<u64, DirHandle>,
+    pub next_fh: u64,
+    pub nids: NodeIds,
+    /// Files that had a writable passthrough open: a `MAP_SHARED` mapping of them may still
+    /// write to their backing file after the fd is closed.
+    pub maybe_mapped: HashSet<Ino>,
+    /// Node ids whose FUSE page cache may be stale (their data was changed through
+    /// passthrough, which bypasses it).
+    pub stale_cache: HashSet<u64>,
+    /// Writable layers left behind by switches (old handles may still use them).
+    pub abandoned: Vec<LayerId>,
+}
+
+impl ViewState {
+    /// A fresh state showing `index`, stacked on `parent`.
+    pub fn new(
+        store: Arc<StoreShared>,
+        base: Arc<BaseTree>,
+        index: Index,
+        parent: Option<SnapshotId>,
+    ) -> Self {
+        Self {
+            store,
+            base,
+            index,
+            delta: Delta::default(),
+            parent,
+            writable: LayerId::generate(),
+            next_file: 1,
+            opens: HashMap::new(),
+            handles: HashMap::new(),
+            dir_handles: HashMap::new(),
+            next_fh: 1,
+            nids: NodeIds::default(),
+            maybe_mapped: HashSet::new(),
+            stale_cache: HashSet::new(),
+            abandoned: Vec::new(),
+        }
+    }
+
+    /// A batch of index changes recorded in the view's delta.
+    pub fn txn(&mut self) -> Txn<'_> {
+        self.index.txn(&mut self.delta, &self.base)
+    }
+
+    /// A fresh inode number from the store's allocator.
+    pub fn alloc_ino(&self) -> Ino {
+        self.store.next_ino.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// A fresh backing-file number.
+    pub fn alloc_file(&mut self) -> u64 {
+        let file = self.next_file;
+        self.next_file += 1;
+        file
+    }
+
+    /// A fresh file handle.
+    pub fn alloc_fh(&mut self) -> u64 {
+        let fh = self.next_fh;
+        self.next_fh += 1;
+        fh
+    }
+
+    /// The current inode named by node id `nid`; `ESTALE` for a retired id.
+    /// The node is read from the base if the index has not read its directory yet.
+    pub fn live(&mut self, nid: INodeNo) -> FsResult<Ino> {
+        match self.nids.resolve(nid.0) {
+            Resolved::Live(ino) => {
+                self.index
+                    .ensure_node(ino, &self.base)
+                    .ok_or(Errno::ENOENT)?;
+                Ok(ino)
+            }
+            Resolved::Retired => Err(Errno::ESTALE),
+        }
+    }
+
+    /// The node of a current inode.
+    pub fn node(&self, ino: Ino) -> FsResult<Arc<Node>> {
+        self.index.node(ino).cloned().ok_or(Errno::ENOENT)
+    }
+
+    /// The path of a backing file or base object.
+    pub fn data_path(&self, data: &DataRef) -> PathBuf {
+        match data {
+            DataRef::Base(rel) => self.base.path(&rel.0),
+            DataRef::Layer { layer, file } => self.store.layers.file(*layer, *file),
+        }
+    }
+
+    /// Whether `node`'s backing file belongs to the writable layer.
+    pub fn is_writable(&self, node: &Node) -> bool {
+        node.data_layer() == Some(self.writable)
+    }
+
+    /// Attributes of node id `nid`, whatever it names (current inode or retired id).
+    pub fn attr_of(&mut self, nid: INodeNo) -> FsResult<FileAttr> {
+        match self.nids.resolve(nid.0) {
+            Resolved::Live(_) => {
+                let ino = self.live(nid)?;
+                let node = self.node(ino)?;
+                let open = self.opens.get(&ino).map(|entry| entry.backing.file());
+                self.attr(nid.0, &node, open.as_deref())
+            }
+            Resolved::Retired => {
+                let retired = &self.nids.retired[&nid.0];
+                let open = retired.open.as_ref().map(|entry| entry.backing.file());
+                self.attr(nid.0, &retired.node, open.as_deref())
+            }
+        }
+    }
+
+    /// Attributes of a current inode.
+    pub fn attr_of_ino(&self, ino: Ino) -> FsResult<FileAttr> {
+        let node = self.node(ino)?;
+        let open = self.opens.get(&ino).map(|entry| entry.backing.file());
+        self.attr(self.nids.nid(ino), &node, open.as_deref())
+    }
+
+    /// Attributes of `node` reported under node id `nid`. A regular file's size, blocks
+    /// and (with `mtime_from_data`) mtime are its backing file's: passthrough writes
+    /// change them without the daemon seeing.
+    pub fn attr(&self, nid: u64, node: &Node, open: Option<&File>) -> FsResult<FileAttr> {
+        let (mut size, mut blocks) = (node.size, node.size.div_ceil(512));
+        let (mut mtime, mut ctime) = (node.mtime, node.ctime);
+        if node.kind == Kind::File {
+            let meta = match (open, &node.data) {
+                (Some(file), _) => file.metadata(),
+                (None, Some(data)) => fs::metadata(self.data_path(data)),
+                (None, None) => return Err(Errno::EIO),
+            }
+            .map_err(IntoErrno::errno)?;
+            size = meta.size();
+            blocks = meta.blocks();
+            if node.mtime_from_data {
+                mtime = Time {
+                    sec: meta.mtime(),
+                    nsec: meta.mtime_nsec() as u32,
+                };
+                ctime = ctime.max(mtime);
+            }
+        }
+        Ok(FileAttr {
+            ino: INodeNo(nid),
+            size,
+            blocks,
+            atime: node.atime.to_system(),
+            mtime: mtime.to_system(),
+            ctime: ctime.to_system(),
+            crtime: ctime.to_system(),
+            kind: file_type(node.kind),
+            perm: node.perm,
+            nlink: node.nlink,
+            uid: node.uid,
+            gid: node.gid,
+            rdev: node.rdev as u32,
+            blksize: 4096,
+            flags: 0,
+        })
+    }
+
+    /// Removes `ino` if it is an orphan (no name left) that no handle holds open, and
+    /// its backing file when that is the writable layer's (no snapshot refers to it).
+    pub fn reap(&mut self, ino: Ino) {
+        if self.opens.contains_key(&ino) {
+            return;
+        }
+        let Some(node) = self.index.node(ino).cloned() else {
+            return;
+        };
+        if node.nlink > 0 || node.kind == Kind::Dir {
+            return;
+        }
+        self.txn().remove(ino);
+        self.maybe_mapped.remove(&ino);
+        if self.is_writable(&node)
+            && let Some(data) = &node.data
+        {
+            // The file may still be mapped; unlinking it is harmless then.
+            let _ = fs::remove_file(self.data_path(data));
+        }
+    }
+}
+
+/// fuser's name for a kind.
+pub(crate) fn file_type(kind: Kind) -> FileType {
+    match kind {
+        Kind::File => FileType::RegularFile,
+        Kind::Dir => FileType::Directory,
+        Kind::Symlink => FileType::Symlink,
+        Kind::Fifo => FileType::NamedPipe,
+        Kind::Socket => FileType::Socket,
+        Kind::CharDev => FileType::CharDevice,
+        Kind::BlockDev => FileType::BlockDevice,
+    }
+}

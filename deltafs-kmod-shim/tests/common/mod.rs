@@ -1,0 +1,133 @@
+//! Shared fixture of the DeltaFS root tests: a store (on the xfs store set-up provides at
+//! `/var/lib/deltabox/store` when it exists, else in a temporary directory), a base tree,
+//! mount points, and guards that unmount and remove everything even when a test fails.
+
+#![allow(dead_code)]
+
+pub mod mmap;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use deltafs::{SnapshotId, Store, View};
+use nix::mount::{MntFlags, umount2};
+
+/// Where set-up puts the xfs (reflink) store, if it did.
+const XFS_STORE: &str = "/var/lib/deltabox/store";
+
+/// Why these tests cannot run here, if they cannot.
+pub fn skip_reason() -> Option<&'static str> {
+    if !nix::unistd::geteuid().is_root() {
+        return Some("needs root (mounting FUSE, passthrough needs CAP_SYS_ADMIN)");
+    }
+    if !Path::new("/dev/fuse").exists() {
+        return Some("/dev/fuse is missing");
+    }
+    None
+}
+
+/// Returns from the test (after saying why) when it cannot run here.
+#[macro_export]
+macro_rules! require_root {
+    () => {
+        if let Some(why) = common::skip_reason() {
+            eprintln!("skipped: {why}");
+            return;
+        }
+    };
+}
+
+/// A directory removed (after detaching any mount under it) when dropped.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new_in(parent: &Path, prefix: &str) -> Self {
+        fs::create_dir_all(parent).unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir_in(parent)
+            .unwrap()
+            .keep();
+        Self(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        // Mount points inside are detached first so removal cannot descend into a mount.
+        if let Ok(entries) = fs::read_dir(&self.0) {
+            for entry in entries.flatten() {
+                let _ = umount2(&entry.path(), MntFlags::MNT_DETACH);
+            }
+        }
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A store, a base tree and a scratch directory for mount points.
+pub struct Fixture {
+    store: Option<Store>,
+    pub base: PathBuf,
+    // Dropped after `store` (fields drop in order): views hold nothing of these.
+    scratch: TempDir,
+    store_dir: TempDir,
+}
+
+impl Fixture {
+    /// A fresh store and a base holding `etc/hostname`, `usr/bin/tool` and `big`.
+    pub fn new() -> Self {
+        let scratch = TempDir::new_in(&std::env::temp_dir(), "deltafs-test-");
+        let store_parent = if Path::new(XFS_STORE).is_dir() {
+            PathBuf::from(XFS_STORE)
+        } else {
+            scratch.path().join("stores")
+        };
+        let store_dir = TempDir::new_in(&store_parent, "test-");
+        let base = scratch.path().join("base");
+        fs::create_dir_all(base.join("etc")).unwrap();
+        fs::create_dir_all(base.join("usr/bin")).unwrap();
+        fs::write(base.join("etc/hostname"), b"base-host\n").unwrap();
+        fs::write(base.join("usr/bin/tool"), b"#!/bin/sh\necho tool\n").unwrap();
+        fs::write(base.join("big"), vec![7u8; 1 << 20]).unwrap();
+        let store = Some(Store::open(store_dir.path()).unwrap());
+        Self {
+            store,
+            base,
+            scratch,
+            store_dir,
+        }
+    }
+
+    /// A new empty mount point.
+    pub fn mountpoint(&self, name: &str) -> PathBuf {
+        let path = self.scratch.path().join(name);
+        fs::create_dir_all(&path).unwrap();
+        path
+    }
+
+    pub fn store(&self) -> &Store {
+        self.store.as_ref().unwrap()
+    }
+
+    /// Mounts a view at `name` from `from`.
+    pub fn mount(&self, name: &str, from: Option<SnapshotId>) -> View {
+        self.store()
+            .mount(&self.base, &self.mountpoint(name), from)
+            .unwrap()
+    }
+
+    pub fn store_dir(&self) -> &Path {
+        self.store_dir.path()
+    }
+
+    /// Reopens the store (as a restarted daemon would): drops the current one first.
+    pub fn reopen(&mut self) {
+        // Release the lock before taking it again.
+        self.store = None;
+        self.store = Some(Store::open(self.store_dir.path()).unwrap());
+    }
+}
