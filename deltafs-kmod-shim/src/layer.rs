@@ -4,7 +4,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::fd::AsFd;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use nix::sys::stat::futimens;
@@ -305,27 +305,49 @@ fn sparse_copy(src: &File, dest: &File) -> io::Result<u64> {
         let end = lseek(src.as_fd(), start, Whence::SeekHole)
             .map_err(io::Error::from)?
             .min(len);
-        let mut off = start;
-        while off < end {
-            let (mut off_in, mut off_out) = (off, off);
-            let n = nix::fcntl::copy_file_range(
-                src.as_fd(),
-                Some(&mut off_in),
-                dest.as_fd(),
-                Some(&mut off_out),
-                (end - off) as usize,
-            )
-            .map_err(io::Error::from)?;
-            if n == 0 {
-                break;
-            }
-            off += n as i64;
-            copied += n as u64;
-        }
+        copied += copy_range(src, dest, start as u64, end as u64)?;
         pos = end;
     }
     dest.set_len(len as u64)?;
     Ok(copied)
+}
+
+/// Copies `[start, end)` of `src` to the same offsets of `dest`: `copy_file_range` within a
+/// filesystem, a read/write loop across filesystems (a base on ext4, a store on xfs).
+fn copy_range(src: &File, dest: &File, start: u64, end: u64) -> io::Result<u64> {
+    let mut off = start;
+    while off < end {
+        let (mut off_in, mut off_out) = (off as i64, off as i64);
+        match nix::fcntl::copy_file_range(
+            src.as_fd(),
+            Some(&mut off_in),
+            dest.as_fd(),
+            Some(&mut off_out),
+            (end - off) as usize,
+        ) {
+            Ok(0) => break,
+            Ok(n) => off += n as u64,
+            Err(
+                nix::errno::Errno::EXDEV
+                | nix::errno::Errno::EINVAL
+                | nix::errno::Errno::EOPNOTSUPP
+                | nix::errno::Errno::ENOSYS,
+            ) => {
+                let mut buf = vec![0u8; (1 << 20).min((end - off) as usize)];
+                while off < end {
+                    let want = buf.len().min((end - off) as usize);
+                    let n = src.read_at(&mut buf[..want], off)?;
+                    if n == 0 {
+                        break;
+                    }
+                    dest.write_all_at(&buf[..n], off)?;
+                    off += n as u64;
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(off - start)
 }
 
 /// Whether `dir`'s filesystem supports `FICLONE` (two scratch files, removed again).
@@ -355,8 +377,6 @@ fn probe_reflink(dir: &Path) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use std::os::unix::fs::FileExt;
-
     use super::*;
 
     #[test]

@@ -21,20 +21,37 @@ pub enum MapsError {
 }
 
 /// `(st_dev, st_ino)` of every file mapped shared and writable by one of `pids`. Processes
-/// that are gone are skipped.
+/// that are gone are skipped; one whose maps cannot be read is an error.
 pub fn shared_writable(
     pids: impl IntoIterator<Item = u32>,
 ) -> Result<HashSet<(u64, u64)>, MapsError> {
     let mut found = HashSet::new();
     for pid in pids {
-        let text = match fs::read_to_string(format!("/proc/{pid}/maps")) {
-            Ok(text) => text,
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ESRCH)) => continue,
-            Err(source) => return Err(MapsError::Read { pid, source }),
-        };
-        found.extend(text.lines().filter_map(parse_line));
+        if let Some(text) = read_maps(pid)? {
+            found.extend(text.lines().filter_map(parse_line));
+        }
     }
     Ok(found)
+}
+
+/// Like [`shared_writable`] over every process, skipping those whose maps this process
+/// may not read (other user namespaces).
+pub fn shared_writable_all() -> HashSet<(u64, u64)> {
+    let mut found = HashSet::new();
+    for pid in all_pids() {
+        if let Ok(Some(text)) = read_maps(pid) {
+            found.extend(text.lines().filter_map(parse_line));
+        }
+    }
+    found
+}
+
+fn read_maps(pid: u32) -> Result<Option<String>, MapsError> {
+    match fs::read_to_string(format!("/proc/{pid}/maps")) {
+        Ok(text) => Ok(Some(text)),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ESRCH)) => Ok(None),
+        Err(source) => Err(MapsError::Read { pid, source }),
+    }
 }
 
 /// Every process's pid.

@@ -26,7 +26,7 @@ impl ViewShared {
         let mapped = match &opts.mapped {
             MappedFiles::Conservative => None,
             MappedFiles::Pids(pids) => Some(maps::shared_writable(pids.iter().copied())?),
-            MappedFiles::AllProcesses => Some(maps::shared_writable(maps::all_pids())?),
+            MappedFiles::AllProcesses => Some(maps::shared_writable_all()),
         };
         let layers = &self.store.layers;
         let mut store = lock(&self.store.state);

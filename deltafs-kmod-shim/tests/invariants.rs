@@ -1,0 +1,297 @@
+//! DESIGN.md invariants 1 (a checkpoint never changes after it is taken) and 2 (branches
+//! never see each other), plus restart, garbage collection and the cost of a freeze.
+//! Each test fails if the property is broken. Needs root.
+
+mod common;
+
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+
+use common::Fixture;
+use common::mmap::SharedMap;
+use deltafs::{FreezeOpts, MappedFiles};
+
+const PAGE: usize = 4096;
+
+fn freeze(view: &deltafs::View) -> deltafs::FreezeReport {
+    view.freeze(&FreezeOpts::default()).unwrap()
+}
+
+/// Writes through every kind of handle opened before a checkpoint — a plain fd, an
+/// `O_APPEND` fd, a `MAP_SHARED` mapping whose fd is closed, dirty pages never written
+/// back, an fd on a file copied up from the base — then rolls back: the checkpoint's
+/// content is intact, seen by the rolled-back view and by a branch from the checkpoint.
+#[test]
+fn old_handles_never_write_into_a_checkpoint() {
+    require_root!();
+    let fx = Fixture::new();
+    let view = fx.mount("live", None);
+    let m = view.mountpoint().to_owned();
+
+    let plain = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(m.join("plain"))
+        .unwrap();
+    plain.write_all_at(b"AAAA", 0).unwrap();
+    let mut append = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(m.join("append"))
+        .unwrap();
+    append.write_all(b"AAAA").unwrap();
+    let mapped_fd = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(m.join("mapped"))
+        .unwrap();
+    mapped_fd.set_len(PAGE as u64).unwrap();
+    let mut mapped = SharedMap::new(&mapped_fd, PAGE);
+    mapped.write(0, b"AAAA");
+    mapped.sync();
+    drop(mapped_fd); // the mapping outlives its fd
+    let dirty_fd = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(m.join("dirty"))
+        .unwrap();
+    dirty_fd.set_len(PAGE as u64).unwrap();
+    let mut dirty = SharedMap::new(&dirty_fd, PAGE);
+    dirty.write(0, b"AAAA"); // no msync: dirty in the page cache at the freeze
+    drop(dirty_fd);
+    let base_fd = OpenOptions::new()
+        .write(true)
+        .open(m.join("etc/hostname"))
+        .unwrap();
+    base_fd.write_all_at(b"AAAA", 0).unwrap();
+
+    let report = freeze(&view);
+    let checkpoint = report.id;
+    assert!(report.kept_live >= 5, "{report:?}");
+
+    // After the checkpoint, every old handle writes.
+    plain.write_all_at(b"BBBB", 0).unwrap();
+    append.write_all(b"BBBB").unwrap();
+    mapped.write(0, b"BBBB");
+    mapped.sync();
+    dirty.write(0, b"BBBB");
+    base_fd.write_all_at(b"BBBB", 0).unwrap();
+    assert_eq!(fs::read(m.join("plain")).unwrap(), b"BBBB");
+    assert_eq!(fs::read(m.join("append")).unwrap(), b"AAAABBBB");
+    assert_eq!(&fs::read(m.join("mapped")).unwrap()[..4], b"BBBB");
+    assert_eq!(&fs::read(m.join("dirty")).unwrap()[..4], b"BBBB");
+
+    let expect_checkpoint = |dir: &std::path::Path| {
+        assert_eq!(fs::read(dir.join("plain")).unwrap(), b"AAAA");
+        assert_eq!(fs::read(dir.join("append")).unwrap(), b"AAAA");
+        assert_eq!(&fs::read(dir.join("mapped")).unwrap()[..4], b"AAAA");
+        assert_eq!(&fs::read(dir.join("dirty")).unwrap()[..4], b"AAAA");
+        assert_eq!(fs::read(dir.join("etc/hostname")).unwrap(), b"AAAA-host\n");
+    };
+    // A branch from the checkpoint sees it intact.
+    let branch = fx.mount("branch", Some(checkpoint));
+    expect_checkpoint(branch.mountpoint());
+
+    // Roll back while the old handles are still open; they keep writing, elsewhere.
+    let switched = view.switch(checkpoint).unwrap();
+    assert!(switched.retired >= 2, "{switched:?}");
+    expect_checkpoint(&m);
+    plain.write_all_at(b"CCCC", 0).unwrap();
+    append.write_all(b"CCCC").unwrap();
+    mapped.write(0, b"CCCC");
+    mapped.sync();
+    dirty.write(0, b"CCCC");
+    base_fd.write_all_at(b"CCCC", 0).unwrap();
+    dirty_sync(&dirty);
+    expect_checkpoint(&m);
+    expect_checkpoint(branch.mountpoint());
+
+    // New writes after the rollback work, and the checkpoint still holds.
+    fs::write(m.join("plain"), b"DDDD").unwrap();
+    assert_eq!(fs::read(m.join("plain")).unwrap(), b"DDDD");
+    view.switch(checkpoint).unwrap();
+    expect_checkpoint(&m);
+
+    drop((plain, append, base_fd, mapped, dirty));
+    branch.unmount().unwrap();
+    view.unmount().unwrap();
+}
+
+fn dirty_sync(map: &SharedMap) {
+    map.sync();
+}
+
+/// A file open for reading from the base (daemon-served) while another open writes it
+/// (copy-up): the reader sees the writer's data, and the checkpoint before keeps the old.
+#[test]
+fn copy_up_under_an_open_reader_and_old_readers_after_switch() {
+    require_root!();
+    let fx = Fixture::new();
+    let view = fx.mount("live", None);
+    let m = view.mountpoint().to_owned();
+    let checkpoint = freeze(&view).id;
+
+    let reader = fs::File::open(m.join("etc/hostname")).unwrap();
+    let mut buf = [0u8; 9];
+    reader.read_exact_at(&mut buf, 0).unwrap();
+    assert_eq!(&buf, b"base-host");
+    let writer = OpenOptions::new()
+        .write(true)
+        .open(m.join("etc/hostname"))
+        .unwrap();
+    writer.write_all_at(b"new", 0).unwrap();
+    reader.read_exact_at(&mut buf, 0).unwrap();
+    assert_eq!(&buf, b"newe-host");
+    drop(writer);
+
+    view.switch(checkpoint).unwrap();
+    assert_eq!(fs::read(m.join("etc/hostname")).unwrap(), b"base-host\n");
+    drop(reader);
+    view.unmount().unwrap();
+}
+
+/// Two views over one snapshot never see each other's writes (invariant 2).
+#[test]
+fn branches_never_see_each_other() {
+    require_root!();
+    let fx = Fixture::new();
+    let view = fx.mount("root", None);
+    fs::write(view.mountpoint().join("shared"), b"origin").unwrap();
+    let snapshot = freeze(&view).id;
+    let a = fx.mount("a", Some(snapshot));
+    let b = fx.mount("b", Some(snapshot));
+    fs::write(a.mountpoint().join("shared"), b"from a").unwrap();
+    fs::write(b.mountpoint().join("shared"), b"from b").unwrap();
+    fs::write(a.mountpoint().join("only-a"), b"a").unwrap();
+    fs::remove_file(b.mountpoint().join("etc/hostname")).unwrap();
+    assert_eq!(fs::read(a.mountpoint().join("shared")).unwrap(), b"from a");
+    assert_eq!(fs::read(b.mountpoint().join("shared")).unwrap(), b"from b");
+    assert_eq!(
+        fs::read(view.mountpoint().join("shared")).unwrap(),
+        b"origin"
+    );
+    assert!(!b.mountpoint().join("only-a").exists());
+    assert!(a.mountpoint().join("etc/hostname").exists());
+    // Freezes of one branch do not move the other.
+    let a1 = freeze(&a).id;
+    fs::write(a.mountpoint().join("shared"), b"a again").unwrap();
+    b.switch(a1).unwrap();
+    assert_eq!(fs::read(b.mountpoint().join("shared")).unwrap(), b"from a");
+    assert_eq!(fs::read(a.mountpoint().join("shared")).unwrap(), b"a again");
+    for v in [a, b, view] {
+        v.unmount().unwrap();
+    }
+}
+
+/// A restarted daemon re-mounts snapshots from their on-disk metadata.
+#[test]
+fn snapshots_survive_a_restart() {
+    require_root!();
+    let mut fx = Fixture::new();
+    let view = fx.mount("live", None);
+    let m = view.mountpoint().to_owned();
+    fs::create_dir_all(m.join("proj/src")).unwrap();
+    fs::write(m.join("proj/src/lib.rs"), b"v1").unwrap();
+    fs::write(m.join("etc/hostname"), b"changed\n").unwrap();
+    std::os::unix::fs::symlink("proj", m.join("link")).unwrap();
+    let s1 = freeze(&view).id;
+    fs::write(m.join("proj/src/lib.rs"), b"v2").unwrap();
+    fs::remove_file(m.join("usr/bin/tool")).unwrap();
+    let s2 = freeze(&view).id;
+    view.unmount().unwrap();
+
+    fx.reopen();
+    let v2 = fx.mount("after", Some(s2));
+    let m = v2.mountpoint();
+    assert_eq!(fs::read(m.join("proj/src/lib.rs")).unwrap(), b"v2");
+    assert!(!m.join("usr/bin/tool").exists());
+    assert_eq!(fs::read(m.join("etc/hostname")).unwrap(), b"changed\n");
+    v2.switch(s1).unwrap();
+    assert_eq!(fs::read(m.join("proj/src/lib.rs")).unwrap(), b"v1");
+    assert!(m.join("usr/bin/tool").exists());
+    assert_eq!(
+        fs::read_link(m.join("link")).unwrap(),
+        std::path::Path::new("proj")
+    );
+    v2.unmount().unwrap();
+}
+
+/// Dropping every snapshot and unmounting gives back every layer directory.
+#[test]
+fn gc_removes_what_nothing_references() {
+    require_root!();
+    let fx = Fixture::new();
+    let before = fx.store().disk_usage();
+    let view = fx.mount("live", None);
+    let m = view.mountpoint().to_owned();
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        fs::write(m.join(format!("f{i}")), vec![i as u8; 64 << 10]).unwrap();
+        ids.push(freeze(&view).id);
+    }
+    // Dropped snapshots under the view's state stay: the view needs their layers.
+    for id in &ids {
+        fx.store().drop_snapshot(*id).unwrap();
+    }
+    let report = fx.store().gc().unwrap();
+    assert!(report.removed.is_empty(), "{report:?}");
+    assert!(view.switch(ids[0]).is_err());
+    view.unmount().unwrap();
+    let report = fx.store().gc().unwrap();
+    assert_eq!(report.kept, 0, "{report:?}");
+    assert!(fx.store().snapshots().is_empty());
+    assert!(
+        fx.store().disk_usage() <= before,
+        "{} > {before}",
+        fx.store().disk_usage()
+    );
+}
+
+/// A freeze writes O(changes) of metadata, not O(state): with 2 000 files in the state and
+/// one changed, it writes at most 4 KiB.
+#[test]
+fn freeze_writes_little_whatever_the_state_size() {
+    require_root!();
+    let fx = Fixture::new();
+    let view = fx.mount("live", None);
+    let m = view.mountpoint().to_owned();
+    fs::create_dir(m.join("tree")).unwrap();
+    for i in 0..2000 {
+        fs::write(m.join(format!("tree/f{i}")), b"x").unwrap();
+    }
+    let first = view
+        .freeze(&FreezeOpts {
+            mapped: MappedFiles::AllProcesses,
+        })
+        .unwrap();
+    assert!(first.changes >= 2000);
+    fs::write(m.join("tree/f7"), b"y").unwrap();
+    let second = view
+        .freeze(&FreezeOpts {
+            mapped: MappedFiles::AllProcesses,
+        })
+        .unwrap();
+    assert!(second.metadata_bytes <= 4096, "{second:?}");
+    assert_eq!(second.kept_live, 0, "{second:?}");
+    let empty = view.freeze(&FreezeOpts::default()).unwrap();
+    assert!(empty.metadata_bytes <= 4096, "{empty:?}");
+    eprintln!("freeze of 1 change over 2000 files: {second:?}; empty freeze: {empty:?}");
+    view.unmount().unwrap();
+}
+
+#[allow(dead_code)]
+fn open_excl(path: &std::path::Path) -> fs::File {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+        .unwrap()
+}
