@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{Ino, LayerId, SnapshotId};
-use crate::index::{Delta, Index};
+use crate::index::{Delta, EntryChanges, Index, NodeChanges};
 use crate::node::{Bytes, Node};
 
 /// Version of `layer.json` and `delta.json` this build writes and reads.
@@ -124,9 +124,7 @@ impl DeltaRecord {
     }
 
     /// The record's parts in the form [`Index::apply`] takes.
-    pub(crate) fn into_parts(
-        self,
-    ) -> (Vec<(Ino, Option<Node>)>, Vec<(Ino, OsString, Option<Ino>)>) {
+    pub(crate) fn into_parts(self) -> (NodeChanges, EntryChanges) {
         let entries = self
             .entries
             .into_iter()

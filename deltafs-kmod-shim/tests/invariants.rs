@@ -6,7 +6,7 @@ mod common;
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 
 use common::Fixture;
 use common::mmap::SharedMap;
@@ -109,7 +109,7 @@ fn old_handles_never_write_into_a_checkpoint() {
     mapped.sync();
     dirty.write(0, b"CCCC");
     base_fd.write_all_at(b"CCCC", 0).unwrap();
-    dirty_sync(&dirty);
+    dirty.sync();
     expect_checkpoint(&m);
     expect_checkpoint(branch.mountpoint());
 
@@ -122,10 +122,6 @@ fn old_handles_never_write_into_a_checkpoint() {
     drop((plain, append, base_fd, mapped, dirty));
     branch.unmount().unwrap();
     view.unmount().unwrap();
-}
-
-fn dirty_sync(map: &SharedMap) {
-    map.sync();
 }
 
 /// A file open for reading from the base (daemon-served) while another open writes it
@@ -284,14 +280,4 @@ fn freeze_writes_little_whatever_the_state_size() {
     assert!(empty.metadata_bytes <= 4096, "{empty:?}");
     eprintln!("freeze of 1 change over 2000 files: {second:?}; empty freeze: {empty:?}");
     view.unmount().unwrap();
-}
-
-#[allow(dead_code)]
-fn open_excl(path: &std::path::Path) -> fs::File {
-    OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(path)
-        .unwrap()
 }

@@ -25,6 +25,12 @@ pub use self::ops::{RenameMode, Txn};
 /// A directory's entries: name → inode number.
 pub type Dir = imbl::OrdMap<OsString, Ino>;
 
+/// Changed nodes as persisted: inode and its node (`None`: removed).
+pub type NodeChanges = Vec<(Ino, Option<Node>)>;
+
+/// Changed entries as persisted: directory, name and the inode named (`None`: removed).
+pub type EntryChanges = Vec<(Ino, OsString, Option<Ino>)>;
+
 /// Longest name a directory entry may have, as on ext4.
 pub const NAME_MAX: usize = 255;
 
@@ -249,8 +255,8 @@ impl Index {
     /// Applies a persisted delta (see [`crate::persist`]) without recording it.
     pub(crate) fn apply(
         &mut self,
-        nodes: Vec<(Ino, Option<Node>)>,
-        entries: Vec<(Ino, OsString, Option<Ino>)>,
+        nodes: NodeChanges,
+        entries: EntryChanges,
         base: &BaseTree,
     ) -> Result<(), IndexError> {
         let mut scratch = Delta::default();

@@ -2,7 +2,7 @@
 //! resolves node ids, applies the change to the index through a [`crate::index::Txn`] and
 //! returns what the reply needs.
 
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
@@ -13,7 +13,7 @@ use nix::sys::stat::futimens;
 use nix::sys::time::TimeSpec;
 
 use super::open::{OpenBacking, OpenReply};
-use super::state::{DirHandle, FsResult, IntoErrno, ViewState};
+use super::state::{DirHandle, FsResult, IntoErrno, Listing, ViewState};
 use crate::ids::Ino;
 use crate::index::RenameMode;
 use crate::layer::Layers;
@@ -328,7 +328,7 @@ impl ViewState {
 
     /// The entries of directory handle `fh`, as they were at its first read, and the
     /// directory's inode and parent.
-    pub fn dir_entries(&mut self, fh: u64) -> FsResult<(Ino, Ino, Arc<Vec<(OsString, Ino)>>)> {
+    pub fn dir_entries(&mut self, fh: u64) -> FsResult<(Ino, Ino, Listing)> {
         let handle = self.dir_handles.get(&fh).ok_or(Errno::EBADF)?;
         let ino = handle.ino;
         let entries = match &handle.entries {

@@ -57,11 +57,14 @@ impl IntoErrno for nix::errno::Errno {
     }
 }
 
+/// A directory's entries as a directory handle holds them.
+pub(crate) type Listing = Arc<Vec<(OsString, Ino)>>;
+
 /// A directory handle: the entries as they were at the first `readdir`, so offsets stay
 /// stable whatever happens to the directory meanwhile.
 pub(crate) struct DirHandle {
     pub ino: Ino,
-    pub entries: Option<Arc<Vec<(OsString, Ino)>>>,
+    pub entries: Option<Listing>,
 }
 
 /// Everything a view changes, behind its lock.
