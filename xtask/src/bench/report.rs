@@ -119,15 +119,19 @@ impl Column {
         }
     }
 
+    /// The times of `op`, one per finished run, in run order.
+    fn samples(&self, op: Op) -> Vec<Duration> {
+        let State::Ran(runs) = &self.state else {
+            return Vec::new();
+        };
+        runs.iter()
+            .flat_map(|run| run.iter().filter(|(o, _)| *o == op).map(|(_, d)| *d))
+            .collect()
+    }
+
     /// The median of `op` over the runs (the lower middle one for an even count).
     pub fn median(&self, op: Op) -> Option<Duration> {
-        let State::Ran(runs) = &self.state else {
-            return None;
-        };
-        let mut samples: Vec<Duration> = runs
-            .iter()
-            .flat_map(|run| run.iter().filter(|(o, _)| *o == op).map(|(_, d)| *d))
-            .collect();
+        let mut samples = self.samples(op);
         if samples.is_empty() {
             return None;
         }
@@ -206,6 +210,29 @@ impl FsReport {
             let _ = write!(cell, " ({ratio:.2}x)");
         }
         cell
+    }
+
+    /// Every run's time, in run order: the spread behind each median.
+    fn sample_rows(&self) -> Vec<[String; 5]> {
+        OPS.iter()
+            .map(|&op| {
+                let mut row: [String; 5] = Default::default();
+                row[0] = op.label(self.size_mib);
+                for (cell, column) in row[1..].iter_mut().zip(&self.columns) {
+                    let samples: Vec<String> = column
+                        .samples(op)
+                        .into_iter()
+                        .map(format_duration)
+                        .collect();
+                    *cell = if samples.is_empty() {
+                        "-".to_owned()
+                    } else {
+                        samples.join(" / ")
+                    };
+                }
+                row
+            })
+            .collect()
     }
 
     fn header(&self) -> [&str; 5] {
@@ -306,6 +333,8 @@ impl FsReport {
         for note in self.notes() {
             let _ = writeln!(md, "- {note}");
         }
+        md.push_str("\nEvery run, in order (the spread behind each median):\n\n");
+        md.push_str(&markdown_table(&self.header(), &self.sample_rows()));
         md.push('\n');
         md.push_str(END);
         md
@@ -330,7 +359,7 @@ impl FsReport {
 /// is empty; `section` appended when `old` has no markers.
 fn splice(old: &str, section: &str) -> String {
     if old.trim().is_empty() {
-        return format!("{HEAD}{section}\n{DELTAFS_SECTION}");
+        return format!("{HEAD}{section}\n\n{DELTAFS_SECTION}");
     }
     match (old.find(BEGIN), old.find(END)) {
         (Some(begin), Some(end)) if begin < end => {
