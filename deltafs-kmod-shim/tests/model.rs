@@ -1,0 +1,375 @@
+//! Model-based property test: random file operations, with random freezes, switches and
+//! branches and file descriptors held across them, applied both to a DeltaFS view and
+//! to a reference: a plain directory on the host filesystem, read into an in-memory tree
+//! at each checkpoint and written back out at each rollback. After every step the two
+//! agree on the result of the operation (errno) and on contents, modes, symlink targets,
+//! link counts, hard-link groups and directory listings; a branch mounted from a
+//! checkpoint shows exactly that checkpoint's tree. Needs root.
+//!
+//! `PROPTEST_CASES` sets the number of cases (default 24).
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use common::{Fixture, TempDir};
+use deltafs::{FreezeOpts, SnapshotId, View};
+use proptest::prelude::*;
+
+/// The names operations pick from (some exist in the base, some under others).
+const PATHS: &[&str] = &[
+    "a",
+    "b",
+    "d",
+    "d/a",
+    "d/b",
+    "d/e",
+    "d/e/a",
+    "etc",
+    "etc/hostname",
+    "usr/bin/tool",
+    "usr/bin",
+];
+
+#[derive(Debug, Clone)]
+enum Op {
+    Write {
+        path: usize,
+        offset: u8,
+        data: Vec<u8>,
+    },
+    Truncate {
+        path: usize,
+        len: u16,
+    },
+    Mkdir {
+        path: usize,
+    },
+    Unlink {
+        path: usize,
+    },
+    Rmdir {
+        path: usize,
+    },
+    Rename {
+        from: usize,
+        to: usize,
+        flags: u32,
+    },
+    Link {
+        from: usize,
+        to: usize,
+    },
+    Symlink {
+        path: usize,
+        target: usize,
+    },
+    Chmod {
+        path: usize,
+        mode: u32,
+    },
+    Hold {
+        path: usize,
+    },
+    WriteHeld {
+        slot: usize,
+        offset: u8,
+        data: Vec<u8>,
+    },
+    Release {
+        slot: usize,
+    },
+    Freeze,
+    Switch {
+        to: usize,
+    },
+    Branch {
+        from: usize,
+    },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let path = 0..PATHS.len();
+    let data = proptest::collection::vec(any::<u8>(), 0..48);
+    prop_oneof![
+        6 => (path.clone(), any::<u8>(), data.clone())
+            .prop_map(|(path, offset, data)| Op::Write { path, offset, data }),
+        2 => (path.clone(), 0..300u16).prop_map(|(path, len)| Op::Truncate { path, len }),
+        3 => path.clone().prop_map(|path| Op::Mkdir { path }),
+        2 => path.clone().prop_map(|path| Op::Unlink { path }),
+        1 => path.clone().prop_map(|path| Op::Rmdir { path }),
+        3 => (path.clone(), path.clone(), prop_oneof![Just(0), Just(libc::RENAME_NOREPLACE), Just(libc::RENAME_EXCHANGE)])
+            .prop_map(|(from, to, flags)| Op::Rename { from, to, flags }),
+        1 => (path.clone(), path.clone()).prop_map(|(from, to)| Op::Link { from, to }),
+        1 => (path.clone(), path.clone()).prop_map(|(path, target)| Op::Symlink { path, target }),
+        1 => (path.clone(), prop_oneof![Just(0o600u32), Just(0o644), Just(0o755), Just(0o4711)])
+            .prop_map(|(path, mode)| Op::Chmod { path, mode }),
+        1 => path.prop_map(|path| Op::Hold { path }),
+        2 => (0..2usize, any::<u8>(), data).prop_map(|(slot, offset, data)| Op::WriteHeld { slot, offset, data }),
+        1 => (0..2usize).prop_map(|slot| Op::Release { slot }),
+        2 => Just(Op::Freeze),
+        2 => (0..8usize).prop_map(|to| Op::Switch { to }),
+        1 => (0..8usize).prop_map(|from| Op::Branch { from }),
+    ]
+}
+
+/// A file tree as the comparison sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Entry {
+    Dir {
+        mode: u32,
+    },
+    File {
+        mode: u32,
+        nlink: u64,
+        data: Vec<u8>,
+    },
+    Symlink {
+        target: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+struct Tree {
+    entries: BTreeMap<PathBuf, Entry>,
+    /// Names sharing an inode, for each inode with several.
+    links: Vec<Vec<PathBuf>>,
+}
+
+fn read_tree(root: &Path) -> Tree {
+    fn walk(root: &Path, rel: &Path, tree: &mut Tree, inodes: &mut HashMap<u64, Vec<PathBuf>>) {
+        let mut names: Vec<_> = fs::read_dir(root.join(rel))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        for name in names {
+            let rel = rel.join(name);
+            let path = root.join(&rel);
+            let meta = fs::symlink_metadata(&path).unwrap();
+            let mode = meta.mode() & 0o7777;
+            let entry = if meta.is_dir() {
+                walk(root, &rel, tree, inodes);
+                Entry::Dir { mode }
+            } else if meta.file_type().is_symlink() {
+                Entry::Symlink {
+                    target: fs::read_link(&path).unwrap(),
+                }
+            } else {
+                inodes.entry(meta.ino()).or_default().push(rel.clone());
+                Entry::File {
+                    mode,
+                    nlink: meta.nlink(),
+                    data: fs::read(&path).unwrap(),
+                }
+            };
+            tree.entries.insert(rel, entry);
+        }
+    }
+    let mut tree = Tree::default();
+    let mut inodes = HashMap::new();
+    walk(root, Path::new(""), &mut tree, &mut inodes);
+    tree.links = inodes
+        .into_values()
+        .filter(|names| names.len() > 1)
+        .collect();
+    for names in &mut tree.links {
+        names.sort();
+    }
+    tree.links.sort();
+    tree
+}
+
+/// Writes `tree` into the empty directory `root`.
+fn write_tree(tree: &Tree, root: &Path) {
+    let mut linked: HashMap<&Path, &Path> = HashMap::new();
+    for names in &tree.links {
+        for name in &names[1..] {
+            linked.insert(name, &names[0]);
+        }
+    }
+    for (rel, entry) in &tree.entries {
+        let path = root.join(rel);
+        match entry {
+            Entry::Dir { .. } => fs::create_dir(&path).unwrap(),
+            Entry::Symlink { target } => std::os::unix::fs::symlink(target, &path).unwrap(),
+            Entry::File { data, .. } => match linked.get(rel.as_path()) {
+                Some(first) if root.join(first).exists() => {
+                    fs::hard_link(root.join(first), &path).unwrap()
+                }
+                _ => fs::write(&path, data).unwrap(),
+            },
+        }
+    }
+    for (rel, entry) in tree.entries.iter().rev() {
+        if let Entry::Dir { mode } | Entry::File { mode, .. } = entry {
+            fs::set_permissions(root.join(rel), fs::Permissions::from_mode(*mode)).unwrap();
+        }
+    }
+}
+
+fn errno(result: std::io::Result<()>) -> Result<(), i32> {
+    result.map_err(|e| e.raw_os_error().unwrap_or(-1))
+}
+
+/// Applies a file operation under `root`; `held` are this side's held fds.
+fn apply(root: &Path, op: &Op, held: &mut [Option<File>; 2]) -> Result<(), i32> {
+    let p = |i: &usize| root.join(PATHS[*i]);
+    match op {
+        Op::Write { path, offset, data } => errno((|| {
+            let f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(p(path))?;
+            f.write_all_at(data, u64::from(*offset))
+        })()),
+        Op::Truncate { path, len } => errno((|| {
+            OpenOptions::new()
+                .write(true)
+                .open(p(path))?
+                .set_len(u64::from(*len))
+        })()),
+        Op::Mkdir { path } => errno(fs::create_dir(p(path))),
+        Op::Unlink { path } => errno(fs::remove_file(p(path))),
+        Op::Rmdir { path } => errno(fs::remove_dir(p(path))),
+        Op::Rename { from, to, flags } => errno(
+            nix::fcntl::renameat2(
+                nix::fcntl::AT_FDCWD,
+                &p(from),
+                nix::fcntl::AT_FDCWD,
+                &p(to),
+                nix::fcntl::RenameFlags::from_bits_truncate(*flags),
+            )
+            .map_err(Into::into),
+        ),
+        Op::Link { from, to } => errno(fs::hard_link(p(from), p(to))),
+        Op::Symlink { path, target } => errno(std::os::unix::fs::symlink(PATHS[*target], p(path))),
+        Op::Chmod { path, mode } => errno(fs::set_permissions(
+            p(path),
+            fs::Permissions::from_mode(*mode),
+        )),
+        Op::Hold { path } => {
+            let slot = held.iter().position(Option::is_none).unwrap_or(0);
+            match OpenOptions::new().read(true).write(true).open(p(path)) {
+                Ok(f) => {
+                    held[slot] = Some(f);
+                    Ok(())
+                }
+                Err(e) => errno(Err(e)),
+            }
+        }
+        Op::WriteHeld { slot, offset, data } => match &held[*slot] {
+            Some(f) => errno(f.write_all_at(data, u64::from(*offset))),
+            None => Ok(()),
+        },
+        Op::Release { slot } => {
+            held[*slot] = None;
+            Ok(())
+        }
+        Op::Freeze | Op::Switch { .. } | Op::Branch { .. } => unreachable!(),
+    }
+}
+
+struct Run<'a> {
+    fx: &'a Fixture,
+    view: View,
+    scratch: TempDir,
+    reference: PathBuf,
+    generation: usize,
+    checkpoints: Vec<(SnapshotId, Tree)>,
+    held: [Option<File>; 2],
+    held_ref: [Option<File>; 2],
+}
+
+impl Run<'_> {
+    fn step(&mut self, op: &Op) -> Result<(), TestCaseError> {
+        match op {
+            Op::Freeze => {
+                let id = self.view.freeze(&FreezeOpts::default()).unwrap().id;
+                self.checkpoints.push((id, read_tree(&self.reference)));
+            }
+            Op::Switch { to } => {
+                if self.checkpoints.is_empty() {
+                    return Ok(());
+                }
+                let (id, tree) = self.checkpoints[to % self.checkpoints.len()].clone();
+                self.view.switch(id).unwrap();
+                // Held fds keep their files; the reference starts over in a new
+                // directory, so the old fds write to files nothing shows any more.
+                self.generation += 1;
+                self.reference = self.scratch.path().join(format!("ref{}", self.generation));
+                fs::create_dir(&self.reference).unwrap();
+                write_tree(&tree, &self.reference);
+            }
+            Op::Branch { from } => {
+                if self.checkpoints.is_empty() {
+                    return Ok(());
+                }
+                let (id, tree) = &self.checkpoints[from % self.checkpoints.len()];
+                let branch = self
+                    .fx
+                    .mount(&format!("branch{}", self.generation), Some(*id));
+                let seen = read_tree(branch.mountpoint());
+                branch.unmount().unwrap();
+                prop_assert_eq!(&seen, tree, "branch from {}", id);
+            }
+            op => {
+                let real = apply(self.view.mountpoint(), op, &mut self.held);
+                let expected = apply(&self.reference, op, &mut self.held_ref);
+                prop_assert_eq!(real, expected, "result of {:?}", op);
+            }
+        }
+        let real = read_tree(self.view.mountpoint());
+        let expected = read_tree(&self.reference);
+        prop_assert_eq!(real, expected, "after {:?}", op);
+        Ok(())
+    }
+}
+
+fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
+    let fx = Fixture::new();
+    let scratch = TempDir::new_in(&std::env::temp_dir(), "deltafs-model-");
+    let reference = scratch.path().join("ref0");
+    fs::create_dir(&reference).unwrap();
+    write_tree(&read_tree(&fx.base), &reference);
+    let mut run = Run {
+        view: fx.mount("live", None),
+        fx: &fx,
+        scratch,
+        reference,
+        generation: 0,
+        checkpoints: Vec::new(),
+        held: [None, None],
+        held_ref: [None, None],
+    };
+    for op in &ops {
+        run.step(op)?;
+    }
+    run.held = [None, None];
+    let Run { view, .. } = run;
+    view.unmount().unwrap();
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: std::env::var("PROPTEST_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(24),
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn a_view_behaves_like_plain_directories_copied_at_each_checkpoint(
+        ops in proptest::collection::vec(op(), 1..40)
+    ) {
+        if let Some(why) = common::skip_reason() {
+            eprintln!("skipped: {why}");
+            return Ok(());
+        }
+        run(ops)?;
+    }
+}
