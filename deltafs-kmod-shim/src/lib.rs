@@ -21,6 +21,7 @@ pub mod ids;
 pub mod index;
 pub mod ioctl;
 pub mod layer;
+pub mod lease;
 pub mod maps;
 pub mod node;
 pub mod persist;

@@ -14,17 +14,17 @@ use super::{FreezeOpts, FreezeReport, MappedFiles, SwitchReport, ViewError, View
 use crate::ids::{Ino, LayerId, SnapshotId};
 use crate::index::Delta;
 use crate::layer::{CopyStats, Layers};
-use crate::maps;
 use crate::node::{Bytes, DataRef};
 use crate::persist::{self, DeltaRecord, FORMAT_VERSION, Manifest};
 use crate::store::{Snapshot, StoreError};
 use crate::sync::lock;
+use crate::{lease, maps};
 
 impl ViewShared {
     pub(crate) fn freeze(&self, opts: &FreezeOpts) -> Result<FreezeReport, ViewError> {
         let start = Instant::now();
         let mapped = match &opts.mapped {
-            MappedFiles::Conservative => None,
+            MappedFiles::Probe | MappedFiles::Conservative => None,
             MappedFiles::Pids(pids) => Some(maps::shared_writable(pids.iter().copied())?),
             MappedFiles::AllProcesses => Some(maps::shared_writable_all()),
         };
@@ -40,11 +40,16 @@ impl ViewShared {
             if state.opens.contains_key(&ino) {
                 continue;
             }
-            let still_mapped = match (&mapped, state.index.node(ino).and_then(|n| n.data.clone())) {
-                (None, _) => true,
-                (Some(found), Some(data)) => std::fs::metadata(state.data_path(&data))
-                    .is_ok_and(|m| found.contains(&(m.dev(), m.ino()))),
-                (Some(_), None) => false,
+            let Some(data) = state.index.node(ino).and_then(|n| n.data.clone()) else {
+                continue;
+            };
+            let path = state.data_path(&data);
+            let still_mapped = match (&opts.mapped, &mapped) {
+                (MappedFiles::Conservative, _) => true,
+                (_, Some(found)) => {
+                    std::fs::metadata(&path).is_ok_and(|m| found.contains(&(m.dev(), m.ino())))
+                }
+                (_, None) => lease::in_use(&path).unwrap_or(true),
             };
             if still_mapped {
                 keep.push(ino);
