@@ -29,6 +29,7 @@ pub mod probe;
 pub mod store;
 mod sync;
 pub mod view;
+mod writer;
 
 pub use crate::ids::{LayerId, SnapshotId};
 pub use crate::store::{GcReport, SnapshotInfo, Store, StoreError};

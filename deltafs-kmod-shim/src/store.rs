@@ -22,6 +22,7 @@ use crate::layer::{LayerError, Layers};
 use crate::persist::{self, PersistError};
 use crate::sync::lock;
 use crate::view::{View, ViewShared};
+use crate::writer::{Job, Writer};
 
 /// Failures of store operations.
 #[derive(Debug, thiserror::Error)]
@@ -131,6 +132,8 @@ pub(crate) struct StoreShared {
     /// Next inode number (store-wide, never reused).
     pub next_ino: AtomicU64,
     pub state: Mutex<StoreState>,
+    /// Writes frozen layers' metadata in the background.
+    pub writer: Writer,
     _lock: Flock<File>,
 }
 
@@ -177,6 +180,10 @@ impl Store {
                 },
             );
         }
+        let writer = Writer::start().map_err(|source| StoreError::Open {
+            path: root.clone(),
+            source,
+        })?;
         Ok(Self {
             shared: Arc::new(StoreShared {
                 root,
@@ -187,6 +194,7 @@ impl Store {
                     bases: HashMap::new(),
                     views: Vec::new(),
                 }),
+                writer,
                 _lock: lock_file,
             }),
         })
@@ -263,13 +271,22 @@ impl Store {
             .get_mut(&id)
             .ok_or(StoreError::UnknownSnapshot(id))?;
         snapshot.dropped = true;
-        persist::mark_dropped(&self.shared.layers.dir(id.layer()))?;
+        self.shared.writer.send(Job::Dropped {
+            dir: self.shared.layers.dir(id.layer()),
+        });
         Ok(())
+    }
+
+    /// Waits until the metadata of every snapshot taken so far is on disk (freezes hand
+    /// it to a background writer). Returns the bytes written since the last flush.
+    pub fn flush(&self) -> Result<u64, StoreError> {
+        Ok(self.shared.writer.flush()?)
     }
 
     /// Removes every layer directory that no mounted view and no kept snapshot needs.
     pub fn gc(&self) -> Result<GcReport, StoreError> {
         let mut state = lock(&self.shared.state);
+        self.shared.writer.flush()?;
         let mut keep: HashSet<LayerId> = HashSet::new();
         let mut roots: Vec<SnapshotId> = Vec::new();
         state.views.retain(|v| v.strong_count() > 0);

@@ -270,6 +270,8 @@ fn freeze_writes_little_whatever_the_state_size() {
     let first = view.freeze(&FreezeOpts::default()).unwrap();
     assert!(first.changes >= 2000);
     assert_eq!(first.kept_live, 0, "{first:?}");
+    let first_bytes = fx.store().flush().unwrap();
+    assert!(first_bytes > 4096 * 10, "{first_bytes}");
     fs::write(m.join("tree/f7"), b"y").unwrap();
     std::thread::sleep(std::time::Duration::from_millis(100));
     let second = view
@@ -278,10 +280,15 @@ fn freeze_writes_little_whatever_the_state_size() {
         })
         .unwrap();
     assert_eq!(second.kept_live, 0, "{second:?}");
-    assert!(second.metadata_bytes <= 4096, "{second:?}");
+    let second_bytes = fx.store().flush().unwrap();
+    assert!(second_bytes <= 4096, "{second_bytes} bytes: {second:?}");
     assert_eq!(second.kept_live, 0, "{second:?}");
     let empty = view.freeze(&FreezeOpts::default()).unwrap();
-    assert!(empty.metadata_bytes <= 4096, "{empty:?}");
-    eprintln!("freeze of 1 change over 2000 files: {second:?}; empty freeze: {empty:?}");
+    let empty_bytes = fx.store().flush().unwrap();
+    assert!(empty_bytes <= 4096, "{empty_bytes} bytes: {empty:?}");
+    eprintln!(
+        "freeze of 1 change over 2000 files: {second_bytes} bytes, {second:?}; empty \
+         freeze: {empty_bytes} bytes, {empty:?}"
+    );
     view.unmount().unwrap();
 }

@@ -14,6 +14,7 @@
 //! | `branch <id> <mountpoint>` | `branched <mountpoint>` (a second view, same process) |
 //! | `unmount <mountpoint>` | `unmounted <mountpoint>` (a branch) |
 //! | `drop <id>` | `dropped <id>` |
+//! | `sync` | `synced <bytes>`: snapshot metadata is on disk; bytes written since the last `sync` |
 //! | `gc` | `gc removed <n> kept <n>` |
 //! | `quit` | unmounts everything, prints `unmounted`, exits 0 |
 //!
@@ -179,12 +180,11 @@ fn command(
             };
             let report = view.freeze(&FreezeOpts { mapped })?;
             eprintln!(
-                "deltafs: froze {} in {:?}: {} changes, {} metadata bytes, {} files kept live \
-                 ({} cloned, {} bytes copied)",
+                "deltafs: froze {} in {:?}: {} changes, {} files kept live ({} cloned, {} bytes \
+                 copied)",
                 report.id,
                 report.elapsed,
                 report.changes,
-                report.metadata_bytes,
                 report.kept_live,
                 report.copies.cloned,
                 report.copies.bytes_copied
@@ -222,6 +222,7 @@ fn command(
             store.drop_snapshot(id.parse()?)?;
             Ok(format!("dropped {id}"))
         }
+        ["sync"] => Ok(format!("synced {}", store.flush()?)),
         ["gc"] => {
             let report = store.gc()?;
             Ok(format!(

@@ -15,9 +15,10 @@ use crate::ids::{Ino, LayerId, SnapshotId};
 use crate::index::Delta;
 use crate::layer::{CopyStats, Layers};
 use crate::node::{Bytes, DataRef};
-use crate::persist::{self, DeltaRecord, FORMAT_VERSION, Manifest};
+use crate::persist::{FORMAT_VERSION, Manifest};
 use crate::store::{Snapshot, StoreError};
 use crate::sync::lock;
+use crate::writer::Job;
 use crate::{lease, maps};
 
 impl ViewShared {
@@ -36,7 +37,7 @@ impl ViewShared {
 
         // Files that stay with the live view: open ones, and those that may be mapped.
         let mut keep: Vec<Ino> = state.opens.keys().copied().collect();
-        for &ino in &state.maybe_mapped {
+        for &ino in state.maybe_mapped.keys() {
             if state.opens.contains_key(&ino) {
                 continue;
             }
@@ -94,9 +95,7 @@ impl ViewShared {
         for &ino in &orphans {
             index.put_node(ino, None, &mut scratch);
         }
-        let record = DeltaRecord::capture(&state.delta, &index);
-        let changes = (record.nodes.len() + record.entries.len()) as u64;
-        let dir = layers.ensure(frozen)?;
+        let changes = (state.delta.nodes.len() + state.delta.entries.len()) as u64;
         let manifest = Manifest {
             version: FORMAT_VERSION,
             id: frozen,
@@ -104,15 +103,20 @@ impl ViewShared {
             base: Bytes(state.base.root().as_os_str().as_bytes().to_vec()),
             next_ino: self.store.next_ino.load(Ordering::Relaxed),
         };
-        let metadata_bytes = persist::write_frozen(&dir, &manifest, &record)?;
         let id = SnapshotId::of_layer(frozen);
-        let delta = std::mem::take(&mut state.delta);
+        let delta = Arc::new(std::mem::take(&mut state.delta));
+        self.store.writer.send(Job::Frozen {
+            dir: layers.dir(frozen),
+            manifest,
+            delta: Arc::clone(&delta),
+            index: index.clone(),
+        });
         store.snapshots.insert(
             id,
             Snapshot {
                 parent: state.parent,
                 base: state.base.root().to_owned(),
-                delta: Arc::new(delta),
+                delta,
                 index: Some(index),
                 dropped: false,
             },
@@ -123,7 +127,7 @@ impl ViewShared {
         state.parent = Some(id);
         state.writable = next;
         let kept: HashSet<Ino> = moved.iter().map(|(ino, _)| *ino).collect();
-        state.maybe_mapped.retain(|ino| kept.contains(ino));
+        state.maybe_mapped.retain(|ino, _| kept.contains(ino));
         for (ino, file) in &moved {
             let file = *file;
             // The node exists: it was read from the index above under the same lock.
@@ -136,7 +140,6 @@ impl ViewShared {
             kept_live: moved.len() as u64,
             copies,
             changes,
-            metadata_bytes,
             elapsed: start.elapsed(),
         })
     }

@@ -2,6 +2,7 @@
 //! operations ([`View::freeze`], [`View::switch`], [`View::unmount`]).
 
 mod control;
+mod janitor;
 mod nodeids;
 pub(crate) mod open;
 mod ops;
@@ -93,8 +94,6 @@ pub struct FreezeReport {
     pub copies: CopyStats,
     /// Nodes and entries the frozen epoch changed (the delta persisted).
     pub changes: u64,
-    /// Bytes of metadata written to the store (`delta.json` and `layer.json`).
-    pub metadata_bytes: u64,
     /// Wall time.
     pub elapsed: Duration,
 }
@@ -122,6 +121,7 @@ pub(crate) struct ViewShared {
     pub state: Mutex<ViewState>,
     pub notifier: OnceLock<Notifier>,
     pub mountpoint: PathBuf,
+    pub janitor: Arc<janitor::Janitor>,
 }
 
 impl ViewShared {
@@ -132,11 +132,19 @@ impl ViewShared {
         parent: Option<SnapshotId>,
         mountpoint: PathBuf,
     ) -> Self {
+        let janitor = Arc::new(janitor::Janitor::default());
         Self {
-            state: Mutex::new(ViewState::new(Arc::clone(&store), base, index, parent)),
+            state: Mutex::new(ViewState::new(
+                Arc::clone(&store),
+                base,
+                index,
+                parent,
+                Arc::clone(&janitor),
+            )),
             store,
             notifier: OnceLock::new(),
             mountpoint,
+            janitor,
         }
     }
 
@@ -171,6 +179,7 @@ impl View {
         let session = fuser::Session::new(fs, &shared.mountpoint, &config)?;
         let _ = shared.notifier.set(session.notifier());
         let session = session.spawn()?;
+        janitor::spawn(Arc::downgrade(&shared))?;
         Ok(Self {
             shared,
             session: Some(session),
@@ -216,6 +225,7 @@ impl View {
         let Some(session) = self.session.take() else {
             return Ok(());
         };
+        self.shared.janitor.stop();
         nix::unistd::sync();
         match session.umount_and_join() {
             Ok(()) => Ok(()),

@@ -176,7 +176,8 @@ impl ViewState {
         Ok(match reply {
             OpenReply::Passthrough { fh, id } => {
                 if write {
-                    self.maybe_mapped.insert(ino);
+                    self.mapped_generation += 1;
+                    self.maybe_mapped.insert(ino, self.mapped_generation);
                 }
                 self.stale_cache.insert(nid);
                 OpenReply::Passthrough { fh, id }
@@ -269,6 +270,9 @@ impl ViewState {
                     entry.handles -= 1;
                     if entry.handles == 0 {
                         self.opens.remove(&ino);
+                        if self.maybe_mapped.contains_key(&ino) {
+                            self.janitor.poke();
+                        }
                         self.reap(ino);
                     }
                 }

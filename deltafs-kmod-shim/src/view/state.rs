@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use fuser::{Errno, FileAttr, FileType, INodeNo};
 
+use super::janitor::Janitor;
 use super::nodeids::{NodeIds, Resolved};
 use super::open::{Handle, OpenEntry};
 use crate::base::BaseTree;
@@ -91,7 +92,10 @@ pub(crate) struct ViewState {
     pub nids: NodeIds,
     /// Files that had a writable passthrough open: a `MAP_SHARED` mapping of them may still
     /// write to their backing file after the fd is closed.
-    pub maybe_mapped: HashSet<Ino>,
+    /// Each with the generation of its last writable passthrough open.
+    pub maybe_mapped: HashMap<Ino, u64>,
+    pub mapped_generation: u64,
+    pub janitor: Arc<Janitor>,
     /// Node ids whose FUSE page cache may be stale (their data was changed through
     /// passthrough, which bypasses it).
     pub stale_cache: HashSet<u64>,
@@ -106,6 +110,7 @@ impl ViewState {
         base: Arc<BaseTree>,
         index: Index,
         parent: Option<SnapshotId>,
+        janitor: Arc<Janitor>,
     ) -> Self {
         Self {
             store,
@@ -120,7 +125,9 @@ impl ViewState {
             dir_handles: HashMap::new(),
             next_fh: 1,
             nids: NodeIds::default(),
-            maybe_mapped: HashSet::new(),
+            maybe_mapped: HashMap::new(),
+            mapped_generation: 0,
+            janitor,
             stale_cache: HashSet::new(),
             abandoned: Vec::new(),
         }

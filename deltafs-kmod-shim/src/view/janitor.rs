@@ -1,0 +1,109 @@
+//! Background pruning of the "may be mapped" candidates of a view.
+//!
+//! A file that had a writable passthrough open may be written through a `MAP_SHARED`
+//! mapping after its last fd is closed, so a freeze must keep it with the live view while
+//! that can happen. Shortly after such a file's last handle is released, this thread
+//! probes it ([`crate::lease::in_use`]) and drops it from the candidates if nothing holds
+//! it open any more — unless it was opened for writing again meanwhile (each writable
+//! passthrough open bumps the candidate's generation). A freeze then only has to probe
+//! files closed in the last few milliseconds.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex, Weak};
+use std::thread;
+use std::time::Duration;
+
+use super::ViewShared;
+use crate::lease;
+use crate::sync::lock;
+
+/// How long after a release the probe waits: the kernel drops its passthrough backing
+/// file only once our reply to the `RELEASE` is processed.
+const DELAY: Duration = Duration::from_millis(10);
+
+/// The wake-up signal of a view's janitor thread.
+#[derive(Default)]
+pub(crate) struct Janitor {
+    pending: Mutex<bool>,
+    wake: Condvar,
+    stop: AtomicBool,
+}
+
+impl Janitor {
+    /// Asks for a pass (a candidate's last handle was released).
+    pub fn poke(&self) {
+        *lock(&self.pending) = true;
+        self.wake.notify_one();
+    }
+
+    /// Ends the thread.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.poke();
+    }
+
+    /// Waits for a poke; false when stopping.
+    fn wait(&self) -> bool {
+        let mut pending = lock(&self.pending);
+        while !*pending {
+            pending = self
+                .wake
+                .wait(pending)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+        *pending = false;
+        !self.stop.load(Ordering::Relaxed)
+    }
+}
+
+/// Starts the janitor thread of `view`.
+pub(crate) fn spawn(view: Weak<ViewShared>) -> std::io::Result<()> {
+    let janitor = match view.upgrade() {
+        Some(view) => std::sync::Arc::clone(&view.janitor),
+        None => return Ok(()),
+    };
+    thread::Builder::new()
+        .name("deltafs-janitor".to_owned())
+        .spawn(move || {
+            while janitor.wait() {
+                thread::sleep(DELAY);
+                match view.upgrade() {
+                    Some(view) => view.prune_mapped(),
+                    None => return,
+                }
+            }
+        })?;
+    Ok(())
+}
+
+impl ViewShared {
+    /// Drops the candidates that nothing holds open any more.
+    pub(crate) fn prune_mapped(&self) {
+        let candidates: Vec<_> = {
+            let state = lock(&self.state);
+            state
+                .maybe_mapped
+                .iter()
+                .filter(|(ino, _)| !state.opens.contains_key(ino))
+                .filter_map(|(&ino, &generation)| {
+                    let data = state.index.node(ino)?.data.clone()?;
+                    Some((ino, generation, state.data_path(&data)))
+                })
+                .collect()
+        };
+        let free: Vec<_> = candidates
+            .into_iter()
+            .filter(|(_, _, path)| matches!(lease::in_use(path), Ok(false)))
+            .collect();
+        if free.is_empty() {
+            return;
+        }
+        let mut state = lock(&self.state);
+        for (ino, generation, _) in free {
+            if state.maybe_mapped.get(&ino) == Some(&generation) && !state.opens.contains_key(&ino)
+            {
+                state.maybe_mapped.remove(&ino);
+            }
+        }
+    }
+}

@@ -1,0 +1,224 @@
+//! Measurements behind the figures in `docs/deltafs.md`, printed, not asserted (timing
+//! on a shared 2-vCPU machine is noisy). Run as root:
+//!
+//! ```text
+//! cargo test -p deltafs --release --test measure -- --ignored --nocapture --test-threads 1
+//! ```
+
+mod common;
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use common::Fixture;
+use deltafs::FreezeOpts;
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn settle() {
+    // Let the kernel's RELEASEs of the files just closed reach the daemon.
+    std::thread::sleep(Duration::from_millis(50));
+}
+
+/// Freeze and switch on a 10 000-file tree with 100 files changed per round.
+#[test]
+#[ignore = "measurement; run explicitly"]
+fn freeze_and_switch_on_10k_files_100_changed() {
+    require_root!();
+    let fx = Fixture::new();
+    let view = fx.mount("live", None);
+    let m = view.mountpoint().to_owned();
+    for d in 0..100 {
+        fs::create_dir(m.join(format!("d{d}"))).unwrap();
+        for f in 0..100 {
+            fs::write(m.join(format!("d{d}/f{f}")), b"0123456789").unwrap();
+        }
+    }
+    settle();
+    let base = view.freeze(&FreezeOpts::default()).unwrap();
+    println!(
+        "initial freeze of 10 000 new files: {:?}, {} metadata bytes",
+        base.elapsed,
+        fx.store().flush().unwrap()
+    );
+    let (mut freezes, mut switches, mut bytes, mut empty) = (vec![], vec![], vec![], vec![]);
+    let mut by_pids = vec![];
+    for round in 0..21 {
+        for i in 0..100 {
+            fs::write(
+                m.join(format!("d{i}/f{}", round % 100)),
+                format!("round {round}"),
+            )
+            .unwrap();
+        }
+        settle();
+        // Same work, the caller naming the (no) processes that may map files: no probes.
+        let pids = FreezeOpts {
+            mapped: deltafs::MappedFiles::Pids(vec![]),
+        };
+        by_pids.push(view.freeze(&pids).unwrap().elapsed);
+        view.switch(base.id).unwrap();
+        for i in 0..100 {
+            fs::write(
+                m.join(format!("d{i}/f{}", round % 100)),
+                format!("round {round}"),
+            )
+            .unwrap();
+        }
+        settle();
+        fx.store().flush().unwrap();
+        let report = view.freeze(&FreezeOpts::default()).unwrap();
+        freezes.push(report.elapsed);
+        bytes.push(fx.store().flush().unwrap());
+        let report = view.freeze(&FreezeOpts::default()).unwrap();
+        empty.push((report.elapsed, fx.store().flush().unwrap()));
+        let report = view.switch(base.id).unwrap();
+        assert!(report.candidates >= 100, "{report:?}");
+        switches.push(report.elapsed);
+    }
+    bytes.sort();
+    println!(
+        "freeze with 100 changed files: median {:?} (min {:?}, max {:?}), metadata bytes median {}",
+        median(freezes.clone()),
+        freezes.iter().min().unwrap(),
+        freezes.iter().max().unwrap(),
+        bytes[bytes.len() / 2]
+    );
+    println!(
+        "same freeze, lease probes skipped (MappedFiles::Pids(vec![])): median {:?}",
+        median(by_pids)
+    );
+    println!(
+        "freeze with nothing changed: median {:?}, {} metadata bytes",
+        median(empty.iter().map(|e| e.0).collect()),
+        empty[0].1
+    );
+    println!(
+        "switch back over 100 changed files: median {:?} (min {:?}, max {:?})",
+        median(switches.clone()),
+        switches.iter().min().unwrap(),
+        switches.iter().max().unwrap()
+    );
+    view.unmount().unwrap();
+}
+
+/// Cold lookups (fresh mount, nothing in the kernel's caches) of 1 000 files when the
+/// state is 1 layer deep and when it is 1 000 layers deep.
+#[test]
+#[ignore = "measurement; run explicitly"]
+fn lookup_at_depth_1_and_1000() {
+    require_root!();
+    let fx = Fixture::new();
+    let view = fx.mount("build", None);
+    let m = view.mountpoint().to_owned();
+    fs::create_dir(m.join("flat")).unwrap();
+    fs::create_dir(m.join("deep")).unwrap();
+    for i in 0..1000 {
+        fs::write(m.join(format!("flat/f{i}")), b"x").unwrap();
+    }
+    let shallow = view.freeze(&FreezeOpts::default()).unwrap().id;
+    for i in 0..1000 {
+        fs::write(m.join(format!("deep/f{i}")), b"x").unwrap();
+        settle_short();
+        view.freeze(&FreezeOpts::default()).unwrap();
+    }
+    let deep = view.parent().unwrap();
+    view.unmount().unwrap();
+    let time = |from, dir: &str| {
+        let mut runs = Vec::new();
+        for run in 0..5 {
+            let v = fx.mount(&format!("{dir}{run}"), Some(from));
+            let start = Instant::now();
+            for i in 0..1000 {
+                fs::metadata(v.mountpoint().join(format!("{dir}/f{i}"))).unwrap();
+            }
+            runs.push(start.elapsed());
+            v.unmount().unwrap();
+        }
+        median(runs)
+    };
+    let t1 = time(shallow, "flat");
+    let t1000 = time(deep, "deep");
+    println!(
+        "1 000 cold stats: depth 1 {t1:?}, depth 1 000 {t1000:?}, ratio {:.2}",
+        t1000.as_secs_f64() / t1.as_secs_f64()
+    );
+}
+
+fn settle_short() {
+    std::thread::sleep(Duration::from_millis(1));
+}
+
+/// Sequential write and read of 512 MiB through passthrough, and reading a frozen file
+/// (daemon-served), next to the store's filesystem itself.
+#[test]
+#[ignore = "measurement; run explicitly"]
+fn sequential_io() {
+    require_root!();
+    const SIZE: usize = 512 << 20;
+    let fx = Fixture::new();
+    let view = fx.mount("live", None);
+    let chunk = vec![0x5au8; 1 << 20];
+    let rate = |d: Duration| SIZE as f64 / (1 << 20) as f64 / d.as_secs_f64();
+    let write = |path: &std::path::Path| {
+        let start = Instant::now();
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .unwrap();
+        for _ in 0..SIZE / chunk.len() {
+            f.write_all(&chunk).unwrap();
+        }
+        f.sync_all().unwrap();
+        start.elapsed()
+    };
+    let read = |path: &std::path::Path| {
+        drop_caches();
+        let start = Instant::now();
+        let mut f = File::open(path).unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut total = 0;
+        loop {
+            let n = f.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            total += n;
+        }
+        assert_eq!(total, SIZE);
+        start.elapsed()
+    };
+    let raw = fx.store_dir().join("raw.bin");
+    let (w_raw, r_raw) = (write(&raw), read(&raw));
+    let file = view.mountpoint().join("data.bin");
+    let (w_pt, r_pt) = (write(&file), read(&file));
+    settle();
+    view.freeze(&FreezeOpts::default()).unwrap();
+    let r_frozen = read(&file);
+    fs::remove_file(&raw).unwrap();
+    println!(
+        "{} MiB sequential: store fs write {:.0} MiB/s read {:.0}; DeltaFS passthrough write \
+         {:.0} ({:.2}x) read {:.0} ({:.2}x); frozen file (daemon-served) read {:.0} ({:.2}x)",
+        SIZE >> 20,
+        rate(w_raw),
+        rate(r_raw),
+        rate(w_pt),
+        w_raw.as_secs_f64() / w_pt.as_secs_f64(),
+        rate(r_pt),
+        r_raw.as_secs_f64() / r_pt.as_secs_f64(),
+        rate(r_frozen),
+        r_raw.as_secs_f64() / r_frozen.as_secs_f64(),
+    );
+    view.unmount().unwrap();
+}
+
+fn drop_caches() {
+    nix::unistd::sync();
+    let _ = fs::write("/proc/sys/vm/drop_caches", b"3");
+}
