@@ -4,7 +4,7 @@
 use std::fs;
 use std::process::Command;
 
-use crate::util::output;
+use crate::util::{output, workspace_root};
 
 /// What the reports say about where they were measured.
 #[derive(Clone, Debug)]
@@ -19,6 +19,9 @@ pub struct Facts {
     pub memory: String,
     /// The filesystem and device of `/`: `ext4 on /dev/vda`.
     pub root_fs: String,
+    /// The workspace's commit (what DeltaFS was built from): `f1c0585`, with a note when
+    /// `deltafs-kmod-shim/` has uncommitted changes.
+    pub commit: String,
 }
 
 impl Facts {
@@ -44,15 +47,43 @@ impl Facts {
                 .split_whitespace()
                 .collect::<Vec<_>>()
                 .join(" on "),
+            commit: commit(),
         }
     }
 
-    /// One line: `Linux 6.18.44, AMD EPYC, 2 CPUs, 24 GiB, / on ext4 on /dev/vda`.
+    /// One line: `Linux 6.18.44, AMD EPYC, 2 CPUs, 24 GiB RAM, / is ext4 on /dev/vda;
+    /// commit f1c0585`.
     pub fn line(&self) -> String {
         format!(
-            "Linux {}, {}, {} RAM, / is {}",
-            self.kernel, self.cpu, self.memory, self.root_fs
+            "Linux {}, {}, {} RAM, / is {}; commit {}",
+            self.kernel, self.cpu, self.memory, self.root_fs, self.commit
         )
+    }
+}
+
+/// `git rev-parse --short HEAD` of the workspace, noting uncommitted changes to DeltaFS.
+fn commit() -> String {
+    let git = |args: &[&str]| {
+        output(
+            Command::new("git")
+                .arg("-C")
+                .arg(workspace_root())
+                .args(args),
+        )
+        .ok()
+    };
+    let Some(head) = git(&["rev-parse", "--short", "HEAD"]) else {
+        return "unknown".to_owned();
+    };
+    let dirty = git(&["status", "--porcelain", "--", "deltafs-kmod-shim"])
+        .is_some_and(|status| !status.trim().is_empty());
+    if dirty {
+        format!(
+            "{} (with uncommitted changes in deltafs-kmod-shim/)",
+            head.trim()
+        )
+    } else {
+        head.trim().to_owned()
     }
 }
 

@@ -432,6 +432,7 @@ mod tests {
                 cpu: "AMD EPYC, 2 CPUs".to_owned(),
                 memory: "24 GiB".to_owned(),
                 root_fs: "ext4 on /dev/vda".to_owned(),
+                commit: "f1c0585".to_owned(),
             },
             runs: 3,
             size_mib: 1024,

@@ -118,6 +118,10 @@ pub fn run(
         ..Checkpoints::default()
     });
     let mut next_report = Duration::from_secs(30);
+    let mut next_cycle = start
+        + deltafs
+            .as_ref()
+            .map_or(Duration::ZERO, |(_, interval)| *interval);
     let status = loop {
         if let Some(status) = child.try_wait()? {
             break status;
@@ -136,20 +140,26 @@ pub fn run(
             println!("  … fsx running for {}{taken}", human_duration(elapsed));
             next_report += Duration::from_secs(30);
         }
-        match (&mut deltafs, &mut checkpoints) {
-            (Some((daemon, interval)), Some(taken)) => {
-                thread::sleep(*interval);
-                let started = Instant::now();
-                let id = daemon.freeze().context("freeze under fsx")?;
-                let frozen = Instant::now();
-                daemon
-                    .switch(&id)
-                    .with_context(|| format!("switch to {id} under fsx"))?;
-                taken.freezes.push(frozen - started);
-                taken.switches.push(frozen.elapsed());
-            }
-            _ => thread::sleep(Duration::from_millis(20)),
+        if let (Some((daemon, interval)), Some(taken)) = (&mut deltafs, &mut checkpoints)
+            && Instant::now() >= next_cycle
+        {
+            let started = Instant::now();
+            let id = daemon.freeze().context("freeze under fsx")?;
+            let frozen = Instant::now();
+            daemon
+                .switch(&id)
+                .with_context(|| format!("switch to {id} under fsx"))?;
+            taken.freezes.push(frozen - started);
+            taken.switches.push(frozen.elapsed());
+            next_cycle = Instant::now() + *interval;
         }
+        // Short naps, so that fsx's exit and a Ctrl-C are seen at once whatever the
+        // interval.
+        let nap = match checkpoints {
+            Some(_) => next_cycle.saturating_duration_since(Instant::now()),
+            None => Duration::from_millis(20),
+        };
+        thread::sleep(nap.clamp(Duration::from_millis(1), Duration::from_millis(20)));
     };
     let duration = start.elapsed();
     // A Ctrl-C reaches fsx too: its death is then no verdict.
@@ -158,7 +168,7 @@ pub fn run(
     let stderr = fs::read_to_string(&stderr_path).unwrap_or_default();
     let failure = verdict(status.success(), &stdout, &stderr).map(|why| {
         format!(
-            "{why} (exit status {status}; fsx's log: {}, {})",
+            "{why} ({status}; fsx's output: {}, {})",
             stdout_path.display(),
             stderr_path.display()
         )

@@ -159,7 +159,7 @@ impl Report {
                     };
                     let result = match &run.failure {
                         None => "passed".to_owned(),
-                        Some(why) => format!("FAILED: {why}"),
+                        Some(_) => "FAILED (see below)".to_owned(),
                     };
                     [
                         name,
@@ -205,6 +205,9 @@ impl Report {
             ];
             out.push_str(&text_table(&header, &fsx_rows));
         }
+        for (target, why) in self.fsx_failures() {
+            let _ = writeln!(out, "fsx failed on {}: {why}", target.label());
+        }
         for (target, list) in self.regression_lists() {
             let _ = writeln!(out, "pass on ext4, not on {}:", target.label());
             // Every case for DeltaFS; the first few for overlayfs, only a comparison.
@@ -217,6 +220,17 @@ impl Report {
             }
         }
         out
+    }
+
+    /// What went wrong in each failed fsx run.
+    fn fsx_failures(&self) -> Vec<(Target, &str)> {
+        self.targets
+            .iter()
+            .filter_map(|t| match &t.fsx {
+                Some(Outcome::Ran(run)) => Some((t.target, run.failure.as_deref()?)),
+                _ => None,
+            })
+            .collect()
     }
 
     /// The regressions of each non-ext4 target that ran pjdfstest, where there are some.
@@ -271,6 +285,9 @@ impl Report {
                 "switch round trip (median / max)",
             ];
             md.push_str(&markdown_table(&header, &fsx_rows));
+            for (target, why) in self.fsx_failures() {
+                let _ = writeln!(md, "\nfsx failed on {}: {why}", target.label());
+            }
             md.push_str(
                 "\nA cycle is `freeze` then `switch <the id just frozen>` sent on the `deltafs` \
                  daemon's stdin while fsx runs; the round trips are measured from sending the \

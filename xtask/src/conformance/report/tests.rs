@@ -38,6 +38,7 @@ fn facts() -> Facts {
         cpu: "AMD EPYC, 2 CPUs".to_owned(),
         memory: "24 GiB".to_owned(),
         root_fs: "ext4 on /dev/vda".to_owned(),
+        commit: "f1c0585".to_owned(),
     }
 }
 
@@ -210,6 +211,15 @@ fn errors_and_fsx_failures_fail_the_verdict() {
             fsx: Some(Outcome::Ran(failed_fsx)),
         },
     ]);
+    assert!(r.text().contains("FAILED (see below)"));
+    assert!(
+        r.text()
+            .contains("fsx failed on deltafs: miscompare: offset= 0x10")
+    );
+    assert!(
+        r.markdown()
+            .contains("\nfsx failed on deltafs: miscompare: offset= 0x10\n")
+    );
     assert_eq!(
         r.verdict().unwrap_err().to_string(),
         "pjdfstest on deltafs did not finish: deltafs closed its stdout during mount; fsx \
