@@ -73,3 +73,22 @@ fn a_writable_shared_mapping_is_refused() {
     );
     no_template_left(&env.checkpoint_opts().template_cgroups);
 }
+
+#[test]
+fn a_process_in_a_frozen_cgroup_is_refused() {
+    require_root();
+    let env = CrEnv::new("frozen");
+    let mut p = env.spawn_target(&["serve"]);
+    assert_eq!(p.ask("inc"), "n=1");
+    // Right after the write, before the process has reached the freezer's trap (a
+    // check of `cgroup.events` would miss it and the injection would hang).
+    fs::write(env.session().join("cgroup.freeze"), "1").unwrap();
+    let err = cr::checkpoint(Pid::from_raw(p.pid), &env.checkpoint_opts()).unwrap_err();
+    assert!(
+        matches!(&err, CrError::Frozen { pid, .. } if *pid == p.pid),
+        "{err:?}"
+    );
+    fs::write(env.session().join("cgroup.freeze"), "0").unwrap();
+    no_template_left(&env.checkpoint_opts().template_cgroups);
+    assert_eq!(p.ask("inc"), "n=2");
+}

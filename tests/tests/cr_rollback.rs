@@ -201,3 +201,28 @@ fn a_python_session_rolls_back_to_its_objects() {
         p = r;
     }
 }
+
+#[test]
+fn a_pending_blocked_signal_is_pending_again_after_rollback() {
+    require_root();
+    let env = CrEnv::new("pending");
+    let mut p = env.spawn_target(&["serve"]);
+    assert_eq!(p.ask("block"), "ok");
+    // SAFETY: kill(2) takes plain integers.
+    unsafe { libc::kill(p.pid, libc::SIGUSR1) };
+    assert_eq!(p.ask("pending"), "usr1_pending=1");
+    p.wait_blocked_in(libc::SYS_read);
+    let template = cr::checkpoint(pid(p.pid), &env.checkpoint_opts()).unwrap();
+    env.track(template.pid().as_raw());
+    let status = &template.state().status;
+    assert_ne!(
+        status.shared_pending & (1 << (libc::SIGUSR1 - 1)),
+        0,
+        "{status:?}"
+    );
+    // Fork does not carry pending signals: DeltaCR sends it again. The read the
+    // checkpoint interrupted is restarted all the same (the signal stays blocked).
+    let mut r = env.adopt(cr::rollback(&template, pid(p.pid), &env.restore_opts()).unwrap());
+    assert_eq!(r.ask("pending"), "usr1_pending=1");
+    assert_eq!(r.ask("inc"), "n=1");
+}

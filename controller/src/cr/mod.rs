@@ -77,6 +77,20 @@ pub enum CrError {
         /// Its path or pseudo-path.
         name: String,
     },
+    /// The process is in a frozen cgroup, where an injected syscall cannot run.
+    #[error(
+        "pid {pid} ({comm}) is in the frozen cgroup {}: thaw it before a checkpoint \
+         (DeltaCR stops the process itself)",
+        cgroup.display()
+    )]
+    Frozen {
+        /// The process.
+        pid: i32,
+        /// Its name.
+        comm: String,
+        /// Its cgroup directory.
+        cgroup: std::path::PathBuf,
+    },
     /// The new template did not reach group-stop.
     #[error("template pid {pid} reported {stop:?} instead of its group-stop")]
     TemplateStop {

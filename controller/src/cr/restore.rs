@@ -112,10 +112,12 @@ impl Template {
                 &self.state.cwd,
                 self.scratch,
             )?;
-            // With signals to deliver, the kernel makes the restart decision (SA_RESTART
-            // or EINTR) from the exact registers; otherwise the fix-up restarts here.
-            let signals_follow = !pending.is_empty() || inj.tracee().has_deferred_signals();
-            inj.finish_with(&if signals_follow {
+            // With a signal that will be delivered (not blocked), the kernel makes the
+            // restart decision (SA_RESTART or EINTR) from the exact registers; with none,
+            // no handler runs and the fix-up restarts the syscall here.
+            let deliverable = pending.iter().any(|&s| st.blocked & (1u64 << (s - 1)) == 0)
+                || inj.tracee().has_deferred_signals();
+            inj.finish_with(&if deliverable {
                 regs
             } else {
                 resume_regs(&regs)

@@ -144,6 +144,28 @@ fn refuse_shared_writable(pid: i32, maps: &[procfs::Mapping]) -> Result<(), CrEr
     }
 }
 
+/// A task in a frozen cgroup traps before every return to user mode: an injected
+/// syscall would never run. DeltaCR quiesces by ptrace, not by freezing the session.
+/// The requested state (`cgroup.freeze` of the cgroup or of an ancestor) is what
+/// counts: `cgroup.events` says `frozen 1` only once every task has reached the trap.
+fn refuse_frozen(pid: i32, root: &Path, cgroup: &Path) -> Result<(), CrError> {
+    let own = root.join(cgroup.strip_prefix("/").unwrap_or(cgroup));
+    let mut dir = own.as_path();
+    while dir.starts_with(root) && dir != root {
+        let freeze = std::fs::read_to_string(dir.join("cgroup.freeze")).unwrap_or_default();
+        if freeze.trim() == "1" {
+            return Err(CrError::Frozen {
+                pid,
+                comm: procfs::comm_or_unknown(pid),
+                cgroup: dir.to_path_buf(),
+            });
+        }
+        let Some(parent) = dir.parent() else { break };
+        dir = parent;
+    }
+    Ok(())
+}
+
 /// Bitmask (bit `n - 1` for signal `n`) of `signals`.
 fn signal_bits(signals: &[i32]) -> u64 {
     signals
@@ -169,6 +191,7 @@ pub fn checkpoint(pid: Pid, opts: &CheckpointOptions) -> Result<Template, CrErro
         .root()
         .to_path_buf();
     let own_cgroup = procfs::cgroup_v2(raw)?;
+    refuse_frozen(raw, &cgroup_root, &own_cgroup)?;
     let cgroup = TemplateCgroup::create(&opts.template_cgroups, &template_name(raw))?;
 
     // The pause: from here to the detach.

@@ -131,7 +131,8 @@ fn xmm_read(buf: &mut [u8]) -> (u64, i64) {
 /// `open PATH` → `fd=<fd>`; `read` → `data=<4 bytes>`; `xmm` → (after one raw read of
 /// stdin) `xmm=<hex> ret=<n>`; `sum` → `sum=<checksum of the allocation>`;
 /// `write B` → every page of the allocation starts with byte B, `ok`; `cwd` →
-/// `cwd=<path>`; `umask` → `umask=<octal>`; `exit`.
+/// `cwd=<path>`; `umask` → `umask=<octal>`; `block` → SIGUSR1 blocked, `ok`;
+/// `pending` → `usr1_pending=<0|1>`; `exit`.
 fn serve(opts: &[String]) {
     let mib: usize = opts
         .iter()
@@ -194,6 +195,26 @@ fn serve(opts: &[String]) {
                 // SAFETY: as above.
                 unsafe { libc::umask(old) };
                 format!("umask={old:o}")
+            }
+            ("block", _) => {
+                // SAFETY: a sigset_t on the stack, initialised by sigemptyset before use;
+                // sigprocmask only changes this (single) thread's mask.
+                unsafe {
+                    let mut set: libc::sigset_t = std::mem::zeroed();
+                    libc::sigemptyset(&mut set);
+                    libc::sigaddset(&mut set, libc::SIGUSR1);
+                    libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+                }
+                "ok".to_owned()
+            }
+            ("pending", _) => {
+                // SAFETY: a sigset_t on the stack for sigpending to fill.
+                let usr1 = unsafe {
+                    let mut set: libc::sigset_t = std::mem::zeroed();
+                    libc::sigpending(&mut set);
+                    libc::sigismember(&set, libc::SIGUSR1)
+                };
+                format!("usr1_pending={usr1}")
             }
             ("exit", _) => return,
             (other, _) => format!("error unknown command {other:?}"),
