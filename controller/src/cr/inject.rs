@@ -11,6 +11,10 @@
 //!
 //! Signals that arrive meanwhile are suppressed and deferred on the [`Tracee`]; whoever
 //! owns the tracee re-sends them ([`requeue_signals`]) or, for templates, drops them.
+//!
+//! A tracee whose registers are the injection's must never be detached: an injection
+//! sets `PTRACE_O_EXITKILL`, so that if the controller dies the kernel kills it (and the
+//! children it forks meanwhile, which inherit the option) instead.
 
 use std::io;
 use std::os::unix::ffi::OsStrExt;
@@ -215,7 +219,10 @@ pub struct Injection<'t> {
 }
 
 impl<'t> Injection<'t> {
-    /// Saves the registers of `tracee`, which must be in a ptrace-stop.
+    /// Saves the registers of `tracee`, which must be in a ptrace-stop, and sets
+    /// `PTRACE_O_EXITKILL` on it ([`Tracee::set_exit_kill`]): from now until its owner
+    /// clears it, a controller crash kills the tracee rather than let it run injection
+    /// registers.
     pub fn begin(tracee: &'t mut Tracee, site: SyscallSite) -> Result<Self, InjectError> {
         let saved = tracee.regs()?;
         if saved.cs != 0x33 {
@@ -224,6 +231,7 @@ impl<'t> Injection<'t> {
                 cs: saved.cs,
             });
         }
+        tracee.set_exit_kill(true)?;
         Ok(Self {
             tracee,
             site,
@@ -342,7 +350,7 @@ impl<'t> Injection<'t> {
             });
         }
         let child = child.ok_or(InjectError::NoForkEvent { pid, ret: rax })?;
-        let mut child = Tracee::auto_attached(child);
+        let mut child = Tracee::auto_attached(child, self.tracee);
         closed?;
         match child.wait() {
             Ok(Stop::Interrupt) => Ok(child),

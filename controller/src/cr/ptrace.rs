@@ -220,6 +220,8 @@ pub struct Tracee {
     /// Dropping it kills it instead of detaching: a fork child that has not been given
     /// its registers would run from the middle of the vdso.
     kill_on_drop: bool,
+    /// The ptrace options in force (inherited by auto-attached children).
+    options: Options,
     /// ptrace requests are accepted only from the attaching thread.
     _same_thread: PhantomData<*const ()>,
 }
@@ -248,7 +250,7 @@ impl Tracee {
     /// running until [`Tracee::interrupt`].
     pub fn seize(pid: Pid, options: Options) -> Result<Self, PtraceError> {
         nix_ptrace::seize(pid, options).map_err(request_error("PTRACE_SEIZE", pid))?;
-        Ok(Self::attached(pid))
+        Ok(Self::attached(pid, options))
     }
 
     /// Seizes `pid` and waits until it is in a ptrace-stop: [`Stop::Group`] if it was
@@ -262,20 +264,22 @@ impl Tracee {
     }
 
     /// The tracee of a task that is already attached to this thread: the child of a
-    /// traced `fork`, reported by [`Stop::NewChild`]. It is killed if dropped before
+    /// traced `fork`, reported by [`Stop::NewChild`], with the options of `parent`
+    /// (`PTRACE_O_EXITKILL` included). It is killed if dropped before
     /// [`Tracee::detach`].
-    pub(crate) fn auto_attached(pid: Pid) -> Self {
-        let mut tracee = Self::attached(pid);
+    pub(crate) fn auto_attached(pid: Pid, parent: &Tracee) -> Self {
+        let mut tracee = Self::attached(pid, parent.options);
         tracee.kill_on_drop = true;
         tracee
     }
 
-    fn attached(pid: Pid) -> Self {
+    fn attached(pid: Pid, options: Options) -> Self {
         Self {
             pid,
             attached: true,
             deferred: Vec::new(),
             kill_on_drop: false,
+            options,
             _same_thread: PhantomData,
         }
     }
@@ -283,6 +287,24 @@ impl Tracee {
     /// The traced task.
     pub fn pid(&self) -> Pid {
         self.pid
+    }
+
+    /// Sets or clears `PTRACE_O_EXITKILL`: whether the kernel SIGKILLs the tracee if
+    /// this process dies. DeltaCR sets it while a tracee's registers are not its own
+    /// (an injection), so that a controller crash never detaches a task that would run
+    /// from the middle of the vdso; children born meanwhile inherit it.
+    pub fn set_exit_kill(&mut self, on: bool) -> Result<(), PtraceError> {
+        let options = if on {
+            self.options | Options::PTRACE_O_EXITKILL
+        } else {
+            self.options - Options::PTRACE_O_EXITKILL
+        };
+        if options != self.options {
+            nix_ptrace::setoptions(self.pid, options)
+                .map_err(request_error("PTRACE_SETOPTIONS", self.pid))?;
+            self.options = options;
+        }
+        Ok(())
     }
 
     /// `PTRACE_INTERRUPT`: the tracee stops at once (a blocking syscall is interrupted

@@ -218,6 +218,9 @@ pub fn checkpoint(pid: Pid, opts: &CheckpointOptions) -> Result<Template, CrErro
         inj.finish(signals_follow)?;
         (child, regs, fds, status)
     };
+    // Its registers are its own again: a controller crash from here on detaches it
+    // (the template, which inherited PTRACE_O_EXITKILL, is killed until it is held).
+    tracee.set_exit_kill(false)?;
     // Signals that arrived during the pause are the process's: it gets them back, and
     // the checkpoint records them as pending.
     let deferred = tracee.take_deferred_signals();
