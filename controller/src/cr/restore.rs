@@ -145,6 +145,9 @@ impl Template {
     /// returns the child, born in the cgroup `dest`, in its attach stop.
     fn fork_template(&self, dest: &Path) -> Result<Tracee, CrError> {
         let (mut template, first) = Tracee::seize_stopped(self.pid(), cr_options())?;
+        // Killed, not detached, if the controller dies from here to the detach: it is
+        // about to be thawed and to hold injection registers.
+        template.set_exit_kill(true)?;
         self.cgroup.thaw()?;
         let forked = (|| {
             let child = {
