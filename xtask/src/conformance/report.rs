@@ -425,9 +425,11 @@ ext4 too: it is the baseline every other target is compared with.
 - Every mount, directory and process is removed by guards, also on a failure or Ctrl-C;
   logs are kept under `<target dir>/conformance/` (pjdfstest's and fsx's output) and
   `<target dir>/fs-logs/` (the DeltaFS daemon's stderr).
-- `cargo xtask test` runs the same (without rewriting this file) after the integration
-  tests and fails when a case that passes on ext4 does not pass on a DeltaFS target, or
-  when fsx fails. Until the `deltafs` binary exists (a placeholder whose `deltafs mount
+- `cargo xtask test` runs the same (without rewriting this file), with the same
+  100 000 fsx operations unless `cargo xtask test --fsx-ops N` says otherwise, after the
+  integration tests, and fails when a case that passes on ext4 does not pass on a DeltaFS
+  target, or when fsx fails. Its time is about the sum of the times in the tables above
+  plus the mounts and the 50 freezes of the deep target. Until the `deltafs` binary exists (a placeholder whose `deltafs mount
   --help` exits 0 without printing anything counts as not there yet), the DeltaFS targets
   are reported as not run, and the step says so; they never count as passed.
 ";
