@@ -226,3 +226,23 @@ fn a_pending_blocked_signal_is_pending_again_after_rollback() {
     assert_eq!(r.ask("pending"), "usr1_pending=1");
     assert_eq!(r.ask("inc"), "n=1");
 }
+
+#[test]
+fn a_process_under_a_seccomp_filter_that_kills_on_clone3_is_checkpointed() {
+    require_root();
+    let env = CrEnv::new("seccomp");
+    // The filter kills the process on clone3, which is DeltaCR's injected fork: the
+    // filter must be suspended while the process is traced.
+    let mut p = env.spawn_target(&["serve", "--seccomp"]);
+    assert_eq!(p.ask("inc"), "n=1");
+    p.wait_blocked_in(libc::SYS_read);
+    let template = cr::checkpoint(pid(p.pid), &env.checkpoint_opts()).unwrap();
+    env.track(template.pid().as_raw());
+    assert_eq!(p.ask("inc"), "n=2");
+    let mut r = env.adopt(cr::rollback(&template, pid(p.pid), &env.restore_opts()).unwrap());
+    assert_eq!(r.ask("inc"), "n=2");
+    // The filter is back in force in the restored process.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", r.pid)).unwrap();
+    assert!(status.contains("Seccomp:\t2"), "{status}");
+    assert!(status.contains("Seccomp_filters:\t1"), "{status}");
+}

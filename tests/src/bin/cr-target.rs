@@ -1,7 +1,8 @@
 //! A tiny single-threaded process for the DeltaCR tests, driven line by line on stdin.
 //!
-//! - `cr-target serve [--alloc MIB] [--thp]`: a command loop (see [`serve`]) over a
-//!   counter in memory, an optional touched allocation, and files it opens.
+//! - `cr-target serve [--alloc MIB] [--thp] [--seccomp]`: a command loop (see
+//!   [`serve`]) over a counter in memory, an optional touched allocation, and files it
+//!   opens; `--seccomp` first installs a filter that kills it on `clone3`.
 //! - `cr-target ticker MS`: prints `addr=<counter address>`, then increments the counter
 //!   and prints `tick=<n>` every MS milliseconds (relative `nanosleep`).
 //! - `cr-target sleep MS`: prints `start`, sleeps MS milliseconds in one relative
@@ -140,6 +141,9 @@ fn serve(opts: &[String]) {
         .and_then(|i| opts.get(i + 1))
         .map_or(0, |v| v.parse().expect("--alloc MIB"));
     let thp = opts.iter().any(|a| a == "--thp");
+    if opts.iter().any(|a| a == "--seccomp") {
+        kill_on_clone3();
+    }
     let alloc = allocate(mib << 20, thp);
     let mut files: Vec<File> = Vec::new();
     let stdin = std::io::stdin();
@@ -220,6 +224,55 @@ fn serve(opts: &[String]) {
             (other, _) => format!("error unknown command {other:?}"),
         };
         let _ = writeln!(out, "{reply}");
+    }
+}
+
+/// Installs a seccomp filter that kills the process if it calls `clone3` (as DeltaCR's
+/// injected fork does).
+fn kill_on_clone3() {
+    const LD_W_ABS: u16 = 0x20;
+    const JEQ_K: u16 = 0x05 | 0x10;
+    const RET_K: u16 = 0x06;
+    const ARCH_X86_64: u32 = 0xc000_003e;
+    const KILL_PROCESS: u32 = 0x8000_0000;
+    const ALLOW: u32 = 0x7fff_0000;
+    let stmt = |code, k| libc::sock_filter {
+        code,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    let jeq = |k, jt, jf| libc::sock_filter {
+        code: JEQ_K,
+        jt,
+        jf,
+        k,
+    };
+    let filter = [
+        stmt(LD_W_ABS, 4), // seccomp_data.arch
+        jeq(ARCH_X86_64, 1, 0),
+        stmt(RET_K, KILL_PROCESS),
+        stmt(LD_W_ABS, 0), // seccomp_data.nr
+        jeq(libc::SYS_clone3 as u32, 0, 1),
+        stmt(RET_K, KILL_PROCESS),
+        stmt(RET_K, ALLOW),
+    ];
+    let prog = libc::sock_fprog {
+        len: filter.len() as u16,
+        filter: filter.as_ptr().cast_mut(),
+    };
+    // SAFETY: `prog` points to `filter`, both alive for the calls; the kernel copies the
+    // program.
+    unsafe {
+        assert_eq!(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), 0);
+        assert_eq!(
+            libc::prctl(
+                libc::PR_SET_SECCOMP,
+                libc::SECCOMP_MODE_FILTER,
+                &prog as *const libc::sock_fprog
+            ),
+            0
+        );
     }
 }
 

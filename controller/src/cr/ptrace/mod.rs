@@ -37,10 +37,17 @@ const NT_X86_XSTATE: usize = 0x202;
 /// reports the real size, which is what [`XState`] keeps.
 const XSTATE_BUF: usize = 16 * 1024;
 
-/// The options DeltaCR seizes with: syscall stops marked `SIGTRAP | 0x80`, and the
-/// children of `fork` and `clone` auto-attached (stopped before they run).
+/// The options DeltaCR seizes with: syscall stops marked `SIGTRAP | 0x80`; the
+/// children of `fork` and `clone` auto-attached (stopped before they run); and the
+/// tracee's seccomp filters suspended while it is traced, so that a filter that
+/// forbids (or kills on) `clone3`, `openat`, … does not stop the injected syscalls (it
+/// applies again once the task is detached; templates and restored processes inherit
+/// it). `PTRACE_O_SUSPEND_SECCOMP` needs `CAP_SYS_ADMIN`; nix does not name it.
 pub fn cr_options() -> Options {
-    Options::PTRACE_O_TRACESYSGOOD | Options::PTRACE_O_TRACEFORK | Options::PTRACE_O_TRACECLONE
+    Options::PTRACE_O_TRACESYSGOOD
+        | Options::PTRACE_O_TRACEFORK
+        | Options::PTRACE_O_TRACECLONE
+        | Options::from_bits_retain(libc::PTRACE_O_SUSPEND_SECCOMP)
 }
 
 /// Errors of ptrace requests and of waiting for a tracee.
