@@ -1,5 +1,8 @@
-//! The frozen cgroup v2 that holds one template: `cgroup.procs`, `cgroup.freeze`,
-//! `cgroup.kill`.
+//! The frozen cgroup v2 that holds one template: `cgroup.freeze`, `cgroup.kill`.
+//!
+//! Templates (and restored processes) are born in their cgroups by
+//! `clone3(CLONE_INTO_CGROUP)`, never moved through `cgroup.procs`: a migration waits
+//! for an RCU grace period on this kernel (see `super::inject::CLONE_FLAGS`).
 //!
 //! A task in a cgroup whose `cgroup.freeze` is 1 carries `JOBCTL_TRAP_FREEZE` from the
 //! moment the write returns: whatever resumes it (a `SIGCONT`, a tracer that detaches
@@ -12,8 +15,6 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
-
-use nix::unistd::Pid;
 
 use crate::cgroup::{CgroupError, CgroupFs};
 
@@ -84,11 +85,6 @@ impl TemplateCgroup {
         &self.path
     }
 
-    /// Moves `pid` into it.
-    pub fn add(&self, pid: Pid) -> Result<(), FreezerError> {
-        move_to(&self.path, pid)
-    }
-
     /// `cgroup.freeze` = 1.
     pub fn freeze(&self) -> Result<(), FreezerError> {
         write(&self.path.join("cgroup.freeze"), "freeze", "1")
@@ -110,15 +106,6 @@ impl TemplateCgroup {
         self.removed = true;
         Ok(())
     }
-}
-
-/// Moves `pid` into the cgroup directory `dir`.
-pub fn move_to(dir: &Path, pid: Pid) -> Result<(), FreezerError> {
-    write(
-        &dir.join("cgroup.procs"),
-        "move a process into",
-        &pid.as_raw().to_string(),
-    )
 }
 
 fn remove(path: &Path) -> Result<(), FreezerError> {
