@@ -196,7 +196,7 @@ impl Report {
             out.push_str("fsx:\n");
             let header = [
                 "target",
-                "operations",
+                "operations asked",
                 "result",
                 "time",
                 "checkpoint+rollback cycles",
@@ -277,7 +277,7 @@ impl Report {
             md.push_str("\n## fsx\n\n");
             let header = [
                 "target",
-                "operations",
+                "operations asked",
                 "result",
                 "time",
                 "checkpoint + rollback cycles",
