@@ -148,6 +148,24 @@ impl Options {
         if self.fsx_ops != FULL_FSX_OPS {
             line.push_str(&format!(" --fsx-ops {}", self.fsx_ops));
         }
+        if self.fsx_seed != 1 {
+            line.push_str(&format!(" --fsx-seed {}", self.fsx_seed));
+        }
+        if self.checkpoint_interval_ms != 100 {
+            line.push_str(&format!(
+                " --checkpoint-interval-ms {}",
+                self.checkpoint_interval_ms
+            ));
+        }
+        if self.depth != 50 {
+            line.push_str(&format!(" --depth {}", self.depth));
+        }
+        if let Some(path) = &self.deltafs_bin {
+            line.push_str(&format!(" --deltafs-bin {}", path.display()));
+        }
+        if self.release {
+            line.push_str(" --release");
+        }
         line
     }
 

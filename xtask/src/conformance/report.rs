@@ -422,7 +422,9 @@ ext4 too: it is the baseline every other target is compared with.
   and on DeltaFS. On DeltaFS the harness sends, every interval, `freeze` and then `switch`
   to the id just frozen: a rollback to the state fsx expects, which exercises the switch
   and the redirection of fsx's open file descriptor.
-- Every mount, directory and process is removed by guards, also on a failure or Ctrl-C;
+- Every mount, directory and process is removed by guards, also on a failure or Ctrl-C
+  (not after a `kill -9` of xtask: then `umount -l /var/tmp/dbx/*-m-*` and remove
+  `/var/tmp/dbx/*` and `/var/lib/deltabox/store/xtask/*`);
   logs are kept under `<target dir>/conformance/` (pjdfstest's and fsx's output) and
   `<target dir>/fs-logs/` (the DeltaFS daemon's stderr).
 - `cargo xtask test` runs the same (without rewriting this file), with the same
