@@ -104,6 +104,12 @@ fn old_handles_never_write_into_a_checkpoint() {
     assert!(switched.retired >= 2, "{switched:?}");
     expect_checkpoint(&m);
     plain.write_all_at(b"CCCC", 0).unwrap();
+    // ftruncate and fchmod through an old fd act on the state it was opened in.
+    plain.set_len(2).unwrap();
+    assert_eq!(plain.metadata().unwrap().len(), 2);
+    plain
+        .set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .unwrap();
     append.write_all(b"CCCC").unwrap();
     mapped.write(0, b"CCCC");
     mapped.sync();

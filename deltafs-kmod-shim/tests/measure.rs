@@ -72,6 +72,9 @@ fn freeze_and_switch_on_10k_files_100_changed() {
         settle();
         fx.store().flush().unwrap();
         let report = view.freeze(&FreezeOpts::default()).unwrap();
+        if round < 3 {
+            println!("  round {round}: {report:?}");
+        }
         freezes.push(report.elapsed);
         bytes.push(fx.store().flush().unwrap());
         let report = view.freeze(&FreezeOpts::default()).unwrap();

@@ -12,6 +12,7 @@ use fuser::{Errno, FileAttr, FileType, INodeNo, TimeOrNow};
 use nix::sys::stat::futimens;
 use nix::sys::time::TimeSpec;
 
+use super::nodeids::Resolved;
 use super::open::{OpenBacking, OpenReply};
 use super::state::{DirHandle, FsResult, IntoErrno, Listing, ViewState};
 use crate::ids::Ino;
@@ -264,6 +265,9 @@ impl ViewState {
 
     /// `SETATTR`: mode, owner, size, times.
     pub fn setattr(&mut self, nid: INodeNo, set: SetAttr) -> FsResult<FileAttr> {
+        if matches!(self.nids.resolve(nid.0), Resolved::Retired) {
+            return self.setattr_retired(nid, set);
+        }
         let ino = self.live(nid)?;
         if let Some(size) = set.size {
             match self.node(ino)?.kind {
@@ -311,6 +315,39 @@ impl ViewState {
                 node.ctime = set.ctime.map(Time::from).unwrap_or(now);
             })
             .map_err(IntoErrno::errno)?;
+        self.attr_of(nid)
+    }
+
+    /// `SETATTR` through a handle opened before a switch (`ftruncate`, `fchmod`, …): it
+    /// changes the state that handle lives in, which nothing else shows. A handle that
+    /// can truncate was opened for writing, so its backing file is the abandoned writable
+    /// layer's, never a frozen one.
+    fn setattr_retired(&mut self, nid: INodeNo, set: SetAttr) -> FsResult<FileAttr> {
+        let retired = self.nids.retired.get_mut(&nid.0).ok_or(Errno::ESTALE)?;
+        let file = retired.open.as_ref().map(|entry| entry.backing.file());
+        if let Some(size) = set.size {
+            let file = file.as_ref().ok_or(Errno::ESTALE)?;
+            file.set_len(size).map_err(IntoErrno::errno)?;
+        }
+        let mut node = Node::clone(&retired.node);
+        if let Some(mode) = set.mode {
+            node.perm = (mode & 0o7777) as u16;
+        }
+        if let Some(uid) = set.uid {
+            node.uid = uid;
+        }
+        if let Some(gid) = set.gid {
+            node.gid = gid;
+        }
+        if let Some(atime) = set.atime {
+            node.atime = resolve_time(atime);
+        }
+        if let Some(mtime) = set.mtime {
+            node.mtime = resolve_time(mtime);
+            node.mtime_from_data = false;
+        }
+        node.ctime = set.ctime.map(Time::from).unwrap_or_else(Time::now);
+        retired.node = Arc::new(node);
         self.attr_of(nid)
     }
 
