@@ -147,9 +147,9 @@ impl Layers {
         }
     }
 
-    /// Creates the empty backing file `file` of `layer`, open for reading and writing.
+    /// Creates the empty backing file `file` of `layer`, open for reading and writing
+    /// (and the layer's directory, the first time).
     pub fn create(&self, layer: LayerId, file: u64) -> Result<File, LayerError> {
-        self.ensure(layer)?;
         create_at(&self.file(layer, file))
     }
 
@@ -268,18 +268,33 @@ impl Layers {
     }
 }
 
+/// Creates `path` (never an existing file), and its directory if that is missing: a
+/// layer's directory is made on its first file, without a `mkdir` per file.
 fn create_at(path: &Path) -> Result<File, LayerError> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(path)
-        .map_err(|source| LayerError::Create {
-            path: path.to_owned(),
-            source,
-        })
+    let open = || {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(path)
+    };
+    let created = match open() {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => match path.parent() {
+            Some(dir) => match fs::create_dir(dir) {
+                Ok(()) => open(),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => open(),
+                Err(e) => Err(e),
+            },
+            None => Err(e),
+        },
+        other => other,
+    };
+    created.map_err(|source| LayerError::Create {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// Gives `dest` the access and modification times of `src`.

@@ -220,6 +220,7 @@ impl ViewShared {
         state.delta = Delta::default();
         state.parent = Some(to);
         state.maybe_mapped.clear();
+        state.released.clear();
         for nid in &inodes {
             state.stale_cache.remove(nid);
         }

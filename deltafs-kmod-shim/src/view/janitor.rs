@@ -3,7 +3,7 @@
 //! A file that had a writable passthrough open may be written through a `MAP_SHARED`
 //! mapping after its last fd is closed, so a freeze must keep it with the live view while
 //! that can happen. Shortly after such a file's last handle is released, this thread
-//! probes it ([`crate::lease::in_use`]) and drops it from the candidates if nothing holds
+//! probes it once ([`crate::lease::in_use`]) and drops it from the candidates if nothing holds
 //! it open any more — unless it was opened for writing again meanwhile (each writable
 //! passthrough open bumps the candidate's generation). A freeze then only has to probe
 //! files closed in the last few milliseconds.
@@ -77,15 +77,18 @@ pub(crate) fn spawn(view: Weak<ViewShared>) -> std::io::Result<()> {
 }
 
 impl ViewShared {
-    /// Drops the candidates that nothing holds open any more.
+    /// Probes the candidates released since the last pass (each once: one still in use
+    /// stays a candidate until a freeze probes it again) and drops those that nothing
+    /// holds open any more.
     pub(crate) fn prune_mapped(&self) {
         let candidates: Vec<_> = {
-            let state = lock(&self.state);
-            state
-                .maybe_mapped
-                .iter()
-                .filter(|(ino, _)| !state.opens.contains_key(ino))
-                .filter_map(|(&ino, &generation)| {
+            let mut state = lock(&self.state);
+            let released = std::mem::take(&mut state.released);
+            released
+                .into_iter()
+                .filter(|ino| !state.opens.contains_key(ino))
+                .filter_map(|ino| {
+                    let generation = *state.maybe_mapped.get(&ino)?;
                     let data = state.index.node(ino)?.data.clone()?;
                     Some((ino, generation, state.data_path(&data)))
                 })

@@ -116,24 +116,30 @@ impl ViewState {
         if trunc {
             self.truncate(ino, 0)?;
         }
-        self.attach(nid.0, ino, write, open_backing)
+        self.attach(nid.0, ino, write, None, open_backing)
     }
 
     /// Adds a handle on `ino` (node id `nid`), deciding passthrough or daemon service if
-    /// it is the inode's first open.
+    /// it is the inode's first open. `file` is its backing file if the caller has it open
+    /// already (read-write).
     pub fn attach(
         &mut self,
         nid: u64,
         ino: Ino,
         write: bool,
+        file: Option<File>,
         open_backing: OpenBacking<'_>,
     ) -> FsResult<OpenReply> {
         if !self.opens.contains_key(&ino) {
             let node = self.node(ino)?;
             let writable = self.is_writable(&node);
-            let data = node.data.as_ref().ok_or(Errno::EIO)?;
-            let file =
-                Layers::open_file(&self.data_path(data), writable).map_err(IntoErrno::errno)?;
+            let file = match file {
+                Some(file) => file,
+                None => {
+                    let data = node.data.as_ref().ok_or(Errno::EIO)?;
+                    Layers::open_file(&self.data_path(data), writable).map_err(IntoErrno::errno)?
+                }
+            };
             let mode = if writable {
                 match open_backing(&file) {
                     Ok(id) => Mode::Passthrough(Arc::new(id)),
@@ -199,7 +205,6 @@ impl ViewState {
         let data = node.data.clone().ok_or(Errno::EIO)?;
         let file = self.alloc_file();
         let layers = &self.store.layers;
-        layers.ensure(self.writable).map_err(IntoErrno::errno)?;
         let dest = layers.file(self.writable, file);
         let new_file = if empty {
             layers
@@ -271,6 +276,7 @@ impl ViewState {
                     if entry.handles == 0 {
                         self.opens.remove(&ino);
                         if self.maybe_mapped.contains_key(&ino) {
+                            self.released.push(ino);
                             self.janitor.poke();
                         }
                         self.reap(ino);

@@ -3,7 +3,7 @@
 //! returns what the reply needs.
 
 use std::ffi::OsStr;
-use std::fs;
+use std::fs::{self, File};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -104,17 +104,19 @@ impl ViewState {
         Ok((ino, self.entry(parent, name, attr)))
     }
 
-    /// A new empty backing file in the writable layer.
-    fn new_backing(&mut self) -> FsResult<DataRef> {
+    /// A new empty backing file in the writable layer, open read-write.
+    fn new_backing(&mut self) -> FsResult<(DataRef, File)> {
         let file = self.alloc_file();
-        self.store
+        let opened = self
+            .store
             .layers
             .create(self.writable, file)
             .map_err(IntoErrno::errno)?;
-        Ok(DataRef::Layer {
+        let data = DataRef::Layer {
             layer: self.writable,
             file,
-        })
+        };
+        Ok((data, opened))
     }
 
     /// `MKDIR`.
@@ -148,7 +150,7 @@ impl ViewState {
         node.rdev = rdev.into();
         if kind == Kind::File {
             self.txn().lookup(dir, name).err().ok_or(Errno::EEXIST)?;
-            node.data = Some(self.new_backing()?);
+            node.data = Some(self.new_backing()?.0);
         }
         Ok(self.insert(parent, name, node)?.1)
     }
@@ -256,10 +258,11 @@ impl ViewState {
             Err(e) => return Err(e.errno()),
         }
         let mut node = self.new_node(dir, Kind::File, mode, caller)?;
-        node.data = Some(self.new_backing()?);
+        let (data, file) = self.new_backing()?;
+        node.data = Some(data);
         let (ino, attr) = self.insert(parent, name, node)?;
         let write = flags & libc::O_ACCMODE != libc::O_RDONLY;
-        let reply = self.attach(attr.ino.0, ino, write, open_backing)?;
+        let reply = self.attach(attr.ino.0, ino, write, Some(file), open_backing)?;
         Ok((attr, reply))
     }
 

@@ -95,6 +95,8 @@ pub(crate) struct ViewState {
     /// Each with the generation of its last writable passthrough open.
     pub maybe_mapped: HashMap<Ino, u64>,
     pub mapped_generation: u64,
+    /// Candidates whose last handle was released since the janitor's last pass.
+    pub released: Vec<Ino>,
     pub janitor: Arc<Janitor>,
     /// Node ids whose FUSE page cache may be stale (their data was changed through
     /// passthrough, which bypasses it).
@@ -127,6 +129,7 @@ impl ViewState {
             nids: NodeIds::default(),
             maybe_mapped: HashMap::new(),
             mapped_generation: 0,
+            released: Vec::new(),
             janitor,
             stale_cache: HashSet::new(),
             abandoned: Vec::new(),
