@@ -91,8 +91,9 @@ pub enum StoreError {
 pub(crate) struct Snapshot {
     pub parent: Option<SnapshotId>,
     pub base: PathBuf,
-    /// What its epoch changed relative to its parent.
-    pub delta: Arc<Delta>,
+    /// What its epoch changed relative to its parent; `None` until read from disk after a
+    /// restart (a store with many snapshots opens without reading them all).
+    pub delta: Option<Arc<Delta>>,
     /// Its index; `None` until rebuilt from disk after a restart.
     pub index: Option<Index>,
     pub dropped: bool,
@@ -167,14 +168,13 @@ impl Store {
             let Some(frozen) = persist::read_manifest(&dir)? else {
                 continue;
             };
-            let record = persist::read_delta(&dir)?;
             next_ino = next_ino.max(frozen.manifest.next_ino);
             snapshots.insert(
                 SnapshotId::of_layer(layer),
                 Snapshot {
                     parent: frozen.manifest.parent,
                     base: PathBuf::from(std::ffi::OsStr::from_bytes(&frozen.manifest.base.0)),
-                    delta: Arc::new(record.delta()),
+                    delta: None,
                     index: None,
                     dropped: frozen.dropped,
                 },
@@ -346,6 +346,20 @@ impl StoreState {
         Ok(base)
     }
 
+    /// What snapshot `id`'s epoch changed, read from disk on first use.
+    pub fn delta_of(&mut self, layers: &Layers, id: SnapshotId) -> Result<Arc<Delta>, StoreError> {
+        let snapshot = self
+            .snapshots
+            .get_mut(&id)
+            .ok_or(StoreError::UnknownSnapshot(id))?;
+        if let Some(delta) = &snapshot.delta {
+            return Ok(Arc::clone(delta));
+        }
+        let delta = Arc::new(persist::read_delta(&layers.dir(id.layer()))?.delta());
+        snapshot.delta = Some(Arc::clone(&delta));
+        Ok(delta)
+    }
+
     /// The index of snapshot `id` over base `base`, rebuilt from the deltas of its chain
     /// if this process did not make it.
     pub fn index_of(
@@ -389,7 +403,11 @@ impl StoreState {
         }
         let mut index = index.unwrap_or_else(|| Index::new(tree.root_node()));
         for c in chain.into_iter().rev() {
-            let (nodes, entries) = persist::read_delta(&layers.dir(c.layer()))?.into_parts();
+            let record = persist::read_delta(&layers.dir(c.layer()))?;
+            if let Some(s) = self.snapshots.get_mut(&c) {
+                s.delta.get_or_insert_with(|| Arc::new(record.delta()));
+            }
+            let (nodes, entries) = record.into_parts();
             index
                 .apply(nodes, entries, &tree)
                 .map_err(|source| StoreError::Rebuild { id: c, source })?;

@@ -116,7 +116,7 @@ impl ViewShared {
             Snapshot {
                 parent: state.parent,
                 base: state.base.root().to_owned(),
-                delta,
+                delta: Some(delta),
                 index: Some(index),
                 dropped: false,
             },
@@ -167,20 +167,18 @@ impl ViewShared {
                 common = Some(id);
                 break;
             }
-            let snapshot = store
+            candidates.extend(&*store.delta_of(&self.store.layers, id)?);
+            cur = store
                 .snapshots
                 .get(&id)
-                .ok_or(StoreError::UnknownSnapshot(id))?;
-            candidates.extend(&snapshot.delta);
-            cur = snapshot.parent;
+                .ok_or(StoreError::UnknownSnapshot(id))?
+                .parent;
         }
         for id in ours {
             if Some(id) == common {
                 break;
             }
-            if let Some(snapshot) = store.snapshots.get(&id) {
-                candidates.extend(&snapshot.delta);
-            }
+            candidates.extend(&*store.delta_of(&self.store.layers, id)?);
         }
         drop(store);
 
