@@ -325,7 +325,8 @@ impl Store {
         Ok(report)
     }
 
-    /// Bytes allocated under the store's `layers/` directory.
+    /// Bytes allocated under the store's `layers/` directory, as the sum of `st_blocks`
+    /// (extents shared by reflinked files count once per file).
     pub fn disk_usage(&self) -> u64 {
         self.shared.layers.disk_usage()
     }

@@ -298,3 +298,58 @@ fn freeze_writes_little_whatever_the_state_size() {
     );
     view.unmount().unwrap();
 }
+
+/// On a store that can reflink, a 1-byte write into a large frozen file copies nothing:
+/// the copy-up is a clone (blocks shared) and costs milliseconds.
+#[test]
+fn a_small_write_into_a_large_frozen_file_copies_nothing() {
+    require_root!();
+    let fx = Fixture::new();
+    if !fx.store().reflink() {
+        eprintln!("skipped: the store's filesystem cannot reflink (chunk copy-up not built)");
+        return;
+    }
+    let view = fx.mount("live", None);
+    let m = view.mountpoint().to_owned();
+    let chunk = vec![0xa5u8; 1 << 20];
+    let mut f = fs::File::create(m.join("large")).unwrap();
+    for _ in 0..256 {
+        f.write_all(&chunk).unwrap();
+    }
+    f.sync_all().unwrap();
+    drop(f);
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let checkpoint = freeze(&view).id;
+    fx.store().flush().unwrap();
+    nix::unistd::sync();
+    // Free space of the store's filesystem: `st_blocks` counts shared (reflinked) extents
+    // once per file, so only the filesystem's own count shows what a clone allocated.
+    let used = || {
+        let st = nix::sys::statvfs::statvfs(fx.store_dir()).unwrap();
+        (st.blocks() - st.blocks_free()) * st.fragment_size()
+    };
+    let before = used();
+    let start = std::time::Instant::now();
+    let f = OpenOptions::new()
+        .write(true)
+        .open(m.join("large"))
+        .unwrap();
+    f.write_all_at(b"!", 12345).unwrap();
+    let elapsed = start.elapsed();
+    f.sync_all().unwrap();
+    drop(f);
+    nix::unistd::sync();
+    let grown = used().saturating_sub(before);
+    eprintln!("1-byte write into a frozen 256 MiB file: {elapsed:?}, store grew {grown} bytes");
+    // Other tests may write to the same filesystem meanwhile: far below the 256 MiB a
+    // full copy takes is what counts.
+    assert!(grown < 32 << 20, "the copy-up wrote {grown} bytes");
+    view.switch(checkpoint).unwrap();
+    let mut byte = [0u8; 1];
+    fs::File::open(m.join("large"))
+        .unwrap()
+        .read_exact_at(&mut byte, 12345)
+        .unwrap();
+    assert_eq!(byte, [0xa5]);
+    view.unmount().unwrap();
+}
