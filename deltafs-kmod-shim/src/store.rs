@@ -283,7 +283,9 @@ impl Store {
         Ok(self.shared.writer.flush()?)
     }
 
-    /// Removes every layer directory that no mounted view and no kept snapshot needs.
+    /// Removes every layer directory that no mounted view and no kept snapshot needs
+    /// (including the writable layers switches left behind: handles still open on their
+    /// files keep the files, not the directory).
     pub fn gc(&self) -> Result<GcReport, StoreError> {
         let mut state = lock(&self.shared.state);
         self.shared.writer.flush()?;
@@ -291,9 +293,8 @@ impl Store {
         let mut roots: Vec<SnapshotId> = Vec::new();
         state.views.retain(|v| v.strong_count() > 0);
         for view in state.views.iter().filter_map(Weak::upgrade) {
-            let (writable, abandoned, parent) = view.layers_in_use();
+            let (writable, parent) = view.layers_in_use();
             keep.insert(writable);
-            keep.extend(abandoned);
             roots.extend(parent);
         }
         roots.extend(

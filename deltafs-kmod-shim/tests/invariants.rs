@@ -103,6 +103,10 @@ fn old_handles_never_write_into_a_checkpoint() {
     let switched = view.switch(checkpoint).unwrap();
     assert!(switched.retired >= 2, "{switched:?}");
     expect_checkpoint(&m);
+    // gc removes the writable layer the switch left behind; the old handles keep their
+    // files open and go on working.
+    let gc = fx.store().gc().unwrap();
+    assert!(!gc.removed.is_empty(), "{gc:?}");
     plain.write_all_at(b"CCCC", 0).unwrap();
     // ftruncate and fchmod through an old fd act on the state it was opened in.
     plain.set_len(2).unwrap();

@@ -98,7 +98,11 @@ impl Filesystem for DeltaFs {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, _nlookup: u64) {
-        self.with(|s| s.nids.forget(ino.0));
+        self.with(|s| {
+            s.nids.forget(ino.0);
+            // The kernel's inode, and its page cache, are gone.
+            s.stale_cache.remove(&ino.0);
+        });
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {

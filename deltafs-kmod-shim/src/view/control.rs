@@ -213,8 +213,8 @@ impl ViewShared {
                 entries.push((state.nids.nid(*dir), name.clone()));
             }
         }
-        let abandoned = std::mem::replace(&mut state.writable, LayerId::generate());
-        state.abandoned.push(abandoned);
+        // The old writable layer is left to gc: handles opened before keep its files.
+        state.writable = LayerId::generate();
         state.delta = Delta::default();
         state.parent = Some(to);
         state.maybe_mapped.clear();

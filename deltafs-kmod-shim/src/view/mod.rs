@@ -148,10 +148,12 @@ impl ViewShared {
         }
     }
 
-    /// The writable layer, the abandoned ones, and the snapshot the state is stacked on.
-    pub(crate) fn layers_in_use(&self) -> (LayerId, Vec<LayerId>, Option<SnapshotId>) {
+    /// The writable layer and the snapshot the state is stacked on. The writable layers
+    /// left behind by switches are not in use: handles opened before a switch hold their
+    /// files open by fd, never by path, and no index refers to them.
+    pub(crate) fn layers_in_use(&self) -> (LayerId, Option<SnapshotId>) {
         let state = lock(&self.state);
-        (state.writable, state.abandoned.clone(), state.parent)
+        (state.writable, state.parent)
     }
 }
 

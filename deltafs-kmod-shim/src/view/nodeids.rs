@@ -21,6 +21,8 @@ pub(crate) struct Retired {
     pub node: Arc<Node>,
     /// The open handles' shared state, until the last one is released.
     pub open: Option<OpenEntry>,
+    /// The kernel forgot the id: it goes when its last handle does.
+    pub forgotten: bool,
 }
 
 /// What a node id names now.
@@ -70,12 +72,22 @@ impl NodeIds {
     /// The kernel dropped its inode for `nid`.
     pub fn forget(&mut self, nid: u64) {
         self.names.remove(&nid);
-        if self
-            .retired
-            .get(&nid)
-            .is_some_and(|retired| retired.open.is_none())
-        {
-            self.retired.remove(&nid);
+        if let Some(retired) = self.retired.get_mut(&nid) {
+            if retired.open.is_none() {
+                self.retired.remove(&nid);
+            } else {
+                retired.forgotten = true;
+            }
+        }
+    }
+
+    /// The last handle on retired id `nid` was released.
+    pub fn released(&mut self, nid: u64) {
+        if let Some(retired) = self.retired.get_mut(&nid) {
+            retired.open = None;
+            if retired.forgotten {
+                self.retired.remove(&nid);
+            }
         }
     }
 
@@ -91,7 +103,14 @@ impl NodeIds {
     ) -> (u64, HashSet<(u64, OsString)>) {
         let old = self.nid(ino);
         self.aliases.remove(&old);
-        self.retired.insert(old, Retired { node, open });
+        self.retired.insert(
+            old,
+            Retired {
+                node,
+                open,
+                forgotten: false,
+            },
+        );
         self.remapped.insert(ino, new_nid);
         self.aliases.insert(new_nid, ino);
         (old, self.names.remove(&old).unwrap_or_default())

@@ -266,7 +266,7 @@ impl ViewState {
                 {
                     open.handles -= 1;
                     if open.handles == 0 {
-                        retired.open = None;
+                        self.nids.released(handle.nid);
                     }
                 }
             }

@@ -101,8 +101,6 @@ pub(crate) struct ViewState {
     /// Node ids whose FUSE page cache may be stale (their data was changed through
     /// passthrough, which bypasses it).
     pub stale_cache: HashSet<u64>,
-    /// Writable layers left behind by switches (old handles may still use them).
-    pub abandoned: Vec<LayerId>,
 }
 
 impl ViewState {
@@ -132,7 +130,6 @@ impl ViewState {
             released: Vec::new(),
             janitor,
             stale_cache: HashSet::new(),
-            abandoned: Vec::new(),
         }
     }
 
