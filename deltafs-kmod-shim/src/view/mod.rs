@@ -228,6 +228,11 @@ impl View {
             return Ok(());
         };
         self.shared.janitor.stop();
+        // Snapshot metadata first: a busy mount is only detached below, and its session
+        // thread (which holds the store) may outlive this process's orderly exit.
+        if let Err(e) = self.shared.store.writer.flush() {
+            log::error!("deltafs: {e}");
+        }
         nix::unistd::sync();
         match session.umount_and_join() {
             Ok(()) => Ok(()),
