@@ -175,8 +175,10 @@ pub struct Node {
     /// Number of names (directories: 2 + subdirectories).
     pub nlink: u32,
     /// Device number of a device node.
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub rdev: u64,
     /// Size of anything but a regular file (whose size is its backing file's).
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub size: u64,
     /// Last access.
     pub atime: Time,
@@ -189,13 +191,21 @@ pub struct Node {
     /// whose data is frozen: then `mtime` holds it until the next copy-up.
     pub mtime_from_data: bool,
     /// A directory's parent (for `..`); 0 otherwise.
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub parent: Ino,
     /// A symlink's target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<Bytes>,
     /// Extended attributes.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub xattrs: BTreeMap<Bytes, Bytes>,
     /// A regular file's backing file, or a base directory's base listing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data: Option<DataRef>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Node {

@@ -15,6 +15,9 @@ use crate::index::{Delta, Index};
 use crate::persist::{self, DeltaRecord, Manifest, PersistError};
 use crate::sync::lock;
 
+/// How long the writer waits before writing a frozen layer (see [`run`]).
+const YIELD: std::time::Duration = std::time::Duration::from_millis(1);
+
 /// Work for the writer thread.
 pub(crate) enum Job {
     /// Write the metadata of a layer just frozen.
@@ -79,6 +82,11 @@ fn run(rx: Receiver<Job>) {
     let mut written = 0u64;
     let mut failure: Option<PersistError> = None;
     for job in rx {
+        if matches!(job, Job::Frozen { .. }) {
+            // Woken by a freeze, this thread would preempt it on a busy machine and
+            // serialize the delta before the freeze returns: step aside first.
+            thread::sleep(YIELD);
+        }
         let result = match job {
             Job::Frozen {
                 dir,

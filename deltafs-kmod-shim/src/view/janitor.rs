@@ -68,7 +68,12 @@ pub(crate) fn spawn(view: Weak<ViewShared>) -> std::io::Result<()> {
             while janitor.wait() {
                 thread::sleep(DELAY);
                 match view.upgrade() {
-                    Some(view) => view.prune_mapped(),
+                    Some(view) => {
+                        if view.prune_mapped() {
+                            // Some were released too recently: another pass.
+                            janitor.poke();
+                        }
+                    }
                     None => return,
                 }
             }
@@ -77,29 +82,36 @@ pub(crate) fn spawn(view: Weak<ViewShared>) -> std::io::Result<()> {
 }
 
 impl ViewShared {
-    /// Probes the candidates released since the last pass (each once: one still in use
-    /// stays a candidate until a freeze probes it again) and drops those that nothing
-    /// holds open any more.
-    pub(crate) fn prune_mapped(&self) {
-        let candidates: Vec<_> = {
+    /// Probes the candidates released at least [`DELAY`] ago (each once: one still in
+    /// use stays a candidate until a freeze probes it again) and drops those that nothing
+    /// holds open any more. Returns whether younger ones are left for a later pass.
+    pub(crate) fn prune_mapped(&self) -> bool {
+        let (candidates, left): (Vec<_>, bool) = {
             let mut state = lock(&self.state);
-            let released = std::mem::take(&mut state.released);
-            released
+            let now = std::time::Instant::now();
+            let (due, young): (Vec<_>, Vec<_>) = std::mem::take(&mut state.released)
                 .into_iter()
+                .partition(|(_, at)| now.duration_since(*at) >= DELAY);
+            let left = !young.is_empty();
+            state.released = young;
+            let candidates = due
+                .into_iter()
+                .map(|(ino, _)| ino)
                 .filter(|ino| !state.opens.contains_key(ino))
                 .filter_map(|ino| {
                     let generation = *state.maybe_mapped.get(&ino)?;
                     let data = state.index.node(ino)?.data.clone()?;
                     Some((ino, generation, state.data_path(&data)))
                 })
-                .collect()
+                .collect();
+            (candidates, left)
         };
         let free: Vec<_> = candidates
             .into_iter()
             .filter(|(_, _, path)| matches!(lease::in_use(path), Ok(false)))
             .collect();
         if free.is_empty() {
-            return;
+            return left;
         }
         let mut state = lock(&self.state);
         for (ino, generation, _) in free {
@@ -108,5 +120,6 @@ impl ViewShared {
                 state.maybe_mapped.remove(&ino);
             }
         }
+        left
     }
 }

@@ -276,7 +276,7 @@ impl ViewState {
                     if entry.handles == 0 {
                         self.opens.remove(&ino);
                         if self.maybe_mapped.contains_key(&ino) {
-                            self.released.push(ino);
+                            self.released.push((ino, std::time::Instant::now()));
                             self.janitor.poke();
                         }
                         self.reap(ino);

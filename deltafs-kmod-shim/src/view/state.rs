@@ -95,8 +95,8 @@ pub(crate) struct ViewState {
     /// Each with the generation of its last writable passthrough open.
     pub maybe_mapped: HashMap<Ino, u64>,
     pub mapped_generation: u64,
-    /// Candidates whose last handle was released since the janitor's last pass.
-    pub released: Vec<Ino>,
+    /// Candidates whose last handle was released since the janitor's last pass, and when.
+    pub released: Vec<(Ino, std::time::Instant)>,
     pub janitor: Arc<Janitor>,
     /// Node ids whose FUSE page cache may be stale (their data was changed through
     /// passthrough, which bypasses it).
