@@ -3,6 +3,7 @@
 //! to a reference: a plain directory on the host filesystem, read into an in-memory tree
 //! at each checkpoint and written back out at each rollback. After every step the two
 //! agree on the result of the operation (errno) and on contents, modes, symlink targets,
+//! FIFOs,
 //! link counts, hard-link groups and directory listings; a branch mounted from a
 //! checkpoint shows exactly that checkpoint's tree. Needs root.
 //!
@@ -12,7 +13,7 @@ mod common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
-use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use common::{Fixture, TempDir};
@@ -44,6 +45,17 @@ enum Op {
     Truncate {
         path: usize,
         len: u16,
+    },
+    Append {
+        path: usize,
+        data: Vec<u8>,
+    },
+    Overwrite {
+        path: usize,
+        data: Vec<u8>,
+    },
+    Mkfifo {
+        path: usize,
     },
     Mkdir {
         path: usize,
@@ -98,6 +110,9 @@ fn op() -> impl Strategy<Value = Op> {
         6 => (path.clone(), any::<u8>(), data.clone())
             .prop_map(|(path, offset, data)| Op::Write { path, offset, data }),
         2 => (path.clone(), 0..300u16).prop_map(|(path, len)| Op::Truncate { path, len }),
+        2 => (path.clone(), data.clone()).prop_map(|(path, data)| Op::Append { path, data }),
+        2 => (path.clone(), data.clone()).prop_map(|(path, data)| Op::Overwrite { path, data }),
+        1 => path.clone().prop_map(|path| Op::Mkfifo { path }),
         3 => path.clone().prop_map(|path| Op::Mkdir { path }),
         2 => path.clone().prop_map(|path| Op::Unlink { path }),
         1 => path.clone().prop_map(|path| Op::Rmdir { path }),
@@ -120,6 +135,9 @@ fn op() -> impl Strategy<Value = Op> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Entry {
     Dir {
+        mode: u32,
+    },
+    Fifo {
         mode: u32,
     },
     File {
@@ -154,6 +172,8 @@ fn read_tree(root: &Path) -> Tree {
             let entry = if meta.is_dir() {
                 walk(root, &rel, tree, inodes);
                 Entry::Dir { mode }
+            } else if std::os::unix::fs::FileTypeExt::is_fifo(&meta.file_type()) {
+                Entry::Fifo { mode }
             } else if meta.file_type().is_symlink() {
                 Entry::Symlink {
                     target: fs::read_link(&path).unwrap(),
@@ -196,6 +216,9 @@ fn write_tree(tree: &Tree, root: &Path) {
         match entry {
             Entry::Dir { .. } => fs::create_dir(&path).unwrap(),
             Entry::Symlink { target } => std::os::unix::fs::symlink(target, &path).unwrap(),
+            Entry::Fifo { .. } => {
+                nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap()
+            }
             Entry::File { data, .. } => match linked.get(rel.as_path()) {
                 Some(first) if root.join(first).exists() => {
                     fs::hard_link(root.join(first), &path).unwrap()
@@ -205,7 +228,7 @@ fn write_tree(tree: &Tree, root: &Path) {
         }
     }
     for (rel, entry) in tree.entries.iter().rev() {
-        if let Entry::Dir { mode } | Entry::File { mode, .. } = entry {
+        if let Entry::Dir { mode } | Entry::File { mode, .. } | Entry::Fifo { mode } = entry {
             fs::set_permissions(root.join(rel), fs::Permissions::from_mode(*mode)).unwrap();
         }
     }
@@ -215,20 +238,44 @@ fn errno(result: std::io::Result<()>) -> Result<(), i32> {
     result.map_err(|e| e.raw_os_error().unwrap_or(-1))
 }
 
+/// Options with `O_NONBLOCK`: opening a FIFO the ops made must not wait for a reader
+/// (`ENXIO` on both sides instead); regular files ignore the flag.
+fn options() -> OpenOptions {
+    let mut options = OpenOptions::new();
+    options.custom_flags(libc::O_NONBLOCK);
+    options
+}
+
 /// Applies a file operation under `root`; `held` are this side's held fds.
 fn apply(root: &Path, op: &Op, held: &mut [Option<File>; 2]) -> Result<(), i32> {
     let p = |i: &usize| root.join(PATHS[*i]);
     match op {
         Op::Write { path, offset, data } => errno((|| {
-            let f = OpenOptions::new()
+            let f = options()
                 .write(true)
                 .create(true)
                 .truncate(false)
                 .open(p(path))?;
             f.write_all_at(data, u64::from(*offset))
         })()),
+        Op::Append { path, data } => errno((|| {
+            let mut f = options().append(true).create(true).open(p(path))?;
+            std::io::Write::write_all(&mut f, data)
+        })()),
+        Op::Overwrite { path, data } => errno((|| {
+            let mut f = options()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(p(path))?;
+            std::io::Write::write_all(&mut f, data)
+        })()),
+        Op::Mkfifo { path } => errno(
+            nix::unistd::mkfifo(&p(path), nix::sys::stat::Mode::from_bits_truncate(0o640))
+                .map_err(Into::into),
+        ),
         Op::Truncate { path, len } => errno((|| {
-            OpenOptions::new()
+            options()
                 .write(true)
                 .open(p(path))?
                 .set_len(u64::from(*len))
@@ -254,7 +301,7 @@ fn apply(root: &Path, op: &Op, held: &mut [Option<File>; 2]) -> Result<(), i32> 
         )),
         Op::Hold { path } => {
             let slot = held.iter().position(Option::is_none).unwrap_or(0);
-            match OpenOptions::new().read(true).write(true).open(p(path)) {
+            match options().read(true).write(true).open(p(path)) {
                 Ok(f) => {
                     held[slot] = Some(f);
                     Ok(())
