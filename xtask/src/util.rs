@@ -157,6 +157,11 @@ impl ChildGuard {
             .with_context(|| format!("cannot wait for process {}", child.id()))
     }
 
+    /// The child's pid, while it has not been waited for.
+    pub fn pid(&self) -> Option<u32> {
+        self.0.as_ref().map(Child::id)
+    }
+
     /// Waits for the child to exit.
     pub fn wait(&mut self) -> Result<ExitStatus> {
         let mut child = self.0.take().context("the child was already waited for")?;

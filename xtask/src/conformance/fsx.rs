@@ -18,6 +18,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
 
 use crate::fstarget::deltafs::DeltaFs;
 use crate::signals::check_interrupted;
@@ -143,6 +147,11 @@ pub fn run(
         if let (Some((daemon, interval)), Some(taken)) = (&mut deltafs, &mut checkpoints)
             && Instant::now() >= next_cycle
         {
+            // Quiesce fsx first, as deltaboxd freezes a sandbox's cgroup before a
+            // checkpoint: a write landing between the freeze and the switch would be
+            // rolled back, a true divergence from what fsx expects, not a bug.
+            let Some(pid) = child.pid() else { continue };
+            let paused = Paused::stop(pid)?;
             let started = Instant::now();
             let id = daemon.freeze().context("freeze under fsx")?;
             let frozen = Instant::now();
@@ -151,6 +160,7 @@ pub fn run(
                 .with_context(|| format!("switch to {id} under fsx"))?;
             taken.freezes.push(frozen - started);
             taken.switches.push(frozen.elapsed());
+            drop(paused);
             next_cycle = Instant::now() + *interval;
         }
         // Short naps, so that fsx's exit and a Ctrl-C are seen at once whatever the
@@ -214,6 +224,40 @@ pub fn verdict(success: bool, stdout: &str, stderr: &str) -> Option<String> {
     } else {
         telling.join("; ")
     })
+}
+
+/// fsx stopped with SIGSTOP, and continued (SIGCONT) when dropped, also on an error.
+struct Paused(Pid);
+
+impl Paused {
+    /// Stops `pid` and waits until it is really stopped: a process inside a FUSE request
+    /// stops only once the request is answered, so no operation is half done.
+    fn stop(pid: u32) -> Result<Self> {
+        let pid = Pid::from_raw(i32::try_from(pid).context("pid out of range")?);
+        kill(pid, Signal::SIGSTOP).with_context(|| format!("cannot stop fsx ({pid})"))?;
+        let paused = Self(pid);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // The state follows the command name in parentheses: `pid (comm) T …`.
+            let state = stat
+                .rsplit_once(") ")
+                .and_then(|(_, rest)| rest.chars().next());
+            match state {
+                Some('T') | None => return Ok(paused),
+                _ if Instant::now() > deadline => {
+                    anyhow::bail!("fsx ({pid}) did not stop within 30 s")
+                }
+                _ => thread::sleep(Duration::from_micros(200)),
+            }
+        }
+    }
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        let _ = kill(self.0, Signal::SIGCONT);
+    }
 }
 
 #[cfg(test)]
