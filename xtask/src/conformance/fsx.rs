@@ -50,6 +50,25 @@ copy_file_range = 1
 /// The success line.
 const OK_LINE: &str = "All operations completed A-OK!";
 
+/// What one cycle under fsx does on DeltaFS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Cycle {
+    /// `freeze`: a checkpoint while fsx holds its file open.
+    Freeze,
+    /// `freeze` then `switch <that id>`: a checkpoint and a rollback to it.
+    FreezeSwitch,
+}
+
+impl Cycle {
+    /// For progress lines.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Cycle::Freeze => "checkpoint",
+            Cycle::FreezeSwitch => "checkpoint + rollback",
+        }
+    }
+}
+
 /// Checkpoints and rollbacks taken under one run, with their round-trip times (command
 /// sent on the daemon's stdin to answer read).
 #[derive(Clone, Debug, Default)]
@@ -85,7 +104,7 @@ pub fn run(
     ops: u64,
     seed: u64,
     artifacts: &Path,
-    mut deltafs: Option<(&mut DeltaFs, Duration)>,
+    mut deltafs: Option<(&mut DeltaFs, Duration, Cycle)>,
 ) -> Result<Run> {
     let binary = which::which("fsx").context("fsx is not on PATH: run `cargo xtask setup`")?;
     fs::create_dir_all(artifacts)
@@ -117,7 +136,7 @@ pub fn run(
         cmd.spawn()
             .with_context(|| format!("cannot start `{line}`"))?,
     );
-    let mut checkpoints = deltafs.as_ref().map(|(_, interval)| Checkpoints {
+    let mut checkpoints = deltafs.as_ref().map(|(_, interval, _)| Checkpoints {
         interval: *interval,
         ..Checkpoints::default()
     });
@@ -125,7 +144,7 @@ pub fn run(
     let mut next_cycle = start
         + deltafs
             .as_ref()
-            .map_or(Duration::ZERO, |(_, interval)| *interval);
+            .map_or(Duration::ZERO, |(_, interval, _)| *interval);
     let status = loop {
         if let Some(status) = child.try_wait()? {
             break status;
@@ -144,7 +163,7 @@ pub fn run(
             println!("  … fsx running for {}{taken}", human_duration(elapsed));
             next_report += Duration::from_secs(30);
         }
-        if let (Some((daemon, interval)), Some(taken)) = (&mut deltafs, &mut checkpoints)
+        if let (Some((daemon, interval, cycle)), Some(taken)) = (&mut deltafs, &mut checkpoints)
             && Instant::now() >= next_cycle
         {
             // Quiesce fsx first, as deltaboxd freezes a sandbox's cgroup before a
@@ -155,11 +174,13 @@ pub fn run(
             let started = Instant::now();
             let id = daemon.freeze().context("freeze under fsx")?;
             let frozen = Instant::now();
-            daemon
-                .switch(&id)
-                .with_context(|| format!("switch to {id} under fsx"))?;
             taken.freezes.push(frozen - started);
-            taken.switches.push(frozen.elapsed());
+            if *cycle == Cycle::FreezeSwitch {
+                daemon
+                    .switch(&id)
+                    .with_context(|| format!("switch to {id} under fsx"))?;
+                taken.switches.push(frozen.elapsed());
+            }
             drop(paused);
             next_cycle = Instant::now() + *interval;
         }

@@ -95,6 +95,9 @@ pub struct Options {
     /// Milliseconds between two checkpoint + rollback cycles under fsx on DeltaFS
     #[arg(long, default_value_t = 100)]
     pub checkpoint_interval_ms: u64,
+    /// What each cycle under fsx on DeltaFS does
+    #[arg(long, value_enum, default_value = "freeze-switch")]
+    pub cycle: fsx::Cycle,
     /// Layers under the deep DeltaFS mount (freezes before pjdfstest runs)
     #[arg(long, default_value_t = 50)]
     pub depth: u32,
@@ -117,6 +120,11 @@ impl Options {
             fsx_ops,
             fsx_seed: 1,
             checkpoint_interval_ms: 100,
+            // Known failure (issue 4): after a switch, an fd opened before it keeps the
+            // retired version instead of being redirected, so fsx under freeze + switch
+            // fails (docs/conformance.md). The gate runs what must not regress:
+            // checkpoints under open fds; `cargo xtask conformance` runs both.
+            cycle: fsx::Cycle::Freeze,
             depth: 50,
             deltafs_bin: None,
             release: false,
@@ -156,6 +164,9 @@ impl Options {
                 " --checkpoint-interval-ms {}",
                 self.checkpoint_interval_ms
             ));
+        }
+        if self.cycle != fsx::Cycle::FreezeSwitch {
+            line.push_str(" --cycle freeze");
         }
         if self.depth != 50 {
             line.push_str(&format!(" --depth {}", self.depth));
@@ -308,7 +319,8 @@ fn run_target(
             ctx.options.fsx_ops,
             if deltafs.is_some() {
                 format!(
-                    ", checkpoint + rollback every {} ms",
+                    ", {} every {} ms",
+                    ctx.options.cycle.describe(),
                     ctx.options.checkpoint_interval_ms
                 )
             } else {
@@ -354,7 +366,8 @@ fn run_fsx(ctx: &Context, target: Target, deltafs: Option<&Path>) -> Result<fsx:
     let mut scratch = Scratch::new(target.kind(), "conf-fsx", deltafs)?;
     let dir = scratch.path().to_owned();
     let interval = Duration::from_millis(ctx.options.checkpoint_interval_ms);
-    let daemon = scratch.deltafs().map(|daemon| (daemon, interval));
+    let cycle = ctx.options.cycle;
+    let daemon = scratch.deltafs().map(|daemon| (daemon, interval, cycle));
     let run = fsx::run(
         ctx.fsx_config,
         &dir,
