@@ -134,6 +134,50 @@ fn old_handles_never_write_into_a_checkpoint() {
     view.unmount().unwrap();
 }
 
+/// Rolling back to the checkpoint just taken, with the sandbox quiesced in between (so
+/// open files did not change): open handles stay connected to the view, as if the
+/// rollback had not touched them; a file changed after the checkpoint does not.
+#[test]
+fn a_rollback_to_the_last_checkpoint_keeps_unchanged_open_files_connected() {
+    require_root!();
+    let fx = Fixture::new();
+    let view = fx.mount("live", None);
+    let m = view.mountpoint().to_owned();
+    let open = |name: &str| {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(m.join(name))
+            .unwrap()
+    };
+    let (quiet, busy) = (open("quiet"), open("busy"));
+    quiet.write_all_at(b"AAAA", 0).unwrap();
+    busy.write_all_at(b"AAAA", 0).unwrap();
+    let checkpoint = freeze(&view).id;
+    busy.write_all_at(b"BBBB", 0).unwrap();
+    let report = view.switch(checkpoint).unwrap();
+    assert_eq!(report.retired, 1, "{report:?}");
+    // Unchanged: the old fd writes what the path shows.
+    quiet.write_all_at(b"CCCC", 0).unwrap();
+    assert_eq!(fs::read(m.join("quiet")).unwrap(), b"CCCC");
+    // Changed after the checkpoint: rolled back; the old fd keeps its own state.
+    assert_eq!(fs::read(m.join("busy")).unwrap(), b"AAAA");
+    busy.write_all_at(b"DDDD", 0).unwrap();
+    assert_eq!(fs::read(m.join("busy")).unwrap(), b"AAAA");
+    // The checkpoint itself never moved.
+    let branch = fx.mount("branch", Some(checkpoint));
+    assert_eq!(
+        fs::read(branch.mountpoint().join("quiet")).unwrap(),
+        b"AAAA"
+    );
+    assert_eq!(fs::read(branch.mountpoint().join("busy")).unwrap(), b"AAAA");
+    drop((quiet, busy));
+    branch.unmount().unwrap();
+    view.unmount().unwrap();
+}
+
 /// A file open for reading from the base (daemon-served) while another open writes it
 /// (copy-up): the reader sees the writer's data, and the checkpoint before keeps the old.
 #[test]

@@ -7,6 +7,10 @@
 //! link counts, hard-link groups and directory listings; a branch mounted from a
 //! checkpoint shows exactly that checkpoint's tree. Needs root.
 //!
+//! A file descriptor held across a rollback keeps the state it was opened in, except
+//! when the rollback goes to the latest checkpoint and the file did not change since it
+//! (ctime): then it stays connected to the view (as DeltaFS does, see `docs/deltafs.md`).
+//!
 //! `PROPTEST_CASES` sets the number of cases (default 24).
 
 mod common;
@@ -330,6 +334,23 @@ struct Run<'a> {
     checkpoints: Vec<(SnapshotId, Tree)>,
     held: [Option<File>; 2],
     held_ref: [Option<File>; 2],
+    /// For each held file at the last freeze (none after a switch): the checkpoint, the
+    /// reference file's ctime then, and a name it has in the checkpoint.
+    kept: [Option<(usize, (i64, i64), PathBuf)>; 2],
+}
+
+fn ctime(file: &File) -> (i64, i64) {
+    let meta = file.metadata().unwrap();
+    (meta.ctime(), meta.ctime_nsec())
+}
+
+/// A name of inode `ino` under `root`, if it has one.
+fn name_of(root: &Path, ino: u64) -> Option<PathBuf> {
+    let tree = read_tree(root);
+    tree.entries
+        .keys()
+        .find(|rel| fs::symlink_metadata(root.join(rel)).is_ok_and(|m| m.ino() == ino))
+        .cloned()
 }
 
 impl Run<'_> {
@@ -338,19 +359,45 @@ impl Run<'_> {
             Op::Freeze => {
                 let id = self.view.freeze(&FreezeOpts::default()).unwrap().id;
                 self.checkpoints.push((id, read_tree(&self.reference)));
+                let index = self.checkpoints.len() - 1;
+                for (kept, held) in self.kept.iter_mut().zip(&self.held_ref) {
+                    *kept = held.as_ref().and_then(|file| {
+                        let ino = file.metadata().unwrap().ino();
+                        let name = name_of(&self.reference, ino)?;
+                        Some((index, ctime(file), name))
+                    });
+                }
             }
             Op::Switch { to } => {
                 if self.checkpoints.is_empty() {
                     return Ok(());
                 }
-                let (id, tree) = self.checkpoints[to % self.checkpoints.len()].clone();
+                let index = to % self.checkpoints.len();
+                let (id, tree) = self.checkpoints[index].clone();
                 self.view.switch(id).unwrap();
                 // Held fds keep their files; the reference starts over in a new
-                // directory, so the old fds write to files nothing shows any more.
+                // directory, so the old fds write to files nothing shows any more...
                 self.generation += 1;
                 self.reference = self.scratch.path().join(format!("ref{}", self.generation));
                 fs::create_dir(&self.reference).unwrap();
                 write_tree(&tree, &self.reference);
+                // ...except a file unchanged since the last freeze, when that freeze's
+                // checkpoint is the target: it still is what the checkpoint holds, and
+                // its fd stays connected to the view.
+                for (kept, held) in self.kept.iter_mut().zip(self.held_ref.iter_mut()) {
+                    if let (Some((at, then, name)), Some(file)) = (kept.take(), held.as_ref())
+                        && at == index
+                        && ctime(file) == then
+                    {
+                        *held = Some(
+                            options()
+                                .read(true)
+                                .write(true)
+                                .open(self.reference.join(name))
+                                .unwrap(),
+                        );
+                    }
+                }
             }
             Op::Branch { from } => {
                 if self.checkpoints.is_empty() {
@@ -392,6 +439,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
         checkpoints: Vec::new(),
         held: [None, None],
         held_ref: [None, None],
+        kept: [None, None],
     };
     for op in &ops {
         run.step(op)?;
@@ -418,5 +466,63 @@ proptest! {
             return Ok(());
         }
         run(ops)?;
+    }
+}
+
+/// The sequences the generator rarely produces, run as they are.
+#[test]
+fn a_held_file_across_a_rollback_to_the_last_checkpoint() {
+    if let Some(why) = common::skip_reason() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let write = |data: &[u8]| Op::Write {
+        path: 0,
+        offset: 0,
+        data: data.to_vec(),
+    };
+    let held = |data: &[u8]| Op::WriteHeld {
+        slot: 0,
+        offset: 2,
+        data: data.to_vec(),
+    };
+    for ops in [
+        // Unchanged between the checkpoint and the rollback.
+        vec![
+            write(b"aaaa"),
+            Op::Hold { path: 0 },
+            Op::Freeze,
+            Op::Switch { to: 0 },
+            held(b"XY"),
+        ],
+        // Changed through the held fd in between.
+        vec![
+            write(b"aaaa"),
+            Op::Hold { path: 0 },
+            Op::Freeze,
+            held(b"XY"),
+            Op::Switch { to: 0 },
+            held(b"ZZ"),
+        ],
+        // Changed through the path in between.
+        vec![
+            write(b"aaaa"),
+            Op::Hold { path: 0 },
+            Op::Freeze,
+            write(b"b"),
+            Op::Switch { to: 0 },
+            held(b"ZZ"),
+        ],
+        // An older checkpoint.
+        vec![
+            write(b"aaaa"),
+            Op::Hold { path: 0 },
+            Op::Freeze,
+            Op::Freeze,
+            Op::Switch { to: 0 },
+            held(b"ZZ"),
+        ],
+    ] {
+        run(ops.clone()).unwrap_or_else(|e| panic!("{ops:?}: {e}"));
     }
 }

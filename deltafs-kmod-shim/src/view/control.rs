@@ -128,12 +128,16 @@ impl ViewShared {
         state.writable = next;
         let kept: HashSet<Ino> = moved.iter().map(|(ino, _)| *ino).collect();
         state.maybe_mapped.retain(|ino, _| kept.contains(ino));
+        state.kept.clear();
         for (ino, file) in &moved {
             let file = *file;
             // The node exists: it was read from the index above under the same lock.
             let _ = state.txn().update(*ino, |node| {
                 node.data = Some(DataRef::Layer { layer: next, file });
             });
+            if let Ok(meta) = std::fs::metadata(layers.file(next, file)) {
+                state.kept.insert(*ino, (id, ctime(&meta)));
+            }
         }
         Ok(FreezeReport {
             id,
@@ -186,6 +190,7 @@ impl ViewShared {
         let mut inodes = Vec::new();
         let mut entries: Vec<(u64, OsString)> = Vec::new();
         let mut retired = 0;
+        let mut unchanged = Vec::new();
         for &ino in &candidates.nodes {
             let (before, after) = (old.node(ino), state.index.node(ino));
             let same = match (before, after) {
@@ -194,6 +199,13 @@ impl ViewShared {
                 _ => false,
             };
             if same {
+                continue;
+            }
+            if let (Some(before), Some(after)) = (before, after)
+                && let Some(file) = state.unchanged_since_kept(ino, to, before, after)
+            {
+                // Still what the snapshot holds: it stays live, its handles connected.
+                unchanged.push((ino, file));
                 continue;
             }
             inodes.push(state.nids.nid(ino));
@@ -214,11 +226,36 @@ impl ViewShared {
             }
         }
         // The old writable layer is left to gc: handles opened before keep its files.
-        state.writable = LayerId::generate();
+        let old_writable = std::mem::replace(&mut state.writable, LayerId::generate());
         state.delta = Delta::default();
         state.parent = Some(to);
-        state.maybe_mapped.clear();
+        let still: HashSet<Ino> = unchanged.iter().map(|(ino, _)| *ino).collect();
+        state.maybe_mapped.retain(|ino, _| still.contains(ino));
         state.released.clear();
+        state.kept.clear();
+        let next = state.writable;
+        for (ino, file) in unchanged {
+            let from = self.store.layers.file(old_writable, file);
+            let moved = self
+                .store
+                .layers
+                .ensure(next)
+                .and_then(|_| Layers::rename(&from, &self.store.layers.file(next, file)));
+            match moved {
+                Ok(()) => {
+                    let _ = state.txn().update(ino, |node| {
+                        node.data = Some(DataRef::Layer { layer: next, file });
+                    });
+                }
+                Err(e) => {
+                    // Cannot happen short of a broken store; the file then shows the
+                    // snapshot's copy and its handles keep the old one.
+                    log::error!("deltafs: {e}");
+                    state.opens.remove(&ino);
+                    inodes.push(state.nids.nid(ino));
+                }
+            }
+        }
         for nid in &inodes {
             state.stale_cache.remove(nid);
         }
@@ -242,6 +279,48 @@ impl ViewShared {
             retired,
             elapsed: start.elapsed(),
         })
+    }
+}
+
+/// A file's ctime.
+fn ctime(meta: &std::fs::Metadata) -> crate::node::Time {
+    crate::node::Time {
+        sec: meta.ctime(),
+        nsec: meta.ctime_nsec() as u32,
+    }
+}
+
+impl super::state::ViewState {
+    /// For a switch to `to`: if file `ino` was kept live by the freeze that made
+    /// `to`, and neither its node (but for where its data lives) nor its backing file
+    /// (ctime) changed since, returns its backing file's number in the writable layer.
+    fn unchanged_since_kept(
+        &self,
+        ino: Ino,
+        to: SnapshotId,
+        before: &crate::node::Node,
+        after: &crate::node::Node,
+    ) -> Option<u64> {
+        let (snapshot, at_freeze) = self.kept.get(&ino)?;
+        if *snapshot != to {
+            return None;
+        }
+        let Some(DataRef::Layer { layer, file }) = before.data else {
+            return None;
+        };
+        if layer != self.writable {
+            return None;
+        }
+        let mut same = before.clone();
+        same.data = after.data.clone();
+        if same != *after {
+            return None;
+        }
+        let meta = match self.opens.get(&ino) {
+            Some(entry) => entry.backing.file().metadata().ok()?,
+            None => std::fs::metadata(self.data_path(before.data.as_ref()?)).ok()?,
+        };
+        (ctime(&meta) == *at_freeze).then_some(file)
     }
 }
 

@@ -95,6 +95,10 @@ pub(crate) struct ViewState {
     /// Each with the generation of its last writable passthrough open.
     pub maybe_mapped: HashMap<Ino, u64>,
     pub mapped_generation: u64,
+    /// Files the last freeze kept with the live view: the snapshot and the live backing
+    /// file's ctime right after the freeze moved it. A switch back to that snapshot while
+    /// the ctime is unchanged finds the file still equal to the snapshot's copy.
+    pub kept: HashMap<Ino, (SnapshotId, Time)>,
     /// Candidates whose last handle was released since the janitor's last pass, and when.
     pub released: Vec<(Ino, std::time::Instant)>,
     pub janitor: Arc<Janitor>,
@@ -128,6 +132,7 @@ impl ViewState {
             maybe_mapped: HashMap::new(),
             mapped_generation: 0,
             released: Vec::new(),
+            kept: HashMap::new(),
             janitor,
             stale_cache: HashSet::new(),
         }
