@@ -336,8 +336,11 @@ struct Run<'a> {
     held_ref: [Option<File>; 2],
     /// For each held file at the last freeze (none after a switch): the checkpoint, the
     /// reference file's ctime then, and a name it has in the checkpoint.
-    kept: [Option<(usize, (i64, i64), PathBuf)>; 2],
+    kept: [Option<Kept>; 2],
 }
+
+/// A held file at a freeze: the checkpoint's index, the file's ctime, a name it has.
+type Kept = (usize, (i64, i64), PathBuf);
 
 fn ctime(file: &File) -> (i64, i64) {
     let meta = file.metadata().unwrap();
