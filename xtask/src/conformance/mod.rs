@@ -120,11 +120,7 @@ impl Options {
             fsx_ops,
             fsx_seed: 1,
             checkpoint_interval_ms: 100,
-            // Known failure (issue 4): after a switch, an fd opened before it keeps the
-            // retired version instead of being redirected, so fsx under freeze + switch
-            // fails (docs/conformance.md). The gate runs what must not regress:
-            // checkpoints under open fds; `cargo xtask conformance` runs both.
-            cycle: fsx::Cycle::Freeze,
+            cycle: fsx::Cycle::FreezeSwitch,
             depth: 50,
             deltafs_bin: None,
             release: false,
