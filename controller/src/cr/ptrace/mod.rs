@@ -362,29 +362,12 @@ impl Tracee {
     /// The XSAVE area (FPU, SSE, AVX, … registers).
     pub fn xstate(&self) -> Result<XState, PtraceError> {
         let mut buf = vec![0u8; XSTATE_BUF];
-        let mut iov = libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: buf.len(),
-        };
-        // SAFETY: the kernel writes at most `iov.iov_len` bytes at `iov.iov_base`, which
-        // is `buf`'s allocation of that length, and updates `iov.iov_len`; both live until
-        // the call returns.
-        let ret = unsafe {
-            libc::ptrace(
-                libc::PTRACE_GETREGSET,
-                self.pid.as_raw(),
-                NT_X86_XSTATE as *mut libc::c_void,
-                (&raw mut iov).cast::<libc::c_void>(),
-            )
-        };
-        if ret < 0 {
-            return Err(PtraceError::Request {
-                request: "PTRACE_GETREGSET NT_X86_XSTATE",
-                pid: self.pid.as_raw(),
-                source: io::Error::last_os_error(),
-            });
-        }
-        buf.truncate(iov.iov_len);
+        let len = self.xstate_regset(
+            libc::PTRACE_GETREGSET,
+            "PTRACE_GETREGSET NT_X86_XSTATE",
+            &mut buf,
+        )?;
+        buf.truncate(len);
         Ok(XState(buf))
     }
 
@@ -392,15 +375,32 @@ impl Tracee {
     /// this machine (the kernel checks its size and header).
     pub fn set_xstate(&self, xstate: &XState) -> Result<(), PtraceError> {
         let mut buf = xstate.0.clone();
+        self.xstate_regset(
+            libc::PTRACE_SETREGSET,
+            "PTRACE_SETREGSET NT_X86_XSTATE",
+            &mut buf,
+        )
+        .map(drop)
+    }
+
+    /// `PTRACE_GETREGSET` / `PTRACE_SETREGSET` of `NT_X86_XSTATE` over `buf`; returns the
+    /// length the kernel left in the iovec (the area's size for a get).
+    fn xstate_regset(
+        &self,
+        request: libc::c_uint,
+        name: &'static str,
+        buf: &mut [u8],
+    ) -> Result<usize, PtraceError> {
         let mut iov = libc::iovec {
             iov_base: buf.as_mut_ptr().cast(),
             iov_len: buf.len(),
         };
-        // SAFETY: the kernel reads `iov.iov_len` bytes at `iov.iov_base`, which is `buf`'s
-        // allocation of that length; both live until the call returns.
+        // SAFETY: the kernel reads or writes at most `iov.iov_len` bytes at
+        // `iov.iov_base`, which is `buf`'s allocation of that length, and may update
+        // `iov.iov_len`; both live until the call returns.
         let ret = unsafe {
             libc::ptrace(
-                libc::PTRACE_SETREGSET,
+                request,
                 self.pid.as_raw(),
                 NT_X86_XSTATE as *mut libc::c_void,
                 (&raw mut iov).cast::<libc::c_void>(),
@@ -408,12 +408,12 @@ impl Tracee {
         };
         if ret < 0 {
             return Err(PtraceError::Request {
-                request: "PTRACE_SETREGSET NT_X86_XSTATE",
+                request: name,
                 pid: self.pid.as_raw(),
                 source: io::Error::last_os_error(),
             });
         }
-        Ok(())
+        Ok(iov.iov_len)
     }
 
     /// `PTRACE_GETEVENTMSG`: after a fork event, the child's pid.
