@@ -102,6 +102,28 @@ pub fn regressions(baseline: &pjdfstest::Run, run: &pjdfstest::Run) -> Vec<Regre
         .collect()
 }
 
+/// Columns of the pjdfstest tally, in the terminal and in docs/conformance.md.
+const PJDFSTEST_HEADER: [&str; 7] = [
+    "target",
+    "passed",
+    "failed",
+    "skipped",
+    "total",
+    "time",
+    "fail here, pass on ext4",
+];
+
+/// Columns of the fsx rows, in the terminal and in docs/conformance.md.
+const FSX_HEADER: [&str; 7] = [
+    "target",
+    "operations asked",
+    "result",
+    "time",
+    "checkpoint + rollback cycles",
+    "freeze round trip (median / max)",
+    "switch round trip (median / max)",
+];
+
 impl Report {
     fn baseline(&self) -> Option<&pjdfstest::Run> {
         self.targets
@@ -181,29 +203,11 @@ impl Report {
     pub fn text(&self) -> String {
         let mut out = String::new();
         let _ = writeln!(out, "pjdfstest ({}):", self.versions.join(", "));
-        let header = [
-            "target",
-            "passed",
-            "failed",
-            "skipped",
-            "total",
-            "time",
-            "fail here, pass on ext4",
-        ];
-        out.push_str(&text_table(&header, &self.pjdfstest_rows()));
+        out.push_str(&text_table(&PJDFSTEST_HEADER, &self.pjdfstest_rows()));
         let fsx_rows = self.fsx_rows();
         if !fsx_rows.is_empty() {
             out.push_str("fsx:\n");
-            let header = [
-                "target",
-                "operations asked",
-                "result",
-                "time",
-                "checkpoint+rollback cycles",
-                "freeze (median / max)",
-                "switch (median / max)",
-            ];
-            out.push_str(&text_table(&header, &fsx_rows));
+            out.push_str(&text_table(&FSX_HEADER, &fsx_rows));
         }
         for (target, why) in self.fsx_failures() {
             let _ = writeln!(out, "fsx failed on {}: {why}", target.label());
@@ -262,29 +266,11 @@ impl Report {
             self.facts.line(),
             self.versions.join(", ")
         );
-        let header = [
-            "target",
-            "passed",
-            "failed",
-            "skipped",
-            "total",
-            "time",
-            "fail here, pass on ext4",
-        ];
-        md.push_str(&markdown_table(&header, &self.pjdfstest_rows()));
+        md.push_str(&markdown_table(&PJDFSTEST_HEADER, &self.pjdfstest_rows()));
         let fsx_rows = self.fsx_rows();
         if !fsx_rows.is_empty() {
             md.push_str("\n## fsx\n\n");
-            let header = [
-                "target",
-                "operations asked",
-                "result",
-                "time",
-                "checkpoint + rollback cycles",
-                "freeze round trip (median / max)",
-                "switch round trip (median / max)",
-            ];
-            md.push_str(&markdown_table(&header, &fsx_rows));
+            md.push_str(&markdown_table(&FSX_HEADER, &fsx_rows));
             for (target, why) in self.fsx_failures() {
                 let _ = writeln!(md, "\nfsx failed on {}: {why}", target.label());
             }
