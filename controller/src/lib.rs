@@ -3,6 +3,7 @@
 //!
 //! - [`bpf`]: the eBPF write tracker (load, pin, adopt, unload, read the counters).
 //! - [`cgroup`]: cgroup v2 paths and ids.
+//! - [`cr`]: DeltaCR, process checkpoint and rollback by template fork.
 //! - [`api`]: the HTTP/JSON API: types, server, client.
 //! - [`daemon`]: the daemon's configuration and run loop.
 //! - [`metrics`]: the Prometheus metrics.
