@@ -7,6 +7,8 @@
 //! - [`api`]: the HTTP/JSON API: types, server, client.
 //! - [`daemon`]: the daemon's configuration and run loop.
 //! - [`metrics`]: the Prometheus metrics.
+//! - [`sandbox`]: sandboxes: namespaces, cgroups, DeltaFS roots, commands, sessions.
+//! - [`tree`]: the checkpoint tree's records in an embedded database.
 
 pub mod api;
 pub mod bpf;
@@ -14,3 +16,5 @@ pub mod cgroup;
 pub mod cr;
 pub mod daemon;
 pub mod metrics;
+pub mod sandbox;
+pub mod tree;

@@ -1,0 +1,10 @@
+//! Sandboxes: namespaces, cgroups and a DeltaFS root per sandbox; commands and
+//! persistent sessions; one atomic checkpoint over files and processes.
+//!
+//! - [`rootfs`]: the base trees a sandbox's DeltaFS root is layered over;
+//! - [`runtime`]: a tree's namespaces, its init process, and spawning into a sandbox;
+//! - [`session`]: persistent `bash` / `python` interpreters driven over pipes.
+
+pub mod rootfs;
+pub mod runtime;
+pub mod session;
