@@ -162,6 +162,7 @@ impl CrEnv {
     pub fn checkpoint_opts(&self) -> CheckpointOptions {
         CheckpointOptions {
             template_cgroups: self.root.join("templates"),
+            ..CheckpointOptions::default()
         }
     }
 
@@ -169,6 +170,7 @@ impl CrEnv {
     pub fn restore_opts(&self) -> RestoreOptions {
         RestoreOptions {
             cgroup: Some(self.session()),
+            ..RestoreOptions::default()
         }
     }
 

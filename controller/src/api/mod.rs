@@ -12,6 +12,7 @@
 
 pub mod client;
 pub mod render;
+pub mod sandbox_types;
 pub mod server;
 pub mod service;
 pub mod types;

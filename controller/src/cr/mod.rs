@@ -91,6 +91,23 @@ pub enum CrError {
         /// Its cgroup directory.
         cgroup: std::path::PathBuf,
     },
+    /// A recorded path is outside the root the process was said to be in.
+    #[error(
+        "pid {pid} ({comm}) has {} open outside its root {}: DeltaCR cannot reopen it \
+         in a restored process",
+        path.display(),
+        root.display()
+    )]
+    OutsideRoot {
+        /// The process.
+        pid: i32,
+        /// Its name.
+        comm: String,
+        /// The path, as the controller read it.
+        path: std::path::PathBuf,
+        /// The root prefix.
+        root: std::path::PathBuf,
+    },
     /// The new template did not reach group-stop.
     #[error("template pid {pid} reported {stop:?} instead of its group-stop")]
     TemplateStop {

@@ -14,13 +14,14 @@
 //!
 //! [`rollback`] kills the current process and restores in its place.
 
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use nix::unistd::Pid;
 
 use super::fdtable::{self, StdioPipes};
-use super::inject::{Injection, resume_regs};
+use super::inject::{InjectError, Injection, SCRATCH_LEN, resume_regs};
 use super::pidfd::{Pidfd, PidfdError};
 use super::ptrace::{Regs, Stop, Tracee, cr_options};
 use super::template::{Template, group_stop};
@@ -32,6 +33,15 @@ pub struct RestoreOptions {
     /// The cgroup v2 directory (absolute, or relative to the cgroup2 mount) the process
     /// joins; `None`: the one it was in at the checkpoint.
     pub cgroup: Option<PathBuf>,
+    /// The path under which the *template* reaches that cgroup (the injected `openat`
+    /// resolves it in the template's mount namespace and root: a sandbox passes
+    /// `/proc/<anchor>/fd/3/work`); `None`: the controller's path.
+    pub cgroup_seen: Option<PathBuf>,
+    /// A directory, as the template names it, that the restored process `chroot`s to
+    /// before its files are reopened (a branch into another sandbox passes
+    /// `/proc/<anchor>/root`); the recorded paths must then be relative to that root
+    /// ([`super::CheckpointOptions::root_prefix`]). `None`: the template's root.
+    pub chroot: Option<PathBuf>,
 }
 
 /// How long a restore took.
@@ -96,6 +106,7 @@ impl Template {
             ),
         };
 
+        let dest = opts.cgroup_seen.clone().unwrap_or(dest);
         let mut child = self.fork_template(&dest)?;
         let fork = start.elapsed();
 
@@ -105,6 +116,9 @@ impl Template {
         let pending = signals_of(st.sig_pending | st.shared_pending);
         let stdio = {
             let mut inj = Injection::begin(&mut child, site)?;
+            if let Some(root) = &opts.chroot {
+                chroot(&mut inj, self.scratch, root)?;
+            }
             let stdio = fdtable::install(
                 &mut inj,
                 &pidfd,
@@ -174,6 +188,28 @@ impl Template {
         detached?;
         Ok(child)
     }
+}
+
+/// Injects `chroot(root)` (the scratch page holds the path) and `chdir("/")`.
+fn chroot(inj: &mut Injection<'_>, scratch: u64, root: &Path) -> Result<(), CrError> {
+    let pid = inj.tracee().pid().as_raw();
+    let mut path = root.as_os_str().as_bytes().to_vec();
+    path.push(0);
+    path.extend_from_slice(b"/\0");
+    if path.len() as u64 > SCRATCH_LEN {
+        return Err(InjectError::PathTooLong {
+            pid,
+            path: root.to_path_buf(),
+        }
+        .into());
+    }
+    inj.tracee()
+        .write_memory(scratch, &path)
+        .map_err(InjectError::from)?;
+    inj.syscall("chroot", libc::SYS_chroot, &[scratch])?;
+    let slash = scratch + root.as_os_str().len() as u64 + 1;
+    inj.syscall("chdir", libc::SYS_chdir, &[slash])?;
+    Ok(())
 }
 
 /// Rolls back: kills `current` (the process running now, if it still exists) and

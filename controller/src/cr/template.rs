@@ -40,12 +40,22 @@ use super::state::{ProcessState, Registers, STATE_VERSION};
 use super::{CrError, KILL_TIMEOUT};
 use crate::cgroup::CgroupFs;
 
-/// Where templates go.
-#[derive(Clone, Debug)]
+/// Where templates go, and how the process names things.
+#[derive(Clone, Debug, Default)]
 pub struct CheckpointOptions {
     /// The cgroup (absolute, or relative to the cgroup2 mount) under which each
     /// template gets a frozen cgroup of its own.
     pub template_cgroups: PathBuf,
+    /// The path under which the *process* reaches `template_cgroups` (the injected
+    /// `openat` resolves it in the process's mount namespace and root, where the cgroup2
+    /// mount may not be visible: a sandbox passes `/proc/<anchor>/fd/4`); `None`: the
+    /// same path as the controller's.
+    pub template_cgroups_seen: Option<PathBuf>,
+    /// The process's root as the controller reads paths in `/proc/<pid>/{cwd,fd}` (a
+    /// chrooted sandbox process shows `/sb/<id>/workspace`): stripped from the recorded
+    /// cwd and file paths, so the state holds paths relative to the process's own root
+    /// and a restore can reopen them in another root. A path outside it is refused.
+    pub root_prefix: Option<PathBuf>,
 }
 
 /// How long a checkpoint took.
@@ -166,6 +176,20 @@ fn refuse_frozen(pid: i32, root: &Path, cgroup: &Path) -> Result<(), CrError> {
     Ok(())
 }
 
+/// `path` (as the controller reads it in `/proc`) relative to the process's root
+/// `prefix`, as an absolute path in that root.
+fn under_root(pid: i32, prefix: &Path, path: &Path) -> Result<PathBuf, CrError> {
+    match path.strip_prefix(prefix) {
+        Ok(rest) => Ok(Path::new("/").join(rest)),
+        Err(_) => Err(CrError::OutsideRoot {
+            pid,
+            comm: procfs::comm_or_unknown(pid),
+            path: path.to_path_buf(),
+            root: prefix.to_path_buf(),
+        }),
+    }
+}
+
 /// Bitmask (bit `n - 1` for signal `n`) of `signals`.
 fn signal_bits(signals: &[i32]) -> u64 {
     signals
@@ -192,7 +216,12 @@ pub fn checkpoint(pid: Pid, opts: &CheckpointOptions) -> Result<Template, CrErro
         .to_path_buf();
     let own_cgroup = procfs::cgroup_v2(raw)?;
     refuse_frozen(raw, &cgroup_root, &own_cgroup)?;
-    let cgroup = TemplateCgroup::create(&opts.template_cgroups, &template_name(raw))?;
+    let name = template_name(raw);
+    let cgroup = TemplateCgroup::create(&opts.template_cgroups, &name)?;
+    let cgroup_seen = match &opts.template_cgroups_seen {
+        Some(seen) => seen.join(&name),
+        None => cgroup.path().to_path_buf(),
+    };
 
     // The pause: from here to the detach.
     let (mut tracee, _) = Tracee::seize_stopped(pid, cr_options())?;
@@ -210,7 +239,7 @@ pub fn checkpoint(pid: Pid, opts: &CheckpointOptions) -> Result<Template, CrErro
         // the cgroup's path) is the process's only for the call, the template keeps it
         // for the clone3 of every restore.
         let scratch = inj.mmap_scratch(SCRATCH_LEN)?;
-        let child = inj.clone_into_cgroup(scratch, cgroup.path());
+        let child = inj.clone_into_cgroup(scratch, &cgroup_seen);
         let unmapped = inj.syscall("munmap", libc::SYS_munmap, &[scratch, SCRATCH_LEN]);
         let child = (child?, scratch);
         unmapped?;
@@ -237,6 +266,16 @@ pub fn checkpoint(pid: Pid, opts: &CheckpointOptions) -> Result<Template, CrErro
     let tpid = child.pid().as_raw();
     child.detach(0)?;
 
+    let mut fds = fds;
+    let mut cwd = procfs::cwd(tpid)?;
+    if let Some(prefix) = &opts.root_prefix {
+        cwd = under_root(raw, prefix, &cwd)?;
+        for entry in &mut fds {
+            if let fdtable::FdKind::Path { path, .. } = &mut entry.kind {
+                *path = under_root(raw, prefix, path)?;
+            }
+        }
+    }
     let state = ProcessState {
         version: STATE_VERSION,
         pid: raw,
@@ -246,7 +285,7 @@ pub fn checkpoint(pid: Pid, opts: &CheckpointOptions) -> Result<Template, CrErro
         interrupted_syscall: interrupted_syscall(&regs),
         syscall_site: site,
         fds,
-        cwd: procfs::cwd(tpid)?,
+        cwd,
         status,
         rlimits: procfs::rlimits(tpid)?,
         cgroup: own_cgroup,
@@ -328,6 +367,20 @@ mod tests {
         // SigPnd shows SIGHUP (1) as bit 0, SIGUSR1 (10) as bit 9.
         assert_eq!(signal_bits(&[libc::SIGHUP, libc::SIGUSR1]), 0x201);
         assert_eq!(signal_bits(&[0, 65]), 0);
+    }
+
+    #[test]
+    fn paths_are_made_relative_to_the_root() {
+        let root = Path::new("/sb/abc");
+        assert_eq!(
+            under_root(1, root, Path::new("/sb/abc/workspace/a")).unwrap(),
+            Path::new("/workspace/a")
+        );
+        assert_eq!(under_root(1, root, root).unwrap(), Path::new("/"));
+        assert!(matches!(
+            under_root(1, root, Path::new("/sb/abcd/x")),
+            Err(CrError::OutsideRoot { .. })
+        ));
     }
 
     #[test]

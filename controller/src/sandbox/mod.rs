@@ -3,8 +3,14 @@
 //!
 //! - [`rootfs`]: the base trees a sandbox's DeltaFS root is layered over;
 //! - [`runtime`]: a tree's namespaces, its init process, and spawning into a sandbox;
-//! - [`session`]: persistent `bash` / `python` interpreters driven over pipes.
+//! - [`session`]: persistent `bash` / `python` interpreters driven over pipes;
+//! - [`ops`]: what the API asks of sandboxes ([`SandboxOps`]); [`error`]: its errors.
 
+pub mod error;
+pub mod ops;
 pub mod rootfs;
 pub mod runtime;
 pub mod session;
+
+pub use error::SandboxError;
+pub use ops::SandboxOps;

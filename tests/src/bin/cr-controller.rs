@@ -16,6 +16,7 @@ fn main() -> anyhow::Result<()> {
     let pid = Pid::from_raw(args.get(1).map_or(Ok(0), |s| s.parse())?);
     let opts = CheckpointOptions {
         template_cgroups: PathBuf::from(args.get(2).cloned().unwrap_or_default()),
+        ..CheckpointOptions::default()
     };
     let checkpoint = || -> anyhow::Result<cr::Template> {
         let template = cr::checkpoint(pid, &opts)?;
@@ -38,6 +39,7 @@ fn main() -> anyhow::Result<()> {
             let template = checkpoint()?;
             let restore = RestoreOptions {
                 cgroup: Some(PathBuf::from(args.get(3).cloned().unwrap_or_default())),
+                ..RestoreOptions::default()
             };
             loop {
                 template.restore(&restore)?.kill()?;

@@ -1,0 +1,381 @@
+//! Request and response bodies of the sandbox endpoints (sandboxes, commands, sessions,
+//! checkpoints, the tree), shared by the server, the client and the SDK's contract.
+//!
+//! Ids in requests may be any unique prefix of a full id; responses carry full ids.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Resource limits of a sandbox (cgroup v2 `memory.max`, `cpu.max`, `pids.max`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSpec {
+    /// Memory limit in bytes (swap off when set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+    /// CPUs (e.g. `1.5`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<f64>,
+    /// Maximum number of processes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<u64>,
+}
+
+/// `POST /v1/sandboxes`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSandbox {
+    /// A root tree to layer the sandbox over; absent: the embedded default (the host's
+    /// system directories read-only, empty `/root`, `/tmp`, `/home`, `/workspace`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rootfs: Option<String>,
+    /// Limits.
+    #[serde(default)]
+    pub limits: LimitsSpec,
+    /// End every `exec` and `session run` with a checkpoint (a node per tool call).
+    #[serde(default)]
+    pub auto_checkpoint: bool,
+}
+
+/// A session, as listed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionInfo {
+    /// Its id.
+    pub id: String,
+    /// `bash` or `python`.
+    pub kind: String,
+    /// The interpreter's pid (host pid namespace).
+    pub pid: i32,
+    /// When it was started (unix ms).
+    pub started_ms: u64,
+}
+
+/// A sandbox.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SandboxInfo {
+    /// Its id.
+    pub id: String,
+    /// The tree it belongs to (a sandbox and its branches share one).
+    pub tree: String,
+    /// When it was created (unix ms).
+    pub created_ms: u64,
+    /// Its `--rootfs`, absent for the embedded default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rootfs: Option<String>,
+    /// Its limits.
+    pub limits: LimitsSpec,
+    /// Whether every command ends in a checkpoint.
+    pub auto_checkpoint: bool,
+    /// The node it last checkpointed or rolled back to (the parent of its next
+    /// checkpoint).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head: Option<String>,
+    /// The node it was branched from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branched_from: Option<String>,
+    /// Its live sessions.
+    pub sessions: Vec<SessionInfo>,
+    /// `running` (or `creating` / `removing` while that is under way).
+    pub state: String,
+}
+
+/// `GET /v1/sandboxes`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SandboxList {
+    /// Every sandbox, oldest first.
+    pub sandboxes: Vec<SandboxInfo>,
+}
+
+/// `POST /v1/sandboxes/{id}/exec`: a one-shot command.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    /// The command and its arguments (`argv[0]` is searched in `PATH`).
+    pub argv: Vec<String>,
+    /// Extra environment (over the sandbox's default `PATH`, `HOME`, `LANG`, `TERM`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Working directory inside the sandbox (default `/workspace`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    /// Data for its stdin (default: none, stdin is `/dev/null`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdin: Option<String>,
+    /// Kill it (its whole process group) after this long (default 600 000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
+/// The result of `exec`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ExecResult {
+    /// Exit code, if it exited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// The signal that killed it, if one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    /// What it wrote to stdout (lossy UTF-8).
+    pub stdout: String,
+    /// What it wrote to stderr.
+    pub stderr: String,
+    /// Killed by the timeout.
+    pub timed_out: bool,
+    /// Output beyond the cap (8 MiB per stream) was dropped.
+    pub truncated: bool,
+    /// Wall time.
+    pub duration_ms: f64,
+    /// The checkpoint taken after it (`auto_checkpoint`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<NodeInfo>,
+}
+
+/// `POST /v1/sandboxes/{id}/sessions`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionStart {
+    /// `bash` or `python`.
+    pub kind: String,
+}
+
+/// `POST /v1/sandboxes/{id}/sessions/{session}/run`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionRun {
+    /// The code (bash or python source).
+    pub code: String,
+    /// Interrupt the code (not the session) after this long (default 600 000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
+/// The result of `session run`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SessionRunResult {
+    /// What the code printed to stdout.
+    pub stdout: String,
+    /// What it printed to stderr.
+    pub stderr: String,
+    /// bash: `$?` of the last command; python: 0, 1 for an uncaught exception, 130 when
+    /// interrupted, the `SystemExit` code.
+    pub status: i32,
+    /// The timeout interrupted it.
+    pub timed_out: bool,
+    /// Output beyond the cap was dropped.
+    pub truncated: bool,
+    /// Wall time.
+    pub duration_ms: f64,
+    /// The checkpoint taken after it (`auto_checkpoint`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<NodeInfo>,
+}
+
+/// `POST /v1/sandboxes/{id}/checkpoint`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointRequest {
+    /// A label shown in the tree.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+}
+
+/// A session's part of a node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeSessionInfo {
+    /// The session.
+    pub session: String,
+    /// `bash` or `python`.
+    pub kind: String,
+    /// `live` (a template process holds it) or `none`.
+    pub template: String,
+}
+
+/// Where a checkpoint's time went (milliseconds).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointTimings {
+    /// The whole operation, as the API handler saw it.
+    pub total_ms: f64,
+    /// Freezing and thawing the sandbox's cgroup.
+    pub quiesce_ms: f64,
+    /// The DeltaFS freeze.
+    pub files_ms: f64,
+    /// The DeltaCR templates.
+    pub processes_ms: f64,
+    /// Writing the node to the database.
+    pub record_ms: f64,
+}
+
+/// A node of the checkpoint tree.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// Its id.
+    pub id: String,
+    /// Its tree.
+    pub tree: String,
+    /// The sandbox it was taken in.
+    pub sandbox: String,
+    /// Its parent node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    /// Its label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    /// When it was taken (unix ms).
+    pub created_ms: u64,
+    /// Disk bytes its file layer owns.
+    pub bytes: u64,
+    /// Its sessions.
+    pub sessions: Vec<NodeSessionInfo>,
+    /// How long the checkpoint took.
+    pub timings: CheckpointTimings,
+}
+
+/// What a rollback restores.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RollbackMode {
+    /// Files and processes.
+    #[default]
+    All,
+    /// Only the file layers; the processes keep running.
+    FilesOnly,
+    /// Only the processes; the files stay as they are.
+    ProcessesOnly,
+}
+
+/// `POST /v1/sandboxes/{id}/rollback`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackRequest {
+    /// The node to go back to (any node of the sandbox's tree).
+    pub node: String,
+    /// What to restore.
+    #[serde(default)]
+    pub mode: RollbackMode,
+}
+
+/// Where a rollback's time went (milliseconds).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RollbackTimings {
+    /// The whole operation.
+    pub total_ms: f64,
+    /// Killing the sandbox's processes.
+    pub kill_ms: f64,
+    /// The DeltaFS switch.
+    pub files_ms: f64,
+    /// Forking the templates into the restored sessions.
+    pub processes_ms: f64,
+}
+
+/// The result of a rollback.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RollbackResult {
+    /// The sandbox.
+    pub sandbox: String,
+    /// The node it is now at.
+    pub node: String,
+    /// What was restored.
+    pub mode: RollbackMode,
+    /// Its sessions now.
+    pub sessions: Vec<SessionInfo>,
+    /// How long it took.
+    pub timings: RollbackTimings,
+}
+
+/// `POST /v1/nodes/{node}/branch`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BranchRequest {
+    /// How many sandboxes (1 to 64).
+    #[serde(default = "one")]
+    pub count: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// The result of a branch.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BranchResult {
+    /// The node branched from.
+    pub node: String,
+    /// The new sandboxes.
+    pub sandboxes: Vec<SandboxInfo>,
+    /// How long each took (ms).
+    pub branch_ms: Vec<f64>,
+}
+
+/// `GET /v1/sandboxes/{id}/tree`: the tree a sandbox belongs to.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TreeView {
+    /// The tree.
+    pub tree: String,
+    /// Its nodes, oldest first.
+    pub nodes: Vec<NodeInfo>,
+    /// Its sandboxes and their heads.
+    pub sandboxes: Vec<SandboxHead>,
+    /// The tree drawn as text (what `deltabox tree` prints).
+    pub text: String,
+}
+
+/// A sandbox and the node it is at.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxHead {
+    /// The sandbox.
+    pub sandbox: String,
+    /// Its head.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head: Option<String>,
+}
+
+/// Query of `GET /v1/diff`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiffQuery {
+    /// The older node.
+    pub from: String,
+    /// The newer node.
+    pub to: String,
+}
+
+/// One path that differs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiffEntry {
+    /// Path from the sandbox root.
+    pub path: String,
+    /// `added`, `removed` or `modified`.
+    pub change: String,
+    /// `file`, `dir`, `symlink` or `other`.
+    pub file_type: String,
+}
+
+/// The result of a diff.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiffResult {
+    /// The older node.
+    pub from: String,
+    /// The newer node.
+    pub to: String,
+    /// What differs, sorted by path.
+    pub changes: Vec<DiffEntry>,
+}
+
+/// The result of removing a node (and its subtree) or a sandbox.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Removed {
+    /// The removed nodes.
+    pub nodes: Vec<String>,
+    /// The removed sandboxes.
+    pub sandboxes: Vec<String>,
+}
+
+/// The result of `gc`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GcResult {
+    /// Layer directories removed from the store.
+    pub layers_removed: usize,
+    /// Trees with no sandbox and no node left, shut down.
+    pub trees_removed: usize,
+}
