@@ -42,6 +42,9 @@ pub struct RestoreOptions {
     /// `/proc/<anchor>/root`); the recorded paths must then be relative to that root
     /// ([`super::CheckpointOptions::root_prefix`]). `None`: the template's root.
     pub chroot: Option<PathBuf>,
+    /// Make the restored process a session and process-group leader (`setsid`), as a
+    /// sandbox's sessions are (the template is one already, so its children are not).
+    pub setsid: bool,
 }
 
 /// How long a restore took.
@@ -118,6 +121,9 @@ impl Template {
             let mut inj = Injection::begin(&mut child, site)?;
             if let Some(root) = &opts.chroot {
                 chroot(&mut inj, self.scratch, root)?;
+            }
+            if opts.setsid {
+                inj.syscall("setsid", libc::SYS_setsid, &[])?;
             }
             let stdio = fdtable::install(
                 &mut inj,
