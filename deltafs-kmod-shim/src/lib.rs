@@ -16,6 +16,7 @@
 //! - [`probe`]: the check that this kernel's FUSE passthrough works as DeltaFS needs.
 
 pub mod base;
+pub mod diff;
 mod fs;
 pub mod ids;
 pub mod index;
@@ -31,6 +32,7 @@ mod sync;
 pub mod view;
 mod writer;
 
+pub use crate::diff::{Change, ChangeKind, Changed, DiffError, FileType};
 pub use crate::ids::{LayerId, SnapshotId};
 pub use crate::store::{GcReport, SnapshotInfo, Store, StoreError};
 pub use crate::view::{FreezeOpts, FreezeReport, MappedFiles, SwitchReport, View, ViewError};

@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex, Weak};
 use nix::fcntl::{Flock, FlockArg};
 
 use crate::base::{BaseError, BaseTree};
+use crate::diff::{Change, DiffError, Plan};
 use crate::ids::{LayerId, ROOT_INO, SnapshotId};
 use crate::index::{Delta, Index, IndexError};
 use crate::layer::{LayerError, Layers};
@@ -76,6 +77,9 @@ pub enum StoreError {
         /// The base asked for.
         got: PathBuf,
     },
+    /// A diff or a layer measurement failed.
+    #[error(transparent)]
+    Diff(#[from] DiffError),
     /// Mounting the view failed.
     #[error("cannot mount DeltaFS at {mountpoint}")]
     Mount {
@@ -324,6 +328,30 @@ impl Store {
             }
         }
         Ok(report)
+    }
+
+    /// The paths that differ from snapshot `from` (or the bare base, `None`) to snapshot
+    /// `to`, sorted by path. Costs what changed between the two (their deltas through the
+    /// common ancestor), not the size of the tree: see [`crate::diff`].
+    pub fn diff(
+        &self,
+        from: Option<SnapshotId>,
+        to: SnapshotId,
+    ) -> Result<Vec<Change>, StoreError> {
+        let plan = Plan::gather(&mut lock(&self.shared.state), &self.shared.layers, from, to)?;
+        plan.changes(|id| lock(&self.shared.state).delta_of(&self.shared.layers, id))
+    }
+
+    /// Disk bytes snapshot `id`'s own layer holds: the allocated blocks of the files its
+    /// epoch wrote, and of its metadata once written (see [`Store::flush`]). A walk of that
+    /// one layer directory.
+    pub fn snapshot_bytes(&self, id: SnapshotId) -> Result<u64, StoreError> {
+        if !lock(&self.shared.state).snapshots.contains_key(&id) {
+            return Err(StoreError::UnknownSnapshot(id));
+        }
+        Ok(crate::diff::layer_bytes(
+            &self.shared.layers.dir(id.layer()),
+        )?)
     }
 
     /// Bytes allocated under the store's `layers/` directory, as the sum of `st_blocks`
