@@ -1,0 +1,385 @@
+"""The asyncio client: :class:`AsyncClient`, :class:`AsyncSandbox`,
+:class:`AsyncSession` and :class:`AsyncNode`, the awaitable twins of
+:mod:`deltabox.sync` with the same methods, models and errors.
+
+``AsyncNode.branch(n)`` issues its ``n`` branch calls concurrently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import weakref
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+import httpx
+
+from . import _api
+from .errors import DeltaBoxError, UnknownSandbox, UnknownSession
+from .models import (
+    BranchOutcome,
+    Diff,
+    ExecResult,
+    GcResult,
+    Limits,
+    NodeInfo,
+    Removed,
+    RollbackResult,
+    RunResult,
+    SandboxInfo,
+    SessionInfo,
+    Tree,
+    parse_memory,
+)
+
+__all__ = ["AsyncClient", "AsyncSandbox", "AsyncSession", "AsyncNode", "default_async_client"]
+
+T = TypeVar("T")
+
+
+class AsyncClient:
+    """An asyncio connection to ``deltaboxd`` over its Unix socket (see
+    :class:`deltabox.Client` for the arguments). Use ``async with`` or :meth:`aclose`."""
+
+    def __init__(
+        self, socket: str | os.PathLike[str] | None = None, *, timeout: float = _api.DEFAULT_TIMEOUT
+    ) -> None:
+        self.socket = _api.socket_path(socket)
+        self.timeout = timeout
+        self._http = httpx.AsyncClient(
+            transport=httpx.AsyncHTTPTransport(uds=self.socket),
+            base_url="http://deltaboxd",
+            timeout=httpx.Timeout(timeout, connect=10.0),
+        )
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Closes the connection pool."""
+        await self._http.aclose()
+
+    async def call(self, call: _api.Call[T]) -> T:
+        """Sends one request and parses the answer; raises the error's class."""
+        timeout = call.timeout if call.timeout is not None else self.timeout
+        try:
+            response = await self._http.request(
+                call.method,
+                call.path,
+                json=call.body,
+                params=call.params,
+                timeout=httpx.Timeout(timeout, connect=10.0),
+            )
+        except httpx.HTTPError as err:
+            raise _api.transport_error(call, self.socket, err) from err
+        return _api.decode(call, response.status_code, response.content)
+
+    async def request(
+        self, method: str, path: str, body: Any = None, params: Mapping[str, str] | None = None
+    ) -> Any:
+        """Any API request (for routes the SDK does not wrap); the answer's JSON."""
+        return await self.call(_api.raw(method, path, body, params))
+
+    async def create(
+        self,
+        *,
+        memory: int | str | None = None,
+        cpus: float | None = None,
+        pids: int | None = None,
+        rootfs: str | os.PathLike[str] | None = None,
+        auto_checkpoint: bool = False,
+    ) -> AsyncSandbox:
+        """A new sandbox; see :meth:`AsyncSandbox.create`."""
+        limits = Limits(None if memory is None else parse_memory(memory), cpus, pids)
+        root = None if rootfs is None else os.fspath(rootfs)
+        return AsyncSandbox(self, await self.call(_api.create_sandbox(limits, root, auto_checkpoint)))
+
+    async def sandbox(self, sandbox_id: str) -> AsyncSandbox:
+        """A handle to an existing sandbox (id or unique prefix)."""
+        return AsyncSandbox(self, await self.call(_api.get_sandbox(sandbox_id)))
+
+    async def sandboxes(self) -> list[AsyncSandbox]:
+        """Every sandbox of the daemon, oldest first."""
+        return [AsyncSandbox(self, info) for info in await self.call(_api.list_sandboxes())]
+
+    async def node(self, node: str | NodeInfo | AsyncNode) -> AsyncNode:
+        """A handle to a node (id, unique prefix, or its info)."""
+        if isinstance(node, AsyncNode):
+            return node
+        if isinstance(node, NodeInfo):
+            return AsyncNode(self, node)
+        tree = await self.call(_api.node_tree(node))
+        return AsyncNode(self, tree.node(node))
+
+    async def diff(self, a: str | NodeInfo | AsyncNode, b: str | NodeInfo | AsyncNode) -> Diff:
+        """Files added, removed and modified from node ``a`` to node ``b``."""
+        return await self.call(_api.diff(_api.node_id(a), _api.node_id(b)))
+
+    async def tree(self, node: str | NodeInfo | AsyncNode) -> Tree:
+        """The tree a node belongs to."""
+        return await self.call(_api.node_tree(_api.node_id(node)))
+
+    async def gc(self) -> GcResult:
+        """Drops layers no node references and trees with nothing left."""
+        return await self.call(_api.gc())
+
+
+# One default client per event loop: an httpx.AsyncClient must not outlive its loop.
+_defaults: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, AsyncClient]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def default_async_client(socket: str | os.PathLike[str] | None = None) -> AsyncClient:
+    """The running loop's client for a socket, made on first use (what
+    :meth:`AsyncSandbox.create` uses when given no client)."""
+    loop = asyncio.get_running_loop()
+    path = _api.socket_path(socket)
+    per_loop = _defaults.setdefault(loop, {})
+    client = per_loop.get(path)
+    if client is None:
+        client = per_loop[path] = AsyncClient(path)
+    return client
+
+
+class AsyncNode:
+    """A checkpoint (see :class:`deltabox.Node`)."""
+
+    def __init__(self, client: AsyncClient, info: NodeInfo) -> None:
+        self.client = client
+        self.info = info
+
+    def __repr__(self) -> str:
+        return f"AsyncNode(id={self.id!r}, label={self.label!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, AsyncNode) and other.id == self.id
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    @property
+    def id(self) -> str:
+        """The node's id."""
+        return self.info.id
+
+    @property
+    def label(self) -> str | None:
+        """Its label."""
+        return self.info.label
+
+    @property
+    def parent(self) -> str | None:
+        """Its parent node's id."""
+        return self.info.parent
+
+    async def branch(self, n: int = 1) -> list[BranchOutcome[AsyncSandbox]]:
+        """``n`` new sandboxes from this node, branched concurrently, one call each:
+        each outcome holds its sandbox or its error, in order."""
+        if n < 1:
+            raise ValueError(f"branch count must be at least 1, not {n}")
+
+        async def one(index: int) -> BranchOutcome[AsyncSandbox]:
+            try:
+                info, ms = await self.client.call(_api.branch_one(self.id))
+            except DeltaBoxError as err:
+                return BranchOutcome(index, error=err)
+            return BranchOutcome(index, AsyncSandbox(self.client, info), branch_ms=ms)
+
+        return list(await asyncio.gather(*(one(i) for i in range(n))))
+
+    async def tree(self) -> Tree:
+        """The tree this node belongs to."""
+        return await self.client.call(_api.node_tree(self.id))
+
+    async def diff(self, other: str | NodeInfo | AsyncNode) -> Diff:
+        """Files changed from this node to ``other``."""
+        return await self.client.diff(self, other)
+
+    async def remove(self) -> Removed:
+        """Removes this node and its subtree (refused while a sandbox is at one)."""
+        return await self.client.call(_api.remove_node(self.id))
+
+
+class AsyncSession:
+    """A persistent interpreter (see :class:`deltabox.Session`)."""
+
+    def __init__(self, sandbox: AsyncSandbox, info: SessionInfo) -> None:
+        self.sandbox = sandbox
+        self.info = info
+
+    def __repr__(self) -> str:
+        return f"AsyncSession(id={self.id!r}, kind={self.kind!r}, sandbox={self.sandbox.id!r})"
+
+    @property
+    def id(self) -> str:
+        """The session's id (kept across rollbacks and branches)."""
+        return self.info.id
+
+    @property
+    def kind(self) -> str:
+        """``bash`` or ``python``."""
+        return self.info.kind
+
+    async def run(self, code: str, *, timeout: float | None = None) -> RunResult:
+        """Runs code; waits for it (see :meth:`deltabox.Session.run`)."""
+        sb = self.sandbox
+        result = await sb.client.call(_api.session_run(sb.id, self.id, code, timeout, sb.client.timeout))
+        if sb._client_auto and result.node is None:
+            node = await sb.client.call(_api.checkpoint(sb.id, _api.auto_label(code)))
+            result = _api.with_node(result, node)
+        return result
+
+    async def close(self) -> SessionInfo:
+        """Stops the interpreter."""
+        return await self.sandbox.client.call(_api.session_stop(self.sandbox.id, self.id))
+
+    async def __aenter__(self) -> AsyncSession:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        try:
+            await self.close()
+        except (UnknownSession, UnknownSandbox):
+            pass
+
+
+class AsyncSandbox:
+    """A sandbox (see :class:`deltabox.Sandbox`); ``async with`` removes it."""
+
+    def __init__(self, client: AsyncClient, info: SandboxInfo) -> None:
+        self.client = client
+        self.info = info
+        self._client_auto = False
+
+    def __repr__(self) -> str:
+        return f"AsyncSandbox(id={self.info.id!r}, tree={self.info.tree!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, AsyncSandbox) and other.id == self.id
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    @classmethod
+    async def create(
+        cls,
+        *,
+        memory: int | str | None = None,
+        cpus: float | None = None,
+        pids: int | None = None,
+        rootfs: str | os.PathLike[str] | None = None,
+        auto_checkpoint: bool = False,
+        client: AsyncClient | None = None,
+    ) -> AsyncSandbox:
+        """Creates a sandbox (arguments as :meth:`deltabox.Sandbox.create`)."""
+        return await (client or default_async_client()).create(
+            memory=memory, cpus=cpus, pids=pids, rootfs=rootfs, auto_checkpoint=auto_checkpoint
+        )
+
+    async def __aenter__(self) -> AsyncSandbox:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            await self.remove()
+        except UnknownSandbox:
+            pass
+
+    @property
+    def id(self) -> str:
+        """The sandbox's id."""
+        return self.info.id
+
+    @property
+    def tree_id(self) -> str:
+        """The id of its checkpoint tree."""
+        return self.info.tree
+
+    @property
+    def auto_checkpoint(self) -> bool:
+        """See :attr:`deltabox.Sandbox.auto_checkpoint`."""
+        return self.info.auto_checkpoint or self._client_auto
+
+    @auto_checkpoint.setter
+    def auto_checkpoint(self, value: bool) -> None:
+        if not value and self.info.auto_checkpoint:
+            raise ValueError(
+                f"sandbox {self.id} was created with auto_checkpoint=True and the daemon cannot turn it off"
+            )
+        self._client_auto = bool(value) and not self.info.auto_checkpoint
+
+    async def refresh(self) -> SandboxInfo:
+        """Reloads :attr:`info` from the daemon."""
+        self.info = await self.client.call(_api.get_sandbox(self.id))
+        return self.info
+
+    async def exec(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        timeout: float | None = None,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        stdin: str | bytes | None = None,
+    ) -> ExecResult:
+        """Runs a one-shot command (see :meth:`deltabox.Sandbox.exec`)."""
+        argv = _api.argv_of(cmd)
+        result = await self.client.call(
+            _api.exec_command(
+                self.id,
+                argv,
+                timeout=timeout,
+                cwd=cwd,
+                env=env,
+                stdin=stdin,
+                base_timeout=self.client.timeout,
+            )
+        )
+        if self._client_auto and result.node is None:
+            label = cmd if isinstance(cmd, str) else " ".join(argv)
+            node = await self.client.call(_api.checkpoint(self.id, _api.auto_label(label)))
+            result = _api.with_node(result, node)
+        return result
+
+    async def session(self, kind: str = "bash") -> AsyncSession:
+        """Starts a persistent ``"bash"`` or ``"python"`` session."""
+        return AsyncSession(self, await self.client.call(_api.session_start(self.id, kind)))
+
+    async def sessions(self) -> list[AsyncSession]:
+        """Its live sessions."""
+        return [AsyncSession(self, s) for s in (await self.refresh()).sessions]
+
+    async def checkpoint(self, label: str | None = None) -> AsyncNode:
+        """Checkpoints files and session processes together."""
+        return AsyncNode(self.client, await self.client.call(_api.checkpoint(self.id, label)))
+
+    async def rollback(
+        self, node: str | NodeInfo | AsyncNode, *, files_only: bool = False, processes_only: bool = False
+    ) -> RollbackResult:
+        """Goes to any node of this sandbox's tree (see :meth:`deltabox.Sandbox.rollback`)."""
+        mode = _api.rollback_mode(files_only, processes_only)
+        return await self.client.call(_api.rollback(self.id, _api.node_id(node), mode))
+
+    async def tree(self) -> Tree:
+        """The checkpoint tree this sandbox belongs to."""
+        return await self.client.call(_api.sandbox_tree(self.id))
+
+    async def diff(self, a: str | NodeInfo | AsyncNode, b: str | NodeInfo | AsyncNode) -> Diff:
+        """Files added, removed and modified from node ``a`` to node ``b``."""
+        return await self.client.diff(a, b)
+
+    async def node(self, node: str | NodeInfo | AsyncNode) -> AsyncNode:
+        """A handle to a node."""
+        return await self.client.node(node)
+
+    async def remove(self) -> Removed:
+        """Removes the sandbox (its nodes stay)."""
+        return await self.client.call(_api.remove_sandbox(self.id))

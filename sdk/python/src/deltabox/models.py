@@ -1,0 +1,464 @@
+"""The API's bodies as dataclasses, shared by the sync and the asyncio client.
+
+They mirror ``controller/src/api/sandbox_types.rs``. Parsing ignores fields this SDK
+does not know, so a newer daemon that adds fields keeps working with it; a field this
+SDK needs that is missing raises :class:`~deltabox.errors.ProtocolError`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Generic, Literal, TypeVar
+
+from .errors import DeltaBoxError, ProtocolError
+
+__all__ = [
+    "Limits",
+    "SessionInfo",
+    "SandboxInfo",
+    "NodeSessionInfo",
+    "CheckpointTimings",
+    "NodeInfo",
+    "ExecResult",
+    "RunResult",
+    "RollbackMode",
+    "RollbackTimings",
+    "RollbackResult",
+    "SandboxHead",
+    "Tree",
+    "DiffEntry",
+    "Diff",
+    "Removed",
+    "GcResult",
+    "BranchOutcome",
+    "parse_memory",
+]
+
+Json = dict[str, Any]
+RollbackMode = Literal["all", "files_only", "processes_only"]
+S = TypeVar("S")
+
+
+def _get(obj: Json, key: str, what: str) -> Any:
+    try:
+        return obj[key]
+    except (KeyError, TypeError):
+        raise ProtocolError(f"the daemon's {what} has no field {key!r}: {obj!r:.200}") from None
+
+
+_MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_memory(value: int | str) -> int:
+    """Bytes from ``2G``, ``512M``, ``1.5GiB``, ``4096`` or an int.
+
+    Units are binary (``1G`` = 2**30 bytes), as cgroups and ``free`` count them.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"memory must be bytes or a size like '2G', not {value!r}")
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError(f"memory must be positive, not {value}")
+        return value
+    match = _MEMORY.match(value)
+    if not match:
+        raise ValueError(f"memory {value!r} is not a size like '2G', '512M' or bytes")
+    number, unit, _suffix = match.groups()
+    size = int(float(number) * _UNITS[unit.lower()])
+    if size <= 0:
+        raise ValueError(f"memory must be positive, not {value!r}")
+    return size
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits of a sandbox (cgroup v2 ``memory.max``, ``cpu.max``, ``pids.max``)."""
+
+    memory_bytes: int | None = None
+    cpus: float | None = None
+    pids: int | None = None
+
+    @classmethod
+    def from_json(cls, obj: Json) -> Limits:
+        """Parses the API's ``LimitsSpec``."""
+        return cls(obj.get("memory_bytes"), obj.get("cpus"), obj.get("pids"))
+
+    def to_json(self) -> Json:
+        """The API's ``LimitsSpec`` (unset limits omitted)."""
+        out: Json = {}
+        if self.memory_bytes is not None:
+            out["memory_bytes"] = self.memory_bytes
+        if self.cpus is not None:
+            out["cpus"] = self.cpus
+        if self.pids is not None:
+            out["pids"] = self.pids
+        return out
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """A live session of a sandbox."""
+
+    id: str
+    kind: str
+    pid: int
+    started_ms: int
+
+    @classmethod
+    def from_json(cls, obj: Json) -> SessionInfo:
+        """Parses the API's ``SessionInfo``."""
+        w = "session"
+        return cls(_get(obj, "id", w), _get(obj, "kind", w), _get(obj, "pid", w), _get(obj, "started_ms", w))
+
+
+@dataclass(frozen=True)
+class SandboxInfo:
+    """A sandbox as the daemon reports it."""
+
+    id: str
+    tree: str
+    created_ms: int
+    limits: Limits
+    auto_checkpoint: bool
+    sessions: list[SessionInfo]
+    state: str
+    rootfs: str | None = None
+    head: str | None = None
+    branched_from: str | None = None
+
+    @classmethod
+    def from_json(cls, obj: Json) -> SandboxInfo:
+        """Parses the API's ``SandboxInfo``."""
+        w = "sandbox"
+        return cls(
+            id=_get(obj, "id", w),
+            tree=_get(obj, "tree", w),
+            created_ms=_get(obj, "created_ms", w),
+            limits=Limits.from_json(obj.get("limits") or {}),
+            auto_checkpoint=bool(obj.get("auto_checkpoint", False)),
+            sessions=[SessionInfo.from_json(s) for s in obj.get("sessions") or []],
+            state=obj.get("state", "running"),
+            rootfs=obj.get("rootfs"),
+            head=obj.get("head"),
+            branched_from=obj.get("branched_from"),
+        )
+
+
+@dataclass(frozen=True)
+class NodeSessionInfo:
+    """A session's part of a node: ``template`` is ``live`` while a template holds it."""
+
+    session: str
+    kind: str
+    template: str
+
+    @classmethod
+    def from_json(cls, obj: Json) -> NodeSessionInfo:
+        """Parses the API's ``NodeSessionInfo``."""
+        w = "node session"
+        return cls(_get(obj, "session", w), _get(obj, "kind", w), obj.get("template", "none"))
+
+
+@dataclass(frozen=True)
+class CheckpointTimings:
+    """Where a checkpoint's time went (milliseconds)."""
+
+    total_ms: float = 0.0
+    quiesce_ms: float = 0.0
+    files_ms: float = 0.0
+    processes_ms: float = 0.0
+    record_ms: float = 0.0
+
+    @classmethod
+    def from_json(cls, obj: Json) -> CheckpointTimings:
+        """Parses the API's ``CheckpointTimings``."""
+        keys = ("total_ms", "quiesce_ms", "files_ms", "processes_ms", "record_ms")
+        return cls(*(float(obj.get(k, 0.0)) for k in keys))
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """A node of a checkpoint tree: the files and processes of a sandbox at one moment."""
+
+    id: str
+    tree: str
+    sandbox: str
+    created_ms: int
+    bytes: int
+    sessions: list[NodeSessionInfo]
+    timings: CheckpointTimings
+    parent: str | None = None
+    label: str | None = None
+
+    @classmethod
+    def from_json(cls, obj: Json) -> NodeInfo:
+        """Parses the API's ``NodeInfo``."""
+        w = "node"
+        return cls(
+            id=_get(obj, "id", w),
+            tree=_get(obj, "tree", w),
+            sandbox=_get(obj, "sandbox", w),
+            created_ms=_get(obj, "created_ms", w),
+            bytes=obj.get("bytes", 0),
+            sessions=[NodeSessionInfo.from_json(s) for s in obj.get("sessions") or []],
+            timings=CheckpointTimings.from_json(obj.get("timings") or {}),
+            parent=obj.get("parent"),
+            label=obj.get("label"),
+        )
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """What a one-shot command did. ``node`` is the checkpoint taken after it
+    (auto-checkpoint), else None."""
+
+    exit_code: int | None
+    stdout: str
+    stderr: str
+    timed_out: bool
+    truncated: bool
+    duration_ms: float
+    signal: int | None = None
+    node: NodeInfo | None = None
+
+    @property
+    def ok(self) -> bool:
+        """It exited 0 (not killed, not timed out)."""
+        return self.exit_code == 0 and not self.timed_out
+
+    @classmethod
+    def from_json(cls, obj: Json) -> ExecResult:
+        """Parses the API's ``ExecResult``."""
+        node = obj.get("node")
+        return cls(
+            exit_code=obj.get("exit_code"),
+            stdout=_get(obj, "stdout", "exec result"),
+            stderr=_get(obj, "stderr", "exec result"),
+            timed_out=bool(obj.get("timed_out", False)),
+            truncated=bool(obj.get("truncated", False)),
+            duration_ms=float(obj.get("duration_ms", 0.0)),
+            signal=obj.get("signal"),
+            node=NodeInfo.from_json(node) if node else None,
+        )
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What code run in a session did.
+
+    ``status``: bash: ``$?`` of its last command; python: 0, 1 for an uncaught exception,
+    130 when interrupted by the timeout, or the ``SystemExit`` code.
+    """
+
+    stdout: str
+    stderr: str
+    status: int
+    timed_out: bool
+    truncated: bool
+    duration_ms: float
+    node: NodeInfo | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Status 0 and not interrupted."""
+        return self.status == 0 and not self.timed_out
+
+    @classmethod
+    def from_json(cls, obj: Json) -> RunResult:
+        """Parses the API's ``SessionRunResult``."""
+        node = obj.get("node")
+        w = "session run result"
+        return cls(
+            stdout=_get(obj, "stdout", w),
+            stderr=_get(obj, "stderr", w),
+            status=_get(obj, "status", w),
+            timed_out=bool(obj.get("timed_out", False)),
+            truncated=bool(obj.get("truncated", False)),
+            duration_ms=float(obj.get("duration_ms", 0.0)),
+            node=NodeInfo.from_json(node) if node else None,
+        )
+
+
+@dataclass(frozen=True)
+class RollbackTimings:
+    """Where a rollback's time went (milliseconds)."""
+
+    total_ms: float = 0.0
+    kill_ms: float = 0.0
+    files_ms: float = 0.0
+    processes_ms: float = 0.0
+
+    @classmethod
+    def from_json(cls, obj: Json) -> RollbackTimings:
+        """Parses the API's ``RollbackTimings``."""
+        return cls(*(float(obj.get(k, 0.0)) for k in ("total_ms", "kill_ms", "files_ms", "processes_ms")))
+
+
+@dataclass(frozen=True)
+class RollbackResult:
+    """Where a rollback left the sandbox: its node, mode and sessions now."""
+
+    sandbox: str
+    node: str
+    mode: RollbackMode
+    sessions: list[SessionInfo]
+    timings: RollbackTimings
+
+    @classmethod
+    def from_json(cls, obj: Json) -> RollbackResult:
+        """Parses the API's ``RollbackResult``."""
+        w = "rollback result"
+        return cls(
+            sandbox=_get(obj, "sandbox", w),
+            node=_get(obj, "node", w),
+            mode=obj.get("mode", "all"),
+            sessions=[SessionInfo.from_json(s) for s in obj.get("sessions") or []],
+            timings=RollbackTimings.from_json(obj.get("timings") or {}),
+        )
+
+
+@dataclass(frozen=True)
+class SandboxHead:
+    """A sandbox of a tree and the node it is at."""
+
+    sandbox: str
+    head: str | None = None
+
+    @classmethod
+    def from_json(cls, obj: Json) -> SandboxHead:
+        """Parses the API's ``SandboxHead``."""
+        return cls(_get(obj, "sandbox", "tree sandbox"), obj.get("head"))
+
+
+@dataclass(frozen=True)
+class Tree:
+    """A checkpoint tree: its nodes (oldest first), its sandboxes, and ``text``, the tree
+    drawn as ``deltabox tree`` prints it (also what ``str(tree)`` gives)."""
+
+    tree: str
+    nodes: list[NodeInfo]
+    sandboxes: list[SandboxHead]
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
+
+    def node(self, id_or_prefix: str) -> NodeInfo:
+        """The node with this id or unique prefix (KeyError if none or several)."""
+        found = [n for n in self.nodes if n.id.startswith(id_or_prefix)]
+        if len(found) != 1:
+            raise KeyError(f"{len(found)} nodes of tree {self.tree} match {id_or_prefix!r}")
+        return found[0]
+
+    def children(self, node_id: str | None) -> list[NodeInfo]:
+        """The nodes whose parent is ``node_id`` (None: the roots)."""
+        return [n for n in self.nodes if n.parent == node_id]
+
+    def head_of(self, sandbox_id: str) -> str | None:
+        """The node a sandbox of this tree is at."""
+        for head in self.sandboxes:
+            if head.sandbox == sandbox_id:
+                return head.head
+        raise KeyError(f"sandbox {sandbox_id} is not in tree {self.tree}")
+
+    @classmethod
+    def from_json(cls, obj: Json) -> Tree:
+        """Parses the API's ``TreeView``."""
+        return cls(
+            tree=_get(obj, "tree", "tree"),
+            nodes=[NodeInfo.from_json(n) for n in obj.get("nodes") or []],
+            sandboxes=[SandboxHead.from_json(s) for s in obj.get("sandboxes") or []],
+            text=obj.get("text", ""),
+        )
+
+
+@dataclass(frozen=True)
+class DiffEntry:
+    """One path that differs: ``change`` is ``added``, ``removed`` or ``modified``;
+    ``file_type`` is ``file``, ``dir``, ``symlink`` or ``other``."""
+
+    path: str
+    change: str
+    file_type: str
+
+    @classmethod
+    def from_json(cls, obj: Json) -> DiffEntry:
+        """Parses the API's ``DiffEntry``."""
+        w = "diff entry"
+        return cls(_get(obj, "path", w), _get(obj, "change", w), obj.get("file_type", "other"))
+
+
+@dataclass(frozen=True)
+class Diff:
+    """The files that differ from node ``from_`` to node ``to``, sorted by path."""
+
+    from_: str
+    to: str
+    changes: list[DiffEntry] = field(default_factory=list)
+
+    def paths(self, change: str | None = None) -> list[str]:
+        """The paths, optionally only those with this change (``added`` …)."""
+        return [c.path for c in self.changes if change is None or c.change == change]
+
+    @classmethod
+    def from_json(cls, obj: Json) -> Diff:
+        """Parses the API's ``DiffResult``."""
+        return cls(
+            from_=_get(obj, "from", "diff"),
+            to=_get(obj, "to", "diff"),
+            changes=[DiffEntry.from_json(c) for c in obj.get("changes") or []],
+        )
+
+
+@dataclass(frozen=True)
+class Removed:
+    """What a removal took away: node ids and sandbox ids."""
+
+    nodes: list[str]
+    sandboxes: list[str]
+
+    @classmethod
+    def from_json(cls, obj: Json) -> Removed:
+        """Parses the API's ``Removed``."""
+        return cls(list(obj.get("nodes") or []), list(obj.get("sandboxes") or []))
+
+
+@dataclass(frozen=True)
+class GcResult:
+    """What garbage collection freed."""
+
+    layers_removed: int = 0
+    trees_removed: int = 0
+
+    @classmethod
+    def from_json(cls, obj: Json) -> GcResult:
+        """Parses the API's ``GcResult``."""
+        return cls(int(obj.get("layers_removed", 0)), int(obj.get("trees_removed", 0)))
+
+
+@dataclass
+class BranchOutcome(Generic[S]):
+    """One branch of :meth:`Node.branch`: its new sandbox, or the error that stopped it.
+
+    One failed branch does not sink the others: check ``ok`` (or call :meth:`unwrap`)
+    on each.
+    """
+
+    index: int
+    sandbox: S | None = None
+    error: DeltaBoxError | None = None
+    branch_ms: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        """The branch made its sandbox."""
+        return self.sandbox is not None
+
+    def unwrap(self) -> S:
+        """The sandbox, or raise the branch's error."""
+        if self.sandbox is None:
+            assert self.error is not None
+            raise self.error
+        return self.sandbox
