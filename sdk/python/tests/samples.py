@@ -29,7 +29,13 @@ def node(ident: str = "0193a0c0-2222-7000-8000-000000000001", **over: Any) -> di
         "created_ms": 1_760_000_000_100,
         "bytes": 4096,
         "sessions": [{"session": "s1", "kind": "python", "template": "live"}],
-        "timings": {"total_ms": 3.5, "quiesce_ms": 0.1, "files_ms": 0.2, "processes_ms": 3.0, "record_ms": 0.2},
+        "timings": {
+            "total_ms": 3.5,
+            "quiesce_ms": 0.1,
+            "files_ms": 0.2,
+            "processes_ms": 3.0,
+            "record_ms": 0.2,
+        },
     }
     body.update(over)
     return body

@@ -91,7 +91,10 @@ def test_non_json_answer_is_a_protocol_error(fake: FakeDaemon, client: deltabox.
 
 
 def test_missing_socket_is_unreachable(tmp_path: Path) -> None:
-    with deltabox.Client(tmp_path / "none.sock") as client, pytest.raises(errors.DaemonUnreachable, match="none.sock"):
+    with (
+        deltabox.Client(tmp_path / "none.sock") as client,
+        pytest.raises(errors.DaemonUnreachable, match=r"none\.sock"),
+    ):
         client.sandboxes()
 
 
@@ -116,14 +119,21 @@ def script_sandbox(fake: FakeDaemon) -> None:
     fake.on("POST", "/v1/sandboxes", (201, samples.sandbox()))
     fake.on("DELETE", f"/v1/sandboxes/{SB}", (200, {"nodes": [], "sandboxes": [SB]}))
     fake.on("POST", f"/v1/sandboxes/{SB}/exec", (200, samples.exec_result()))
-    fake.on("POST", f"/v1/sandboxes/{SB}/checkpoint", lambda r: (201, samples.node(label=(r.body or {}).get("label"))))
+    fake.on(
+        "POST",
+        f"/v1/sandboxes/{SB}/checkpoint",
+        lambda r: (201, samples.node(label=(r.body or {}).get("label"))),
+    )
     fake.on("POST", f"/v1/sandboxes/{SB}/sessions", (201, samples.session()))
     fake.on("POST", f"/v1/sandboxes/{SB}/sessions/s1/run", (200, samples.run_result()))
     fake.on("DELETE", f"/v1/sandboxes/{SB}/sessions/s1", (200, samples.session()))
     fake.on(
         "POST",
         f"/v1/sandboxes/{SB}/rollback",
-        lambda r: (200, {"sandbox": SB, "node": r.body["node"], "mode": r.body["mode"], "sessions": [], "timings": {}}),
+        lambda r: (
+            200,
+            {"sandbox": SB, "node": r.body["node"], "mode": r.body["mode"], "sessions": [], "timings": {}},
+        ),
     )
 
 
@@ -155,12 +165,17 @@ def test_requests_have_the_api_shape(fake: FakeDaemon, client: deltabox.Client) 
     modes = [r.body for r in fake.sent("POST", f"/v1/sandboxes/{SB}/rollback")]
     assert modes == [{"node": NODE, "mode": "files_only"}, {"node": NODE, "mode": "all"}]
     assert fake.sent("POST", f"/v1/sandboxes/{SB}/sessions")[0].body == {"kind": "python"}
-    assert fake.sent("POST", f"/v1/sandboxes/{SB}/sessions/s1/run")[0].body == {"code": "x = 1", "timeout_ms": 1000}
+    assert fake.sent("POST", f"/v1/sandboxes/{SB}/sessions/s1/run")[0].body == {
+        "code": "x = 1",
+        "timeout_ms": 1000,
+    }
     assert len(fake.sent("DELETE", f"/v1/sandboxes/{SB}/sessions/s1")) == 1
     assert len(fake.sent("DELETE", f"/v1/sandboxes/{SB}")) == 1
 
 
-def test_context_manager_tolerates_an_already_removed_sandbox(fake: FakeDaemon, client: deltabox.Client) -> None:
+def test_context_manager_tolerates_an_already_removed_sandbox(
+    fake: FakeDaemon, client: deltabox.Client
+) -> None:
     script_sandbox(fake)
     fake.on("DELETE", f"/v1/sandboxes/{SB}", (404, {"error": "unknown sandbox", "kind": "unknown_sandbox"}))
     with deltabox.Sandbox.create(client=client):
@@ -239,7 +254,9 @@ def test_client_side_auto_checkpoint(fake: FakeDaemon, client: deltabox.Client) 
 
 def test_server_side_auto_checkpoint_cannot_be_turned_off(fake: FakeDaemon, client: deltabox.Client) -> None:
     fake.on("POST", "/v1/sandboxes", (201, samples.sandbox(auto_checkpoint=True)))
-    fake.on("POST", f"/v1/sandboxes/{SB}/exec", (200, samples.exec_result(node=samples.node(label="by daemon"))))
+    fake.on(
+        "POST", f"/v1/sandboxes/{SB}/exec", (200, samples.exec_result(node=samples.node(label="by daemon")))
+    )
     sb = client.create(auto_checkpoint=True)
     assert fake.sent("POST", "/v1/sandboxes")[0].body["auto_checkpoint"] is True
     assert sb.auto_checkpoint
@@ -267,7 +284,10 @@ def test_async_parity_of_shapes(fake: FakeDaemon) -> None:
         "argv": ["bash", "-c", "echo hi"],
         "timeout_ms": 2500,
     }
-    assert fake.sent("POST", f"/v1/sandboxes/{SB}/rollback")[0].body == {"node": NODE, "mode": "processes_only"}
+    assert fake.sent("POST", f"/v1/sandboxes/{SB}/rollback")[0].body == {
+        "node": NODE,
+        "mode": "processes_only",
+    }
     assert len(fake.sent("DELETE", f"/v1/sandboxes/{SB}")) == 1
 
 

@@ -132,7 +132,9 @@ def test_rollback_mode() -> None:
 
 def test_http_timeout_never_shorter_than_the_calls_own() -> None:
     base = 30.0
-    default = _api.exec_command("sb", ["true"], timeout=None, cwd=None, env=None, stdin=None, base_timeout=base)
+    default = _api.exec_command(
+        "sb", ["true"], timeout=None, cwd=None, env=None, stdin=None, base_timeout=base
+    )
     assert default.timeout is not None and default.timeout > _api.DAEMON_DEFAULT_RUN_TIMEOUT
     long = _api.exec_command("sb", ["true"], timeout=3600, cwd=None, env=None, stdin=None, base_timeout=base)
     assert long.timeout is not None and long.timeout > 3600
