@@ -1,1 +1,847 @@
-//! (being written this session)
+//! A tree's runtime: one set of namespaces (mount, pid, uts, ipc, net) and one init
+//! per tree of sandboxes; per sandbox a DeltaFS root its processes are chrooted into,
+//! cgroups with limits, and an *anchor* process through which DeltaCR reaches the
+//! sandbox's root and cgroups from inside the tree. See `docs/sandbox-runtime.md`.
+//!
+//! - [`TreeRuntime`]: the daemon's handle (start, add sandboxes, spawn, freeze, kill);
+//! - `init`: the tree's pid 1 (`deltabox-init`);
+//! - `child`: what init's forked children do before they run (cgroups, chroot, caps);
+//! - `cgroups`: the cgroup layout and the limits; `proto`: the control messages;
+//!   `sys`: the raw kernel calls.
+
+mod cgroups;
+mod child;
+mod init;
+mod proto;
+mod sys;
+
+use std::{
+    collections::{HashMap, VecDeque},
+    fs::{self, File},
+    io,
+    os::fd::{AsRawFd as _, OwnedFd},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Condvar, Mutex, MutexGuard},
+    thread,
+    time::{Duration, Instant},
+};
+
+use nix::{
+    fcntl::OFlag,
+    mount::{MntFlags, MsFlags, mount, umount2},
+    sys::{
+        socket::{AddressFamily, Shutdown, SockFlag, SockType, shutdown, socketpair},
+        stat::Mode,
+    },
+    unistd::Pid,
+};
+
+pub use cgroups::CgroupSetupError;
+pub use child::SANDBOX_CAPS;
+pub use init::main as init_main;
+pub use proto::ProtoError;
+use proto::{FromInit, ReplyData, Request, RequestMsg};
+
+/// How long a request to init may take before it counts as hung.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long init may take to set up.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// Exit reports kept for [`TreeRuntime::wait_exit`] (oldest dropped first).
+const MAX_EXITS: usize = 4096;
+
+/// Where a tree lives on the host.
+#[derive(Clone, Debug)]
+pub struct TreeConfig {
+    /// The tree's id (names it in errors).
+    pub id: String,
+    /// Host directory of the tree: `root/` (the tree's `/`), `init.sock`.
+    pub run_dir: PathBuf,
+    /// The tree's cgroup v2 directory (created with its parents).
+    pub cgroup: PathBuf,
+    /// The `deltabox-init` binary.
+    pub init_binary: PathBuf,
+}
+
+/// A sandbox's resource limits (None: unlimited).
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct Limits {
+    /// Memory (no swap beyond it), bytes.
+    pub memory_bytes: Option<u64>,
+    /// CPU bandwidth in CPUs (1.5 = one and a half cores).
+    pub cpus: Option<f64>,
+    /// Maximum number of tasks.
+    pub pids: Option<u64>,
+}
+
+/// A command to run in a sandbox.
+#[derive(Clone, Debug)]
+pub struct SpawnRequest {
+    /// The command line; argv\[0\] without a slash is searched in env's `PATH`.
+    pub argv: Vec<String>,
+    /// The whole environment.
+    pub env: Vec<(String, String)>,
+    /// Working directory inside the sandbox.
+    pub cwd: PathBuf,
+    /// Whether to give the command a stdin pipe (else /dev/null).
+    pub stdin: bool,
+}
+
+/// A running command.
+#[derive(Debug)]
+pub struct Spawned {
+    /// Its pid in the tree's pid namespace.
+    pub ns_pid: i32,
+    /// Its pid on the host.
+    pub host_pid: Pid,
+    /// A pidfd of it.
+    pub pidfd: OwnedFd,
+    /// The write end of its stdin, if asked for.
+    pub stdin: Option<File>,
+    /// The read end of its stdout.
+    pub stdout: File,
+    /// The read end of its stderr.
+    pub stderr: File,
+}
+
+/// How a process of the tree ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum ExitStatus {
+    /// It exited with this code.
+    Code(i32),
+    /// It was killed by this signal.
+    Signal(i32),
+}
+
+/// Why a runtime operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// A host file operation failed.
+    #[error("tree {tree}: {op} {}: {source}", path.display())]
+    Io {
+        /// The tree.
+        tree: String,
+        /// What was done.
+        op: &'static str,
+        /// On what.
+        path: PathBuf,
+        /// Why it failed.
+        #[source]
+        source: io::Error,
+    },
+    /// A cgroup operation failed.
+    #[error("tree {tree}: {source}")]
+    Cgroup {
+        /// The tree.
+        tree: String,
+        /// What failed.
+        #[source]
+        source: CgroupSetupError,
+    },
+    /// Talking to init failed.
+    #[error("tree {tree}: {source}")]
+    Proto {
+        /// The tree.
+        tree: String,
+        /// What failed.
+        #[source]
+        source: ProtoError,
+    },
+    /// Init could not set up the tree's namespaces.
+    #[error("tree {tree}: init failed to start: {error}")]
+    InitSetup {
+        /// The tree.
+        tree: String,
+        /// Init's message.
+        error: String,
+    },
+    /// Init exited or closed its control socket.
+    #[error("tree {tree}: init (host pid {pid}) is gone")]
+    InitGone {
+        /// The tree.
+        tree: String,
+        /// Init's host pid (0 if it never said).
+        pid: i32,
+    },
+    /// Init did not answer in time.
+    #[error("tree {tree}: init (host pid {pid}) did not answer {what} within {timeout:?}")]
+    Timeout {
+        /// The tree.
+        tree: String,
+        /// Init's host pid.
+        pid: i32,
+        /// The request.
+        what: String,
+        /// How long we waited.
+        timeout: Duration,
+    },
+    /// No such sandbox in this tree.
+    #[error("tree {tree}: unknown sandbox {sandbox}")]
+    UnknownSandbox {
+        /// The tree.
+        tree: String,
+        /// The name asked for.
+        sandbox: String,
+    },
+    /// The sandbox name cannot be a path component.
+    #[error("bad sandbox name {0:?} (letters, digits, '-', '_' and '.' only)")]
+    BadName(String),
+    /// Init refused or failed a request; its message names the problem.
+    #[error("tree {tree}: {error}")]
+    Init {
+        /// The tree.
+        tree: String,
+        /// Init's message.
+        error: String,
+    },
+}
+
+/// A sandbox the runtime knows.
+#[derive(Debug, Default)]
+struct SandboxState {
+    /// The anchor's ns pid, once `add_sandbox` succeeded.
+    anchor: Option<i32>,
+}
+
+/// What the reader thread shares with callers.
+#[derive(Default)]
+struct Mailbox {
+    hello: Option<i32>,
+    ready: Option<Result<(), String>>,
+    replies: HashMap<u64, (Result<ReplyData, String>, Vec<OwnedFd>)>,
+    exits: HashMap<i32, ExitStatus>,
+    exit_order: VecDeque<i32>,
+    gone: bool,
+}
+
+struct Channel {
+    sock: OwnedFd,
+    send_lock: Mutex<u64>,
+    mailbox: Mutex<Mailbox>,
+    cond: Condvar,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Channel {
+    /// The reader thread: dispatches replies by id and keeps exit reports.
+    fn read_loop(&self) {
+        let mut buf = vec![0; proto::MAX_MSG];
+        loop {
+            let msg = proto::recv::<FromInit>(self.sock.as_raw_fd(), &mut buf);
+            let mut mb = lock(&self.mailbox);
+            match msg {
+                Ok((FromInit::Hello { init_host_pid }, _)) => mb.hello = Some(init_host_pid),
+                Ok((FromInit::Ready, _)) => mb.ready = Some(Ok(())),
+                Ok((FromInit::SetupFailed { error }, _)) => mb.ready = Some(Err(error)),
+                Ok((FromInit::Reply { id, result }, fds)) => {
+                    // A reused ns pid must not inherit an old exit: the new process's
+                    // exit always comes after this reply.
+                    if let Ok(ReplyData::Spawned(pid) | ReplyData::Anchor(pid)) = &result {
+                        mb.exits.remove(pid);
+                    }
+                    mb.replies.insert(id, (result, fds));
+                }
+                Ok((FromInit::Exit { ns_pid, status }, _)) => {
+                    if mb.exits.insert(ns_pid, status).is_none() {
+                        mb.exit_order.push_back(ns_pid);
+                    }
+                    while mb.exit_order.len() > MAX_EXITS {
+                        if let Some(old) = mb.exit_order.pop_front() {
+                            mb.exits.remove(&old);
+                        }
+                    }
+                }
+                Err(ProtoError::Decode(e)) => log::warn!("bad message from init: {e}"),
+                Err(_) => {
+                    mb.gone = true;
+                    self.cond.notify_all();
+                    return;
+                }
+            }
+            self.cond.notify_all();
+        }
+    }
+}
+
+/// The daemon's handle on one tree of sandboxes. `Send + Sync`: its methods may be
+/// called from several threads at once.
+pub struct TreeRuntime {
+    cfg: TreeConfig,
+    cgroups: cgroups::TreeCgroups,
+    channel: Arc<Channel>,
+    init_pid: Pid,
+    shim: Mutex<Option<Child>>,
+    reader: Mutex<Option<thread::JoinHandle<()>>>,
+    sandboxes: Mutex<HashMap<String, SandboxState>>,
+    shut_down: bool,
+}
+
+impl TreeRuntime {
+    /// Creates the tree's root mount and cgroups and starts its init in new namespaces.
+    pub fn start(cfg: TreeConfig) -> Result<Self, RuntimeError> {
+        let tree = cfg.id.clone();
+        let io = |op: &'static str, path: &Path| {
+            let (tree, path) = (tree.clone(), path.to_owned());
+            move |source| RuntimeError::Io {
+                tree,
+                op,
+                path,
+                source,
+            }
+        };
+        let root = cfg.run_dir.join("root");
+        for dir in [
+            root.clone(),
+            root.join("sb"),
+            root.join("proc"),
+            root.join("dev"),
+        ] {
+            fs::create_dir_all(&dir).map_err(io("mkdir", &dir))?;
+        }
+        let cg2 = crate::cgroup::CgroupFs::from_mountinfo().map_err(|e| RuntimeError::Io {
+            tree: tree.clone(),
+            op: "find cgroup2",
+            path: cfg.cgroup.clone(),
+            source: io::Error::other(e.to_string()),
+        })?;
+        let cgroups = cgroups::TreeCgroups::create(cg2.root(), &cfg.cgroup).map_err(|source| {
+            RuntimeError::Cgroup {
+                tree: tree.clone(),
+                source,
+            }
+        })?;
+        // From here on a failure must undo: build a half runtime whose Drop cleans up.
+        mount(
+            Some(&root),
+            &root,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(|e| io("bind-mount", &root)(e.into()))?;
+        let undo_mount = |e| {
+            let _ = umount2(&root, MntFlags::MNT_DETACH);
+            e
+        };
+        mount(
+            None::<&str>,
+            &root,
+            None::<&str>,
+            MsFlags::MS_SHARED,
+            None::<&str>,
+        )
+        .map_err(|e| undo_mount(io("make shared", &root)(e.into())))?;
+        let procs = cfg.cgroup.join("init/cgroup.procs");
+        let procs_fd = nix::fcntl::open(&procs, OFlag::O_WRONLY | OFlag::O_CLOEXEC, Mode::empty())
+            .map_err(|e| undo_mount(io("open", &procs)(e.into())))?;
+        let (ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(|e| undo_mount(io("socketpair", &cfg.run_dir)(e.into())))?;
+        let mut cmd = Command::new(&cfg.init_binary);
+        cmd.arg(&cfg.run_dir).stdin(Stdio::null());
+        sys::set_init_pre_exec(&mut cmd, procs_fd.as_raw_fd(), theirs.as_raw_fd());
+        let child = cmd
+            .spawn()
+            .map_err(|e| undo_mount(io("start", &cfg.init_binary)(e)))?;
+        drop((theirs, procs_fd));
+        let channel = Arc::new(Channel {
+            sock: ours,
+            send_lock: Mutex::new(0),
+            mailbox: Mutex::new(Mailbox::default()),
+            cond: Condvar::new(),
+        });
+        let reader = {
+            let channel = Arc::clone(&channel);
+            thread::Builder::new()
+                .name(format!("tree-{}", cfg.id))
+                .spawn(move || channel.read_loop())
+                .map_err(|e| undo_mount(io("start reader thread for", &cfg.run_dir)(e)))?
+        };
+        let mut rt = Self {
+            cfg,
+            cgroups,
+            channel,
+            init_pid: Pid::from_raw(0),
+            shim: Mutex::new(Some(child)),
+            reader: Mutex::new(Some(reader)),
+            sandboxes: Mutex::new(HashMap::new()),
+            shut_down: false,
+        };
+        // Drop of `rt` shuts everything down if init does not come up.
+        let (pid, ready) = {
+            let deadline = Instant::now() + START_TIMEOUT;
+            let mut mb = lock(&rt.channel.mailbox);
+            while (mb.hello.is_none() || mb.ready.is_none()) && !mb.gone {
+                let now = Instant::now();
+                if now > deadline {
+                    break;
+                }
+                mb = rt
+                    .channel
+                    .cond
+                    .wait_timeout(mb, deadline - now)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+            (mb.hello, mb.ready.clone())
+        };
+        rt.init_pid = Pid::from_raw(pid.unwrap_or(0));
+        match ready {
+            Some(Ok(())) if pid.is_some() => Ok(rt),
+            Some(Err(error)) => Err(RuntimeError::InitSetup { tree, error }),
+            Some(Ok(())) | None => Err(RuntimeError::InitSetup {
+                tree,
+                error: format!("no ready message within {START_TIMEOUT:?}"),
+            }),
+        }
+    }
+
+    /// The tree's id.
+    pub fn id(&self) -> &str {
+        &self.cfg.id
+    }
+
+    /// Host pid of the tree's pid 1.
+    pub fn init_pid(&self) -> Pid {
+        self.init_pid
+    }
+
+    /// Host path where the daemon mounts the sandbox's view (the directory is created).
+    pub fn view_mountpoint(&self, sandbox: &str) -> PathBuf {
+        let dir = self.cfg.run_dir.join("root/sb").join(sandbox);
+        let _ = fs::create_dir_all(&dir);
+        dir
+    }
+
+    /// Creates the sandbox's cgroups (with `limits`) and its mount point; returns it.
+    pub fn prepare_sandbox(&self, sandbox: &str, limits: &Limits) -> Result<PathBuf, RuntimeError> {
+        check_name(sandbox)?;
+        self.cgroups
+            .create_sandbox(sandbox, limits)
+            .map_err(|source| self.cg_err(source))?;
+        let dir = self.cfg.run_dir.join("root/sb").join(sandbox);
+        fs::create_dir_all(&dir).map_err(|source| self.io_err("mkdir", &dir, source))?;
+        lock(&self.sandboxes).entry(sandbox.to_owned()).or_default();
+        Ok(dir)
+    }
+
+    /// After the caller mounted the sandbox's view at [`Self::view_mountpoint`]: init
+    /// sets up /proc and /dev in it and starts the sandbox's anchor.
+    pub fn add_sandbox(&self, sandbox: &str) -> Result<(), RuntimeError> {
+        self.known(sandbox)?;
+        let open_dir = |path: &Path| {
+            nix::fcntl::open(
+                path,
+                OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| self.io_err("open", path, e.into()))
+        };
+        let mut fds = vec![
+            open_dir(&self.sandbox_cgroup(sandbox))?,
+            open_dir(&self.templates_cgroup())?,
+        ];
+        let v1 = self.cgroups.sandbox_v1(sandbox);
+        for dir in &v1 {
+            fds.push(open_dir(dir)?);
+        }
+        let req = Request::AddSandbox {
+            sandbox: sandbox.to_owned(),
+            limit_dirs: v1.len(),
+        };
+        let (data, _) = self.request(req, &fds)?;
+        let ReplyData::Anchor(pid) = data else {
+            return Err(self.init_err(format!("unexpected reply to add sandbox: {data:?}")));
+        };
+        lock(&self.sandboxes)
+            .entry(sandbox.to_owned())
+            .or_default()
+            .anchor = Some(pid);
+        Ok(())
+    }
+
+    /// Runs a command in the sandbox; errors before its exec (no such binary, bad cwd)
+    /// come back as [`RuntimeError::Init`] naming the file and the sandbox.
+    pub fn spawn(&self, sandbox: &str, req: &SpawnRequest) -> Result<Spawned, RuntimeError> {
+        if self.anchor_ns_pid(sandbox).is_none() {
+            return Err(self.unknown(sandbox));
+        }
+        let pipe = || {
+            nix::unistd::pipe2(OFlag::O_CLOEXEC)
+                .map_err(|e| self.io_err("pipe", &self.cfg.run_dir, e.into()))
+        };
+        let stdin = if req.stdin { Some(pipe()?) } else { None };
+        let (out_r, out_w) = pipe()?;
+        let (err_r, err_w) = pipe()?;
+        let mut fds = Vec::new();
+        if let Some((r, _)) = &stdin {
+            fds.push(
+                r.try_clone()
+                    .map_err(|e| self.io_err("dup", &self.cfg.run_dir, e))?,
+            );
+        }
+        fds.push(out_w);
+        fds.push(err_w);
+        let msg = Request::Spawn {
+            sandbox: sandbox.to_owned(),
+            argv: req.argv.clone(),
+            env: req.env.clone(),
+            cwd: req.cwd.clone(),
+            stdin: req.stdin,
+        };
+        let (data, mut reply_fds) = self.request(msg, &fds)?;
+        drop(fds);
+        let ReplyData::Spawned(ns_pid) = data else {
+            return Err(self.init_err(format!("unexpected reply to spawn: {data:?}")));
+        };
+        let Some(pidfd) = reply_fds.pop() else {
+            return Err(self.init_err(format!("spawn of pid {ns_pid}: no pidfd in the reply")));
+        };
+        let host_pid = pid_of_pidfd(&pidfd)
+            .ok_or_else(|| self.init_err(format!("no host pid for ns pid {ns_pid}")))?;
+        Ok(Spawned {
+            ns_pid,
+            host_pid,
+            pidfd,
+            stdin: stdin.map(|(_, w)| File::from(w)),
+            stdout: File::from(out_r),
+            stderr: File::from(err_r),
+        })
+    }
+
+    /// Waits until init reports the exit of `ns_pid` (also if it was reported before
+    /// this call). `None` on timeout.
+    pub fn wait_exit(
+        &self,
+        ns_pid: i32,
+        timeout: Option<Duration>,
+    ) -> Result<Option<ExitStatus>, RuntimeError> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut mb = lock(&self.channel.mailbox);
+        loop {
+            if let Some(status) = mb.exits.get(&ns_pid) {
+                return Ok(Some(*status));
+            }
+            if mb.gone {
+                return Err(self.gone());
+            }
+            mb = match deadline {
+                None => self
+                    .channel
+                    .cond
+                    .wait(mb)
+                    .unwrap_or_else(|e| e.into_inner()),
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        return Ok(None);
+                    }
+                    self.channel
+                        .cond
+                        .wait_timeout(mb, d - now)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
+                }
+            };
+        }
+    }
+
+    /// The pid of `host_pid` in its innermost pid namespace (`NSpid`, last field).
+    pub fn ns_pid_of(host_pid: Pid) -> Option<i32> {
+        let status = fs::read_to_string(format!("/proc/{host_pid}/status")).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("NSpid:"))?
+            .split_whitespace()
+            .last()?
+            .parse()
+            .ok()
+    }
+
+    /// Host path of `sb-<sandbox>`.
+    pub fn sandbox_cgroup(&self, sandbox: &str) -> PathBuf {
+        self.cgroups.sandbox(sandbox)
+    }
+
+    /// Host path of the sandbox's `work/` cgroup (its commands and sessions).
+    pub fn work_cgroup(&self, sandbox: &str) -> PathBuf {
+        self.sandbox_cgroup(sandbox).join("work")
+    }
+
+    /// Host path of the tree's `templates/` cgroup.
+    pub fn templates_cgroup(&self) -> PathBuf {
+        self.cgroups.tree.join("templates")
+    }
+
+    /// Host paths of the sandbox's cgroups in v1 limit hierarchies (empty when
+    /// cgroup2 has the limit controllers). A process moved into the sandbox joins these
+    /// too, or its limits stay those of where it came from.
+    pub fn limit_cgroups(&self, sandbox: &str) -> Vec<PathBuf> {
+        self.cgroups.sandbox_v1(sandbox)
+    }
+
+    /// Freezes `work/` and waits until the kernel says it is frozen.
+    pub fn freeze_work(&self, sandbox: &str) -> Result<(), RuntimeError> {
+        self.known(sandbox)?;
+        cgroups::set_frozen(&self.work_cgroup(sandbox), true).map_err(|e| self.cg_err(e))
+    }
+
+    /// Thaws `work/`.
+    pub fn thaw_work(&self, sandbox: &str) -> Result<(), RuntimeError> {
+        self.known(sandbox)?;
+        cgroups::set_frozen(&self.work_cgroup(sandbox), false).map_err(|e| self.cg_err(e))
+    }
+
+    /// Kills every process in `work/` and waits until it is empty.
+    pub fn kill_work(&self, sandbox: &str) -> Result<(), RuntimeError> {
+        self.known(sandbox)?;
+        cgroups::kill(&self.work_cgroup(sandbox)).map_err(|e| self.cg_err(e))
+    }
+
+    /// `/sb/<sandbox>`: the sandbox root as seen by init (the prefix of
+    /// `/proc/<pid>/{cwd,fd/*}` links of the sandbox's processes read from the host).
+    pub fn root_in_ns(&self, sandbox: &str) -> PathBuf {
+        Path::new("/sb").join(sandbox)
+    }
+
+    /// The ns pid of the sandbox's anchor.
+    pub fn anchor_ns_pid(&self, sandbox: &str) -> Option<i32> {
+        lock(&self.sandboxes).get(sandbox)?.anchor
+    }
+
+    /// The sandbox's root for any process of the tree: `/proc/<anchor>/root`.
+    pub fn chroot_path(&self, sandbox: &str) -> Option<PathBuf> {
+        Some(format!("/proc/{}/root", self.anchor_ns_pid(sandbox)?).into())
+    }
+
+    /// The sandbox's work cgroup for any process of the tree: `/proc/<anchor>/fd/3/work`.
+    pub fn work_cgroup_in_ns(&self, sandbox: &str) -> Option<PathBuf> {
+        Some(format!("/proc/{}/fd/3/work", self.anchor_ns_pid(sandbox)?).into())
+    }
+
+    /// The tree's templates cgroup for any process of the tree: `/proc/<anchor>/fd/4`.
+    pub fn templates_cgroup_in_ns(&self, sandbox: &str) -> Option<PathBuf> {
+        Some(format!("/proc/{}/fd/4", self.anchor_ns_pid(sandbox)?).into())
+    }
+
+    /// The sandbox's v1 limit cgroups for any process of the tree:
+    /// `/proc/<anchor>/fd/5`, `fd/6`, … (see [`Self::limit_cgroups`]).
+    pub fn limit_cgroups_in_ns(&self, sandbox: &str) -> Option<Vec<PathBuf>> {
+        let anchor = self.anchor_ns_pid(sandbox)?;
+        Some(
+            (0..self.cgroups.sandbox_v1(sandbox).len())
+                .map(|i| format!("/proc/{anchor}/fd/{}", 5 + i).into())
+                .collect(),
+        )
+    }
+
+    /// Kills every process of the sandbox (anchor included), undoes its setup in init
+    /// and removes its cgroups. The caller unmounts the view afterwards.
+    pub fn remove_sandbox(&self, sandbox: &str) -> Result<(), RuntimeError> {
+        let Some(state) = lock(&self.sandboxes).remove(sandbox) else {
+            return Err(self.unknown(sandbox));
+        };
+        let killed = cgroups::kill(&self.sandbox_cgroup(sandbox));
+        if state.anchor.is_some() {
+            self.request(
+                Request::RemoveSandbox {
+                    sandbox: sandbox.to_owned(),
+                },
+                &[],
+            )?;
+        }
+        killed.map_err(|e| self.cg_err(e))?;
+        self.cgroups
+            .remove_sandbox(sandbox)
+            .map_err(|e| self.cg_err(e))
+    }
+
+    /// Kills everything of the tree, removes its cgroups, its root mount and run_dir.
+    pub fn shutdown(mut self) -> Result<(), RuntimeError> {
+        self.shut_down = true;
+        self.teardown()
+    }
+
+    fn teardown(&mut self) -> Result<(), RuntimeError> {
+        // Killing pid 1 kills every process of its pid namespace; the shim reaps it and
+        // exits (killing the shim first would leave pid 1 a zombie of the host's init).
+        if self.init_pid.as_raw() > 0 {
+            let _ = nix::sys::signal::kill(self.init_pid, nix::sys::signal::Signal::SIGKILL);
+        }
+        if let Some(mut shim) = lock(&self.shim).take() {
+            if self.init_pid.as_raw() <= 0 {
+                let _ = shim.kill();
+            }
+            let _ = shim.wait();
+        }
+        // Then whatever is left in the tree's cgroups (nothing, normally).
+        let killed = self.cgroups.remove_all().map_err(|e| self.cg_err(e));
+        let _ = shutdown(self.channel.sock.as_raw_fd(), Shutdown::Both);
+        if let Some(reader) = lock(&self.reader).take() {
+            let _ = reader.join();
+        }
+        let root = self.cfg.run_dir.join("root");
+        // Detach (recursively) whatever is still mounted under the tree's root; then
+        // rmdir only, never a recursive delete, so no view's data can be touched.
+        let _ = umount2(&root, MntFlags::MNT_DETACH);
+        if let Ok(entries) = fs::read_dir(root.join("sb")) {
+            for e in entries.flatten() {
+                let _ = fs::remove_dir(e.path());
+            }
+        }
+        for dir in ["sb", "proc", "dev"] {
+            let _ = fs::remove_dir(root.join(dir));
+        }
+        let _ = fs::remove_file(self.cfg.run_dir.join("init.sock"));
+        let _ = fs::remove_dir(&root);
+        let removed = fs::remove_dir(&self.cfg.run_dir)
+            .or_else(|e| {
+                if e.kind() == io::ErrorKind::NotFound {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })
+            .map_err(|e| self.io_err("rmdir", &self.cfg.run_dir, e));
+        killed?;
+        removed
+    }
+
+    /// Sends a request and waits for its reply.
+    fn request(
+        &self,
+        req: Request,
+        fds: &[OwnedFd],
+    ) -> Result<(ReplyData, Vec<OwnedFd>), RuntimeError> {
+        let what = format!("{req:?}");
+        let what = what.chars().take(200).collect::<String>();
+        let id = {
+            let mut next = lock(&self.channel.send_lock);
+            *next += 1;
+            let raw: Vec<_> = fds.iter().map(|f| f.as_raw_fd()).collect();
+            let msg = RequestMsg { id: *next, req };
+            proto::send(self.channel.sock.as_raw_fd(), &msg, &raw).map_err(|e| match e {
+                ProtoError::Socket(nix::Error::EPIPE | nix::Error::ECONNRESET) => self.gone(),
+                source => RuntimeError::Proto {
+                    tree: self.cfg.id.clone(),
+                    source,
+                },
+            })?;
+            *next
+        };
+        let deadline = Instant::now() + REQUEST_TIMEOUT;
+        let mut mb = lock(&self.channel.mailbox);
+        loop {
+            if let Some((result, fds)) = mb.replies.remove(&id) {
+                return result.map(|d| (d, fds)).map_err(|e| self.init_err(e));
+            }
+            if mb.gone {
+                return Err(self.gone());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(RuntimeError::Timeout {
+                    tree: self.cfg.id.clone(),
+                    pid: self.init_pid.as_raw(),
+                    what,
+                    timeout: REQUEST_TIMEOUT,
+                });
+            }
+            mb = self
+                .channel
+                .cond
+                .wait_timeout(mb, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    fn known(&self, sandbox: &str) -> Result<(), RuntimeError> {
+        if lock(&self.sandboxes).contains_key(sandbox) {
+            Ok(())
+        } else {
+            Err(self.unknown(sandbox))
+        }
+    }
+
+    fn unknown(&self, sandbox: &str) -> RuntimeError {
+        RuntimeError::UnknownSandbox {
+            tree: self.cfg.id.clone(),
+            sandbox: sandbox.to_owned(),
+        }
+    }
+
+    fn gone(&self) -> RuntimeError {
+        RuntimeError::InitGone {
+            tree: self.cfg.id.clone(),
+            pid: self.init_pid.as_raw(),
+        }
+    }
+
+    fn init_err(&self, error: String) -> RuntimeError {
+        RuntimeError::Init {
+            tree: self.cfg.id.clone(),
+            error,
+        }
+    }
+
+    fn cg_err(&self, source: CgroupSetupError) -> RuntimeError {
+        RuntimeError::Cgroup {
+            tree: self.cfg.id.clone(),
+            source,
+        }
+    }
+
+    fn io_err(&self, op: &'static str, path: &Path, source: io::Error) -> RuntimeError {
+        RuntimeError::Io {
+            tree: self.cfg.id.clone(),
+            op,
+            path: path.to_owned(),
+            source,
+        }
+    }
+}
+
+impl Drop for TreeRuntime {
+    fn drop(&mut self) {
+        if !self.shut_down
+            && let Err(e) = self.teardown()
+        {
+            log::warn!("shutting down tree {}: {e}", self.cfg.id);
+        }
+    }
+}
+
+/// Sandbox names become paths and cgroup names: keep them plain.
+fn check_name(sandbox: &str) -> Result<(), RuntimeError> {
+    let ok = !sandbox.is_empty()
+        && sandbox.len() <= 128
+        && !sandbox.starts_with('.')
+        && sandbox
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(RuntimeError::BadName(sandbox.to_owned()))
+    }
+}
+
+/// The host pid of a pidfd, from `/proc/self/fdinfo/<fd>` (`Pid:`).
+fn pid_of_pidfd(pidfd: &OwnedFd) -> Option<Pid> {
+    let info = fs::read_to_string(format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd())).ok()?;
+    let pid: i32 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("Pid:"))?
+        .trim()
+        .parse()
+        .ok()?;
+    (pid > 0).then(|| Pid::from_raw(pid))
+}

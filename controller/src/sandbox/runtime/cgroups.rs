@@ -1,0 +1,361 @@
+//! A tree's cgroups: the cgroup v2 layout (freeze, kill, ids for eBPF) and the limits.
+//!
+//! Layout (v2): `<tree>/init`, `<tree>/templates`, `<tree>/sb-<sandbox>/{anchor,work}`.
+//! Limits go in `sb-<sandbox>` through cgroup v2 files when cgroup2 has the controller;
+//! on hosts where the memory, cpu or pids controller is bound to a cgroup v1 hierarchy
+//! (this machine: cgroup2 offers only hugetlb), the limit lives in that hierarchy at
+//! `<v1 mount>/<daemon's own v1 cgroup>/<tree rel. path>/sb-<sandbox>`, nested under
+//! the daemon's cgroup so any limit placed on the daemon still covers its sandboxes.
+
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+    thread,
+    time::{Duration, Instant},
+};
+
+use super::Limits;
+
+/// The controllers the limits use.
+const LIMIT_CONTROLLERS: [&str; 3] = ["memory", "cpu", "pids"];
+/// The cpu.max / cfs period, in microseconds.
+const CPU_PERIOD_US: u64 = 100_000;
+/// How long freeze and kill wait for the kernel to confirm.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a cgroup operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupSetupError {
+    /// A file or directory operation failed.
+    #[error("{op} {}: {source}", path.display())]
+    Io {
+        /// What was done.
+        op: &'static str,
+        /// On what.
+        path: PathBuf,
+        /// Why it failed.
+        #[source]
+        source: io::Error,
+    },
+    /// The kernel did not confirm a freeze / an empty cgroup in time.
+    #[error("{} did not reach `{what}` within {timeout:?}", path.display())]
+    Timeout {
+        /// The cgroup.
+        path: PathBuf,
+        /// The awaited state.
+        what: &'static str,
+        /// How long we waited.
+        timeout: Duration,
+    },
+    /// No hierarchy offers a controller a limit needs.
+    #[error("no cgroup hierarchy offers the {0} controller (neither cgroup2 nor v1)")]
+    NoController(&'static str),
+}
+
+fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> CgroupSetupError {
+    let path = path.to_owned();
+    move |source| CgroupSetupError::Io { op, path, source }
+}
+
+/// Where each limit controller lives for a tree.
+#[derive(Debug, Clone)]
+pub(crate) struct TreeCgroups {
+    /// The tree's cgroup v2 directory.
+    pub tree: PathBuf,
+    /// Controllers available in cgroup2 (enabled for the tree's subtree).
+    v2_limits: Vec<&'static str>,
+    /// (controller, the tree's directory in its v1 hierarchy).
+    v1: Vec<(&'static str, PathBuf)>,
+}
+
+impl TreeCgroups {
+    /// Creates the tree's cgroups: `tree` (parents as needed, limit controllers enabled
+    /// from `cg2_root`'s child down) with `init/` and `templates/`, and the tree's
+    /// directories in v1 limit hierarchies.
+    pub fn create(cg2_root: &Path, tree: &Path) -> Result<Self, CgroupSetupError> {
+        let available = fs::read_to_string(cg2_root.join("cgroup.controllers"))
+            .map_err(io_err("read", &cg2_root.join("cgroup.controllers")))?;
+        let v2_limits: Vec<&'static str> = LIMIT_CONTROLLERS
+            .into_iter()
+            .filter(|c| available.split_whitespace().any(|a| a == *c))
+            .collect();
+        let rel = tree.strip_prefix(cg2_root).unwrap_or(tree);
+        // Each ancestor from the root down enables the controllers for its children.
+        let mut dir = cg2_root.to_owned();
+        let enable: String = v2_limits.iter().map(|c| format!("+{c} ")).collect();
+        for part in rel.components() {
+            if !enable.is_empty() {
+                let file = dir.join("cgroup.subtree_control");
+                fs::write(&file, enable.trim()).map_err(io_err("write", &file))?;
+            }
+            dir.push(part);
+            match fs::create_dir(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(io_err("mkdir", &dir)(e)),
+            }
+        }
+        if !enable.is_empty() {
+            let file = tree.join("cgroup.subtree_control");
+            fs::write(&file, enable.trim()).map_err(io_err("write", &file))?;
+        }
+        for child in ["init", "templates"] {
+            mkdir(&tree.join(child))?;
+        }
+        let mut v1 = Vec::new();
+        for controller in LIMIT_CONTROLLERS {
+            if v2_limits.contains(&controller) {
+                continue;
+            }
+            if let Some(base) = v1_own_dir(controller) {
+                let dir = base.join(rel);
+                fs::create_dir_all(&dir).map_err(io_err("mkdir", &dir))?;
+                v1.push((controller, dir));
+            }
+        }
+        Ok(Self {
+            tree: tree.to_owned(),
+            v2_limits,
+            v1,
+        })
+    }
+
+    /// `sb-<sandbox>` in cgroup v2.
+    pub fn sandbox(&self, sandbox: &str) -> PathBuf {
+        self.tree.join(format!("sb-{sandbox}"))
+    }
+
+    /// The sandbox's directories in the v1 limit hierarchies.
+    pub fn sandbox_v1(&self, sandbox: &str) -> Vec<PathBuf> {
+        self.v1
+            .iter()
+            .map(|(_, d)| d.join(format!("sb-{sandbox}")))
+            .collect()
+    }
+
+    /// Creates `sb-<sandbox>/{anchor,work}` and writes the limits.
+    pub fn create_sandbox(&self, sandbox: &str, limits: &Limits) -> Result<(), CgroupSetupError> {
+        let sb = self.sandbox(sandbox);
+        mkdir(&sb)?;
+        mkdir(&sb.join("anchor"))?;
+        mkdir(&sb.join("work"))?;
+        for (controller, dir) in &self.v1 {
+            let dir = dir.join(format!("sb-{sandbox}"));
+            mkdir(&dir)?;
+            write_v1_limits(controller, &dir, limits)?;
+        }
+        for controller in &self.v2_limits {
+            write_v2_limits(controller, &sb, limits)?;
+        }
+        for (needed, controller) in [
+            (limits.memory_bytes.is_some(), "memory"),
+            (limits.cpus.is_some(), "cpu"),
+            (limits.pids.is_some(), "pids"),
+        ] {
+            let present = self.v2_limits.contains(&controller)
+                || self.v1.iter().any(|(c, _)| *c == controller);
+            if needed && !present {
+                return Err(CgroupSetupError::NoController(controller));
+            }
+        }
+        Ok(())
+    }
+
+    /// Kills every process of `sb-<sandbox>` and removes its cgroups (v2 and v1).
+    pub fn remove_sandbox(&self, sandbox: &str) -> Result<(), CgroupSetupError> {
+        let sb = self.sandbox(sandbox);
+        if sb.exists() {
+            kill(&sb)?;
+            for child in ["work", "anchor"] {
+                rmdir(&sb.join(child))?;
+            }
+            rmdir(&sb)?;
+        }
+        for dir in self.sandbox_v1(sandbox) {
+            rmdir(&dir)?;
+        }
+        Ok(())
+    }
+
+    /// Kills everything of the tree and removes all its cgroups, bottom-up.
+    pub fn remove_all(&self) -> Result<(), CgroupSetupError> {
+        if self.tree.exists() {
+            kill(&self.tree)?;
+            remove_tree(&self.tree)?;
+        }
+        for (_, dir) in &self.v1 {
+            if dir.exists() {
+                remove_tree(dir)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `mkdir`, accepting an existing directory.
+fn mkdir(dir: &Path) -> Result<(), CgroupSetupError> {
+    match fs::create_dir(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(io_err("mkdir", dir)(e)),
+    }
+}
+
+/// `rmdir` of a cgroup, retrying while the kernel still counts exiting tasks.
+fn rmdir(dir: &Path) -> Result<(), CgroupSetupError> {
+    let deadline = Instant::now() + SETTLE_TIMEOUT;
+    loop {
+        match fs::remove_dir(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if Instant::now() > deadline => return Err(io_err("rmdir", dir)(e)),
+            Err(_) => thread::sleep(Duration::from_millis(5)),
+        }
+    }
+}
+
+/// Removes a cgroup directory and its child cgroups, children first.
+fn remove_tree(dir: &Path) -> Result<(), CgroupSetupError> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_err("read dir", dir)(e)),
+    };
+    for entry in entries.flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_tree(&entry.path())?;
+        }
+    }
+    rmdir(dir)
+}
+
+fn write(path: &Path, value: &str) -> Result<(), CgroupSetupError> {
+    fs::write(path, value).map_err(io_err("write", path))
+}
+
+fn write_v2_limits(controller: &str, sb: &Path, l: &Limits) -> Result<(), CgroupSetupError> {
+    match controller {
+        "memory" => {
+            if let Some(bytes) = l.memory_bytes {
+                write(&sb.join("memory.max"), &bytes.to_string())?;
+                // No swapping around the limit: the sandbox is OOM-killed at it.
+                let swap = sb.join("memory.swap.max");
+                if swap.exists() {
+                    write(&swap, "0")?;
+                }
+            }
+        }
+        "cpu" => {
+            if let Some(cpus) = l.cpus {
+                let quota = (cpus * CPU_PERIOD_US as f64).round().max(1000.0) as u64;
+                write(&sb.join("cpu.max"), &format!("{quota} {CPU_PERIOD_US}"))?;
+            }
+        }
+        "pids" => {
+            if let Some(pids) = l.pids {
+                write(&sb.join("pids.max"), &pids.to_string())?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn write_v1_limits(controller: &str, dir: &Path, l: &Limits) -> Result<(), CgroupSetupError> {
+    match controller {
+        "memory" => {
+            if let Some(bytes) = l.memory_bytes {
+                write(&dir.join("memory.limit_in_bytes"), &bytes.to_string())?;
+                // memory+swap = memory: no swapping around the limit.
+                let memsw = dir.join("memory.memsw.limit_in_bytes");
+                if memsw.exists() {
+                    write(&memsw, &bytes.to_string())?;
+                }
+            }
+        }
+        "cpu" => {
+            if let Some(cpus) = l.cpus {
+                let quota = (cpus * CPU_PERIOD_US as f64).round().max(1000.0) as u64;
+                write(&dir.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
+                write(&dir.join("cpu.cfs_quota_us"), &quota.to_string())?;
+            }
+        }
+        "pids" => {
+            if let Some(pids) = l.pids {
+                write(&dir.join("pids.max"), &pids.to_string())?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// The daemon's own cgroup in the v1 hierarchy of `controller`, if one is mounted.
+fn v1_own_dir(controller: &str) -> Option<PathBuf> {
+    let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let mount = info.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let mut r = right.split_whitespace();
+        if r.next()? != "cgroup" {
+            return None;
+        }
+        let opts = r.nth(1)?;
+        let dir = left.split_whitespace().nth(4)?;
+        opts.split(',')
+            .any(|o| o == controller)
+            .then(|| PathBuf::from(dir))
+    })?;
+    let own = fs::read_to_string("/proc/self/cgroup").ok()?;
+    let rel = own.lines().find_map(|line| {
+        let mut parts = line.splitn(3, ':');
+        let _ = parts.next()?;
+        let names = parts.next()?;
+        let path = parts.next()?;
+        names
+            .split(',')
+            .any(|n| n == controller)
+            .then(|| path.trim_start_matches('/').to_owned())
+    })?;
+    Some(mount.join(rel))
+}
+
+/// Writes `cgroup.freeze` and waits for `cgroup.events` to say `frozen <want>`.
+pub(crate) fn set_frozen(cg: &Path, frozen: bool) -> Result<(), CgroupSetupError> {
+    let want = if frozen { "1" } else { "0" };
+    write(&cg.join("cgroup.freeze"), want)?;
+    wait_event(cg, "frozen", want)
+}
+
+/// `cgroup.kill` and waits until `populated 0`.
+pub(crate) fn kill(cg: &Path) -> Result<(), CgroupSetupError> {
+    write(&cg.join("cgroup.kill"), "1")?;
+    wait_event(cg, "populated", "0")
+}
+
+fn wait_event(cg: &Path, key: &'static str, want: &str) -> Result<(), CgroupSetupError> {
+    let events = cg.join("cgroup.events");
+    let deadline = Instant::now() + SETTLE_TIMEOUT;
+    let mut pause = Duration::from_micros(50);
+    loop {
+        let text = fs::read_to_string(&events).map_err(io_err("read", &events))?;
+        let now = text
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.trim().parse::<String>().ok());
+        if now.as_deref() == Some(want) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(CgroupSetupError::Timeout {
+                path: cg.to_owned(),
+                what: if key == "frozen" {
+                    "frozen"
+                } else {
+                    "populated 0"
+                },
+                timeout: SETTLE_TIMEOUT,
+            });
+        }
+        thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(5));
+    }
+}

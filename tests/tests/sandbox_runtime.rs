@@ -1,0 +1,406 @@
+//! The sandbox runtime on the real kernel: a tree's init in new namespaces, sandboxes
+//! on real DeltaFS views of the default base, spawning, the anchor paths DeltaCR uses,
+//! reaping, and a clean shutdown. Needs root, cgroup v2, FUSE and the xfs store mount.
+
+use std::{
+    fs,
+    io::Read as _,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+    thread,
+    time::Duration,
+};
+
+use deltabox_controller::sandbox::{
+    rootfs,
+    runtime::{ExitStatus, Limits, RuntimeError, SpawnRequest, TreeConfig, TreeRuntime},
+};
+use deltabox_tests::{cgroup::cgroup2_root, daemon::binary, require_root, unique};
+
+/// One tree with its store, default base and views; dropping it undoes everything in
+/// order (sandboxes, views, tree, base, directories) even when the test failed.
+struct Tree {
+    rt: Option<TreeRuntime>,
+    views: Vec<(String, deltafs::View)>,
+    store: Option<deltafs::Store>,
+    base: PathBuf,
+    scratch: PathBuf,
+    store_dir: PathBuf,
+}
+
+impl Tree {
+    fn new(test: &str) -> Self {
+        require_root();
+        let name = unique(test);
+        let scratch = std::env::temp_dir().join(&name);
+        let store_dir = Path::new("/var/lib/deltabox/store").join(&name);
+        let mut tree = Self {
+            rt: None,
+            views: Vec::new(),
+            store: None,
+            base: scratch.join("base"),
+            scratch,
+            store_dir,
+        };
+        tree.base = rootfs::ensure_default_base(&tree.base).expect("default base");
+        tree.store = Some(deltafs::Store::open(&tree.store_dir).expect("open deltafs store"));
+        let cfg = TreeConfig {
+            id: name.clone(),
+            run_dir: Path::new("/run/deltabox-tests").join(&name),
+            cgroup: cgroup2_root().join("deltabox-tests").join(&name),
+            init_binary: binary("deltabox-init"),
+        };
+        tree.rt = Some(TreeRuntime::start(cfg).expect("start tree runtime"));
+        tree
+    }
+
+    fn rt(&self) -> &TreeRuntime {
+        self.rt.as_ref().expect("runtime")
+    }
+
+    /// A sandbox on a fresh DeltaFS view of the default base.
+    fn add(&mut self, sandbox: &str, limits: &Limits) -> PathBuf {
+        let mountpoint = self
+            .rt()
+            .prepare_sandbox(sandbox, limits)
+            .expect("prepare sandbox");
+        let view = self
+            .store
+            .as_ref()
+            .expect("store")
+            .mount(&self.base, &mountpoint, None)
+            .expect("mount view");
+        self.views.push((sandbox.to_owned(), view));
+        self.rt().add_sandbox(sandbox).expect("add sandbox");
+        mountpoint
+    }
+
+    /// Runs `argv` in `sandbox` and returns its exit, stdout and stderr.
+    fn run(&self, sandbox: &str, argv: &[&str]) -> (ExitStatus, String, String) {
+        run_in(self.rt(), sandbox, argv, "/")
+    }
+}
+
+fn request(argv: &[&str], cwd: &str) -> SpawnRequest {
+    SpawnRequest {
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        env: vec![
+            (
+                "PATH".into(),
+                "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin".into(),
+            ),
+            ("HOME".into(), "/root".into()),
+        ],
+        cwd: cwd.into(),
+        stdin: false,
+    }
+}
+
+fn run_in(
+    rt: &TreeRuntime,
+    sandbox: &str,
+    argv: &[&str],
+    cwd: &str,
+) -> (ExitStatus, String, String) {
+    let mut sp = rt.spawn(sandbox, &request(argv, cwd)).expect("spawn");
+    let mut err_pipe = sp.stderr;
+    let err = thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err_pipe.read_to_string(&mut s);
+        s
+    });
+    let mut out = String::new();
+    sp.stdout.read_to_string(&mut out).expect("read stdout");
+    let err = err.join().expect("stderr reader");
+    let status = rt
+        .wait_exit(sp.ns_pid, Some(Duration::from_secs(60)))
+        .expect("wait exit")
+        .expect("exit within 60 s");
+    (status, out, err)
+}
+
+impl Drop for Tree {
+    fn drop(&mut self) {
+        if let Some(rt) = &self.rt {
+            for (sandbox, _) in &self.views {
+                let _ = rt.remove_sandbox(sandbox);
+            }
+        }
+        for (_, view) in self.views.drain(..) {
+            let _ = view.unmount();
+        }
+        if let Some(rt) = self.rt.take() {
+            let _ = rt.shutdown();
+        }
+        self.store.take();
+        if rootfs::release_default_base(&self.base).is_ok() {
+            let _ = fs::remove_dir_all(&self.scratch);
+        }
+        let _ = fs::remove_dir_all(&self.store_dir);
+    }
+}
+
+/// The capability mask of Docker's default set.
+fn docker_caps_mask() -> u64 {
+    [0u32, 1, 3, 4, 5, 6, 7, 8, 10, 13, 18, 27, 29, 31]
+        .iter()
+        .fold(0, |m, b| m | (1u64 << b))
+}
+
+#[test]
+fn spawn_round_trips_stdio_exit_cwd_caps_and_cgroup() {
+    let mut tree = Tree::new("rt-spawn");
+    tree.add("a", &Limits::default());
+    let (status, out, err) = run_in(
+        tree.rt(),
+        "a",
+        &[
+            "sh",
+            "-c",
+            "echo $$; pwd; id -u; hostname; cat /proc/self/status; cat /proc/self/cgroup; echo oops >&2; exit 3",
+        ],
+        "/tmp",
+    );
+    assert_eq!(status, ExitStatus::Code(3), "stdout: {out}\nstderr: {err}");
+    assert_eq!(err, "oops\n");
+    let mut lines = out.lines();
+    let pid: i32 = lines.next().expect("pid line").parse().expect("pid");
+    assert!(pid > 1 && pid < 100, "ns pid {pid} is not small");
+    assert_eq!(lines.next(), Some("/tmp"), "cwd");
+    assert_eq!(lines.next(), Some("0"), "uid");
+    assert_eq!(lines.next(), Some("deltabox"), "hostname");
+    let cap_eff = out
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .expect("CapEff line");
+    let cap_eff = u64::from_str_radix(cap_eff.trim(), 16).expect("hex caps");
+    assert_eq!(cap_eff, docker_caps_mask(), "effective caps {cap_eff:x}");
+    let cap_bnd = out
+        .lines()
+        .find_map(|l| l.strip_prefix("CapBnd:"))
+        .expect("CapBnd line");
+    assert_eq!(
+        u64::from_str_radix(cap_bnd.trim(), 16).unwrap(),
+        docker_caps_mask()
+    );
+    let v2 = out
+        .lines()
+        .find(|l| l.starts_with("0::"))
+        .expect("cgroup v2 line");
+    assert!(v2.ends_with("/sb-a/work"), "runs in {v2}");
+
+    // A long command: host pid, ns pid, work cgroup, kill_work.
+    let sp = tree
+        .rt()
+        .spawn("a", &request(&["sleep", "30"], "/"))
+        .expect("spawn sleep");
+    assert_eq!(TreeRuntime::ns_pid_of(sp.host_pid), Some(sp.ns_pid));
+    let procs = fs::read_to_string(tree.rt().work_cgroup("a").join("cgroup.procs")).unwrap();
+    assert!(
+        procs.lines().any(|l| l == sp.host_pid.to_string()),
+        "host pid {} not in work/ ({procs})",
+        sp.host_pid
+    );
+    tree.rt().freeze_work("a").expect("freeze");
+    tree.rt().thaw_work("a").expect("thaw");
+    tree.rt().kill_work("a").expect("kill work");
+    assert_eq!(
+        tree.rt()
+            .wait_exit(sp.ns_pid, Some(Duration::from_secs(5)))
+            .unwrap(),
+        Some(ExitStatus::Signal(9))
+    );
+
+    // Clear errors.
+    let e = tree
+        .rt()
+        .spawn("a", &request(&["/usr/bin/deltabox-no-such-tool"], "/"))
+        .expect_err("missing binary");
+    assert!(
+        e.to_string()
+            .contains("no such file: /usr/bin/deltabox-no-such-tool in sandbox a"),
+        "{e}"
+    );
+    let e = tree
+        .rt()
+        .spawn("a", &request(&["deltabox-no-such-tool"], "/"))
+        .expect_err("missing binary in PATH");
+    assert!(e.to_string().contains("no such file"), "{e}");
+    let e = tree
+        .rt()
+        .spawn("a", &request(&["true"], "/no/such/dir"))
+        .expect_err("bad cwd");
+    assert!(e.to_string().contains("/no/such/dir"), "{e}");
+    let e = tree
+        .rt()
+        .spawn("nope", &request(&["true"], "/"))
+        .expect_err("unknown sandbox");
+    assert!(matches!(e, RuntimeError::UnknownSandbox { .. }), "{e}");
+    assert!(e.to_string().contains("unknown sandbox nope"), "{e}");
+    // The tree still works after the errors.
+    assert_eq!(tree.run("a", &["true"]).0, ExitStatus::Code(0));
+}
+
+#[test]
+fn stdin_pipe_reaches_the_command() {
+    let mut tree = Tree::new("rt-stdin");
+    tree.add("a", &Limits::default());
+    let mut req = request(&["cat"], "/");
+    req.stdin = true;
+    let mut sp = tree.rt().spawn("a", &req).expect("spawn cat");
+    {
+        use std::io::Write as _;
+        let mut stdin = sp.stdin.take().expect("stdin pipe");
+        stdin.write_all(b"hello through the pipe\n").unwrap();
+    }
+    let mut out = String::new();
+    sp.stdout.read_to_string(&mut out).unwrap();
+    assert_eq!(out, "hello through the pipe\n");
+    assert_eq!(
+        tree.rt()
+            .wait_exit(sp.ns_pid, Some(Duration::from_secs(10)))
+            .unwrap(),
+        Some(ExitStatus::Code(0))
+    );
+}
+
+#[test]
+fn files_land_in_the_view_and_host_stays_untouched() {
+    let mut tree = Tree::new("rt-files");
+    let mountpoint = tree.add("a", &Limits::default());
+    let host_probe = Path::new("/usr/bin/deltabox-runtime-test-probe");
+    assert!(!host_probe.exists(), "leftover {}", host_probe.display());
+    let (status, out, err) = tree.run(
+        "a",
+        &[
+            "sh",
+            "-c",
+            "echo hi > /workspace/x && echo evil > /usr/bin/deltabox-runtime-test-probe && \
+             echo ROOT; ls -A /root; echo HOME; ls -A /home; echo SHADOW; cat /etc/shadow; echo END",
+        ],
+    );
+    assert_eq!(status, ExitStatus::Code(0), "{out}\n{err}");
+    assert_eq!(
+        fs::read_to_string(mountpoint.join("workspace/x")).unwrap(),
+        "hi\n"
+    );
+    assert_eq!(
+        fs::read_to_string(mountpoint.join("usr/bin/deltabox-runtime-test-probe")).unwrap(),
+        "evil\n"
+    );
+    assert!(
+        !host_probe.exists(),
+        "a sandbox write reached the host's /usr"
+    );
+    assert_eq!(
+        out, "ROOT\nHOME\nSHADOW\nEND\n",
+        "host homes or secrets show through"
+    );
+    // The host really has what is hidden, so the check above means something.
+    assert!(fs::read_dir("/root").unwrap().next().is_some());
+    assert!(fs::metadata("/etc/shadow").unwrap().len() > 0);
+}
+
+#[test]
+fn two_sandboxes_see_their_own_files_and_the_anchor_paths_cross() {
+    let mut tree = Tree::new("rt-two");
+    tree.add("a", &Limits::default());
+    tree.add("b", &Limits::default());
+    let (st, _, err) = tree.run("b", &["sh", "-c", "echo b > /workspace/only-b"]);
+    assert_eq!(st, ExitStatus::Code(0), "{err}");
+    let (st, _, err) = tree.run("a", &["sh", "-c", "echo a > /workspace/only-a"]);
+    assert_eq!(st, ExitStatus::Code(0), "{err}");
+    assert_eq!(tree.run("a", &["ls", "/workspace"]).1, "only-a\n");
+    assert_eq!(tree.run("b", &["ls", "/workspace"]).1, "only-b\n");
+
+    let rt = tree.rt();
+    let anchor_b = rt.anchor_ns_pid("b").expect("anchor of b");
+    assert_eq!(
+        rt.chroot_path("b"),
+        Some(format!("/proc/{anchor_b}/root").into())
+    );
+    let root_b = rt.chroot_path("b").unwrap();
+    let work_b = rt.work_cgroup_in_ns("b").unwrap();
+    let templates = rt.templates_cgroup_in_ns("b").unwrap();
+    assert_eq!(work_b, PathBuf::from(format!("/proc/{anchor_b}/fd/3/work")));
+    assert_eq!(templates, PathBuf::from(format!("/proc/{anchor_b}/fd/4")));
+    let script = format!(
+        "import os\n\
+         print(sorted(os.listdir('{root}/workspace')))\n\
+         for p in ('{work}', '{tpl}'):\n    fd = os.open(p, os.O_RDONLY | os.O_DIRECTORY)\n    print(os.fstat(fd).st_ino)\n",
+        root = root_b.display(),
+        work = work_b.display(),
+        tpl = templates.display(),
+    );
+    let (st, out, err) = tree.run("a", &["python3", "-c", &script]);
+    assert_eq!(st, ExitStatus::Code(0), "{out}\n{err}");
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some("['only-b']"));
+    let ino = |p: PathBuf| fs::metadata(p).unwrap().ino().to_string();
+    assert_eq!(
+        lines.next(),
+        Some(ino(rt.work_cgroup("b")).as_str()),
+        "work cgroup of b"
+    );
+    assert_eq!(
+        lines.next(),
+        Some(ino(rt.templates_cgroup()).as_str()),
+        "templates cgroup"
+    );
+}
+
+#[test]
+fn init_reaps_orphans() {
+    let mut tree = Tree::new("rt-orphans");
+    tree.add("a", &Limits::default());
+    let (st, _, _) = tree.run("a", &["sh", "-c", "sleep 0.2 & exit 0"]);
+    assert_eq!(st, ExitStatus::Code(0));
+    thread::sleep(Duration::from_millis(800));
+    let init = tree.rt().init_pid();
+    let children = fs::read_to_string(format!("/proc/{init}/task/{init}/children")).unwrap();
+    let children: Vec<&str> = children.split_whitespace().collect();
+    assert_eq!(
+        children.len(),
+        1,
+        "init's children: {children:?} (only the anchor expected)"
+    );
+    let state = fs::read_to_string(format!("/proc/{}/stat", children[0])).unwrap();
+    assert!(!state.contains(") Z "), "zombie: {state}");
+}
+
+#[test]
+fn shutdown_leaves_no_process_cgroup_or_mount() {
+    let mut tree = Tree::new("rt-shutdown");
+    tree.add("a", &Limits::default());
+    let sp = tree
+        .rt()
+        .spawn("a", &request(&["sleep", "100"], "/"))
+        .expect("spawn");
+    let init = tree.rt().init_pid();
+    let cgroup = tree.rt().sandbox_cgroup("a").parent().unwrap().to_owned();
+    let run_dir = tree
+        .rt()
+        .view_mountpoint("a")
+        .ancestors()
+        .nth(3)
+        .unwrap()
+        .to_owned();
+    // The daemon's order: remove the sandbox, unmount its view, shut down.
+    tree.rt().remove_sandbox("a").expect("remove sandbox");
+    let (_, view) = tree.views.pop().unwrap();
+    view.unmount().expect("unmount view");
+    tree.rt.take().unwrap().shutdown().expect("shutdown");
+    assert!(
+        !Path::new(&format!("/proc/{}", sp.host_pid)).exists(),
+        "command survived"
+    );
+    assert!(
+        !Path::new(&format!("/proc/{init}")).exists(),
+        "init survived"
+    );
+    assert!(!cgroup.exists(), "{} left", cgroup.display());
+    assert!(!run_dir.exists(), "{} left", run_dir.display());
+    let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let prefix = run_dir.to_string_lossy().into_owned();
+    assert!(!mounts.contains(&prefix), "mounts left under {prefix}");
+}
