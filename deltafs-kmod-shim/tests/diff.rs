@@ -385,8 +385,9 @@ fn snapshot_bytes_count_what_the_epoch_wrote() {
 
 /// After a restart the snapshots' indexes are rebuilt from their deltas and the base is
 /// read afresh: the diff finds names through the deltas (newest first) and base paths.
-/// (A base file whose data changed in place cannot be named after a restart: see
-/// docs/deltafs.md, "Diff and bytes".)
+/// A base file whose data changed in place is named through its directory when the
+/// chain changed any entry there (rebuilding the index reads that directory; else it
+/// cannot be: see docs/deltafs.md, "Diff and bytes").
 #[test]
 fn diff_after_a_restart_rebuilds_from_the_deltas() {
     require_root!();
@@ -398,6 +399,9 @@ fn diff_after_a_restart_rebuilds_from_the_deltas() {
         fs::write(m.join("src/deep/lib.rs"), b"v1").unwrap();
         let s1 = freeze(&view);
         fs::write(m.join("src/deep/lib.rs"), b"v2").unwrap();
+        // In place, in a directory where something else was created in the chain.
+        fs::write(m.join("usr/bin/tool"), b"#!/bin/sh\n").unwrap();
+        fs::write(m.join("usr/bin/new"), b"").unwrap();
         fs::set_permissions(m.join("etc/hostname"), fs::Permissions::from_mode(0o600)).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(100));
         let s2 = freeze(&view);
@@ -415,6 +419,7 @@ fn diff_after_a_restart_rebuilds_from_the_deltas() {
             modified("/etc/hostname", FileType::File, only(|c| c.mode = true)),
             added("/src/big", FileType::File),
             modified("/src/deep/lib.rs", FileType::File, CONTENT),
+            added("/usr/bin/new", FileType::File),
             removed("/usr/bin/tool", FileType::File),
         ]
     );
@@ -425,6 +430,17 @@ fn diff_after_a_restart_rebuilds_from_the_deltas() {
             added("/src", FileType::Dir),
             added("/src/deep", FileType::Dir),
             added("/src/deep/lib.rs", FileType::File),
+            added("/usr/bin/new", FileType::File),
+            modified("/usr/bin/tool", FileType::File, CONTENT),
+        ]
+    );
+    assert_eq!(
+        diff(&fx, Some(s1), s2),
+        [
+            modified("/etc/hostname", FileType::File, only(|c| c.mode = true)),
+            modified("/src/deep/lib.rs", FileType::File, CONTENT),
+            added("/usr/bin/new", FileType::File),
+            modified("/usr/bin/tool", FileType::File, CONTENT),
         ]
     );
 }
