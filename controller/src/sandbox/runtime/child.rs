@@ -19,7 +19,7 @@ use std::{
 use caps::{CapSet, Capability, CapsHashSet};
 use nix::{fcntl::OFlag, sys::stat::Mode};
 
-use super::sys;
+use super::{proto, sys};
 
 /// Docker's default capability set: what every sandbox process keeps. `SYS_CHROOT` is
 /// needed by DeltaCR (a restored process is re-chrooted from inside the sandbox).
@@ -162,6 +162,9 @@ pub(crate) struct Command {
     pub env: Vec<CString>,
     /// `PATH` from env, for a search when argv\[0\] has no slash.
     pub path: Option<String>,
+    /// The control socket and the request id: the child announces itself there so the
+    /// daemon learns its host pid from the message's credentials.
+    pub started: Option<(RawFd, u64)>,
 }
 
 /// A spawned child: joins `work/`, own session, stdio from `stdio` (stdin None =
@@ -170,6 +173,10 @@ pub(crate) fn spawn(cmd: &Command, fds: &SandboxFds, stdio: [Option<RawFd>; 3], 
     sys::reset_signals();
     let status = rehome(status);
     let result = (|| {
+        if let Some((sock, id)) = cmd.started {
+            proto::send(sock, &proto::FromInit::Started { id }, &[])
+                .map_err(|e| format!("announce the child: {e}"))?;
+        }
         join_all(fds, "work")?;
         nix::unistd::setsid().map_err(|e| format!("setsid: {e}"))?;
         let null = nix::fcntl::open("/dev/null", OFlag::O_RDWR, Mode::empty())

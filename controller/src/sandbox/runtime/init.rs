@@ -234,7 +234,7 @@ impl Init {
 
     fn serve_one(&mut self) {
         let Some(c) = &self.control else { return };
-        let (msg, fds) = match proto::recv::<RequestMsg>(c.as_raw_fd(), &mut self.buf) {
+        let (msg, fds, _) = match proto::recv::<RequestMsg>(c.as_raw_fd(), &mut self.buf) {
             Ok(m) => m,
             Err(proto::ProtoError::Decode(e)) => {
                 eprintln!("deltabox-init: bad request: {e}");
@@ -260,7 +260,7 @@ impl Init {
                 cwd,
                 stdin,
             } => self
-                .spawn(sandbox, argv, env, cwd, stdin, fds)
+                .spawn(msg.id, sandbox, argv, env, cwd, stdin, fds)
                 .map(|(pid, pidfd)| {
                     reply_fds.push(pidfd);
                     ReplyData::Spawned(pid)
@@ -331,8 +331,10 @@ impl Init {
         Ok(ReplyData::Done)
     }
 
+    #[allow(clippy::too_many_arguments)] // the fields of one request
     fn spawn(
         &mut self,
+        id: u64,
         sandbox: String,
         argv: Vec<String>,
         env: Vec<(String, String)>,
@@ -364,6 +366,7 @@ impl Init {
                 .find(|(k, _)| k == "PATH")
                 .map(|(_, v)| v.clone()),
             sandbox,
+            started: self.control.as_ref().map(|c| (c.as_raw_fd(), id)),
         };
         let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
         let stdio = if stdin {

@@ -209,6 +209,8 @@ struct Mailbox {
     hello: Option<i32>,
     ready: Option<Result<(), String>>,
     replies: HashMap<u64, (Result<ReplyData, String>, Vec<OwnedFd>)>,
+    /// Host pids of spawned children by request id (from their `Started` message).
+    started: HashMap<u64, i32>,
     exits: HashMap<i32, ExitStatus>,
     exit_order: VecDeque<i32>,
     gone: bool,
@@ -233,10 +235,14 @@ impl Channel {
             let msg = proto::recv::<FromInit>(self.sock.as_raw_fd(), &mut buf);
             let mut mb = lock(&self.mailbox);
             match msg {
-                Ok((FromInit::Hello { init_host_pid }, _)) => mb.hello = Some(init_host_pid),
-                Ok((FromInit::Ready, _)) => mb.ready = Some(Ok(())),
-                Ok((FromInit::SetupFailed { error }, _)) => mb.ready = Some(Err(error)),
-                Ok((FromInit::Reply { id, result }, fds)) => {
+                Ok((FromInit::Hello { init_host_pid }, _, _)) => mb.hello = Some(init_host_pid),
+                Ok((FromInit::Ready, _, _)) => mb.ready = Some(Ok(())),
+                Ok((FromInit::SetupFailed { error }, _, _)) => mb.ready = Some(Err(error)),
+                Ok((FromInit::Started { id }, _, Some(pid))) => {
+                    mb.started.insert(id, pid);
+                }
+                Ok((FromInit::Started { .. }, _, None)) => {}
+                Ok((FromInit::Reply { id, result }, fds, _)) => {
                     // A reused ns pid must not inherit an old exit: the new process's
                     // exit always comes after this reply.
                     if let Ok(ReplyData::Spawned(pid) | ReplyData::Anchor(pid)) = &result {
@@ -244,7 +250,7 @@ impl Channel {
                     }
                     mb.replies.insert(id, (result, fds));
                 }
-                Ok((FromInit::Exit { ns_pid, status }, _)) => {
+                Ok((FromInit::Exit { ns_pid, status }, _, _)) => {
                     if mb.exits.insert(ns_pid, status).is_none() {
                         mb.exit_order.push_back(ns_pid);
                     }
@@ -344,6 +350,10 @@ impl TreeRuntime {
             SockFlag::SOCK_CLOEXEC,
         )
         .map_err(|e| undo_mount(io("socketpair", &cfg.run_dir)(e.into())))?;
+        // Credentials on every message: spawned children announce themselves and the
+        // kernel tells us their host pid.
+        nix::sys::socket::setsockopt(&ours, nix::sys::socket::sockopt::PassCred, &true)
+            .map_err(|e| undo_mount(io("SO_PASSCRED on", &cfg.run_dir)(e.into())))?;
         let mut cmd = Command::new(&cfg.init_binary);
         cmd.arg(&cfg.run_dir).stdin(Stdio::null());
         sys::set_init_pre_exec(&mut cmd, procs_fd.as_raw_fd(), theirs.as_raw_fd());
@@ -456,7 +466,7 @@ impl TreeRuntime {
             sandbox: sandbox.to_owned(),
             limit_dirs: v1.len(),
         };
-        let (data, _) = self.request(req, &fds)?;
+        let (data, _, _) = self.request(req, &fds)?;
         let ReplyData::Anchor(pid) = data else {
             return Err(self.init_err(format!("unexpected reply to add sandbox: {data:?}")));
         };
@@ -496,7 +506,7 @@ impl TreeRuntime {
             cwd: req.cwd.clone(),
             stdin: req.stdin,
         };
-        let (data, mut reply_fds) = self.request(msg, &fds)?;
+        let (data, mut reply_fds, started) = self.request(msg, &fds)?;
         drop(fds);
         let ReplyData::Spawned(ns_pid) = data else {
             return Err(self.init_err(format!("unexpected reply to spawn: {data:?}")));
@@ -504,7 +514,12 @@ impl TreeRuntime {
         let Some(pidfd) = reply_fds.pop() else {
             return Err(self.init_err(format!("spawn of pid {ns_pid}: no pidfd in the reply")));
         };
-        let host_pid = pid_of_pidfd(&pidfd)
+        // The child's own announcement is race-free; the pidfd's fdinfo works only while
+        // the child has not been reaped yet.
+        let host_pid = started
+            .filter(|p| *p > 0)
+            .map(Pid::from_raw)
+            .or_else(|| pid_of_pidfd(&pidfd))
             .ok_or_else(|| self.init_err(format!("no host pid for ns pid {ns_pid}")))?;
         Ok(Spawned {
             ns_pid,
@@ -719,7 +734,7 @@ impl TreeRuntime {
         &self,
         req: Request,
         fds: &[OwnedFd],
-    ) -> Result<(ReplyData, Vec<OwnedFd>), RuntimeError> {
+    ) -> Result<(ReplyData, Vec<OwnedFd>, Option<i32>), RuntimeError> {
         let what = format!("{req:?}");
         let what = what.chars().take(200).collect::<String>();
         let id = {
@@ -740,7 +755,10 @@ impl TreeRuntime {
         let mut mb = lock(&self.channel.mailbox);
         loop {
             if let Some((result, fds)) = mb.replies.remove(&id) {
-                return result.map(|d| (d, fds)).map_err(|e| self.init_err(e));
+                let started = mb.started.remove(&id);
+                return result
+                    .map(|d| (d, fds, started))
+                    .map_err(|e| self.init_err(e));
             }
             if mb.gone {
                 return Err(self.gone());

@@ -85,6 +85,12 @@ pub(crate) enum FromInit {
     },
     /// Init finished setting up its namespaces and serves requests.
     Ready,
+    /// From a spawned child itself, before its exec: the daemon learns the child's
+    /// host pid from the message's `SCM_CREDENTIALS` (translated by the kernel).
+    Started {
+        /// The spawn request's id.
+        id: u64,
+    },
     /// Init could not set up; it exits.
     SetupFailed {
         /// What failed.
@@ -133,12 +139,17 @@ pub(crate) fn send<T: Serialize>(sock: RawFd, msg: &T, fds: &[RawFd]) -> Result<
     Ok(())
 }
 
-/// Receives one datagram: its message and the fds that came with it.
+/// A received message, its fds, and the sender's pid in the receiver's pid namespace
+/// (when the socket has `SO_PASSCRED`).
+pub(crate) type Received<T> = (T, Vec<OwnedFd>, Option<i32>);
+
+/// Receives one datagram: its message, the fds that came with it, the sender's pid.
 pub(crate) fn recv<T: for<'de> Deserialize<'de>>(
     sock: RawFd,
     buf: &mut [u8],
-) -> Result<(T, Vec<OwnedFd>), ProtoError> {
-    let mut cmsg_buf = nix::cmsg_space!([RawFd; MAX_FDS]);
+) -> Result<Received<T>, ProtoError> {
+    let mut cmsg_buf = nix::cmsg_space!([RawFd; MAX_FDS], nix::sys::socket::UnixCredentials);
+    let mut sender = None;
     let (len, fds, truncated) = {
         let mut iov = [IoSliceMut::new(buf)];
         let msg = loop {
@@ -154,13 +165,17 @@ pub(crate) fn recv<T: for<'de> Deserialize<'de>>(
         };
         let mut fds = Vec::new();
         for c in msg.cmsgs()? {
-            if let ControlMessageOwned::ScmRights(raw) = c {
-                // SAFETY: SCM_RIGHTS just installed these fds in this process; each
-                // is owned exactly once here.
-                fds.extend(
-                    raw.into_iter()
-                        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-                );
+            match c {
+                ControlMessageOwned::ScmRights(raw) => {
+                    // SAFETY: SCM_RIGHTS just installed these fds in this process;
+                    // each is owned exactly once here.
+                    fds.extend(
+                        raw.into_iter()
+                            .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                    );
+                }
+                ControlMessageOwned::ScmCredentials(cred) => sender = Some(cred.pid()),
+                _ => {}
             }
         }
         (
@@ -176,5 +191,5 @@ pub(crate) fn recv<T: for<'de> Deserialize<'de>>(
     if len == 0 {
         return Err(ProtoError::Closed);
     }
-    Ok((serde_json::from_slice(&buf[..len])?, fds))
+    Ok((serde_json::from_slice(&buf[..len])?, fds, sender))
 }

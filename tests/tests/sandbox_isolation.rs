@@ -1,0 +1,268 @@
+//! Isolation of sandboxes on the real kernel: no network but loopback, no host home
+//! directories, pids and memory limits that stop a fork bomb and a memory hog inside
+//! the sandbox while another tree keeps working, and no mounting (no CAP_SYS_ADMIN).
+//! Needs root, cgroup v2 (and the v1 limit hierarchies on this host), FUSE, the store.
+
+use std::{
+    fs,
+    io::Read as _,
+    path::{Path, PathBuf},
+    thread,
+    time::Duration,
+};
+
+use deltabox_controller::sandbox::{
+    rootfs,
+    runtime::{ExitStatus, Limits, SpawnRequest, TreeConfig, TreeRuntime},
+};
+use deltabox_tests::{cgroup::cgroup2_root, daemon::binary, require_root, unique};
+
+/// One tree with its store, default base and views; dropping it undoes everything in
+/// order (sandboxes, views, tree, base, directories) even when the test failed.
+struct Tree {
+    rt: Option<TreeRuntime>,
+    views: Vec<(String, deltafs::View)>,
+    store: Option<deltafs::Store>,
+    base: PathBuf,
+    scratch: PathBuf,
+    store_dir: PathBuf,
+}
+
+impl Tree {
+    fn new(test: &str) -> Self {
+        require_root();
+        let name = unique(test);
+        let scratch = std::env::temp_dir().join(&name);
+        let store_dir = Path::new("/var/lib/deltabox/store").join(&name);
+        let mut tree = Self {
+            rt: None,
+            views: Vec::new(),
+            store: None,
+            base: scratch.join("base"),
+            scratch,
+            store_dir,
+        };
+        tree.base = rootfs::ensure_default_base(&tree.base).expect("default base");
+        tree.store = Some(deltafs::Store::open(&tree.store_dir).expect("open deltafs store"));
+        let cfg = TreeConfig {
+            id: name.clone(),
+            run_dir: Path::new("/run/deltabox-tests").join(&name),
+            cgroup: cgroup2_root().join("deltabox-tests").join(&name),
+            init_binary: binary("deltabox-init"),
+        };
+        tree.rt = Some(TreeRuntime::start(cfg).expect("start tree runtime"));
+        tree
+    }
+
+    fn rt(&self) -> &TreeRuntime {
+        self.rt.as_ref().expect("runtime")
+    }
+
+    /// A sandbox on a fresh DeltaFS view of the default base.
+    fn add(&mut self, sandbox: &str, limits: &Limits) -> PathBuf {
+        let mountpoint = self
+            .rt()
+            .prepare_sandbox(sandbox, limits)
+            .expect("prepare sandbox");
+        let view = self
+            .store
+            .as_ref()
+            .expect("store")
+            .mount(&self.base, &mountpoint, None)
+            .expect("mount view");
+        self.views.push((sandbox.to_owned(), view));
+        self.rt().add_sandbox(sandbox).expect("add sandbox");
+        mountpoint
+    }
+
+    /// Runs `argv` in `sandbox` and returns its exit, stdout and stderr.
+    fn run(&self, sandbox: &str, argv: &[&str]) -> (ExitStatus, String, String) {
+        run_in(self.rt(), sandbox, argv, "/")
+    }
+}
+
+fn request(argv: &[&str], cwd: &str) -> SpawnRequest {
+    SpawnRequest {
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        env: vec![
+            (
+                "PATH".into(),
+                "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin".into(),
+            ),
+            ("HOME".into(), "/root".into()),
+        ],
+        cwd: cwd.into(),
+        stdin: false,
+    }
+}
+
+fn run_in(
+    rt: &TreeRuntime,
+    sandbox: &str,
+    argv: &[&str],
+    cwd: &str,
+) -> (ExitStatus, String, String) {
+    let mut sp = rt.spawn(sandbox, &request(argv, cwd)).expect("spawn");
+    let mut err_pipe = sp.stderr;
+    let err = thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err_pipe.read_to_string(&mut s);
+        s
+    });
+    let mut out = String::new();
+    sp.stdout.read_to_string(&mut out).expect("read stdout");
+    let err = err.join().expect("stderr reader");
+    let status = rt
+        .wait_exit(sp.ns_pid, Some(Duration::from_secs(60)))
+        .expect("wait exit")
+        .expect("exit within 60 s");
+    (status, out, err)
+}
+
+impl Drop for Tree {
+    fn drop(&mut self) {
+        if let Some(rt) = &self.rt {
+            for (sandbox, _) in &self.views {
+                let _ = rt.remove_sandbox(sandbox);
+            }
+        }
+        for (_, view) in self.views.drain(..) {
+            let _ = view.unmount();
+        }
+        if let Some(rt) = self.rt.take() {
+            let _ = rt.shutdown();
+        }
+        self.store.take();
+        if rootfs::release_default_base(&self.base).is_ok() {
+            let _ = fs::remove_dir_all(&self.scratch);
+        }
+        let _ = fs::remove_dir_all(&self.store_dir);
+    }
+}
+
+#[test]
+fn only_loopback_network() {
+    let mut tree = Tree::new("iso-net");
+    tree.add("a", &Limits::default());
+    let script = "import socket\n\
+        print(sorted(n for _, n in socket.if_nameindex()))\n\
+        for addr in (('1.1.1.1', 53), ('10.0.2.2', 80), ('192.168.0.1', 80)):\n\
+        \x20   s = socket.socket(); s.settimeout(2)\n\
+        \x20   try:\n\
+        \x20       s.connect(addr); print('connected', addr)\n\
+        \x20   except OSError as e:\n\
+        \x20       print('refused', e.errno)\n\
+        srv = socket.socket(); srv.bind(('127.0.0.1', 0)); srv.listen(1)\n\
+        c = socket.create_connection(srv.getsockname(), timeout=2)\n\
+        conn, _ = srv.accept(); c.sendall(b'ping'); print(conn.recv(4).decode())\n";
+    let (st, out, err) = tree.run("a", &["python3", "-c", script]);
+    assert_eq!(st, ExitStatus::Code(0), "{out}\n{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "['lo']", "interfaces: {out}");
+    assert_eq!(
+        &lines[1..4],
+        ["refused 101"; 3],
+        "non-loopback connects: {out}"
+    );
+    assert_eq!(lines[4], "ping", "loopback server + client: {out}");
+}
+
+#[test]
+fn host_homes_are_not_visible() {
+    let mut tree = Tree::new("iso-home");
+    tree.add("a", &Limits::default());
+    let home_entries: Vec<String> = fs::read_dir("/home")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut script = String::from("ls -A /root /home; test -e /work && echo WORK; ");
+    for name in &home_entries {
+        script.push_str(&format!("test -e /home/{name} && echo LEAK-{name}; "));
+    }
+    script.push_str("true");
+    let (st, out, err) = tree.run("a", &["sh", "-c", &script]);
+    assert_eq!(st, ExitStatus::Code(0), "{err}");
+    assert_eq!(out, "/home:\n\n/root:\n", "host homes show through: {out}");
+}
+
+#[test]
+fn cannot_mount_without_cap_sys_admin() {
+    let mut tree = Tree::new("iso-mount");
+    tree.add("a", &Limits::default());
+    let (st, out, err) = tree.run("a", &["mount", "-t", "tmpfs", "none", "/mnt"]);
+    assert_ne!(st, ExitStatus::Code(0), "mount succeeded: {out}");
+    assert!(
+        err.to_lowercase().contains("permission denied") || err.contains("must be superuser"),
+        "{err}"
+    );
+    let (_, out, _) = tree.run("a", &["grep", "CapEff", "/proc/self/status"]);
+    let caps = u64::from_str_radix(out.split_whitespace().nth(1).unwrap(), 16).unwrap();
+    assert_eq!(caps & (1 << 21), 0, "CAP_SYS_ADMIN kept: {caps:x}");
+    assert_eq!(caps & (1 << 19), 0, "CAP_SYS_PTRACE kept: {caps:x}");
+}
+
+#[test]
+fn fork_bomb_and_memory_hog_are_stopped_inside() {
+    let mut tree = Tree::new("iso-limits");
+    tree.add(
+        "a",
+        &Limits {
+            memory_bytes: Some(64 << 20),
+            cpus: Some(1.0),
+            pids: Some(64),
+        },
+    );
+    let mut other = Tree::new("iso-other");
+    other.add("b", &Limits::default());
+
+    // Fork bomb: python forks sleepers (stdio closed, so the output ends when python
+    // does) until fork fails; pids.max stops it below 64.
+    let bomb = "import os, time\n\
+        n = 0\n\
+        while n < 1000:\n\
+        \x20   try:\n\
+        \x20       pid = os.fork()\n\
+        \x20   except OSError as e:\n\
+        \x20       print('stopped', n, e.errno); break\n\
+        \x20   if pid == 0:\n\
+        \x20       os.closerange(0, 3); time.sleep(60); os._exit(0)\n\
+        \x20   n += 1\n";
+    let (st, out, err) = tree.run("a", &["python3", "-c", bomb]);
+    assert_eq!(st, ExitStatus::Code(0), "{out}\n{err}");
+    let words: Vec<&str> = out.split_whitespace().collect();
+    assert_eq!(
+        words.first(),
+        Some(&"stopped"),
+        "fork bomb was not stopped: {out}"
+    );
+    let forked: u32 = words[1].parse().unwrap();
+    assert!(
+        forked < 64 && forked > 10,
+        "forked {forked} with pids.max 64"
+    );
+    assert_eq!(words[2], "11", "fork failed with EAGAIN");
+    // Meanwhile another tree works, and so does this test process.
+    assert_eq!(other.run("b", &["echo", "alive"]).1, "alive\n");
+    tree.rt().kill_work("a").expect("kill the sleepers");
+
+    // Memory hog: 512 MiB written under a 64 MiB limit without swap: OOM-killed.
+    let (st, out, err) = tree.run(
+        "a",
+        &[
+            "python3",
+            "-c",
+            "b = bytearray(b'x') * (512 << 20); print(len(b))",
+        ],
+    );
+    assert_eq!(
+        st,
+        ExitStatus::Signal(9),
+        "memory hog not OOM-killed: {out}\n{err}"
+    );
+    assert_eq!(other.run("b", &["echo", "alive"]).1, "alive\n");
+    // The sandbox itself still works after its OOM kill.
+    assert_eq!(tree.run("a", &["echo", "still"]).1, "still\n");
+}
