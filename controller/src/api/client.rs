@@ -1,5 +1,10 @@
 //! A client of the API over the daemon's Unix socket: hyper 1, HTTP/1.1, one
 //! connection per request (the CLI makes one or two calls; no pool to manage).
+//!
+//! Time limits: the cgroup endpoints answer in milliseconds and get 30 s; a sandbox
+//! `exec` or session `run` gets its own `timeout_ms` plus a margin (none without one);
+//! the other sandbox calls have no client-side limit (a branch of 64 sandboxes or a
+//! `gc` over a large store may take long, and calls on one sandbox wait their turn).
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -14,6 +19,11 @@ use serde::de::DeserializeOwned;
 use tokio::net::UnixStream;
 
 use super::routes;
+use super::sandbox_types::{
+    BranchRequest, BranchResult, CheckpointRequest, CreateSandbox, DiffResult, ExecRequest,
+    ExecResult, GcResult, NodeInfo, Removed, RollbackRequest, RollbackResult, SandboxInfo,
+    SandboxList, SessionInfo, SessionRun, SessionRunResult, SessionStart, TreeView,
+};
 use super::types::{
     CgroupRequest, CgroupsResponse, ErrorBody, InodeStatsResponse, StatusResponse, WatchedCgroup,
 };
@@ -21,9 +31,13 @@ use super::types::{
 /// Default path of the API socket.
 pub const DEFAULT_SOCKET: &str = "/run/deltabox/api.sock";
 
-/// Longest a request may take, connection included: the daemon answers in
+/// Longest a cgroup request may take, connection included: the daemon answers in
 /// milliseconds, so this only bounds a wedged daemon.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Added to an `exec`'s or `run`'s own timeout: the daemon kills the command at its
+/// timeout, then still has to collect it, take an auto-checkpoint and answer.
+const COMMAND_MARGIN: Duration = Duration::from_secs(60);
 
 /// Errors of API calls.
 #[derive(Debug, thiserror::Error)]
@@ -116,7 +130,7 @@ impl ClientError {
 }
 
 /// One API call.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum ApiRequest {
     /// `GET /v1/status`.
     Status,
@@ -142,13 +156,141 @@ pub enum ApiRequest {
         /// Only this cgroup.
         cgroup: Option<String>,
     },
+    /// `POST /v1/sandboxes`.
+    CreateSandbox(CreateSandbox),
+    /// `GET /v1/sandboxes`.
+    ListSandboxes,
+    /// `GET /v1/sandboxes/{id}`.
+    GetSandbox {
+        /// Sandbox id or prefix.
+        sandbox: String,
+    },
+    /// `DELETE /v1/sandboxes/{id}`.
+    RemoveSandbox {
+        /// Sandbox id or prefix.
+        sandbox: String,
+    },
+    /// `POST /v1/sandboxes/{id}/exec`.
+    Exec {
+        /// Sandbox id or prefix.
+        sandbox: String,
+        /// The command.
+        req: ExecRequest,
+    },
+    /// `POST /v1/sandboxes/{id}/sessions`.
+    SessionStart {
+        /// Sandbox id or prefix.
+        sandbox: String,
+        /// The kind of session.
+        req: SessionStart,
+    },
+    /// `POST /v1/sandboxes/{id}/sessions/{session}/run`.
+    SessionRun {
+        /// Sandbox id or prefix.
+        sandbox: String,
+        /// Session id or prefix.
+        session: String,
+        /// The code.
+        req: SessionRun,
+    },
+    /// `DELETE /v1/sandboxes/{id}/sessions/{session}`.
+    SessionStop {
+        /// Sandbox id or prefix.
+        sandbox: String,
+        /// Session id or prefix.
+        session: String,
+    },
+    /// `POST /v1/sandboxes/{id}/checkpoint`.
+    Checkpoint {
+        /// Sandbox id or prefix.
+        sandbox: String,
+        /// Its label.
+        req: CheckpointRequest,
+    },
+    /// `POST /v1/sandboxes/{id}/rollback`.
+    Rollback {
+        /// Sandbox id or prefix.
+        sandbox: String,
+        /// The node and what to restore.
+        req: RollbackRequest,
+    },
+    /// `POST /v1/nodes/{node}/branch`.
+    Branch {
+        /// Node id or prefix.
+        node: String,
+        /// How many sandboxes.
+        req: BranchRequest,
+    },
+    /// `GET /v1/sandboxes/{id}/tree`.
+    SandboxTree {
+        /// Sandbox id or prefix.
+        sandbox: String,
+    },
+    /// `GET /v1/nodes/{node}/tree`.
+    NodeTree {
+        /// Node id or prefix.
+        node: String,
+    },
+    /// `GET /v1/diff?from=NODE&to=NODE`.
+    Diff {
+        /// The older node.
+        from: String,
+        /// The newer node.
+        to: String,
+    },
+    /// `DELETE /v1/nodes/{node}`.
+    RemoveNode {
+        /// Node id or prefix.
+        node: String,
+    },
+    /// `POST /v1/gc`.
+    Gc,
 }
 
 impl ApiRequest {
     fn method(&self) -> hyper::Method {
         match self {
-            Self::Status | Self::Cgroups | Self::InodeStats { .. } => hyper::Method::GET,
-            Self::Watch { .. } | Self::Unwatch { .. } | Self::Epoch { .. } => hyper::Method::POST,
+            Self::Status
+            | Self::Cgroups
+            | Self::InodeStats { .. }
+            | Self::ListSandboxes
+            | Self::GetSandbox { .. }
+            | Self::SandboxTree { .. }
+            | Self::NodeTree { .. }
+            | Self::Diff { .. } => hyper::Method::GET,
+            Self::Watch { .. }
+            | Self::Unwatch { .. }
+            | Self::Epoch { .. }
+            | Self::CreateSandbox(_)
+            | Self::Exec { .. }
+            | Self::SessionStart { .. }
+            | Self::SessionRun { .. }
+            | Self::Checkpoint { .. }
+            | Self::Rollback { .. }
+            | Self::Branch { .. }
+            | Self::Gc => hyper::Method::POST,
+            Self::RemoveSandbox { .. } | Self::SessionStop { .. } | Self::RemoveNode { .. } => {
+                hyper::Method::DELETE
+            }
+        }
+    }
+
+    /// How long the client waits for the answer; `None`: as long as it takes.
+    fn timeout(&self) -> Option<Duration> {
+        match self {
+            Self::Status
+            | Self::Cgroups
+            | Self::Watch { .. }
+            | Self::Unwatch { .. }
+            | Self::Epoch { .. }
+            | Self::InodeStats { .. } => Some(REQUEST_TIMEOUT),
+            Self::Exec { req, .. } => req
+                .timeout_ms
+                .map(|ms| Duration::from_millis(ms).saturating_add(COMMAND_MARGIN)),
+            Self::SessionRun { req, .. } => req
+                .timeout_ms
+                .map(|ms| Duration::from_millis(ms).saturating_add(COMMAND_MARGIN)),
+            _ => None,
         }
     }
 
@@ -163,16 +305,55 @@ impl ApiRequest {
             Self::InodeStats {
                 cgroup: Some(cgroup),
             } => format!("{}?cgroup={}", routes::INODE_STATS, percent_encode(cgroup)),
+            Self::CreateSandbox(_) | Self::ListSandboxes => routes::SANDBOXES.to_owned(),
+            Self::GetSandbox { sandbox } | Self::RemoveSandbox { sandbox } => {
+                routes::fill(routes::SANDBOX, &[sandbox])
+            }
+            Self::Exec { sandbox, .. } => routes::fill(routes::SANDBOX_EXEC, &[sandbox]),
+            Self::SessionStart { sandbox, .. } => {
+                routes::fill(routes::SANDBOX_SESSIONS, &[sandbox])
+            }
+            Self::SessionRun {
+                sandbox, session, ..
+            } => routes::fill(routes::SANDBOX_SESSION_RUN, &[sandbox, session]),
+            Self::SessionStop { sandbox, session } => {
+                routes::fill(routes::SANDBOX_SESSION, &[sandbox, session])
+            }
+            Self::Checkpoint { sandbox, .. } => {
+                routes::fill(routes::SANDBOX_CHECKPOINT, &[sandbox])
+            }
+            Self::Rollback { sandbox, .. } => routes::fill(routes::SANDBOX_ROLLBACK, &[sandbox]),
+            Self::Branch { node, .. } => routes::fill(routes::NODE_BRANCH, &[node]),
+            Self::SandboxTree { sandbox } => routes::fill(routes::SANDBOX_TREE, &[sandbox]),
+            Self::NodeTree { node } => routes::fill(routes::NODE_TREE, &[node]),
+            Self::RemoveNode { node } => routes::fill(routes::NODE, &[node]),
+            Self::Diff { from, to } => format!(
+                "{}?from={}&to={}",
+                routes::DIFF,
+                routes::encode_segment(from),
+                routes::encode_segment(to)
+            ),
+            Self::Gc => routes::GC.to_owned(),
         }
     }
 
     fn body(&self) -> Option<String> {
+        // These bodies are plain structs of strings, numbers and maps with string
+        // keys: serialising them cannot fail.
+        fn json<T: serde::Serialize>(value: &T) -> Option<String> {
+            Some(serde_json::to_string(value).unwrap_or_default())
+        }
         match self {
             Self::Watch { path } | Self::Unwatch { path } | Self::Epoch { path } => {
-                let req = CgroupRequest { path: path.clone() };
-                // A struct of one string always serialises.
-                Some(serde_json::to_string(&req).unwrap_or_default())
+                json(&CgroupRequest { path: path.clone() })
             }
+            Self::CreateSandbox(req) => json(req),
+            Self::Exec { req, .. } => json(req),
+            Self::SessionStart { req, .. } => json(req),
+            Self::SessionRun { req, .. } => json(req),
+            Self::Checkpoint { req, .. } => json(req),
+            Self::Rollback { req, .. } => json(req),
+            Self::Branch { req, .. } => json(req),
             _ => None,
         }
     }
@@ -234,6 +415,130 @@ impl Client {
         self.call(&ApiRequest::InodeStats { cgroup }).await
     }
 
+    /// `POST /v1/sandboxes`.
+    pub async fn create_sandbox(&self, req: &CreateSandbox) -> Result<SandboxInfo, ClientError> {
+        self.call(&ApiRequest::CreateSandbox(req.clone())).await
+    }
+
+    /// `GET /v1/sandboxes`.
+    pub async fn list_sandboxes(&self) -> Result<SandboxList, ClientError> {
+        self.call(&ApiRequest::ListSandboxes).await
+    }
+
+    /// `GET /v1/sandboxes/{id}`.
+    pub async fn sandbox(&self, sandbox: &str) -> Result<SandboxInfo, ClientError> {
+        let sandbox = sandbox.to_owned();
+        self.call(&ApiRequest::GetSandbox { sandbox }).await
+    }
+
+    /// `DELETE /v1/sandboxes/{id}`.
+    pub async fn remove_sandbox(&self, sandbox: &str) -> Result<Removed, ClientError> {
+        let sandbox = sandbox.to_owned();
+        self.call(&ApiRequest::RemoveSandbox { sandbox }).await
+    }
+
+    /// `POST /v1/sandboxes/{id}/exec`: waits as long as the command may run.
+    pub async fn exec(&self, sandbox: &str, req: &ExecRequest) -> Result<ExecResult, ClientError> {
+        let (sandbox, req) = (sandbox.to_owned(), req.clone());
+        self.call(&ApiRequest::Exec { sandbox, req }).await
+    }
+
+    /// `POST /v1/sandboxes/{id}/sessions`.
+    pub async fn session_start(
+        &self,
+        sandbox: &str,
+        req: &SessionStart,
+    ) -> Result<SessionInfo, ClientError> {
+        let (sandbox, req) = (sandbox.to_owned(), req.clone());
+        self.call(&ApiRequest::SessionStart { sandbox, req }).await
+    }
+
+    /// `POST /v1/sandboxes/{id}/sessions/{session}/run`: waits as long as the code may run.
+    pub async fn session_run(
+        &self,
+        sandbox: &str,
+        session: &str,
+        req: &SessionRun,
+    ) -> Result<SessionRunResult, ClientError> {
+        let (sandbox, session, req) = (sandbox.to_owned(), session.to_owned(), req.clone());
+        let request = ApiRequest::SessionRun {
+            sandbox,
+            session,
+            req,
+        };
+        self.call(&request).await
+    }
+
+    /// `DELETE /v1/sandboxes/{id}/sessions/{session}`.
+    pub async fn session_stop(
+        &self,
+        sandbox: &str,
+        session: &str,
+    ) -> Result<SessionInfo, ClientError> {
+        let (sandbox, session) = (sandbox.to_owned(), session.to_owned());
+        self.call(&ApiRequest::SessionStop { sandbox, session })
+            .await
+    }
+
+    /// `POST /v1/sandboxes/{id}/checkpoint`.
+    pub async fn checkpoint(
+        &self,
+        sandbox: &str,
+        req: &CheckpointRequest,
+    ) -> Result<NodeInfo, ClientError> {
+        let (sandbox, req) = (sandbox.to_owned(), req.clone());
+        self.call(&ApiRequest::Checkpoint { sandbox, req }).await
+    }
+
+    /// `POST /v1/sandboxes/{id}/rollback`.
+    pub async fn rollback(
+        &self,
+        sandbox: &str,
+        req: &RollbackRequest,
+    ) -> Result<RollbackResult, ClientError> {
+        let (sandbox, req) = (sandbox.to_owned(), req.clone());
+        self.call(&ApiRequest::Rollback { sandbox, req }).await
+    }
+
+    /// `POST /v1/nodes/{node}/branch`.
+    pub async fn branch(
+        &self,
+        node: &str,
+        req: &BranchRequest,
+    ) -> Result<BranchResult, ClientError> {
+        let (node, req) = (node.to_owned(), req.clone());
+        self.call(&ApiRequest::Branch { node, req }).await
+    }
+
+    /// `GET /v1/sandboxes/{id}/tree`.
+    pub async fn sandbox_tree(&self, sandbox: &str) -> Result<TreeView, ClientError> {
+        let sandbox = sandbox.to_owned();
+        self.call(&ApiRequest::SandboxTree { sandbox }).await
+    }
+
+    /// `GET /v1/nodes/{node}/tree`.
+    pub async fn node_tree(&self, node: &str) -> Result<TreeView, ClientError> {
+        let node = node.to_owned();
+        self.call(&ApiRequest::NodeTree { node }).await
+    }
+
+    /// `GET /v1/diff?from=NODE&to=NODE`.
+    pub async fn diff(&self, from: &str, to: &str) -> Result<DiffResult, ClientError> {
+        let (from, to) = (from.to_owned(), to.to_owned());
+        self.call(&ApiRequest::Diff { from, to }).await
+    }
+
+    /// `DELETE /v1/nodes/{node}`.
+    pub async fn remove_node(&self, node: &str) -> Result<Removed, ClientError> {
+        let node = node.to_owned();
+        self.call(&ApiRequest::RemoveNode { node }).await
+    }
+
+    /// `POST /v1/gc`.
+    pub async fn gc(&self) -> Result<GcResult, ClientError> {
+        self.call(&ApiRequest::Gc).await
+    }
+
     /// Sends `request` and decodes the answer.
     pub async fn call<T: DeserializeOwned>(&self, request: &ApiRequest) -> Result<T, ClientError> {
         let (status, body) = self.send(request).await?;
@@ -246,11 +551,14 @@ impl Client {
     /// Sends `request`; returns the HTTP status and the success body as the daemon sent
     /// it (what `--json` prints). An error answer becomes [`ClientError::Api`].
     pub async fn send(&self, request: &ApiRequest) -> Result<(u16, Bytes), ClientError> {
-        tokio::time::timeout(REQUEST_TIMEOUT, self.exchange(request))
+        let Some(limit) = request.timeout() else {
+            return self.exchange(request).await;
+        };
+        tokio::time::timeout(limit, self.exchange(request))
             .await
             .map_err(|_| ClientError::Timeout {
                 socket: self.socket.clone(),
-                timeout: REQUEST_TIMEOUT,
+                timeout: limit,
             })?
     }
 

@@ -5,6 +5,8 @@
 //! - [`server`]: the axum routers (API and `/metrics`) over a [`service::ApiService`].
 //! - [`client`]: a hyper client over the Unix socket, used by the `deltabox` CLI.
 //! - [`render`]: API values as text tables, for the binaries.
+//! - [`sandbox_types`]: bodies of the sandbox endpoints; [`sandbox_server`]: their
+//!   handlers over a [`crate::sandbox::SandboxOps`]; [`sandbox_render`]: their text.
 //!
 //! The contract is `controller/api/openapi.yaml`; tests check that the router serves
 //! exactly the routes it lists and answers with the fields it documents. Every error
@@ -12,6 +14,8 @@
 
 pub mod client;
 pub mod render;
+pub mod sandbox_render;
+pub mod sandbox_server;
 pub mod sandbox_types;
 pub mod server;
 pub mod service;
@@ -28,6 +32,7 @@ use axum::http::StatusCode;
 
 use crate::bpf::BpfError;
 use crate::cgroup::CgroupError;
+use crate::sandbox::SandboxError;
 
 /// Paths of the API's routes (and of the metrics endpoint), shared by server, client
 /// and tests.
@@ -46,6 +51,65 @@ pub mod routes {
     pub const INODE_STATS: &str = "/v1/inode-stats";
     /// `GET`, on the loopback TCP address: Prometheus text exposition.
     pub const METRICS: &str = "/metrics";
+    /// `POST`: create a sandbox; `GET`: list them.
+    pub const SANDBOXES: &str = "/v1/sandboxes";
+    /// `GET`: one sandbox; `DELETE`: remove it.
+    pub const SANDBOX: &str = "/v1/sandboxes/{id}";
+    /// `POST`: run a one-shot command in a sandbox.
+    pub const SANDBOX_EXEC: &str = "/v1/sandboxes/{id}/exec";
+    /// `POST`: start a session.
+    pub const SANDBOX_SESSIONS: &str = "/v1/sandboxes/{id}/sessions";
+    /// `DELETE`: stop a session.
+    pub const SANDBOX_SESSION: &str = "/v1/sandboxes/{id}/sessions/{session}";
+    /// `POST`: run code in a session.
+    pub const SANDBOX_SESSION_RUN: &str = "/v1/sandboxes/{id}/sessions/{session}/run";
+    /// `POST`: checkpoint a sandbox.
+    pub const SANDBOX_CHECKPOINT: &str = "/v1/sandboxes/{id}/checkpoint";
+    /// `POST`: roll a sandbox back to a node.
+    pub const SANDBOX_ROLLBACK: &str = "/v1/sandboxes/{id}/rollback";
+    /// `GET`: the tree a sandbox belongs to.
+    pub const SANDBOX_TREE: &str = "/v1/sandboxes/{id}/tree";
+    /// `DELETE`: remove a node and its subtree.
+    pub const NODE: &str = "/v1/nodes/{node}";
+    /// `POST`: new sandboxes from a node.
+    pub const NODE_BRANCH: &str = "/v1/nodes/{node}/branch";
+    /// `GET`: the tree a node belongs to.
+    pub const NODE_TREE: &str = "/v1/nodes/{node}/tree";
+    /// `GET ?from=NODE&to=NODE`: files that differ between two nodes.
+    pub const DIFF: &str = "/v1/diff";
+    /// `POST`: drop unreferenced layers and empty trees.
+    pub const GC: &str = "/v1/gc";
+
+    /// A route template with its `{name}` parameters replaced, in order, by `values`
+    /// (percent-encoded as path segments).
+    pub fn fill(template: &str, values: &[&str]) -> String {
+        let mut out = String::with_capacity(template.len());
+        let mut values = values.iter();
+        let mut rest = template;
+        while let Some(start) = rest.find('{') {
+            out.push_str(&rest[..start]);
+            let end = rest[start..]
+                .find('}')
+                .map_or(rest.len(), |e| start + e + 1);
+            out.push_str(&encode_segment(values.next().copied().unwrap_or_default()));
+            rest = &rest[end..];
+        }
+        out.push_str(rest);
+        out
+    }
+
+    /// Percent-encodes everything but RFC 3986 unreserved characters.
+    pub fn encode_segment(value: &str) -> String {
+        let mut out = String::with_capacity(value.len());
+        for byte in value.bytes() {
+            if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+                out.push(char::from(byte));
+            } else {
+                out.push_str(&format!("%{byte:02X}"));
+            }
+        }
+        out
+    }
 }
 
 /// Machine-readable kinds of API errors (the `kind` field).
@@ -75,11 +139,19 @@ pub enum ErrorKind {
     MethodNotAllowed,
     /// Anything else that went wrong in the daemon.
     Internal,
+    /// A path parameter (a sandbox, node or session id) is not valid UTF-8.
+    InvalidPath,
+    /// The request body is larger than [`MAX_BODY_BYTES`].
+    BodyTooLarge,
+    /// The daemon runs without sandbox support.
+    SandboxesDisabled,
+    /// A sandbox operation failed: one of [`SandboxError::KINDS`].
+    Sandbox(&'static str),
 }
 
 impl ErrorKind {
-    /// Every kind, for the contract test.
-    pub const ALL: [Self; 12] = [
+    /// Every kind but the sandbox ones ([`Self::all_names`] has those too).
+    pub const ALL: [Self; 15] = [
         Self::InvalidBody,
         Self::InvalidQuery,
         Self::InvalidCgroupPath,
@@ -92,7 +164,23 @@ impl ErrorKind {
         Self::RouteNotFound,
         Self::MethodNotAllowed,
         Self::Internal,
+        Self::InvalidPath,
+        Self::BodyTooLarge,
+        Self::SandboxesDisabled,
     ];
+
+    /// The name of every kind the API can answer, sandbox kinds included, sorted and
+    /// without duplicates (`internal` is both an API and a sandbox kind).
+    pub fn all_names() -> Vec<&'static str> {
+        let mut names: Vec<&'static str> = Self::ALL
+            .iter()
+            .map(|k| k.as_str())
+            .chain(SandboxError::KINDS)
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        names
+    }
 
     /// The snake_case name sent in the `kind` field.
     pub fn as_str(self) -> &'static str {
@@ -109,9 +197,16 @@ impl ErrorKind {
             Self::RouteNotFound => "route_not_found",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::Internal => "internal",
+            Self::InvalidPath => "invalid_path",
+            Self::BodyTooLarge => "body_too_large",
+            Self::SandboxesDisabled => "sandboxes_disabled",
+            Self::Sandbox(kind) => kind,
         }
     }
 }
+
+/// Largest request body the API reads (a sandbox's `exec` may carry its stdin).
+pub const MAX_BODY_BYTES: usize = 16 << 20;
 
 /// Errors the API answers with.
 #[derive(Debug, thiserror::Error)]
@@ -164,6 +259,24 @@ pub enum ApiError {
         /// Request path.
         path: String,
     },
+    /// A path parameter was rejected.
+    #[error("invalid path parameter: {message}")]
+    InvalidPath {
+        /// What is wrong with it.
+        message: String,
+    },
+    /// The body is larger than [`MAX_BODY_BYTES`].
+    #[error("request body is larger than the limit of {limit} bytes")]
+    BodyTooLarge {
+        /// The limit.
+        limit: usize,
+    },
+    /// No [`crate::sandbox::SandboxOps`] was given to the service.
+    #[error("sandboxes are disabled in this daemon (it was started without sandbox support)")]
+    SandboxesDisabled,
+    /// A sandbox operation failed.
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
     /// Something else failed in the daemon.
     #[error("internal error: {message}")]
     Internal {
@@ -205,6 +318,17 @@ impl ApiError {
                 (ErrorKind::MethodNotAllowed, StatusCode::METHOD_NOT_ALLOWED)
             }
             Self::Internal { .. } => (ErrorKind::Internal, StatusCode::INTERNAL_SERVER_ERROR),
+            Self::InvalidPath { .. } => (ErrorKind::InvalidPath, StatusCode::BAD_REQUEST),
+            Self::BodyTooLarge { .. } => (ErrorKind::BodyTooLarge, StatusCode::PAYLOAD_TOO_LARGE),
+            Self::SandboxesDisabled => (
+                ErrorKind::SandboxesDisabled,
+                StatusCode::SERVICE_UNAVAILABLE,
+            ),
+            Self::Sandbox(err) => (
+                ErrorKind::Sandbox(err.kind()),
+                StatusCode::from_u16(err.http_status())
+                    .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            ),
         }
     }
 

@@ -6,8 +6,8 @@ use std::time::Instant;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{MatchedPath, Query, Request, State};
+use axum::extract::rejection::{BytesRejection, JsonRejection, PathRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Query, Request, State};
 use axum::http::{Method, StatusCode, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -15,7 +15,7 @@ use axum::routing::{MethodRouter, get, post};
 
 use super::service::ApiService;
 use super::types::{CgroupRequest, ErrorBody, InodeStatsQuery};
-use super::{ApiError, routes};
+use super::{ApiError, MAX_BODY_BYTES, routes};
 use crate::metrics::TEXT_CONTENT_TYPE;
 
 type Svc = Arc<ApiService>;
@@ -24,13 +24,15 @@ type Svc = Arc<ApiService>;
 const UNMATCHED_ROUTE: &str = "unmatched";
 
 /// The API router: every route of [`served_routes`], JSON errors for unknown routes,
-/// wrong methods and rejected bodies, and a request counter per route and status.
+/// wrong methods and rejected bodies, bodies up to [`MAX_BODY_BYTES`], and a request
+/// counter per route and status.
 pub fn api_router(service: Svc) -> Router {
     let metrics = service.metrics().clone();
     route_table()
         .router
         .fallback(route_not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn(move |req: Request, next: Next| {
             let metrics = metrics.clone();
             async move {
@@ -63,13 +65,19 @@ pub fn metrics_router(service: Svc) -> Router {
 
 /// The routes with their methods, recorded as they are added so that the contract
 /// test compares what is really served with `openapi.yaml`.
-struct RouteTable {
+pub(super) struct RouteTable {
     router: Router<Svc>,
     served: Vec<(Method, &'static str)>,
 }
 
 impl RouteTable {
-    fn add(mut self, method: Method, path: &'static str, route: MethodRouter<Svc>) -> Self {
+    /// Serves `route` at `path` (several methods of one path merge).
+    pub(super) fn add(
+        mut self,
+        method: Method,
+        path: &'static str,
+        route: MethodRouter<Svc>,
+    ) -> Self {
         self.served.push((method, path));
         self.router = self.router.route(path, route);
         self
@@ -77,7 +85,7 @@ impl RouteTable {
 }
 
 fn route_table() -> RouteTable {
-    RouteTable {
+    let table = RouteTable {
         router: Router::new(),
         served: Vec::new(),
     }
@@ -86,11 +94,12 @@ fn route_table() -> RouteTable {
     .add(Method::POST, routes::WATCH, post(watch))
     .add(Method::POST, routes::UNWATCH, post(unwatch))
     .add(Method::POST, routes::EPOCH, post(epoch))
-    .add(Method::GET, routes::INODE_STATS, get(inode_stats))
+    .add(Method::GET, routes::INODE_STATS, get(inode_stats));
+    super::sandbox_server::add_routes(table)
 }
 
 /// Runs a service call on the blocking pool.
-async fn blocking<T, F>(service: Svc, call: F) -> Result<Json<T>, ApiError>
+pub(super) async fn blocking<T, F>(service: Svc, call: F) -> Result<Json<T>, ApiError>
 where
     T: Send + 'static,
     F: FnOnce(&ApiService) -> Result<T, ApiError> + Send + 'static,
@@ -194,6 +203,11 @@ impl IntoResponse for ApiError {
 
 impl From<JsonRejection> for ApiError {
     fn from(rejection: JsonRejection) -> Self {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            return Self::BodyTooLarge {
+                limit: MAX_BODY_BYTES,
+            };
+        }
         let cause = std::error::Error::source(&rejection)
             .map(ToString::to_string)
             .unwrap_or_default();
@@ -206,6 +220,27 @@ impl From<JsonRejection> for ApiError {
             other => lower_first(&other.body_text()),
         };
         Self::InvalidBody { message }
+    }
+}
+
+impl From<BytesRejection> for ApiError {
+    fn from(rejection: BytesRejection) -> Self {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            return Self::BodyTooLarge {
+                limit: MAX_BODY_BYTES,
+            };
+        }
+        Self::InvalidBody {
+            message: lower_first(&rejection.body_text()),
+        }
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(rejection: PathRejection) -> Self {
+        Self::InvalidPath {
+            message: lower_first(&rejection.body_text()),
+        }
     }
 }
 

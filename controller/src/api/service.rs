@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use crate::bpf::{BpfError, Origin, WriteTracker};
 use crate::cgroup::{Cgroup, CgroupFs, unknown_cgroup};
 use crate::metrics::{CgroupFigures, Metrics};
+use crate::sandbox::SandboxOps;
 
 use super::ApiError;
 use super::types::{
@@ -53,6 +54,8 @@ pub struct ApiService {
     info: DaemonInfo,
     /// cgroup id to directory, for ids this daemon resolved or found by a walk.
     paths: Mutex<HashMap<u64, KnownPath>>,
+    /// The sandbox endpoints' implementation; without it they answer 503.
+    sandboxes: Option<Arc<dyn SandboxOps>>,
 }
 
 impl ApiService {
@@ -69,7 +72,21 @@ impl ApiService {
             metrics,
             info,
             paths: Mutex::new(HashMap::new()),
+            sandboxes: None,
         }
+    }
+
+    /// This service with the sandbox endpoints served by `ops` (without it they answer
+    /// 503 `sandboxes_disabled`).
+    #[must_use]
+    pub fn with_sandboxes(mut self, ops: Arc<dyn SandboxOps>) -> Self {
+        self.sandboxes = Some(ops);
+        self
+    }
+
+    /// The sandbox operations, or the error the sandbox endpoints answer without them.
+    pub fn sandboxes(&self) -> Result<&dyn SandboxOps, ApiError> {
+        self.sandboxes.as_deref().ok_or(ApiError::SandboxesDisabled)
     }
 
     /// The metrics this service updates.

@@ -1,8 +1,11 @@
 //! The API against a fake tracker and a fake cgroup tree: behaviour, error shapes,
-//! metrics coverage; the OpenAPI contract and the client in submodules. No root needed.
+//! metrics coverage; the OpenAPI contract, the client and the sandbox endpoints (over
+//! an in-memory fake of the sandbox operations) in submodules. No root needed.
 
 mod client;
 mod contract;
+mod fake_sandboxes;
+mod sandboxes;
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
@@ -16,6 +19,7 @@ use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
+use self::fake_sandboxes::FakeSandboxes;
 use super::fake::FakeTracker;
 use super::server::{api_router, metrics_router};
 use super::service::{ApiService, DaemonInfo};
@@ -23,16 +27,28 @@ use super::{ErrorKind, routes};
 use crate::bpf::{Origin, WriteTracker};
 use crate::cgroup::CgroupFs;
 use crate::metrics::Metrics;
+use crate::sandbox::SandboxOps;
 
 /// A fake cgroup tree, a fake tracker and a service over both.
 pub(crate) struct Harness {
     pub(crate) dir: tempfile::TempDir,
     pub(crate) tracker: Arc<FakeTracker>,
+    pub(crate) sandboxes: Arc<FakeSandboxes>,
     pub(crate) service: Arc<ApiService>,
 }
 
 impl Harness {
+    /// With sandbox operations (the fake).
     pub(crate) fn new() -> Self {
+        Self::build(true)
+    }
+
+    /// Without sandbox operations: the sandbox routes answer 503.
+    pub(crate) fn without_sandboxes() -> Self {
+        Self::build(false)
+    }
+
+    fn build(with_sandboxes: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
         for sub in ["", "deltabox", "deltabox/demo", "deltabox/other"] {
             let d = dir.path().join(sub);
@@ -49,16 +65,21 @@ impl Harness {
             origin: Origin::Loaded,
             started: Instant::now(),
         };
-        let service = Arc::new(ApiService::new(
+        let sandboxes = Arc::new(FakeSandboxes::default());
+        let mut service = ApiService::new(
             tracker.clone() as Arc<dyn WriteTracker>,
             cgroups,
             Metrics::new().unwrap(),
             info,
-        ));
+        );
+        if with_sandboxes {
+            service = service.with_sandboxes(sandboxes.clone() as Arc<dyn SandboxOps>);
+        }
         Self {
             dir,
             tracker,
-            service,
+            sandboxes,
+            service: Arc::new(service),
         }
     }
 
@@ -105,9 +126,14 @@ impl Harness {
 }
 
 fn assert_error(got: &(StatusCode, Value), status: StatusCode, kind: ErrorKind, needle: &str) {
+    assert_error_kind(got, status, kind.as_str(), needle);
+}
+
+/// The answer is an error of this status and kind whose message contains `needle`.
+fn assert_error_kind(got: &(StatusCode, Value), status: StatusCode, kind: &str, needle: &str) {
     let (got_status, body) = got;
     assert_eq!(*got_status, status, "{body}");
-    assert_eq!(body["kind"], kind.as_str(), "{body}");
+    assert_eq!(body["kind"], kind, "{body}");
     let message = body["error"].as_str().unwrap();
     assert!(message.contains(needle), "{message:?} lacks {needle:?}");
     assert_eq!(body.as_object().unwrap().len(), 2, "{body}");
