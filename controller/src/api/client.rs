@@ -673,6 +673,57 @@ mod tests {
     }
 
     #[test]
+    fn commands_wait_as_long_as_they_may_run() {
+        let exec = |timeout_ms| ApiRequest::Exec {
+            sandbox: "sb".into(),
+            req: ExecRequest {
+                argv: vec!["true".into()],
+                timeout_ms,
+                ..ExecRequest::default()
+            },
+        };
+        assert_eq!(exec(None).timeout(), None);
+        assert_eq!(
+            exec(Some(1_200_000)).timeout(),
+            Some(Duration::from_secs(1260))
+        );
+        let run = ApiRequest::SessionRun {
+            sandbox: "sb".into(),
+            session: "s".into(),
+            req: SessionRun {
+                code: String::new(),
+                timeout_ms: Some(5),
+            },
+        };
+        assert_eq!(run.timeout(), Some(Duration::from_millis(60_005)));
+        assert_eq!(ApiRequest::Gc.timeout(), None);
+        assert_eq!(ApiRequest::Status.timeout(), Some(REQUEST_TIMEOUT));
+    }
+
+    #[test]
+    fn fills_paths_and_queries() {
+        let run = ApiRequest::SessionRun {
+            sandbox: "a/b".into(),
+            session: "s 1".into(),
+            req: SessionRun {
+                code: String::new(),
+                timeout_ms: None,
+            },
+        };
+        assert_eq!(
+            run.path_and_query(),
+            "/v1/sandboxes/a%2Fb/sessions/s%201/run"
+        );
+        let diff = ApiRequest::Diff {
+            from: "n&1".into(),
+            to: "n2".into(),
+        };
+        assert_eq!(diff.path_and_query(), "/v1/diff?from=n%261&to=n2");
+        assert_eq!(ApiRequest::Gc.method(), hyper::Method::POST);
+        assert_eq!(run.body().as_deref(), Some(r#"{"code":""}"#));
+    }
+
+    #[test]
     fn encodes_query_values() {
         assert_eq!(percent_encode("/sys/fs/cgroup/a b"), "/sys/fs/cgroup/a%20b");
         assert_eq!(percent_encode("x&y=z%"), "x%26y%3Dz%25");
