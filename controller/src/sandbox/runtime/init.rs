@@ -42,7 +42,7 @@ pub fn main(run_dir: &Path) -> i32 {
     let control = sys::take_control_fd();
     match sys::fork() {
         Err(e) => {
-            eprintln!("deltabox-init: fork: {e}");
+            log_line(&format!("fork: {e}"));
             1
         }
         Ok(sys::Forked::Parent(pid)) => {
@@ -169,7 +169,7 @@ impl Init {
             let ready = match sys::poll_readable(&fds) {
                 Ok(r) => r,
                 Err(e) => {
-                    eprintln!("deltabox-init: poll: {e}");
+                    log_line(&format!("poll: {e}"));
                     continue;
                 }
             };
@@ -237,7 +237,7 @@ impl Init {
         let (msg, fds, _) = match proto::recv::<RequestMsg>(c.as_raw_fd(), &mut self.buf) {
             Ok(m) => m,
             Err(proto::ProtoError::Decode(e)) => {
-                eprintln!("deltabox-init: bad request: {e}");
+                log_line(&format!("bad request: {e}"));
                 return;
             }
             Err(_) => {
@@ -387,9 +387,22 @@ impl Init {
         // The pidfd before the status: once the status pipe shows EOF the command may
         // already have exited, and a pidfd of a zombie is still valid.
         let pidfd = sys::pidfd_open(pid).map_err(err(format!("pidfd_open {pid}")));
-        self.check_child(pid, status_r)?;
+        self.check_child(pid, status_r).map_err(|e| {
+            if e.contains("in sandbox") {
+                e
+            } else {
+                format!("spawn {:?} in sandbox {}: {e}", argv.first(), cmd.sandbox)
+            }
+        })?;
         Ok((pid, pidfd?))
     }
+}
+
+/// A line on init's stderr (the daemon's log); never panics, unlike `eprintln!`, when
+/// that stream is gone: pid 1 must not die of a closed log.
+fn log_line(msg: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "deltabox-init: {msg}");
 }
 
 fn status_pipe() -> Result<(OwnedFd, File), String> {

@@ -10,19 +10,21 @@
 //!   `sys`: the raw kernel calls.
 
 mod cgroups;
+mod channel;
 mod child;
 mod init;
 mod proto;
 mod sys;
+mod types;
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::HashMap,
     fs::{self, File},
     io,
     os::fd::{AsRawFd as _, OwnedFd},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::{Arc, Condvar, Mutex, MutexGuard},
+    sync::{Arc, Condvar, Mutex},
     thread,
     time::{Duration, Instant},
 };
@@ -38,238 +40,23 @@ use nix::{
 };
 
 pub use cgroups::CgroupSetupError;
+use channel::{Channel, Mailbox, lock};
 pub use child::SANDBOX_CAPS;
 pub use init::main as init_main;
 pub use proto::ProtoError;
-use proto::{FromInit, ReplyData, Request, RequestMsg};
+use proto::{ReplyData, Request, RequestMsg};
+pub use types::{ExitStatus, Limits, RuntimeError, SpawnRequest, Spawned, TreeConfig};
 
 /// How long a request to init may take before it counts as hung.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long init may take to set up.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
-/// Exit reports kept for [`TreeRuntime::wait_exit`] (oldest dropped first).
-const MAX_EXITS: usize = 4096;
-
-/// Where a tree lives on the host.
-#[derive(Clone, Debug)]
-pub struct TreeConfig {
-    /// The tree's id (names it in errors).
-    pub id: String,
-    /// Host directory of the tree: `root/` (the tree's `/`), `init.sock`.
-    pub run_dir: PathBuf,
-    /// The tree's cgroup v2 directory (created with its parents).
-    pub cgroup: PathBuf,
-    /// The `deltabox-init` binary.
-    pub init_binary: PathBuf,
-}
-
-/// A sandbox's resource limits (None: unlimited).
-#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize, PartialEq)]
-pub struct Limits {
-    /// Memory (no swap beyond it), bytes.
-    pub memory_bytes: Option<u64>,
-    /// CPU bandwidth in CPUs (1.5 = one and a half cores).
-    pub cpus: Option<f64>,
-    /// Maximum number of tasks.
-    pub pids: Option<u64>,
-}
-
-/// A command to run in a sandbox.
-#[derive(Clone, Debug)]
-pub struct SpawnRequest {
-    /// The command line; argv\[0\] without a slash is searched in env's `PATH`.
-    pub argv: Vec<String>,
-    /// The whole environment.
-    pub env: Vec<(String, String)>,
-    /// Working directory inside the sandbox.
-    pub cwd: PathBuf,
-    /// Whether to give the command a stdin pipe (else /dev/null).
-    pub stdin: bool,
-}
-
-/// A running command.
-#[derive(Debug)]
-pub struct Spawned {
-    /// Its pid in the tree's pid namespace.
-    pub ns_pid: i32,
-    /// Its pid on the host.
-    pub host_pid: Pid,
-    /// A pidfd of it.
-    pub pidfd: OwnedFd,
-    /// The write end of its stdin, if asked for.
-    pub stdin: Option<File>,
-    /// The read end of its stdout.
-    pub stdout: File,
-    /// The read end of its stderr.
-    pub stderr: File,
-}
-
-/// How a process of the tree ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum ExitStatus {
-    /// It exited with this code.
-    Code(i32),
-    /// It was killed by this signal.
-    Signal(i32),
-}
-
-/// Why a runtime operation failed.
-#[derive(Debug, thiserror::Error)]
-pub enum RuntimeError {
-    /// A host file operation failed.
-    #[error("tree {tree}: {op} {}: {source}", path.display())]
-    Io {
-        /// The tree.
-        tree: String,
-        /// What was done.
-        op: &'static str,
-        /// On what.
-        path: PathBuf,
-        /// Why it failed.
-        #[source]
-        source: io::Error,
-    },
-    /// A cgroup operation failed.
-    #[error("tree {tree}: {source}")]
-    Cgroup {
-        /// The tree.
-        tree: String,
-        /// What failed.
-        #[source]
-        source: CgroupSetupError,
-    },
-    /// Talking to init failed.
-    #[error("tree {tree}: {source}")]
-    Proto {
-        /// The tree.
-        tree: String,
-        /// What failed.
-        #[source]
-        source: ProtoError,
-    },
-    /// Init could not set up the tree's namespaces.
-    #[error("tree {tree}: init failed to start: {error}")]
-    InitSetup {
-        /// The tree.
-        tree: String,
-        /// Init's message.
-        error: String,
-    },
-    /// Init exited or closed its control socket.
-    #[error("tree {tree}: init (host pid {pid}) is gone")]
-    InitGone {
-        /// The tree.
-        tree: String,
-        /// Init's host pid (0 if it never said).
-        pid: i32,
-    },
-    /// Init did not answer in time.
-    #[error("tree {tree}: init (host pid {pid}) did not answer {what} within {timeout:?}")]
-    Timeout {
-        /// The tree.
-        tree: String,
-        /// Init's host pid.
-        pid: i32,
-        /// The request.
-        what: String,
-        /// How long we waited.
-        timeout: Duration,
-    },
-    /// No such sandbox in this tree.
-    #[error("tree {tree}: unknown sandbox {sandbox}")]
-    UnknownSandbox {
-        /// The tree.
-        tree: String,
-        /// The name asked for.
-        sandbox: String,
-    },
-    /// The sandbox name cannot be a path component.
-    #[error("bad sandbox name {0:?} (letters, digits, '-', '_' and '.' only)")]
-    BadName(String),
-    /// Init refused or failed a request; its message names the problem.
-    #[error("tree {tree}: {error}")]
-    Init {
-        /// The tree.
-        tree: String,
-        /// Init's message.
-        error: String,
-    },
-}
 
 /// A sandbox the runtime knows.
 #[derive(Debug, Default)]
 struct SandboxState {
     /// The anchor's ns pid, once `add_sandbox` succeeded.
     anchor: Option<i32>,
-}
-
-/// What the reader thread shares with callers.
-#[derive(Default)]
-struct Mailbox {
-    hello: Option<i32>,
-    ready: Option<Result<(), String>>,
-    replies: HashMap<u64, (Result<ReplyData, String>, Vec<OwnedFd>)>,
-    /// Host pids of spawned children by request id (from their `Started` message).
-    started: HashMap<u64, i32>,
-    exits: HashMap<i32, ExitStatus>,
-    exit_order: VecDeque<i32>,
-    gone: bool,
-}
-
-struct Channel {
-    sock: OwnedFd,
-    send_lock: Mutex<u64>,
-    mailbox: Mutex<Mailbox>,
-    cond: Condvar,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-impl Channel {
-    /// The reader thread: dispatches replies by id and keeps exit reports.
-    fn read_loop(&self) {
-        let mut buf = vec![0; proto::MAX_MSG];
-        loop {
-            let msg = proto::recv::<FromInit>(self.sock.as_raw_fd(), &mut buf);
-            let mut mb = lock(&self.mailbox);
-            match msg {
-                Ok((FromInit::Hello { init_host_pid }, _, _)) => mb.hello = Some(init_host_pid),
-                Ok((FromInit::Ready, _, _)) => mb.ready = Some(Ok(())),
-                Ok((FromInit::SetupFailed { error }, _, _)) => mb.ready = Some(Err(error)),
-                Ok((FromInit::Started { id }, _, Some(pid))) => {
-                    mb.started.insert(id, pid);
-                }
-                Ok((FromInit::Started { .. }, _, None)) => {}
-                Ok((FromInit::Reply { id, result }, fds, _)) => {
-                    // A reused ns pid must not inherit an old exit: the new process's
-                    // exit always comes after this reply.
-                    if let Ok(ReplyData::Spawned(pid) | ReplyData::Anchor(pid)) = &result {
-                        mb.exits.remove(pid);
-                    }
-                    mb.replies.insert(id, (result, fds));
-                }
-                Ok((FromInit::Exit { ns_pid, status }, _, _)) => {
-                    if mb.exits.insert(ns_pid, status).is_none() {
-                        mb.exit_order.push_back(ns_pid);
-                    }
-                    while mb.exit_order.len() > MAX_EXITS {
-                        if let Some(old) = mb.exit_order.pop_front() {
-                            mb.exits.remove(&old);
-                        }
-                    }
-                }
-                Err(ProtoError::Decode(e)) => log::warn!("bad message from init: {e}"),
-                Err(_) => {
-                    mb.gone = true;
-                    self.cond.notify_all();
-                    return;
-                }
-            }
-            self.cond.notify_all();
-        }
-    }
 }
 
 /// The daemon's handle on one tree of sandboxes. `Send + Sync`: its methods may be
@@ -663,19 +450,24 @@ impl TreeRuntime {
         let Some(state) = lock(&self.sandboxes).remove(sandbox) else {
             return Err(self.unknown(sandbox));
         };
-        let killed = cgroups::kill(&self.sandbox_cgroup(sandbox));
-        if state.anchor.is_some() {
-            self.request(
-                Request::RemoveSandbox {
-                    sandbox: sandbox.to_owned(),
-                },
-                &[],
-            )?;
-        }
-        killed.map_err(|e| self.cg_err(e))?;
-        self.cgroups
+        let killed = cgroups::kill(&self.sandbox_cgroup(sandbox)).map_err(|e| self.cg_err(e));
+        let undone = match state.anchor {
+            Some(_) => self
+                .request(
+                    Request::RemoveSandbox {
+                        sandbox: sandbox.to_owned(),
+                    },
+                    &[],
+                )
+                .map(drop),
+            None => Ok(()),
+        };
+        // The cgroups go even when init is gone; the first error is reported.
+        let removed = self
+            .cgroups
             .remove_sandbox(sandbox)
-            .map_err(|e| self.cg_err(e))
+            .map_err(|e| self.cg_err(e));
+        killed.and(undone).and(removed)
     }
 
     /// Kills everything of the tree, removes its cgroups, its root mount and run_dir.
@@ -826,6 +618,12 @@ impl TreeRuntime {
         }
     }
 }
+
+// The daemon calls a tree's runtime from several blocking threads at once.
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    send_sync::<TreeRuntime>();
+};
 
 impl Drop for TreeRuntime {
     fn drop(&mut self) {
