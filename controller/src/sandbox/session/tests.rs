@@ -196,12 +196,19 @@ fn large_output_and_the_cap() {
     assert_eq!(out.stdout.len(), OUTPUT_CAP);
     assert_eq!(out.stderr, "c".repeat(100));
     s.check("echo next", "next\n", 0);
+    // Requests larger than a pipe buffer (bash reads them byte by byte).
+    s.check(&format!("# {}\necho big", "x".repeat(200_000)), "big\n", 0);
 
     let mut p = Session::start(SessionKind::Python);
     let out = p.run("import sys; sys.stderr.write('x' * (9 << 20)); print('ok')");
     assert!(out.truncated && out.stdout == "ok\n", "{}", out.stdout);
     assert_eq!(out.stderr.len(), OUTPUT_CAP);
     p.check("print(len('y' * (2 << 20)))", "2097152\n", 0);
+    p.check(
+        &format!("s = '{}'\nlen(s)", "é".repeat(1 << 20)),
+        "1048576\n",
+        0,
+    );
 }
 
 #[test]
