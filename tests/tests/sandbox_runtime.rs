@@ -404,3 +404,66 @@ fn shutdown_leaves_no_process_cgroup_or_mount() {
     let prefix = run_dir.to_string_lossy().into_owned();
     assert!(!mounts.contains(&prefix), "mounts left under {prefix}");
 }
+
+#[test]
+fn default_base_is_idempotent_read_only_and_masks_secrets() {
+    require_root();
+    let scratch = std::env::temp_dir().join(unique("rt-base"));
+    let mounts_under = |dir: &Path| {
+        fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .filter(|l| {
+                l.split_whitespace()
+                    .nth(4)
+                    .is_some_and(|p| Path::new(p).starts_with(dir))
+            })
+            .count()
+    };
+    struct Release(PathBuf, PathBuf);
+    impl Drop for Release {
+        fn drop(&mut self) {
+            if rootfs::release_default_base(&self.0).is_ok() {
+                let _ = fs::remove_dir_all(&self.1);
+            }
+        }
+    }
+    let base = rootfs::ensure_default_base(&scratch.join("base")).expect("first build");
+    let _guard = Release(base.clone(), scratch.clone());
+    let mounts = mounts_under(&base);
+    assert!(mounts >= 2, "usr and etc binds expected, {mounts} mounts");
+    assert_eq!(
+        rootfs::ensure_default_base(&base).expect("second call"),
+        base
+    );
+    assert_eq!(mounts_under(&base), mounts, "second call mounted again");
+    let e = fs::write(base.join("usr/deltabox-probe"), b"x").expect_err("usr is read-only");
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
+    assert_eq!(
+        fs::metadata(base.join("etc/shadow")).unwrap().len(),
+        0,
+        "shadow masked"
+    );
+    assert!(fs::read_dir(base.join("root")).unwrap().next().is_none());
+    assert!(
+        fs::read_dir(base.join("workspace"))
+            .unwrap()
+            .next()
+            .is_none()
+    );
+    rootfs::check_rootfs(&base).expect("the default base is a valid rootfs");
+
+    let e = rootfs::check_rootfs(&scratch.join("missing")).unwrap_err();
+    assert!(e.to_string().contains("does not exist"), "{e}");
+    let file = scratch.join("file");
+    fs::write(&file, b"").unwrap();
+    let e = rootfs::check_rootfs(&file).unwrap_err();
+    assert!(e.to_string().contains("is not a directory"), "{e}");
+    let empty = scratch.join("empty");
+    fs::create_dir_all(&empty).unwrap();
+    let e = rootfs::check_rootfs(&empty).unwrap_err();
+    assert!(e.to_string().contains("no executable /bin/sh"), "{e}");
+
+    rootfs::release_default_base(&base).expect("release");
+    assert_eq!(mounts_under(&base), 0, "mounts left after release");
+}
