@@ -467,3 +467,29 @@ fn default_base_is_idempotent_read_only_and_masks_secrets() {
     rootfs::release_default_base(&base).expect("release");
     assert_eq!(mounts_under(&base), 0, "mounts left after release");
 }
+
+#[test]
+fn a_template_outlives_its_sandbox() {
+    let mut tree = Tree::new("rt-template");
+    tree.add("a", &Limits::default());
+    let sp = tree
+        .rt()
+        .spawn("a", &request(&["sleep", "100"], "/"))
+        .expect("spawn");
+    // DeltaCR moves a template into the tree's templates/ cgroup; it keeps the sandbox's
+    // v1 limit cgroups (if any) and must not stop the sandbox's removal.
+    fs::write(
+        tree.rt().templates_cgroup().join("cgroup.procs"),
+        sp.host_pid.to_string(),
+    )
+    .expect("move to templates/");
+    tree.rt()
+        .remove_sandbox("a")
+        .expect("remove sandbox with a template left");
+    assert!(!tree.rt().sandbox_cgroup("a").exists(), "sb-a left");
+    for dir in tree.rt().limit_cgroups("a") {
+        assert!(!dir.exists(), "{} left", dir.display());
+    }
+    let stat = fs::read_to_string(format!("/proc/{}/stat", sp.host_pid)).expect("template alive");
+    assert!(!stat.contains(") Z "), "template died: {stat}");
+}

@@ -172,6 +172,7 @@ impl TreeCgroups {
             rmdir(&sb)?;
         }
         for dir in self.sandbox_v1(sandbox) {
+            migrate_to_parent(&dir)?;
             rmdir(&dir)?;
         }
         Ok(())
@@ -212,6 +213,32 @@ fn rmdir(dir: &Path) -> Result<(), CgroupSetupError> {
             Err(_) => thread::sleep(Duration::from_millis(5)),
         }
     }
+}
+
+/// Moves what is left in a v1 limit cgroup (templates: they live in the tree's v2
+/// `templates/` but keep the v1 cgroups of the process they were forked from, and they
+/// outlive the sandbox) to its parent, the tree's v1 cgroup, so it can be removed.
+fn migrate_to_parent(dir: &Path) -> Result<(), CgroupSetupError> {
+    let procs = dir.join("cgroup.procs");
+    let list = match fs::read_to_string(&procs) {
+        Ok(l) => l,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_err("read", &procs)(e)),
+    };
+    let Some(parent) = dir.parent() else {
+        return Ok(());
+    };
+    let target = parent.join("cgroup.procs");
+    for pid in list.lines() {
+        match fs::write(&target, pid) {
+            // ESRCH: it exited meanwhile.
+            Err(e) if e.raw_os_error() != Some(libc::ESRCH) => {
+                return Err(io_err("write", &target)(e));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Removes a cgroup directory and its child cgroups, children first.
