@@ -292,6 +292,10 @@ class AsyncSandbox:
             await self.remove()
         except UnknownSandbox:
             pass
+        except DeltaBoxError:
+            if exc is None:
+                raise
+            # else: the block's own exception matters more than a failed clean-up
 
     @property
     def id(self) -> str:

@@ -324,6 +324,10 @@ class Sandbox:
             self.remove()
         except UnknownSandbox:
             pass
+        except DeltaBoxError:
+            if exc is None:
+                raise
+            # else: the block's own exception matters more than a failed clean-up
 
     @property
     def id(self) -> str:
