@@ -56,6 +56,9 @@ pub enum Command {
     )]
     Create(CreateArgs),
     /// List the sandboxes.
+    #[command(
+        after_help = "Example:\n  deltabox ls\n  deltabox ls --json | jq -r '.sandboxes[].id'"
+    )]
     Ls(JsonArgs),
     /// Show the daemon (its eBPF programs, watched cgroups, counters), or one sandbox.
     #[command(after_help = "Example:\n  deltabox status\n  deltabox status 0193a")]
@@ -69,6 +72,15 @@ Example:
   deltabox exec 0193a --cwd /workspace --env DEBUG=1 -- python3 -c 'print(1)'")]
     Exec(ExecArgs),
     /// Persistent bash or python sessions: start, run code, stop.
+    #[command(after_help = "\
+A session keeps its interpreter's state (variables, imports, working directory)
+from one run to the next, and checkpoints and rollbacks include it.
+
+Example:
+  s=$(deltabox session start 0193a --kind python)
+  deltabox session run 0193a $s 'import json; x = 41'
+  deltabox session run 0193a $s 'print(x + 1)'
+  deltabox session stop 0193a $s")]
     Session(SessionArgs),
     /// Checkpoint a sandbox's files and sessions together; prints the node id.
     #[command(
@@ -103,6 +115,7 @@ Example:
   deltabox rm --node 0193b")]
     Rm(RmArgs),
     /// Drop layers no node or sandbox uses, and trees left empty.
+    #[command(after_help = "Example:\n  deltabox rm --node 0193b && deltabox gc")]
     Gc(JsonArgs),
     /// Start counting the writes of a cgroup (no-op if already watched).
     Watch(CgroupArgs),
@@ -201,6 +214,7 @@ Example:
   echo 'print(x + 1)' | deltabox session run 0193a 0193d -")]
     Run(SessionRunArgs),
     /// Stop a session.
+    #[command(after_help = "Example:\n  deltabox session stop 0193a 0193d")]
     Stop(SessionStopArgs),
 }
 
