@@ -493,3 +493,27 @@ fn a_template_outlives_its_sandbox() {
     let stat = fs::read_to_string(format!("/proc/{}/stat", sp.host_pid)).expect("template alive");
     assert!(!stat.contains(") Z "), "template died: {stat}");
 }
+
+#[test]
+fn concurrent_spawns_from_many_threads() {
+    let mut tree = Tree::new("rt-concurrent");
+    tree.add("a", &Limits::default());
+    let rt = tree.rt();
+    thread::scope(|s| {
+        let handles: Vec<_> = (0..8)
+            .map(|i| {
+                s.spawn(move || {
+                    for j in 0..5 {
+                        let word = format!("t{i}-{j}");
+                        let (st, out, _) = run_in(rt, "a", &["echo", &word], "/");
+                        assert_eq!(st, ExitStatus::Code(0));
+                        assert_eq!(out, format!("{word}\n"));
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().expect("spawning thread");
+        }
+    });
+}

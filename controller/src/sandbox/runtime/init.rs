@@ -391,7 +391,11 @@ impl Init {
             if e.contains("in sandbox") {
                 e
             } else {
-                format!("spawn {:?} in sandbox {}: {e}", argv.first(), cmd.sandbox)
+                format!(
+                    "spawn {} in sandbox {}: {e}",
+                    argv.first().map(String::as_str).unwrap_or(""),
+                    cmd.sandbox
+                )
             }
         })?;
         Ok((pid, pidfd?))
