@@ -305,3 +305,15 @@ def test_sync_and_async_have_the_same_methods() -> None:
             sync_api.remove("close")
             async_api.remove("aclose")
         assert sync_api == async_api, (sync_cls.__name__, sync_api ^ async_api)
+
+
+def test_branch_one_at_a_time(fake: FakeDaemon, client: deltabox.Client) -> None:
+    branch_script(fake, fail_every=3)
+    outcomes = client.node(samples_node_info()).branch(3, max_parallel=1)
+    # sequential: the third call is the one that fails
+    assert [o.ok for o in outcomes] == [True, True, False]
+    assert [o.unwrap().id for o in outcomes[:2]] == ["branch-1", "branch-2"]
+    with pytest.raises(ValueError, match="max_parallel"):
+        client.node(samples_node_info()).branch(2, max_parallel=0)
+    with pytest.raises(ValueError, match="count"):
+        client.node(samples_node_info()).branch(0)

@@ -1,10 +1,15 @@
 """``node.branch(n)`` where some branches fail and the rest succeed, on a real daemon.
 
-The failure is a real limit: the daemon's sandbox cgroup (``--sandbox-cgroup``, the
-parent of every tree and sandbox cgroup) gets a ``pids.max`` with room for only two
-more branches' processes, so the daemon cannot fork the session template and init's
-children for the later branches and answers those calls with an error; the SDK
-branches one sandbox per call, so the first ones still come back as sandboxes.
+The failure is a real limit: the tree's pids cgroup gets a ``pids.max`` with room for
+the processes of two more branches. A branch forks its session processes from the
+node's templates, which are in the tree; once the tree is full that fork fails, the
+daemon answers that branch call with an error, and — because the SDK branches one
+sandbox per call — the branches made before still come back as sandboxes.
+
+Where the pids limit lives (docs/sandbox-runtime.md, "Cgroups"): in the tree's cgroup
+v2 directory (``<--sandbox-cgroup>/…/<tree>``, the parent of ``sb-<sandbox>``) when
+cgroup2 has the pids controller, else at the same relative path in the v1 pids
+hierarchy under the daemon's own v1 cgroup (this machine).
 """
 
 from __future__ import annotations
@@ -13,58 +18,75 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Daemon
+from conftest import CGROUP_ROOT, Daemon
 
 import deltabox
 from deltabox import Client
 
 pytestmark = pytest.mark.daemon
+V1_PIDS = Path("/sys/fs/cgroup/pids")
 
 
-def pids_current(cgroup: Path) -> int:
-    return int((cgroup / "pids.current").read_text())
+def tree_pids_dir(daemon: Daemon, sandbox_id: str) -> Path:
+    """The cgroup directory whose ``pids.max`` bounds every process of the sandbox's
+    tree."""
+    found = [p for p in daemon.cgroup.rglob(f"sb-{sandbox_id}") if p.is_dir()]
+    assert len(found) == 1, f"no single sb-{sandbox_id} under {daemon.cgroup}: {found}"
+    tree_v2 = found[0].parent
+    if (tree_v2 / "pids.max").exists():
+        return tree_v2
+    own = [
+        line.split(":", 2)[2].strip()
+        for line in Path(f"/proc/{daemon.pid}/cgroup").read_text().splitlines()
+        if line.split(":")[1] == "pids"
+    ]
+    assert own, f"deltaboxd (pid {daemon.pid}) has no pids cgroup, v2 or v1"
+    tree_v1 = V1_PIDS / own[0].lstrip("/") / tree_v2.relative_to(CGROUP_ROOT)
+    assert (tree_v1 / "pids.max").exists(), f"neither {tree_v2} nor {tree_v1} has a pids.max"
+    return tree_v1
 
 
 @pytest.fixture
-def pids_limit(daemon: Daemon) -> Iterator[Path]:
-    """The daemon cgroup's ``pids.max``, reset to ``max`` after the test."""
-    path = daemon.cgroup / "pids.max"
-    assert path.exists(), (
-        f"{path} does not exist: the pids controller is not enabled for {daemon.cgroup} "
-        "(enable it in the parent's cgroup.subtree_control)"
-    )
+def limited() -> Iterator[list[Path]]:
+    """pids.max files the test sets; put back to ``max`` afterwards."""
+    touched: list[Path] = []
     try:
-        yield path
+        yield touched
     finally:
-        path.write_text("max")
+        for path in touched:
+            path.write_text("max")
 
 
-def test_branch_some_fail_the_rest_succeed(client: Client, daemon: Daemon, pids_limit: Path) -> None:
-    with client.create() as sb:
+def test_branch_some_fail_the_rest_succeed(client: Client, daemon: Daemon, limited: list[Path]) -> None:
+    with client.create(pids=4096) as sb:
         py = sb.session("python")
         py.run("x = 41")
         node = sb.checkpoint(label="fan-out")
-        before = pids_current(daemon.cgroup)
+        tree = tree_pids_dir(daemon, sb.id)
+        current = tree / "pids.current"
+        before = int(current.read_text())
         with node.branch(1)[0].unwrap() as probe:
-            cost = pids_current(daemon.cgroup) - before  # processes one branch keeps
-            assert cost >= 1, f"a branch with a python session added {cost} processes"
-            pids_limit.write_text(str(pids_current(daemon.cgroup) + 2 * cost))
-            outcomes = node.branch(6)
-            pids_limit.write_text("max")
+            cost = int(current.read_text()) - before  # processes one branch keeps
+            assert cost >= 1, f"a branch with a python session added {cost} processes to {tree}"
+            limited.append(tree / "pids.max")
+            (tree / "pids.max").write_text(str(int(current.read_text()) + 2 * cost))
+            # One call at a time, so which branches meet the limit is deterministic.
+            outcomes = node.branch(5, max_parallel=1)
+            (tree / "pids.max").write_text("max")
             try:
                 ok = [o for o in outcomes if o.ok]
                 failed = [o for o in outcomes if not o.ok]
-                assert ok, f"every branch failed: {[str(o.error) for o in failed]}"
-                assert failed, "no branch met the pids limit"
-                assert len(ok) <= 2
+                errors = [f"{o.index}: {o.error!r}" for o in failed]
+                assert ok, f"every branch failed: {errors}"
+                assert failed, f"no branch met the limit of {tree}"
+                assert [o.index for o in ok] == list(range(len(ok))) and len(ok) <= 2, errors
                 for o in failed:
                     assert isinstance(o.error, deltabox.DeltaBoxError)
-                    assert o.error.kind not in ("unreachable", "client_timeout", "protocol"), o.error
+                    assert o.error.status >= 400 and o.error.kind not in ("unreachable", "protocol"), o.error
                     with pytest.raises(deltabox.DeltaBoxError):
                         o.unwrap()
                 for o in ok:
-                    b = o.unwrap()
-                    (session,) = b.sessions()
+                    (session,) = o.unwrap().sessions()
                     assert session.run("print(x)").stdout == "41\n"
                 # the failures left the node usable: a branch works again without the limit
                 with node.branch(1)[0].unwrap() as again:
@@ -74,3 +96,17 @@ def test_branch_some_fail_the_rest_succeed(client: Client, daemon: Daemon, pids_
                 for o in outcomes:
                     if o.sandbox is not None:
                         o.sandbox.remove()
+
+
+def test_branch_outcomes_keep_their_order_concurrently(client: Client) -> None:
+    with client.create() as sb:
+        node = sb.checkpoint()
+        outcomes = node.branch(3, max_parallel=3)
+        try:
+            assert [o.index for o in outcomes] == [0, 1, 2]
+            assert all(o.ok for o in outcomes), [o.error for o in outcomes]
+            assert len({o.unwrap().id for o in outcomes}) == 3
+        finally:
+            for o in outcomes:
+                if o.sandbox is not None:
+                    o.sandbox.remove()

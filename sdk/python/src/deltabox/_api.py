@@ -46,6 +46,8 @@ RUN_TIMEOUT_MARGIN = 60.0
 #: Default read timeout of every other call (a checkpoint or branch of a large
 #: sandbox on a loaded machine can take a while; a wedged daemon is still noticed).
 DEFAULT_TIMEOUT = 300.0
+#: Most branch calls ``node.branch(n)`` has in flight at once, by default.
+BRANCH_PARALLELISM = 8
 
 
 def socket_path(socket: str | os.PathLike[str] | None) -> str:

@@ -178,15 +178,22 @@ class AsyncNode:
         """Its parent node's id."""
         return self.info.parent
 
-    async def branch(self, n: int = 1) -> list[BranchOutcome[AsyncSandbox]]:
-        """``n`` new sandboxes from this node, branched concurrently, one call each:
-        each outcome holds its sandbox or its error, in order."""
+    async def branch(
+        self, n: int = 1, *, max_parallel: int = _api.BRANCH_PARALLELISM
+    ) -> list[BranchOutcome[AsyncSandbox]]:
+        """``n`` new sandboxes from this node, branched concurrently (up to
+        ``max_parallel`` calls in flight), one call each: each outcome holds its sandbox
+        or its error, in order."""
         if n < 1:
             raise ValueError(f"branch count must be at least 1, not {n}")
+        if max_parallel < 1:
+            raise ValueError(f"max_parallel must be at least 1, not {max_parallel}")
+        limit = asyncio.Semaphore(max_parallel)
 
         async def one(index: int) -> BranchOutcome[AsyncSandbox]:
             try:
-                info, ms = await self.client.call(_api.branch_one(self.id))
+                async with limit:
+                    info, ms = await self.client.call(_api.branch_one(self.id))
             except DeltaBoxError as err:
                 return BranchOutcome(index, error=err)
             return BranchOutcome(index, AsyncSandbox(self.client, info), branch_ms=ms)

@@ -36,8 +36,7 @@ from .models import (
 __all__ = ["Client", "Sandbox", "Session", "Node", "default_client"]
 
 T = TypeVar("T")
-#: Most branch calls a sync :meth:`Node.branch` has in flight at once.
-BRANCH_PARALLELISM = 8
+BRANCH_PARALLELISM = _api.BRANCH_PARALLELISM
 
 
 class Client:
@@ -188,15 +187,17 @@ class Node:
         """Its parent node's id."""
         return self.info.parent
 
-    def branch(self, n: int = 1) -> list[BranchOutcome[Sandbox]]:
+    def branch(self, n: int = 1, *, max_parallel: int = BRANCH_PARALLELISM) -> list[BranchOutcome[Sandbox]]:
         """``n`` new sandboxes from this node, each with this node's files and processes.
 
-        One call per branch (up to :data:`BRANCH_PARALLELISM` at once): each outcome
-        holds its sandbox or the error that stopped it, in order. Remove the sandboxes
-        when done (they are context managers).
+        One call per branch, up to ``max_parallel`` at once (1: one after the other):
+        each outcome holds its sandbox or the error that stopped it, in order. Remove
+        the sandboxes when done (they are context managers).
         """
         if n < 1:
             raise ValueError(f"branch count must be at least 1, not {n}")
+        if max_parallel < 1:
+            raise ValueError(f"max_parallel must be at least 1, not {max_parallel}")
 
         def one(index: int) -> BranchOutcome[Sandbox]:
             try:
@@ -205,9 +206,9 @@ class Node:
                 return BranchOutcome(index, error=err)
             return BranchOutcome(index, Sandbox(self.client, info), branch_ms=ms)
 
-        if n == 1:
-            return [one(0)]
-        with ThreadPoolExecutor(max_workers=min(n, BRANCH_PARALLELISM)) as pool:
+        if n == 1 or max_parallel == 1:
+            return [one(i) for i in range(n)]
+        with ThreadPoolExecutor(max_workers=min(n, max_parallel)) as pool:
             return list(pool.map(one, range(n)))
 
     def tree(self) -> Tree:
