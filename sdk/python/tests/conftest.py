@@ -24,7 +24,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -51,6 +51,9 @@ class Daemon:
     cgroup: Path
     pin_dir: Path
     log: Path
+    #: The v1 hierarchies' mirrors of ``cgroup`` where the daemon puts limits that
+    #: cgroup2 lacks controllers for (docs/sandbox-runtime.md, "Cgroups").
+    v1_cgroups: list[Path] = field(default_factory=list)
 
     def log_tail(self, lines: int = 40) -> str:
         """The end of its stderr, for failure messages."""
@@ -90,6 +93,40 @@ def _kill_cgroup(path: Path) -> None:
                     break
                 with contextlib.suppress(OSError):
                     (d / "cgroup.kill").write_text("1")
+                time.sleep(0.05)
+
+
+def _v1_mirrors(pid: int, cgroup: Path) -> list[Path]:
+    """Where a daemon with this pid would mirror ``cgroup`` in the v1 limit hierarchies:
+    ``/sys/fs/cgroup/<hierarchy>/<its own v1 cgroup>/<cgroup relative to cgroup2>``."""
+    mirrors = []
+    rel = cgroup.relative_to(CGROUP_ROOT)
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, own = line.split(":", 2)
+        if set(controllers.split(",")) & {"memory", "cpu", "pids"}:
+            mount = Path("/sys/fs/cgroup") / controllers
+            if mount.is_dir():
+                mirrors.append(mount / own.lstrip("/") / rel)
+    return mirrors
+
+
+def _remove_v1(path: Path) -> None:
+    """Removes a v1 cgroup subtree bottom-up (its processes are gone once the v2
+    cgroups were killed; retried briefly while the kernel lets them exit)."""
+    if not path.is_dir():
+        return
+    subdirs = sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True)
+    deadline = time.monotonic() + 10
+    for d in [*subdirs, path]:
+        while True:
+            try:
+                d.rmdir()
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    break
                 time.sleep(0.05)
 
 
@@ -177,6 +214,7 @@ def daemon() -> Iterator[Daemon]:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
     d.pid = proc.pid
     try:
+        d.v1_cgroups = _v1_mirrors(proc.pid, d.cgroup)
         deadline = time.monotonic() + START_TIMEOUT
         while not _status_ok(d.socket):
             if proc.poll() is not None:
@@ -190,6 +228,8 @@ def daemon() -> Iterator[Daemon]:
     finally:
         _stop(proc)
         _kill_cgroup(d.cgroup)
+        for mirror in d.v1_cgroups:
+            _remove_v1(mirror)
         _unmount_under(top)
         _unmount_under(d.data_dir)
         shutil.rmtree(top, ignore_errors=True)
