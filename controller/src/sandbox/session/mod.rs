@@ -35,6 +35,8 @@ pub const INTERRUPT_GRACE: Duration = Duration::from_secs(5);
 /// How long the other stream may take to end once one pipe showed that the
 /// interpreter is gone (a background child of the code may hold it open).
 const EXIT_DRAIN: Duration = Duration::from_millis(200);
+/// Bytes of stderr quoted in an error message.
+const ERROR_TAIL: usize = 500;
 /// Bytes read per read(2).
 const READ_CHUNK: usize = 64 << 10;
 /// Bytes written per write(2): no more than `PIPE_BUF`, so that a write to a
@@ -162,7 +164,7 @@ pub enum SessionError {
         reason: String,
     },
     /// The interpreter did not announce readiness in time.
-    #[error("{kind} session not ready after {waited:?}; stderr so far: {stderr:?}")]
+    #[error("{kind} session not ready after {waited:?}; stderr so far: {:?}", tail(.stderr))]
     ReadyTimeout {
         /// The interpreter.
         kind: SessionKind,
@@ -173,7 +175,7 @@ pub enum SessionError {
     },
     /// The interpreter is gone (or closed its pipes): it exited, was killed,
     /// or never started. Its output until then is kept.
-    #[error("{kind} session exited ({}); stderr: {stderr:?}", match status { Some(s) => format!("status {s}"), None => "status unknown".to_string() })]
+    #[error("{kind} session exited ({}); stderr: {:?}", exit_status(.status), tail(.stderr))]
     Exited {
         /// The interpreter.
         kind: SessionKind,
@@ -226,6 +228,23 @@ pub enum SessionError {
         #[source]
         source: io::Error,
     },
+}
+
+/// At most the last [`ERROR_TAIL`] bytes of `s` (on a character boundary):
+/// error messages quote the end of stderr, not megabytes of it.
+fn tail(s: &str) -> &str {
+    let mut start = s.len().saturating_sub(ERROR_TAIL);
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    &s[start..]
+}
+
+fn exit_status(status: &Option<i32>) -> String {
+    match status {
+        Some(s) => format!("status {s}"),
+        None => "status unknown".to_string(),
+    }
 }
 
 /// Waits for the driver's readiness marker on stdout and stderr, which it

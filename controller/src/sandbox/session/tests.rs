@@ -441,6 +441,10 @@ fn readiness_failures_are_named() {
         matches!(&err, SessionError::Exited { stderr, .. } if stderr == "boom"),
         "{err}"
     );
+    assert_eq!(
+        err.to_string(),
+        "python session exited (status unknown); stderr: \"boom\""
+    );
     let argv = ["sleep", "30"].map(String::from);
     let (mut child, mut io) = spawn(&argv, &[]);
     let err = wait_ready(&mut io, SessionKind::Bash, Duration::from_millis(200)).unwrap_err();
