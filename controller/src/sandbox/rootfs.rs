@@ -331,3 +331,41 @@ fn unescape(field: &str) -> PathBuf {
         String::from_utf8_lossy(&out).into_owned(),
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolve_in_follows_symlinks_inside_the_root() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        fs::create_dir_all(r.join("usr/bin")).unwrap();
+        fs::write(r.join("usr/bin/dash"), b"").unwrap();
+        symlink("usr/bin", r.join("bin")).unwrap();
+        // An absolute target is the sandbox's, not the host's.
+        symlink("/usr/bin/dash", r.join("usr/bin/sh")).unwrap();
+        assert_eq!(
+            resolve_in(r, Path::new("bin/sh")),
+            Some(r.join("usr/bin/dash"))
+        );
+        symlink("../../nowhere", r.join("usr/bin/bad")).unwrap();
+        assert_eq!(resolve_in(r, Path::new("bin/bad")), None);
+        symlink("loop", r.join("loop")).unwrap();
+        assert_eq!(resolve_in(r, Path::new("loop")), None);
+    }
+
+    #[test]
+    fn mountinfo_escapes_are_undone() {
+        assert_eq!(unescape("/a\\040b/c"), PathBuf::from("/a b/c"));
+        assert_eq!(unescape("/plain"), PathBuf::from("/plain"));
+    }
+
+    #[test]
+    fn masks_live_next_to_the_base() {
+        assert_eq!(
+            masks_dir(Path::new("/x/base")),
+            PathBuf::from("/x/base.masks")
+        );
+    }
+}

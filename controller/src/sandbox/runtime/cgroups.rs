@@ -320,7 +320,13 @@ fn write_v1_limits(controller: &str, dir: &Path, l: &Limits) -> Result<(), Cgrou
 /// The daemon's own cgroup in the v1 hierarchy of `controller`, if one is mounted.
 fn v1_own_dir(controller: &str) -> Option<PathBuf> {
     let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let mount = info.lines().find_map(|line| {
+    let own = fs::read_to_string("/proc/self/cgroup").ok()?;
+    v1_dir_from(&info, &own, controller)
+}
+
+/// [`v1_own_dir`] from the texts of `/proc/self/mountinfo` and `/proc/self/cgroup`.
+fn v1_dir_from(mountinfo: &str, self_cgroup: &str, controller: &str) -> Option<PathBuf> {
+    let mount = mountinfo.lines().find_map(|line| {
         let (left, right) = line.split_once(" - ")?;
         let mut r = right.split_whitespace();
         if r.next()? != "cgroup" {
@@ -332,8 +338,7 @@ fn v1_own_dir(controller: &str) -> Option<PathBuf> {
             .any(|o| o == controller)
             .then(|| PathBuf::from(dir))
     })?;
-    let own = fs::read_to_string("/proc/self/cgroup").ok()?;
-    let rel = own.lines().find_map(|line| {
+    let rel = self_cgroup.lines().find_map(|line| {
         let mut parts = line.splitn(3, ':');
         let _ = parts.next()?;
         let names = parts.next()?;
@@ -384,5 +389,33 @@ fn wait_event(cg: &Path, key: &'static str, want: &str) -> Result<(), CgroupSetu
         }
         thread::sleep(pause);
         pause = (pause * 2).min(Duration::from_millis(5));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MOUNTINFO: &str = "\
+32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
+33 31 0:30 / /sys/fs/cgroup/cpu,cpuacct rw,relatime - cgroup cgroup rw,cpu,cpuacct
+35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+";
+    const SELF: &str = "9:name=systemd:/\n4:memory:/process_api/abc\n1:cpu:/\n0::/\n";
+
+    #[test]
+    fn v1_dir_is_the_daemons_own_cgroup_in_the_controllers_hierarchy() {
+        assert_eq!(
+            v1_dir_from(MOUNTINFO, SELF, "memory"),
+            Some(PathBuf::from("/sys/fs/cgroup/memory/process_api/abc"))
+        );
+        assert_eq!(
+            v1_dir_from(MOUNTINFO, SELF, "cpu"),
+            Some(PathBuf::from("/sys/fs/cgroup/cpu/"))
+        );
+        // Not mounted as v1 (cgroup2 only), or not in /proc/self/cgroup.
+        assert_eq!(v1_dir_from(MOUNTINFO, SELF, "pids"), None);
+        assert_eq!(v1_dir_from(MOUNTINFO, "0::/\n", "memory"), None);
     }
 }

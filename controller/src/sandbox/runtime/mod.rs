@@ -661,3 +661,19 @@ fn pid_of_pidfd(pidfd: &OwnedFd) -> Option<Pid> {
         .ok()?;
     (pid > 0).then(|| Pid::from_raw(pid))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sandbox_names_stay_plain_path_components() {
+        for ok in ["a", "sb-1", "0191a2b3-c4d5", "x.y_z"] {
+            assert!(check_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", ".", "..", ".hidden", "a/b", "a b", "x\0"] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_name(&"a".repeat(129)).is_err());
+    }
+}
