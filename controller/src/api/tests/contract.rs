@@ -121,6 +121,83 @@ async fn answers_match_the_documented_schemas() {
     assert!(empty.is_empty(), "arrays never seen non-empty: {empty:?}");
 }
 
+/// Request bodies with every field set serialise to exactly the documented
+/// properties, of the documented types.
+#[test]
+fn request_bodies_match_the_documented_schemas() {
+    use crate::api::sandbox_types::{
+        BranchRequest, CheckpointRequest, CreateSandbox, ExecRequest, LimitsSpec, RollbackMode,
+        RollbackRequest, SessionRun, SessionStart,
+    };
+    use crate::api::types::CgroupRequest;
+
+    let spec = openapi();
+    let full = [
+        ("CgroupRequest", json!(CgroupRequest { path: "a".into() })),
+        (
+            "CreateSandbox",
+            json!(CreateSandbox {
+                rootfs: Some("/r".into()),
+                limits: LimitsSpec {
+                    memory_bytes: Some(1),
+                    cpus: Some(1.5),
+                    pids: Some(2),
+                },
+                auto_checkpoint: true,
+            }),
+        ),
+        (
+            "ExecRequest",
+            json!(ExecRequest {
+                argv: vec!["ls".into()],
+                env: [("K".to_owned(), "V".to_owned())].into(),
+                cwd: Some("/".into()),
+                stdin: Some("in".into()),
+                timeout_ms: Some(1),
+            }),
+        ),
+        (
+            "SessionStart",
+            json!(SessionStart {
+                kind: "bash".into()
+            }),
+        ),
+        (
+            "SessionRun",
+            json!(SessionRun {
+                code: "x".into(),
+                timeout_ms: Some(1),
+            }),
+        ),
+        (
+            "CheckpointRequest",
+            json!(CheckpointRequest {
+                label: Some("l".into()),
+            }),
+        ),
+        (
+            "RollbackRequest",
+            json!(RollbackRequest {
+                node: "n".into(),
+                mode: RollbackMode::ProcessesOnly,
+            }),
+        ),
+        ("BranchRequest", json!(BranchRequest { count: 2 })),
+    ];
+    let mut coverage = Coverage::new();
+    for (name, value) in full {
+        let schema = &spec["components"]["schemas"][name];
+        let documented: BTreeSet<&String> =
+            schema["properties"].as_object().unwrap().keys().collect();
+        let sent: BTreeSet<&String> = value.as_object().unwrap().keys().collect();
+        assert_eq!(
+            sent, documented,
+            "{name}: fields and documented properties differ"
+        );
+        check_schema(&spec, schema, &value, name, name, &mut coverage);
+    }
+}
+
 /// The answer's status is documented for the operation, with a schema it matches.
 fn check_answer(
     spec: &Value,
@@ -243,6 +320,16 @@ fn check_schema(
             let object = value
                 .as_object()
                 .unwrap_or_else(|| panic!("{at}: not an object: {value}"));
+            if schema["properties"].is_null() {
+                // A map: every value against `additionalProperties`.
+                let values = &schema["additionalProperties"];
+                assert!(values.is_object(), "{at}: object schema without properties");
+                for (key, field) in object {
+                    let (at, name) = (format!("{at}.{key}"), format!("{name}.*"));
+                    check_schema(spec, values, field, &at, &name, coverage);
+                }
+                return;
+            }
             let properties = schema["properties"].as_object().unwrap();
             for key in object.keys() {
                 assert!(

@@ -5,6 +5,7 @@
 mod client;
 mod contract;
 mod fake_sandboxes;
+mod sandbox_errors;
 mod sandboxes;
 
 use std::fs;

@@ -1,6 +1,7 @@
 //! The sandbox endpoints through the router, over the in-memory fake of the sandbox
-//! operations: every route's happy path, every sandbox error kind, rejected requests on
-//! every route, and the answer without sandbox support.
+//! operations: every route's happy path, rejected requests on every route, the answer
+//! without sandbox support, metrics by route template. Sandbox errors are in
+//! `sandbox_errors`.
 
 use std::collections::BTreeSet;
 
@@ -14,22 +15,26 @@ use tower::ServiceExt;
 use super::{Harness, assert_error, assert_error_kind};
 use crate::api::server::{api_router, metrics_router, served_routes};
 use crate::api::{ErrorKind, MAX_BODY_BYTES, routes};
-use crate::sandbox::SandboxError;
 
 /// One router for a whole test, so that a test also shows it keeps serving after
 /// errors.
-struct Api {
+pub(super) struct Api {
     router: Router,
 }
 
 impl Api {
-    fn new(h: &Harness) -> Self {
+    pub(super) fn new(h: &Harness) -> Self {
         Self {
             router: api_router(h.service.clone()),
         }
     }
 
-    async fn raw(&self, method: Method, uri: &str, body: Option<String>) -> (StatusCode, Value) {
+    pub(super) async fn raw(
+        &self,
+        method: Method,
+        uri: &str,
+        body: Option<String>,
+    ) -> (StatusCode, Value) {
         let mut req = Request::builder().method(method).uri(uri);
         if body.is_some() {
             req = req.header(header::CONTENT_TYPE, "application/json");
@@ -44,26 +49,26 @@ impl Api {
         (status, value)
     }
 
-    async fn get(&self, uri: &str) -> (StatusCode, Value) {
+    pub(super) async fn get(&self, uri: &str) -> (StatusCode, Value) {
         self.raw(Method::GET, uri, None).await
     }
 
-    async fn post(&self, uri: &str, body: Value) -> (StatusCode, Value) {
+    pub(super) async fn post(&self, uri: &str, body: Value) -> (StatusCode, Value) {
         self.raw(Method::POST, uri, Some(body.to_string())).await
     }
 
-    async fn delete(&self, uri: &str) -> (StatusCode, Value) {
+    pub(super) async fn delete(&self, uri: &str) -> (StatusCode, Value) {
         self.raw(Method::DELETE, uri, None).await
     }
 
     /// Answers `status`; returns the body.
-    async fn ok(&self, status: StatusCode, got: (StatusCode, Value)) -> Value {
+    pub(super) async fn ok(&self, status: StatusCode, got: (StatusCode, Value)) -> Value {
         assert_eq!(got.0, status, "{}", got.1);
         got.1
     }
 }
 
-fn at(template: &str, values: &[&str]) -> String {
+pub(super) fn at(template: &str, values: &[&str]) -> String {
     routes::fill(template, values)
 }
 
@@ -223,178 +228,6 @@ async fn every_sandbox_route_works() {
         .ok(ok, api.raw(Method::POST, routes::GC, None).await)
         .await;
     assert_eq!(gc["layers_removed"], 0);
-}
-
-/// One error of each variant.
-fn one_of_each() -> Vec<SandboxError> {
-    let s = |x: &str| x.to_owned();
-    vec![
-        SandboxError::UnknownSandbox { id: s("zz") },
-        SandboxError::UnknownNode { id: s("zz") },
-        SandboxError::UnknownSession {
-            sandbox: s("sb-1"),
-            id: s("zz"),
-        },
-        SandboxError::Ambiguous {
-            what: "node",
-            prefix: s("nd"),
-            candidates: vec![s("nd-1"), s("nd-2")],
-        },
-        SandboxError::NodeOfAnotherTree {
-            node: s("nd-1"),
-            node_tree: s("t1"),
-            sandbox: s("sb-2"),
-            sandbox_tree: s("t2"),
-        },
-        SandboxError::NodeNotRestorable {
-            node: s("nd-1"),
-            session: s("ss-1"),
-            why: s("template exited"),
-        },
-        SandboxError::Invalid {
-            message: s("count 0 is not within 1 to 64"),
-        },
-        SandboxError::NodeInUse {
-            node: s("nd-1"),
-            sandboxes: vec![s("sb-1")],
-        },
-        SandboxError::DiskFull {
-            message: s("no space left on /var/lib/deltabox/store"),
-        },
-        SandboxError::Session {
-            sandbox: s("sb-1"),
-            session: s("ss-1"),
-            message: s("python exited"),
-        },
-        SandboxError::Process {
-            sandbox: s("sb-1"),
-            message: s("pid 42 holds a socket"),
-        },
-        SandboxError::Internal {
-            message: s("database is locked"),
-        },
-    ]
-}
-
-#[tokio::test]
-async fn every_sandbox_error_kind_has_its_status_and_message() {
-    let h = Harness::new();
-    let api = Api::new(&h);
-    let errors = one_of_each();
-    let kinds: BTreeSet<&str> = errors.iter().map(SandboxError::kind).collect();
-    assert_eq!(
-        kinds,
-        SandboxError::KINDS.into_iter().collect(),
-        "one_of_each misses a kind"
-    );
-    for err in errors {
-        let (kind, status, message) = (err.kind(), err.http_status(), err.to_string());
-        h.sandboxes.fail_next(err);
-        let got = api.get(routes::SANDBOXES).await;
-        let status = StatusCode::from_u16(status).unwrap();
-        assert_error_kind(&got, status, kind, &message);
-        assert_eq!(
-            got.1["error"],
-            message.as_str(),
-            "the message is the error's own"
-        );
-    }
-    // And the router still answers.
-    assert_eq!(api.get(routes::SANDBOXES).await.0, StatusCode::OK);
-}
-
-#[tokio::test]
-async fn real_failures_reach_the_client_as_sandbox_errors() {
-    let h = Harness::new();
-    let api = Api::new(&h);
-    let (nf, bad, conflict) = (
-        StatusCode::NOT_FOUND,
-        StatusCode::BAD_REQUEST,
-        StatusCode::CONFLICT,
-    );
-    let got = api.get(&at(routes::SANDBOX, &["nope"])).await;
-    assert_error_kind(&got, nf, "unknown_sandbox", "unknown sandbox \"nope\"");
-    let got = api
-        .post(&at(routes::NODE_BRANCH, &["nope"]), json!({}))
-        .await;
-    assert_error_kind(&got, nf, "unknown_node", "unknown node \"nope\"");
-
-    let a = api.post(routes::SANDBOXES, json!({})).await.1["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let b = api.post(routes::SANDBOXES, json!({})).await.1["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let got = api.get(&at(routes::SANDBOX, &["sb-"])).await;
-    assert_error_kind(&got, bad, "ambiguous_id", &format!("matches {a}, {b}"));
-    let got = api
-        .delete(&at(routes::SANDBOX_SESSION, &[&a, "ss-9"]))
-        .await;
-    assert_error_kind(
-        &got,
-        nf,
-        "unknown_session",
-        &format!("sandbox {a} has no session \"ss-9\""),
-    );
-    let got = api
-        .post(
-            &at(routes::SANDBOX_SESSIONS, &[&a]),
-            json!({"kind": "ruby"}),
-        )
-        .await;
-    assert_error_kind(
-        &got,
-        bad,
-        "invalid_request",
-        "\"ruby\" is neither bash nor python",
-    );
-    let got = api
-        .post(&at(routes::SANDBOX_EXEC, &[&a]), json!({"argv": []}))
-        .await;
-    assert_error_kind(&got, bad, "invalid_request", "argv is empty");
-
-    let node = api
-        .raw(Method::POST, &at(routes::SANDBOX_CHECKPOINT, &[&a]), None)
-        .await
-        .1;
-    let node = node["id"].as_str().unwrap().to_owned();
-    let got = api
-        .post(&at(routes::SANDBOX_ROLLBACK, &[&b]), json!({"node": node}))
-        .await;
-    assert_error_kind(
-        &got,
-        conflict,
-        "node_of_another_tree",
-        &format!("node {node} belongs to tree"),
-    );
-    let got = api
-        .post(&at(routes::NODE_BRANCH, &[&node]), json!({"count": 65}))
-        .await;
-    assert_error_kind(
-        &got,
-        bad,
-        "invalid_request",
-        "count 65 is not within 1 to 64",
-    );
-    let got = api.delete(&at(routes::NODE, &[&node])).await;
-    assert_error_kind(&got, conflict, "node_in_use", &a);
-
-    let session = api
-        .post(
-            &at(routes::SANDBOX_SESSIONS, &[&a]),
-            json!({"kind": "bash"}),
-        )
-        .await
-        .1;
-    let sid = session["id"].as_str().unwrap();
-    let uri = at(routes::SANDBOX_SESSION_RUN, &[&a, sid]);
-    let got = api.post(&uri, json!({"code": "exit"})).await;
-    let status = StatusCode::UNPROCESSABLE_ENTITY;
-    assert_error_kind(&got, status, "session_failed", "the interpreter exited");
-    let uri = format!("{}?from={node}&to=zz", routes::DIFF);
-    assert_error_kind(&api.get(&uri).await, nf, "unknown_node", "\"zz\"");
 }
 
 /// Every sandbox route with a concrete path, the method it serves and a valid body.
