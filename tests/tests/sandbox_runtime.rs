@@ -21,6 +21,7 @@ use deltabox_tests::{cgroup::cgroup2_root, daemon::binary, require_root, unique}
 /// order (sandboxes, views, tree, base, directories) even when the test failed.
 struct Tree {
     rt: Option<TreeRuntime>,
+    cfg: TreeConfig,
     views: Vec<(String, deltafs::View)>,
     store: Option<deltafs::Store>,
     base: PathBuf,
@@ -34,8 +35,15 @@ impl Tree {
         let name = unique(test);
         let scratch = std::env::temp_dir().join(&name);
         let store_dir = Path::new("/var/lib/deltabox/store").join(&name);
+        let cfg = TreeConfig {
+            id: name.clone(),
+            run_dir: Path::new("/run/deltabox-tests").join(&name),
+            cgroup: cgroup2_root().join("deltabox-tests").join(&name),
+            init_binary: binary("deltabox-init"),
+        };
         let mut tree = Self {
             rt: None,
+            cfg: cfg.clone(),
             views: Vec::new(),
             store: None,
             base: scratch.join("base"),
@@ -44,12 +52,6 @@ impl Tree {
         };
         tree.base = rootfs::ensure_default_base(&tree.base).expect("default base");
         tree.store = Some(deltafs::Store::open(&tree.store_dir).expect("open deltafs store"));
-        let cfg = TreeConfig {
-            id: name.clone(),
-            run_dir: Path::new("/run/deltabox-tests").join(&name),
-            cgroup: cgroup2_root().join("deltabox-tests").join(&name),
-            init_binary: binary("deltabox-init"),
-        };
         tree.rt = Some(TreeRuntime::start(cfg).expect("start tree runtime"));
         tree
     }
@@ -516,4 +518,36 @@ fn concurrent_spawns_from_many_threads() {
             h.join().expect("spawning thread");
         }
     });
+}
+
+#[test]
+fn a_restarted_daemon_adopts_the_tree() {
+    let mut tree = Tree::new("rt-adopt");
+    tree.add("a", &Limits::default());
+    let init = tree.rt().init_pid();
+    let anchor = tree.rt().anchor_ns_pid("a");
+    let sp = tree
+        .rt()
+        .spawn("a", &request(&["sh", "-c", "sleep 0.5; exit 7"], "/"))
+        .expect("spawn");
+    // The daemon goes away; the command exits while nobody is connected.
+    tree.rt.take().unwrap().detach();
+    thread::sleep(Duration::from_millis(1000));
+    assert!(
+        Path::new(&format!("/proc/{init}")).exists(),
+        "init died with the daemon"
+    );
+    let rt = TreeRuntime::adopt(tree.cfg.clone()).expect("adopt");
+    tree.rt = Some(rt);
+    let rt = tree.rt();
+    assert_eq!(rt.init_pid(), init);
+    assert_eq!(rt.anchor_ns_pid("a"), anchor);
+    assert_eq!(
+        rt.wait_exit(sp.ns_pid, Some(Duration::from_secs(5)))
+            .unwrap(),
+        Some(ExitStatus::Code(7)),
+        "the exit reaped while detached is delivered"
+    );
+    let (st, out, _) = tree.run("a", &["echo", "again"]);
+    assert_eq!((st, out.as_str()), (ExitStatus::Code(0), "again\n"));
 }

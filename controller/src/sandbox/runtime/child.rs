@@ -48,6 +48,8 @@ pub(crate) struct SandboxFds {
     pub templates: OwnedFd,
     /// The sandbox's directories in cgroup v1 limit hierarchies.
     pub limits: Vec<OwnedFd>,
+    /// The anchor's ns pid (0 until it runs).
+    pub anchor: i32,
 }
 
 /// Reduces every capability set to [`SANDBOX_CAPS`].

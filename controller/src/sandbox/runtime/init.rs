@@ -248,6 +248,12 @@ impl Init {
         let mut reply_fds = Vec::new();
         let result = match msg.req {
             Request::Ping => Ok(ReplyData::Done),
+            Request::ListSandboxes => Ok(ReplyData::Sandboxes(
+                self.sandboxes
+                    .iter()
+                    .map(|(name, fds)| (name.clone(), fds.anchor))
+                    .collect(),
+            )),
             Request::AddSandbox {
                 sandbox,
                 limit_dirs,
@@ -293,6 +299,7 @@ impl Init {
             cgroup: it.next().expect("counted"),
             templates: it.next().expect("counted"),
             limits: it.collect(),
+            anchor: 0,
         };
         let (status_r, status_w) = status_pipe()?;
         let pid = match sys::fork().map_err(err("fork the anchor"))? {
@@ -307,6 +314,8 @@ impl Init {
             unmount_sandbox_root(&root);
             return Err(format!("anchor of sandbox {sandbox}: {e}"));
         }
+        let mut sfds = sfds;
+        sfds.anchor = pid;
         self.sandboxes.insert(sandbox, sfds);
         Ok(ReplyData::Anchor(pid))
     }

@@ -6,13 +6,15 @@
 //! - [`TreeRuntime`]: the daemon's handle (start, add sandboxes, spawn, freeze, kill);
 //! - `init`: the tree's pid 1 (`deltabox-init`);
 //! - `child`: what init's forked children do before they run (cgroups, chroot, caps);
+//! - `lifecycle`: start, adopt, detach, shutdown of a tree;
 //! - `cgroups`: the cgroup layout and the limits; `proto`: the control messages;
-//!   `sys`: the raw kernel calls.
+//!   `channel`: the daemon's end of the control socket; `sys`: the raw kernel calls.
 
 mod cgroups;
 mod channel;
 mod child;
 mod init;
+mod lifecycle;
 mod proto;
 mod sys;
 mod types;
@@ -23,21 +25,13 @@ use std::{
     io,
     os::fd::{AsRawFd as _, OwnedFd},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::{Arc, Condvar, Mutex},
+    process::Child,
+    sync::{Arc, Mutex},
     thread,
     time::{Duration, Instant},
 };
 
-use nix::{
-    fcntl::OFlag,
-    mount::{MntFlags, MsFlags, mount, umount2},
-    sys::{
-        socket::{AddressFamily, Shutdown, SockFlag, SockType, shutdown, socketpair},
-        stat::Mode,
-    },
-    unistd::Pid,
-};
+use nix::{fcntl::OFlag, sys::stat::Mode, unistd::Pid};
 
 pub use cgroups::CgroupSetupError;
 use channel::{Channel, Mailbox, lock};
@@ -73,133 +67,6 @@ pub struct TreeRuntime {
 }
 
 impl TreeRuntime {
-    /// Creates the tree's root mount and cgroups and starts its init in new namespaces.
-    pub fn start(cfg: TreeConfig) -> Result<Self, RuntimeError> {
-        let tree = cfg.id.clone();
-        let io = |op: &'static str, path: &Path| {
-            let (tree, path) = (tree.clone(), path.to_owned());
-            move |source| RuntimeError::Io {
-                tree,
-                op,
-                path,
-                source,
-            }
-        };
-        let root = cfg.run_dir.join("root");
-        for dir in [
-            root.clone(),
-            root.join("sb"),
-            root.join("proc"),
-            root.join("dev"),
-        ] {
-            fs::create_dir_all(&dir).map_err(io("mkdir", &dir))?;
-        }
-        let cg2 = crate::cgroup::CgroupFs::from_mountinfo().map_err(|e| RuntimeError::Io {
-            tree: tree.clone(),
-            op: "find cgroup2",
-            path: cfg.cgroup.clone(),
-            source: io::Error::other(e.to_string()),
-        })?;
-        let cgroups = cgroups::TreeCgroups::create(cg2.root(), &cfg.cgroup).map_err(|source| {
-            RuntimeError::Cgroup {
-                tree: tree.clone(),
-                source,
-            }
-        })?;
-        // From here on a failure must undo: build a half runtime whose Drop cleans up.
-        mount(
-            Some(&root),
-            &root,
-            None::<&str>,
-            MsFlags::MS_BIND,
-            None::<&str>,
-        )
-        .map_err(|e| io("bind-mount", &root)(e.into()))?;
-        let undo_mount = |e| {
-            let _ = umount2(&root, MntFlags::MNT_DETACH);
-            e
-        };
-        mount(
-            None::<&str>,
-            &root,
-            None::<&str>,
-            MsFlags::MS_SHARED,
-            None::<&str>,
-        )
-        .map_err(|e| undo_mount(io("make shared", &root)(e.into())))?;
-        let procs = cfg.cgroup.join("init/cgroup.procs");
-        let procs_fd = nix::fcntl::open(&procs, OFlag::O_WRONLY | OFlag::O_CLOEXEC, Mode::empty())
-            .map_err(|e| undo_mount(io("open", &procs)(e.into())))?;
-        let (ours, theirs) = socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        )
-        .map_err(|e| undo_mount(io("socketpair", &cfg.run_dir)(e.into())))?;
-        // Credentials on every message: spawned children announce themselves and the
-        // kernel tells us their host pid.
-        nix::sys::socket::setsockopt(&ours, nix::sys::socket::sockopt::PassCred, &true)
-            .map_err(|e| undo_mount(io("SO_PASSCRED on", &cfg.run_dir)(e.into())))?;
-        let mut cmd = Command::new(&cfg.init_binary);
-        cmd.arg(&cfg.run_dir).stdin(Stdio::null());
-        sys::set_init_pre_exec(&mut cmd, procs_fd.as_raw_fd(), theirs.as_raw_fd());
-        let child = cmd
-            .spawn()
-            .map_err(|e| undo_mount(io("start", &cfg.init_binary)(e)))?;
-        drop((theirs, procs_fd));
-        let channel = Arc::new(Channel {
-            sock: ours,
-            send_lock: Mutex::new(0),
-            mailbox: Mutex::new(Mailbox::default()),
-            cond: Condvar::new(),
-        });
-        let reader = {
-            let channel = Arc::clone(&channel);
-            thread::Builder::new()
-                .name(format!("tree-{}", cfg.id))
-                .spawn(move || channel.read_loop())
-                .map_err(|e| undo_mount(io("start reader thread for", &cfg.run_dir)(e)))?
-        };
-        let mut rt = Self {
-            cfg,
-            cgroups,
-            channel,
-            init_pid: Pid::from_raw(0),
-            shim: Mutex::new(Some(child)),
-            reader: Mutex::new(Some(reader)),
-            sandboxes: Mutex::new(HashMap::new()),
-            shut_down: false,
-        };
-        // Drop of `rt` shuts everything down if init does not come up.
-        let (pid, ready) = {
-            let deadline = Instant::now() + START_TIMEOUT;
-            let mut mb = lock(&rt.channel.mailbox);
-            while (mb.hello.is_none() || mb.ready.is_none()) && !mb.gone {
-                let now = Instant::now();
-                if now > deadline {
-                    break;
-                }
-                mb = rt
-                    .channel
-                    .cond
-                    .wait_timeout(mb, deadline - now)
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0;
-            }
-            (mb.hello, mb.ready.clone())
-        };
-        rt.init_pid = Pid::from_raw(pid.unwrap_or(0));
-        match ready {
-            Some(Ok(())) if pid.is_some() => Ok(rt),
-            Some(Err(error)) => Err(RuntimeError::InitSetup { tree, error }),
-            Some(Ok(())) | None => Err(RuntimeError::InitSetup {
-                tree,
-                error: format!("no ready message within {START_TIMEOUT:?}"),
-            }),
-        }
-    }
-
     /// The tree's id.
     pub fn id(&self) -> &str {
         &self.cfg.id
@@ -468,57 +335,6 @@ impl TreeRuntime {
             .remove_sandbox(sandbox)
             .map_err(|e| self.cg_err(e));
         killed.and(undone).and(removed)
-    }
-
-    /// Kills everything of the tree, removes its cgroups, its root mount and run_dir.
-    pub fn shutdown(mut self) -> Result<(), RuntimeError> {
-        self.shut_down = true;
-        self.teardown()
-    }
-
-    fn teardown(&mut self) -> Result<(), RuntimeError> {
-        // Killing pid 1 kills every process of its pid namespace; the shim reaps it and
-        // exits (killing the shim first would leave pid 1 a zombie of the host's init).
-        if self.init_pid.as_raw() > 0 {
-            let _ = nix::sys::signal::kill(self.init_pid, nix::sys::signal::Signal::SIGKILL);
-        }
-        if let Some(mut shim) = lock(&self.shim).take() {
-            if self.init_pid.as_raw() <= 0 {
-                let _ = shim.kill();
-            }
-            let _ = shim.wait();
-        }
-        // Then whatever is left in the tree's cgroups (nothing, normally).
-        let killed = self.cgroups.remove_all().map_err(|e| self.cg_err(e));
-        let _ = shutdown(self.channel.sock.as_raw_fd(), Shutdown::Both);
-        if let Some(reader) = lock(&self.reader).take() {
-            let _ = reader.join();
-        }
-        let root = self.cfg.run_dir.join("root");
-        // Detach (recursively) whatever is still mounted under the tree's root; then
-        // rmdir only, never a recursive delete, so no view's data can be touched.
-        let _ = umount2(&root, MntFlags::MNT_DETACH);
-        if let Ok(entries) = fs::read_dir(root.join("sb")) {
-            for e in entries.flatten() {
-                let _ = fs::remove_dir(e.path());
-            }
-        }
-        for dir in ["sb", "proc", "dev"] {
-            let _ = fs::remove_dir(root.join(dir));
-        }
-        let _ = fs::remove_file(self.cfg.run_dir.join("init.sock"));
-        let _ = fs::remove_dir(&root);
-        let removed = fs::remove_dir(&self.cfg.run_dir)
-            .or_else(|e| {
-                if e.kind() == io::ErrorKind::NotFound {
-                    Ok(())
-                } else {
-                    Err(e)
-                }
-            })
-            .map_err(|e| self.io_err("rmdir", &self.cfg.run_dir, e));
-        killed?;
-        removed
     }
 
     /// Sends a request and waits for its reply.

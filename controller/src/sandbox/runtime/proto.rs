@@ -51,6 +51,8 @@ pub(crate) enum Request {
         /// The sandbox name.
         sandbox: String,
     },
+    /// The sandboxes init knows, with their anchors (for a re-adopting daemon).
+    ListSandboxes,
     /// Liveness check.
     Ping,
 }
@@ -73,6 +75,8 @@ pub(crate) enum ReplyData {
     Anchor(i32),
     /// The command runs with this ns pid; its pidfd is attached.
     Spawned(i32),
+    /// The sandboxes and their anchors' ns pids.
+    Sandboxes(Vec<(String, i32)>),
 }
 
 /// A message from init (or from its host-side shim: `Hello`).
