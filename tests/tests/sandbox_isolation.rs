@@ -266,3 +266,32 @@ fn fork_bomb_and_memory_hog_are_stopped_inside() {
     // The sandbox itself still works after its OOM kill.
     assert_eq!(tree.run("a", &["echo", "still"]).1, "still\n");
 }
+
+#[test]
+fn cpu_quota_caps_a_busy_loop() {
+    let mut tree = Tree::new("iso-cpu");
+    tree.add(
+        "a",
+        &Limits {
+            cpus: Some(0.2),
+            ..Limits::default()
+        },
+    );
+    // Two spinning processes for 1.5 s of wall time: without the quota they would use
+    // up to 3 s of CPU on this 2-vCPU machine; with 0.2 CPU about 0.3 s.
+    let script = "import os, time\n\
+        pid = os.fork()\n\
+        end = time.monotonic() + 1.5\n\
+        while time.monotonic() < end:\n\
+        \x20   pass\n\
+        if pid == 0:\n\
+        \x20   os._exit(0)\n\
+        os.waitpid(pid, 0)\n\
+        t = os.times()\n\
+        print(t.user + t.system + t.children_user + t.children_system)\n";
+    let (st, out, err) = tree.run("a", &["python3", "-c", script]);
+    assert_eq!(st, ExitStatus::Code(0), "{out}\n{err}");
+    let cpu: f64 = out.trim().parse().expect("cpu seconds");
+    assert!(cpu < 0.6, "{cpu} s of CPU in 1.5 s with cpus = 0.2");
+    assert!(cpu > 0.05, "{cpu} s of CPU: did it run at all?");
+}
