@@ -364,6 +364,24 @@ pub(crate) fn kill(cg: &Path) -> Result<(), CgroupSetupError> {
     wait_event(cg, "populated", "0")
 }
 
+/// Kills every process of `cg` without `cgroup.kill` (see `TreeRuntime::kill_work`):
+/// freeze, SIGKILL each pid in `cgroup.procs` (a frozen task dies of SIGKILL), thaw,
+/// wait until `populated 0`.
+pub(crate) fn kill_frozen(cg: &Path) -> Result<(), CgroupSetupError> {
+    set_frozen(cg, true)?;
+    let procs = cg.join("cgroup.procs");
+    let listed = fs::read_to_string(&procs).map_err(io_err("read", &procs))?;
+    for pid in listed.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+        // Gone already: fine.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    set_frozen(cg, false)?;
+    wait_event(cg, "populated", "0")
+}
+
 fn wait_event(cg: &Path, key: &'static str, want: &str) -> Result<(), CgroupSetupError> {
     let events = cg.join("cgroup.events");
     let deadline = Instant::now() + SETTLE_TIMEOUT;

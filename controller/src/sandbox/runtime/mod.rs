@@ -269,9 +269,15 @@ impl TreeRuntime {
     }
 
     /// Kills every process in `work/` and waits until it is empty.
+    ///
+    /// Not with `cgroup.kill`: on this kernel a `clone3(CLONE_INTO_CGROUP)` into a cgroup
+    /// that was ever `cgroup.kill`ed gets a SIGKILL at birth (the fork compares the
+    /// parent cgroup's kill sequence with the destination's), and DeltaCR restores
+    /// sessions into `work/` exactly that way. So: freeze (nothing forks any more),
+    /// SIGKILL each listed process, thaw, wait until empty.
     pub fn kill_work(&self, sandbox: &str) -> Result<(), RuntimeError> {
         self.known(sandbox)?;
-        cgroups::kill(&self.work_cgroup(sandbox)).map_err(|e| self.cg_err(e))
+        cgroups::kill_frozen(&self.work_cgroup(sandbox)).map_err(|e| self.cg_err(e))
     }
 
     /// `/sb/<sandbox>`: the sandbox root as seen by init (the prefix of
