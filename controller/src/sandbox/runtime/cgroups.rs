@@ -241,6 +241,23 @@ fn migrate_to_parent(dir: &Path) -> Result<(), CgroupSetupError> {
     Ok(())
 }
 
+/// Removes what a tree left when its daemon died: kills every process under the v2
+/// directory `tree` (`cgroup.kill`: it is never forked into again), removes it and the
+/// tree's directories in the v1 limit hierarchies, children first. Missing is fine.
+pub fn remove_leftover_tree(cg2_root: &Path, tree: &Path) -> Result<(), CgroupSetupError> {
+    if tree.exists() {
+        kill(tree)?;
+        remove_tree(tree)?;
+    }
+    let rel = tree.strip_prefix(cg2_root).unwrap_or(tree);
+    for controller in LIMIT_CONTROLLERS {
+        if let Some(base) = v1_own_dir(controller) {
+            remove_tree(&base.join(rel))?;
+        }
+    }
+    Ok(())
+}
+
 /// Removes a cgroup directory and its child cgroups, children first.
 fn remove_tree(dir: &Path) -> Result<(), CgroupSetupError> {
     let entries = match fs::read_dir(dir) {

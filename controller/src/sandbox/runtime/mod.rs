@@ -33,7 +33,7 @@ use std::{
 
 use nix::{fcntl::OFlag, sys::stat::Mode, unistd::Pid};
 
-pub use cgroups::CgroupSetupError;
+pub use cgroups::{CgroupSetupError, remove_leftover_tree};
 use channel::{Channel, Mailbox, lock};
 pub use child::SANDBOX_CAPS;
 pub use init::main as init_main;
