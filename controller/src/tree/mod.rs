@@ -8,10 +8,12 @@
 //!
 //! - [`ids`]: UUIDv7 ids, short forms and prefix matching;
 //! - [`records`]: the stored records and their versioned encoding;
-//! - [`db`]: [`TreeDb`];
+//! - [`db`]: the database, [`TreeDb`];
+//! - [`error`]: the errors, [`TreeDbError`];
 //! - [`render`]: drawing a forest of nodes as text.
 
 pub mod db;
+pub mod error;
 pub mod ids;
 pub mod records;
 pub mod render;
@@ -19,7 +21,8 @@ pub mod render;
 #[cfg(test)]
 mod tests;
 
-pub use db::{Op, TreeDb, TreeDbError};
+pub use db::{Op, TreeDb};
+pub use error::TreeDbError;
 pub use ids::{NodeId, ParseIdError, SandboxId, SessionId, TreeId};
 pub use records::{
     NodeRecord, NodeSession, SandboxRecord, SandboxState, SessionRecord, TemplateRecord,

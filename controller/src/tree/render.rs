@@ -224,7 +224,7 @@ mod tests {
     #[test]
     fn draws_a_forest_with_orphans_and_markers() {
         let now = 1_000_000;
-        let mut nodes = vec![
+        let mut nodes = [
             // Given out of order: the drawing sorts by creation time.
             node("aaaa0003", Some("aaaa0001"), 30_000, None),
             node("aaaa0001", None, 10_000, Some("base")),
