@@ -109,6 +109,31 @@ fn db_is_send_and_sync() {
 }
 
 #[test]
+fn threads_share_one_handle() {
+    let (_dir, path) = tmp();
+    let db = std::sync::Arc::new(TreeDb::open(&path).unwrap());
+    let (t, sb, nodes) = small_tree(&db);
+    let workers: Vec<_> = (0..4)
+        .map(|w| {
+            let db = db.clone();
+            let root = nodes[0].id;
+            std::thread::spawn(move || {
+                for i in 0..25 {
+                    let n = node(t.id, sb.id, Some(root), 100 + w * 25 + i);
+                    db.put_node(&n).unwrap();
+                    assert_eq!(db.node(&n.id).unwrap(), Some(n));
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    assert_eq!(db.children(&nodes[0].id).unwrap().len(), 2 + 100);
+    assert_eq!(db.nodes(&t.id).unwrap().len(), 4 + 100);
+}
+
+#[test]
 fn records_round_trip_through_the_db_and_survive_reopen() {
     let (_dir, path) = tmp();
     let db = TreeDb::open(&path).unwrap();
