@@ -164,9 +164,10 @@ def _status_ok(socket: str) -> bool:
         return False
 
 
-@pytest.fixture(scope="session")
-def daemon() -> Iterator[Daemon]:
-    """A ``deltaboxd`` for the whole session, stopped and cleaned up even on failure."""
+@contextlib.contextmanager
+def running_daemon(*, sandboxes: bool = True) -> Iterator[Daemon]:
+    """Starts a ``deltaboxd`` (``sandboxes=False``: with ``--no-sandboxes``), waits
+    until it answers, and stops it and removes everything it made on exit."""
     binary = deltaboxd_path()
     _require(os.geteuid() == 0, "the daemon tests need root (deltaboxd makes namespaces, mounts, cgroups)")
     _require(
@@ -208,6 +209,7 @@ def daemon() -> Iterator[Daemon]:
         str(d.run_dir),
         "--sandbox-cgroup",
         str(d.cgroup),
+        *([] if sandboxes else ["--no-sandboxes"]),
         *shlex.split(os.environ.get("DELTABOXD_ARGS", "")),
     ]
     with open(d.log, "wb") as log:
@@ -239,6 +241,13 @@ def daemon() -> Iterator[Daemon]:
             print(f"deltaboxd exited {proc.returncode}; log {d.log}:\n{d.log_tail()}")
         else:
             d.log.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="session")
+def daemon() -> Iterator[Daemon]:
+    """A ``deltaboxd`` for the whole session, stopped and cleaned up even on failure."""
+    with running_daemon() as d:
+        yield d
 
 
 @pytest.fixture

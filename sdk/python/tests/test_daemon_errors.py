@@ -121,3 +121,15 @@ def test_body_too_large(sb: Sandbox) -> None:
 def test_unreachable() -> None:
     with Client("/run/deltabox-sdk-no-such-daemon.sock") as nobody, pytest.raises(deltabox.DaemonUnreachable):
         nobody.sandboxes()
+
+
+def test_sandboxes_disabled(daemon: object) -> None:
+    """A second daemon started with ``--no-sandboxes`` answers every sandbox route 503."""
+    from conftest import running_daemon
+
+    with running_daemon(sandboxes=False) as plain, Client(plain.socket) as client:
+        with pytest.raises(deltabox.SandboxesDisabled) as caught:
+            client.sandboxes()
+        assert caught.value.status == 503
+        with pytest.raises(deltabox.SandboxesDisabled):
+            client.create()
