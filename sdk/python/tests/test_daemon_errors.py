@@ -2,9 +2,9 @@
 it, raises its exception (against a real deltaboxd).
 
 Kinds no client request can provoke on a healthy daemon — ``disk_full``, ``internal``,
-``node_not_restorable`` (its templates must be lost), ``sandboxes_disabled`` (a daemon
-without a data dir) — are mapped in the unit test test_client_fake.py, which checks
-every kind the daemon's sources define.
+``node_not_restorable`` (its templates must be lost) — are mapped in the unit test
+test_client_fake.py, which checks every kind the daemon's sources define.
+``sandboxes_disabled`` comes from a second daemon started with ``--no-sandboxes``.
 """
 
 from __future__ import annotations
