@@ -1,6 +1,7 @@
 //! The Python SDK's gate (`sdk/python/`): a virtualenv under `target/sdk-venv`, made
 //! once and reused, with the package installed editable with its `test` extra
-//! (reinstalled only when `pyproject.toml` changes), then pytest — the unit tests and
+//! (reinstalled only when `pyproject.toml` changes), then ruff (lint and format) and
+//! `mypy --strict` on the package, its tests and examples, then pytest — the unit tests and
 //! the tests marked `daemon`, which start their own `deltaboxd` from the binaries
 //! given — and the examples in their short mode (run by the suite itself).
 
@@ -73,6 +74,14 @@ pub fn test(bin_dir: &Path) -> Result<()> {
     }
     let venv = target_dir()?.join("sdk-venv");
     let python = ensure_venv(&venv)?;
+    step("ruff and mypy --strict on sdk/python");
+    for gate in [
+        &["-m", "ruff", "check", "."][..],
+        &["-m", "ruff", "format", "--check", "."],
+        &["-m", "mypy"],
+    ] {
+        run_cmd(Command::new(&python).args(gate).current_dir(sdk_dir()))?;
+    }
     step("pytest sdk/python (unit tests, real-daemon tests, examples --short)");
     run_cmd(
         Command::new(&python)

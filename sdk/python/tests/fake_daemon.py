@@ -44,7 +44,11 @@ class FakeDaemon:
 
     def on(self, method: str, path: str, answer: Answer | Responder) -> None:
         """Scripts the answer (a fixed ``(status, body)`` or a function of the request)."""
-        self.routes[(method, path)] = answer if callable(answer) else (lambda _r, a=answer: a)
+        if callable(answer):
+            self.routes[(method, path)] = answer
+        else:
+            fixed: Answer = answer
+            self.routes[(method, path)] = lambda _request: fixed
 
     def sent(self, method: str, path: str) -> list[Request]:
         """The requests received for this route."""

@@ -49,7 +49,7 @@ def sdk_calls() -> list[_api.Call[object]]:
         _api.diff("A", "B"),
         _api.remove_node("NODE"),
         _api.gc(),
-    ]  # type: ignore[list-item]
+    ]
 
 
 @pytest.mark.parametrize("call", sdk_calls(), ids=lambda c: f"{c.method} {c.path}")

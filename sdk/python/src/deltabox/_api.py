@@ -33,6 +33,7 @@ from .models import (
 )
 
 T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
 Json = dict[str, Any]
 
 #: The daemon's socket when neither ``socket=`` nor ``$DELTABOX_SOCKET`` names one
@@ -101,12 +102,12 @@ def millis(timeout: float | None) -> int | None:
 
 
 @dataclass(frozen=True)
-class Call(Generic[T]):
+class Call(Generic[T_co]):
     """One request and the parser of its answer."""
 
     method: str
     path: str
-    parse: Callable[[Any], T]
+    parse: Callable[[Any], T_co]
     body: Any = None
     params: Mapping[str, str] | None = None
     #: Read timeout in seconds (None: the client's default).
