@@ -2,6 +2,8 @@
 //! the guard stops the daemon by pid (SIGTERM, then SIGKILL), removes its socket
 //! directory and unloads its pin directory, whatever the test did.
 
+use deltabox_controller::cgroup::CgroupFs;
+use deltabox_controller::sandbox::manager::leftovers;
 use std::{
     fs,
     io::{Read as _, Write as _},
@@ -54,7 +56,12 @@ pub struct TestDaemon {
     socket: PathBuf,
     pin_dir: PathBuf,
     metrics_port: u16,
+    data_dir: PathBuf,
+    sandbox_cgroup: PathBuf,
 }
+
+/// Where test daemons keep sandbox data: on the reflink store `cargo xtask setup` mounts.
+const TEST_DATA_ROOT: &str = "/var/lib/deltabox/store/tests";
 
 impl TestDaemon {
     /// Starts `deltaboxd serve` with its own socket, metrics port and pin directory
@@ -66,6 +73,13 @@ impl TestDaemon {
         let socket = dir.join("api.sock");
         let pin_dir = PathBuf::from("/sys/fs/bpf").join(crate::unique(test));
         let metrics_port = free_port();
+        let data_dir = PathBuf::from(TEST_DATA_ROOT).join(crate::unique(test));
+        let _ = fs::remove_dir_all(&data_dir);
+        let sandbox_cgroup = CgroupFs::from_mountinfo()
+            .expect("cgroup2 mount")
+            .root()
+            .join("deltabox-tests")
+            .join(crate::unique(test));
         let child = Command::new(binary("deltaboxd"))
             .arg("serve")
             .arg("--socket")
@@ -74,6 +88,12 @@ impl TestDaemon {
             .arg(format!("127.0.0.1:{metrics_port}"))
             .arg("--pin-dir")
             .arg(&pin_dir)
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .arg("--run-dir")
+            .arg(dir.join("run"))
+            .arg("--sandbox-cgroup")
+            .arg(&sandbox_cgroup)
             .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -85,6 +105,8 @@ impl TestDaemon {
             socket,
             pin_dir,
             metrics_port,
+            data_dir,
+            sandbox_cgroup,
         };
         daemon.wait_ready();
         daemon
@@ -147,6 +169,56 @@ impl TestDaemon {
         cli(&self.socket, args)
     }
 
+    /// Its sandbox data directory (`--data-dir`).
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// Its sandbox cgroup directory (`--sandbox-cgroup`).
+    pub fn sandbox_cgroup(&self) -> &Path {
+        &self.sandbox_cgroup
+    }
+
+    /// Its run directory (`--run-dir`).
+    pub fn run_dir(&self) -> PathBuf {
+        self.dir.join("run")
+    }
+
+    /// SIGKILLs the daemon (as a crash would) and reaps it; what it made stays.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the daemon again on the same socket and directories (after [`Self::kill`]
+    /// or [`Self::stop`]).
+    pub fn restart(&mut self, extra: &[&str]) {
+        assert!(self.child.is_none(), "the daemon is still running");
+        let child = Command::new(binary("deltaboxd"))
+            .arg("serve")
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--metrics-addr")
+            .arg(format!("127.0.0.1:{}", self.metrics_port))
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--run-dir")
+            .arg(self.dir.join("run"))
+            .arg("--sandbox-cgroup")
+            .arg(&self.sandbox_cgroup)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn deltaboxd");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
     /// Sends SIGTERM and waits for the exit; returns its status and stderr.
     pub fn stop(&mut self) -> (ExitStatus, String) {
         let child = self.child.take().expect("daemon running");
@@ -191,7 +263,13 @@ impl Drop for TestDaemon {
         if self.child.is_some() {
             let _ = self.stop();
         }
+        // What a daemon that died (or was SIGKILLed by the test) left: its trees'
+        // processes, cgroups and mounts.
+        if let Err(e) = leftovers::clean(&self.dir.join("run"), &self.sandbox_cgroup) {
+            eprintln!("cleaning up after {}: {e}", self.dir.display());
+        }
         let _ = fs::remove_dir_all(&self.dir);
+        let _ = fs::remove_dir_all(&self.data_dir);
         let _ = deltabox_controller::bpf::unload(&self.pin_dir);
     }
 }

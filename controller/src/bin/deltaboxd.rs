@@ -10,7 +10,9 @@ use clap::{Args, Parser, Subcommand};
 use deltabox_controller::api::client::DEFAULT_SOCKET;
 use deltabox_controller::api::{self, render};
 use deltabox_controller::bpf::DEFAULT_PIN_DIR;
+use deltabox_controller::cgroup::CgroupFs;
 use deltabox_controller::daemon::{self, DEFAULT_METRICS_ADDR, DaemonError, ServeConfig};
+use deltabox_controller::sandbox::ManagerConfig;
 use tracing_subscriber::EnvFilter;
 
 const AFTER_HELP: &str = "\
@@ -19,7 +21,8 @@ Exit codes:
   1   any other failure
   2   bad arguments
   64  bad --metrics-addr (not IP:PORT, or not loopback)
-  69  the eBPF programs cannot be loaded or adopted, or no cgroup2 mount
+  69  the eBPF programs cannot be loaded or adopted, no cgroup2 mount, or the
+      sandbox store (--data-dir) cannot be opened (locked by another daemon, say)
   70  internal set-up failure (signal handlers, metrics registry)
   73  cannot create the socket (its directory, bind, or a non-socket file is in the way)
   75  another process owns the socket (its pid is named)
@@ -76,6 +79,59 @@ struct ServeArgs {
     /// Unload the programs at exit instead of leaving them pinned.
     #[arg(long)]
     unload_on_exit: bool,
+    /// Persistent sandbox data: the DeltaFS store (layers) and the checkpoint tree's
+    /// database. Best on a reflink filesystem (xfs, btrfs): `cargo xtask setup` mounts
+    /// one at /var/lib/deltabox/store.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_DATA_DIR)]
+    data_dir: PathBuf,
+    /// Runtime state of sandboxes (mount points, the embedded default base).
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_RUN_DIR)]
+    run_dir: PathBuf,
+    /// cgroup v2 directory under which each tree of sandboxes gets its cgroups
+    /// (absolute, or relative to the cgroup2 mount).
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_SANDBOX_CGROUP)]
+    sandbox_cgroup: PathBuf,
+    /// The sandbox init binary (default: `deltabox-init` next to this binary).
+    #[arg(long, value_name = "PATH")]
+    init_binary: Option<PathBuf>,
+    /// Serve no sandboxes (their routes answer 503): only the write tracker.
+    #[arg(long)]
+    no_sandboxes: bool,
+}
+
+const DEFAULT_DATA_DIR: &str = "/var/lib/deltabox/store/deltaboxd";
+const DEFAULT_RUN_DIR: &str = "/run/deltabox";
+const DEFAULT_SANDBOX_CGROUP: &str = "deltabox/trees";
+
+/// The sandbox settings of `args`, paths resolved.
+fn sandbox_config(args: &ServeArgs) -> anyhow::Result<Option<ManagerConfig>> {
+    if args.no_sandboxes {
+        return Ok(None);
+    }
+    let cgroup = if args.sandbox_cgroup.is_absolute() {
+        args.sandbox_cgroup.clone()
+    } else {
+        CgroupFs::from_mountinfo()?
+            .root()
+            .join(&args.sandbox_cgroup)
+    };
+    let init_binary = match &args.init_binary {
+        Some(path) => path.clone(),
+        None => std::env::current_exe()
+            .context("cannot find deltaboxd's own path")?
+            .with_file_name("deltabox-init"),
+    };
+    anyhow::ensure!(
+        init_binary.is_file(),
+        "the sandbox init binary {} does not exist: build it (`cargo build`) or pass --init-binary",
+        init_binary.display()
+    );
+    Ok(Some(ManagerConfig {
+        data_dir: args.data_dir.clone(),
+        run_dir: args.run_dir.clone(),
+        cgroup,
+        init_binary,
+    }))
 }
 
 #[derive(Args)]
@@ -133,7 +189,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // Checked before anything else so that a non-root run fails with its own code.
     daemon::require_root()?;
+    let sandboxes = sandbox_config(&args)?;
     let config = ServeConfig {
+        sandboxes,
         metrics_addr: daemon::parse_metrics_addr(&args.metrics_addr)?,
         socket: args.socket,
         pin_dir: args.pin_dir,

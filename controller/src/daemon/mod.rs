@@ -24,6 +24,7 @@ use crate::api::service::{ApiService, DaemonInfo};
 use crate::bpf::{AttachedProgram, BpfError, Origin, PinnedTracker, WriteTracker};
 use crate::cgroup::{CgroupError, CgroupFs};
 use crate::metrics::{Metrics, MetricsError};
+use crate::sandbox::{ManagerConfig, SandboxError, SandboxManager, SandboxOps};
 
 pub use socket::{ApiSocket, SocketFile};
 
@@ -128,6 +129,15 @@ pub enum DaemonError {
     /// Installing the signal handlers failed.
     #[error("cannot install the SIGTERM/SIGINT handlers")]
     Signals(#[source] io::Error),
+    /// The sandbox manager (DeltaFS store, tree database) could not be opened.
+    #[error("cannot open the sandbox store under {}", data_dir.display())]
+    Sandboxes {
+        /// `--data-dir`.
+        data_dir: PathBuf,
+        /// Why.
+        #[source]
+        source: SandboxError,
+    },
 }
 
 impl DaemonError {
@@ -138,7 +148,7 @@ impl DaemonError {
             Self::NotRoot => 77,
             Self::SocketInUse { .. } => 75,
             Self::InvalidMetricsAddr { .. } | Self::MetricsNotLoopback { .. } => 64,
-            Self::Bpf { .. } | Self::Cgroup(_) => 69,
+            Self::Bpf { .. } | Self::Cgroup(_) | Self::Sandboxes { .. } => 69,
             Self::NotASocket { .. }
             | Self::SocketDir { .. }
             | Self::SocketProbe { .. }
@@ -162,6 +172,8 @@ pub struct ServeConfig {
     pub adopt_only: bool,
     /// Unload the programs at exit instead of leaving them pinned.
     pub unload_on_exit: bool,
+    /// Where sandboxes keep their state; `None`: no sandboxes (their routes answer 503).
+    pub sandboxes: Option<ManagerConfig>,
 }
 
 /// Fails unless the effective uid is 0.
@@ -240,6 +252,22 @@ pub async fn run(config: ServeConfig) -> Result<(), DaemonError> {
         }
     };
 
+    let manager = match config.sandboxes.clone() {
+        Some(cfg) => {
+            let data_dir = cfg.data_dir.clone();
+            let opened = tokio::task::spawn_blocking(move || SandboxManager::open(cfg))
+                .await
+                .map_err(|e| DaemonError::Sandboxes {
+                    data_dir: data_dir.clone(),
+                    source: SandboxError::internal("opening the sandbox manager", e),
+                })?;
+            let manager = opened.map_err(|source| DaemonError::Sandboxes { data_dir, source })?;
+            tracing::info!(data_dir = %manager.config().data_dir.display(), "sandboxes ready");
+            Some(Arc::new(manager))
+        }
+        None => None,
+    };
+
     let tracker: Arc<dyn WriteTracker> = Arc::new(tracker);
     let result = serve(
         socket,
@@ -248,9 +276,14 @@ pub async fn run(config: ServeConfig) -> Result<(), DaemonError> {
         cgroups,
         origin,
         pin_dir,
+        manager.clone().map(|m| m as Arc<dyn SandboxOps>),
         stop,
     )
     .await;
+    if let Some(manager) = manager {
+        // Tears every sandbox down (processes, views, cgroups): blocking work.
+        let _ = tokio::task::spawn_blocking(move || drop(manager)).await;
+    }
     if let Some(task) = log_task {
         task.abort();
     }
@@ -266,6 +299,8 @@ pub async fn run(config: ServeConfig) -> Result<(), DaemonError> {
 /// Serves the API on `socket` and `/metrics` on `metrics_listener` over `tracker`
 /// until `stop` resolves; then stops accepting, removes the socket file, and waits a
 /// little for requests in flight.
+// Each argument is an independent piece the caller made (tests make fakes of some).
+#[allow(clippy::too_many_arguments)]
 pub async fn serve(
     socket: ApiSocket,
     metrics_listener: TcpListener,
@@ -273,6 +308,7 @@ pub async fn serve(
     cgroups: CgroupFs,
     origin: Origin,
     pin_dir: &Path,
+    sandboxes: Option<Arc<dyn SandboxOps>>,
     stop: impl Future<Output = &'static str>,
 ) -> Result<(), DaemonError> {
     let metrics_addr =
@@ -289,7 +325,11 @@ pub async fn serve(
         origin,
         started: Instant::now(),
     };
-    let service = Arc::new(ApiService::new(tracker, cgroups, Metrics::new()?, info));
+    let mut service = ApiService::new(tracker, cgroups, Metrics::new()?, info);
+    if let Some(ops) = sandboxes {
+        service = service.with_sandboxes(ops);
+    }
+    let service = Arc::new(service);
     let (listener, socket_file) = socket.into_tokio()?;
 
     let (stop_tx, stop_rx) = watch::channel(false);

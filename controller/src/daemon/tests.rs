@@ -82,6 +82,7 @@ async fn serves_until_stopped_then_removes_the_socket() {
             cgroups,
             Origin::Adopted,
             &pin_dir,
+            None,
             stop,
         )
         .await

@@ -81,8 +81,8 @@ pub struct NodeRecord {
     pub label: Option<String>,
     /// When it was taken, unix ms.
     pub created_ms: u64,
-    /// The DeltaFS snapshot id of its files, raw.
-    pub snapshot: u64,
+    /// The DeltaFS snapshot id of its files (a UUID, as DeltaFS prints it).
+    pub snapshot: String,
     /// Its sessions' process state, one per session.
     pub sessions: Vec<NodeSession>,
     /// Bytes owned (file layer + dump); 0 if unknown.
@@ -218,7 +218,7 @@ pub(crate) mod tests {
             parent,
             label: Some("after pip install".into()),
             created_ms,
-            snapshot: 42,
+            snapshot: "01a20200-0000-7000-8000-000000000042".to_owned(),
             sessions: vec![NodeSession {
                 session: SessionId::new(),
                 kind: "bash".into(),

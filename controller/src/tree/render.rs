@@ -194,7 +194,7 @@ mod tests {
             parent: parent.map(id),
             label: label.map(str::to_owned),
             created_ms,
-            snapshot: 1,
+            snapshot: "01a20200-0000-7000-8000-000000000001".to_owned(),
             sessions: vec![NodeSession {
                 session: id::<SessionId>("00000003"),
                 kind: "bash".into(),

@@ -20,6 +20,17 @@ use serde::de::DeserializeOwned;
 use crate::signals::check_interrupted;
 use crate::util::{display, raw_output};
 
+/// Where the demo's daemon keeps sandboxes: its own directories and cgroup, so that it
+/// never touches a deltaboxd already running.
+pub struct SandboxDirs {
+    /// `--data-dir` (DeltaFS layers and the tree database; on the reflink store).
+    pub data_dir: PathBuf,
+    /// `--run-dir`.
+    pub run_dir: PathBuf,
+    /// `--sandbox-cgroup`.
+    pub cgroup: PathBuf,
+}
+
 /// A running `deltaboxd serve`. Dropping it sends SIGTERM (by pid) and waits, then
 /// SIGKILL if it does not exit in time.
 pub struct Daemon {
@@ -31,7 +42,13 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `deltaboxd serve` with its API socket and log in `dir` and its programs
     /// pinned in `pin_dir`, and waits until the socket accepts connections.
-    pub fn start(deltaboxd: &Path, dir: &Path, pin_dir: &Path, timeout: Duration) -> Result<Self> {
+    pub fn start(
+        deltaboxd: &Path,
+        dir: &Path,
+        pin_dir: &Path,
+        sandboxes: &SandboxDirs,
+        timeout: Duration,
+    ) -> Result<Self> {
         let socket = dir.join("api.sock");
         let log = dir.join("deltaboxd.log");
         let metrics_addr = format!("127.0.0.1:{}", free_port()?);
@@ -50,6 +67,12 @@ impl Daemon {
             .arg("--pin-dir")
             .arg(pin_dir)
             .arg("--unload-on-exit")
+            .arg("--data-dir")
+            .arg(&sandboxes.data_dir)
+            .arg("--run-dir")
+            .arg(&sandboxes.run_dir)
+            .arg("--sandbox-cgroup")
+            .arg(&sandboxes.cgroup)
             .stdin(Stdio::null())
             .stdout(log_file)
             .stderr(log_err)
@@ -231,13 +254,22 @@ impl Cli {
         Ok(stats.stats)
     }
 
+    /// Runs `deltabox --socket S <args> --json` and returns the JSON it prints
+    /// (`--json` goes before a `--`, after which the words are a command's).
+    pub fn value(&self, args: &[&str]) -> Result<serde_json::Value> {
+        let os: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
+        self.json(&os)
+    }
+
     /// Runs `deltabox --socket S <args> --json` and parses what it prints.
     fn json<T: DeserializeOwned>(&self, args: &[&OsStr]) -> Result<T> {
+        let at = args.iter().position(|a| *a == "--").unwrap_or(args.len());
         let mut cmd = Command::new(&self.binary);
         cmd.arg("--socket")
             .arg(&self.socket)
-            .args(args)
-            .arg("--json");
+            .args(&args[..at])
+            .arg("--json")
+            .args(&args[at..]);
         let line = display(&cmd);
         let out = raw_output(&mut cmd)?;
         if !out.status.success() {

@@ -1,13 +1,23 @@
-//! `cargo xtask demo`: the write tracker end to end on this machine.
+//! `cargo xtask demo`: DeltaBox end to end on this machine.
 //!
-//! Set-up and build, start `deltaboxd serve` on a socket in a temporary directory, create
-//! a cgroup `deltabox-demo-<pid>` and have the daemon watch it, run a real workload in it
-//! (`sh` writing files of different sizes under `target/`, on the disk: `/tmp` may be a
-//! tmpfs), print what the tracker counted per file, advance the epoch, write again and
-//! print again to show the counts restart. Cleanup (unwatch, SIGTERM the daemon, remove
-//! the cgroup and the files) is done by guards, so it also happens on an error or Ctrl-C.
+//! Set-up and build, start `deltaboxd serve` on a socket in a temporary directory (its
+//! own pin directory, sandbox data directory and cgroup), then:
+//!
+//! 1. a tree search on the embedded default sandbox ([`tree_search`]): checkpoint,
+//!    branch, roll back, with each operation's latency and the share of time spent in
+//!    state management;
+//! 2. the write tracker: create a cgroup `deltabox-demo-<pid>` and have the daemon
+//!    watch it, run a real workload in it (`sh` writing files of different sizes under
+//!    `target/`, on the disk: `/tmp` may be a tmpfs), print what the tracker counted
+//!    per file, advance the epoch, write again and print again to show the counts
+//!    restart.
+//!
+//! Cleanup (remove the sandboxes, unwatch, SIGTERM the daemon, remove the cgroups, the
+//! sandbox data and the files) is done by guards, so it also happens on an error or
+//! Ctrl-C.
 
 mod daemon;
+mod tree_search;
 mod workload;
 
 use std::path::Path;
@@ -15,13 +25,16 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 
-use self::daemon::{Cli, Daemon, Watch};
+use self::daemon::{Cli, Daemon, SandboxDirs, Watch};
 use self::workload::{FIRST, SECOND};
 use crate::cgroup::{Cgroup, cgroup2_mount};
 use crate::setup::BPFFS;
 use crate::signals::{catch_interrupts, check_interrupted, interrupted};
 use crate::util::{TempDir, step, target_dir};
 use crate::{build, setup};
+
+/// Where the demo's sandbox data goes: the reflink store `cargo xtask setup` mounts.
+const DEMO_DATA_ROOT: &str = "/var/lib/deltabox/store";
 
 /// Options of `cargo xtask demo`.
 #[derive(clap::Args, Debug)]
@@ -62,10 +75,17 @@ fn run_demo(options: &Options) -> Result<()> {
         run_dir.path().join("api.sock").display()
     ));
     let pin_dir = Path::new(BPFFS).join(format!("deltabox-demo-{pid}"));
+    let data_dir = TempDir::new(Path::new(DEMO_DATA_ROOT), &format!("demo-{pid}-"))?;
+    let sandboxes = SandboxDirs {
+        data_dir: data_dir.path().to_owned(),
+        run_dir: run_dir.path().join("run"),
+        cgroup: cgroup2_mount()?.join(format!("deltabox-demo-{pid}-trees")),
+    };
     let mut daemon = Daemon::start(
         &bin.join("deltaboxd"),
         run_dir.path(),
         &pin_dir,
+        &sandboxes,
         Duration::from_secs(options.timeout_secs),
     )?;
     let cli = Cli::new(bin.join("deltabox"), daemon.socket());
@@ -79,6 +99,17 @@ fn run_demo(options: &Options) -> Result<()> {
         status.metrics_addr
     );
 
+    let mut made = Vec::new();
+    let searched = tree_search::run(&cli, &mut made);
+    for sandbox in &made {
+        if let Err(e) = cli.value(&["rm", sandbox]) {
+            eprintln!("warning: cannot remove sandbox {sandbox}: {e:#}");
+        }
+    }
+    searched?;
+    check_interrupted()?;
+
+    step("the eBPF write tracker on a cgroup of its own");
     let (mut watch, watched) = Watch::start(&cli, cgroup.path())?;
     let id = cgroup.id()?;
     if watched.id != id {
@@ -122,6 +153,14 @@ fn run_demo(options: &Options) -> Result<()> {
     let daemon_pid = daemon.pid();
     let how = daemon.stop()?;
     println!("  deltaboxd (pid {}) {how}", daemon_pid.unwrap_or_default());
+    let trees = sandboxes.cgroup.clone();
+    if trees.exists() {
+        std::fs::remove_dir(&trees)
+            .with_context(|| format!("cannot remove the demo's cgroup {}", trees.display()))?;
+    }
+    let data_path = data_dir.path().to_owned();
+    data_dir.remove()?;
+    println!("  removed the sandbox data {}", data_path.display());
     let cgroup_path = cgroup.path().to_owned();
     cgroup.remove()?;
     println!("  removed cgroup {}", cgroup_path.display());

@@ -89,7 +89,7 @@ async fn client_drives_every_sandbox_route() {
         .unwrap();
     assert_eq!(
         client.list_sandboxes().await.unwrap().sandboxes,
-        [sb.clone()]
+        std::slice::from_ref(&sb)
     );
     assert_eq!(client.sandbox(&sb.id[..4]).await.unwrap().id, sb.id);
     let exec = |argv: &[&str]| ExecRequest {
@@ -163,7 +163,7 @@ async fn client_drives_every_sandbox_route() {
 
     for s in std::iter::once(&sb).chain(&branch.sandboxes) {
         let removed = client.remove_sandbox(&s.id).await.unwrap();
-        assert_eq!(removed.sandboxes, [s.id.clone()]);
+        assert_eq!(removed.sandboxes, std::slice::from_ref(&s.id));
     }
     let removed = client.remove_node(&first.id).await.unwrap();
     assert_eq!(removed.nodes, [first.id, second.id]);

@@ -1,0 +1,271 @@
+//! One-shot commands and persistent sessions in a sandbox.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, killpg};
+
+use super::output::collect;
+use super::{Live, LiveSession};
+use crate::api::sandbox_types::{ExecRequest, ExecResult, SessionRun, SessionRunResult};
+use crate::sandbox::error::SandboxError;
+use crate::sandbox::runtime::{ExitStatus, SpawnRequest};
+use crate::sandbox::session::{self, SessionIo, SessionKind};
+use crate::tree::ids::SessionId;
+use crate::tree::records::unix_ms_now;
+
+/// Default timeout of a command or a session call.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long a session's interpreter gets to start.
+const SESSION_START: Duration = Duration::from_secs(30);
+/// How long output is still read after a timed-out command was killed.
+const KILL_GRACE: Duration = Duration::from_secs(2);
+
+/// The environment every command starts with (the request's entries override it).
+fn default_env() -> Vec<(String, String)> {
+    [
+        (
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        ),
+        ("HOME", "/root"),
+        ("LANG", "C.UTF-8"),
+        ("TERM", "dumb"),
+        ("USER", "root"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect()
+}
+
+fn merged_env(extra: impl IntoIterator<Item = (String, String)>) -> Vec<(String, String)> {
+    let mut env = default_env();
+    for (k, v) in extra {
+        env.retain(|(key, _)| key != &k);
+        env.push((k, v));
+    }
+    env
+}
+
+/// `/workspace` if the sandbox has one, else `/`.
+fn default_cwd(live: &Live) -> PathBuf {
+    let has_workspace = live
+        .view
+        .as_ref()
+        .is_some_and(|v| v.mountpoint().join("workspace").is_dir());
+    PathBuf::from(if has_workspace { "/workspace" } else { "/" })
+}
+
+fn timeout_of(ms: Option<u64>) -> Result<Duration, SandboxError> {
+    match ms {
+        None => Ok(DEFAULT_TIMEOUT),
+        Some(0) => Err(SandboxError::Invalid {
+            message: "timeout_ms must be positive".to_owned(),
+        }),
+        Some(ms) => Ok(Duration::from_millis(ms)),
+    }
+}
+
+/// Runs a one-shot command to its end (or its timeout) and collects its output.
+pub(super) fn exec(live: &Live, req: &ExecRequest) -> Result<ExecResult, SandboxError> {
+    let start = Instant::now();
+    if req.argv.is_empty() || req.argv[0].is_empty() {
+        return Err(SandboxError::Invalid {
+            message: "argv is empty: give the command to run".to_owned(),
+        });
+    }
+    let timeout = timeout_of(req.timeout_ms)?;
+    let name = live.name();
+    let cwd = req
+        .cwd
+        .as_ref()
+        .map_or_else(|| default_cwd(live), PathBuf::from);
+    let spawned = live
+        .tree
+        .runtime
+        .spawn(
+            &name,
+            &SpawnRequest {
+                argv: req.argv.clone(),
+                env: merged_env(req.env.clone()),
+                cwd,
+                stdin: req.stdin.is_some(),
+            },
+        )
+        .map_err(|e| SandboxError::Invalid {
+            message: format!("sandbox {name}: cannot start {:?}: {e}", req.argv[0]),
+        })?;
+    let pgid = spawned.host_pid;
+    let feeder = match (spawned.stdin, &req.stdin) {
+        (Some(mut pipe), Some(data)) => {
+            let data = data.clone().into_bytes();
+            // A command that never reads its stdin must not block the collection.
+            Some(std::thread::spawn(move || {
+                let _ = pipe.write_all(&data);
+            }))
+        }
+        _ => None,
+    };
+    let collected = collect(
+        spawned.stdout,
+        spawned.stderr,
+        start + timeout,
+        KILL_GRACE,
+        &|| {
+            let _ = killpg(pgid, Signal::SIGKILL);
+        },
+    )
+    .map_err(|e| SandboxError::internal(format!("sandbox {name}: reading output"), e))?;
+    if collected.timed_out {
+        let _ = killpg(pgid, Signal::SIGKILL);
+    }
+    let status = live
+        .tree
+        .runtime
+        .wait_exit(spawned.ns_pid, Some(Duration::from_secs(10)))
+        .map_err(|e| {
+            SandboxError::internal(format!("sandbox {name}: waiting for the command"), e)
+        })?;
+    if let Some(feeder) = feeder {
+        let _ = feeder.join();
+    }
+    let (exit_code, signal) = match status {
+        Some(ExitStatus::Code(c)) => (Some(c), None),
+        Some(ExitStatus::Signal(s)) => (None, Some(s)),
+        None => (None, None),
+    };
+    Ok(ExecResult {
+        exit_code,
+        signal,
+        stdout: String::from_utf8_lossy(&collected.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&collected.stderr).into_owned(),
+        timed_out: collected.timed_out,
+        truncated: collected.truncated,
+        duration_ms: start.elapsed().as_secs_f64() * 1e3,
+        node: None,
+    })
+}
+
+/// Starts a session's interpreter and waits until it is ready.
+pub(super) fn start_session(live: &Live, kind: SessionKind) -> Result<LiveSession, SandboxError> {
+    let name = live.name();
+    let id = SessionId::new();
+    let spawned = live
+        .tree
+        .runtime
+        .spawn(
+            &name,
+            &SpawnRequest {
+                argv: kind.argv(),
+                env: merged_env(kind.env()),
+                cwd: default_cwd(live),
+                stdin: true,
+            },
+        )
+        .map_err(|e| SandboxError::Session {
+            sandbox: name.clone(),
+            session: id.to_string(),
+            message: format!("cannot start {kind}: {e}"),
+        })?;
+    let Some(stdin) = spawned.stdin else {
+        return Err(SandboxError::internal(
+            format!("sandbox {name}"),
+            "the runtime gave a session no stdin pipe",
+        ));
+    };
+    let mut session = LiveSession {
+        id,
+        kind,
+        pid: spawned.host_pid,
+        io: SessionIo {
+            stdin,
+            stdout: spawned.stdout,
+            stderr: spawned.stderr,
+        },
+        started_ms: unix_ms_now(),
+    };
+    session::wait_ready(&mut session.io, kind, SESSION_START).map_err(|e| {
+        SandboxError::Session {
+            sandbox: name.clone(),
+            session: id.to_string(),
+            message: format!("{kind} did not start: {e}"),
+        }
+    })?;
+    Ok(session)
+}
+
+/// The session of `live` whose id starts with `prefix`.
+pub(super) fn resolve_session(live: &Live, prefix: &str) -> Result<SessionId, SandboxError> {
+    let wanted = prefix.replace('-', "").to_ascii_lowercase();
+    let matches: Vec<SessionId> = live
+        .sessions
+        .keys()
+        .filter(|id| {
+            !wanted.is_empty()
+                && (id.to_string().replace('-', "").starts_with(&wanted) || id.short() == prefix)
+        })
+        .copied()
+        .collect();
+    match matches.as_slice() {
+        [one] => Ok(*one),
+        [] => Err(SandboxError::UnknownSession {
+            sandbox: live.name(),
+            id: prefix.to_owned(),
+        }),
+        many => Err(SandboxError::Ambiguous {
+            what: "session",
+            prefix: prefix.to_owned(),
+            candidates: many.iter().map(ToString::to_string).collect(),
+        }),
+    }
+}
+
+/// Runs code in a session. A session that exited or hung is an error (the caller drops
+/// it).
+pub(super) fn run(
+    live: &mut Live,
+    sid: SessionId,
+    req: &SessionRun,
+) -> Result<SessionRunResult, SandboxError> {
+    let timeout = timeout_of(req.timeout_ms)?;
+    let name = live.name();
+    let Some(session) = live.sessions.get_mut(&sid) else {
+        return Err(SandboxError::UnknownSession {
+            sandbox: name,
+            id: sid.to_string(),
+        });
+    };
+    let pgid = session.pid;
+    let interrupt = || killpg(pgid, Signal::SIGINT).map_err(std::io::Error::from);
+    let out = session::run(
+        &mut session.io,
+        session.kind,
+        &req.code,
+        timeout,
+        &interrupt,
+    )
+    .map_err(|e| session_error(&name, sid, e))?;
+    Ok(SessionRunResult {
+        stdout: out.stdout,
+        stderr: out.stderr,
+        status: out.status,
+        timed_out: out.timed_out,
+        truncated: out.truncated,
+        duration_ms: out.duration_ms,
+        node: None,
+    })
+}
+
+fn session_error(sandbox: &str, sid: SessionId, e: session::SessionError) -> SandboxError {
+    if let session::SessionError::InvalidCode { .. } = e {
+        return SandboxError::Invalid {
+            message: e.to_string(),
+        };
+    }
+    SandboxError::Session {
+        sandbox: sandbox.to_owned(),
+        session: sid.to_string(),
+        message: e.to_string(),
+    }
+}

@@ -1,0 +1,712 @@
+//! The sandbox manager: the real [`SandboxOps`]. It owns the DeltaFS store, the tree
+//! database and the live trees (a [`TreeRuntime`] each, with the DeltaCR templates of
+//! their nodes), and ties them together: one atomic checkpoint over files and
+//! processes, rollback, branch.
+//!
+//! - this module: configuration, lookups, create / remove / list;
+//! - [`commands`]: `exec` and sessions;
+//! - [`tree_ops`]: checkpoint, rollback, branch, tree, diff, node removal, gc;
+//! - [`output`]: collecting a command's output.
+//!
+//! Locking: one mutex per sandbox, held for a whole operation (so operations on one
+//! sandbox are serialised and on different sandboxes run in parallel); the maps of
+//! sandboxes and trees are locked only to look up or insert.
+
+mod commands;
+pub mod leftovers;
+pub mod output;
+mod tree_ops;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use deltafs::{Store, View};
+use nix::unistd::Pid;
+
+use super::error::SandboxError;
+use super::rootfs;
+use super::runtime::{Limits, TreeConfig, TreeRuntime};
+use super::session::{SessionIo, SessionKind};
+use crate::api::sandbox_types::{LimitsSpec, SandboxInfo, SessionInfo};
+use crate::cr::Template;
+use crate::tree::TreeDbError;
+use crate::tree::db::{Op, TreeDb};
+use crate::tree::ids::{NodeId, SandboxId, SessionId, TreeId};
+use crate::tree::records::{SandboxRecord, SandboxState, SessionRecord, TreeRecord, unix_ms_now};
+
+/// Where the manager keeps things.
+#[derive(Clone, Debug)]
+pub struct ManagerConfig {
+    /// Persistent data: the DeltaFS store (`<data_dir>/store`) and the tree database
+    /// (`<data_dir>/tree.redb`). Best on a reflink filesystem.
+    pub data_dir: PathBuf,
+    /// Runtime state (mount points, the default base): `<run_dir>/trees/<tree>`,
+    /// `<run_dir>/base`.
+    pub run_dir: PathBuf,
+    /// The cgroup v2 directory under which each tree gets one (absolute).
+    pub cgroup: PathBuf,
+    /// The `deltabox-init` binary.
+    pub init_binary: PathBuf,
+}
+
+/// A live tree: its namespaces and init, and the templates of its nodes.
+pub(crate) struct Tree {
+    id: TreeId,
+    runtime: TreeRuntime,
+    /// The base every sandbox of the tree is layered over.
+    base: PathBuf,
+    /// Per node, one template per session (in the node's session order).
+    templates: Mutex<HashMap<NodeId, Arc<NodeTemplates>>>,
+}
+
+/// The DeltaCR templates of one node.
+pub(crate) struct NodeTemplates {
+    sessions: Vec<(SessionId, SessionKind, Template)>,
+}
+
+/// A session running in a sandbox.
+pub(crate) struct LiveSession {
+    id: SessionId,
+    kind: SessionKind,
+    /// The interpreter (host pid; also its process group: it is a session leader).
+    pid: Pid,
+    io: SessionIo,
+    started_ms: u64,
+}
+
+/// A live sandbox, behind its own mutex.
+pub(crate) struct Live {
+    record: SandboxRecord,
+    tree: Arc<Tree>,
+    view: Option<View>,
+    sessions: BTreeMap<SessionId, LiveSession>,
+    limits: Limits,
+}
+
+/// The sandbox manager.
+pub struct SandboxManager {
+    cfg: ManagerConfig,
+    store: Store,
+    db: TreeDb,
+    default_base: Mutex<Option<PathBuf>>,
+    trees: Mutex<HashMap<TreeId, Arc<Tree>>>,
+    sandboxes: Mutex<HashMap<SandboxId, Arc<Mutex<Live>>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn db_err(e: TreeDbError) -> SandboxError {
+    match e {
+        TreeDbError::UnknownId { kind, prefix } => match kind {
+            "node" => SandboxError::UnknownNode { id: prefix },
+            _ => SandboxError::UnknownSandbox { id: prefix },
+        },
+        TreeDbError::BadPrefix { kind, prefix } => match kind {
+            "node" => SandboxError::UnknownNode { id: prefix },
+            _ => SandboxError::UnknownSandbox { id: prefix },
+        },
+        TreeDbError::Ambiguous {
+            kind,
+            prefix,
+            candidates,
+        } => SandboxError::Ambiguous {
+            what: if kind == "node" { "node" } else { "sandbox" },
+            prefix,
+            candidates,
+        },
+        other => SandboxError::internal("tree database", other),
+    }
+}
+
+impl From<&Limits> for LimitsSpec {
+    fn from(l: &Limits) -> Self {
+        Self {
+            memory_bytes: l.memory_bytes,
+            cpus: l.cpus,
+            pids: l.pids,
+        }
+    }
+}
+
+fn limits_of(spec: &LimitsSpec) -> Result<Limits, SandboxError> {
+    let invalid = |message: String| SandboxError::Invalid { message };
+    if let Some(m) = spec.memory_bytes
+        && m < 16 << 20
+    {
+        return Err(invalid(format!(
+            "memory limit {m} bytes is below the minimum of 16 MiB"
+        )));
+    }
+    if let Some(c) = spec.cpus
+        && !(c.is_finite() && (0.01..=1024.0).contains(&c))
+    {
+        return Err(invalid(format!("cpus {c} must be between 0.01 and 1024")));
+    }
+    if let Some(p) = spec.pids
+        && p < 8
+    {
+        return Err(invalid(format!("pids limit {p} is below the minimum of 8")));
+    }
+    Ok(Limits {
+        memory_bytes: spec.memory_bytes,
+        cpus: spec.cpus,
+        pids: spec.pids,
+    })
+}
+
+impl SandboxManager {
+    /// Opens the store and the database. Trees left by an earlier daemon are not
+    /// adopted yet: their processes, mounts and cgroups are removed
+    /// ([`Self::clean_leftovers`]); their nodes stay in the database (files restorable,
+    /// processes not until incremental dumps exist).
+    pub fn open(cfg: ManagerConfig) -> Result<Self, SandboxError> {
+        std::fs::create_dir_all(&cfg.data_dir)
+            .map_err(|e| SandboxError::internal(cfg.data_dir.display(), e))?;
+        let store = Store::open(cfg.data_dir.join("store"))
+            .map_err(|e| SandboxError::internal("DeltaFS store", e))?;
+        let db = TreeDb::open(&cfg.data_dir.join("tree.redb")).map_err(db_err)?;
+        let manager = Self {
+            cfg,
+            store,
+            db,
+            default_base: Mutex::new(None),
+            trees: Mutex::new(HashMap::new()),
+            sandboxes: Mutex::new(HashMap::new()),
+        };
+        manager.clean_leftovers()?;
+        Ok(manager)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ManagerConfig {
+        &self.cfg
+    }
+
+    /// Removes what a killed daemon left: sandbox records (their processes died with
+    /// their trees, or are killed here), the trees' cgroups and mounts.
+    fn clean_leftovers(&self) -> Result<(), SandboxError> {
+        let mut ops = Vec::new();
+        for sandbox in self.db.sandboxes().map_err(db_err)? {
+            ops.push(Op::DeleteSandbox(sandbox.id));
+        }
+        for tree in self.db.trees().map_err(db_err)? {
+            let nodes = self.db.nodes(&tree.id).map_err(db_err)?;
+            // The templates died with the tree: nodes keep their files only.
+            for mut node in nodes {
+                if node.sessions.iter().any(|s| s.template.is_some()) {
+                    for s in &mut node.sessions {
+                        s.template = None;
+                    }
+                    ops.push(Op::PutNode(node));
+                }
+            }
+            let run_dir = self.cfg.run_dir.join("trees").join(tree.id.to_string());
+            let cgroup = self.cfg.cgroup.join(tree.id.to_string());
+            if let Err(e) = leftovers::clean(&run_dir, &cgroup) {
+                tracing::warn!(tree = %tree.id, "cleaning a tree left by an earlier daemon: {e}");
+            }
+        }
+        if !ops.is_empty() {
+            tracing::info!(
+                "removing {} records of an earlier daemon's live state",
+                ops.len()
+            );
+            self.db.commit(&ops).map_err(db_err)?;
+        }
+        Ok(())
+    }
+
+    fn default_base(&self) -> Result<PathBuf, SandboxError> {
+        let mut base = lock(&self.default_base);
+        if let Some(b) = &*base {
+            return Ok(b.clone());
+        }
+        let dir = rootfs::ensure_default_base(&self.cfg.run_dir.join("base"))
+            .map_err(|e| SandboxError::internal("embedded default base", e))?;
+        *base = Some(dir.clone());
+        Ok(dir)
+    }
+
+    fn resolve_sandbox(&self, prefix: &str) -> Result<(SandboxId, Arc<Mutex<Live>>), SandboxError> {
+        let id = self.db.resolve_sandbox(prefix).map_err(db_err)?;
+        let live = lock(&self.sandboxes).get(&id).cloned();
+        live.map(|l| (id, l))
+            .ok_or_else(|| SandboxError::UnknownSandbox {
+                id: prefix.to_owned(),
+            })
+    }
+
+    fn live_tree(&self, id: &TreeId) -> Option<Arc<Tree>> {
+        lock(&self.trees).get(id).cloned()
+    }
+
+    /// Starts a tree: its runtime (namespaces, init) over `base`.
+    fn start_tree(
+        &self,
+        base: PathBuf,
+        rootfs: Option<PathBuf>,
+    ) -> Result<Arc<Tree>, SandboxError> {
+        let id = TreeId::new();
+        let runtime = TreeRuntime::start(TreeConfig {
+            id: id.to_string(),
+            run_dir: self.cfg.run_dir.join("trees").join(id.to_string()),
+            cgroup: self.cfg.cgroup.join(id.to_string()),
+            init_binary: self.cfg.init_binary.clone(),
+        })
+        .map_err(|e| SandboxError::internal(format!("starting tree {id}"), e))?;
+        self.db
+            .put_tree(&TreeRecord {
+                id,
+                created_ms: unix_ms_now(),
+                rootfs,
+            })
+            .map_err(db_err)?;
+        let tree = Arc::new(Tree {
+            id,
+            runtime,
+            base,
+            templates: Mutex::new(HashMap::new()),
+        });
+        lock(&self.trees).insert(id, Arc::clone(&tree));
+        Ok(tree)
+    }
+
+    /// Sets up sandbox `id` in `tree`: cgroups, a DeltaFS view (of `from`, or the bare
+    /// base), its anchor. The record is the caller's to write.
+    fn set_up(
+        &self,
+        tree: &Arc<Tree>,
+        id: SandboxId,
+        limits: &Limits,
+        from: Option<deltafs::SnapshotId>,
+    ) -> Result<View, SandboxError> {
+        let name = id.to_string();
+        let mountpoint = tree
+            .runtime
+            .prepare_sandbox(&name, limits)
+            .map_err(|e| SandboxError::internal(format!("sandbox {id}: cgroups"), e))?;
+        let view = match self.store.mount(&tree.base, &mountpoint, from) {
+            Ok(view) => view,
+            Err(e) => {
+                let _ = tree.runtime.remove_sandbox(&name);
+                return Err(store_err(format!("sandbox {id}: mounting its root"), e));
+            }
+        };
+        if let Err(e) = tree.runtime.add_sandbox(&name) {
+            let _ = tree.runtime.remove_sandbox(&name);
+            drop(view);
+            return Err(SandboxError::internal(
+                format!("sandbox {id}: starting it"),
+                e,
+            ));
+        }
+        Ok(view)
+    }
+
+    fn create_inner(
+        &self,
+        rootfs: Option<PathBuf>,
+        limits: Limits,
+        auto_checkpoint: bool,
+    ) -> Result<SandboxInfo, SandboxError> {
+        let base = match &rootfs {
+            Some(dir) => {
+                rootfs::check_rootfs(dir).map_err(|e| SandboxError::Invalid {
+                    message: e.to_string(),
+                })?;
+                dir.clone()
+            }
+            None => self.default_base()?,
+        };
+        let tree = self.start_tree(base, rootfs.clone())?;
+        let id = SandboxId::new();
+        let record = SandboxRecord {
+            id,
+            tree: tree.id,
+            created_ms: unix_ms_now(),
+            rootfs,
+            limits: serde_json::to_value(&limits).unwrap_or_default(),
+            auto_checkpoint,
+            head: None,
+            branched_from: None,
+            sessions: Vec::new(),
+            state: SandboxState::Creating,
+        };
+        self.db.put_sandbox(&record).map_err(db_err)?;
+        let view = match self.set_up(&tree, id, &limits, None) {
+            Ok(view) => view,
+            Err(e) => {
+                let _ = self.db.delete_sandbox(&id);
+                self.drop_tree_if_empty(&tree);
+                return Err(e);
+            }
+        };
+        let mut live = Live {
+            record,
+            tree,
+            view: Some(view),
+            sessions: BTreeMap::new(),
+            limits,
+        };
+        live.record.state = SandboxState::Running;
+        self.db.put_sandbox(&live.record).map_err(db_err)?;
+        let info = live.info();
+        lock(&self.sandboxes).insert(id, Arc::new(Mutex::new(live)));
+        Ok(info)
+    }
+
+    /// Tears a sandbox down: its processes, anchor, mounts, cgroups and view.
+    fn tear_down(&self, live: &mut Live) -> Result<(), SandboxError> {
+        let name = live.record.id.to_string();
+        live.sessions.clear();
+        let removed = live.tree.runtime.remove_sandbox(&name);
+        if let Some(view) = live.view.take()
+            && let Err(e) = view.unmount()
+        {
+            tracing::warn!(sandbox = %name, "unmounting its root: {e}");
+        }
+        removed.map_err(|e| SandboxError::internal(format!("removing sandbox {name}"), e))
+    }
+
+    /// Shuts a tree down once it has no sandbox and no node left.
+    fn drop_tree_if_empty(&self, tree: &Arc<Tree>) {
+        let has_sandbox = lock(&self.sandboxes)
+            .values()
+            .any(|l| Arc::ptr_eq(&lock(l).tree, tree));
+        let has_nodes = self
+            .db
+            .nodes(&tree.id)
+            .map(|n| !n.is_empty())
+            .unwrap_or(true);
+        if has_sandbox || has_nodes {
+            return;
+        }
+        if let Some(tree) = lock(&self.trees).remove(&tree.id) {
+            let _ = self.db.delete_tree(&tree.id);
+            lock(&tree.templates).clear();
+            // If someone still holds it (an operation in flight), its drop shuts it down.
+            if let Ok(tree) = Arc::try_unwrap(tree)
+                && let Err(e) = tree.runtime.shutdown()
+            {
+                tracing::warn!("shutting a tree down: {e}");
+            }
+        }
+    }
+}
+
+/// A DeltaFS error, as disk full when it is one.
+fn store_err(context: impl std::fmt::Display, e: impl std::error::Error + 'static) -> SandboxError {
+    let mut source: Option<&dyn std::error::Error> = Some(&e);
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && io.raw_os_error() == Some(libc::ENOSPC)
+        {
+            return SandboxError::DiskFull {
+                message: format!("{context}: {}", crate::api::join_causes(chain(&e))),
+            };
+        }
+        source = err.source();
+    }
+    SandboxError::Internal {
+        message: format!("{context}: {}", crate::api::join_causes(chain(&e))),
+    }
+}
+
+fn chain(e: &dyn std::error::Error) -> Vec<String> {
+    let mut out = vec![e.to_string()];
+    let mut source = e.source();
+    while let Some(err) = source {
+        out.push(err.to_string());
+        source = err.source();
+    }
+    out
+}
+
+impl Live {
+    fn info(&self) -> SandboxInfo {
+        SandboxInfo {
+            id: self.record.id.to_string(),
+            tree: self.record.tree.to_string(),
+            created_ms: self.record.created_ms,
+            rootfs: self.record.rootfs.as_ref().map(|p| p.display().to_string()),
+            limits: LimitsSpec::from(&self.limits),
+            auto_checkpoint: self.record.auto_checkpoint,
+            head: self.record.head.map(|n| n.to_string()),
+            branched_from: self.record.branched_from.map(|n| n.to_string()),
+            sessions: self.sessions.values().map(LiveSession::info).collect(),
+            state: match self.record.state {
+                SandboxState::Creating => "creating",
+                SandboxState::Running => "running",
+                SandboxState::Removing => "removing",
+            }
+            .to_owned(),
+        }
+    }
+
+    /// The session records of the live sessions (what the database keeps).
+    fn session_records(&self) -> Vec<SessionRecord> {
+        self.sessions
+            .values()
+            .map(|s| SessionRecord {
+                id: s.id,
+                kind: s.kind.to_string(),
+                started_ms: s.started_ms,
+            })
+            .collect()
+    }
+
+    fn name(&self) -> String {
+        self.record.id.to_string()
+    }
+}
+
+impl LiveSession {
+    fn info(&self) -> SessionInfo {
+        SessionInfo {
+            id: self.id.to_string(),
+            kind: self.kind.to_string(),
+            pid: self.pid.as_raw(),
+            started_ms: self.started_ms,
+        }
+    }
+}
+
+impl Drop for LiveSession {
+    fn drop(&mut self) {
+        // A session leaves with its handle: its process group is killed.
+        let _ = nix::sys::signal::killpg(self.pid, nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+impl super::ops::SandboxOps for SandboxManager {
+    fn create(
+        &self,
+        req: &crate::api::sandbox_types::CreateSandbox,
+    ) -> Result<SandboxInfo, SandboxError> {
+        let limits = limits_of(&req.limits)?;
+        let rootfs = req.rootfs.as_ref().map(PathBuf::from);
+        if let Some(dir) = &rootfs
+            && !dir.is_absolute()
+        {
+            return Err(SandboxError::Invalid {
+                message: format!("rootfs {} is not an absolute path", dir.display()),
+            });
+        }
+        self.create_inner(rootfs, limits, req.auto_checkpoint)
+    }
+
+    fn list(&self) -> Result<Vec<SandboxInfo>, SandboxError> {
+        let all: Vec<_> = lock(&self.sandboxes).values().cloned().collect();
+        let mut infos: Vec<SandboxInfo> = all.iter().map(|l| lock(l).info()).collect();
+        infos.sort_by(|a, b| (a.created_ms, &a.id).cmp(&(b.created_ms, &b.id)));
+        Ok(infos)
+    }
+
+    fn get(&self, sandbox: &str) -> Result<SandboxInfo, SandboxError> {
+        let (_, live) = self.resolve_sandbox(sandbox)?;
+        Ok(lock(&live).info())
+    }
+
+    fn remove(&self, sandbox: &str) -> Result<crate::api::sandbox_types::Removed, SandboxError> {
+        let (id, live) = self.resolve_sandbox(sandbox)?;
+        let tree = {
+            let mut live = lock(&live);
+            live.record.state = SandboxState::Removing;
+            self.db.put_sandbox(&live.record).map_err(db_err)?;
+            let torn = self.tear_down(&mut live);
+            self.db.delete_sandbox(&id).map_err(db_err)?;
+            lock(&self.sandboxes).remove(&id);
+            torn?;
+            Arc::clone(&live.tree)
+        };
+        self.drop_tree_if_empty(&tree);
+        Ok(crate::api::sandbox_types::Removed {
+            nodes: Vec::new(),
+            sandboxes: vec![id.to_string()],
+        })
+    }
+
+    fn exec(
+        &self,
+        sandbox: &str,
+        req: &crate::api::sandbox_types::ExecRequest,
+    ) -> Result<crate::api::sandbox_types::ExecResult, SandboxError> {
+        let (_, live) = self.resolve_sandbox(sandbox)?;
+        let mut live = lock(&live);
+        let mut result = commands::exec(&live, req)?;
+        if live.record.auto_checkpoint {
+            let label = format!("exec {}", req.argv.join(" "));
+            result.node = Some(self.checkpoint_locked(&mut live, Some(label))?);
+        }
+        Ok(result)
+    }
+
+    fn session_start(
+        &self,
+        sandbox: &str,
+        req: &crate::api::sandbox_types::SessionStart,
+    ) -> Result<SessionInfo, SandboxError> {
+        let (_, live) = self.resolve_sandbox(sandbox)?;
+        let mut live = lock(&live);
+        let kind: SessionKind = req.kind.parse().map_err(|e| SandboxError::Invalid {
+            message: format!("{e}"),
+        })?;
+        let session = commands::start_session(&live, kind)?;
+        let info = session.info();
+        live.sessions.insert(session.id, session);
+        live.record.sessions = live.session_records();
+        self.db.put_sandbox(&live.record).map_err(db_err)?;
+        Ok(info)
+    }
+
+    fn session_run(
+        &self,
+        sandbox: &str,
+        session: &str,
+        req: &crate::api::sandbox_types::SessionRun,
+    ) -> Result<crate::api::sandbox_types::SessionRunResult, SandboxError> {
+        let (_, live) = self.resolve_sandbox(sandbox)?;
+        let mut live = lock(&live);
+        let sid = commands::resolve_session(&live, session)?;
+        let mut result = match commands::run(&mut live, sid, req) {
+            Ok(result) => result,
+            Err(e) => {
+                // The session died or hung: it is gone, and the record says so.
+                if let SandboxError::Session { .. } = e {
+                    live.sessions.remove(&sid);
+                    live.record.sessions = live.session_records();
+                    let _ = self.db.put_sandbox(&live.record);
+                }
+                return Err(e);
+            }
+        };
+        if live.record.auto_checkpoint {
+            let first = req
+                .code
+                .lines()
+                .next()
+                .unwrap_or("")
+                .chars()
+                .take(60)
+                .collect::<String>();
+            result.node = Some(self.checkpoint_locked(&mut live, Some(format!("run {first}")))?);
+        }
+        Ok(result)
+    }
+
+    fn session_stop(&self, sandbox: &str, session: &str) -> Result<SessionInfo, SandboxError> {
+        let (_, live) = self.resolve_sandbox(sandbox)?;
+        let mut live = lock(&live);
+        let sid = commands::resolve_session(&live, session)?;
+        let stopped = live.sessions.remove(&sid).map(|s| s.info());
+        live.record.sessions = live.session_records();
+        self.db.put_sandbox(&live.record).map_err(db_err)?;
+        stopped.ok_or_else(|| SandboxError::UnknownSession {
+            sandbox: live.name(),
+            id: session.to_owned(),
+        })
+    }
+
+    fn checkpoint(
+        &self,
+        sandbox: &str,
+        req: &crate::api::sandbox_types::CheckpointRequest,
+    ) -> Result<crate::api::sandbox_types::NodeInfo, SandboxError> {
+        let (_, live) = self.resolve_sandbox(sandbox)?;
+        let mut live = lock(&live);
+        self.checkpoint_locked(&mut live, req.label.clone())
+    }
+
+    fn rollback(
+        &self,
+        sandbox: &str,
+        req: &crate::api::sandbox_types::RollbackRequest,
+    ) -> Result<crate::api::sandbox_types::RollbackResult, SandboxError> {
+        let (_, live) = self.resolve_sandbox(sandbox)?;
+        let node = self.db.resolve_node(&req.node).map_err(db_err)?;
+        let mut live = lock(&live);
+        self.rollback_locked(&mut live, node, req.mode)
+    }
+
+    fn branch(
+        &self,
+        node: &str,
+        req: &crate::api::sandbox_types::BranchRequest,
+    ) -> Result<crate::api::sandbox_types::BranchResult, SandboxError> {
+        let node = self.db.resolve_node(node).map_err(db_err)?;
+        self.branch_node(node, req.count)
+    }
+
+    fn tree(
+        &self,
+        sandbox_or_node: &str,
+    ) -> Result<crate::api::sandbox_types::TreeView, SandboxError> {
+        let tree = match self.db.resolve_sandbox(sandbox_or_node) {
+            Ok(id) => self.db.sandbox(&id).map_err(db_err)?.map(|s| s.tree),
+            Err(TreeDbError::UnknownId { .. } | TreeDbError::BadPrefix { .. }) => {
+                let node = self.db.resolve_node(sandbox_or_node).map_err(|e| match e {
+                    TreeDbError::UnknownId { .. } | TreeDbError::BadPrefix { .. } => {
+                        SandboxError::Invalid {
+                            message: format!("no sandbox and no node matches {sandbox_or_node:?}"),
+                        }
+                    }
+                    other => db_err(other),
+                })?;
+                self.db.node(&node).map_err(db_err)?.map(|n| n.tree)
+            }
+            Err(e) => return Err(db_err(e)),
+        };
+        let tree = tree.ok_or_else(|| SandboxError::UnknownSandbox {
+            id: sandbox_or_node.to_owned(),
+        })?;
+        self.tree_view(tree)
+    }
+
+    fn diff(
+        &self,
+        from: &str,
+        to: &str,
+    ) -> Result<crate::api::sandbox_types::DiffResult, SandboxError> {
+        let from = self.db.resolve_node(from).map_err(db_err)?;
+        let to = self.db.resolve_node(to).map_err(db_err)?;
+        self.diff_nodes(from, to)
+    }
+
+    fn remove_node(&self, node: &str) -> Result<crate::api::sandbox_types::Removed, SandboxError> {
+        let node = self.db.resolve_node(node).map_err(db_err)?;
+        self.remove_subtree(node)
+    }
+
+    fn gc(&self) -> Result<crate::api::sandbox_types::GcResult, SandboxError> {
+        self.collect_garbage()
+    }
+}
+
+impl Drop for SandboxManager {
+    fn drop(&mut self) {
+        let all: Vec<_> = lock(&self.sandboxes).drain().map(|(_, l)| l).collect();
+        for live in all {
+            let mut live = lock(&live);
+            if let Err(e) = self.tear_down(&mut live) {
+                tracing::warn!("{e}");
+            }
+        }
+        let trees: Vec<_> = lock(&self.trees).drain().map(|(_, t)| t).collect();
+        for tree in trees {
+            lock(&tree.templates).clear();
+            if let Ok(tree) = Arc::try_unwrap(tree)
+                && let Err(e) = tree.runtime.shutdown()
+            {
+                tracing::warn!("{e}");
+            }
+        }
+        if lock(&self.default_base).take().is_some()
+            && let Err(e) = rootfs::release_default_base(&self.cfg.run_dir.join("base"))
+        {
+            tracing::warn!("releasing the default base: {e}");
+        }
+    }
+}

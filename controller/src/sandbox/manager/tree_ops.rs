@@ -1,0 +1,658 @@
+//! The checkpoint tree's operations: checkpoint (files and processes at one instant),
+//! rollback, branch, and the tree's queries and clean-up.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use deltafs::{FreezeOpts, SnapshotId};
+
+use super::{Live, LiveSession, NodeTemplates, SandboxManager, Tree, db_err, lock, store_err};
+use crate::api::sandbox_types::{
+    BranchResult, CheckpointTimings, DiffEntry, DiffResult, GcResult, NodeInfo, NodeSessionInfo,
+    Removed, RollbackMode, RollbackResult, RollbackTimings, SandboxHead, TreeView,
+};
+use crate::cr::{self, CheckpointOptions, RestoreOptions};
+use crate::sandbox::error::SandboxError;
+use crate::sandbox::runtime::Limits;
+use crate::sandbox::session::SessionIo;
+use crate::tree::db::Op;
+use crate::tree::ids::{NodeId, SandboxId, TreeId};
+use crate::tree::records::{
+    NodeRecord, NodeSession, SandboxRecord, SandboxState, TemplateRecord, unix_ms_now,
+};
+use crate::tree::render::{RenderNode, render_tree};
+
+/// The most sandboxes one branch call makes.
+const MAX_BRANCHES: u32 = 64;
+
+/// The DeltaFS snapshot of a node.
+fn snapshot_of(node: &NodeRecord) -> Result<SnapshotId, SandboxError> {
+    node.snapshot
+        .parse()
+        .map_err(|e| SandboxError::internal(format!("node {}: its snapshot id", node.id), e))
+}
+
+/// Moves `pid` into the sandbox's cgroup v1 limit directories (this host keeps memory,
+/// cpu and pids on cgroup v1) unless it is in them already: a process restored from a
+/// template taken in the same sandbox is (fork keeps cgroups), a branch is not. A v1
+/// migration waits for an RCU grace period, so it is skipped when it can be.
+fn join_limit_cgroups(
+    runtime: &crate::sandbox::runtime::TreeRuntime,
+    name: &str,
+    pid: nix::unistd::Pid,
+) -> Result<(), SandboxError> {
+    let pid = pid.as_raw();
+    for dir in runtime.limit_cgroups(name) {
+        let procs = dir.join("cgroup.procs");
+        let listed = std::fs::read_to_string(&procs).unwrap_or_default();
+        if listed.lines().any(|l| l.trim().parse() == Ok(pid)) {
+            continue;
+        }
+        std::fs::write(&procs, pid.to_string()).map_err(|e| {
+            SandboxError::internal(
+                format!("sandbox {name}: moving pid {pid} to {}", procs.display()),
+                e,
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// The name serde gives a unit variant (`"added"`, `"file"`).
+fn serde_name<T: serde::Serialize>(value: &T) -> String {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(s)) => s,
+        other => format!("{other:?}"),
+    }
+}
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1e3
+}
+
+fn node_info(node: &NodeRecord, live_templates: bool, timings: CheckpointTimings) -> NodeInfo {
+    NodeInfo {
+        id: node.id.to_string(),
+        tree: node.tree.to_string(),
+        sandbox: node.sandbox.to_string(),
+        parent: node.parent.map(|p| p.to_string()),
+        label: node.label.clone(),
+        created_ms: node.created_ms,
+        bytes: node.bytes,
+        sessions: node
+            .sessions
+            .iter()
+            .map(|s| NodeSessionInfo {
+                session: s.session.to_string(),
+                kind: s.kind.clone(),
+                template: if live_templates && s.template.is_some() {
+                    "live"
+                } else {
+                    "none"
+                }
+                .to_owned(),
+            })
+            .collect(),
+        timings,
+    }
+}
+
+impl SandboxManager {
+    /// Checkpoints `live` (its lock held): freeze its cgroup, freeze its DeltaFS view
+    /// (the instant of the checkpoint), thaw, fork each session into a template, then
+    /// write the node and the sandbox's new head in one database transaction.
+    ///
+    /// Between the thaw and each template fork a session is idle — blocked reading its
+    /// stdin, since calls on a sandbox are serialised — so the template is its state at
+    /// the freeze (DeltaCR stops it by ptrace for the fork; an injected syscall cannot
+    /// run in a frozen cgroup).
+    pub(super) fn checkpoint_locked(
+        &self,
+        live: &mut Live,
+        label: Option<String>,
+    ) -> Result<NodeInfo, SandboxError> {
+        let start = Instant::now();
+        let name = live.name();
+        let runtime = &live.tree.runtime;
+        let Some(view) = live.view.as_ref() else {
+            return Err(SandboxError::internal(
+                format!("sandbox {name}"),
+                "it has no root view",
+            ));
+        };
+
+        let t = Instant::now();
+        runtime
+            .freeze_work(&name)
+            .map_err(|e| SandboxError::internal(format!("sandbox {name}: freezing"), e))?;
+        let mut quiesce_ms = ms(t);
+        let t = Instant::now();
+        let frozen = view.freeze(&FreezeOpts::default());
+        let files_ms = ms(t);
+        let t = Instant::now();
+        let thawed = runtime.thaw_work(&name);
+        quiesce_ms += ms(t);
+        let report = frozen.map_err(|e| store_err(format!("sandbox {name}: freezing files"), e))?;
+        thawed.map_err(|e| SandboxError::internal(format!("sandbox {name}: thawing"), e))?;
+
+        let t = Instant::now();
+        let opts = CheckpointOptions {
+            template_cgroups: runtime.templates_cgroup(),
+            template_cgroups_seen: runtime.templates_cgroup_in_ns(&name),
+            root_prefix: Some(runtime.root_in_ns(&name)),
+        };
+        let mut templates = Vec::with_capacity(live.sessions.len());
+        for session in live.sessions.values() {
+            match cr::checkpoint(session.pid, &opts) {
+                Ok(template) => templates.push((session.id, session.kind, template)),
+                Err(e) => {
+                    // The snapshot is kept for the files' sake only if a node refers to
+                    // it; this one will not.
+                    drop(templates);
+                    let _ = self.store.drop_snapshot(report.id);
+                    return Err(SandboxError::Process {
+                        sandbox: name,
+                        message: format!("session {} ({}): {e}", session.id, session.kind),
+                    });
+                }
+            }
+        }
+        let processes_ms = ms(t);
+
+        let t = Instant::now();
+        let node = NodeRecord {
+            id: NodeId::new(),
+            tree: live.record.tree,
+            sandbox: live.record.id,
+            parent: live.record.head,
+            label,
+            created_ms: unix_ms_now(),
+            snapshot: report.id.to_string(),
+            sessions: templates
+                .iter()
+                .map(|(sid, kind, template)| NodeSession {
+                    session: *sid,
+                    kind: kind.to_string(),
+                    template: Some(TemplateRecord {
+                        host_pid: template.pid().as_raw(),
+                        cgroup: template.cgroup_path().to_path_buf(),
+                        state: serde_json::to_value(template.state()).unwrap_or_default(),
+                    }),
+                })
+                .collect(),
+            bytes: self.store.snapshot_bytes(report.id).unwrap_or(0),
+            checkpoint_ms: ms(start),
+        };
+        let mut record = live.record.clone();
+        record.head = Some(node.id);
+        if let Err(e) = self
+            .db
+            .commit(&[Op::PutNode(node.clone()), Op::PutSandbox(record.clone())])
+        {
+            drop(templates);
+            let _ = self.store.drop_snapshot(report.id);
+            return Err(db_err(e));
+        }
+        live.record = record;
+        lock(&live.tree.templates).insert(
+            node.id,
+            Arc::new(NodeTemplates {
+                sessions: templates,
+            }),
+        );
+        let record_ms = ms(t);
+        Ok(node_info(
+            &node,
+            true,
+            CheckpointTimings {
+                total_ms: ms(start),
+                quiesce_ms,
+                files_ms,
+                processes_ms,
+                record_ms,
+            },
+        ))
+    }
+
+    /// The node `id` of `tree`, with its templates.
+    fn node_of_tree(
+        &self,
+        id: NodeId,
+        live_tree: &Tree,
+    ) -> Result<(NodeRecord, Option<Arc<NodeTemplates>>), SandboxError> {
+        let node = self
+            .db
+            .node(&id)
+            .map_err(db_err)?
+            .ok_or_else(|| SandboxError::UnknownNode { id: id.to_string() })?;
+        let templates = lock(&live_tree.templates).get(&id).cloned();
+        Ok((node, templates))
+    }
+
+    /// Restores every session of `node` into sandbox `name` of `tree`.
+    fn restore_sessions(
+        tree: &Tree,
+        name: &str,
+        node: &NodeRecord,
+        templates: Option<&NodeTemplates>,
+    ) -> Result<Vec<LiveSession>, SandboxError> {
+        let runtime = &tree.runtime;
+        let opts = RestoreOptions {
+            cgroup: Some(runtime.work_cgroup(name)),
+            cgroup_seen: runtime.work_cgroup_in_ns(name),
+            chroot: runtime.chroot_path(name),
+            setsid: true,
+        };
+        let mut restored = Vec::new();
+        for session in &node.sessions {
+            let template = templates.and_then(|t| {
+                t.sessions
+                    .iter()
+                    .find(|(sid, _, _)| *sid == session.session)
+                    .map(|(_, kind, template)| (*kind, template))
+            });
+            let Some((kind, template)) = template else {
+                return Err(SandboxError::NodeNotRestorable {
+                    node: node.id.to_string(),
+                    session: session.session.to_string(),
+                    why: "its template is gone (the daemon restarted, or it was evicted) and \
+                          incremental dumps do not exist yet"
+                        .to_owned(),
+                });
+            };
+            let child = template.restore(&opts).map_err(|e| SandboxError::Process {
+                sandbox: name.to_owned(),
+                message: format!("restoring session {}: {e}", session.session),
+            })?;
+            let pid = child.pid();
+            join_limit_cgroups(runtime, name, pid)?;
+            let stdio = child.stdio;
+            let (Some(stdin), Some(stdout), Some(stderr)) =
+                (stdio.stdin, stdio.stdout, stdio.stderr)
+            else {
+                return Err(SandboxError::Process {
+                    sandbox: name.to_owned(),
+                    message: format!(
+                        "restoring session {}: its fds 0-2 were not all pipes",
+                        session.session
+                    ),
+                });
+            };
+            restored.push(LiveSession {
+                id: session.session,
+                kind,
+                pid,
+                io: SessionIo {
+                    stdin,
+                    stdout,
+                    stderr,
+                },
+                started_ms: unix_ms_now(),
+            });
+        }
+        Ok(restored)
+    }
+
+    /// Rolls `live` (its lock held) back to `node`.
+    pub(super) fn rollback_locked(
+        &self,
+        live: &mut Live,
+        node: NodeId,
+        mode: RollbackMode,
+    ) -> Result<RollbackResult, SandboxError> {
+        let start = Instant::now();
+        let name = live.name();
+        let (record, templates) = self.node_of_tree(node, &live.tree)?;
+        if record.tree != live.record.tree {
+            return Err(SandboxError::NodeOfAnotherTree {
+                node: node.to_string(),
+                node_tree: record.tree.to_string(),
+                sandbox: name,
+                sandbox_tree: live.record.tree.to_string(),
+            });
+        }
+        let restore_processes = mode != RollbackMode::FilesOnly;
+        let restore_files = mode != RollbackMode::ProcessesOnly;
+        // Refuse before anything is killed: the node must be restorable.
+        if restore_processes {
+            for s in &record.sessions {
+                let live_template = templates
+                    .as_ref()
+                    .is_some_and(|t| t.sessions.iter().any(|(sid, _, _)| *sid == s.session));
+                if !live_template {
+                    return Err(SandboxError::NodeNotRestorable {
+                        node: node.to_string(),
+                        session: s.session.to_string(),
+                        why: "its template is gone and incremental dumps do not exist yet; \
+                              `--files-only` still restores the files"
+                            .to_owned(),
+                    });
+                }
+            }
+        }
+        let mut timings = RollbackTimings::default();
+        if restore_processes {
+            let t = Instant::now();
+            live.sessions.clear();
+            live.tree
+                .runtime
+                .kill_work(&name)
+                .map_err(|e| SandboxError::internal(format!("sandbox {name}: killing"), e))?;
+            timings.kill_ms = ms(t);
+        }
+        if restore_files {
+            let t = Instant::now();
+            let Some(view) = live.view.as_ref() else {
+                return Err(SandboxError::internal(
+                    format!("sandbox {name}"),
+                    "no root view",
+                ));
+            };
+            view.switch(snapshot_of(&record)?)
+                .map_err(|e| store_err(format!("sandbox {name}: switching files"), e))?;
+            timings.files_ms = ms(t);
+        }
+        if restore_processes {
+            let t = Instant::now();
+            let restored = Self::restore_sessions(&live.tree, &name, &record, templates.as_deref());
+            timings.processes_ms = ms(t);
+            let restored = match restored {
+                Ok(r) => r,
+                Err(e) => {
+                    live.record.sessions = live.session_records();
+                    let _ = self.db.put_sandbox(&live.record);
+                    return Err(e);
+                }
+            };
+            live.sessions = restored.into_iter().map(|s| (s.id, s)).collect();
+        }
+        live.record.head = Some(node);
+        live.record.sessions = live.session_records();
+        self.db.put_sandbox(&live.record).map_err(db_err)?;
+        timings.total_ms = ms(start);
+        Ok(RollbackResult {
+            sandbox: name,
+            node: node.to_string(),
+            mode,
+            sessions: live.sessions.values().map(LiveSession::info).collect(),
+            timings,
+        })
+    }
+
+    /// Makes `count` new sandboxes at `node`: its files (a view of its snapshot) and its
+    /// sessions (forked from its templates), in the node's tree.
+    pub(super) fn branch_node(
+        &self,
+        node: NodeId,
+        count: u32,
+    ) -> Result<BranchResult, SandboxError> {
+        if count == 0 || count > MAX_BRANCHES {
+            return Err(SandboxError::Invalid {
+                message: format!("count {count} must be between 1 and {MAX_BRANCHES}"),
+            });
+        }
+        let record =
+            self.db
+                .node(&node)
+                .map_err(db_err)?
+                .ok_or_else(|| SandboxError::UnknownNode {
+                    id: node.to_string(),
+                })?;
+        let tree = self
+            .live_tree(&record.tree)
+            .ok_or_else(|| SandboxError::NodeNotRestorable {
+                node: node.to_string(),
+                session: "-".to_owned(),
+                why: "its tree is no longer running (the daemon restarted)".to_owned(),
+            })?;
+        let templates = lock(&tree.templates).get(&node).cloned();
+        // The branches get the limits of the sandbox the node was taken in, if known.
+        let limits: Limits = self
+            .db
+            .sandbox(&record.sandbox)
+            .ok()
+            .flatten()
+            .and_then(|s| serde_json::from_value(s.limits).ok())
+            .unwrap_or_default();
+        let auto_checkpoint = self
+            .db
+            .sandbox(&record.sandbox)
+            .ok()
+            .flatten()
+            .is_some_and(|s| s.auto_checkpoint);
+        let mut sandboxes = Vec::new();
+        let mut branch_ms = Vec::new();
+        for _ in 0..count {
+            let t = Instant::now();
+            let info = self.branch_one(
+                &tree,
+                &record,
+                templates.as_deref(),
+                &limits,
+                auto_checkpoint,
+            )?;
+            branch_ms.push(ms(t));
+            sandboxes.push(info);
+        }
+        Ok(BranchResult {
+            node: node.to_string(),
+            sandboxes,
+            branch_ms,
+        })
+    }
+
+    fn branch_one(
+        &self,
+        tree: &Arc<Tree>,
+        node: &NodeRecord,
+        templates: Option<&NodeTemplates>,
+        limits: &Limits,
+        auto_checkpoint: bool,
+    ) -> Result<crate::api::sandbox_types::SandboxInfo, SandboxError> {
+        let id = SandboxId::new();
+        let mut record = SandboxRecord {
+            id,
+            tree: tree.id,
+            created_ms: unix_ms_now(),
+            rootfs: self
+                .db
+                .trees()
+                .ok()
+                .and_then(|t| t.into_iter().find(|t| t.id == tree.id))
+                .and_then(|t| t.rootfs),
+            limits: serde_json::to_value(limits).unwrap_or_default(),
+            auto_checkpoint,
+            head: Some(node.id),
+            branched_from: Some(node.id),
+            sessions: Vec::new(),
+            state: SandboxState::Creating,
+        };
+        self.db.put_sandbox(&record).map_err(db_err)?;
+        let view = self
+            .set_up(tree, id, limits, Some(snapshot_of(node)?))
+            .inspect_err(|_| {
+                let _ = self.db.delete_sandbox(&id);
+            })?;
+        let name = id.to_string();
+        let mut live = Live {
+            record: record.clone(),
+            tree: Arc::clone(tree),
+            view: Some(view),
+            sessions: BTreeMap::new(),
+            limits: limits.clone(),
+        };
+        match Self::restore_sessions(tree, &name, node, templates) {
+            Ok(sessions) => live.sessions = sessions.into_iter().map(|s| (s.id, s)).collect(),
+            Err(e) => {
+                let _ = self.tear_down(&mut live);
+                let _ = self.db.delete_sandbox(&id);
+                return Err(e);
+            }
+        }
+        record.sessions = live.session_records();
+        record.state = SandboxState::Running;
+        live.record = record;
+        self.db.put_sandbox(&live.record).map_err(db_err)?;
+        let info = live.info();
+        lock(&self.sandboxes).insert(id, Arc::new(Mutex::new(live)));
+        Ok(info)
+    }
+
+    /// The nodes and sandboxes of `tree`, drawn.
+    pub(super) fn tree_view(&self, tree: TreeId) -> Result<TreeView, SandboxError> {
+        let nodes = self.db.nodes(&tree).map_err(db_err)?;
+        let sandboxes: Vec<SandboxRecord> = self
+            .db
+            .sandboxes()
+            .map_err(db_err)?
+            .into_iter()
+            .filter(|s| s.tree == tree)
+            .collect();
+        let live_templates: HashSet<NodeId> = self
+            .live_tree(&tree)
+            .map(|t| lock(&t.templates).keys().copied().collect())
+            .unwrap_or_default();
+        let render: Vec<RenderNode<'_>> = nodes
+            .iter()
+            .map(|n| RenderNode {
+                node: n,
+                template_live: live_templates.contains(&n.id),
+                here: sandboxes
+                    .iter()
+                    .filter(|s| s.head == Some(n.id))
+                    .map(|s| s.id)
+                    .collect(),
+            })
+            .collect();
+        let text = render_tree(&render, unix_ms_now());
+        Ok(TreeView {
+            tree: tree.to_string(),
+            nodes: nodes
+                .iter()
+                .map(|n| {
+                    node_info(
+                        n,
+                        live_templates.contains(&n.id),
+                        CheckpointTimings {
+                            total_ms: n.checkpoint_ms,
+                            ..CheckpointTimings::default()
+                        },
+                    )
+                })
+                .collect(),
+            sandboxes: sandboxes
+                .iter()
+                .map(|s| SandboxHead {
+                    sandbox: s.id.to_string(),
+                    head: s.head.map(|h| h.to_string()),
+                })
+                .collect(),
+            text,
+        })
+    }
+
+    /// Files added, removed and changed from `from` to `to`.
+    pub(super) fn diff_nodes(&self, from: NodeId, to: NodeId) -> Result<DiffResult, SandboxError> {
+        let get = |id: NodeId| {
+            self.db
+                .node(&id)
+                .map_err(db_err)?
+                .ok_or_else(|| SandboxError::UnknownNode { id: id.to_string() })
+        };
+        let (a, b) = (get(from)?, get(to)?);
+        if a.tree != b.tree {
+            return Err(SandboxError::Invalid {
+                message: format!(
+                    "nodes {from} and {to} are in different trees ({} and {}): no common base",
+                    a.tree, b.tree
+                ),
+            });
+        }
+        let changes = self
+            .store
+            .diff(Some(snapshot_of(&a)?), snapshot_of(&b)?)
+            .map_err(|e| store_err(format!("diff {from} {to}"), e))?;
+        Ok(DiffResult {
+            from: from.to_string(),
+            to: to.to_string(),
+            changes: changes
+                .into_iter()
+                .map(|c| DiffEntry {
+                    path: c.path.display().to_string(),
+                    change: serde_name(&c.kind),
+                    file_type: serde_name(&c.file_type),
+                })
+                .collect(),
+        })
+    }
+
+    /// Removes `node` and its descendants: their templates, snapshots and records.
+    pub(super) fn remove_subtree(&self, node: NodeId) -> Result<Removed, SandboxError> {
+        let subtree = self.db.subtree(&node).map_err(db_err)?;
+        if subtree.is_empty() {
+            return Err(SandboxError::UnknownNode {
+                id: node.to_string(),
+            });
+        }
+        let ids: HashSet<NodeId> = subtree.iter().map(|n| n.id).collect();
+        let users: Vec<String> = self
+            .db
+            .sandboxes()
+            .map_err(db_err)?
+            .into_iter()
+            .filter(|s| s.head.is_some_and(|h| ids.contains(&h)))
+            .map(|s| s.id.to_string())
+            .collect();
+        if !users.is_empty() {
+            return Err(SandboxError::NodeInUse {
+                node: node.to_string(),
+                sandboxes: users,
+            });
+        }
+        let list: Vec<NodeId> = subtree.iter().map(|n| n.id).collect();
+        self.db.delete_nodes(&list).map_err(db_err)?;
+        let tree = subtree[0].tree;
+        if let Some(live) = self.live_tree(&tree) {
+            let mut templates = lock(&live.templates);
+            for id in &list {
+                templates.remove(id);
+            }
+        }
+        for n in &subtree {
+            if let Err(e) = snapshot_of(n)
+                .and_then(|id| self.store.drop_snapshot(id).map_err(|e| store_err("", e)))
+            {
+                tracing::warn!(node = %n.id, "dropping its snapshot: {e}");
+            }
+        }
+        Ok(Removed {
+            nodes: list.iter().map(ToString::to_string).collect(),
+            sandboxes: Vec::new(),
+        })
+    }
+
+    /// Shuts down trees with nothing left and removes unreferenced layers.
+    pub(super) fn collect_garbage(&self) -> Result<GcResult, SandboxError> {
+        let trees: Vec<Arc<Tree>> = lock(&self.trees).values().cloned().collect();
+        let before = trees.len();
+        for tree in trees {
+            self.drop_tree_if_empty(&tree);
+        }
+        let trees_removed = before - lock(&self.trees).len();
+        // Trees whose daemon is gone and that have no node left.
+        for t in self.db.trees().map_err(db_err)? {
+            if self.live_tree(&t.id).is_none() && self.db.nodes(&t.id).map_err(db_err)?.is_empty() {
+                self.db.delete_tree(&t.id).map_err(db_err)?;
+            }
+        }
+        let report = self
+            .store
+            .gc()
+            .map_err(|e| store_err("garbage-collecting layers", e))?;
+        Ok(GcResult {
+            layers_removed: report.removed.len(),
+            trees_removed,
+        })
+    }
+}
