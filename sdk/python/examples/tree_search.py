@@ -100,7 +100,9 @@ def apply(sb: deltabox.Sandbox, old: str, new: str) -> bool:
     return result.exit_code == 0
 
 
-def search(sb: deltabox.Sandbox, width: int, log: list[str]) -> deltabox.Node | None:
+def search(
+    sb: deltabox.Sandbox, width: int, log: list[str], alive: list[deltabox.Sandbox]
+) -> deltabox.Node | None:
     score, total = run_tests(sb)
     root = sb.checkpoint(label=f"start {score}/{total}")
     log.append(f"root {root.id[:13]}: {score}/{total} tests pass")
@@ -121,20 +123,28 @@ def search(sb: deltabox.Sandbox, width: int, log: list[str]) -> deltabox.Node | 
             if not outcome.ok:
                 log.append(f"  branch failed: {outcome.error}")
                 continue
-            with outcome.unwrap() as branch:
-                for i in group:
-                    old, new = CANDIDATES[i]
-                    if not apply(branch, old, new):
-                        branch.rollback(node)
-                        continue
-                    got, _ = run_tests(branch)
-                    if got > -neg:
-                        child = branch.checkpoint(label=f"patch {i}: {got}/{total}")
-                        log.append(f"  {node.id[:13]} + patch {i} -> {got}/{total} (node {child.id[:13]})")
-                        heapq.heappush(frontier, (-got, next(order), child.id, child, applied | {i}))
-                    else:
-                        log.append(f"  {node.id[:13]} + patch {i} -> {got}/{total}: rolled back")
-                    branch.rollback(node)  # the next candidate starts from the node again
+            branch = outcome.unwrap()
+            kept = False
+            for i in group:
+                old, new = CANDIDATES[i]
+                if not apply(branch, old, new):
+                    branch.rollback(node)
+                    continue
+                got, _ = run_tests(branch)
+                if got > -neg:
+                    child = branch.checkpoint(label=f"patch {i}: {got}/{total}")
+                    log.append(f"  {node.id[:13]} + patch {i} -> {got}/{total} (node {child.id[:13]})")
+                    heapq.heappush(frontier, (-got, next(order), child.id, child, applied | {i}))
+                    kept = True
+                else:
+                    log.append(f"  {node.id[:13]} + patch {i} -> {got}/{total}: rolled back")
+                branch.rollback(node)  # the next candidate starts from the node again
+            if kept:
+                # deltaboxd restores a node's sessions through the sandbox they were
+                # checkpointed in, so that sandbox lives until the search ends.
+                alive.append(branch)
+            else:
+                branch.remove()
         if expansions > 20:
             break
     return None
@@ -158,15 +168,20 @@ def main() -> int:
             "phase = 'written'\n"
         )
         log: list[str] = []
-        best = search(sb, width, log)
-        print("\n".join(log))
-        if best is None:
-            print("FAIL: no node passes every test")
-            return 1
-        sb.rollback(best)
-        score, total = run_tests(sb)
-        phase = py.run("print(phase)").stdout.strip()
-        print(sb.tree().text)
+        alive: list[deltabox.Sandbox] = []
+        try:
+            best = search(sb, width, log, alive)
+            print("\n".join(log))
+            if best is None:
+                print("FAIL: no node passes every test")
+                return 1
+            sb.rollback(best)
+            score, total = run_tests(sb)
+            phase = py.run("print(phase)").stdout.strip()
+            print(sb.tree().text)
+        finally:
+            for branch in alive:
+                branch.remove()
         print(f"best node {best.id} ({best.label})")
         print(f"in the original sandbox: {score}/{total} tests pass, session phase {phase!r}")
         print(f"{time.monotonic() - start:.1f} s")

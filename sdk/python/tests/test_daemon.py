@@ -222,3 +222,26 @@ def test_default_client_from_environment(socket_env: str) -> None:
     with Sandbox.create() as sb:
         assert sb.client.socket == socket_env
         assert sb.exec("echo ok").stdout == "ok\n"
+
+
+def test_nodes_outlive_their_sandbox(client: Client) -> None:
+    """Removing a sandbox keeps its nodes: a branch (or another sandbox of the tree)
+    can still go to them, sessions included."""
+    with client.create() as sb:
+        py = sb.session("python")
+        py.run("x = 1")
+        root = sb.checkpoint(label="root")
+        (outcome,) = root.branch(1)
+        branch = outcome.unwrap()
+        (session,) = branch.sessions()
+        session.run("x = 2")
+        branch.exec("echo 2 > /workspace/f")
+        child = branch.checkpoint(label="taken in the branch")
+        branch.remove()
+        (again,) = child.branch(1)
+        with again.unwrap() as revived:
+            (session,) = revived.sessions()
+            assert session.run("print(x)").stdout == "2\n"
+            assert revived.exec("cat /workspace/f").stdout == "2\n"
+        sb.rollback(child)
+        assert py.run("print(x)").stdout == "2\n"

@@ -37,8 +37,22 @@ def test_unknown_node(sb: Sandbox) -> None:
     with pytest.raises(deltabox.UnknownNode) as caught:
         sb.rollback(MISSING)
     assert caught.value.kind == "unknown_node" and caught.value.status == 404
+    ghost = deltabox.Node(sb.client, deltabox.NodeInfo.from_json(ghost_node()))
+    (outcome,) = ghost.branch(1)
+    assert isinstance(outcome.error, deltabox.UnknownNode)
     with pytest.raises(deltabox.UnknownNode):
-        sb.client.node(MISSING).branch(1)
+        sb.diff(MISSING, MISSING)
+
+
+def test_unknown_node_tree(client: Client) -> None:
+    """``GET /v1/nodes/{node}/tree`` (what ``client.node(id)`` and ``node.tree()`` call)
+    of a node that does not exist."""
+    with pytest.raises(deltabox.UnknownNode):
+        client.node(MISSING)
+
+
+def ghost_node() -> dict[str, object]:
+    return {"id": MISSING, "tree": MISSING, "sandbox": MISSING, "created_ms": 0, "bytes": 0}
 
 
 def test_unknown_session(sb: Sandbox) -> None:
