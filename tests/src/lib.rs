@@ -11,6 +11,7 @@ pub mod cr;
 pub mod daemon;
 pub mod pins;
 pub mod prometheus;
+pub mod sandbox;
 
 use std::path::PathBuf;
 

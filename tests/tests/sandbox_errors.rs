@@ -1,0 +1,814 @@
+//! Bad input against a real `deltaboxd`, on every sandbox endpoint: unknown and
+//! ambiguous ids, a node of another tree, wrong states, malformed bodies, an oversized
+//! body, invalid values. Each answer has the documented status and `kind` and a message
+//! naming the problem; afterwards nothing is lost (the sandbox, its session and its
+//! nodes still work) and the daemon still serves. Also: calls on two sandboxes run in
+//! parallel, calls on one are serialised.
+
+use std::thread;
+use std::time::{Duration, Instant};
+
+use deltabox_tests::daemon::TestDaemon;
+use deltabox_tests::require_root;
+use deltabox_tests::sandbox::{Http, Reply, common_prefix, id_of};
+use serde_json::{Value, json};
+
+/// A full, well-formed id no object has (UUIDv7 timestamps start with `01`).
+const NO_ID: &str = "ffffffff-ffff-7fff-bfff-ffffffffffff";
+/// A hex prefix longer than a short id, matching no full id.
+const NO_PREFIX: &str = "fffffffff";
+/// Not hex at all.
+const NOT_AN_ID: &str = "not-an-id";
+
+/// A sandbox with state worth losing: a python session with `x = 1`, a file, a node.
+struct World {
+    http: Http,
+    sandbox: String,
+    session: String,
+    node: String,
+}
+
+impl World {
+    fn new(daemon: &TestDaemon) -> Self {
+        let http = Http::new(daemon.socket());
+        let sandbox = id_of(&http.create(&json!({})));
+        let session = http.session(&sandbox, "python");
+        http.run(
+            &sandbox,
+            &session,
+            "x = 1\nopen('/workspace/f.txt', 'w').write('one')",
+        );
+        let node = http.checkpoint(&sandbox, "one");
+        // State after the node, which a rollback must undo.
+        http.run(
+            &sandbox,
+            &session,
+            "x = 2\nopen('/workspace/f.txt', 'w').write('two')",
+        );
+        Self {
+            http,
+            sandbox,
+            session,
+            node,
+        }
+    }
+
+    /// Nothing was lost and the daemon serves: the sandbox is listed with its head,
+    /// the session has its state, the file is there, the node is in the tree and a
+    /// rollback to it restores `x = 1`.
+    fn assert_intact(&self, after: &str) {
+        let http = &self.http;
+        assert_eq!(
+            http.get("/v1/status").status,
+            200,
+            "the daemon stopped serving after {after}"
+        );
+        assert!(
+            http.sandbox_ids().contains(&self.sandbox),
+            "sandbox {} is gone after {after}",
+            self.sandbox
+        );
+        let info = http.sandbox(&self.sandbox);
+        assert!(
+            info["sessions"]
+                .as_array()
+                .is_some_and(|s| s.iter().any(|s| s["id"] == self.session.as_str())),
+            "session {} is gone after {after}: {info}",
+            self.session
+        );
+        assert!(
+            http.node_ids(&self.sandbox).contains(&self.node),
+            "node {} is gone after {after}",
+            self.node
+        );
+        let x = http.run(&self.sandbox, &self.session, "print(x)");
+        let file = http.sh(&self.sandbox, "cat /workspace/f.txt");
+        let rolled = http.rollback(&self.sandbox, &self.node);
+        assert_eq!(rolled["node"], self.node.as_str(), "after {after}");
+        assert_eq!(
+            http.run(&self.sandbox, &self.session, "print(x)"),
+            "1\n",
+            "after {after}"
+        );
+        assert_eq!(http.sh(&self.sandbox, "cat /workspace/f.txt"), "one");
+        // Back to the state before the rollback, for the next check.
+        http.run(
+            &self.sandbox,
+            &self.session,
+            &format!(
+                "x = {}\nopen('/workspace/f.txt', 'w').write({file:?})",
+                x.trim()
+            ),
+        );
+    }
+}
+
+/// Every request naming a sandbox, with `id` in place of the sandbox (and the given
+/// node and session where one is needed), as (method, path, body).
+fn sandbox_routes(id: &str, node: &str, session: &str) -> Vec<(&'static str, String, Value)> {
+    vec![
+        ("GET", format!("/v1/sandboxes/{id}"), Value::Null),
+        (
+            "POST",
+            format!("/v1/sandboxes/{id}/exec"),
+            json!({"argv": ["true"]}),
+        ),
+        (
+            "POST",
+            format!("/v1/sandboxes/{id}/sessions"),
+            json!({"kind": "bash"}),
+        ),
+        (
+            "POST",
+            format!("/v1/sandboxes/{id}/sessions/{session}/run"),
+            json!({"code": "print(1)"}),
+        ),
+        (
+            "POST",
+            format!("/v1/sandboxes/{id}/checkpoint"),
+            json!({"label": "x"}),
+        ),
+        (
+            "POST",
+            format!("/v1/sandboxes/{id}/rollback"),
+            json!({"node": node, "mode": "all"}),
+        ),
+        (
+            "DELETE",
+            format!("/v1/sandboxes/{id}/sessions/{session}"),
+            Value::Null,
+        ),
+        ("DELETE", format!("/v1/sandboxes/{id}"), Value::Null),
+    ]
+}
+
+/// Every request naming a node, with `id` in place of the node.
+fn node_routes(id: &str, other: &str) -> Vec<(&'static str, String, Value)> {
+    vec![
+        (
+            "POST",
+            format!("/v1/nodes/{id}/branch"),
+            json!({"count": 1}),
+        ),
+        ("GET", format!("/v1/diff?from={id}&to={other}"), Value::Null),
+        ("GET", format!("/v1/diff?from={other}&to={id}"), Value::Null),
+        ("DELETE", format!("/v1/nodes/{id}"), Value::Null),
+    ]
+}
+
+fn send(http: &Http, method: &str, path: &str, body: &Value) -> Reply {
+    match method {
+        "GET" => http.get(path),
+        "DELETE" => http.delete(path),
+        _ => http.post(path, body),
+    }
+}
+
+#[test]
+fn unknown_sandboxes_nodes_and_sessions_are_404_naming_the_id() {
+    require_root();
+    let daemon = TestDaemon::start("e-unk", &[]);
+    let w = World::new(&daemon);
+    let http = &w.http;
+    for bad in [NO_ID, NO_PREFIX, NOT_AN_ID] {
+        for (method, path, body) in sandbox_routes(bad, &w.node, &w.session) {
+            send(http, method, &path, &body).expect_error(
+                404,
+                "unknown_sandbox",
+                &[bad],
+                &format!("{method} {path}"),
+            );
+        }
+        for (method, path, body) in node_routes(bad, &w.node) {
+            send(http, method, &path, &body).expect_error(
+                404,
+                "unknown_node",
+                &[bad],
+                &format!("{method} {path}"),
+            );
+        }
+        let path = format!("/v1/sandboxes/{}/rollback", w.sandbox);
+        http.post(&path, &json!({"node": bad})).expect_error(
+            404,
+            "unknown_node",
+            &[bad],
+            &format!("rollback to {bad}"),
+        );
+        for (method, path, body) in [
+            (
+                "POST",
+                format!("/v1/sandboxes/{}/sessions/{bad}/run", w.sandbox),
+                json!({"code": "print(1)"}),
+            ),
+            (
+                "DELETE",
+                format!("/v1/sandboxes/{}/sessions/{bad}", w.sandbox),
+                Value::Null,
+            ),
+        ] {
+            send(http, method, &path, &body).expect_error(
+                404,
+                "unknown_session",
+                &[bad, &w.sandbox],
+                &format!("{method} {path}"),
+            );
+        }
+        w.assert_intact(&format!("requests naming {bad}"));
+    }
+    // Unknown routes and methods under the sandbox paths.
+    http.get(&format!("/v1/sandboxes/{}/nope", w.sandbox))
+        .expect_error(404, "route_not_found", &["nope"], "unknown route");
+    http.raw("PUT", &format!("/v1/sandboxes/{}", w.sandbox), None, b"")
+        .expect_error(405, "method_not_allowed", &["PUT"], "PUT on a sandbox");
+    w.assert_intact("unknown routes");
+}
+
+#[test]
+fn unknown_ids_on_the_tree_endpoints_are_404() {
+    require_root();
+    let daemon = TestDaemon::start("e-untr", &[]);
+    let w = World::new(&daemon);
+    for bad in [NO_ID, NO_PREFIX, NOT_AN_ID] {
+        let path = format!("/v1/sandboxes/{bad}/tree");
+        w.http
+            .get(&path)
+            .expect_error(404, "unknown_sandbox", &[bad], &path);
+        let path = format!("/v1/nodes/{bad}/tree");
+        w.http
+            .get(&path)
+            .expect_error(404, "unknown_node", &[bad], &path);
+    }
+    w.assert_intact("tree requests naming unknown ids");
+}
+
+#[test]
+fn ambiguous_prefixes_are_400_listing_the_candidates() {
+    require_root();
+    let daemon = TestDaemon::start("e-amb", &[]);
+    let w = World::new(&daemon);
+    let http = &w.http;
+
+    // Sandboxes made in the same second share the timestamp digits of their UUIDv7.
+    let branches: Vec<String> = http.branch(&w.node, 2).iter().map(id_of).collect();
+    let prefix = common_prefix(&branches[0], &branches[1]);
+    assert!(
+        prefix.len() >= 4,
+        "branches {branches:?} made at once share no prefix"
+    );
+    let before = http.sandbox_ids();
+    for (method, path, body) in sandbox_routes(&prefix, &w.node, &w.session) {
+        send(http, method, &path, &body).expect_error(
+            400,
+            "ambiguous_id",
+            &[&prefix, &branches[0], &branches[1]],
+            &format!("{method} {path}"),
+        );
+    }
+    assert_eq!(
+        http.sandbox_ids(),
+        before,
+        "an ambiguous request changed the list"
+    );
+
+    // Two nodes taken one after the other.
+    let n1 = http.checkpoint(&w.sandbox, "a");
+    let n2 = http.checkpoint(&w.sandbox, "b");
+    let prefix = common_prefix(&n1, &n2);
+    assert!(prefix.len() >= 4, "nodes {n1} {n2} share no prefix");
+    let nodes_before = http.node_ids(&w.sandbox);
+    for (method, path, body) in node_routes(&prefix, &w.node) {
+        send(http, method, &path, &body).expect_error(
+            400,
+            "ambiguous_id",
+            &[&prefix, &n1, &n2],
+            &format!("{method} {path}"),
+        );
+    }
+    http.post(
+        &format!("/v1/sandboxes/{}/rollback", w.sandbox),
+        &json!({"node": prefix}),
+    )
+    .expect_error(400, "ambiguous_id", &[&n1, &n2], "rollback to a prefix");
+    assert_eq!(http.node_ids(&w.sandbox), nodes_before);
+
+    // Two sessions of one sandbox.
+    let s2 = http.session(&w.sandbox, "bash");
+    let prefix = common_prefix(&w.session, &s2);
+    assert!(
+        prefix.len() >= 4,
+        "sessions {} {s2} share no prefix",
+        w.session
+    );
+    http.run_reply(&w.sandbox, &prefix, "print(1)")
+        .expect_error(
+            400,
+            "ambiguous_id",
+            &[&w.session, &s2],
+            "run in a session prefix",
+        );
+    http.delete(&format!("/v1/sandboxes/{}/sessions/{prefix}", w.sandbox))
+        .expect_error(400, "ambiguous_id", &[&w.session, &s2], "stop a prefix");
+    assert_eq!(http.run(&w.sandbox, &s2, "echo $((6*7))"), "42\n");
+    w.assert_intact("ambiguous prefixes");
+    // A prefix that names one id works.
+    let one = &branches[0][..prefix_len_for(&branches[0], &http.sandbox_ids())];
+    assert_eq!(id_of(&http.sandbox(one)), branches[0]);
+}
+
+/// The shortest prefix length of `id` that no other of `all` shares.
+fn prefix_len_for(id: &str, all: &[String]) -> usize {
+    all.iter()
+        .filter(|o| *o != id)
+        .map(|o| common_prefix(id, o).len() + 1)
+        .max()
+        .unwrap_or(1)
+}
+
+#[test]
+fn rollback_to_a_node_of_another_tree_is_409_and_changes_nothing() {
+    require_root();
+    let daemon = TestDaemon::start("e-tree", &[]);
+    let w = World::new(&daemon);
+    let http = &w.http;
+    let other = id_of(&http.create(&json!({})));
+    http.sh(&other, "echo other > /workspace/f.txt");
+    let other_node = http.checkpoint(&other, "other");
+    let head = http.sandbox(&w.sandbox)["head"].clone();
+    let trees = (
+        http.sandbox(&w.sandbox)["tree"]
+            .as_str()
+            .unwrap()
+            .to_owned(),
+        http.sandbox(&other)["tree"].as_str().unwrap().to_owned(),
+    );
+    assert_ne!(trees.0, trees.1, "two creates made one tree");
+    for mode in ["all", "files_only", "processes_only"] {
+        http.post(
+            &format!("/v1/sandboxes/{}/rollback", w.sandbox),
+            &json!({"node": other_node, "mode": mode}),
+        )
+        .expect_error(
+            409,
+            "node_of_another_tree",
+            &[&other_node, &trees.0, &trees.1],
+            &format!("rollback ({mode}) to a node of another tree"),
+        );
+    }
+    assert_eq!(http.sandbox(&w.sandbox)["head"], head);
+    assert_eq!(http.run(&w.sandbox, &w.session, "print(x)"), "2\n");
+    assert_eq!(http.sh(&w.sandbox, "cat /workspace/f.txt"), "two");
+    w.assert_intact("rollback to a node of another tree");
+    // The other sandbox is untouched too; branching from its node is the way.
+    assert_eq!(http.sh(&other, "cat /workspace/f.txt"), "other\n");
+    let b = id_of(&http.branch(&other_node, 1)[0]);
+    assert_eq!(http.sh(&b, "cat /workspace/f.txt"), "other\n");
+}
+
+#[test]
+fn removing_a_node_in_use_is_409_and_removes_nothing() {
+    require_root();
+    let daemon = TestDaemon::start("e-inuse", &[]);
+    let w = World::new(&daemon);
+    let http = &w.http;
+    let child = http.checkpoint(&w.sandbox, "child");
+    // The head itself, and its parent (the head is in its subtree).
+    for node in [&child, &w.node] {
+        http.delete(&format!("/v1/nodes/{node}")).expect_error(
+            409,
+            "node_in_use",
+            &[node, &w.sandbox],
+            &format!("remove node {node}"),
+        );
+    }
+    let nodes = http.node_ids(&w.sandbox);
+    assert!(
+        nodes.contains(&child) && nodes.contains(&w.node),
+        "{nodes:?}"
+    );
+    w.assert_intact("removing nodes in use");
+    // Once the sandbox is elsewhere, the child goes (and only it).
+    let removed = http
+        .delete(&format!("/v1/nodes/{child}"))
+        .expect(200, "remove the child");
+    assert_eq!(removed["nodes"], json!([child]));
+    w.assert_intact("removing the child");
+}
+
+#[test]
+fn sessions_in_wrong_states_are_refused_and_lose_nothing() {
+    require_root();
+    let daemon = TestDaemon::start("e-sess", &[]);
+    let w = World::new(&daemon);
+    let http = &w.http;
+
+    // A stopped session is gone: run and stop are 404.
+    let bash = http.session(&w.sandbox, "bash");
+    http.run(&w.sandbox, &bash, "V=1");
+    http.delete(&format!("/v1/sandboxes/{}/sessions/{bash}", w.sandbox))
+        .expect(200, "stop the bash session");
+    http.run_reply(&w.sandbox, &bash, "echo $V").expect_error(
+        404,
+        "unknown_session",
+        &[&bash],
+        "run in a stopped session",
+    );
+    http.delete(&format!("/v1/sandboxes/{}/sessions/{bash}", w.sandbox))
+        .expect_error(404, "unknown_session", &[&bash], "stop it twice");
+    w.assert_intact("a stopped session");
+
+    // An interpreter that exits: 422 session_failed, then the session is gone.
+    let doomed = http.session(&w.sandbox, "python");
+    http.run_reply(&w.sandbox, &doomed, "import os\nos._exit(3)")
+        .expect_error(422, "session_failed", &[&doomed], "a session that exits");
+    http.run_reply(&w.sandbox, &doomed, "print(1)")
+        .expect_error(
+            404,
+            "unknown_session",
+            &[&doomed],
+            "run in a session that exited",
+        );
+    w.assert_intact("a session that exited");
+
+    // An unknown kind.
+    http.post(
+        &format!("/v1/sandboxes/{}/sessions", w.sandbox),
+        &json!({"kind": "ruby"}),
+    )
+    .expect_error(400, "invalid_request", &["ruby"], "a ruby session");
+    w.assert_intact("an unknown session kind");
+}
+
+#[test]
+fn a_multi_threaded_session_cannot_be_checkpointed_and_nothing_is_lost() {
+    require_root();
+    let daemon = TestDaemon::start("e-thr", &[]);
+    let w = World::new(&daemon);
+    let http = &w.http;
+    let nodes_before = http.node_ids(&w.sandbox);
+    http.run(
+        &w.sandbox,
+        &w.session,
+        "import threading\nstop = threading.Event()\n\
+         t = threading.Thread(target=stop.wait)\nt.start()",
+    );
+    let pid = http.sandbox(&w.sandbox)["sessions"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["id"] == w.session.as_str()))
+        .map(|s| s["pid"].to_string())
+        .expect("the python session is listed");
+    http.post(
+        &format!("/v1/sandboxes/{}/checkpoint", w.sandbox),
+        &json!({"label": "threads"}),
+    )
+    .expect_error(
+        422,
+        "process_not_restorable",
+        &[&w.sandbox, &w.session, &pid],
+        "checkpoint of a multi-threaded session",
+    );
+    assert_eq!(http.node_ids(&w.sandbox), nodes_before, "a node was left");
+    // The session lives on; once its thread ends, checkpoints work again.
+    http.run(&w.sandbox, &w.session, "stop.set()\nt.join()");
+    w.assert_intact("a refused checkpoint");
+    let node = http.checkpoint(&w.sandbox, "after");
+    http.run(&w.sandbox, &w.session, "x = 99");
+    http.rollback(&w.sandbox, &node);
+    assert_eq!(http.run(&w.sandbox, &w.session, "print(x)"), "2\n");
+}
+
+#[test]
+fn a_node_from_before_a_restart_cannot_be_branched_but_its_files_diff() {
+    require_root();
+    let mut daemon = TestDaemon::start("e-rst", &[]);
+    let w = World::new(&daemon);
+    let first = w.node.clone();
+    let second = w.http.checkpoint(&w.sandbox, "two");
+    // As a crash and a restart would: the tree's processes (and templates) die.
+    daemon.kill();
+    daemon.restart(&[]);
+    let http = Http::new(daemon.socket());
+    http.post(&format!("/v1/nodes/{first}/branch"), &json!({"count": 1}))
+        .expect_error(
+            422,
+            "node_not_restorable",
+            &[&first],
+            "branch from a node of a tree gone with the daemon",
+        );
+    // The nodes and their files are still there.
+    let diff = http
+        .get(&format!("/v1/diff?from={first}&to={second}"))
+        .expect(200, "diff of nodes from before the restart");
+    assert!(
+        diff["changes"]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|c| c["path"] == "/workspace/f.txt")),
+        "{diff}"
+    );
+    // And the daemon still makes sandboxes.
+    let sb = id_of(&http.create(&json!({})));
+    assert_eq!(http.sh(&sb, "echo ok"), "ok\n");
+}
+
+#[test]
+fn malformed_bodies_are_400_invalid_body() {
+    require_root();
+    let daemon = TestDaemon::start("e-body", &[]);
+    let w = World::new(&daemon);
+    let http = &w.http;
+    let sb = &w.sandbox;
+    let session = &w.session;
+    let posts = [
+        (
+            "/v1/sandboxes".to_owned(),
+            r#"{"limits": {"memory_bytes": "lots"}}"#,
+            "memory_bytes",
+        ),
+        (
+            format!("/v1/sandboxes/{sb}/exec"),
+            r#"{"argv": "true"}"#,
+            "argv",
+        ),
+        (
+            format!("/v1/sandboxes/{sb}/sessions"),
+            r#"{"kind": 7}"#,
+            "kind",
+        ),
+        (
+            format!("/v1/sandboxes/{sb}/sessions/{session}/run"),
+            r#"{"code": ["x"]}"#,
+            "code",
+        ),
+        (
+            format!("/v1/sandboxes/{sb}/checkpoint"),
+            r#"{"label": 1}"#,
+            "label",
+        ),
+        (
+            format!("/v1/sandboxes/{sb}/rollback"),
+            r#"{"node": 1}"#,
+            "node",
+        ),
+        (
+            format!("/v1/nodes/{}/branch", w.node),
+            r#"{"count": "two"}"#,
+            "count",
+        ),
+    ];
+    let sandboxes_before = http.sandbox_ids();
+    for (path, wrong_type, field) in &posts {
+        // Not JSON.
+        http.post_text(path, r#"{"argv": ["#).expect_error(
+            400,
+            "invalid_body",
+            &["JSON"],
+            &format!("{path}: truncated JSON"),
+        );
+        // A field of the wrong type, named.
+        http.post_text(path, wrong_type).expect_error(
+            400,
+            "invalid_body",
+            &[field],
+            &format!("{path}: {wrong_type}"),
+        );
+        // An unknown field, named.
+        http.post_text(path, r#"{"bogus_field": 1}"#).expect_error(
+            400,
+            "invalid_body",
+            &["bogus_field"],
+            &format!("{path}: unknown field"),
+        );
+        // JSON, but not said to be.
+        http.raw("POST", path, Some("text/plain"), br#"{"label": "x"}"#)
+            .expect_error(
+                400,
+                "invalid_body",
+                &["Content-Type"],
+                &format!("{path}: text/plain"),
+            );
+    }
+    // Missing required fields, named.
+    for (path, field) in [
+        (format!("/v1/sandboxes/{sb}/exec"), "argv"),
+        (format!("/v1/sandboxes/{sb}/sessions"), "kind"),
+        (format!("/v1/sandboxes/{sb}/sessions/{session}/run"), "code"),
+        (format!("/v1/sandboxes/{sb}/rollback"), "node"),
+    ] {
+        http.post_text(&path, "{}").expect_error(
+            400,
+            "invalid_body",
+            &[field],
+            &format!("{path}: no {field}"),
+        );
+    }
+    // A negative memory limit and an unknown rollback mode are wrong types too.
+    http.post("/v1/sandboxes", &json!({"limits": {"memory_bytes": -1}}))
+        .expect_error(400, "invalid_body", &["-1"], "negative memory");
+    http.post(
+        &format!("/v1/sandboxes/{sb}/rollback"),
+        &json!({"node": w.node, "mode": "sideways"}),
+    )
+    .expect_error(400, "invalid_body", &["sideways"], "unknown rollback mode");
+    // Queries of diff: missing or unknown parameters.
+    for query in [
+        format!("from={}", w.node),
+        format!("from={0}&to={0}&colour=red", w.node),
+        String::new(),
+    ] {
+        http.get(&format!("/v1/diff?{query}")).expect_error(
+            400,
+            "invalid_query",
+            &[],
+            &format!("diff?{query}"),
+        );
+    }
+    assert_eq!(
+        http.sandbox_ids(),
+        sandboxes_before,
+        "a refused create made a sandbox"
+    );
+    w.assert_intact("malformed bodies");
+}
+
+#[test]
+fn an_oversized_body_is_413_and_a_large_one_is_fine() {
+    require_root();
+    let daemon = TestDaemon::start("e-413", &[]);
+    let w = World::new(&daemon);
+    let http = &w.http;
+    let stdin = "a".repeat(17 << 20);
+    let body = json!({"argv": ["wc", "-c"], "stdin": stdin}).to_string();
+    let limit = (16u64 << 20).to_string();
+    for path in [
+        format!("/v1/sandboxes/{}/exec", w.sandbox),
+        "/v1/sandboxes".to_owned(),
+        format!("/v1/sandboxes/{}/checkpoint", w.sandbox),
+    ] {
+        http.post_text(&path, &body).expect_error(
+            413,
+            "body_too_large",
+            &[&limit],
+            &format!("17 MiB to {path}"),
+        );
+    }
+    w.assert_intact("oversized bodies");
+    // Just under the limit is served, stdin and all.
+    let n = (16 << 20) - 4096;
+    let out = http
+        .post(
+            &format!("/v1/sandboxes/{}/exec", w.sandbox),
+            &json!({"argv": ["wc", "-c"], "stdin": "b".repeat(n)}),
+        )
+        .expect(200, "exec with 16 MiB of stdin");
+    assert_eq!(
+        out["stdout"].as_str().map(str::trim),
+        Some(n.to_string().as_str())
+    );
+}
+
+#[test]
+fn invalid_values_are_400_invalid_request_naming_the_value() {
+    require_root();
+    let daemon = TestDaemon::start("e-val", &[]);
+    let w = World::new(&daemon);
+    let http = &w.http;
+    let sandboxes_before = http.sandbox_ids();
+    let bad_creates = [
+        (json!({"limits": {"memory_bytes": 4096}}), "4096"),
+        (json!({"limits": {"memory_bytes": 0}}), "memory"),
+        (json!({"limits": {"cpus": 0.0}}), "cpus"),
+        (json!({"limits": {"cpus": -1.5}}), "-1.5"),
+        (json!({"limits": {"pids": 2}}), "pids"),
+        (json!({"rootfs": "relative/dir"}), "relative/dir"),
+        (
+            json!({"rootfs": "/nonexistent/deltabox-rootfs"}),
+            "/nonexistent/deltabox-rootfs",
+        ),
+        (json!({"rootfs": "/proc/version"}), "/proc/version"),
+    ];
+    for (req, needle) in &bad_creates {
+        http.post("/v1/sandboxes", req).expect_error(
+            400,
+            "invalid_request",
+            &[needle],
+            &format!("create {req}"),
+        );
+    }
+    assert_eq!(
+        http.sandbox_ids(),
+        sandboxes_before,
+        "a refused create made a sandbox"
+    );
+    for count in [0, 65] {
+        http.post(
+            &format!("/v1/nodes/{}/branch", w.node),
+            &json!({"count": count}),
+        )
+        .expect_error(
+            400,
+            "invalid_request",
+            &[&count.to_string()],
+            &format!("branch ×{count}"),
+        );
+    }
+    assert_eq!(
+        http.sandbox_ids(),
+        sandboxes_before,
+        "a refused branch made a sandbox"
+    );
+    let exec = format!("/v1/sandboxes/{}/exec", w.sandbox);
+    http.post(&exec, &json!({"argv": []})).expect_error(
+        400,
+        "invalid_request",
+        &["argv"],
+        "empty argv",
+    );
+    http.post(&exec, &json!({"argv": [""]})).expect_error(
+        400,
+        "invalid_request",
+        &["argv"],
+        "argv [\"\"]",
+    );
+    http.post(&exec, &json!({"argv": ["true"], "timeout_ms": 0}))
+        .expect_error(400, "invalid_request", &["timeout_ms"], "exec timeout 0");
+    http.post(
+        &format!("/v1/sandboxes/{}/sessions/{}/run", w.sandbox, w.session),
+        &json!({"code": "x = 3", "timeout_ms": 0}),
+    )
+    .expect_error(400, "invalid_request", &["timeout_ms"], "run timeout 0");
+    // The refused run did not run.
+    assert_eq!(http.run(&w.sandbox, &w.session, "print(x)"), "2\n");
+    w.assert_intact("invalid values");
+}
+
+#[test]
+fn calls_on_two_sandboxes_run_in_parallel() {
+    require_root();
+    let daemon = TestDaemon::start("e-par", &[]);
+    let http = Http::new(daemon.socket());
+    let a = id_of(&http.create(&json!({})));
+    let b = id_of(&http.create(&json!({})));
+    // Warm both up (first exec pays for lazy setup).
+    http.sh(&a, "true");
+    http.sh(&b, "true");
+    let start = Instant::now();
+    let runs: Vec<_> = [a, b]
+        .into_iter()
+        .map(|sb| {
+            let http = http.clone();
+            thread::spawn(move || {
+                let out = http.exec(&sb, &["sleep", "1"], Some(30_000));
+                assert_eq!(out["exit_code"], 0, "sleep 1 in {sb}: {out}");
+            })
+        })
+        .collect();
+    for run in runs {
+        run.join().expect("exec thread");
+    }
+    let took = start.elapsed();
+    assert!(took >= Duration::from_secs(1), "two sleep 1 took {took:?}");
+    assert!(
+        took < Duration::from_millis(1800),
+        "`sleep 1` in two sandboxes at once took {took:?}: they were not run in parallel"
+    );
+}
+
+#[test]
+fn calls_on_one_sandbox_are_serialised() {
+    require_root();
+    let daemon = TestDaemon::start("e-ser", &[]);
+    let w = World::new(&daemon);
+    w.http.run(&w.sandbox, &w.session, "import time\nlog = []");
+    let start = Instant::now();
+    let runs: Vec<_> = ["a", "b"]
+        .into_iter()
+        .map(|tag| {
+            let (http, sb, session) = (w.http.clone(), w.sandbox.clone(), w.session.clone());
+            thread::spawn(move || {
+                let code = format!(
+                    "log.append('{tag}+')\ntime.sleep(0.6)\nlog.append('{tag}-')\nprint('{tag}')"
+                );
+                http.run(&sb, &session, &code)
+            })
+        })
+        .collect();
+    let outs: Vec<String> = runs
+        .into_iter()
+        .map(|r| r.join().expect("run thread"))
+        .collect();
+    let took = start.elapsed();
+    assert_eq!(
+        outs,
+        ["a\n", "b\n"],
+        "each run answered with its own output"
+    );
+    let log = w.http.run(&w.sandbox, &w.session, "print(' '.join(log))");
+    assert!(
+        log == "a+ a- b+ b-\n" || log == "b+ b- a+ a-\n",
+        "the two runs interleaved (or one is missing): {log:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(1200),
+        "two 0.6 s runs in one session took {took:?}"
+    );
+    w.assert_intact("concurrent runs");
+}
