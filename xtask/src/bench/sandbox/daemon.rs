@@ -2,7 +2,8 @@
 //! directory, its programs pinned in a directory of its own (unloaded at exit), its
 //! sandbox data on the reflink store and its sandboxes under a cgroup of its own, so it
 //! never touches a deltaboxd already running. Dropping it stops it (SIGTERM by pid, then
-//! SIGKILL) and removes its cgroup and files.
+//! SIGKILL) and removes what it leaves ([`super::cleanup`]): processes in its cgroup,
+//! mounts under its run directory, its cgroups and files.
 
 use std::fs::{self, File};
 use std::net::TcpListener;
@@ -17,10 +18,13 @@ use anyhow::{Context as _, Result, bail};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
+use nix::unistd::mkdtemp;
+
+use super::cleanup;
 use crate::cgroup::cgroup2_mount;
 use crate::setup::BPFFS;
 use crate::signals::check_interrupted;
-use crate::util::{TempDir, display};
+use crate::util::display;
 
 /// Where the sandbox data goes: the reflink store `cargo xtask setup` mounts.
 const DATA_ROOT: &str = "/var/lib/deltabox/store";
@@ -30,21 +34,41 @@ pub struct Daemon {
     child: Option<Child>,
     socket: PathBuf,
     log: PathBuf,
-    cgroup: PathBuf,
-    // Dropped after the daemon is stopped (fields drop after `Drop::drop` runs).
-    data_dir: Option<TempDir>,
-    run_dir: Option<TempDir>,
+    /// `--pin-dir`: unpinned by the daemon at exit, removed here if it was killed.
+    pin_dir: PathBuf,
+    cgroup_mount: PathBuf,
+    /// The `--sandbox-cgroup`'s name under the cgroup2 root.
+    cgroup_name: String,
+    /// Plain paths, not `TempDir`s: they are removed only once nothing is mounted below
+    /// them (the run directory holds bind mounts of the host's `/usr` and `/etc`).
+    data_dir: Option<PathBuf>,
+    run_dir: Option<PathBuf>,
+}
+
+/// A new directory `base/<prefix>XXXXXX`.
+fn temp_dir(base: &Path, prefix: &str) -> Result<PathBuf> {
+    fs::create_dir_all(base).with_context(|| format!("cannot create {}", base.display()))?;
+    mkdtemp(&base.join(format!("{prefix}XXXXXX")))
+        .with_context(|| format!("cannot create a temporary directory in {}", base.display()))
 }
 
 impl Daemon {
     /// Starts the daemon and waits until its socket accepts connections.
     pub fn start(deltaboxd: &Path, timeout: Duration) -> Result<Self> {
         let pid = std::process::id();
-        let run_dir = TempDir::new(&std::env::temp_dir(), "deltabox-bench-")?;
-        let data_dir = TempDir::new(Path::new(DATA_ROOT), &format!("bench-{pid}-"))?;
-        let cgroup = cgroup2_mount()?.join(format!("deltabox-bench-{pid}-trees"));
-        let socket = run_dir.path().join("api.sock");
-        let log = run_dir.path().join("deltaboxd.log");
+        let cgroup_mount = cgroup2_mount()?;
+        let cgroup_name = format!("deltabox-bench-{pid}-trees");
+        let cgroup = cgroup_mount.join(&cgroup_name);
+        let run_dir = temp_dir(&std::env::temp_dir(), "deltabox-bench-")?;
+        let data_dir = match temp_dir(Path::new(DATA_ROOT), &format!("bench-{pid}-")) {
+            Ok(dir) => dir,
+            Err(err) => {
+                let _ = fs::remove_dir(&run_dir);
+                return Err(err);
+            }
+        };
+        let socket = run_dir.join("api.sock");
+        let log = run_dir.join("deltaboxd.log");
         let pin_dir = Path::new(BPFFS).join(format!("deltabox-bench-{pid}"));
         let log_file =
             File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
@@ -60,9 +84,9 @@ impl Daemon {
             .arg(&pin_dir)
             .arg("--unload-on-exit")
             .arg("--data-dir")
-            .arg(data_dir.path())
+            .arg(&data_dir)
             .arg("--run-dir")
-            .arg(run_dir.path().join("run"))
+            .arg(run_dir.join("run"))
             .arg("--sandbox-cgroup")
             .arg(&cgroup)
             .stdin(Stdio::null())
@@ -71,17 +95,21 @@ impl Daemon {
             // Its own process group: Ctrl-C reaches the bench only, which then removes
             // the sandboxes and stops the daemon in order.
             .process_group(0);
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start `{}`", display(&cmd)))?;
         let mut daemon = Self {
-            child: Some(child),
+            child: None,
             socket,
             log,
-            cgroup,
+            pin_dir,
+            cgroup_mount,
+            cgroup_name,
             data_dir: Some(data_dir),
             run_dir: Some(run_dir),
         };
+        // Spawned once the guard exists, so that its directories go on any failure.
+        daemon.child = Some(
+            cmd.spawn()
+                .with_context(|| format!("cannot start `{}`", display(&cmd)))?,
+        );
         daemon.wait_ready(timeout)?;
         Ok(daemon)
     }
@@ -162,22 +190,59 @@ impl Daemon {
         self.remove_files()
     }
 
+    /// Removes what the daemon left: processes in its cgroup, mounts under its run
+    /// directory, its cgroup (and v1 mirrors), then its directories. Tries every step;
+    /// returns the first failure.
     fn remove_files(&mut self) -> Result<()> {
-        if self.cgroup.exists() {
-            fs::remove_dir(&self.cgroup).with_context(|| {
-                format!("cannot remove the bench's cgroup {}", self.cgroup.display())
-            })?;
-            println!("  removed cgroup {}", self.cgroup.display());
+        let mut first: Option<anyhow::Error> = None;
+        let mut note = |r: Result<()>| {
+            if let Err(e) = r {
+                first.get_or_insert(e);
+            }
+        };
+        let cgroup = self.cgroup_mount.join(&self.cgroup_name);
+        note(cleanup::kill_cgroup_tree(&cgroup));
+        if let Some(run_dir) = &self.run_dir {
+            match cleanup::unmount_under(run_dir) {
+                Ok(0) => {}
+                Ok(n) => println!(
+                    "  unmounted {n} mounts the daemon left under {}",
+                    run_dir.display()
+                ),
+                Err(e) => note(Err(e)),
+            }
         }
-        if let Some(dir) = self.data_dir.take() {
-            let path = dir.path().to_owned();
-            dir.remove()?;
-            println!("  removed the sandbox data {}", path.display());
+        if cgroup.exists() {
+            note(cleanup::remove_cgroup_tree(&cgroup));
+            println!("  removed cgroup {}", cgroup.display());
         }
-        if let Some(dir) = self.run_dir.take() {
-            dir.remove()?;
+        for mirror in cleanup::v1_mirrors(&self.cgroup_mount, &self.cgroup_name) {
+            note(cleanup::remove_cgroup_tree(&mirror));
         }
-        Ok(())
+        if self.pin_dir.exists() && self.child.is_none() {
+            // Files in bpffs: removing them unpins the programs and maps.
+            note(
+                fs::remove_dir_all(&self.pin_dir)
+                    .with_context(|| format!("cannot remove {}", self.pin_dir.display())),
+            );
+        }
+        for dir in [self.data_dir.take(), self.run_dir.take()]
+            .into_iter()
+            .flatten()
+        {
+            if cleanup::has_mounts_under(&dir) {
+                note(Err(anyhow::anyhow!(
+                    "{} still has mounts below it; left in place",
+                    dir.display()
+                )));
+                continue;
+            }
+            match fs::remove_dir_all(&dir) {
+                Ok(()) => println!("  removed {}", dir.display()),
+                Err(e) => note(Err(e).with_context(|| format!("cannot remove {}", dir.display()))),
+            }
+        }
+        first.map_or(Ok(()), Err)
     }
 }
 

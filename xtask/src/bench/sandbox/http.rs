@@ -11,6 +11,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail};
 use serde_json::Value;
 
+/// How long a request may wait for its answer: far longer than any call the benchmarks
+/// make (a step's tests take about a second), so that a hung daemon fails the run with
+/// the request named instead of stalling it.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// The API on one Unix socket.
 pub struct Api {
     socket: PathBuf,
@@ -58,6 +63,9 @@ impl Api {
         let start = Instant::now();
         let mut stream = UnixStream::connect(&self.socket)
             .with_context(|| format!("cannot connect to {}", self.socket.display()))?;
+        stream
+            .set_read_timeout(Some(ANSWER_TIMEOUT))
+            .context("cannot set a read timeout on the API socket")?;
         stream
             .write_all(request.as_bytes())
             .with_context(|| format!("cannot send {method} {path}"))?;

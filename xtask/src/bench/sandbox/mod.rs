@@ -13,6 +13,7 @@
 //! docs/benchmarks.md ([`report`]). The sandboxes, the daemon, its data directory and
 //! cgroup are removed by guards, so also on an error or Ctrl-C.
 
+mod cleanup;
 mod daemon;
 mod http;
 mod ops;
