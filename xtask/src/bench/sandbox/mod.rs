@@ -23,6 +23,7 @@ mod rl;
 mod stats;
 mod swe;
 
+use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Result, bail};
@@ -34,13 +35,13 @@ use self::report::SandboxReport;
 use crate::build;
 use crate::machine::Facts;
 use crate::signals::{check_interrupted, interrupted};
-use crate::util::{step, target_dir, workspace_root};
+use crate::util::{output, step, target_dir, workspace_root};
 
 /// Options of `cargo xtask bench sandbox`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct Options {
     /// Steps of the SWE-like trajectory (each system)
-    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(5..))]
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u32).range(5..))]
     pub steps: u32,
     /// Steps of the RL-like micro-benchmark
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(8..))]
@@ -48,7 +49,7 @@ pub struct Options {
     /// Sandboxes per fan-out in the RL-like micro-benchmark
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub fanout: u32,
-    /// Fewer steps (10 and 60) for a run of about two minutes; overrides --steps and
+    /// Fewer steps (15 and 60) for a run of about two minutes; overrides --steps and
     /// --rl-steps
     #[arg(long)]
     pub quick: bool,
@@ -66,7 +67,7 @@ pub struct Options {
 impl Default for Options {
     fn default() -> Self {
         Self {
-            steps: 30,
+            steps: 60,
             rl_steps: 200,
             fanout: 4,
             quick: false,
@@ -79,7 +80,7 @@ impl Default for Options {
 
 impl Options {
     fn steps(&self) -> usize {
-        if self.quick { 10 } else { self.steps as usize }
+        if self.quick { 15 } else { self.steps as usize }
     }
 
     fn rl_steps(&self) -> usize {
@@ -95,7 +96,7 @@ impl Options {
         if self.quick {
             line.push_str(" --quick");
         } else {
-            if self.steps != 30 {
+            if self.steps != 60 {
                 line.push_str(&format!(" --steps {}", self.steps));
             }
             if self.rl_steps != 200 {
@@ -165,6 +166,7 @@ fn run_bench(options: &Options) -> Result<()> {
         command: options.command_line(),
         facts: Facts::collect(),
         profile: if options.debug { "debug" } else { "release" },
+        dirty: dirty_sources(),
         project: format!(
             "{} {} ({} KiB source distribution from PyPI)",
             project::PACKAGE,
@@ -182,6 +184,28 @@ fn run_bench(options: &Options) -> Result<()> {
         step(format!("wrote the figures into {}", doc.display()));
     }
     Ok(())
+}
+
+/// `uncommitted changes in controller/, deltafs-kmod-shim/` when the daemon's sources
+/// differ from the commit the report names (other work in the same checkout).
+fn dirty_sources() -> Option<String> {
+    let status = output(Command::new("git").current_dir(workspace_root()).args([
+        "status",
+        "--porcelain",
+        "--",
+        "controller",
+        "deltafs-kmod-shim",
+    ]))
+    .ok()?;
+    let mut dirs: Vec<&str> = status
+        .lines()
+        .filter_map(|l| l.get(3..)?.split('/').next())
+        .collect();
+    dirs.dedup();
+    (!dirs.is_empty()).then(|| {
+        let dirs: Vec<String> = dirs.iter().map(|d| format!("{d}/")).collect();
+        format!("uncommitted changes in {}", dirs.join(", "))
+    })
 }
 
 fn measure(

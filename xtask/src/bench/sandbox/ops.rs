@@ -7,10 +7,32 @@ use serde_json::{Value, json};
 use super::http::Api;
 
 /// One call's latency in milliseconds, as the client saw it and as the daemon timed it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Timed {
     pub client_ms: f64,
     pub daemon_ms: Option<f64>,
+    /// The daemon's breakdown (`timings` other than `total_ms`: `quiesce_ms`, `files_ms`…).
+    pub parts: Vec<(String, f64)>,
+}
+
+impl Timed {
+    /// From an answer's `timings` object.
+    fn from_timings(client_ms: f64, timings: &Value) -> Self {
+        let parts = timings
+            .as_object()
+            .map(|o| {
+                o.iter()
+                    .filter(|(k, _)| *k != "total_ms")
+                    .filter_map(|(k, v)| Some((k.clone(), v.as_f64()?)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Self {
+            client_ms,
+            daemon_ms: timings["total_ms"].as_f64(),
+            parts,
+        }
+    }
 }
 
 /// A sandbox made by the bench, with its sessions.
@@ -148,6 +170,7 @@ pub fn run(api: &Api, sandbox: &Sandbox, session: &str, code: &str) -> Result<Ra
         timed: Timed {
             client_ms: ms(answer.elapsed),
             daemon_ms: out["duration_ms"].as_f64(),
+            parts: Vec::new(),
         },
     })
 }
@@ -158,10 +181,7 @@ pub fn checkpoint(api: &Api, sandbox: &Sandbox, label: &str) -> Result<(String, 
         &format!("/v1/sandboxes/{}/checkpoint", sandbox.id),
         &json!({ "label": label }),
     )?;
-    let timed = Timed {
-        client_ms: ms(answer.elapsed),
-        daemon_ms: answer.body["timings"]["total_ms"].as_f64(),
-    };
+    let timed = Timed::from_timings(ms(answer.elapsed), &answer.body["timings"]);
     Ok((string(&answer.body, "id")?, timed))
 }
 
@@ -176,10 +196,7 @@ pub fn rollback(
         &format!("/v1/sandboxes/{}/rollback", sandbox.id),
         &json!({ "node": node, "mode": "all" }),
     )?;
-    let timed = Timed {
-        client_ms: ms(answer.elapsed),
-        daemon_ms: answer.body["timings"]["total_ms"].as_f64(),
-    };
+    let timed = Timed::from_timings(ms(answer.elapsed), &answer.body["timings"]);
     Ok((sessions(&answer.body["sessions"])?, timed))
 }
 

@@ -25,6 +25,8 @@ pub struct SandboxReport {
     pub facts: Facts,
     /// `debug` or `release`: the profile deltaboxd was built with.
     pub profile: &'static str,
+    /// Set when the daemon was built from a working tree with uncommitted changes.
+    pub dirty: Option<String>,
     /// `more-itertools 10.5.0 (121 KiB sdist from PyPI)`.
     pub project: String,
     pub swe: Outcome,
@@ -217,7 +219,7 @@ impl SandboxReport {
         let mut md = format!("{BEGIN}\n\n## Sandboxes: `cargo xtask bench sandbox`\n\n");
         let _ = write!(
             md,
-            "Measured with `{}` on {} ({}), deltaboxd built with the {} profile, driven \
+            "Measured with `{}` on {} ({}), deltaboxd built with the {} profile{}, driven \
              over its API socket by raw HTTP requests (one connection per request), so the \
              client-side figures are the whole API round trip without a CLI process's \
              start-up. Only measured numbers; every rollback is checked (files and the \
@@ -225,7 +227,10 @@ impl SandboxReport {
             self.command,
             self.facts.date,
             self.facts.line(),
-            self.profile
+            self.profile,
+            self.dirty
+                .as_ref()
+                .map_or_else(String::new, |d| format!(" from a working tree with {d}"))
         );
         md.push_str("### Targets (issue 6)\n\n");
         md.push_str(&markdown_table(&TARGET_HEADER, &self.target_rows()));
@@ -238,7 +243,7 @@ impl SandboxReport {
              in memory) and a bash session. A step appends a comment line to \
              `more_itertools/recipes.py` and runs the 176 tests of `tests/test_recipes.py` \
              with `unittest` inside the Python session (the edited modules reloaded), then \
-             saves the state; after every {}th step the sandbox rolls back {} steps. \
+             saves the state; every {} steps the sandbox rolls back {} steps (to the node of the step before last). \
              **DeltaBox**: a checkpoint of the sandbox (files and both sessions) per step, a \
              rollback (`mode: all`) to the node. **Baseline** (files only): `git add -A && \
              git commit` in the bash session per step; to roll back, `git stash -u && git \

@@ -11,19 +11,20 @@
 //!   git checkout <commit>` followed by a restart of the Python interpreter re-running
 //!   the set-up (its memory is lost: that is what the baseline cannot restore).
 
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use anyhow::{Context as _, Result, ensure};
 
 use super::http::{Api, base64};
-use super::ops::{self, Made, Sandbox};
+use super::ops::{self, Made, Sandbox, Timed};
 use super::project::{EDITED, Project, TESTS, TOP};
 use super::stats::Samples;
 use crate::signals::check_interrupted;
 use crate::util::step;
 
 /// Every `ROLLBACK_EVERY` steps, roll back `ROLLBACK_BACK` steps.
-pub const ROLLBACK_EVERY: usize = 5;
+pub const ROLLBACK_EVERY: usize = 3;
 pub const ROLLBACK_BACK: usize = 2;
 
 /// One system's figures over the trajectory (milliseconds).
@@ -33,6 +34,9 @@ pub struct Trajectory {
     pub checkpoint_daemon: Samples,
     pub rollback_client: Samples,
     pub rollback_daemon: Samples,
+    /// DeltaBox only: the daemon's breakdown of each (`quiesce_ms`, `files_ms`, …).
+    pub checkpoint_parts: BTreeMap<String, Samples>,
+    pub rollback_parts: BTreeMap<String, Samples>,
     /// Baseline only: the rollback's two parts, git and the interpreter's restart.
     pub rollback_git: Samples,
     pub rollback_restart: Samples,
@@ -200,22 +204,44 @@ impl Side {
     }
 }
 
+/// Adds one timed call to the client, daemon and breakdown samples.
+fn record(
+    timed: &Timed,
+    client: &mut Samples,
+    daemon: &mut Samples,
+    parts: &mut BTreeMap<String, Samples>,
+) {
+    client.push(timed.client_ms);
+    if let Some(d) = timed.daemon_ms {
+        daemon.push(d);
+    }
+    for (name, ms) in &timed.parts {
+        parts.entry(name.clone()).or_default().push(*ms);
+    }
+}
+
 /// DeltaBox: checkpoint after each step, roll back files and processes.
 fn deltabox_step(api: &Api, side: &mut Side, k: usize) -> Result<()> {
     side.work(api, k)?;
     let (node, timed) = ops::checkpoint(api, &side.sandbox, &format!("step {k}"))?;
-    side.figures.checkpoint_client.push(timed.client_ms);
-    if let Some(d) = timed.daemon_ms {
-        side.figures.checkpoint_daemon.push(d);
-    }
+    let f = &mut side.figures;
+    record(
+        &timed,
+        &mut f.checkpoint_client,
+        &mut f.checkpoint_daemon,
+        &mut f.checkpoint_parts,
+    );
     side.saved.push((k, node, side.lineage.clone()));
     if k.is_multiple_of(ROLLBACK_EVERY) {
         let (node, lineage) = side.target()?;
         let (sessions, timed) = ops::rollback(api, &side.sandbox, &node)?;
-        side.figures.rollback_client.push(timed.client_ms);
-        if let Some(d) = timed.daemon_ms {
-            side.figures.rollback_daemon.push(d);
-        }
+        let f = &mut side.figures;
+        record(
+            &timed,
+            &mut f.rollback_client,
+            &mut f.rollback_daemon,
+            &mut f.rollback_parts,
+        );
         side.python = ops::session_of(&sessions, "python")?;
         side.bash = ops::session_of(&sessions, "bash")?;
         side.lineage = lineage;
