@@ -73,7 +73,7 @@ fn verdict(met: bool) -> String {
 impl SandboxReport {
     fn swe_rows(&self) -> Vec<[String; 5]> {
         let (d, b) = (&self.swe.deltabox, &self.swe.baseline);
-        vec![
+        let mut rows = vec![
             latency_row(
                 "DeltaBox checkpoint, client (API round trip)",
                 &d.checkpoint_client,
@@ -82,14 +82,22 @@ impl SandboxReport {
                 "DeltaBox checkpoint, daemon (timings.total_ms)",
                 &d.checkpoint_daemon,
             ),
-            latency_row(
-                "DeltaBox rollback, client (API round trip)",
-                &d.rollback_client,
-            ),
-            latency_row(
-                "DeltaBox rollback, daemon (timings.total_ms)",
-                &d.rollback_daemon,
-            ),
+        ];
+        for (name, samples) in &d.checkpoint_parts {
+            rows.push(latency_row(&format!("  of which {name}"), samples));
+        }
+        rows.push(latency_row(
+            "DeltaBox rollback, client (API round trip)",
+            &d.rollback_client,
+        ));
+        rows.push(latency_row(
+            "DeltaBox rollback, daemon (timings.total_ms)",
+            &d.rollback_daemon,
+        ));
+        for (name, samples) in &d.rollback_parts {
+            rows.push(latency_row(&format!("  of which {name}"), samples));
+        }
+        rows.extend([
             latency_row("baseline git add + commit, client", &b.checkpoint_client),
             latency_row(
                 "baseline rollback (git + fresh interpreter + set-up), client",
@@ -100,7 +108,8 @@ impl SandboxReport {
                 "  of which interpreter restart + set-up",
                 &b.rollback_restart,
             ),
-        ]
+        ]);
+        rows
     }
 
     fn share_rows(&self) -> Vec<[String; 5]> {
@@ -243,7 +252,8 @@ impl SandboxReport {
              in memory) and a bash session. A step appends a comment line to \
              `more_itertools/recipes.py` and runs the 176 tests of `tests/test_recipes.py` \
              with `unittest` inside the Python session (the edited modules reloaded), then \
-             saves the state; every {} steps the sandbox rolls back {} steps (to the node of the step before last). \
+             saves the state; every {} steps the sandbox rolls back {} steps (the last two \
+             steps are dropped, and the next step starts from that state). \
              **DeltaBox**: a checkpoint of the sandbox (files and both sessions) per step, a \
              rollback (`mode: all`) to the node. **Baseline** (files only): `git add -A && \
              git commit` in the bash session per step; to roll back, `git stash -u && git \
