@@ -201,6 +201,7 @@ fn dirty_sources() -> Option<String> {
         .lines()
         .filter_map(|l| l.get(3..)?.split('/').next())
         .collect();
+    dirs.sort_unstable();
     dirs.dedup();
     (!dirs.is_empty()).then(|| {
         let dirs: Vec<String> = dirs.iter().map(|d| format!("{d}/")).collect();

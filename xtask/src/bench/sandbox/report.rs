@@ -86,6 +86,19 @@ impl SandboxReport {
         for (name, samples) in &d.checkpoint_parts {
             rows.push(latency_row(&format!("  of which {name}"), samples));
         }
+        // Whether a checkpoint costs more as the tree grows (more nodes, more templates).
+        let n = d.checkpoint_client.len();
+        let third = n / 3;
+        if third >= 3 {
+            rows.push(latency_row(
+                &format!("DeltaBox checkpoint, client, steps 1-{third}"),
+                &d.checkpoint_client.slice(0..third),
+            ));
+            rows.push(latency_row(
+                &format!("DeltaBox checkpoint, client, steps {}-{n}", n - third + 1),
+                &d.checkpoint_client.slice(n - third..n),
+            ));
+        }
         rows.push(latency_row(
             "DeltaBox rollback, client (API round trip)",
             &d.rollback_client,

@@ -23,6 +23,11 @@ impl Samples {
         self.0.len()
     }
 
+    /// The samples in `range` (in the order they were taken), e.g. the first third.
+    pub fn slice(&self, range: std::ops::Range<usize>) -> Samples {
+        Samples(self.0.get(range).unwrap_or_default().to_vec())
+    }
+
     pub fn sum(&self) -> f64 {
         self.0.iter().sum()
     }
@@ -93,6 +98,8 @@ mod tests {
         }
         let sum = small.summary().unwrap();
         assert_eq!((sum.median, sum.p95, sum.p99), (2.0, 3.0, 3.0));
+        assert_eq!(small.slice(1..3).sum(), 3.0);
+        assert_eq!(small.slice(2..9).len(), 0);
     }
 
     #[test]
