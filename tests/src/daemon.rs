@@ -96,7 +96,9 @@ impl TestDaemon {
             .arg(&sandbox_cgroup)
             .args(extra)
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            // A file, not a pipe nobody drains until the end: a full pipe would block
+            // the daemon's logging.
+            .stderr(log_file(&dir))
             .spawn()
             .expect("spawn deltaboxd");
         let mut daemon = Self {
@@ -125,16 +127,8 @@ impl TestDaemon {
                 .as_mut()
                 .and_then(|c| c.try_wait().ok().flatten())
             {
-                let out = self
-                    .child
-                    .take()
-                    .expect("child")
-                    .wait_with_output()
-                    .expect("output");
-                panic!(
-                    "deltaboxd exited at start ({status}): {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
+                let _ = self.child.take().expect("child").wait();
+                panic!("deltaboxd exited at start ({status}): {}", self.log());
             }
             thread::sleep(Duration::from_millis(20));
         }
@@ -212,11 +206,16 @@ impl TestDaemon {
             .arg(&self.sandbox_cgroup)
             .args(extra)
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(log_file(&self.dir))
             .spawn()
             .expect("spawn deltaboxd");
         self.child = Some(child);
         self.wait_ready();
+    }
+
+    /// What the daemon wrote to stderr so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.join("deltaboxd.log")).unwrap_or_default()
     }
 
     /// Sends SIGTERM and waits for the exit; returns its status and stderr.
@@ -224,10 +223,7 @@ impl TestDaemon {
         let child = self.child.take().expect("daemon running");
         let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
         let out = wait_with_timeout(child, Duration::from_secs(20));
-        (
-            out.status,
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        (out.status, self.log())
     }
 }
 
@@ -241,6 +237,16 @@ fn status_ok(socket: &Path) -> bool {
     conn.write_all(request).is_ok()
         && conn.read_exact(&mut head).is_ok()
         && head.starts_with(b"HTTP/1.1 200")
+}
+
+/// The daemon's log file in `dir` (appended to across restarts).
+fn log_file(dir: &Path) -> Stdio {
+    fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("deltaboxd.log"))
+        .expect("create the daemon's log file")
+        .into()
 }
 
 /// Waits for `child`, killing it by pid if it outlives `timeout`.

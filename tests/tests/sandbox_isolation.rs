@@ -127,7 +127,7 @@ impl Drop for Tree {
             }
         }
         for (_, view) in self.views.drain(..) {
-            let _ = view.unmount();
+            let _ = view.detach();
         }
         if let Some(rt) = self.rt.take() {
             let _ = rt.shutdown();

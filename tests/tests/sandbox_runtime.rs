@@ -128,8 +128,10 @@ impl Drop for Tree {
                 let _ = rt.remove_sandbox(sandbox);
             }
         }
+        // Detached, as the daemon does: a process left (the test's "template") keeps
+        // the view busy until the tree's shutdown below kills it.
         for (_, view) in self.views.drain(..) {
-            let _ = view.unmount();
+            let _ = view.detach();
         }
         if let Some(rt) = self.rt.take() {
             let _ = rt.shutdown();

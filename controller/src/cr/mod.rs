@@ -108,6 +108,21 @@ pub enum CrError {
         /// The root prefix.
         root: std::path::PathBuf,
     },
+    /// A recorded template is not (or no longer) the stopped process in its cgroup.
+    #[error(
+        "pid {pid} is not a template held in {} (it is in {}, or not stopped): the \
+         template is gone",
+        cgroup.display(),
+        found.display()
+    )]
+    NotATemplate {
+        /// The recorded pid.
+        pid: i32,
+        /// The recorded cgroup.
+        cgroup: std::path::PathBuf,
+        /// Where the process is.
+        found: std::path::PathBuf,
+    },
     /// The new template did not reach group-stop.
     #[error("template pid {pid} reported {stop:?} instead of its group-stop")]
     TemplateStop {

@@ -197,7 +197,7 @@ impl Template {
 }
 
 /// Injects `chroot(root)` (the scratch page holds the path) and `chdir("/")`.
-fn chroot(inj: &mut Injection<'_>, scratch: u64, root: &Path) -> Result<(), CrError> {
+pub(super) fn chroot(inj: &mut Injection<'_>, scratch: u64, root: &Path) -> Result<(), CrError> {
     let pid = inj.tracee().pid().as_raw();
     let mut path = root.as_os_str().as_bytes().to_vec();
     path.push(0);

@@ -56,6 +56,12 @@ pub struct CheckpointOptions {
     /// cwd and file paths, so the state holds paths relative to the process's own root
     /// and a restore can reopen them in another root. A path outside it is refused.
     pub root_prefix: Option<PathBuf>,
+    /// A directory, as the process names it, the template `chroot`s to while it is
+    /// made (a sandbox passes its tree's root, `/proc/<tree anchor>/root`): the
+    /// template then resolves the paths of later restores there, even once the root
+    /// the process had is gone (a view that died with its daemon). Restores should
+    /// then give [`super::RestoreOptions::chroot`].
+    pub template_root: Option<PathBuf>,
 }
 
 /// How long a checkpoint took.
@@ -102,6 +108,58 @@ impl Template {
     /// How long the checkpoint took.
     pub fn timings(&self) -> CheckpointTimings {
         self.timings
+    }
+
+    /// The address of the template's scratch page (kept with the state, so that a
+    /// restarted controller can [`Template::adopt`] it).
+    pub fn scratch(&self) -> u64 {
+        self.scratch
+    }
+
+    /// Takes over a template a previous controller made: process `pid`, held in the
+    /// frozen cgroup `cgroup` (absolute), with the recorded `state` and `scratch` page.
+    /// Refused unless `pid` is a stopped process in exactly that cgroup (a pid reused
+    /// by another process after the template died is not taken for it).
+    pub fn adopt(
+        pid: Pid,
+        cgroup: PathBuf,
+        state: ProcessState,
+        scratch: u64,
+    ) -> Result<Self, CrError> {
+        let raw = pid.as_raw();
+        let cgroup_root = CgroupFs::from_mountinfo()
+            .map_err(super::freezer::FreezerError::from)?
+            .root()
+            .to_path_buf();
+        // Open first: the checks below then concern the process the pidfd names.
+        let pidfd = Pidfd::open(pid)?;
+        let own = cgroup_root.join(
+            procfs::cgroup_v2(raw)?
+                .strip_prefix("/")
+                .unwrap_or(Path::new("")),
+        );
+        let state_char = procfs::stat(raw)?.state;
+        let stopped = matches!(state_char, 'T' | 't');
+        if own != cgroup || !stopped {
+            return Err(CrError::NotATemplate {
+                pid: raw,
+                cgroup,
+                found: own,
+            });
+        }
+        let template = TemplateCgroup::adopt(cgroup);
+        if !template.is_frozen() {
+            template.freeze()?;
+        }
+        Ok(Self {
+            pidfd,
+            cgroup: template,
+            cgroup_root,
+            state,
+            scratch,
+            timings: CheckpointTimings::default(),
+            lock: Mutex::new(()),
+        })
     }
 
     /// Kills the template and removes its cgroup.
@@ -230,10 +288,11 @@ pub fn checkpoint(pid: Pid, opts: &CheckpointOptions) -> Result<Template, CrErro
     refuse_threads(raw)?;
     let site = SyscallSite::find(&tracee, procfs::vdso(&maps))?;
     let xstate = tracee.xstate()?;
-    let ((mut child, scratch), regs, fds, mut status) = {
+    let ((mut child, scratch), regs, fds, cwd, mut status) = {
         let mut inj = Injection::begin(&mut tracee, site)?;
         let regs = *inj.saved();
         let fds = fdtable::record(raw)?;
+        let cwd = procfs::cwd(raw)?;
         let status = procfs::status(raw)?;
         // The template is born in its own cgroup; the scratch page (struct clone_args,
         // the cgroup's path) is the process's only for the call, the template keeps it
@@ -245,7 +304,7 @@ pub fn checkpoint(pid: Pid, opts: &CheckpointOptions) -> Result<Template, CrErro
         unmapped?;
         let signals_follow = inj.tracee().has_deferred_signals();
         inj.finish(signals_follow)?;
-        (child, regs, fds, status)
+        (child, regs, fds, cwd, status)
     };
     // Its registers are its own again: a controller crash from here on detaches it
     // (the template, which inherited PTRACE_O_EXITKILL, is killed until it is held).
@@ -262,12 +321,19 @@ pub fn checkpoint(pid: Pid, opts: &CheckpointOptions) -> Result<Template, CrErro
     let paused = paused_at.elapsed();
 
     let pidfd = Pidfd::open(child.pid())?;
-    hold(&mut child, site, &regs, &xstate, &cgroup)?;
+    hold(
+        &mut child,
+        site,
+        &regs,
+        &xstate,
+        &cgroup,
+        opts.template_root.as_deref().map(|root| (scratch, root)),
+    )?;
     let tpid = child.pid().as_raw();
     child.detach(0)?;
 
     let mut fds = fds;
-    let mut cwd = procfs::cwd(tpid)?;
+    let mut cwd = cwd;
     if let Some(prefix) = &opts.root_prefix {
         cwd = under_root(raw, prefix, &cwd)?;
         for entry in &mut fds {
@@ -305,17 +371,21 @@ pub fn checkpoint(pid: Pid, opts: &CheckpointOptions) -> Result<Template, CrErro
 }
 
 /// Turns the fresh fork `child`, born in `cgroup`, into a template: empty fd table, own
-/// session, the checkpoint's registers, group-stop, frozen cgroup. Leaves it in a
-/// ptrace-stop.
+/// session, the checkpoint's registers, group-stop, frozen cgroup; with `root` (the
+/// scratch page and a directory), first a `chroot` there. Leaves it in a ptrace-stop.
 fn hold(
     child: &mut Tracee,
     site: SyscallSite,
     regs: &libc::user_regs_struct,
     xstate: &super::ptrace::XState,
     cgroup: &TemplateCgroup,
+    root: Option<(u64, &Path)>,
 ) -> Result<(), CrError> {
     {
         let mut inj = Injection::begin(child, site)?;
+        if let Some((scratch, root)) = root {
+            super::restore::chroot(&mut inj, scratch, root)?;
+        }
         inj.syscall(
             "close_range",
             libc::SYS_close_range,

@@ -424,6 +424,23 @@ impl Filesystem for DeltaFs {
 
     /// Answered `ENOSYS` once, so the kernel stops sending `FLUSH` (a round trip per
     /// close): there is no writeback cache to flush, and locks are the kernel's own.
+    /// No ioctl is implemented: answer as ext4 does for one it does not know (`isatty`'s
+    /// `TCGETS` on every file Python opens lands here), without fuser's log line each.
+    #[allow(clippy::too_many_arguments)] // fuser's signature
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        reply.error(Errno::ENOTTY);
+    }
+
     fn flush(
         &self,
         _req: &Request,

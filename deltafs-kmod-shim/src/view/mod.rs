@@ -223,6 +223,36 @@ impl View {
         self.unmount_inner()
     }
 
+    /// Detaches the mount (lazily: it leaves the namespace now) without waiting for its
+    /// users: the FUSE session keeps serving whoever still holds a file, a mapping or a
+    /// directory of the view (a DeltaCR template forked from one of its processes maps
+    /// its libraries), and ends by itself once the last of them is gone.
+    pub fn detach(mut self) -> Result<(), ViewError> {
+        let Some(session) = self.session.take() else {
+            return Ok(());
+        };
+        if let Err(e) = self.shared.store.writer.flush() {
+            log::error!("deltafs: {e}");
+        }
+        let detached = umount2(&self.shared.mountpoint, MntFlags::MNT_DETACH).map_err(|e| {
+            ViewError::Unmount {
+                mountpoint: self.shared.mountpoint.clone(),
+                source: e.into(),
+            }
+        });
+        let janitor = Arc::clone(&self.shared.janitor);
+        let served = std::thread::Builder::new()
+            .name("deltafs-detached".to_owned())
+            .spawn(move || {
+                let _ = session.join();
+                janitor.stop();
+            });
+        if let Err(e) = served {
+            log::warn!("deltafs: cannot wait for a detached view in the background: {e}");
+        }
+        detached
+    }
+
     fn unmount_inner(&mut self) -> Result<(), ViewError> {
         let Some(session) = self.session.take() else {
             return Ok(());

@@ -4,6 +4,7 @@
 //! processes, rollback, branch.
 //!
 //! - this module: configuration, lookups, create / remove / list;
+//! - [`adopt`]: taking over an earlier daemon's trees after a restart;
 //! - [`commands`]: `exec` and sessions;
 //! - [`tree_ops`]: checkpoint, rollback, branch, tree, diff, node removal, gc;
 //! - [`output`]: collecting a command's output.
@@ -12,6 +13,7 @@
 //! sandbox are serialised and on different sandboxes run in parallel); the maps of
 //! sandboxes and trees are locked only to look up or insert.
 
+mod adopt;
 mod commands;
 pub mod leftovers;
 pub mod output;
@@ -31,7 +33,7 @@ use super::session::{SessionIo, SessionKind};
 use crate::api::sandbox_types::{LimitsSpec, SandboxInfo, SessionInfo};
 use crate::cr::Template;
 use crate::tree::TreeDbError;
-use crate::tree::db::{Op, TreeDb};
+use crate::tree::db::TreeDb;
 use crate::tree::ids::{NodeId, SandboxId, SessionId, TreeId};
 use crate::tree::records::{SandboxRecord, SandboxState, SessionRecord, TreeRecord, unix_ms_now};
 
@@ -58,6 +60,22 @@ pub(crate) struct Tree {
     base: PathBuf,
     /// Per node, one template per session (in the node's session order).
     templates: Mutex<HashMap<NodeId, Arc<NodeTemplates>>>,
+    /// The tree's root as its processes name it (asked of init once).
+    root: std::sync::OnceLock<PathBuf>,
+}
+
+impl Tree {
+    /// `/proc/<tree anchor>/root`, where DeltaCR puts templates.
+    fn root_in_ns(&self) -> Result<PathBuf, SandboxError> {
+        if let Some(root) = self.root.get() {
+            return Ok(root.clone());
+        }
+        let root = self
+            .runtime
+            .tree_root_in_ns()
+            .map_err(|e| SandboxError::internal(format!("tree {}", self.id), e))?;
+        Ok(self.root.get_or_init(|| root).clone())
+    }
 }
 
 /// The DeltaCR templates of one node.
@@ -158,10 +176,9 @@ fn limits_of(spec: &LimitsSpec) -> Result<Limits, SandboxError> {
 }
 
 impl SandboxManager {
-    /// Opens the store and the database. Trees left by an earlier daemon are not
-    /// adopted yet: their processes, mounts and cgroups are removed
-    /// ([`Self::clean_leftovers`]); their nodes stay in the database (files restorable,
-    /// processes not until incremental dumps exist).
+    /// Opens the store and the database, and takes over the trees an earlier daemon
+    /// left ([`adopt`]): each sandbox comes back at its head node, with its sessions
+    /// forked again from the head's templates; what cannot be taken over is cleaned up.
     pub fn open(cfg: ManagerConfig) -> Result<Self, SandboxError> {
         std::fs::create_dir_all(&cfg.data_dir)
             .map_err(|e| SandboxError::internal(cfg.data_dir.display(), e))?;
@@ -176,47 +193,13 @@ impl SandboxManager {
             trees: Mutex::new(HashMap::new()),
             sandboxes: Mutex::new(HashMap::new()),
         };
-        manager.clean_leftovers()?;
+        manager.recover()?;
         Ok(manager)
     }
 
     /// The configuration.
     pub fn config(&self) -> &ManagerConfig {
         &self.cfg
-    }
-
-    /// Removes what a killed daemon left: sandbox records (their processes died with
-    /// their trees, or are killed here), the trees' cgroups and mounts.
-    fn clean_leftovers(&self) -> Result<(), SandboxError> {
-        let mut ops = Vec::new();
-        for sandbox in self.db.sandboxes().map_err(db_err)? {
-            ops.push(Op::DeleteSandbox(sandbox.id));
-        }
-        for tree in self.db.trees().map_err(db_err)? {
-            let nodes = self.db.nodes(&tree.id).map_err(db_err)?;
-            // The templates died with the tree: nodes keep their files only.
-            for mut node in nodes {
-                if node.sessions.iter().any(|s| s.template.is_some()) {
-                    for s in &mut node.sessions {
-                        s.template = None;
-                    }
-                    ops.push(Op::PutNode(node));
-                }
-            }
-            let run_dir = self.cfg.run_dir.join("trees").join(tree.id.to_string());
-            let cgroup = self.cfg.cgroup.join(tree.id.to_string());
-            if let Err(e) = leftovers::clean(&run_dir, &cgroup) {
-                tracing::warn!(tree = %tree.id, "cleaning a tree left by an earlier daemon: {e}");
-            }
-        }
-        if !ops.is_empty() {
-            tracing::info!(
-                "removing {} records of an earlier daemon's live state",
-                ops.len()
-            );
-            self.db.commit(&ops).map_err(db_err)?;
-        }
-        Ok(())
     }
 
     fn default_base(&self) -> Result<PathBuf, SandboxError> {
@@ -269,6 +252,7 @@ impl SandboxManager {
             runtime,
             base,
             templates: Mutex::new(HashMap::new()),
+            root: std::sync::OnceLock::new(),
         });
         lock(&self.trees).insert(id, Arc::clone(&tree));
         Ok(tree)
@@ -363,8 +347,10 @@ impl SandboxManager {
         let name = live.record.id.to_string();
         live.sessions.clear();
         let removed = live.tree.runtime.remove_sandbox(&name);
+        // Detached, not unmounted and waited for: templates of its nodes still map
+        // files of the view and must keep being served until they go.
         if let Some(view) = live.view.take()
-            && let Err(e) = view.unmount()
+            && let Err(e) = view.detach()
         {
             tracing::warn!(sandbox = %name, "unmounting its root: {e}");
         }
@@ -687,6 +673,10 @@ impl super::ops::SandboxOps for SandboxManager {
 
 impl Drop for SandboxManager {
     fn drop(&mut self) {
+        // Templates first: they hold the views' files (and their trees die below anyway).
+        for tree in lock(&self.trees).values() {
+            lock(&tree.templates).clear();
+        }
         let all: Vec<_> = lock(&self.sandboxes).drain().map(|(_, l)| l).collect();
         for live in all {
             let mut live = lock(&live);

@@ -27,7 +27,7 @@ use crate::tree::render::{RenderNode, render_tree};
 const MAX_BRANCHES: u32 = 64;
 
 /// The DeltaFS snapshot of a node.
-fn snapshot_of(node: &NodeRecord) -> Result<SnapshotId, SandboxError> {
+pub(super) fn snapshot_of(node: &NodeRecord) -> Result<SnapshotId, SandboxError> {
     node.snapshot
         .parse()
         .map_err(|e| SandboxError::internal(format!("node {}: its snapshot id", node.id), e))
@@ -141,6 +141,7 @@ impl SandboxManager {
             template_cgroups: runtime.templates_cgroup(),
             template_cgroups_seen: runtime.templates_cgroup_in_ns(&name),
             root_prefix: Some(runtime.root_in_ns(&name)),
+            template_root: Some(live.tree.root_in_ns()?),
         };
         let mut templates = Vec::with_capacity(live.sessions.len());
         for session in live.sessions.values() {
@@ -177,13 +178,26 @@ impl SandboxManager {
                     template: Some(TemplateRecord {
                         host_pid: template.pid().as_raw(),
                         cgroup: template.cgroup_path().to_path_buf(),
-                        state: serde_json::to_value(template.state()).unwrap_or_default(),
+                        state: serde_json::to_value(super::adopt::TemplateState {
+                            process: template.state().clone(),
+                            scratch: template.scratch(),
+                        })
+                        .unwrap_or_default(),
                     }),
                 })
                 .collect(),
             bytes: self.store.snapshot_bytes(report.id).unwrap_or(0),
             checkpoint_ms: ms(start),
         };
+        // The snapshot's metadata is on disk before the node is acknowledged (a daemon
+        // killed right after must find it).
+        if let Err(e) = self.store.flush() {
+            drop(templates);
+            return Err(store_err(
+                format!("sandbox {name}: writing the snapshot"),
+                e,
+            ));
+        }
         let mut record = live.record.clone();
         record.head = Some(node.id);
         if let Err(e) = self
@@ -231,7 +245,7 @@ impl SandboxManager {
     }
 
     /// Restores every session of `node` into sandbox `name` of `tree`.
-    fn restore_sessions(
+    pub(super) fn restore_sessions(
         tree: &Tree,
         name: &str,
         node: &NodeRecord,

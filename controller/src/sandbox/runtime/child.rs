@@ -119,6 +119,21 @@ pub(crate) fn anchor(root: &Path, fds: &SandboxFds, status: File) -> ! {
     sys::pause_forever()
 }
 
+/// The tree's anchor: no cgroup move (it stays in init's), its own session, no fd but
+/// 0-2, its root left at the tree's root, a sandbox's capabilities; then it sleeps.
+pub(crate) fn tree_anchor(status: File) -> ! {
+    sys::reset_signals();
+    let status = rehome(status);
+    let result = (|| {
+        nix::unistd::setsid().map_err(|e| format!("setsid: {e}"))?;
+        nix::unistd::chdir("/").map_err(|e| format!("chdir /: {e}"))?;
+        drop_caps()
+    })();
+    report(status, result);
+    let _ = sys::close_from(3);
+    sys::pause_forever()
+}
+
 /// Puts `srcs` at `first`, `first + 1`, … (through fds above them so that an
 /// overlap cannot clobber a source) and marks every higher fd close-on-exec.
 fn place_fds(srcs: &[RawFd], first: RawFd) -> Result<(), String> {

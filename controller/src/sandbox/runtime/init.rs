@@ -80,6 +80,7 @@ struct Init {
     listener: OwnedFd,
     sigchld: SignalFd,
     sandboxes: HashMap<String, SandboxFds>,
+    tree_anchor: Option<libc::pid_t>,
     pending_exits: VecDeque<FromInit>,
     buf: Vec<u8>,
 }
@@ -98,6 +99,7 @@ impl Init {
                 listener,
                 sigchld,
                 sandboxes: HashMap::new(),
+                tree_anchor: None,
                 pending_exits: VecDeque::new(),
                 buf: vec![0; proto::MAX_MSG],
             }),
@@ -259,6 +261,7 @@ impl Init {
                 limit_dirs,
             } => self.add_sandbox(sandbox, limit_dirs, fds),
             Request::RemoveSandbox { sandbox } => self.remove_sandbox(&sandbox),
+            Request::TreeAnchor => self.tree_anchor(),
             Request::Spawn {
                 sandbox,
                 argv,
@@ -330,6 +333,27 @@ impl Init {
         // Reap it here: its exit is not a command's exit the daemon waits for.
         let _ = waitpid(Pid::from_raw(pid), None);
         Err(text)
+    }
+
+    fn tree_anchor(&mut self) -> Result<ReplyData, String> {
+        if let Some(pid) = self.tree_anchor
+            && nix::sys::signal::kill(Pid::from_raw(pid), None).is_ok()
+        {
+            return Ok(ReplyData::Anchor(pid));
+        }
+        let (status_r, status_w) = status_pipe()?;
+        let pid = match sys::fork().map_err(err("fork the tree anchor"))? {
+            sys::Forked::Child => {
+                drop(status_r);
+                child::tree_anchor(status_w)
+            }
+            sys::Forked::Parent(pid) => pid,
+        };
+        drop(status_w);
+        self.check_child(pid, status_r)
+            .map_err(|e| format!("tree anchor: {e}"))?;
+        self.tree_anchor = Some(pid);
+        Ok(ReplyData::Anchor(pid))
     }
 
     fn remove_sandbox(&mut self, sandbox: &str) -> Result<ReplyData, String> {
@@ -472,6 +496,10 @@ fn unmount_sandbox_root(root: &Path) {
     for sub in ["dev/shm", "dev", "proc"] {
         let _ = umount2(&root.join(sub), MntFlags::MNT_DETACH);
     }
+    // The root itself too: when the daemon that served it died, the host's unmount of
+    // the dead view does not reach this copy, and a new view propagated here would be
+    // tucked beneath it. (After a normal removal the daemon's unmount finds it gone.)
+    let _ = umount2(root, MntFlags::MNT_DETACH);
 }
 
 /// A tmpfs at `dev` with the device nodes of `from` bound onto empty files, and the

@@ -131,6 +131,16 @@ impl TreeRuntime {
         Ok(())
     }
 
+    /// `/proc/<tree anchor>/root`: the tree's root as any process of the tree can name
+    /// it (the tree anchor is started on the first call; see [`Request::TreeAnchor`]).
+    pub fn tree_root_in_ns(&self) -> Result<PathBuf, RuntimeError> {
+        let (data, _, _) = self.request(Request::TreeAnchor, &[])?;
+        let ReplyData::Anchor(pid) = data else {
+            return Err(self.init_err(format!("unexpected reply to tree anchor: {data:?}")));
+        };
+        Ok(PathBuf::from(format!("/proc/{pid}/root")))
+    }
+
     /// Runs a command in the sandbox; errors before its exec (no such binary, bad cwd)
     /// come back as [`RuntimeError::Init`] naming the file and the sandbox.
     pub fn spawn(&self, sandbox: &str, req: &SpawnRequest) -> Result<Spawned, RuntimeError> {

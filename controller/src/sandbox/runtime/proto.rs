@@ -53,6 +53,11 @@ pub(crate) enum Request {
     },
     /// The sandboxes init knows, with their anchors (for a re-adopting daemon).
     ListSandboxes,
+    /// The tree's anchor (started on the first request): a process with a sandbox's
+    /// capabilities whose root is the tree's root, so that any process of the tree can
+    /// name that root as `/proc/<pid>/root` (DeltaCR moves templates there, out of a
+    /// sandbox view that dies with the daemon that serves it).
+    TreeAnchor,
     /// Liveness check.
     Ping,
 }

@@ -1,0 +1,177 @@
+//! The tree survives the controller: SIGKILL `deltaboxd` between and during operations,
+//! start it again, and every acknowledged node is still there and restores correctly;
+//! the sandbox comes back at its head node; nothing half-made or orphaned remains.
+
+use std::fs;
+use std::path::Path;
+use std::thread;
+use std::time::Duration;
+
+use deltabox_tests::daemon::TestDaemon;
+use deltabox_tests::require_root;
+use serde_json::Value;
+
+fn json(daemon: &TestDaemon, args: &[&str]) -> Value {
+    let mut full: Vec<&str> = args.to_vec();
+    let at = full.iter().position(|a| *a == "--").unwrap_or(full.len());
+    full.insert(at, "--json");
+    let out = daemon.cli(&full);
+    assert!(
+        out.status.success(),
+        "deltabox {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON")
+}
+
+fn run(daemon: &TestDaemon, sb: &str, session: &str, code: &str) -> String {
+    let out = json(daemon, &["session", "run", sb, session, code]);
+    assert_eq!(out["status"], 0, "{out}");
+    out["stdout"].as_str().unwrap().to_owned()
+}
+
+fn id(v: &Value) -> String {
+    v["id"].as_str().unwrap().to_owned()
+}
+
+fn step(i: u32) -> String {
+    format!("x = {i}\nopen('/workspace/f', 'w').write('{i}')")
+}
+
+const SHOW: &str = "print(x, open('/workspace/f').read())";
+
+/// Mount points under `dir`.
+fn mounts_under(dir: &Path) -> Vec<String> {
+    let prefix = dir.display().to_string();
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(str::to_owned))
+        .filter(|m| m.starts_with(&prefix))
+        .collect()
+}
+
+/// cgroup directories under `dir` (itself excluded).
+fn cgroups_under(dir: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                found.push(e.path().display().to_string());
+                found.extend(cgroups_under(&e.path()));
+            }
+        }
+    }
+    found
+}
+
+fn alive(pid: i64) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+#[test]
+fn a_killed_daemon_comes_back_with_every_acknowledged_node() {
+    require_root();
+    let mut daemon = TestDaemon::start("restart", &[]);
+    let sb = id(&json(&daemon, &["create"]));
+    let py = id(&json(
+        &daemon,
+        &["session", "start", &sb, "--kind", "python"],
+    ));
+    run(&daemon, &sb, &py, &step(1));
+    let n1 = id(&json(&daemon, &["checkpoint", &sb, "--label", "one"]));
+    run(&daemon, &sb, &py, &step(2));
+    let n2 = id(&json(&daemon, &["checkpoint", &sb, "--label", "two"]));
+    // Not acknowledged by any checkpoint: lost with the daemon's view.
+    run(&daemon, &sb, &py, &step(3));
+    let old_pid = json(&daemon, &["status", &sb])["sessions"][0]["pid"]
+        .as_i64()
+        .unwrap();
+
+    // Between operations.
+    daemon.kill();
+    daemon.restart(&[]);
+    let status = json(&daemon, &["status", &sb]);
+    assert_eq!(status["head"], n2.as_str(), "{status}");
+    assert_eq!(status["sessions"][0]["id"], py.as_str(), "{status}");
+    assert!(
+        !alive(old_pid),
+        "the session of the dead daemon's view still runs"
+    );
+    assert_eq!(
+        run(&daemon, &sb, &py, SHOW),
+        "2 2\n",
+        "back at the head node"
+    );
+    json(&daemon, &["rollback", &sb, &n1]);
+    assert_eq!(
+        run(&daemon, &sb, &py, SHOW),
+        "1 1\n",
+        "the first node restores"
+    );
+    let branched = json(&daemon, &["branch", &n2]);
+    let branch = id(&branched["sandboxes"][0]);
+    let bpy = json(&daemon, &["status", &branch])["sessions"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        run(&daemon, &branch, &bpy, SHOW),
+        "2 2\n",
+        "a branch of node two"
+    );
+
+    // During an operation: a command that runs for a while.
+    let socket = daemon.socket().to_owned();
+    let sb2 = sb.clone();
+    let long = thread::spawn(move || {
+        deltabox_tests::daemon::cli(&socket, &["exec", &sb2, "--", "sleep", "5"])
+    });
+    thread::sleep(Duration::from_millis(500));
+    daemon.kill();
+    let _ = long.join();
+    daemon.restart(&[]);
+    let status = json(&daemon, &["status", &sb]);
+    assert_eq!(status["head"], n1.as_str(), "{status}");
+    assert_eq!(run(&daemon, &sb, &py, SHOW), "1 1\n");
+    json(&daemon, &["rollback", &sb, &n2]);
+    assert_eq!(run(&daemon, &sb, &py, SHOW), "2 2\n");
+    let tree = json(&daemon, &["tree", &sb]);
+    let nodes: Vec<&str> = tree["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        nodes,
+        [n1.as_str(), n2.as_str()],
+        "every acknowledged node, nothing else"
+    );
+
+    // No layer but those of the nodes and of the live views remains after gc.
+    json(&daemon, &["gc"]);
+    let sandboxes = json(&daemon, &["ls"])["sandboxes"]
+        .as_array()
+        .unwrap()
+        .len();
+    let layers = fs::read_dir(daemon.data_dir().join("store/layers"))
+        .unwrap()
+        .count();
+    // One per node, and at most one writable layer per live sandbox (made when first
+    // written): none left by the dead daemons' views.
+    assert!(
+        (nodes.len()..=nodes.len() + sandboxes).contains(&layers),
+        "{layers} layers for {} nodes and {sandboxes} sandboxes",
+        nodes.len()
+    );
+
+    // A clean stop leaves no process, mount or cgroup.
+    let (status, err) = daemon.stop();
+    assert!(status.success(), "{err}");
+    assert_eq!(mounts_under(&daemon.run_dir()), Vec::<String>::new());
+    assert_eq!(cgroups_under(daemon.sandbox_cgroup()), Vec::<String>::new());
+}
