@@ -184,10 +184,11 @@ impl TreeCgroups {
             kill(&self.tree)?;
             remove_tree(&self.tree)?;
         }
-        for (_, dir) in &self.v1 {
+        for (controller, dir) in &self.v1 {
             if dir.exists() {
                 remove_tree(dir)?;
             }
+            remove_empty_parents(controller, dir);
         }
         Ok(())
     }
@@ -253,9 +254,26 @@ pub fn remove_leftover_tree(cg2_root: &Path, tree: &Path) -> Result<(), CgroupSe
     for controller in LIMIT_CONTROLLERS {
         if let Some(base) = v1_own_dir(controller) {
             remove_tree(&base.join(rel))?;
+            remove_empty_parents(controller, &base.join(rel));
         }
     }
     Ok(())
+}
+
+/// Removes the directories the v1 mirror of a tree needed above it (the mirror of the
+/// daemon's `--sandbox-cgroup`), up to the daemon's own v1 cgroup, while they are empty
+/// (another tree's directory keeps them).
+fn remove_empty_parents(controller: &str, dir: &Path) {
+    let Some(base) = v1_own_dir(controller) else {
+        return;
+    };
+    let mut parent = dir.parent();
+    while let Some(p) = parent {
+        if p == base || !p.starts_with(&base) || fs::remove_dir(p).is_err() {
+            break;
+        }
+        parent = p.parent();
+    }
 }
 
 /// Removes a cgroup directory and its child cgroups, children first.
