@@ -143,6 +143,9 @@ fn run_bench(options: &Options) -> Result<()> {
         daemon.pid().unwrap_or_default(),
         daemon.socket().display()
     );
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".to_owned());
     let api = Api::new(daemon.socket());
     let mut made = Made::new(&api);
     let measured = measure(&api, &mut made, &project, options);
@@ -167,6 +170,7 @@ fn run_bench(options: &Options) -> Result<()> {
         facts: Facts::collect(),
         profile: if options.debug { "debug" } else { "release" },
         dirty: dirty_sources(),
+        load,
         project: format!(
             "{} {} ({} KiB source distribution from PyPI)",
             project::PACKAGE,

@@ -25,6 +25,9 @@ pub struct SandboxReport {
     pub facts: Facts,
     /// `debug` or `release`: the profile deltaboxd was built with.
     pub profile: &'static str,
+    /// `/proc/loadavg`'s 1, 5 and 15 minute averages when the measurements started (the
+    /// machine may be shared: background load shows in the tails).
+    pub load: String,
     /// Set when the daemon was built from a working tree with uncommitted changes.
     pub dirty: Option<String>,
     /// `more-itertools 10.5.0 (121 KiB sdist from PyPI)`.
@@ -245,14 +248,16 @@ impl SandboxReport {
              over its API socket by raw HTTP requests (one connection per request), so the \
              client-side figures are the whole API round trip without a CLI process's \
              start-up. Only measured numbers; every rollback is checked (files and the \
-             Python session's memory) before the run goes on.\n\n",
+             Python session's memory) before the run goes on. Load average when the \
+             measurements started: {}.\n\n",
             self.command,
             self.facts.date,
             self.facts.line(),
             self.profile,
             self.dirty
                 .as_ref()
-                .map_or_else(String::new, |d| format!(" from a working tree with {d}"))
+                .map_or_else(String::new, |d| format!(" from a working tree with {d}")),
+            self.load
         );
         md.push_str("### Targets (issue 6)\n\n");
         md.push_str(&markdown_table(&TARGET_HEADER, &self.target_rows()));
