@@ -100,9 +100,7 @@ def apply(sb: deltabox.Sandbox, old: str, new: str) -> bool:
     return result.exit_code == 0
 
 
-def search(
-    sb: deltabox.Sandbox, width: int, log: list[str], alive: list[deltabox.Sandbox]
-) -> deltabox.Node | None:
+def search(sb: deltabox.Sandbox, width: int, log: list[str]) -> deltabox.Node | None:
     score, total = run_tests(sb)
     root = sb.checkpoint(label=f"start {score}/{total}")
     log.append(f"root {root.id[:13]}: {score}/{total} tests pass")
@@ -123,28 +121,21 @@ def search(
             if not outcome.ok:
                 log.append(f"  branch failed: {outcome.error}")
                 continue
-            branch = outcome.unwrap()
-            kept = False
-            for i in group:
-                old, new = CANDIDATES[i]
-                if not apply(branch, old, new):
-                    branch.rollback(node)
-                    continue
-                got, _ = run_tests(branch)
-                if got > -neg:
-                    child = branch.checkpoint(label=f"patch {i}: {got}/{total}")
-                    log.append(f"  {node.id[:13]} + patch {i} -> {got}/{total} (node {child.id[:13]})")
-                    heapq.heappush(frontier, (-got, next(order), child.id, child, applied | {i}))
-                    kept = True
-                else:
-                    log.append(f"  {node.id[:13]} + patch {i} -> {got}/{total}: rolled back")
-                branch.rollback(node)  # the next candidate starts from the node again
-            if kept:
-                # deltaboxd restores a node's sessions through the sandbox they were
-                # checkpointed in, so that sandbox lives until the search ends.
-                alive.append(branch)
-            else:
-                branch.remove()
+            # The branch goes when its candidates are tried; its nodes stay in the tree.
+            with outcome.unwrap() as branch:
+                for i in group:
+                    old, new = CANDIDATES[i]
+                    if not apply(branch, old, new):
+                        branch.rollback(node)
+                        continue
+                    got, _ = run_tests(branch)
+                    if got > -neg:
+                        child = branch.checkpoint(label=f"patch {i}: {got}/{total}")
+                        log.append(f"  {node.id[:13]} + patch {i} -> {got}/{total} (node {child.id[:13]})")
+                        heapq.heappush(frontier, (-got, next(order), child.id, child, applied | {i}))
+                    else:
+                        log.append(f"  {node.id[:13]} + patch {i} -> {got}/{total}: rolled back")
+                    branch.rollback(node)  # the next candidate starts from the node again
         if expansions > 20:
             break
     return None
@@ -168,20 +159,15 @@ def main() -> int:
             "phase = 'written'\n"
         )
         log: list[str] = []
-        alive: list[deltabox.Sandbox] = []
-        try:
-            best = search(sb, width, log, alive)
-            print("\n".join(log))
-            if best is None:
-                print("FAIL: no node passes every test")
-                return 1
-            sb.rollback(best)
-            score, total = run_tests(sb)
-            phase = py.run("print(phase)").stdout.strip()
-            print(sb.tree().text)
-        finally:
-            for branch in alive:
-                branch.remove()
+        best = search(sb, width, log)
+        print("\n".join(log))
+        if best is None:
+            print("FAIL: no node passes every test")
+            return 1
+        sb.rollback(best)  # a node taken in a branch that is gone by now
+        score, total = run_tests(sb)
+        phase = py.run("print(phase)").stdout.strip()
+        print(sb.tree().text)
         print(f"best node {best.id} ({best.label})")
         print(f"in the original sandbox: {score}/{total} tests pass, session phase {phase!r}")
         print(f"{time.monotonic() - start:.1f} s")
