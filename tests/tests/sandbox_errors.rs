@@ -224,8 +224,6 @@ fn unknown_sandboxes_nodes_and_sessions_are_404_naming_the_id() {
 }
 
 #[test]
-#[ignore = "bug: the tree routes answer 400 invalid_request for an unknown id, not the \
-            documented 404 unknown_sandbox / unknown_node (manager/mod.rs, SandboxOps::tree)"]
 fn unknown_ids_on_the_tree_endpoints_are_404() {
     require_root();
     let daemon = TestDaemon::start("e-untr", &[]);
@@ -483,8 +481,6 @@ fn a_multi_threaded_session_cannot_be_checkpointed_and_nothing_is_lost() {
 /// refused before anything is killed, as `rollback_locked` does for a node whose
 /// templates are gone, and a branch from it must leave no half-made sandbox.
 #[test]
-#[ignore = "bug: rollback to a node of a removed sandbox kills the sandbox's sessions, then \
-            fails with process_not_restorable (tree_ops.rs rollback_locked/restore_sessions)"]
 fn rollback_to_a_node_whose_sessions_cannot_be_restored_loses_nothing() {
     require_root();
     let daemon = TestDaemon::start("e-gone", &[]);

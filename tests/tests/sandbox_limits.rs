@@ -241,8 +241,6 @@ fn a_branch_keeps_the_limits_of_its_sandbox() {
 }
 
 #[test]
-#[ignore = "bug: branch_node (manager/tree_ops.rs:410-417) reads the limits from the record of \
-            the node's sandbox; once that sandbox is removed the branches get no limits at all"]
 fn a_branch_of_a_removed_sandbox_keeps_its_limits() {
     require_root();
     let daemon = TestDaemon::start("l-brrm", &[]);

@@ -166,7 +166,14 @@ async fn branch(
 async fn node_tree(State(svc): State<Svc>, node: Id) -> Answer<TreeView> {
     svc.sandboxes()?;
     let Path(node) = node?;
-    call(svc, move |ops| ops.tree(&node)).await
+    call(svc, move |ops| {
+        // `tree` looks the id up as a sandbox, then as a node: here it was a node.
+        ops.tree(&node).map_err(|e| match e {
+            SandboxError::UnknownSandbox { id } => SandboxError::UnknownNode { id },
+            other => other,
+        })
+    })
+    .await
 }
 
 async fn remove_node(State(svc): State<Svc>, node: Id) -> Answer<Removed> {

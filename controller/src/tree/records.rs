@@ -89,6 +89,10 @@ pub struct NodeRecord {
     pub bytes: u64,
     /// How long the checkpoint took, ms.
     pub checkpoint_ms: f64,
+    /// The limits of the sandbox it was taken in (the runtime's `Limits`, opaque here):
+    /// branches get them even once that sandbox is gone.
+    #[serde(default)]
+    pub limits: serde_json::Value,
 }
 
 /// One session's process state in a node.
@@ -230,6 +234,7 @@ pub(crate) mod tests {
             }],
             bytes: 4096,
             checkpoint_ms: 1.25,
+            limits: serde_json::Value::Null,
         }
     }
 

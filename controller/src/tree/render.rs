@@ -202,6 +202,7 @@ mod tests {
             }],
             bytes: 4096,
             checkpoint_ms: 1.24,
+            limits: serde_json::Value::Null,
         }
     }
 

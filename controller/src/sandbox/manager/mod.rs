@@ -633,10 +633,11 @@ impl super::ops::SandboxOps for SandboxManager {
         let tree = match self.db.resolve_sandbox(sandbox_or_node) {
             Ok(id) => self.db.sandbox(&id).map_err(db_err)?.map(|s| s.tree),
             Err(TreeDbError::UnknownId { .. } | TreeDbError::BadPrefix { .. }) => {
+                // Unknown as either: the routes name the kind they were asked for.
                 let node = self.db.resolve_node(sandbox_or_node).map_err(|e| match e {
                     TreeDbError::UnknownId { .. } | TreeDbError::BadPrefix { .. } => {
-                        SandboxError::Invalid {
-                            message: format!("no sandbox and no node matches {sandbox_or_node:?}"),
+                        SandboxError::UnknownSandbox {
+                            id: sandbox_or_node.to_owned(),
                         }
                     }
                     other => db_err(other),

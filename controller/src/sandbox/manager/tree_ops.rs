@@ -188,6 +188,7 @@ impl SandboxManager {
                 .collect(),
             bytes: self.store.snapshot_bytes(report.id).unwrap_or(0),
             checkpoint_ms: ms(start),
+            limits: serde_json::to_value(&live.limits).unwrap_or_default(),
         };
         // The snapshot's metadata is on disk before the node is acknowledged (a daemon
         // killed right after must find it).
@@ -421,14 +422,8 @@ impl SandboxManager {
                 why: "its tree is no longer running (the daemon restarted)".to_owned(),
             })?;
         let templates = lock(&tree.templates).get(&node).cloned();
-        // The branches get the limits of the sandbox the node was taken in, if known.
-        let limits: Limits = self
-            .db
-            .sandbox(&record.sandbox)
-            .ok()
-            .flatten()
-            .and_then(|s| serde_json::from_value(s.limits).ok())
-            .unwrap_or_default();
+        // The branches get the limits of the sandbox the node was taken in.
+        let limits: Limits = serde_json::from_value(record.limits.clone()).unwrap_or_default();
         let auto_checkpoint = self
             .db
             .sandbox(&record.sandbox)
