@@ -94,7 +94,7 @@ impl Http {
         // the unread rest behind: the kernel then resets the connection after the
         // answer, which was read before the error.
         if let Err(e) = read
-            && !(e.kind() == std::io::ErrorKind::ConnectionReset && !raw.is_empty())
+            && (e.kind() != std::io::ErrorKind::ConnectionReset || raw.is_empty())
         {
             panic!("{method} {path}: reading the answer: {e}");
         }

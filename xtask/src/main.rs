@@ -13,6 +13,7 @@ mod conformance;
 mod demo;
 mod fstarget;
 mod machine;
+mod sdk;
 mod setup;
 mod signals;
 mod table;

@@ -1,7 +1,7 @@
 //! `cargo xtask test`: every quality gate, in order, stopping at the first failure:
 //! set-up, `cargo fmt --check`, clippy with warnings denied, the workspace build, unit
-//! tests, the root integration tests (`tests/`, package `deltabox-tests`), then the
-//! conformance suites (pjdfstest and fsx on ext4, overlayfs and DeltaFS: see
+//! tests, the root integration tests (`tests/`, package `deltabox-tests`), the Python
+//! SDK's checks and tests against a real daemon (`sdk/python`), then the conformance suites (pjdfstest and fsx on ext4, overlayfs and DeltaFS: see
 //! `conformance/`). Prints a summary of the steps and their durations either way.
 //! `.ci/run` runs exactly this.
 
@@ -13,7 +13,7 @@ use anyhow::{Result, bail};
 use crate::signals::catch_interrupts;
 
 use crate::util::{cargo, display, human_duration, run_cmd, step};
-use crate::{conformance, setup};
+use crate::{conformance, sdk, setup};
 
 /// Options of `cargo xtask test`.
 #[derive(clap::Args, Debug)]
@@ -35,6 +35,8 @@ enum Action {
     Setup,
     /// The conformance suites, in-process.
     Conformance,
+    /// The Python SDK's lint, types and pytest against a real daemon, in-process.
+    Sdk,
     Command(Command),
 }
 
@@ -93,6 +95,10 @@ fn steps() -> Vec<Step> {
             &["test", "-p", "deltabox-tests", "--", "--test-threads=2"],
         ),
         Step {
+            name: "python sdk",
+            action: Action::Sdk,
+        },
+        Step {
             name: "conformance",
             action: Action::Conformance,
         },
@@ -114,6 +120,10 @@ pub fn run(options: &Options) -> Result<()> {
                     options.fsx_ops
                 ));
                 conformance::run_suites(&conformance::Options::for_test(options.fsx_ops))
+            }
+            Action::Sdk => {
+                step("python sdk: ruff, mypy --strict and pytest against a real deltaboxd");
+                crate::util::profile_dir(false).and_then(|bin| sdk::test(&bin))
             }
             Action::Command(command) => {
                 step(format!("{}: {}", gate.name, display(command)));
