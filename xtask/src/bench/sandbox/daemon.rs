@@ -114,10 +114,12 @@ impl Daemon {
         Ok(daemon)
     }
 
+    /// The API socket.
     pub fn socket(&self) -> &Path {
         &self.socket
     }
 
+    /// The daemon's pid while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }

@@ -24,11 +24,14 @@ pub struct Api {
 /// An answer, and how long the round trip took as this client saw it (connect, send,
 /// receive the whole body; parsing the JSON excluded).
 pub struct Answer {
+    /// The JSON body (`null` when empty).
     pub body: Value,
+    /// Connect to end of body.
     pub elapsed: Duration,
 }
 
 impl Api {
+    /// The API served on `socket`.
     pub fn new(socket: &Path) -> Self {
         Self {
             socket: socket.to_owned(),

@@ -113,6 +113,7 @@ impl Options {
     }
 }
 
+/// Runs the benchmark; prints the figures and writes them into docs/benchmarks.md.
 pub fn run(options: &Options) -> Result<()> {
     let result = run_bench(options);
     if result.is_err() {

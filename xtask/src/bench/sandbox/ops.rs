@@ -9,7 +9,9 @@ use super::http::Api;
 /// One call's latency in milliseconds, as the client saw it and as the daemon timed it.
 #[derive(Debug, Clone)]
 pub struct Timed {
+    /// The API round trip.
     pub client_ms: f64,
+    /// The daemon's `total_ms` (or a session run's `duration_ms`).
     pub daemon_ms: Option<f64>,
     /// The daemon's breakdown (`timings` other than `total_ms`: `quiesce_ms`, `files_ms`…).
     pub parts: Vec<(String, f64)>,
@@ -37,12 +39,15 @@ impl Timed {
 
 /// A sandbox made by the bench, with its sessions.
 pub struct Sandbox {
+    /// Its full id.
     pub id: String,
 }
 
 /// What a session run printed, and how long it took.
 pub struct Ran {
+    /// What the code printed.
     pub stdout: String,
+    /// The round trip, and the run as the daemon timed it (`duration_ms`).
     pub timed: Timed,
 }
 
@@ -54,6 +59,7 @@ pub struct Made<'a> {
 }
 
 impl<'a> Made<'a> {
+    /// None yet.
     pub fn new(api: &'a Api) -> Self {
         Self {
             api,
@@ -61,6 +67,7 @@ impl<'a> Made<'a> {
         }
     }
 
+    /// Lists a sandbox for removal.
     pub fn add(&mut self, id: &str) {
         self.ids.push(id.to_owned());
     }
@@ -221,8 +228,11 @@ pub fn session_of(sessions: &[(String, String)], kind: &str) -> Result<String> {
 /// A branch from a node: the new sandboxes with their sessions, the client-side
 /// latency of the whole call and the daemon's time for each sandbox.
 pub struct Branched {
+    /// Each new sandbox with its sessions' `(id, kind)`.
     pub sandboxes: Vec<(Sandbox, Vec<(String, String)>)>,
+    /// The whole call.
     pub client_ms: f64,
+    /// `branch_ms`: one per new sandbox.
     pub daemon_ms: Vec<f64>,
 }
 

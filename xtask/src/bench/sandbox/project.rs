@@ -22,7 +22,9 @@ pub const TESTS: &str = "tests.test_recipes";
 
 /// The downloaded sdist.
 pub struct Project {
+    /// The cached `.tar.gz`.
     pub sdist: PathBuf,
+    /// Its size.
     pub bytes: u64,
 }
 

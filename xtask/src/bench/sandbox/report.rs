@@ -21,7 +21,9 @@ const SHARE_TARGET: f64 = 0.03;
 
 /// A whole `bench sandbox` run.
 pub struct SandboxReport {
+    /// The command line that reproduces the run.
     pub command: String,
+    /// Where and when.
     pub facts: Facts,
     /// `debug` or `release`: the profile deltaboxd was built with.
     pub profile: &'static str,
@@ -32,7 +34,9 @@ pub struct SandboxReport {
     pub dirty: Option<String>,
     /// `more-itertools 10.5.0 (121 KiB sdist from PyPI)`.
     pub project: String,
+    /// The SWE-like trajectory under both systems.
     pub swe: Outcome,
+    /// The RL-like micro-benchmark.
     pub rl: Figures,
 }
 
@@ -226,6 +230,7 @@ impl SandboxReport {
         ]
     }
 
+    /// The tables, as printed on the terminal.
     pub fn text(&self) -> String {
         let mut out = String::from("SWE-like trajectory: latencies\n");
         out.push_str(&text_table(&LATENCY_HEADER, &self.swe_rows()));

@@ -37,19 +37,27 @@ def step():
 /// The micro-benchmark's figures (milliseconds).
 #[derive(Debug, Default)]
 pub struct Figures {
+    /// Steps taken in the main sandbox.
     pub steps: usize,
+    /// Each step's session run, client-side.
     pub step_client: Samples,
+    /// Each reset (rollback), client-side and as the daemon timed it.
     pub reset_client: Samples,
     pub reset_daemon: Samples,
+    /// The checkpoint before each fan-out, client-side and daemon-side.
     pub checkpoint_client: Samples,
     pub checkpoint_daemon: Samples,
     /// One branch call of `fanout` sandboxes, client-side.
     pub branch_client: Samples,
     /// Per branched sandbox, as the daemon timed it.
     pub branch_daemon: Samples,
+    /// The step run in each branched sandbox.
     pub branch_step_client: Samples,
+    /// Removing each branched sandbox.
     pub remove_client: Samples,
+    /// Sandboxes per fan-out.
     pub fanout: usize,
+    /// The whole loop.
     pub wall_ms: f64,
 }
 
@@ -88,6 +96,8 @@ fn one_step(api: &Api, sandbox: &Sandbox, session: &str, expected: usize) -> Res
     Ok(ran.timed.client_ms)
 }
 
+/// Runs `steps` steps with resets and fan-outs of `fanout` sandboxes; the sandboxes go
+/// into `made`.
 pub fn run(api: &Api, made: &mut Made, steps: usize, fanout: usize) -> Result<Figures> {
     step(format!(
         "RL-like micro-benchmark: {steps} steps, a reset every {EPISODE}, a fan-out to \

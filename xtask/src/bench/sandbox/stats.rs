@@ -7,18 +7,24 @@ pub struct Samples(Vec<f64>);
 /// Median, P95, P99 (nearest rank), mean and count of a set of samples.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Summary {
+    /// How many samples.
     pub count: usize,
+    /// The middle one (the mean of the two middle ones for an even count).
     pub median: f64,
+    /// Nearest-rank percentiles.
     pub p95: f64,
     pub p99: f64,
+    /// The arithmetic mean.
     pub mean: f64,
 }
 
 impl Samples {
+    /// Adds one sample.
     pub fn push(&mut self, ms: f64) {
         self.0.push(ms);
     }
 
+    /// How many samples.
     pub fn len(&self) -> usize {
         self.0.len()
     }
@@ -28,6 +34,7 @@ impl Samples {
         Samples(self.0.get(range).unwrap_or_default().to_vec())
     }
 
+    /// Their total.
     pub fn sum(&self) -> f64 {
         self.0.iter().sum()
     }

@@ -30,8 +30,11 @@ pub const ROLLBACK_BACK: usize = 2;
 /// One system's figures over the trajectory (milliseconds).
 #[derive(Debug, Default)]
 pub struct Trajectory {
+    /// Each checkpoint (baseline: `git add -A && git commit`), client-side and, for
+    /// DeltaBox, as the daemon timed it.
     pub checkpoint_client: Samples,
     pub checkpoint_daemon: Samples,
+    /// Each rollback (baseline: git, then a fresh interpreter and the set-up).
     pub rollback_client: Samples,
     pub rollback_daemon: Samples,
     /// DeltaBox only: the daemon's breakdown of each (`quiesce_ms`, `files_ms`, …).
@@ -42,6 +45,7 @@ pub struct Trajectory {
     pub rollback_restart: Samples,
     /// The steps' work (edit + tests), client-side.
     pub work_ms: f64,
+    /// Steps taken.
     pub steps: usize,
 }
 
@@ -66,7 +70,9 @@ impl Trajectory {
 
 /// Both systems' figures.
 pub struct Outcome {
+    /// Checkpoints and rollbacks of the sandbox.
     pub deltabox: Trajectory,
+    /// git and restarted processes.
     pub baseline: Trajectory,
 }
 
