@@ -180,6 +180,23 @@ impl SandboxManager {
     /// left ([`adopt`]): each sandbox comes back at its head node, with its sessions
     /// forked again from the head's templates; what cannot be taken over is cleaned up.
     pub fn open(cfg: ManagerConfig) -> Result<Self, SandboxError> {
+        // Each tree's init listens on `<run_dir>/trees/<uuid>/init.sock`, and a Unix
+        // socket path has at most 107 bytes.
+        let longest = cfg
+            .run_dir
+            .join("trees")
+            .join(TreeId::new().to_string())
+            .join("init.sock");
+        if longest.as_os_str().len() > 107 {
+            return Err(SandboxError::Invalid {
+                message: format!(
+                    "run directory {} is too long: a tree's socket {} would exceed the 107 \
+                     bytes of a Unix socket path",
+                    cfg.run_dir.display(),
+                    longest.display()
+                ),
+            });
+        }
         std::fs::create_dir_all(&cfg.data_dir)
             .map_err(|e| SandboxError::internal(cfg.data_dir.display(), e))?;
         let store = Store::open(cfg.data_dir.join("store"))
