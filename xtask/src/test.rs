@@ -174,10 +174,12 @@ mod tests {
                 "build",
                 "unit tests",
                 "integration tests",
+                "python sdk",
                 "conformance"
             ]
         );
         let mut gates = steps();
+        gates.pop();
         gates.pop();
         let Action::Command(integration) = gates.pop().unwrap().action else {
             panic!("the integration tests are a command");
