@@ -43,10 +43,11 @@ enum Command {
     Test(test::Options),
     /// pjdfstest and fsx on ext4, overlayfs and DeltaFS; tally into docs/conformance.md
     Conformance(conformance::Options),
-    /// Benchmarks (`fs`: ext4, xfs, overlayfs and DeltaFS side by side); figures into
-    /// docs/benchmarks.md
+    /// Benchmarks (`fs`: ext4, xfs, overlayfs and DeltaFS side by side; `sandbox`:
+    /// end-to-end checkpoint and rollback); figures into docs/benchmarks.md
     Bench(bench::Options),
-    /// Start the daemon, track a real workload's writes in a cgroup, print what it counted
+    /// Start the daemon, run a tree search on the default sandbox (checkpoint, branch,
+    /// roll back, with latencies), then track a real workload's writes in a cgroup
     Demo(demo::Options),
 }
 

@@ -206,7 +206,7 @@ impl TempDir {
             .0
             .take()
             .expect("the directory is only taken by remove(self)");
-        fs::remove_dir_all(&path).with_context(|| format!("cannot remove {}", path.display()))
+        remove_unmounted(&path)
     }
 }
 
@@ -214,9 +214,39 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         if let Some(path) = self.0.take() {
             // Best effort while unwinding or on an early return.
-            let _ = fs::remove_dir_all(path);
+            let _ = remove_unmounted(&path);
         }
     }
+}
+
+/// Removes `path` recursively, but never through a mount: what a killed daemon left
+/// mounted below it (a sandbox view, read-only binds of the host's `/usr` and `/etc`)
+/// is lazily unmounted first, and if anything is still mounted nothing is removed.
+fn remove_unmounted(path: &Path) -> Result<()> {
+    for mountpoint in mounts_under(path)?.iter().rev() {
+        let _ = nix::mount::umount2(mountpoint.as_str(), nix::mount::MntFlags::MNT_DETACH);
+    }
+    let left = mounts_under(path)?;
+    if !left.is_empty() {
+        bail!(
+            "not removing {}: still mounted below it: {}",
+            path.display(),
+            left.join(", ")
+        );
+    }
+    fs::remove_dir_all(path).with_context(|| format!("cannot remove {}", path.display()))
+}
+
+/// Mount points at or under `dir` (from `/proc/self/mountinfo`), in mount order.
+fn mounts_under(dir: &Path) -> Result<Vec<String>> {
+    let prefix = dir.to_string_lossy().into_owned();
+    let info = fs::read_to_string("/proc/self/mountinfo").context("cannot read mountinfo")?;
+    Ok(info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|m| m.replace("\\040", " "))
+        .filter(|m| m == &prefix || m.starts_with(&format!("{prefix}/")))
+        .collect())
 }
 
 /// `1.2 s`, `340 ms`.
