@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod pins;
 pub mod prometheus;
 pub mod sandbox;
+pub mod tree;
 
 use std::path::PathBuf;
 
