@@ -9,6 +9,33 @@ use deltabox_controller::sandbox::runtime::{ExitStatus, Limits};
 use deltabox_tests::tree::Tree;
 
 #[test]
+fn only_loopback_network() {
+    let mut tree = Tree::new("iso-net");
+    tree.add("a", &Limits::default());
+    let script = "import socket\n\
+        print(sorted(n for _, n in socket.if_nameindex()))\n\
+        for addr in (('1.1.1.1', 53), ('10.0.2.2', 80), ('192.168.0.1', 80)):\n\
+        \x20   s = socket.socket(); s.settimeout(2)\n\
+        \x20   try:\n\
+        \x20       s.connect(addr); print('connected', addr)\n\
+        \x20   except OSError as e:\n\
+        \x20       print('refused', e.errno)\n\
+        srv = socket.socket(); srv.bind(('127.0.0.1', 0)); srv.listen(1)\n\
+        c = socket.create_connection(srv.getsockname(), timeout=2)\n\
+        conn, _ = srv.accept(); c.sendall(b'ping'); print(conn.recv(4).decode())\n";
+    let (st, out, err) = tree.run("a", &["python3", "-c", script]);
+    assert_eq!(st, ExitStatus::Code(0), "{out}\n{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "['lo']", "interfaces: {out}");
+    assert_eq!(
+        &lines[1..4],
+        ["refused 101"; 3],
+        "non-loopback connects: {out}"
+    );
+    assert_eq!(lines[4], "ping", "loopback server + client: {out}");
+}
+
+#[test]
 fn host_homes_are_not_visible() {
     let mut tree = Tree::new("iso-home");
     tree.add("a", &Limits::default());
