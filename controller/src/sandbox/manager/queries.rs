@@ -1,0 +1,173 @@
+//! The checkpoint tree's queries and clean-up: tree, diff, node removal, gc.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use super::tree_ops::{node_info, serde_name, snapshot_of};
+use super::{SandboxManager, Tree, db_err, lock, store_err};
+use crate::api::sandbox_types::{
+    CheckpointTimings, DiffEntry, DiffResult, GcResult, Removed, SandboxHead, TreeView,
+};
+use crate::sandbox::error::SandboxError;
+use crate::tree::ids::{NodeId, TreeId};
+use crate::tree::records::{SandboxRecord, unix_ms_now};
+use crate::tree::render::{RenderNode, render_tree};
+
+impl SandboxManager {
+    /// The nodes and sandboxes of `tree`, drawn.
+    pub(super) fn tree_view(&self, tree: TreeId) -> Result<TreeView, SandboxError> {
+        let nodes = self.db.nodes(&tree).map_err(db_err)?;
+        let sandboxes: Vec<SandboxRecord> = self
+            .db
+            .sandboxes()
+            .map_err(db_err)?
+            .into_iter()
+            .filter(|s| s.tree == tree)
+            .collect();
+        let live_templates: HashSet<NodeId> = self
+            .live_tree(&tree)
+            .map(|t| lock(&t.templates).keys().copied().collect())
+            .unwrap_or_default();
+        let render: Vec<RenderNode<'_>> = nodes
+            .iter()
+            .map(|n| RenderNode {
+                node: n,
+                template_live: live_templates.contains(&n.id),
+                here: sandboxes
+                    .iter()
+                    .filter(|s| s.head == Some(n.id))
+                    .map(|s| s.id)
+                    .collect(),
+            })
+            .collect();
+        let text = render_tree(&render, unix_ms_now());
+        Ok(TreeView {
+            tree: tree.to_string(),
+            nodes: nodes
+                .iter()
+                .map(|n| {
+                    node_info(
+                        n,
+                        live_templates.contains(&n.id),
+                        CheckpointTimings {
+                            total_ms: n.checkpoint_ms,
+                            ..CheckpointTimings::default()
+                        },
+                    )
+                })
+                .collect(),
+            sandboxes: sandboxes
+                .iter()
+                .map(|s| SandboxHead {
+                    sandbox: s.id.to_string(),
+                    head: s.head.map(|h| h.to_string()),
+                })
+                .collect(),
+            text,
+        })
+    }
+
+    /// Files added, removed and changed from `from` to `to`.
+    pub(super) fn diff_nodes(&self, from: NodeId, to: NodeId) -> Result<DiffResult, SandboxError> {
+        let get = |id: NodeId| {
+            self.db
+                .node(&id)
+                .map_err(db_err)?
+                .ok_or_else(|| SandboxError::UnknownNode { id: id.to_string() })
+        };
+        let (a, b) = (get(from)?, get(to)?);
+        if a.tree != b.tree {
+            return Err(SandboxError::Invalid {
+                message: format!(
+                    "nodes {from} and {to} are in different trees ({} and {}): no common base",
+                    a.tree, b.tree
+                ),
+            });
+        }
+        let changes = self
+            .store
+            .diff(Some(snapshot_of(&a)?), snapshot_of(&b)?)
+            .map_err(|e| store_err(format!("diff {from} {to}"), e))?;
+        Ok(DiffResult {
+            from: from.to_string(),
+            to: to.to_string(),
+            changes: changes
+                .into_iter()
+                .map(|c| DiffEntry {
+                    path: c.path.display().to_string(),
+                    change: serde_name(&c.kind),
+                    file_type: serde_name(&c.file_type),
+                })
+                .collect(),
+        })
+    }
+
+    /// Removes `node` and its descendants: their templates, snapshots and records.
+    pub(super) fn remove_subtree(&self, node: NodeId) -> Result<Removed, SandboxError> {
+        let subtree = self.db.subtree(&node).map_err(db_err)?;
+        if subtree.is_empty() {
+            return Err(SandboxError::UnknownNode {
+                id: node.to_string(),
+            });
+        }
+        let ids: HashSet<NodeId> = subtree.iter().map(|n| n.id).collect();
+        let users: Vec<String> = self
+            .db
+            .sandboxes()
+            .map_err(db_err)?
+            .into_iter()
+            .filter(|s| s.head.is_some_and(|h| ids.contains(&h)))
+            .map(|s| s.id.to_string())
+            .collect();
+        if !users.is_empty() {
+            return Err(SandboxError::NodeInUse {
+                node: node.to_string(),
+                sandboxes: users,
+            });
+        }
+        let list: Vec<NodeId> = subtree.iter().map(|n| n.id).collect();
+        self.db.delete_nodes(&list).map_err(db_err)?;
+        let tree = subtree[0].tree;
+        if let Some(live) = self.live_tree(&tree) {
+            let mut templates = lock(&live.templates);
+            for id in &list {
+                templates.remove(id);
+            }
+        }
+        for n in &subtree {
+            if let Err(e) = snapshot_of(n)
+                .and_then(|id| self.store.drop_snapshot(id).map_err(|e| store_err("", e)))
+            {
+                tracing::warn!(node = %n.id, "dropping its snapshot: {e}");
+            }
+        }
+        Ok(Removed {
+            nodes: list.iter().map(ToString::to_string).collect(),
+            sandboxes: Vec::new(),
+        })
+    }
+
+    /// Shuts down trees with nothing left and removes unreferenced layers.
+    pub(super) fn collect_garbage(&self) -> Result<GcResult, SandboxError> {
+        let trees: Vec<Arc<Tree>> = lock(&self.trees).values().cloned().collect();
+        let before = trees.len();
+        for tree in trees {
+            self.drop_tree_if_empty(&tree);
+        }
+        let trees_removed = before - lock(&self.trees).len();
+        // Trees whose daemon is gone and that have no node left.
+        for t in self.db.trees().map_err(db_err)? {
+            if self.live_tree(&t.id).is_none() && self.db.nodes(&t.id).map_err(db_err)?.is_empty() {
+                self.db.delete_tree(&t.id).map_err(db_err)?;
+            }
+        }
+        let report = self
+            .store
+            .gc()
+            .map_err(|e| store_err("garbage-collecting layers", e))?;
+        Ok(GcResult {
+            layers_removed: report.removed.len(),
+            trees_removed,
+        })
+    }
+}
