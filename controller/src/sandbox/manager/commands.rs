@@ -1,6 +1,7 @@
 //! One-shot commands and persistent sessions in a sandbox.
 
 use std::io::Write;
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -110,6 +111,7 @@ pub(super) fn exec(live: &Live, req: &ExecRequest) -> Result<ExecResult, Sandbox
     let collected = collect(
         spawned.stdout,
         spawned.stderr,
+        Some(spawned.pidfd.as_fd()),
         start + timeout,
         KILL_GRACE,
         &|| {

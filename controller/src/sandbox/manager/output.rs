@@ -4,7 +4,7 @@
 
 use std::fs::File;
 use std::io::{ErrorKind, Read};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -25,18 +25,25 @@ pub struct Collected {
     pub timed_out: bool,
 }
 
-/// Reads `stdout` and `stderr` until both reach end of file or `deadline` passes;
-/// after that, `on_timeout` runs once (it kills the command) and reading goes on for at
-/// most `grace` (a background process may hold the pipes open forever).
+/// How long output is still read after the command exited: what it wrote just before
+/// is in the pipes, but a background process it left may hold them open forever.
+const EXIT_DRAIN: Duration = Duration::from_millis(200);
+
+/// Reads `stdout` and `stderr` until both reach end of file, or the command (`exited`:
+/// its pidfd, readable once it has exited) has exited and [`EXIT_DRAIN`] has passed, or
+/// `deadline` passes; after that, `on_timeout` runs once (it kills the command) and
+/// reading goes on for at most `grace`.
 pub fn collect(
     stdout: File,
     stderr: File,
+    exited: Option<BorrowedFd<'_>>,
     deadline: Instant,
     grace: Duration,
     on_timeout: &dyn Fn(),
 ) -> std::io::Result<Collected> {
     let mut out = Collected::default();
     let mut streams = [Some(stdout), Some(stderr)];
+    let mut watch_exit = exited;
     let mut hard_deadline = None;
     let mut chunk = vec![0u8; 64 << 10];
     while streams.iter().any(Option::is_some) {
@@ -55,12 +62,15 @@ pub fn collect(
         let open: Vec<usize> = (0..streams.len())
             .filter(|&i| streams[i].is_some())
             .collect();
-        let ready: Vec<(usize, PollFlags)> = {
+        let (ready, has_exited): (Vec<(usize, PollFlags)>, bool) = {
             let mut fds: Vec<PollFd<'_>> = open
                 .iter()
                 .filter_map(|&i| streams[i].as_ref())
                 .map(|f| PollFd::new(f.as_fd(), PollFlags::POLLIN))
                 .collect();
+            if let Some(pidfd) = watch_exit {
+                fds.push(PollFd::new(pidfd, PollFlags::POLLIN));
+            }
             match poll(
                 &mut fds,
                 PollTimeout::try_from(wait).unwrap_or(PollTimeout::MAX),
@@ -69,11 +79,24 @@ pub fn collect(
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(e) => return Err(e.into()),
             }
-            open.iter()
+            let has_exited = watch_exit.is_some()
+                && fds
+                    .last()
+                    .and_then(PollFd::revents)
+                    .is_some_and(|r| !r.is_empty());
+            let ready = open
+                .iter()
                 .zip(&fds)
                 .map(|(&i, p)| (i, p.revents().unwrap_or(PollFlags::empty())))
-                .collect()
+                .collect();
+            (ready, has_exited)
         };
+        if has_exited {
+            watch_exit = None;
+            if hard_deadline.is_none() {
+                hard_deadline = Some(Instant::now() + EXIT_DRAIN);
+            }
+        }
         for (i, revents) in ready {
             if revents.is_empty() {
                 continue;
@@ -110,6 +133,10 @@ mod tests {
     use std::process::{Command, Stdio};
 
     fn run(script: &str, timeout: Duration) -> Collected {
+        run_watching(script, timeout, false)
+    }
+
+    fn run_watching(script: &str, timeout: Duration, watch: bool) -> Collected {
         let mut child = Command::new("sh")
             .args(["-c", script])
             .stdout(Stdio::piped())
@@ -120,9 +147,11 @@ mod tests {
         let pid = child.id() as i32;
         let stdout = File::from(std::os::fd::OwnedFd::from(child.stdout.take().unwrap()));
         let stderr = File::from(std::os::fd::OwnedFd::from(child.stderr.take().unwrap()));
+        let pidfd = crate::cr::pidfd::Pidfd::open(nix::unistd::Pid::from_raw(pid)).unwrap();
         let out = collect(
             stdout,
             stderr,
+            watch.then(|| pidfd.as_fd()),
             Instant::now() + timeout,
             Duration::from_secs(2),
             &|| {
@@ -149,6 +178,15 @@ mod tests {
         assert_eq!(out.stderr.len(), 1 << 20);
         assert_eq!(out.stdout, b"done\n");
         assert!(!out.timed_out && !out.truncated);
+    }
+
+    #[test]
+    fn a_background_child_holding_the_pipes_does_not_hold_the_result() {
+        let start = Instant::now();
+        let out = run_watching("echo hi; sleep 30 & exit 0", Duration::from_secs(20), true);
+        assert_eq!(out.stdout, b"hi\n");
+        assert!(!out.timed_out, "the command itself exited");
+        assert!(start.elapsed() < Duration::from_secs(5));
     }
 
     #[test]
