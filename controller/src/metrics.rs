@@ -7,10 +7,11 @@
 //! from the code (Firecracker's rule).
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use crate::api::sandbox_types::{CheckpointTimings, RollbackMode, RollbackResult};
 use crate::bpf::GlobalCounters;
 
 /// Errors of the metrics module.
@@ -151,7 +152,33 @@ metrics! {
         Opts::new("deltabox_inodes_written", "Distinct inodes written in the cgroup's current epoch"),
         &["cgroup"],
     );
+    /// `deltabox_checkpoint_seconds{phase}`: sandbox checkpoints as the daemon timed
+    /// them, by phase: `total`, `quiesce` (cgroup freeze and thaw), `files` (DeltaFS
+    /// freeze), `processes` (DeltaCR templates), `record` (metadata flush and database).
+    checkpoint_seconds: HistogramVec = HistogramVec::new(
+        HistogramOpts::new("deltabox_checkpoint_seconds", "Sandbox checkpoint latency, by phase")
+            .buckets(STATE_BUCKETS.to_vec()),
+        &["phase"],
+    );
+    /// `deltabox_rollback_seconds{mode,phase}`: sandbox rollbacks as the daemon timed
+    /// them, by mode (`all`, `files_only`, `processes_only`) and phase: `total`, `kill`,
+    /// `files` (DeltaFS switch), `processes` (restores from templates).
+    rollback_seconds: HistogramVec = HistogramVec::new(
+        HistogramOpts::new("deltabox_rollback_seconds", "Sandbox rollback latency, by mode and phase")
+            .buckets(STATE_BUCKETS.to_vec()),
+        &["mode", "phase"],
+    );
+    /// `deltabox_branch_seconds`: time to make one sandbox of a branch call.
+    branch_seconds: Histogram = Histogram::with_opts(
+        HistogramOpts::new("deltabox_branch_seconds", "Time to make one branched sandbox")
+            .buckets(STATE_BUCKETS.to_vec()),
+    );
 }
+
+/// Latency buckets of state operations: 0.5 ms to 1 s.
+const STATE_BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0,
+];
 
 /// Per-cgroup figures of the current epoch, for [`Metrics::set_cgroups`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -195,6 +222,52 @@ impl Metrics {
     fn init_series(&self) {
         for op in TRACKER_OPS {
             self.tracker_errors_total.with_label_values(&[op]);
+        }
+    }
+
+    /// Records a checkpoint's phases.
+    pub fn observe_checkpoint(&self, t: &CheckpointTimings) {
+        for (phase, ms) in [
+            ("total", t.total_ms),
+            ("quiesce", t.quiesce_ms),
+            ("files", t.files_ms),
+            ("processes", t.processes_ms),
+            ("record", t.record_ms),
+        ] {
+            self.checkpoint_seconds
+                .with_label_values(&[phase])
+                .observe(ms / 1e3);
+        }
+    }
+
+    /// Records a rollback's phases (a phase a mode skips is not recorded).
+    pub fn observe_rollback(&self, r: &RollbackResult) {
+        let mode = match r.mode {
+            RollbackMode::All => "all",
+            RollbackMode::FilesOnly => "files_only",
+            RollbackMode::ProcessesOnly => "processes_only",
+        };
+        let t = &r.timings;
+        let files = r.mode != RollbackMode::ProcessesOnly;
+        let processes = r.mode != RollbackMode::FilesOnly;
+        for (phase, ms, done) in [
+            ("total", t.total_ms, true),
+            ("kill", t.kill_ms, processes),
+            ("files", t.files_ms, files),
+            ("processes", t.processes_ms, processes),
+        ] {
+            if done {
+                self.rollback_seconds
+                    .with_label_values(&[mode, phase])
+                    .observe(ms / 1e3);
+            }
+        }
+    }
+
+    /// Records the time each sandbox of a branch call took.
+    pub fn observe_branch(&self, branch_ms: &[f64]) {
+        for ms in branch_ms {
+            self.branch_seconds.observe(ms / 1e3);
         }
     }
 

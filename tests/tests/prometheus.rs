@@ -41,7 +41,16 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
     );
     let dir = scratch_dir("prom");
 
-    // Activity over several scrapes: writes, epochs, API calls.
+    // A sandbox for the checkpoint, rollback and branch latency panels.
+    let created = daemon.cli(&["create", "--json"]);
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    let sandbox = json_id(&created.stdout);
+
+    // Activity over several scrapes: writes, epochs, API calls, state operations.
     let deadline = Instant::now() + Duration::from_secs(8);
     let mut round = 0;
     while Instant::now() < deadline {
@@ -56,6 +65,17 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
         assert!(daemon.cli(&["inode-stats", "--json"]).status.success());
         if round % 3 == 2 {
             assert!(daemon.cli(&["epoch", &path]).status.success());
+        }
+        let node = daemon.cli(&["checkpoint", &sandbox, "--json"]);
+        assert!(
+            node.status.success(),
+            "{}",
+            String::from_utf8_lossy(&node.stderr)
+        );
+        let node = json_id(&node.stdout);
+        assert!(daemon.cli(&["rollback", &sandbox, &node]).status.success());
+        if round == 1 {
+            assert!(daemon.cli(&["branch", &node]).status.success());
         }
         round += 1;
         thread::sleep(Duration::from_millis(500));
@@ -79,4 +99,10 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
         empty.join("\n")
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The `id` field of a `--json` answer.
+fn json_id(stdout: &[u8]) -> String {
+    let value: serde_json::Value = serde_json::from_slice(stdout).expect("JSON");
+    value["id"].as_str().expect("an id").to_owned()
 }

@@ -134,7 +134,15 @@ async fn checkpoint(
 ) -> Created<NodeInfo> {
     svc.sandboxes()?;
     let (Path(id), OptionalJson(req)) = (id?, body?);
-    created(call(svc, move |ops| ops.checkpoint(&id, &req)).await)
+    let metrics = svc.metrics().clone();
+    created(
+        call(svc, move |ops| {
+            let node = ops.checkpoint(&id, &req)?;
+            metrics.observe_checkpoint(&node.timings);
+            Ok(node)
+        })
+        .await,
+    )
 }
 
 async fn rollback(
@@ -144,7 +152,13 @@ async fn rollback(
 ) -> Answer<RollbackResult> {
     svc.sandboxes()?;
     let (Path(id), Json(req)) = (id?, body?);
-    call(svc, move |ops| ops.rollback(&id, &req)).await
+    let metrics = svc.metrics().clone();
+    call(svc, move |ops| {
+        let rolled = ops.rollback(&id, &req)?;
+        metrics.observe_rollback(&rolled);
+        Ok(rolled)
+    })
+    .await
 }
 
 async fn sandbox_tree(State(svc): State<Svc>, id: Id) -> Answer<TreeView> {
@@ -160,7 +174,15 @@ async fn branch(
 ) -> Created<BranchResult> {
     svc.sandboxes()?;
     let (Path(node), Json(req)) = (node?, body?);
-    created(call(svc, move |ops| ops.branch(&node, &req)).await)
+    let metrics = svc.metrics().clone();
+    created(
+        call(svc, move |ops| {
+            let branched = ops.branch(&node, &req)?;
+            metrics.observe_branch(&branched.branch_ms);
+            Ok(branched)
+        })
+        .await,
+    )
 }
 
 async fn node_tree(State(svc): State<Svc>, node: Id) -> Answer<TreeView> {

@@ -417,9 +417,47 @@ async fn every_metric_is_updated() {
     // Tracker failures are a path too.
     h.tracker.unload();
     h.request(Method::GET, routes::CGROUPS, None).await;
+    // The sandbox state operations, through the fake.
+    let (_, sandbox) = h.request(Method::POST, "/v1/sandboxes", Some("{}")).await;
+    let sandbox = sandbox["id"].as_str().unwrap().to_owned();
+    let (_, node) = h
+        .request(
+            Method::POST,
+            &format!("/v1/sandboxes/{sandbox}/checkpoint"),
+            None,
+        )
+        .await;
+    let node = node["id"].as_str().unwrap().to_owned();
+    let rollback = format!(r#"{{"node": "{node}"}}"#);
+    let (status, _) = h
+        .request(
+            Method::POST,
+            &format!("/v1/sandboxes/{sandbox}/rollback"),
+            Some(&rollback),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = h
+        .request(
+            Method::POST,
+            &format!("/v1/nodes/{node}/branch"),
+            Some(r#"{"count": 2}"#),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
 
     let families = h.service.metrics().registry().gather();
     assert!(!families.is_empty());
+    // A labelled metric no path gave a series to is missing from `gather` altogether.
+    let gathered: Vec<&str> = families.iter().map(|f| f.name()).collect();
+    let unseen: Vec<String> = h
+        .service
+        .metrics()
+        .names()
+        .into_iter()
+        .filter(|n| !gathered.contains(&n.as_str()))
+        .collect();
+    assert!(unseen.is_empty(), "metrics without a series: {unseen:?}");
     let mut never_updated = Vec::new();
     for family in &families {
         let updated = family.get_metric().iter().any(|m| {
