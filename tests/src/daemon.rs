@@ -269,6 +269,19 @@ impl Drop for TestDaemon {
         if self.child.is_some() {
             let _ = self.stop();
         }
+        if thread::panicking() {
+            // The test failed: what the daemon logged is the first thing to read.
+            let log: String = self
+                .log()
+                .lines()
+                .filter(|l| !l.contains("fuser"))
+                .collect::<Vec<_>>()
+                .join("\n");
+            eprintln!(
+                "--- deltaboxd log ({}) ---\n{log}\n--- end of log ---",
+                self.dir.display()
+            );
+        }
         // What a daemon that died (or was SIGKILLed by the test) left: its trees'
         // processes, cgroups and mounts.
         if let Err(e) = leftovers::clean(&self.dir.join("run"), &self.sandbox_cgroup) {
