@@ -267,7 +267,17 @@ impl Paused {
             match state {
                 Some('T') | None => return Ok(paused),
                 _ if Instant::now() > deadline => {
-                    anyhow::bail!("fsx ({pid}) did not stop within 30 s")
+                    // Where it waits (a FUSE request the daemon does not answer shows
+                    // as fuse_* frames): what the next look at this needs.
+                    let wchan =
+                        fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
+                    let stack =
+                        fs::read_to_string(format!("/proc/{pid}/stack")).unwrap_or_default();
+                    anyhow::bail!(
+                        "fsx ({pid}) did not stop within 30 s: state {}, waiting in {wchan:?}; \
+                         kernel stack:\n{stack}",
+                        state.unwrap_or('?')
+                    )
                 }
                 _ => thread::sleep(Duration::from_micros(200)),
             }
