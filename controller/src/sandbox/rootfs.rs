@@ -300,13 +300,21 @@ fn dir_is_complete(dir: &Path, mounted: &[PathBuf]) -> bool {
 
 /// Mount points at or under `dir`, from `/proc/self/mountinfo`.
 fn mount_points_under(dir: &Path) -> Result<Vec<PathBuf>, RootfsError> {
+    Ok(mount_points(dir)?
+        .into_iter()
+        .filter(|p| p != dir)
+        .collect())
+}
+
+/// Mount points at `dir` or below it, in mount order (unmount in reverse).
+pub(crate) fn mount_points(dir: &Path) -> Result<Vec<PathBuf>, RootfsError> {
     let path = Path::new("/proc/self/mountinfo");
     let info = fs::read_to_string(path).map_err(io_err("read", path))?;
     Ok(info
         .lines()
         .filter_map(|l| l.split_whitespace().nth(4))
         .map(unescape)
-        .filter(|p| p.starts_with(dir) && p != dir)
+        .filter(|p| p.starts_with(dir))
         .collect())
 }
 
