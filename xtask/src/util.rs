@@ -9,6 +9,9 @@ use std::thread;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
+use nix::mount::{MntFlags, umount2};
+
+use crate::cgroup::MountInfoEntry;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::{Pid, mkdtemp};
 
@@ -223,30 +226,50 @@ impl Drop for TempDir {
 /// mounted below it (a sandbox view, read-only binds of the host's `/usr` and `/etc`)
 /// is lazily unmounted first, and if anything is still mounted nothing is removed.
 fn remove_unmounted(path: &Path) -> Result<()> {
-    for mountpoint in mounts_under(path)?.iter().rev() {
-        let _ = nix::mount::umount2(mountpoint.as_str(), nix::mount::MntFlags::MNT_DETACH);
-    }
-    let left = mounts_under(path)?;
-    if !left.is_empty() {
+    unmount_under(path)?;
+    if has_mounts_under(path) {
         bail!(
-            "not removing {}: still mounted below it: {}",
-            path.display(),
-            left.join(", ")
+            "not removing {}: something is still mounted below it",
+            path.display()
         );
     }
     fs::remove_dir_all(path).with_context(|| format!("cannot remove {}", path.display()))
 }
 
-/// Mount points at or under `dir` (from `/proc/self/mountinfo`), in mount order.
-fn mounts_under(dir: &Path) -> Result<Vec<String>> {
-    let prefix = dir.to_string_lossy().into_owned();
-    let info = fs::read_to_string("/proc/self/mountinfo").context("cannot read mountinfo")?;
-    Ok(info
+/// Lazily unmounts everything mounted at or below `dir`, deepest first; returns how many.
+pub fn unmount_under(dir: &Path) -> Result<usize> {
+    let mountinfo =
+        fs::read_to_string("/proc/self/mountinfo").context("cannot read /proc/self/mountinfo")?;
+    let mut points: Vec<PathBuf> = mountinfo
         .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(|m| m.replace("\\040", " "))
-        .filter(|m| m == &prefix || m.starts_with(&format!("{prefix}/")))
-        .collect())
+        .filter_map(MountInfoEntry::parse)
+        .map(|e| PathBuf::from(e.mount_point))
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    points.dedup();
+    for point in &points {
+        // Detach: a mount still busy (a process not reaped yet) goes when it is released.
+        match umount2(point, MntFlags::MNT_DETACH) {
+            Ok(()) | Err(nix::errno::Errno::EINVAL | nix::errno::Errno::ENOENT) => {}
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot unmount {}", point.display()));
+            }
+        }
+    }
+    Ok(points.len())
+}
+
+/// Whether anything is still mounted at or below `dir`.
+pub fn has_mounts_under(dir: &Path) -> bool {
+    fs::read_to_string("/proc/self/mountinfo")
+        .map(|text| {
+            text.lines()
+                .filter_map(MountInfoEntry::parse)
+                .any(|e| Path::new(&e.mount_point).starts_with(dir))
+        })
+        // Unknown: assume there are, so that nothing is removed recursively.
+        .unwrap_or(true)
 }
 
 /// `1.2 s`, `340 ms`.

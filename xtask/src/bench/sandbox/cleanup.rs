@@ -1,7 +1,8 @@
 //! What is left when a daemon could not clean up after itself (it hung and was killed):
 //! processes in its sandbox cgroup, the mounts under its run directory (bind mounts of the
 //! host's `/usr` and `/etc` among them: its run directory must never be removed
-//! recursively while they are there), the cgroup tree and its v1 limit mirrors.
+//! recursively while they are there: `util::unmount_under`), the cgroup tree and its v1
+//! limit mirrors.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -9,9 +10,6 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
-use nix::mount::{MntFlags, umount2};
-
-use crate::cgroup::MountInfoEntry;
 
 /// The v1 controllers the daemon mirrors its sandbox cgroup into for limits.
 const V1_CONTROLLERS: [&str; 3] = ["memory", "cpu", "pids"];
@@ -104,40 +102,4 @@ pub fn v1_mirrors(cgroup2_mount: &Path, name: &str) -> Vec<PathBuf> {
         }
     }
     dirs
-}
-
-/// Lazily unmounts everything mounted at or below `dir`, deepest first; returns how many.
-pub fn unmount_under(dir: &Path) -> Result<usize> {
-    let mountinfo =
-        fs::read_to_string("/proc/self/mountinfo").context("cannot read /proc/self/mountinfo")?;
-    let mut points: Vec<PathBuf> = mountinfo
-        .lines()
-        .filter_map(MountInfoEntry::parse)
-        .map(|e| PathBuf::from(e.mount_point))
-        .filter(|p| p.starts_with(dir))
-        .collect();
-    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-    points.dedup();
-    for point in &points {
-        // Detach: a mount still busy (a process not reaped yet) goes when it is released.
-        match umount2(point, MntFlags::MNT_DETACH) {
-            Ok(()) | Err(nix::errno::Errno::EINVAL | nix::errno::Errno::ENOENT) => {}
-            Err(e) => {
-                return Err(e).with_context(|| format!("cannot unmount {}", point.display()));
-            }
-        }
-    }
-    Ok(points.len())
-}
-
-/// Whether anything is still mounted at or below `dir`.
-pub fn has_mounts_under(dir: &Path) -> bool {
-    fs::read_to_string("/proc/self/mountinfo")
-        .map(|text| {
-            text.lines()
-                .filter_map(MountInfoEntry::parse)
-                .any(|e| Path::new(&e.mount_point).starts_with(dir))
-        })
-        // Unknown: assume there are, so that nothing is removed recursively.
-        .unwrap_or(true)
 }

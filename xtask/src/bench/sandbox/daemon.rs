@@ -205,7 +205,7 @@ impl Daemon {
         let cgroup = self.cgroup_mount.join(&self.cgroup_name);
         note(cleanup::kill_cgroup_tree(&cgroup));
         if let Some(run_dir) = &self.run_dir {
-            match cleanup::unmount_under(run_dir) {
+            match crate::util::unmount_under(run_dir) {
                 Ok(0) => {}
                 Ok(n) => println!(
                     "  unmounted {n} mounts the daemon left under {}",
@@ -232,7 +232,7 @@ impl Daemon {
             .into_iter()
             .flatten()
         {
-            if cleanup::has_mounts_under(&dir) {
+            if crate::util::has_mounts_under(&dir) {
                 note(Err(anyhow::anyhow!(
                     "{} still has mounts below it; left in place",
                     dir.display()
