@@ -8,6 +8,7 @@
 //! item.
 
 mod apt;
+mod disk;
 mod kernel;
 mod mounts;
 mod store;
@@ -79,6 +80,7 @@ pub fn run(options: &Options) -> Result<usize> {
     if !report.failed.is_empty() {
         bail!("set-up cannot go on without root and CAP_SYS_ADMIN (see the fix above)");
     }
+    report.item("disk space", disk::check_free_space());
     report.item("debian packages", apt::ensure_packages());
     report.item("nightly components", toolchain::ensure_components());
     report.item("bpf-linker", toolchain::ensure_bpf_linker());

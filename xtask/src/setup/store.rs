@@ -2,6 +2,9 @@
 //! `-m reflink=1`, so a copy-up of a file from a frozen layer is a `FICLONE` (O(1)), not a
 //! copy (DESIGN.md, "DeltaFS"). Set-up creates the sparse image, makes the filesystem if
 //! the image has none, mounts it, and checks that `cp --reflink=always` works there.
+//! Mounted with `discard`, so space freed in the store is punched out of the image and
+//! returned to the host's disk; a store mounted before that option was used is trimmed
+//! (`fstrim`) at each set-up instead.
 
 use std::fs::{self, File};
 use std::io::Read as _;
@@ -43,7 +46,11 @@ fn ensure_store_inner() -> Result<Outcome> {
     let mut done = Vec::new();
 
     match mounted_fstype(dir)? {
-        Some(fstype) if fstype == "xfs" => {}
+        Some(fstype) if fstype == "xfs" => {
+            // Idempotent and ~0.2 s on an idle 32 GiB store: gives back to the host what
+            // earlier runs wrote and deleted when the mount predates `discard`.
+            run_cmd(Command::new("fstrim").arg(dir))?;
+        }
         Some(fstype) => bail!("{} is a {fstype} mount, not the xfs store", dir.display()),
         None => {
             if !image.exists() {
@@ -69,7 +76,7 @@ fn ensure_store_inner() -> Result<Outcome> {
             }
             run_cmd(
                 Command::new("mount")
-                    .args(["-t", "xfs", "-o", "loop,noatime"])
+                    .args(["-t", "xfs", "-o", "loop,noatime,discard"])
                     .arg(image)
                     .arg(dir),
             )?;
