@@ -15,6 +15,7 @@
 //! - [`store`], [`view`]: the control interface;
 //! - [`probe`]: the check that this kernel's FUSE passthrough works as DeltaFS needs.
 
+pub mod backing;
 pub mod base;
 pub mod diff;
 mod fs;
@@ -32,6 +33,7 @@ mod sync;
 pub mod view;
 mod writer;
 
+pub use crate::backing::{BackingError, BackingFile};
 pub use crate::diff::{Change, ChangeKind, Changed, DiffError, FileType};
 pub use crate::ids::{LayerId, SnapshotId};
 pub use crate::store::{GcReport, SnapshotInfo, Store, StoreError};

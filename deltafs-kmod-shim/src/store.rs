@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use nix::fcntl::{Flock, FlockArg};
 
+use crate::backing::{BackingError, BackingFile};
 use crate::base::{BaseError, BaseTree};
 use crate::diff::{Change, DiffError, Plan};
 use crate::ids::{LayerId, ROOT_INO, SnapshotId};
@@ -352,6 +353,13 @@ impl Store {
         Ok(crate::diff::layer_bytes(
             &self.shared.layers.dir(id.layer()),
         )?)
+    }
+
+    /// The backing file of regular file `path` (relative to the root) in snapshot `id`:
+    /// what a view of `id` shows at `path`, as a file of the backing filesystem (see
+    /// [`crate::backing`]).
+    pub fn backing_file(&self, id: SnapshotId, path: &Path) -> Result<BackingFile, BackingError> {
+        crate::backing::resolve(&self.shared, id, path)
     }
 
     /// Bytes allocated under the store's `layers/` directory, as the sum of `st_blocks`
