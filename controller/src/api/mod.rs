@@ -7,12 +7,14 @@
 //! - [`render`]: API values as text tables, for the binaries.
 //! - [`sandbox_types`]: bodies of the sandbox endpoints; [`sandbox_server`]: their
 //!   handlers over a [`crate::sandbox::SandboxOps`]; [`sandbox_render`]: their text.
+//! - [`exec_stream`]: the streamed `exec` (newline-delimited JSON events).
 //!
 //! The contract is `controller/api/openapi.yaml`; tests check that the router serves
 //! exactly the routes it lists and answers with the fields it documents. Every error
 //! is `{"error": "<message>", "kind": "<snake_case kind>"}` with a fitting status.
 
 pub mod client;
+pub mod exec_stream;
 pub mod render;
 pub mod sandbox_render;
 pub mod sandbox_server;

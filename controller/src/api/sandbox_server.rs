@@ -10,7 +10,8 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{FromRequest, Path, Query, Request, State};
-use axum::http::{Method, StatusCode, header};
+use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use serde::de::DeserializeOwned;
 
@@ -21,7 +22,7 @@ use super::sandbox_types::{
 };
 use super::server::{RouteTable, blocking};
 use super::service::ApiService;
-use super::{ApiError, routes};
+use super::{ApiError, exec_stream, routes};
 use crate::sandbox::{SandboxError, SandboxOps};
 
 type Svc = Arc<ApiService>;
@@ -95,10 +96,21 @@ async fn remove(State(svc): State<Svc>, id: Id) -> Answer<Removed> {
     call(svc, move |ops| ops.remove(&id)).await
 }
 
-async fn exec(State(svc): State<Svc>, id: Id, body: Body<ExecRequest>) -> Answer<ExecResult> {
+/// The collected result, or with `Accept: application/x-ndjson` the events as they
+/// come ([`exec_stream`]).
+async fn exec(
+    State(svc): State<Svc>,
+    id: Id,
+    headers: HeaderMap,
+    body: Body<ExecRequest>,
+) -> Result<Response, ApiError> {
     svc.sandboxes()?;
     let (Path(id), Json(req)) = (id?, body?);
-    call(svc, move |ops| ops.exec(&id, &req)).await
+    if exec_stream::wants_stream(&headers) {
+        return Ok(exec_stream::serve(svc, id, req).await);
+    }
+    let answer: Answer<ExecResult> = call(svc, move |ops| ops.exec(&id, &req)).await;
+    answer.map(IntoResponse::into_response)
 }
 
 async fn session_start(

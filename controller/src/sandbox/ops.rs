@@ -7,7 +7,30 @@ use crate::api::sandbox_types::{
     SessionInfo, SessionRun, SessionRunResult, SessionStart, TreeView,
 };
 
+use std::time::Instant;
+
 use super::error::SandboxError;
+
+/// Which of a command's outputs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutputStream {
+    /// Its stdout.
+    Stdout,
+    /// Its stderr.
+    Stderr,
+}
+
+/// Where a streamed `exec` sends what happens as it happens.
+pub trait ExecSink {
+    /// The command has started: from now on, errors belong to the stream (before, they
+    /// are the call's own).
+    fn started(&mut self) {}
+    /// A chunk of output, as read from the pipe (a chunk may end inside a UTF-8
+    /// character). It may block while the consumer is behind (the command's pipes then
+    /// fill and it blocks on its writes, as on a terminal), but not past `until`;
+    /// returns whether the chunk was taken.
+    fn output(&mut self, stream: OutputStream, bytes: &[u8], until: Instant) -> bool;
+}
 
 /// Sandbox operations. Calls on different sandboxes run in parallel; calls on one
 /// sandbox are serialised. Every call blocks (the server runs it on a blocking thread).
@@ -20,8 +43,35 @@ pub trait SandboxOps: Send + Sync {
     fn get(&self, sandbox: &str) -> Result<SandboxInfo, SandboxError>;
     /// Removes a sandbox: its processes, root view and cgroups (its nodes stay).
     fn remove(&self, sandbox: &str) -> Result<Removed, SandboxError>;
-    /// Runs a one-shot command.
+    /// Runs a one-shot command and collects its output.
     fn exec(&self, sandbox: &str, req: &ExecRequest) -> Result<ExecResult, SandboxError>;
+    /// Runs a one-shot command like [`Self::exec`], with the same caps, timeout,
+    /// auto-checkpoint and serialisation, but hands its output to `sink` as it comes;
+    /// the result's `stdout` and `stderr` are then empty.
+    ///
+    /// The default runs [`Self::exec`] and hands over the whole output at its end, for
+    /// implementations that cannot stream (the API tests' fake).
+    fn exec_streamed(
+        &self,
+        sandbox: &str,
+        req: &ExecRequest,
+        sink: &mut dyn ExecSink,
+    ) -> Result<ExecResult, SandboxError> {
+        let mut result = self.exec(sandbox, req)?;
+        sink.started();
+        let far = Instant::now() + std::time::Duration::from_secs(3600);
+        let stdout = std::mem::take(&mut result.stdout);
+        let stderr = std::mem::take(&mut result.stderr);
+        for (stream, text) in [
+            (OutputStream::Stdout, stdout),
+            (OutputStream::Stderr, stderr),
+        ] {
+            if !text.is_empty() && !sink.output(stream, text.as_bytes(), far) {
+                result.truncated = true;
+            }
+        }
+        Ok(result)
+    }
     /// Starts a persistent session.
     fn session_start(&self, sandbox: &str, req: &SessionStart)
     -> Result<SessionInfo, SandboxError>;

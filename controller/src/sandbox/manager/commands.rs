@@ -1,16 +1,20 @@
 //! One-shot commands and persistent sessions in a sandbox.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::os::fd::AsFd;
 use std::path::PathBuf;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
 
 use super::output::collect;
 use super::{Live, LiveSession};
 use crate::api::sandbox_types::{ExecRequest, ExecResult, SessionRun, SessionRunResult};
 use crate::sandbox::error::SandboxError;
+use crate::sandbox::ops::ExecSink;
 use crate::sandbox::runtime::{ExitStatus, SpawnRequest};
 use crate::sandbox::session::{self, SessionIo, SessionKind};
 use crate::tree::ids::SessionId;
@@ -68,8 +72,81 @@ fn timeout_of(ms: Option<u64>) -> Result<Duration, SandboxError> {
     }
 }
 
-/// Runs a one-shot command to its end (or its timeout) and collects its output.
-pub(super) fn exec(live: &Live, req: &ExecRequest) -> Result<ExecResult, SandboxError> {
+/// The command running now in each sandbox (calls on one sandbox are serialised, so
+/// there is at most one), by sandbox id: `remove` stops it rather than wait for the
+/// sandbox's lock for as long as the command may run. Kept apart from [`Live`], which
+/// is behind that very lock.
+static RUNNING: Mutex<BTreeMap<String, Running>> = Mutex::new(BTreeMap::new());
+
+/// A command [`RUNNING`] knows about.
+#[derive(Default)]
+struct Running {
+    /// Its process group, once spawned.
+    pgid: Option<Pid>,
+    /// Its sandbox is being removed.
+    removed: bool,
+}
+
+fn running() -> std::sync::MutexGuard<'static, BTreeMap<String, Running>> {
+    RUNNING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Marks the command running in `sandbox` (if any) as stopped by the sandbox's removal
+/// and kills its process group; its `exec` then fails with `unknown_sandbox`. Returns
+/// whether there was one.
+pub(super) fn stop_for_removal(sandbox: &str) -> bool {
+    let mut running = running();
+    let Some(entry) = running.get_mut(sandbox) else {
+        return false;
+    };
+    entry.removed = true;
+    if let Some(pgid) = entry.pgid {
+        let _ = killpg(pgid, Signal::SIGKILL);
+    }
+    true
+}
+
+/// An entry of [`RUNNING`], removed on drop.
+struct Registered(String);
+
+impl Registered {
+    fn new(sandbox: String) -> Self {
+        running().insert(sandbox.clone(), Running::default());
+        Self(sandbox)
+    }
+
+    /// Records the command's process group; false if the sandbox is being removed
+    /// (then the group was killed).
+    fn spawned(&self, pgid: Pid) -> bool {
+        let mut running = running();
+        let entry = running.entry(self.0.clone()).or_default();
+        entry.pgid = Some(pgid);
+        if entry.removed {
+            let _ = killpg(pgid, Signal::SIGKILL);
+        }
+        !entry.removed
+    }
+
+    fn removed(&self) -> bool {
+        running().get(&self.0).is_some_and(|r| r.removed)
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        running().remove(&self.0);
+    }
+}
+
+/// Runs a one-shot command to its end (or its timeout), handing its output to `sink`
+/// as it is read. The result's `stdout` and `stderr` are empty: they went to the sink.
+pub(super) fn exec(
+    live: &Live,
+    req: &ExecRequest,
+    sink: &mut dyn ExecSink,
+) -> Result<ExecResult, SandboxError> {
     let start = Instant::now();
     if req.argv.is_empty() || req.argv[0].is_empty() {
         return Err(SandboxError::Invalid {
@@ -78,10 +155,12 @@ pub(super) fn exec(live: &Live, req: &ExecRequest) -> Result<ExecResult, Sandbox
     }
     let timeout = timeout_of(req.timeout_ms)?;
     let name = live.name();
+    let removed = || SandboxError::UnknownSandbox { id: name.clone() };
     let cwd = req
         .cwd
         .as_ref()
         .map_or_else(|| default_cwd(live), PathBuf::from);
+    let registered = Registered::new(name.clone());
     let spawned = live
         .tree
         .runtime
@@ -98,6 +177,14 @@ pub(super) fn exec(live: &Live, req: &ExecRequest) -> Result<ExecResult, Sandbox
             message: format!("sandbox {name}: cannot start {:?}: {e}", req.argv[0]),
         })?;
     let pgid = spawned.host_pid;
+    if !registered.spawned(pgid) {
+        let _ = live
+            .tree
+            .runtime
+            .wait_exit(spawned.ns_pid, Some(Duration::from_secs(10)));
+        return Err(removed());
+    }
+    sink.started();
     let feeder = match (spawned.stdin, &req.stdin) {
         (Some(mut pipe), Some(data)) => {
             let data = data.clone().into_bytes();
@@ -117,6 +204,7 @@ pub(super) fn exec(live: &Live, req: &ExecRequest) -> Result<ExecResult, Sandbox
         &|| {
             let _ = killpg(pgid, Signal::SIGKILL);
         },
+        sink,
     )
     .map_err(|e| SandboxError::internal(format!("sandbox {name}: reading output"), e))?;
     if collected.timed_out {
@@ -132,6 +220,9 @@ pub(super) fn exec(live: &Live, req: &ExecRequest) -> Result<ExecResult, Sandbox
     if let Some(feeder) = feeder {
         let _ = feeder.join();
     }
+    if registered.removed() {
+        return Err(removed());
+    }
     let (exit_code, signal) = match status {
         Some(ExitStatus::Code(c)) => (Some(c), None),
         Some(ExitStatus::Signal(s)) => (None, Some(s)),
@@ -140,8 +231,8 @@ pub(super) fn exec(live: &Live, req: &ExecRequest) -> Result<ExecResult, Sandbox
     Ok(ExecResult {
         exit_code,
         signal,
-        stdout: String::from_utf8_lossy(&collected.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&collected.stderr).into_owned(),
+        stdout: String::new(),
+        stderr: String::new(),
         timed_out: collected.timed_out,
         truncated: collected.truncated,
         duration_ms: start.elapsed().as_secs_f64() * 1e3,

@@ -4,10 +4,11 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use super::output::Buffers;
 use super::{SandboxManager, commands, db_err, limits_of, lock};
 use crate::api::sandbox_types::{SandboxInfo, SessionInfo};
 use crate::sandbox::error::SandboxError;
-use crate::sandbox::ops::SandboxOps;
+use crate::sandbox::ops::{ExecSink, SandboxOps};
 use crate::sandbox::session::SessionKind;
 use crate::tree::TreeDbError;
 use crate::tree::records::SandboxState;
@@ -43,6 +44,8 @@ impl SandboxOps for SandboxManager {
 
     fn remove(&self, sandbox: &str) -> Result<crate::api::sandbox_types::Removed, SandboxError> {
         let (id, live) = self.resolve_sandbox(sandbox)?;
+        // A command running there would hold the lock as long as it may run: stop it.
+        commands::stop_for_removal(&id.to_string());
         let tree = {
             let mut live = lock(&live);
             live.record.state = SandboxState::Removing;
@@ -65,9 +68,28 @@ impl SandboxOps for SandboxManager {
         sandbox: &str,
         req: &crate::api::sandbox_types::ExecRequest,
     ) -> Result<crate::api::sandbox_types::ExecResult, SandboxError> {
+        let mut buffers = Buffers::default();
+        let mut result = self.exec_streamed(sandbox, req, &mut buffers)?;
+        result.stdout = String::from_utf8_lossy(&buffers.stdout).into_owned();
+        result.stderr = String::from_utf8_lossy(&buffers.stderr).into_owned();
+        Ok(result)
+    }
+
+    fn exec_streamed(
+        &self,
+        sandbox: &str,
+        req: &crate::api::sandbox_types::ExecRequest,
+        sink: &mut dyn ExecSink,
+    ) -> Result<crate::api::sandbox_types::ExecResult, SandboxError> {
         let (_, live) = self.resolve_sandbox(sandbox)?;
         let mut live = lock(&live);
-        let mut result = commands::exec(&live, req)?;
+        if live.record.state == SandboxState::Removing {
+            // Removed while this call waited for the lock.
+            return Err(SandboxError::UnknownSandbox {
+                id: sandbox.to_owned(),
+            });
+        }
+        let mut result = commands::exec(&live, req, sink)?;
         if live.record.auto_checkpoint {
             let label = format!("exec {}", req.argv.join(" "));
             result.node = Some(self.checkpoint_locked(&mut live, Some(label))?);
