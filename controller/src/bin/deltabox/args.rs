@@ -65,8 +65,9 @@ pub enum Command {
     Status(StatusArgs),
     /// Run a one-shot command in a sandbox; exits with its exit code.
     #[command(after_help = "\
-The command's stdout and stderr go to this process's stdout and stderr. The exit
-code is the command's, 128+N if signal N killed it, 124 if the timeout did.
+The command's stdout and stderr go to this process's stdout and stderr as the
+command writes them (streamed by the daemon; --json collects them instead). The
+exit code is the command's, 128+N if signal N killed it, 124 if the timeout did.
 
 Example:
   deltabox exec 0193a --cwd /workspace --env DEBUG=1 -- python3 -c 'print(1)'")]
@@ -183,7 +184,8 @@ pub struct ExecArgs {
     /// Kill the command after this many seconds (default: the daemon's, 600).
     #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
     pub timeout: Option<u64>,
-    /// Print the API's JSON (exit code, output, timing) and exit 0.
+    /// Print the API's JSON (exit code, output, timing) once the command ended, not
+    /// streamed, and exit 0.
     #[arg(long)]
     pub json: bool,
     /// The command and its arguments, after `--`.
