@@ -48,6 +48,17 @@ const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 /// with `CLONE_PARENT`; the child inherits the tracee's).
 pub const CLONE_FLAGS: u64 = libc::CLONE_PARENT as u64 | CLONE_INTO_CGROUP;
 
+/// The `clone` flags of a thread recreated in a restored process: those of glibc's
+/// `pthread_create` (which adds `CLONE_PARENT_SETTID | CLONE_CHILD_CLEARTID` with
+/// `&pd->tid`, as [`Injection::clone_thread`] does), exit signal 0.
+pub const THREAD_FLAGS: u64 = (libc::CLONE_VM
+    | libc::CLONE_FS
+    | libc::CLONE_FILES
+    | libc::CLONE_SIGHAND
+    | libc::CLONE_THREAD
+    | libc::CLONE_SYSVSEM
+    | libc::CLONE_SETTLS) as u64;
+
 /// Size of `struct clone_args` up to its `cgroup` field (`CLONE_ARGS_SIZE_VER2`).
 const CLONE_ARGS_SIZE: u64 = 88;
 
@@ -158,6 +169,34 @@ pub fn resume_regs(saved: &Regs) -> Regs {
             regs.rip = saved.rip.wrapping_sub(2);
         }
         _ => {}
+    }
+    regs
+}
+
+/// [`resume_regs`] for a thread recreated by `clone` (not a fork): its
+/// `restart_block`, which `restart_syscall(2)` reads, is not the one the checkpointed
+/// thread had (a `clone` copies the creating thread's). So a syscall interrupted with
+/// `-ERESTART_RESTARTBLOCK` (a relative `nanosleep`, a `futex` wait or `poll` with a
+/// timeout) is issued again with its original arguments, which are still in the
+/// registers: its timeout starts again from the restore.
+///
+/// With `signal_follows` (a deliverable signal is sent to the thread before it runs)
+/// the registers go back as they were, for the kernel's own restart-or-`EINTR`
+/// decision, except that `-ERESTART_RESTARTBLOCK` becomes `-ERESTARTNOHAND`: the same
+/// `EINTR` when a handler runs, the original syscall again when none does.
+pub fn resume_regs_new_thread(saved: &Regs, signal_follows: bool) -> Regs {
+    let restartblock =
+        (saved.orig_rax as i64) >= 0 && (saved.rax as i64).wrapping_neg() == ERESTART_RESTARTBLOCK;
+    if signal_follows {
+        let mut regs = *saved;
+        if restartblock {
+            regs.rax = (-ERESTARTNOHAND) as u64;
+        }
+        return regs;
+    }
+    let mut regs = resume_regs(saved);
+    if restartblock {
+        regs.rax = saved.orig_rax;
     }
     regs
 }
@@ -350,21 +389,37 @@ impl<'t> Injection<'t> {
             });
         }
         let child = child.ok_or(InjectError::NoForkEvent { pid, ret: rax })?;
-        let mut child = Tracee::auto_attached(child, self.tracee);
+        let child = Tracee::auto_attached(child, self.tracee);
         closed?;
-        match child.wait() {
-            Ok(Stop::Interrupt) => Ok(child),
-            Ok(stop) => {
-                let child_pid = child.pid().as_raw();
-                child.kill();
-                Err(InjectError::ChildStop {
-                    pid,
-                    child: child_pid,
-                    stop,
-                })
-            }
-            Err(e) => Err(e.into()),
+        attach_stop(pid, child)
+    }
+
+    /// Injects a raw `clone` that creates a thread in the tracee's process with TLS
+    /// `tls` and, when `tid_address` is not 0, `CLONE_PARENT_SETTID` and
+    /// `CLONE_CHILD_CLEARTID` there (glibc's `&pd->tid`: the new tid is written there,
+    /// so `pthread_join` and `pthread_kill` find the thread, and cleared when it exits).
+    /// Returns the thread, auto-attached and in its attach stop, its registers still the
+    /// `clone`'s return (it has not run an instruction; the caller replaces them). The
+    /// tracee needs `PTRACE_O_TRACECLONE`.
+    pub fn clone_thread(&mut self, tls: u64, tid_address: u64) -> Result<Tracee, InjectError> {
+        let pid = self.tracee.pid().as_raw();
+        let mut flags = THREAD_FLAGS;
+        if tid_address != 0 {
+            flags |= (libc::CLONE_PARENT_SETTID | libc::CLONE_CHILD_CLEARTID) as u64;
         }
+        // x86_64: clone(flags, stack, parent_tid, child_tid, tls). Stack 0: the
+        // caller's stack pointer, never used, since the thread's registers are replaced
+        // before it runs.
+        let (rax, child) = self.run(libc::SYS_clone, &[flags, 0, tid_address, tid_address, tls])?;
+        if let Err(errno) = syscall_result(rax) {
+            return Err(InjectError::Syscall {
+                pid,
+                name: "clone",
+                source: io::Error::from_raw_os_error(errno),
+            });
+        }
+        let child = child.ok_or(InjectError::NoForkEvent { pid, ret: rax })?;
+        attach_stop(pid, Tracee::auto_attached(child, self.tracee))
     }
 
     /// Maps `len` bytes of private anonymous read-write memory in the tracee.
@@ -408,6 +463,24 @@ impl Drop for Injection<'_> {
             // a detach does not run it in the vdso. Fails only if it is gone.
             let _ = self.tracee.set_regs(&resume_regs(&self.saved));
         }
+    }
+}
+
+/// Waits for the attach stop of `child`, a new task of `pid`, auto-attached: the first
+/// thing it reports, before it ran an instruction. Anything else kills it.
+fn attach_stop(pid: i32, mut child: Tracee) -> Result<Tracee, InjectError> {
+    match child.wait() {
+        Ok(Stop::Interrupt) => Ok(child),
+        Ok(stop) => {
+            let child_pid = child.pid().as_raw();
+            child.kill();
+            Err(InjectError::ChildStop {
+                pid,
+                child: child_pid,
+                stop,
+            })
+        }
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -471,6 +544,29 @@ mod tests {
         let out = resume_regs(&r);
         assert_eq!(out.rip, 0x1000 - 2);
         assert_eq!(out.rax, libc::SYS_restart_syscall as u64);
+    }
+
+    #[test]
+    fn a_new_thread_issues_a_restartblock_syscall_again() {
+        let mut r = regs();
+        r.orig_rax = libc::SYS_nanosleep as u64;
+        r.rax = (-ERESTART_RESTARTBLOCK) as u64;
+        let out = resume_regs_new_thread(&r, false);
+        assert_eq!(out.rip, 0x1000 - 2);
+        assert_eq!(out.rax, libc::SYS_nanosleep as u64);
+        assert_eq!(out.orig_rax, u64::MAX);
+        let out = resume_regs_new_thread(&r, true);
+        assert_eq!(out.rip, 0x1000);
+        assert_eq!(out.rax, (-ERESTARTNOHAND) as u64);
+        assert_eq!(out.orig_rax, libc::SYS_nanosleep as u64);
+        // Other restarts are those of a fork child.
+        r.orig_rax = libc::SYS_futex as u64;
+        r.rax = (-ERESTARTSYS) as u64;
+        assert_eq!(resume_regs_new_thread(&r, false), resume_regs(&r));
+        assert_eq!(resume_regs_new_thread(&r, true), r);
+        // Outside a syscall nothing changes but orig_rax.
+        let r = regs();
+        assert_eq!(resume_regs_new_thread(&r, false), resume_regs(&r));
     }
 
     #[test]

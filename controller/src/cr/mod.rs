@@ -18,9 +18,10 @@
 //! - [`fdtable`] — recording and rebuilding fd tables.
 //! - [`state`] — the recorded, versioned process state.
 //! - [`template`] — checkpoint; [`restore`] — restore, rollback, branch.
+//! - [`threads`] — stopping, recording and recreating the threads of a process.
 //!
-//! x86_64 only (registers, syscall numbers, the `syscall` instruction). Single-threaded
-//! processes only, for now: a multi-threaded one is refused with an error naming it.
+//! x86_64 only (registers, syscall numbers, the `syscall` instruction). Every thread of
+//! a process is checkpointed and recreated; threads get new tids.
 
 #[cfg(not(target_arch = "x86_64"))]
 compile_error!("DeltaCR (controller/src/cr) supports x86_64 only");
@@ -34,6 +35,7 @@ pub mod ptrace;
 pub mod restore;
 pub mod state;
 pub mod template;
+pub mod threads;
 
 use std::time::Duration;
 
@@ -47,17 +49,18 @@ pub(crate) const KILL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Errors of checkpoint and restore.
 #[derive(Debug, thiserror::Error)]
 pub enum CrError {
-    /// The process has more than one thread.
+    /// The thread-group leader has exited while other threads run: the fork is
+    /// injected into the leader.
     #[error(
-        "pid {pid} ({comm}) has {threads} threads: DeltaCR checkpoints single-threaded \
-         processes only, for now"
+        "pid {pid} ({comm}): its main thread has exited ({threads} threads left), and \
+         DeltaCR forks a process through its main thread"
     )]
-    MultiThreaded {
+    LeaderExited {
         /// The process.
         pid: i32,
         /// Its name.
         comm: String,
-        /// How many threads it has.
+        /// How many tasks it has.
         threads: usize,
     },
     /// The process has a writable shared mapping, whose pages a fork shares.

@@ -82,6 +82,41 @@ pub fn thread_count(pid: i32) -> Result<usize, ProcError> {
     Ok(dir.filter(|e| e.is_ok()).count())
 }
 
+/// The thread ids of `pid` (entries of `/proc/<pid>/task`), in ascending order (the
+/// thread-group leader, whose tid is `pid`, first).
+pub fn tids(pid: i32) -> Result<Vec<i32>, ProcError> {
+    let path = proc_path(pid, "task");
+    let dir = fs::read_dir(&path).map_err(|source| ProcError::Read {
+        path: path.clone(),
+        source,
+    })?;
+    let mut tids: Vec<i32> = dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
+        .collect();
+    tids.sort_unstable();
+    Ok(tids)
+}
+
+/// The `comm` of thread `tid` of `pid`.
+pub fn task_comm(pid: i32, tid: i32) -> Result<String, ProcError> {
+    Ok(read(&proc_path(pid, &format!("task/{tid}/comm")))?
+        .trim_end()
+        .to_owned())
+}
+
+/// `/proc/<pid>/task/<tid>/status`: the thread's own signal mask and pending signals.
+pub fn task_status(pid: i32, tid: i32) -> Result<Status, ProcError> {
+    let path = proc_path(pid, &format!("task/{tid}/status"));
+    parse_status(&read(&path)?).map_err(|what| ProcError::Parse { path, what })
+}
+
+/// The scheduler state of thread `tid` of `pid` (`None`: it is gone).
+pub fn task_state(pid: i32, tid: i32) -> Option<char> {
+    let text = fs::read_to_string(proc_path(pid, &format!("task/{tid}/stat"))).ok()?;
+    parse_stat(&text).map(|st| st.state)
+}
+
 /// Fields of `/proc/<pid>/status` that DeltaCR records.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Status {

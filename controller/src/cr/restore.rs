@@ -8,7 +8,8 @@
 //! session's cgroup and stopped before it ran an instruction, gets its own fd table
 //! ([`fdtable::install`]) and working directory, the checkpoint's registers (with the
 //! restart fix-up, so an interrupted `read` or `nanosleep` is restarted) and XSAVE
-//! area, and is detached: it resumes exactly where the checkpoint was, its memory
+//! area, its other threads recreated ([`threads::recreate`]), and is detached: it
+//! resumes exactly where the checkpoint was, its memory
 //! shared copy-on-write with the template. Signals pending at the checkpoint are sent
 //! to it again. Each call gives a new, independent process: a branch.
 //!
@@ -25,6 +26,7 @@ use super::inject::{InjectError, Injection, SCRATCH_LEN, resume_regs};
 use super::pidfd::{Pidfd, PidfdError};
 use super::ptrace::{Regs, Stop, Tracee, cr_options};
 use super::template::{Template, group_stop};
+use super::threads;
 use super::{CrError, KILL_TIMEOUT};
 
 /// Where a restored process goes.
@@ -117,6 +119,7 @@ impl Template {
         let regs = Regs::from(&self.state.regs);
         let st = &self.state.status;
         let pending = signals_of(st.sig_pending | st.shared_pending);
+        let new_threads;
         let stdio = {
             let mut inj = Injection::begin(&mut child, site)?;
             if let Some(root) = &opts.chroot {
@@ -125,6 +128,11 @@ impl Template {
             if opts.setsid {
                 inj.syscall("setsid", libc::SYS_setsid, &[])?;
             }
+            threads::restore_leader(&mut inj, &self.state.main_thread)?;
+            // Before the fd table is rebuilt, which unmaps the scratch page; the threads
+            // share the table (CLONE_FILES) and the root (CLONE_FS) and stay stopped
+            // until the end.
+            new_threads = threads::recreate(&mut inj, &self.state.threads, site, self.scratch)?;
             let stdio = fdtable::install(
                 &mut inj,
                 &pidfd,
@@ -149,6 +157,7 @@ impl Template {
             // SAFETY: kill(2) takes plain integers and touches no memory of ours.
             unsafe { libc::kill(child.pid().as_raw(), sig) };
         }
+        threads::detach_all(new_threads)?;
         child.detach(0)?;
         Ok(Restored {
             pidfd,

@@ -6,7 +6,9 @@
 //! cwd, umask, rlimits, credentials, namespaces and cgroup into the template; the
 //! state below is what a restore sets explicitly (registers, XSAVE area, fds, cwd) or
 //! what fork does not carry and is only recorded for now (pending signals), plus what
-//! the dump needs.
+//! the dump needs. A fork carries one thread, the one that called it: the others are
+//! recorded one by one ([`ThreadState`]) and recreated by each restore
+//! ([`super::threads`]).
 
 use std::path::PathBuf;
 
@@ -15,10 +17,12 @@ use serde::{Deserialize, Serialize};
 use super::fdtable::FdEntry;
 use super::inject::SyscallSite;
 use super::procfs::{Rlimit, Status};
-use super::ptrace::{Regs, XState};
+use super::ptrace::{Regs, RobustList, RseqConfig, XState};
 
-/// Version of [`ProcessState`]'s serialised form.
-pub const STATE_VERSION: u32 = 1;
+/// Version of [`ProcessState`]'s serialised form. 2 added the threads
+/// ([`ProcessState::main_thread`], [`ProcessState::threads`]); a version-1 record reads
+/// as a single-threaded process whose per-thread extras were not recorded.
+pub const STATE_VERSION: u32 = 2;
 
 macro_rules! registers {
     ($($field:ident),* $(,)?) => {
@@ -79,4 +83,64 @@ pub struct ProcessState {
     pub rlimits: Vec<Rlimit>,
     /// Its cgroup v2 path, relative to the cgroup2 mount.
     pub cgroup: PathBuf,
+    /// What the main thread (the one forked) had that a fork does not carry.
+    #[serde(default)]
+    pub main_thread: ThreadExtras,
+    /// Every other thread, in `/proc/<pid>/task` order.
+    #[serde(default)]
+    pub threads: Vec<ThreadState>,
+}
+
+/// A thread's alternate signal stack (`sigaltstack(2)`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AltStack {
+    /// `ss_sp`.
+    pub sp: u64,
+    /// `ss_size`.
+    pub size: u64,
+    /// `ss_flags` that a `sigaltstack` call can set again (`SS_AUTODISARM`).
+    pub flags: u32,
+}
+
+/// Per-thread state besides registers and signals that neither a fork (for the main
+/// thread) nor a `clone` of a thread carries.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThreadExtras {
+    /// Its `clear_child_tid` address (`set_tid_address(2)`; glibc's `&pd->tid`, where
+    /// `pthread_join` waits and `pthread_kill` reads the thread's tid). 0: none.
+    #[serde(default)]
+    pub tid_address: u64,
+    /// Its robust-futex list.
+    #[serde(default)]
+    pub robust_list: RobustList,
+    /// Its rseq registration.
+    #[serde(default)]
+    pub rseq: Option<RseqConfig>,
+    /// Its alternate signal stack (recorded for threads other than the main one, whose
+    /// fork copies it).
+    #[serde(default)]
+    pub altstack: Option<AltStack>,
+}
+
+/// The recorded state of a thread other than the main one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThreadState {
+    /// Its tid at the checkpoint (a restore gives it a new one).
+    pub tid: i32,
+    /// Its name (`/proc/<pid>/task/<tid>/comm`).
+    pub comm: String,
+    /// Its registers as the interrupt found them (before the restart fix-up); TLS is
+    /// `fs_base`.
+    pub regs: Registers,
+    /// Its XSAVE area.
+    pub xstate: XState,
+    /// Its signal mask.
+    pub sigmask: u64,
+    /// Signals pending for the thread itself (`SigPnd`, plus those that arrived while
+    /// it was held); sent to it again with `tgkill` on restore.
+    pub sig_pending: u64,
+    /// The syscall the checkpoint interrupted, if any.
+    pub interrupted_syscall: Option<i64>,
+    /// The rest.
+    pub extras: ThreadExtras,
 }

@@ -37,6 +37,7 @@ use super::pidfd::Pidfd;
 use super::procfs;
 use super::ptrace::{Resume, Stop, Tracee, cr_options};
 use super::state::{ProcessState, Registers, STATE_VERSION};
+use super::threads;
 use super::{CrError, KILL_TIMEOUT};
 use crate::cgroup::CgroupFs;
 
@@ -187,13 +188,14 @@ fn template_name(pid: i32) -> String {
     format!("tpl-{pid}-{nanos:x}-{seq}")
 }
 
-fn refuse_threads(pid: i32) -> Result<(), CrError> {
-    let threads = procfs::thread_count(pid)?;
-    if threads > 1 {
-        return Err(CrError::MultiThreaded {
+/// A process whose thread-group leader has exited (`pthread_exit` in `main`) cannot be
+/// forked: the fork is injected into the leader.
+fn refuse_dead_leader(pid: i32) -> Result<(), CrError> {
+    if matches!(procfs::stat(pid)?.state, 'Z' | 'X' | 'x') {
+        return Err(CrError::LeaderExited {
             pid,
             comm: procfs::comm_or_unknown(pid),
-            threads,
+            threads: procfs::thread_count(pid)?,
         });
     }
     Ok(())
@@ -249,21 +251,22 @@ fn under_root(pid: i32, prefix: &Path, path: &Path) -> Result<PathBuf, CrError> 
 }
 
 /// Bitmask (bit `n - 1` for signal `n`) of `signals`.
-fn signal_bits(signals: &[i32]) -> u64 {
+pub(super) fn signal_bits(signals: &[i32]) -> u64 {
     signals
         .iter()
         .filter(|&&s| (1..=64).contains(&s))
         .fold(0, |acc, &s| acc | 1u64 << (s - 1))
 }
 
-/// Checkpoints the single-threaded process `pid` into a new [`Template`].
+/// Checkpoints the process `pid`, all its threads, into a new [`Template`].
 ///
-/// Refused, before the process is touched, with an error naming it: more than one
-/// thread, a writable shared mapping, or an fd DeltaCR cannot reopen.
+/// Refused, before the process is touched, with an error naming it: a writable shared
+/// mapping, an fd DeltaCR cannot reopen, a frozen cgroup, an exited thread-group
+/// leader.
 pub fn checkpoint(pid: Pid, opts: &CheckpointOptions) -> Result<Template, CrError> {
     let start = Instant::now();
     let raw = pid.as_raw();
-    refuse_threads(raw)?;
+    refuse_dead_leader(raw)?;
     let maps = procfs::maps(raw)?;
     refuse_shared_writable(raw, &maps)?;
     fdtable::check_supported(raw)?;
@@ -281,34 +284,49 @@ pub fn checkpoint(pid: Pid, opts: &CheckpointOptions) -> Result<Template, CrErro
         None => cgroup.path().to_path_buf(),
     };
 
-    // The pause: from here to the detach.
-    let (mut tracee, _) = Tracee::seize_stopped(pid, cr_options())?;
+    // The pause: from here to the detach. Every thread is stopped.
+    let threads::Seized {
+        leader: mut tracee,
+        mut others,
+    } = threads::seize_all(pid, cr_options())?;
     let paused_at = Instant::now();
-    // A thread created between the first check and the stop would not be forked.
-    refuse_threads(raw)?;
     let site = SyscallSite::find(&tracee, procfs::vdso(&maps))?;
     let xstate = tracee.xstate()?;
-    let ((mut child, scratch), regs, fds, cwd, mut status) = {
+    let ((mut child, scratch), regs, fds, cwd, mut status, main_thread, thread_states) = {
         let mut inj = Injection::begin(&mut tracee, site)?;
         let regs = *inj.saved();
         let fds = fdtable::record(raw)?;
         let cwd = procfs::cwd(raw)?;
         let status = procfs::status(raw)?;
         // The template is born in its own cgroup; the scratch page (struct clone_args,
-        // the cgroup's path) is the process's only for the call, the template keeps it
-        // for the clone3 of every restore.
+        // the cgroup's path; the other threads' records) is the process's only for the
+        // call, the template keeps it for the clone3 of every restore.
         let scratch = inj.mmap_scratch(SCRATCH_LEN)?;
-        let child = inj.clone_into_cgroup(scratch, &cgroup_seen);
+        let recorded = (|| {
+            let main_thread = threads::record_leader(&mut inj, scratch)?;
+            let states = others
+                .iter_mut()
+                .map(|t| threads::record_thread(raw, t, site, scratch))
+                .collect::<Result<Vec<_>, CrError>>()?;
+            Ok::<_, CrError>((main_thread, states))
+        })();
+        let recorded = recorded.and_then(|r| {
+            let child = inj.clone_into_cgroup(scratch, &cgroup_seen)?;
+            Ok((r, child))
+        });
         let unmapped = inj.syscall("munmap", libc::SYS_munmap, &[scratch, SCRATCH_LEN]);
-        let child = (child?, scratch);
+        let ((main_thread, states), child) = recorded?;
+        let child = (child, scratch);
         unmapped?;
         let signals_follow = inj.tracee().has_deferred_signals();
         inj.finish(signals_follow)?;
-        (child, regs, fds, cwd, status)
+        (child, regs, fds, cwd, status, main_thread, states)
     };
     // Its registers are its own again: a controller crash from here on detaches it
     // (the template, which inherited PTRACE_O_EXITKILL, is killed until it is held).
     tracee.set_exit_kill(false)?;
+    threads::requeue_thread_signals(raw, &mut others);
+    threads::detach_all(others)?;
     // Signals that arrived during the pause are the process's: it gets them back, and
     // the checkpoint records them as pending.
     let deferred = tracee.take_deferred_signals();
@@ -355,6 +373,8 @@ pub fn checkpoint(pid: Pid, opts: &CheckpointOptions) -> Result<Template, CrErro
         status,
         rlimits: procfs::rlimits(tpid)?,
         cgroup: own_cgroup,
+        main_thread,
+        threads: thread_states,
     };
     Ok(Template {
         pidfd,

@@ -22,10 +22,12 @@ use serde::{Deserialize, Serialize};
 
 pub use nix::sys::ptrace::Options;
 pub use stop::{Stop, WaitReport, decode_status};
+pub use task::{RobustList, RseqConfig};
 
 use stop::classify;
 
 mod stop;
+mod task;
 
 /// The general-purpose registers, as `PTRACE_GETREGS` returns them.
 pub type Regs = libc::user_regs_struct;
