@@ -13,10 +13,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
-use hyper::header::{CONTENT_TYPE, HOST};
+use hyper::header::{ACCEPT, CONTENT_TYPE, HOST};
 use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 use tokio::net::UnixStream;
+use tokio::task::JoinHandle;
 
 use super::sandbox_types::{
     BranchRequest, BranchResult, CheckpointRequest, CreateSandbox, DiffResult, ExecRequest,
@@ -29,8 +30,10 @@ use super::types::{CgroupsResponse, ErrorBody, InodeStatsResponse, StatusRespons
 pub const DEFAULT_SOCKET: &str = "/run/deltabox/api.sock";
 
 mod request;
+mod stream;
 
 pub use request::ApiRequest;
+pub use stream::ExecEvents;
 
 /// Errors of API calls.
 #[derive(Debug, thiserror::Error)]
@@ -206,6 +209,54 @@ impl Client {
         self.call(&ApiRequest::Exec { sandbox, req }).await
     }
 
+    /// `POST /v1/sandboxes/{id}/exec` with `Accept: application/x-ndjson`: the
+    /// command's events as they come. Errors before the command started are this
+    /// call's; later ones are the stream's last item.
+    pub async fn exec_stream(
+        &self,
+        sandbox: &str,
+        req: &ExecRequest,
+    ) -> Result<ExecEvents, ClientError> {
+        let request = ApiRequest::Exec {
+            sandbox: sandbox.to_owned(),
+            req: req.clone(),
+        };
+        let deadline = request
+            .timeout()
+            .map(|limit| (tokio::time::Instant::now() + limit, limit));
+        let opened = self.open(&request, Some(crate::api::exec_stream::NDJSON));
+        let (response, connection) = match deadline {
+            None => opened.await?,
+            Some((at, limit)) => tokio::time::timeout_at(at, opened)
+                .await
+                .map_err(|_| self.timeout_error(limit))??,
+        };
+        let status = response.status();
+        if !status.is_success() {
+            let bytes = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|source| self.http_error(source))?
+                .to_bytes();
+            connection.abort();
+            return Err(api_error(status.as_u16(), &bytes));
+        }
+        Ok(ExecEvents::new(
+            self.clone(),
+            response,
+            connection,
+            deadline,
+        ))
+    }
+
+    fn timeout_error(&self, timeout: Duration) -> ClientError {
+        ClientError::Timeout {
+            socket: self.socket.clone(),
+            timeout,
+        }
+    }
+
     /// `POST /v1/sandboxes/{id}/sessions`.
     pub async fn session_start(
         &self,
@@ -326,19 +377,40 @@ impl Client {
     }
 
     async fn exchange(&self, request: &ApiRequest) -> Result<(u16, Bytes), ClientError> {
+        let (response, connection) = self.open(request, None).await?;
+        let status = response.status();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|source| self.http_error(source))?
+            .to_bytes();
+        connection.abort();
+        if status.is_success() {
+            return Ok((status.as_u16(), bytes));
+        }
+        Err(api_error(status.as_u16(), &bytes))
+    }
+
+    /// Connects, sends `request` (with `Accept: accept` if given) and returns the
+    /// response, its body unread, and the connection's task (to abort once the body
+    /// has been read).
+    async fn open(
+        &self,
+        request: &ApiRequest,
+        accept: Option<&'static str>,
+    ) -> Result<(hyper::Response<hyper::body::Incoming>, JoinHandle<()>), ClientError> {
         let stream = UnixStream::connect(&self.socket)
             .await
             .map_err(|err| self.connect_error(err))?;
-        let http_err = |source| ClientError::Http {
-            socket: self.socket.clone(),
-            source,
-        };
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
-            .map_err(http_err)?;
+            .map_err(|source| self.http_error(source))?;
         // The connection task ends when the exchange is over (or failed; the error
-        // surfaces through `send_request`).
-        let connection = tokio::spawn(connection);
+        // surfaces through `send_request` or the body).
+        let connection = tokio::spawn(async move {
+            let _ = connection.await;
+        });
 
         let body = request.body();
         let mut builder = Request::builder()
@@ -348,36 +420,26 @@ impl Client {
         if body.is_some() {
             builder = builder.header(CONTENT_TYPE, "application/json");
         }
+        if let Some(accept) = accept {
+            builder = builder.header(ACCEPT, accept);
+        }
         let req = builder
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|err| ClientError::BadResponse {
                 status: 0,
                 detail: format!("cannot build the request: {err}"),
             })?;
-        let response = sender.send_request(req).await.map_err(http_err)?;
-        let status = response.status();
-        let bytes = response
-            .into_body()
-            .collect()
+        let response = sender
+            .send_request(req)
             .await
-            .map_err(http_err)?
-            .to_bytes();
-        drop(sender);
-        connection.abort();
+            .map_err(|source| self.http_error(source))?;
+        Ok((response, connection))
+    }
 
-        if status.is_success() {
-            return Ok((status.as_u16(), bytes));
-        }
-        match serde_json::from_slice::<ErrorBody>(&bytes) {
-            Ok(err) => Err(ClientError::Api {
-                status: status.as_u16(),
-                kind: err.kind,
-                message: err.error,
-            }),
-            Err(_) => Err(ClientError::BadResponse {
-                status: status.as_u16(),
-                detail: String::from_utf8_lossy(&bytes).chars().take(200).collect(),
-            }),
+    fn http_error(&self, source: hyper::Error) -> ClientError {
+        ClientError::Http {
+            socket: self.socket.clone(),
+            source,
         }
     }
 
@@ -392,6 +454,21 @@ impl Client {
                 source: err,
             },
         }
+    }
+}
+
+/// The error of a failed answer: the API's error body, or what was wrong with it.
+fn api_error(status: u16, bytes: &[u8]) -> ClientError {
+    match serde_json::from_slice::<ErrorBody>(bytes) {
+        Ok(err) => ClientError::Api {
+            status,
+            kind: err.kind,
+            message: err.error,
+        },
+        Err(_) => ClientError::BadResponse {
+            status,
+            detail: String::from_utf8_lossy(bytes).chars().take(200).collect(),
+        },
     }
 }
 

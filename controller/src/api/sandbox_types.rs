@@ -276,7 +276,7 @@ pub mod base64 {
     /// The bytes of base64 `text` (`None` if it is not padded base64).
     pub fn decode(text: &str) -> Option<Vec<u8>> {
         let text = text.as_bytes();
-        if text.len() % 4 != 0 {
+        if !text.len().is_multiple_of(4) {
             return None;
         }
         let mut out = Vec::with_capacity(text.len() / 4 * 3);
