@@ -64,3 +64,44 @@ fn extracts_names_from_promql() {
         ["deltabox_x_seconds", "deltabox_y"]
     );
 }
+
+#[test]
+fn panels_are_well_formed_and_do_not_overlap() {
+    let dashboard: serde_json::Value = serde_json::from_str(DASHBOARD).expect("dashboard is JSON");
+    let panels = dashboard["panels"].as_array().expect("panels");
+    let mut ids = BTreeSet::new();
+    let mut cells: BTreeSet<(u64, u64)> = BTreeSet::new();
+    for p in panels {
+        let title = p["title"].as_str().expect("every panel has a title");
+        assert!(
+            ids.insert(p["id"].as_u64().expect("numeric id")),
+            "{title}: duplicate id"
+        );
+        assert_eq!(p["datasource"]["uid"], "${datasource}", "{title}");
+        let pos = &p["gridPos"];
+        let [x, y, w, h] = ["x", "y", "w", "h"].map(|k| pos[k].as_u64().expect("gridPos"));
+        assert!(w > 0 && h > 0 && x + w <= 24, "{title}: gridPos {pos}");
+        // Grid cells, so two panels drawn over each other fail.
+        for cx in x..x + w {
+            for cy in y..y + h {
+                assert!(
+                    cells.insert((cx, cy)),
+                    "{title} overlaps another panel at {cx},{cy}"
+                );
+            }
+        }
+        let targets = p["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty(), "{title}: no query");
+        let mut refs = BTreeSet::new();
+        for t in targets {
+            assert!(
+                refs.insert(t["refId"].as_str().expect("refId")),
+                "{title}: refId twice"
+            );
+            assert!(
+                t["expr"].as_str().is_some_and(|e| e.contains("deltabox_")),
+                "{title}: no deltabox metric in {t}"
+            );
+        }
+    }
+}

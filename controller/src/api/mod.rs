@@ -51,6 +51,8 @@ pub mod routes {
     pub const EPOCH: &str = "/v1/cgroups/epoch";
     /// `GET`: per-inode counters of the current epochs.
     pub const INODE_STATS: &str = "/v1/inode-stats";
+    /// `GET`: latency percentiles since start and what the tree costs.
+    pub const STATS: &str = "/v1/stats";
     /// `GET`, on the loopback TCP address: Prometheus text exposition.
     pub const METRICS: &str = "/metrics";
     /// `POST`: create a sandbox; `GET`: list them.

@@ -6,17 +6,20 @@ use std::time::Instant;
 
 use axum::Json;
 use axum::Router;
+use axum::body::Body;
 use axum::extract::rejection::{BytesRejection, JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, MatchedPath, Query, Request, State};
 use axum::http::{Method, StatusCode, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, post};
+use http_body_util::BodyExt as _;
 
 use super::service::ApiService;
 use super::types::{CgroupRequest, ErrorBody, InodeStatsQuery};
 use super::{ApiError, MAX_BODY_BYTES, routes};
-use crate::metrics::TEXT_CONTENT_TYPE;
+use crate::metrics::latency::Operation;
+use crate::metrics::{Metrics, TEXT_CONTENT_TYPE};
 
 type Svc = Arc<ApiService>;
 
@@ -24,8 +27,9 @@ type Svc = Arc<ApiService>;
 const UNMATCHED_ROUTE: &str = "unmatched";
 
 /// The API router: every route of [`served_routes`], JSON errors for unknown routes,
-/// wrong methods and rejected bodies, bodies up to [`MAX_BODY_BYTES`], and a request
-/// counter per route and status.
+/// wrong methods and rejected bodies, bodies up to [`MAX_BODY_BYTES`], a request
+/// counter per route and status, an error counter per code, and the latency of
+/// `exec` and session `run` for `GET /v1/stats`.
 pub fn api_router(service: Svc) -> Router {
     let metrics = service.metrics().clone();
     route_table()
@@ -44,10 +48,57 @@ pub fn api_router(service: Svc) -> Router {
                 let response = next.run(req).await;
                 let seconds = started.elapsed().as_secs_f64();
                 metrics.observe_request(&route, response.status().as_u16(), seconds);
-                response
+                if let Some(ErrorCode(code)) = response.extensions().get::<ErrorCode>() {
+                    metrics.api_error(code);
+                }
+                time_to_end(&route, response, started, metrics)
             }
         }))
         .with_state(service)
+}
+
+/// The stable code of an error answer, left on the response for the error counter.
+#[derive(Clone, Copy, Debug)]
+struct ErrorCode(&'static str);
+
+/// For a successful `exec` or session `run`, records the operation's latency when the
+/// answer's body is done with (sent, or dropped by a client that went away), so a
+/// streamed answer counts until its end, not until its headers.
+fn time_to_end(route: &str, response: Response, started: Instant, metrics: Metrics) -> Response {
+    let op = match route {
+        routes::SANDBOX_EXEC => Operation::Exec,
+        routes::SANDBOX_SESSION_RUN => Operation::SessionRun,
+        _ => return response,
+    };
+    if !response.status().is_success() {
+        return response;
+    }
+    let done = OnDrop(Some(move || {
+        metrics.observe_operation(op, started.elapsed().as_secs_f64() * 1e3);
+    }));
+    response.map(|body| {
+        Body::new(body.map_frame(move |frame| {
+            // The closure owns `done`: it runs when the body is dropped.
+            done.keep();
+            frame
+        }))
+    })
+}
+
+/// Runs its closure once, when dropped.
+struct OnDrop<F: FnOnce()>(Option<F>);
+
+impl<F: FnOnce()> OnDrop<F> {
+    /// Nothing: makes a closure that calls it own the guard.
+    fn keep(&self) {}
+}
+
+impl<F: FnOnce()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f();
+        }
+    }
 }
 
 /// Every (method, path) the API router serves, as registered.
@@ -94,7 +145,8 @@ fn route_table() -> RouteTable {
     .add(Method::POST, routes::WATCH, post(watch))
     .add(Method::POST, routes::UNWATCH, post(unwatch))
     .add(Method::POST, routes::EPOCH, post(epoch))
-    .add(Method::GET, routes::INODE_STATS, get(inode_stats));
+    .add(Method::GET, routes::INODE_STATS, get(inode_stats))
+    .add(Method::GET, routes::STATS, get(stats));
     super::sandbox_server::add_routes(table)
 }
 
@@ -152,6 +204,10 @@ async fn inode_stats(
     blocking(svc, move |s| s.inode_stats(&query)).await
 }
 
+async fn stats(State(svc): State<Svc>) -> impl IntoResponse {
+    blocking(svc, ApiService::stats).await
+}
+
 async fn metrics(State(svc): State<Svc>) -> Response {
     let encoded = tokio::task::spawn_blocking(move || {
         svc.refresh_metrics();
@@ -197,7 +253,9 @@ impl IntoResponse for ApiError {
         } else {
             tracing::debug!(kind = body.kind, "{}", body.error);
         }
-        (status, Json(body)).into_response()
+        let mut response = (status, Json(body)).into_response();
+        response.extensions_mut().insert(ErrorCode(kind.as_str()));
+        response
     }
 }
 

@@ -11,6 +11,9 @@ use std::time::{Duration, Instant};
 
 use crate::bpf::{BpfError, Origin, WriteTracker};
 use crate::cgroup::{Cgroup, CgroupFs, unknown_cgroup};
+use crate::metrics::latency::WINDOW;
+use crate::metrics::state::{StateFigures, StateSource};
+use crate::metrics::stats::StatsResponse;
 use crate::metrics::{CgroupFigures, Metrics};
 use crate::sandbox::SandboxOps;
 
@@ -39,6 +42,12 @@ pub struct DaemonInfo {
     pub started: Instant,
 }
 
+/// What the service needs of sandboxes: their operations, and their costs for the
+/// metrics and `GET /v1/stats` (the sandbox manager is both).
+pub trait ServedSandboxes: SandboxOps + StateSource {}
+
+impl<T: SandboxOps + StateSource> ServedSandboxes for T {}
+
 /// A cached id-to-path lookup.
 #[derive(Clone, Debug)]
 enum KnownPath {
@@ -55,7 +64,7 @@ pub struct ApiService {
     /// cgroup id to directory, for ids this daemon resolved or found by a walk.
     paths: Mutex<HashMap<u64, KnownPath>>,
     /// The sandbox endpoints' implementation; without it they answer 503.
-    sandboxes: Option<Arc<dyn SandboxOps>>,
+    sandboxes: Option<Arc<dyn ServedSandboxes>>,
 }
 
 impl ApiService {
@@ -79,14 +88,39 @@ impl ApiService {
     /// This service with the sandbox endpoints served by `ops` (without it they answer
     /// 503 `sandboxes_disabled`).
     #[must_use]
-    pub fn with_sandboxes(mut self, ops: Arc<dyn SandboxOps>) -> Self {
+    pub fn with_sandboxes(mut self, ops: Arc<dyn ServedSandboxes>) -> Self {
         self.sandboxes = Some(ops);
         self
     }
 
     /// The sandbox operations, or the error the sandbox endpoints answer without them.
     pub fn sandboxes(&self) -> Result<&dyn SandboxOps, ApiError> {
-        self.sandboxes.as_deref().ok_or(ApiError::SandboxesDisabled)
+        match self.sandboxes.as_deref() {
+            Some(ops) => Ok(ops),
+            None => Err(ApiError::SandboxesDisabled),
+        }
+    }
+
+    /// `GET /v1/stats`: latency since start and, with sandboxes, what they cost now
+    /// (measured for this answer, which also refreshes the state gauges).
+    pub fn stats(&self) -> Result<StatsResponse, ApiError> {
+        let state = match &self.sandboxes {
+            Some(source) => Some(self.measure_state(source.as_ref())?),
+            None => None,
+        };
+        Ok(StatsResponse {
+            uptime_secs: self.info.started.elapsed().as_secs(),
+            window: WINDOW,
+            operations: self.metrics.latency().summary(),
+            state,
+        })
+    }
+
+    /// Measures the sandboxes' costs and sets their gauges.
+    fn measure_state(&self, source: &dyn ServedSandboxes) -> Result<StateFigures, ApiError> {
+        let figures = source.state_figures()?;
+        self.metrics.set_state(&figures);
+        Ok(figures)
     }
 
     /// The metrics this service updates.
@@ -187,10 +221,17 @@ impl ApiService {
         Ok(InodeStatsResponse { stats })
     }
 
-    /// Brings the scrape-time metrics up to date with the tracker. A failed read is
-    /// counted in `deltabox_tracker_errors_total` and the rest still refreshed, so a
-    /// scrape always answers.
+    /// Brings the scrape-time metrics up to date with the sandboxes' state and the
+    /// tracker. A failed tracker read is counted in `deltabox_tracker_errors_total`, a
+    /// failed state measure logged, and the rest still refreshed, so a scrape always
+    /// answers.
     pub fn refresh_metrics(&self) {
+        if let Some(source) = &self.sandboxes
+            && let Err(err) = self.measure_state(source.as_ref())
+        {
+            // The gauges keep their last values; the log says why they are stale.
+            tracing::warn!("cannot measure the sandboxes' state: {}", err.message());
+        }
         if let Ok(counters) = self.bpf("read counters", self.tracker.counters()) {
             self.metrics.set_bpf_counters(&counters);
         }

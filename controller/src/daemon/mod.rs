@@ -20,11 +20,11 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
 use crate::api::server::{api_router, metrics_router};
-use crate::api::service::{ApiService, DaemonInfo};
+use crate::api::service::{ApiService, DaemonInfo, ServedSandboxes};
 use crate::bpf::{AttachedProgram, BpfError, Origin, PinnedTracker, WriteTracker};
 use crate::cgroup::{CgroupError, CgroupFs};
 use crate::metrics::{Metrics, MetricsError};
-use crate::sandbox::{ManagerConfig, SandboxError, SandboxManager, SandboxOps};
+use crate::sandbox::{ManagerConfig, SandboxError, SandboxManager};
 
 pub use socket::{ApiSocket, SocketFile};
 
@@ -276,7 +276,7 @@ pub async fn run(config: ServeConfig) -> Result<(), DaemonError> {
         cgroups,
         origin,
         pin_dir,
-        manager.clone().map(|m| m as Arc<dyn SandboxOps>),
+        manager.clone().map(|m| m as Arc<dyn ServedSandboxes>),
         stop,
     )
     .await;
@@ -308,7 +308,7 @@ pub async fn serve(
     cgroups: CgroupFs,
     origin: Origin,
     pin_dir: &Path,
-    sandboxes: Option<Arc<dyn SandboxOps>>,
+    sandboxes: Option<Arc<dyn ServedSandboxes>>,
     stop: impl Future<Output = &'static str>,
 ) -> Result<(), DaemonError> {
     let metrics_addr =

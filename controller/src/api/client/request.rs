@@ -45,6 +45,8 @@ pub enum ApiRequest {
         /// Only this cgroup.
         cgroup: Option<String>,
     },
+    /// `GET /v1/stats`.
+    Stats,
     /// `POST /v1/sandboxes`.
     CreateSandbox(CreateSandbox),
     /// `GET /v1/sandboxes`.
@@ -142,6 +144,7 @@ impl ApiRequest {
             Self::Status
             | Self::Cgroups
             | Self::InodeStats { .. }
+            | Self::Stats
             | Self::ListSandboxes
             | Self::GetSandbox { .. }
             | Self::SandboxTree { .. }
@@ -172,7 +175,8 @@ impl ApiRequest {
             | Self::Watch { .. }
             | Self::Unwatch { .. }
             | Self::Epoch { .. }
-            | Self::InodeStats { .. } => Some(REQUEST_TIMEOUT),
+            | Self::InodeStats { .. }
+            | Self::Stats => Some(REQUEST_TIMEOUT),
             Self::Exec { req, .. } => req
                 .timeout_ms
                 .map(|ms| Duration::from_millis(ms).saturating_add(COMMAND_MARGIN)),
@@ -194,6 +198,7 @@ impl ApiRequest {
             Self::InodeStats {
                 cgroup: Some(cgroup),
             } => format!("{}?cgroup={}", routes::INODE_STATS, percent_encode(cgroup)),
+            Self::Stats => routes::STATS.to_owned(),
             Self::CreateSandbox(_) | Self::ListSandboxes => routes::SANDBOXES.to_owned(),
             Self::GetSandbox { sandbox } | Self::RemoveSandbox { sandbox } => {
                 routes::fill(routes::SANDBOX, &[sandbox])

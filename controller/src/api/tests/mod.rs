@@ -7,6 +7,7 @@ mod contract;
 mod fake_sandboxes;
 mod sandbox_errors;
 mod sandboxes;
+mod stats;
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
@@ -23,12 +24,11 @@ use tower::ServiceExt;
 use self::fake_sandboxes::FakeSandboxes;
 use super::fake::FakeTracker;
 use super::server::{api_router, metrics_router};
-use super::service::{ApiService, DaemonInfo};
+use super::service::{ApiService, DaemonInfo, ServedSandboxes};
 use super::{ErrorKind, routes};
 use crate::bpf::{Origin, WriteTracker};
 use crate::cgroup::CgroupFs;
 use crate::metrics::Metrics;
-use crate::sandbox::SandboxOps;
 
 /// A fake cgroup tree, a fake tracker and a service over both.
 pub(crate) struct Harness {
@@ -74,7 +74,7 @@ impl Harness {
             info,
         );
         if with_sandboxes {
-            service = service.with_sandboxes(sandboxes.clone() as Arc<dyn SandboxOps>);
+            service = service.with_sandboxes(sandboxes.clone() as Arc<dyn ServedSandboxes>);
         }
         Self {
             dir,
@@ -420,6 +420,10 @@ async fn every_metric_is_updated() {
     // The sandbox state operations, through the fake.
     let (_, sandbox) = h.request(Method::POST, "/v1/sandboxes", Some("{}")).await;
     let sandbox = sandbox["id"].as_str().unwrap().to_owned();
+    // A session, so that the checkpoint has a template (the template gauges).
+    let sessions = routes::fill(routes::SANDBOX_SESSIONS, &[&sandbox]);
+    h.request(Method::POST, &sessions, Some(r#"{"kind": "bash"}"#))
+        .await;
     let (_, node) = h
         .request(
             Method::POST,
@@ -445,6 +449,8 @@ async fn every_metric_is_updated() {
         )
         .await;
     assert_eq!(status, StatusCode::CREATED);
+    // The state gauges are measured at scrape time: scrape again, with nodes now.
+    h.service.refresh_metrics();
 
     let families = h.service.metrics().registry().gather();
     assert!(!families.is_empty());

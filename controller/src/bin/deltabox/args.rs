@@ -126,6 +126,17 @@ Example:
     Epoch(CgroupArgs),
     /// Per-inode write counters of the current epochs.
     InodeStats(InodeStatsArgs),
+    /// Latency percentiles since the daemon started, and what the sandboxes cost.
+    #[command(after_help = "\
+Per operation (checkpoint, rollback, branch, exec, session run): count since the
+daemon started, p50/p90/p99 over the last 4096, max over all. Then sandboxes,
+trees, nodes, templates live and gone, the memory the live templates own and the
+disk the DeltaFS layers use.
+
+Example:
+  deltabox stats
+  deltabox stats --json | jq '.operations[] | select(.operation == \"checkpoint\")'")]
+    Stats(JsonArgs),
 }
 
 #[derive(Args)]

@@ -54,6 +54,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             Command::Unwatch(args) => commands::unwatch::run(args, &client).await,
             Command::Epoch(args) => commands::epoch::run(args, &client).await,
             Command::InodeStats(args) => commands::inode_stats::run(args, &client).await,
+            Command::Stats(args) => commands::stats::run(args, &client).await,
         };
         done.map(|()| 0)
     })

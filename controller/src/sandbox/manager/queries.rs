@@ -1,6 +1,7 @@
-//! The checkpoint tree's queries and clean-up: tree, diff, node removal, gc.
+//! The checkpoint tree's queries and clean-up: tree, diff, node removal, gc; and what
+//! it all costs ([`StateSource`], for the metrics and `GET /v1/stats`).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use super::tree_ops::{node_info, serde_name, snapshot_of};
@@ -8,6 +9,7 @@ use super::{SandboxManager, Tree, db_err, lock, store_err};
 use crate::api::sandbox_types::{
     CheckpointTimings, DiffEntry, DiffResult, GcResult, Removed, SandboxHead, TreeView,
 };
+use crate::metrics::state::{StateFigures, StateSource, private_bytes};
 use crate::sandbox::error::SandboxError;
 use crate::tree::ids::{NodeId, TreeId};
 use crate::tree::records::{SandboxRecord, unix_ms_now};
@@ -169,5 +171,53 @@ impl SandboxManager {
             layers_removed: report.removed.len(),
             trees_removed,
         })
+    }
+}
+
+impl StateSource for SandboxManager {
+    /// Counts sandboxes, live trees and nodes; reads each live template's
+    /// `smaps_rollup`; walks the store's layers. A template in a tree's map whose
+    /// process is gone (killed from inside its sandbox) counts as gone.
+    fn state_figures(&self) -> Result<StateFigures, SandboxError> {
+        let sandboxes = lock(&self.sandboxes).len() as u64;
+        let trees: Vec<Arc<Tree>> = lock(&self.trees).values().cloned().collect();
+        // Template pids per node, copied out so no tree lock is held while reading /proc.
+        let mut pids: HashMap<NodeId, Vec<i32>> = HashMap::new();
+        for tree in &trees {
+            for (node, templates) in lock(&tree.templates).iter() {
+                pids.insert(
+                    *node,
+                    templates
+                        .sessions
+                        .iter()
+                        .map(|(_, _, t)| t.pid().as_raw())
+                        .collect(),
+                );
+            }
+        }
+        let mut figures = StateFigures {
+            sandboxes,
+            trees: trees.len() as u64,
+            ..StateFigures::default()
+        };
+        for tree in self.db.trees().map_err(db_err)? {
+            for node in self.db.nodes(&tree.id).map_err(db_err)? {
+                figures.nodes += 1;
+                let mut live = 0;
+                for pid in pids.get(&node.id).into_iter().flatten() {
+                    match private_bytes(*pid) {
+                        Ok(bytes) => {
+                            live += 1;
+                            figures.template_memory_bytes += bytes;
+                        }
+                        Err(e) => tracing::debug!(node = %node.id, pid, "template not live: {e}"),
+                    }
+                }
+                figures.templates_live += live;
+                figures.templates_gone += (node.sessions.len() as u64).saturating_sub(live);
+            }
+        }
+        figures.store_bytes = self.store.disk_usage();
+        Ok(figures)
     }
 }

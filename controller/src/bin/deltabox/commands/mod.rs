@@ -12,6 +12,7 @@ pub mod ls;
 pub mod rm;
 pub mod rollback;
 pub mod session;
+pub mod stats;
 pub mod status;
 pub mod tree;
 pub mod unwatch;

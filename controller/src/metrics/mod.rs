@@ -5,12 +5,25 @@
 //! exported. A test (`api::tests::every_metric_is_updated`) drives the daemon's code
 //! paths and fails when a defined metric is never updated, so dashboards cannot drift
 //! from the code (Firecracker's rule).
+//!
+//! - [`latency`]: per-operation latency percentiles since start (`GET /v1/stats`);
+//! - [`state`]: what the sandboxes and trees cost, measured at scrape time;
+//! - [`stats`]: the `GET /v1/stats` answer and its text.
+
+pub mod latency;
+pub mod state;
+pub mod stats;
+
+use std::sync::Arc;
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use self::latency::{LatencyRecorder, Operation};
+use self::state::StateFigures;
+use crate::api::ErrorKind;
 use crate::api::sandbox_types::{CheckpointTimings, RollbackMode, RollbackResult};
 use crate::bpf::GlobalCounters;
 
@@ -38,6 +51,9 @@ macro_rules! metrics {
         #[derive(Clone)]
         pub struct Metrics {
             registry: Registry,
+            /// The observations behind `GET /v1/stats` (not exported to Prometheus,
+            /// whose histograms cover the same operations).
+            latency: Arc<LatencyRecorder>,
             $( $(#[doc = $doc])+ pub $field: $ty, )+
         }
 
@@ -57,7 +73,8 @@ macro_rules! metrics {
                             source,
                         })?;
                 )+
-                let metrics = Self { registry, $($field),+ };
+                let latency = Arc::new(LatencyRecorder::default());
+                let metrics = Self { registry, latency, $($field),+ };
                 metrics.init_series();
                 Ok(metrics)
             }
@@ -173,6 +190,35 @@ metrics! {
         HistogramOpts::new("deltabox_branch_seconds", "Time to make one branched sandbox")
             .buckets(STATE_BUCKETS.to_vec()),
     );
+    /// `deltabox_api_errors_total{code}`: error answers of the API, by their stable
+    /// code (the `kind` field of the JSON error; every code has a series from the start).
+    api_errors_total: IntCounterVec = IntCounterVec::new(
+        Opts::new("deltabox_api_errors_total", "API error answers, by error code"),
+        &["code"],
+    );
+    /// `deltabox_sandboxes`: sandboxes alive (scrape time).
+    sandboxes: IntGauge = IntGauge::new("deltabox_sandboxes", "Sandboxes alive");
+    /// `deltabox_trees`: checkpoint trees alive, each with its namespaces and init
+    /// process (scrape time).
+    trees: IntGauge = IntGauge::new("deltabox_trees", "Checkpoint trees alive");
+    /// `deltabox_nodes`: checkpoint nodes in the tree database, of every tree (scrape
+    /// time).
+    nodes: IntGauge = IntGauge::new("deltabox_nodes", "Checkpoint nodes in the tree database");
+    /// `deltabox_templates{state}`: node session templates, `live` (a frozen process) or
+    /// `gone` (a session of a node with no live template) (scrape time).
+    templates: IntGaugeVec = IntGaugeVec::new(
+        Opts::new("deltabox_templates", "Node session templates, live or gone"),
+        &["state"],
+    );
+    /// `deltabox_template_memory_bytes`: memory the live templates own, the sum of
+    /// `Private_Clean + Private_Dirty` of their `/proc/<pid>/smaps_rollup` (scrape time).
+    template_memory_bytes: IntGauge = IntGauge::new(
+        "deltabox_template_memory_bytes", "Memory the live templates own (private pages)",
+    );
+    /// `deltabox_store_bytes`: disk allocated to DeltaFS layers (scrape time).
+    store_bytes: IntGauge = IntGauge::new(
+        "deltabox_store_bytes", "Disk allocated to DeltaFS layers",
+    );
 }
 
 /// Latency buckets of state operations: 0.5 ms to 1 s.
@@ -223,10 +269,49 @@ impl Metrics {
         for op in TRACKER_OPS {
             self.tracker_errors_total.with_label_values(&[op]);
         }
+        for code in ErrorKind::all_names() {
+            self.api_errors_total.with_label_values(&[code]);
+        }
+        for state in ["live", "gone"] {
+            self.templates.with_label_values(&[state]);
+        }
+    }
+
+    /// Counts one error answer of the API, by its code (the JSON error's `kind`).
+    pub fn api_error(&self, code: &str) {
+        self.api_errors_total.with_label_values(&[code]).inc();
+    }
+
+    /// Sets the gauges of what the sandboxes and trees cost.
+    pub fn set_state(&self, s: &StateFigures) {
+        self.sandboxes.set(gauge_value(s.sandboxes));
+        self.trees.set(gauge_value(s.trees));
+        self.nodes.set(gauge_value(s.nodes));
+        self.templates
+            .with_label_values(&["live"])
+            .set(gauge_value(s.templates_live));
+        self.templates
+            .with_label_values(&["gone"])
+            .set(gauge_value(s.templates_gone));
+        self.template_memory_bytes
+            .set(gauge_value(s.template_memory_bytes));
+        self.store_bytes.set(gauge_value(s.store_bytes));
+    }
+
+    /// Records one operation's latency for `GET /v1/stats` (checkpoint, rollback and
+    /// branch are recorded by their `observe_*` methods).
+    pub fn observe_operation(&self, op: Operation, ms: f64) {
+        self.latency.observe(op, ms);
+    }
+
+    /// The latency observations behind `GET /v1/stats`.
+    pub fn latency(&self) -> &LatencyRecorder {
+        &self.latency
     }
 
     /// Records a checkpoint's phases.
     pub fn observe_checkpoint(&self, t: &CheckpointTimings) {
+        self.latency.observe(Operation::Checkpoint, t.total_ms);
         for (phase, ms) in [
             ("total", t.total_ms),
             ("quiesce", t.quiesce_ms),
@@ -248,6 +333,7 @@ impl Metrics {
             RollbackMode::ProcessesOnly => "processes_only",
         };
         let t = &r.timings;
+        self.latency.observe(Operation::Rollback, t.total_ms);
         let files = r.mode != RollbackMode::ProcessesOnly;
         let processes = r.mode != RollbackMode::FilesOnly;
         for (phase, ms, done) in [
@@ -267,6 +353,7 @@ impl Metrics {
     /// Records the time each sandbox of a branch call took.
     pub fn observe_branch(&self, branch_ms: &[f64]) {
         for ms in branch_ms {
+            self.latency.observe(Operation::Branch, *ms);
             self.branch_seconds.observe(ms / 1e3);
         }
     }
@@ -379,13 +466,76 @@ mod tests {
     fn every_tracker_op_the_service_names_is_listed() {
         // The service names its operations as string literals in `bpf("…")` and
         // `bpf_error("…")`; each must have its series created at start.
-        let source = include_str!("api/service.rs");
+        let source = include_str!("../api/service.rs");
         for call in ["self.bpf(\"", "self.bpf_error(\""] {
             for rest in source.split(call).skip(1) {
                 let op = &rest[..rest.find('"').unwrap()];
                 assert!(TRACKER_OPS.contains(&op), "{op:?} is not in TRACKER_OPS");
             }
         }
+    }
+
+    #[test]
+    fn every_error_code_has_a_series_from_the_start() {
+        let m = Metrics::new().unwrap();
+        let text = m.encode().unwrap();
+        for code in ErrorKind::all_names() {
+            assert!(
+                text.contains(&format!("deltabox_api_errors_total{{code=\"{code}\"}} 0")),
+                "{code}: {text}"
+            );
+        }
+        m.api_error("unknown_sandbox");
+        m.api_error("unknown_sandbox");
+        let text = m.encode().unwrap();
+        assert!(text.contains("deltabox_api_errors_total{code=\"unknown_sandbox\"} 2"));
+    }
+
+    #[test]
+    fn state_gauges_take_the_figures() {
+        let m = Metrics::new().unwrap();
+        m.set_state(&StateFigures {
+            sandboxes: 2,
+            trees: 1,
+            nodes: 5,
+            templates_live: 3,
+            templates_gone: 1,
+            template_memory_bytes: 4096,
+            store_bytes: u64::MAX,
+        });
+        let text = m.encode().unwrap();
+        for line in [
+            "deltabox_sandboxes 2",
+            "deltabox_trees 1",
+            "deltabox_nodes 5",
+            "deltabox_templates{state=\"live\"} 3",
+            "deltabox_templates{state=\"gone\"} 1",
+            "deltabox_template_memory_bytes 4096",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line}: {text}");
+        }
+        // Saturated, not wrapped negative.
+        assert_eq!(m.store_bytes.get(), i64::MAX);
+    }
+
+    #[test]
+    fn checkpoints_rollbacks_and_branches_reach_the_stats() {
+        let m = Metrics::new().unwrap();
+        m.observe_checkpoint(&CheckpointTimings {
+            total_ms: 4.0,
+            ..CheckpointTimings::default()
+        });
+        m.observe_branch(&[1.0, 2.0]);
+        let stats = m.latency().summary();
+        assert_eq!(stats[0].count, 1);
+        assert_eq!(stats[0].max_ms, Some(4.0));
+        assert_eq!(stats[2].count, 2);
+        assert_eq!(
+            m.checkpoint_seconds
+                .with_label_values(&["total"])
+                .get_sample_count(),
+            1
+        );
     }
 
     #[test]

@@ -1,0 +1,123 @@
+//! `GET /v1/stats`: the figures of `/metrics` a user wants without Prometheus —
+//! latency percentiles since the daemon started and what the tree costs — and their
+//! text for `deltabox stats`.
+
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+use super::latency::OperationLatency;
+use super::state::StateFigures;
+use crate::api::render::{Align, Table};
+use crate::api::sandbox_render::size;
+
+/// The answer of `GET /v1/stats`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StatsResponse {
+    /// Seconds since the daemon started (the period the counts cover).
+    pub uptime_secs: u64,
+    /// Most recent observations per operation the percentiles are computed over.
+    pub window: usize,
+    /// Each operation's latency, in a fixed order: checkpoint, rollback, branch, exec,
+    /// session_run.
+    pub operations: Vec<OperationLatency>,
+    /// What the sandboxes and their trees cost now; absent when the daemon runs
+    /// without sandboxes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<StateFigures>,
+}
+
+/// The stats as text: a latency table, then the state figures.
+pub fn stats_text(stats: &StatsResponse) -> String {
+    let ms = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.1}"));
+    let mut table = Table::new(&[
+        ("OPERATION", Align::Left),
+        ("COUNT", Align::Right),
+        ("P50 MS", Align::Right),
+        ("P90 MS", Align::Right),
+        ("P99 MS", Align::Right),
+        ("MAX MS", Align::Right),
+    ]);
+    for op in &stats.operations {
+        table.row(vec![
+            op.operation.as_str().to_owned(),
+            op.count.to_string(),
+            ms(op.p50_ms),
+            ms(op.p90_ms),
+            ms(op.p99_ms),
+            ms(op.max_ms),
+        ]);
+    }
+    let mut out = table.render();
+    let _ = writeln!(
+        out,
+        "\nsince the daemon started {} s ago; percentiles over the last {} of each",
+        stats.uptime_secs, stats.window
+    );
+    match &stats.state {
+        Some(s) => {
+            let _ = writeln!(
+                out,
+                "sandboxes {}  trees {}  nodes {}  templates {} live, {} gone",
+                s.sandboxes, s.trees, s.nodes, s.templates_live, s.templates_gone
+            );
+            let _ = writeln!(
+                out,
+                "template memory {}  store {}",
+                size(s.template_memory_bytes),
+                size(s.store_bytes)
+            );
+        }
+        None => out.push_str("sandboxes are disabled in this daemon\n"),
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::latency::{LatencyRecorder, Operation, WINDOW};
+
+    #[test]
+    fn text_has_a_row_per_operation_and_the_state() {
+        let rec = LatencyRecorder::default();
+        rec.observe(Operation::Checkpoint, 1.5);
+        rec.observe(Operation::Checkpoint, 3.0);
+        let stats = StatsResponse {
+            uptime_secs: 7,
+            window: WINDOW,
+            operations: rec.summary(),
+            state: Some(StateFigures {
+                sandboxes: 2,
+                trees: 1,
+                nodes: 3,
+                templates_live: 2,
+                templates_gone: 1,
+                template_memory_bytes: 3 << 20,
+                store_bytes: 1536,
+            }),
+        };
+        let text = stats_text(&stats);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].starts_with("OPERATION"), "{text}");
+        assert_eq!(
+            lines[1].split_whitespace().collect::<Vec<_>>(),
+            ["checkpoint", "2", "1.5", "3.0", "3.0", "3.0"],
+            "{text}"
+        );
+        assert_eq!(
+            lines[2].split_whitespace().collect::<Vec<_>>(),
+            ["rollback", "0", "-", "-", "-", "-"]
+        );
+        assert!(text.contains("nodes 3  templates 2 live, 1 gone"), "{text}");
+        assert!(
+            text.contains("template memory 3MiB  store 1.5KiB"),
+            "{text}"
+        );
+        let without = StatsResponse {
+            state: None,
+            ..stats
+        };
+        assert!(stats_text(&without).contains("disabled"));
+    }
+}
