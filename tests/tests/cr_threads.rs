@@ -13,9 +13,12 @@ use std::time::{Duration, Instant};
 
 use deltabox_controller::cr::{self, Template};
 use deltabox_tests::cr::{CrEnv, Proc, field};
+use deltabox_tests::daemon::TestDaemon;
+use deltabox_tests::sandbox::{Http, id_of};
 use deltabox_tests::{require_root, unique};
 use nix::sys::wait::{WaitStatus, waitpid};
 use nix::unistd::Pid;
+use serde_json::json;
 
 /// Threads of the C program besides the main one: 4 workers, a spinner, a sleeper, a
 /// waiter.
@@ -216,4 +219,133 @@ fn pthread_branches_and_the_original_run_independently() {
     assert_eq!(field(&joined, "ok"), "4", "{joined}");
     assert_eq!(field(&joined, "sum_ok"), "1", "{joined}");
     assert_eq!(exit_code(p.pid), 42);
+}
+
+/// The Python program of [`python_threads_come_back_in_rollbacks_and_branches`]:
+/// counters under a lock, a sleeper (`time.sleep`), a consumer blocked in
+/// `queue.Queue.get`, a waiter blocked in `threading.Event.wait`, and a spinner in pure
+/// Python, all started and running.
+const PY_START: &str = "\
+import threading, time, queue
+lock = threading.Lock()
+counts = [0, 0, 0]
+shared = [0]
+stop = threading.Event()
+ev = threading.Event()
+q = queue.Queue()
+results = queue.Queue()
+def counter(i):
+    while not stop.is_set():
+        with lock:
+            counts[i] += 1
+            shared[0] += 1
+        time.sleep(0.001)
+def sleeper():
+    n = 0
+    while not stop.is_set():
+        time.sleep(0.02)
+        n += 1
+    results.put(('sleeper', n))
+def consumer():
+    while True:
+        item = q.get()
+        if item is None:
+            break
+        results.put(('item', item * 2))
+def event_waiter():
+    ev.wait()
+    results.put(('event', 1))
+def spinner():
+    x = 0
+    while not stop.is_set():
+        x += 1
+    results.put(('spin', x))
+threads = [threading.Thread(target=counter, args=(i,), name='counter%d' % i) for i in range(3)]
+threads += [threading.Thread(target=f, name=f.__name__) for f in (sleeper, consumer, event_waiter, spinner)]
+for t in threads:
+    t.start()
+time.sleep(0.1)
+print(len(threading.enumerate()))";
+
+/// Run in a restored session: the counters are exactly the checkpoint's (the lock was
+/// held), then every thread works and ends.
+const PY_CHECK: &str = "\
+import time as _t
+_ok = [counts == held, shared[0] == sum(counts), marker]
+_names = sorted(t.name for t in threading.enumerate())
+lock.release()
+_t.sleep(0.3)
+with lock:
+    _ok += [all(c > h for c, h in zip(counts, held)), shared[0] == sum(counts)]
+q.put(5)
+_ok.append(results.get(timeout=10) == ('item', 10))
+ev.set()
+_ok.append(results.get(timeout=10) == ('event', 1))
+stop.set()
+q.put(None)
+for t in threads:
+    t.join(timeout=10)
+_ok.append(not any(t.is_alive() for t in threads))
+_rest = dict(results.get() for _ in range(2))
+_ok.append(_rest['sleeper'] > 0 and _rest['spin'] > 0)
+_ok.append([t.name for t in threading.enumerate()] == ['MainThread'])
+print(_names)
+print(_ok)";
+
+const PY_NAMES: &str = "['MainThread', 'consumer', 'counter0', 'counter1', 'counter2', \
+                        'event_waiter', 'sleeper', 'spinner']";
+
+fn py_check(http: &Http, sandbox: &str, session: &str, what: &str) {
+    let out = http.run(sandbox, session, PY_CHECK);
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some(PY_NAMES), "{what}: {out}");
+    assert_eq!(
+        lines.next(),
+        Some("[True, True, True, True, True, True, True, True, True, True]"),
+        "{what}: {out}"
+    );
+}
+
+#[test]
+fn python_threads_come_back_in_rollbacks_and_branches() {
+    require_root();
+    let daemon = TestDaemon::start("crthr-py", &[]);
+    let http = Http::new(daemon.socket());
+    let sandbox = id_of(&http.create(&json!({})));
+    let session = http.session(&sandbox, "python");
+    assert_eq!(http.run(&sandbox, &session, PY_START), "8\n");
+    // Checkpointed while the threads run, with the lock held: the counter threads are
+    // blocked on it, the others in their waits or spinning.
+    http.run(
+        &sandbox,
+        &session,
+        "lock.acquire()\nheld = list(counts)\nmarker = True",
+    );
+    let node = http.checkpoint(&sandbox, "threads");
+    // The original keeps running its threads.
+    let out = http.run(
+        &sandbox,
+        &session,
+        "lock.release()\ntime.sleep(0.1)\nmarker = False\n\
+         with lock:\n    print(all(c > h for c, h in zip(counts, held)), len(threading.enumerate()))",
+    );
+    assert_eq!(out, "True 8\n");
+
+    http.rollback(&sandbox, &node);
+    py_check(&http, &sandbox, &session, "first rollback");
+    http.rollback(&sandbox, &node);
+    py_check(
+        &http,
+        &sandbox,
+        &session,
+        "second rollback to the same node",
+    );
+
+    let branches = http.branch(&node, 3);
+    assert_eq!(branches.len(), 3);
+    for b in &branches {
+        let sid = id_of(b);
+        let session = id_of(&http.sandbox(&sid)["sessions"][0]);
+        py_check(&http, &sid, &session, &format!("branch {sid}"));
+    }
 }
