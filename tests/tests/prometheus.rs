@@ -1,6 +1,7 @@
 //! The dashboards against a real Prometheus: it scrapes a running deltaboxd with the
 //! project's scrape configuration while a watched cgroup writes and its epoch
-//! advances, and every PromQL expression of every Grafana panel returns data.
+//! advances, a sandbox is checkpointed, rolled back and branched, and requests fail,
+//! and every PromQL expression of every Grafana panel returns data.
 
 use std::{
     process::Command,
@@ -77,6 +78,8 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
         if round == 1 {
             assert!(daemon.cli(&["branch", &node]).status.success());
         }
+        // An error answer (unknown sandbox) for the errors-by-code panel.
+        assert!(!daemon.cli(&["status", "0000nope"]).status.success());
         round += 1;
         thread::sleep(Duration::from_millis(500));
     }

@@ -1,0 +1,222 @@
+//! The state-cost gauges, the error counter and `deltabox stats` against a real
+//! `deltaboxd`: each figure moves as it should after real operations (sandboxes,
+//! sessions, checkpoints, removals, errors), template memory is what the templates
+//! really own, and the latency percentiles count every checkpoint.
+
+use std::io::{Read as _, Write as _};
+use std::net::TcpStream;
+
+use deltabox_tests::daemon::TestDaemon;
+use deltabox_tests::require_root;
+use deltabox_tests::sandbox::{Http, id_of};
+use serde_json::{Value, json};
+
+/// The daemon's `/metrics` text.
+fn scrape(daemon: &TestDaemon) -> String {
+    let mut conn = TcpStream::connect(("127.0.0.1", daemon.metrics_port())).expect("connect");
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .expect("send");
+    let mut text = String::new();
+    conn.read_to_string(&mut text).expect("read");
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    text
+}
+
+/// The value of one series (`name` or `name{labels}`) in a fresh scrape.
+fn metric(daemon: &TestDaemon, series: &str) -> f64 {
+    let text = scrape(daemon);
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
+}
+
+const LIVE: &str = "deltabox_templates{state=\"live\"}";
+
+#[test]
+fn state_gauges_follow_sandboxes_nodes_and_templates() {
+    require_root();
+    let daemon = TestDaemon::start("stgauge", &[]);
+    let http = Http::new(daemon.socket());
+    assert_eq!(metric(&daemon, "deltabox_sandboxes"), 0.0);
+    assert_eq!(metric(&daemon, "deltabox_nodes"), 0.0);
+    assert_eq!(metric(&daemon, LIVE), 0.0);
+    assert_eq!(metric(&daemon, "deltabox_template_memory_bytes"), 0.0);
+
+    let sandbox = id_of(&http.create(&json!({})));
+    assert_eq!(metric(&daemon, "deltabox_sandboxes"), 1.0);
+    assert_eq!(metric(&daemon, "deltabox_trees"), 1.0);
+
+    // Files written in the sandbox land in its DeltaFS layer.
+    let store_before = metric(&daemon, "deltabox_store_bytes");
+    http.sh(
+        &sandbox,
+        "head -c 4194304 /dev/urandom > /workspace/blob && sync",
+    );
+    let store_after = metric(&daemon, "deltabox_store_bytes");
+    assert!(
+        store_after >= store_before + 4_000_000.0,
+        "store {store_before} -> {store_after} after writing 4 MiB"
+    );
+
+    // A session holding 32 MiB of its own memory, then a checkpoint: one node, one
+    // template.
+    let session = http.session(&sandbox, "python");
+    http.run(
+        &sandbox,
+        &session,
+        "x = bytearray(32 << 20)\nx[:] = b'a' * len(x)",
+    );
+    let node = http.checkpoint(&sandbox, "one");
+    assert_eq!(metric(&daemon, "deltabox_nodes"), 1.0);
+    assert_eq!(metric(&daemon, LIVE), 1.0);
+    assert_eq!(metric(&daemon, "deltabox_templates{state=\"gone\"}"), 0.0);
+    let shared = metric(&daemon, "deltabox_template_memory_bytes");
+    assert!(shared > 0.0, "a live template owns some memory: {shared}");
+    // Right after the fork the session and its template share the 32 MiB; once the
+    // session rewrites it, the template alone holds the old copies.
+    http.run(&sandbox, &session, "x[:] = b'b' * len(x)");
+    let owned = metric(&daemon, "deltabox_template_memory_bytes");
+    assert!(
+        owned >= shared + 30.0 * 1048576.0,
+        "template memory {shared} -> {owned} after the session rewrote 32 MiB"
+    );
+
+    // A checkpoint without sessions adds a node and no template.
+    http.delete(&format!("/v1/sandboxes/{sandbox}/sessions/{session}"))
+        .expect(200, "stop the session");
+    let bare = http.checkpoint(&sandbox, "bare");
+    assert_eq!(metric(&daemon, "deltabox_nodes"), 2.0);
+    assert_eq!(metric(&daemon, LIVE), 1.0);
+
+    // Removing the sandbox keeps its nodes (and their templates).
+    http.delete(&format!("/v1/sandboxes/{sandbox}"))
+        .expect(200, "remove the sandbox");
+    assert_eq!(metric(&daemon, "deltabox_sandboxes"), 0.0);
+    assert_eq!(metric(&daemon, "deltabox_nodes"), 2.0);
+    assert_eq!(metric(&daemon, LIVE), 1.0);
+    // Removing the first node removes its subtree (both nodes) and the template.
+    let removed = http
+        .delete(&format!("/v1/nodes/{node}"))
+        .expect(200, "remove the nodes");
+    let mut gone: Vec<&str> = removed["nodes"]
+        .as_array()
+        .map(|n| n.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    gone.sort_unstable();
+    let mut expected = [node.as_str(), bare.as_str()];
+    expected.sort_unstable();
+    assert_eq!(gone, expected, "{removed}");
+    assert_eq!(metric(&daemon, "deltabox_nodes"), 0.0);
+    assert_eq!(metric(&daemon, LIVE), 0.0);
+    assert_eq!(metric(&daemon, "deltabox_template_memory_bytes"), 0.0);
+}
+
+#[test]
+fn every_error_answer_counts_under_its_code() {
+    require_root();
+    let daemon = TestDaemon::start("sterr", &[]);
+    let http = Http::new(daemon.socket());
+    let unknown = "deltabox_api_errors_total{code=\"unknown_sandbox\"}";
+    let invalid = "deltabox_api_errors_total{code=\"invalid_body\"}";
+    assert_eq!(metric(&daemon, unknown), 0.0);
+    http.get("/v1/sandboxes/0000nope").expect_error(
+        404,
+        "unknown_sandbox",
+        &["0000nope"],
+        "unknown sandbox",
+    );
+    assert_eq!(metric(&daemon, unknown), 1.0);
+    // Through the CLI too: the same answer, counted again.
+    let out = daemon.cli(&["status", "0000nope"]);
+    assert!(!out.status.success());
+    assert_eq!(metric(&daemon, unknown), 2.0);
+    http.post_text("/v1/sandboxes", "{not json").expect_error(
+        400,
+        "invalid_body",
+        &["malformed JSON"],
+        "bad body",
+    );
+    assert_eq!(metric(&daemon, invalid), 1.0);
+    assert_eq!(metric(&daemon, unknown), 2.0);
+    // Successes count nowhere.
+    http.get("/v1/sandboxes").expect(200, "list");
+    assert_eq!(metric(&daemon, unknown), 2.0);
+}
+
+#[test]
+fn stats_report_every_checkpoint_with_ordered_percentiles() {
+    require_root();
+    let daemon = TestDaemon::start("ststats", &[]);
+    let http = Http::new(daemon.socket());
+    let sandbox = id_of(&http.create(&json!({})));
+    let session = http.session(&sandbox, "bash");
+    http.run(&sandbox, &session, "cd /tmp");
+    const N: u64 = 6;
+    let mut first = String::new();
+    for i in 0..N {
+        let node = http.checkpoint(&sandbox, &format!("n{i}"));
+        if i == 0 {
+            first = node;
+        }
+    }
+    http.rollback(&sandbox, &first);
+    http.sh(&sandbox, "true");
+    http.sh(&sandbox, "true");
+
+    let out = daemon.cli(&["stats", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stats: Value = serde_json::from_slice(&out.stdout).expect("stats --json is JSON");
+    let op = |name: &str| -> Value {
+        stats["operations"]
+            .as_array()
+            .and_then(|ops| ops.iter().find(|o| o["operation"] == name))
+            .cloned()
+            .unwrap_or_else(|| panic!("no {name} in {stats}"))
+    };
+    let cp = op("checkpoint");
+    assert_eq!(cp["count"], N, "{stats}");
+    assert_eq!(cp["samples"], N, "{stats}");
+    let ms: Vec<f64> = ["p50_ms", "p90_ms", "p99_ms", "max_ms"]
+        .iter()
+        .map(|p| cp[p].as_f64().unwrap_or_else(|| panic!("no {p}: {stats}")))
+        .collect();
+    assert!(ms[0] > 0.0, "{stats}");
+    assert!(ms.windows(2).all(|w| w[0] <= w[1]), "unordered: {ms:?}");
+    // The same observations as the Prometheus histogram's.
+    let histogram = metric(
+        &daemon,
+        "deltabox_checkpoint_seconds_count{phase=\"total\"}",
+    );
+    assert_eq!(histogram, N as f64);
+    assert_eq!(op("rollback")["count"], 1, "{stats}");
+    assert_eq!(op("exec")["count"], 2, "{stats}");
+    assert_eq!(op("session_run")["count"], 1, "{stats}");
+    assert_eq!(op("branch")["count"], 0, "{stats}");
+    assert!(op("branch").get("p50_ms").is_none(), "{stats}");
+    let state = &stats["state"];
+    assert_eq!(state["sandboxes"], 1, "{stats}");
+    assert_eq!(state["nodes"], N, "{stats}");
+    assert_eq!(state["templates_live"], N, "{stats}");
+    assert!(
+        state["template_memory_bytes"].as_u64().unwrap() > 0,
+        "{stats}"
+    );
+    assert!(state["store_bytes"].as_u64().is_some(), "{stats}");
+
+    // The table: a row per operation, the state below.
+    let table = daemon.cli(&["stats"]);
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(table.status.success(), "{text}");
+    let row: Vec<&str> = text
+        .lines()
+        .find(|l| l.starts_with("checkpoint"))
+        .unwrap_or_else(|| panic!("no checkpoint row:\n{text}"))
+        .split_whitespace()
+        .collect();
+    assert_eq!(row[1], N.to_string(), "{text}");
+    assert!(text.contains(&format!("nodes {N}")), "{text}");
+}
