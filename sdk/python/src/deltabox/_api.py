@@ -6,6 +6,7 @@ route, body and timeout is decided here once, so the two cannot drift apart.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import os
@@ -164,6 +165,91 @@ def exec_command(
         body,
         timeout=run_timeout(timeout, base_timeout),
     )
+
+
+#: The ``Accept`` header that asks ``exec`` for its streamed answer: one JSON event
+#: per line (``stdout``/``stderr`` chunks as they come, then ``exit`` or ``error``).
+NDJSON = "application/x-ndjson"
+
+#: A callback that takes output text as it arrives.
+OutputCallback = Callable[[str], object]
+
+
+class ExecStream:
+    """Reads the events of a streamed ``exec``: hands each chunk of output to its
+    callback and gathers the result the collected ``exec`` would have answered.
+
+    Chunks come as the command writes: ``data`` when UTF-8 text (a character split
+    between two reads is kept whole), else ``data_b64``; the callbacks get text,
+    undecodable bytes replaced by U+FFFD (the result's ``stdout``/``stderr`` too,
+    decoded once at the end).
+    """
+
+    def __init__(
+        self, call: Call[Any], on_stdout: OutputCallback | None, on_stderr: OutputCallback | None
+    ) -> None:
+        self.call = call
+        self.callbacks = (on_stdout, on_stderr)
+        self.output = (bytearray(), bytearray())
+        self.pending = b""
+        self.result: ExecResult | None = None
+
+    def feed(self, data: bytes) -> None:
+        """Takes the next bytes of the answer; handles every whole line in them."""
+        self.pending += data
+        *lines, self.pending = self.pending.split(b"\n")
+        for line in lines:
+            if line.strip():
+                self.event(line)
+
+    def event(self, line: bytes) -> None:
+        """Handles one event line."""
+        if self.result is not None:
+            raise ProtocolError(f"{self.call.method} {self.call.path}: an event after the last one")
+        try:
+            event = json.loads(line)
+            kind = event["type"]
+        except (ValueError, KeyError, TypeError) as err:
+            text = line[:200].decode("utf-8", "replace")
+            raise ProtocolError(f"cannot parse an exec event ({err}): {text!r}", status=200) from err
+        if kind in ("stdout", "stderr"):
+            index = 0 if kind == "stdout" else 1
+            if isinstance(event.get("data"), str):
+                raw: bytes = event["data"].encode()
+            else:
+                try:
+                    raw = base64.b64decode(event.get("data_b64", ""), validate=True)
+                except (ValueError, TypeError) as err:
+                    raise ProtocolError(f"an exec event's data_b64 is not base64: {err}", status=200) from err
+            self.output[index].extend(raw)
+            callback = self.callbacks[index]
+            if callback is not None and raw:
+                callback(raw.decode("utf-8", "replace"))
+        elif kind == "exit":
+            fields = dict(event)
+            fields["stdout"] = self.output[0].decode("utf-8", "replace")
+            fields["stderr"] = self.output[1].decode("utf-8", "replace")
+            try:
+                self.result = ExecResult.from_json(fields)
+            except (ValueError, KeyError, TypeError) as err:
+                raise ProtocolError(
+                    f"cannot parse the exit event ({err}): {line[:200]!r}", status=200
+                ) from err
+        elif kind == "error":
+            body = json.dumps({"error": event.get("message", ""), "kind": event.get("code", "unknown")})
+            raise error_from_response(int(event.get("status", 500)), body.encode())
+        # Other types: added by a newer daemon, ignored.
+
+    def finish(self) -> ExecResult:
+        """The result, once the answer has ended."""
+        if self.pending.strip():
+            self.event(self.pending)
+            self.pending = b""
+        if self.result is None:
+            raise ProtocolError(
+                f"{self.call.method} {self.call.path}: the stream ended before its exit event", status=200
+            )
+        return self.result
 
 
 def session_start(sandbox: str, kind: str) -> Call[SessionInfo]:

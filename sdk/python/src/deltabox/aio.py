@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import httpx
 
 from . import _api
-from .errors import DeltaBoxError, UnknownSandbox, UnknownSession
+from .errors import DeltaBoxError, UnknownSandbox, UnknownSession, error_from_response
 from .models import (
     BranchOutcome,
     Diff,
@@ -78,6 +78,32 @@ class AsyncClient:
         except httpx.HTTPError as err:
             raise _api.transport_error(call, self.socket, err) from err
         return _api.decode(call, response.status_code, response.content)
+
+    async def stream_exec(
+        self,
+        call: _api.Call[ExecResult],
+        on_stdout: _api.OutputCallback | None = None,
+        on_stderr: _api.OutputCallback | None = None,
+    ) -> ExecResult:
+        """Sends an ``exec`` call for its streamed answer (see
+        :meth:`deltabox.Client.stream_exec`); the callbacks are plain functions."""
+        timeout = call.timeout if call.timeout is not None else self.timeout
+        reader = _api.ExecStream(call, on_stdout, on_stderr)
+        try:
+            async with self._http.stream(
+                call.method,
+                call.path,
+                json=call.body,
+                headers={"Accept": _api.NDJSON},
+                timeout=httpx.Timeout(timeout, connect=10.0),
+            ) as response:
+                if not 200 <= response.status_code < 300:
+                    raise error_from_response(response.status_code, await response.aread())
+                async for data in response.aiter_raw():
+                    reader.feed(data)
+        except httpx.HTTPError as err:
+            raise _api.transport_error(call, self.socket, err) from err
+        return reader.finish()
 
     async def request(
         self, method: str, path: str, body: Any = None, params: Mapping[str, str] | None = None
@@ -340,20 +366,25 @@ class AsyncSandbox:
         cwd: str | None = None,
         env: Mapping[str, str] | None = None,
         stdin: str | bytes | None = None,
+        on_stdout: _api.OutputCallback | None = None,
+        on_stderr: _api.OutputCallback | None = None,
     ) -> ExecResult:
-        """Runs a one-shot command (see :meth:`deltabox.Sandbox.exec`)."""
+        """Runs a one-shot command (see :meth:`deltabox.Sandbox.exec`); with
+        ``on_stdout``/``on_stderr`` (plain functions) its output is streamed to them."""
         argv = _api.argv_of(cmd)
-        result = await self.client.call(
-            _api.exec_command(
-                self.id,
-                argv,
-                timeout=timeout,
-                cwd=cwd,
-                env=env,
-                stdin=stdin,
-                base_timeout=self.client.timeout,
-            )
+        call = _api.exec_command(
+            self.id,
+            argv,
+            timeout=timeout,
+            cwd=cwd,
+            env=env,
+            stdin=stdin,
+            base_timeout=self.client.timeout,
         )
+        if on_stdout is None and on_stderr is None:
+            result = await self.client.call(call)
+        else:
+            result = await self.client.stream_exec(call, on_stdout, on_stderr)
         if self._client_auto and result.node is None:
             label = cmd if isinstance(cmd, str) else " ".join(argv)
             node = await self.client.call(_api.checkpoint(self.id, _api.auto_label(label)))

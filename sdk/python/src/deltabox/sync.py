@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import httpx
 
 from . import _api
-from .errors import DeltaBoxError, UnknownSandbox, UnknownSession
+from .errors import DeltaBoxError, UnknownSandbox, UnknownSession, error_from_response
 from .models import (
     BranchOutcome,
     Diff,
@@ -87,6 +87,36 @@ class Client:
         except httpx.HTTPError as err:
             raise _api.transport_error(call, self.socket, err) from err
         return _api.decode(call, response.status_code, response.content)
+
+    def stream_exec(
+        self,
+        call: _api.Call[ExecResult],
+        on_stdout: _api.OutputCallback | None = None,
+        on_stderr: _api.OutputCallback | None = None,
+    ) -> ExecResult:
+        """Sends an ``exec`` call for its streamed answer: output goes to the callbacks
+        as the command writes it; returns the same result as :meth:`call` would.
+
+        An exception raised by a callback stops the reading and propagates; the command
+        goes on in the sandbox, its further output dropped.
+        """
+        timeout = call.timeout if call.timeout is not None else self.timeout
+        reader = _api.ExecStream(call, on_stdout, on_stderr)
+        try:
+            with self._http.stream(
+                call.method,
+                call.path,
+                json=call.body,
+                headers={"Accept": _api.NDJSON},
+                timeout=httpx.Timeout(timeout, connect=10.0),
+            ) as response:
+                if not 200 <= response.status_code < 300:
+                    raise error_from_response(response.status_code, response.read())
+                for data in response.iter_raw():
+                    reader.feed(data)
+        except httpx.HTTPError as err:
+            raise _api.transport_error(call, self.socket, err) from err
+        return reader.finish()
 
     def request(
         self, method: str, path: str, body: Any = None, params: Mapping[str, str] | None = None
@@ -369,8 +399,14 @@ class Sandbox:
         cwd: str | None = None,
         env: Mapping[str, str] | None = None,
         stdin: str | bytes | None = None,
+        on_stdout: _api.OutputCallback | None = None,
+        on_stderr: _api.OutputCallback | None = None,
     ) -> ExecResult:
         """Runs a one-shot command and waits for it.
+
+        With ``on_stdout`` or ``on_stderr``, its output is streamed: each callback gets
+        the text as the command writes it (e.g. ``on_stdout=print``), and the result
+        still has all of it.
 
         Args:
             cmd: a string runs in ``bash -c`` (so pipes and ``&&`` work); a list runs as
@@ -380,19 +416,23 @@ class Sandbox:
             cwd: its working directory (default ``/workspace``).
             env: extra environment variables.
             stdin: its standard input (default: none).
+            on_stdout: called with each chunk of its stdout, as it comes.
+            on_stderr: called with each chunk of its stderr, as it comes.
         """
         argv = _api.argv_of(cmd)
-        result = self.client.call(
-            _api.exec_command(
-                self.id,
-                argv,
-                timeout=timeout,
-                cwd=cwd,
-                env=env,
-                stdin=stdin,
-                base_timeout=self.client.timeout,
-            )
+        call = _api.exec_command(
+            self.id,
+            argv,
+            timeout=timeout,
+            cwd=cwd,
+            env=env,
+            stdin=stdin,
+            base_timeout=self.client.timeout,
         )
+        if on_stdout is None and on_stderr is None:
+            result = self.client.call(call)
+        else:
+            result = self.client.stream_exec(call, on_stdout, on_stderr)
         if self._client_auto and result.node is None:
             label = cmd if isinstance(cmd, str) else " ".join(argv)
             node = self.client.call(_api.checkpoint(self.id, _api.auto_label(label)))
