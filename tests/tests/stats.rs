@@ -5,6 +5,8 @@
 
 use std::io::{Read as _, Write as _};
 use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
 
 use deltabox_tests::daemon::TestDaemon;
 use deltabox_tests::require_root;
@@ -219,4 +221,42 @@ fn stats_report_every_checkpoint_with_ordered_percentiles() {
         .collect();
     assert_eq!(row[1], N.to_string(), "{text}");
     assert!(text.contains(&format!("nodes {N}")), "{text}");
+}
+
+#[test]
+fn a_streamed_exec_counts_until_its_last_event() {
+    require_root();
+    let daemon = TestDaemon::start("ststream", &[]);
+    let http = Http::new(daemon.socket());
+    let sandbox = id_of(&http.create(&json!({})));
+    // The answer's headers (200) leave at once; the exit event a second later.
+    let body = json!({"argv": ["sh", "-c", "echo a; sleep 1; echo b"]}).to_string();
+    let mut conn = UnixStream::connect(daemon.socket()).expect("connect");
+    conn.set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("read timeout");
+    let started = Instant::now();
+    write!(
+        conn,
+        "POST /v1/sandboxes/{sandbox}/exec HTTP/1.1\r\nHost: localhost\r\n\
+         Connection: close\r\nContent-Type: application/json\r\n\
+         Accept: application/x-ndjson\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send");
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).expect("read the stream");
+    let took = started.elapsed();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains(r#""type":"exit""#), "{answer}");
+
+    let stats: Value = serde_json::from_slice(&daemon.cli(&["stats", "--json"]).stdout)
+        .expect("stats --json is JSON");
+    let exec = &stats["operations"][3];
+    assert_eq!(exec["operation"], "exec", "{stats}");
+    assert_eq!(exec["count"], 1, "{stats}");
+    let ms = exec["max_ms"].as_f64().unwrap_or_default();
+    assert!(
+        ms >= 1000.0 && ms <= took.as_secs_f64() * 1e3 + 50.0,
+        "exec timed {ms} ms; the stream took {took:?}"
+    );
 }
