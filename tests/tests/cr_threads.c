@@ -13,7 +13,10 @@
  *   snap     lock, print the counters and check shared == sum, unlock
  *   kill     pthread_kill(SIGUSR2) every worker, wait until each has counted it
  *   tids     print the kernel tid every thread reads with gettid() now
+ *   churns   print how many short-lived threads the churner created and joined
  *   exit     wake the waiter, stop and join everyone, print the results, exit 42
+ * With the argument `churn`, a churner thread creates and joins short-lived threads in
+ * a loop, so that checkpoints catch threads being born and dying.
  */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -39,6 +42,7 @@ static volatile unsigned long spins, sleeps;
 static volatile int usr2_seen[NWORKERS];
 static volatile long tids_now[NWORKERS + 4];
 static volatile int want_tids;
+static volatile unsigned long churns;
 static __thread int my_id;
 static __thread int my_usr2;
 
@@ -120,6 +124,20 @@ static void *waiter(void *arg) {
     return (void *)7;
 }
 
+static void *short_lived(void *arg) { return arg; }
+
+static void *churner(void *arg) {
+    (void)arg;
+    while (!stop) {
+        pthread_t t;
+        void *r;
+        if (pthread_create(&t, NULL, short_lived, (void *)churns) != 0) abort();
+        if (pthread_join(t, &r) != 0 || r != (void *)churns) abort();
+        churns++;
+    }
+    return NULL;
+}
+
 static void print_counters(const char *what) {
     printf("%s shared=%lu", what, shared);
     unsigned long sum = 0;
@@ -130,14 +148,15 @@ static void print_counters(const char *what) {
     printf(" sum=%lu\n", sum);
 }
 
-int main(void) {
+int main(int argc, char **argv) {
+    int churn = argc > 1 && !strcmp(argv[1], "churn");
     setvbuf(stdout, NULL, _IONBF, 0);
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = on_usr2;
     sa.sa_flags = SA_RESTART;
     sigaction(SIGUSR2, &sa, NULL);
-    pthread_t workers[NWORKERS], spin_t, sleep_t, wait_t;
+    pthread_t workers[NWORKERS], spin_t, sleep_t, wait_t, churn_t;
     pthread_mutex_lock(&mu);
     for (long i = 0; i < NWORKERS; i++) {
         pthread_create(&workers[i], NULL, worker, (void *)i);
@@ -147,6 +166,7 @@ int main(void) {
     pthread_create(&spin_t, NULL, spinner, NULL);
     pthread_create(&sleep_t, NULL, sleeper, NULL);
     pthread_create(&wait_t, NULL, waiter, NULL);
+    if (churn) pthread_create(&churn_t, NULL, churner, NULL);
     printf("ready pid=%d\n", getpid());
     char line[128];
     while (fgets(line, sizeof line, stdin)) {
@@ -188,6 +208,8 @@ int main(void) {
             printf("tids main=%ld", (long)syscall(SYS_gettid));
             for (int i = 0; i < NWORKERS + 2; i++) printf(" %ld", tids_now[i]);
             printf("\n");
+        } else if (!strcmp(line, "churns")) {
+            printf("churns=%lu\n", churns);
         } else if (!strcmp(line, "exit")) {
             pthread_mutex_lock(&cv_mu);
             go = 1;
@@ -203,6 +225,7 @@ int main(void) {
             pthread_join(spin_t, &spun);
             pthread_join(sleep_t, NULL);
             pthread_join(wait_t, &waited);
+            if (churn) pthread_join(churn_t, NULL);
             printf("joined ok=%d spins_ok=%d waiter=%ld shared=%lu sum_ok=%d\n", ok,
                    (unsigned long)spun == spins, (long)waited, shared,
                    shared == counters[0] + counters[1] + counters[2] + counters[3]);

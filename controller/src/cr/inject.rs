@@ -173,34 +173,6 @@ pub fn resume_regs(saved: &Regs) -> Regs {
     regs
 }
 
-/// [`resume_regs`] for a thread recreated by `clone` (not a fork): its
-/// `restart_block`, which `restart_syscall(2)` reads, is not the one the checkpointed
-/// thread had (a `clone` copies the creating thread's). So a syscall interrupted with
-/// `-ERESTART_RESTARTBLOCK` (a relative `nanosleep`, a `futex` wait or `poll` with a
-/// timeout) is issued again with its original arguments, which are still in the
-/// registers: its timeout starts again from the restore.
-///
-/// With `signal_follows` (a deliverable signal is sent to the thread before it runs)
-/// the registers go back as they were, for the kernel's own restart-or-`EINTR`
-/// decision, except that `-ERESTART_RESTARTBLOCK` becomes `-ERESTARTNOHAND`: the same
-/// `EINTR` when a handler runs, the original syscall again when none does.
-pub fn resume_regs_new_thread(saved: &Regs, signal_follows: bool) -> Regs {
-    let restartblock =
-        (saved.orig_rax as i64) >= 0 && (saved.rax as i64).wrapping_neg() == ERESTART_RESTARTBLOCK;
-    if signal_follows {
-        let mut regs = *saved;
-        if restartblock {
-            regs.rax = (-ERESTARTNOHAND) as u64;
-        }
-        return regs;
-    }
-    let mut regs = resume_regs(saved);
-    if restartblock {
-        regs.rax = saved.orig_rax;
-    }
-    regs
-}
-
 /// Whether `saved` stopped inside a syscall that will be restarted on resume.
 pub fn interrupted_syscall(saved: &Regs) -> Option<i64> {
     let nr = saved.orig_rax as i64;
@@ -544,29 +516,6 @@ mod tests {
         let out = resume_regs(&r);
         assert_eq!(out.rip, 0x1000 - 2);
         assert_eq!(out.rax, libc::SYS_restart_syscall as u64);
-    }
-
-    #[test]
-    fn a_new_thread_issues_a_restartblock_syscall_again() {
-        let mut r = regs();
-        r.orig_rax = libc::SYS_nanosleep as u64;
-        r.rax = (-ERESTART_RESTARTBLOCK) as u64;
-        let out = resume_regs_new_thread(&r, false);
-        assert_eq!(out.rip, 0x1000 - 2);
-        assert_eq!(out.rax, libc::SYS_nanosleep as u64);
-        assert_eq!(out.orig_rax, u64::MAX);
-        let out = resume_regs_new_thread(&r, true);
-        assert_eq!(out.rip, 0x1000);
-        assert_eq!(out.rax, (-ERESTARTNOHAND) as u64);
-        assert_eq!(out.orig_rax, libc::SYS_nanosleep as u64);
-        // Other restarts are those of a fork child.
-        r.orig_rax = libc::SYS_futex as u64;
-        r.rax = (-ERESTARTSYS) as u64;
-        assert_eq!(resume_regs_new_thread(&r, false), resume_regs(&r));
-        assert_eq!(resume_regs_new_thread(&r, true), r);
-        // Outside a syscall nothing changes but orig_rax.
-        let r = regs();
-        assert_eq!(resume_regs_new_thread(&r, false), resume_regs(&r));
     }
 
     #[test]

@@ -141,6 +141,10 @@ pub struct ThreadState {
     pub sig_pending: u64,
     /// The syscall the checkpoint interrupted, if any.
     pub interrupted_syscall: Option<i64>,
+    /// For a thread interrupted in `restart_syscall`: the syscall it restarts, when
+    /// recognised (a restore cannot carry the thread's `restart_block`).
+    #[serde(default)]
+    pub restarted_syscall: Option<i64>,
     /// The rest.
     pub extras: ThreadExtras,
 }

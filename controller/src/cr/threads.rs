@@ -17,11 +17,14 @@
 //! namespace is shared by its branches, where the old tids may be taken.
 
 use std::collections::HashSet;
+use std::time::{Duration, Instant};
 
 use nix::unistd::Pid;
 
 use super::CrError;
-use super::inject::{Injection, SyscallSite, interrupted_syscall, resume_regs_new_thread};
+use super::inject::{
+    ERESTART_RESTARTBLOCK, ERESTARTNOHAND, Injection, SyscallSite, interrupted_syscall, resume_regs,
+};
 use super::procfs;
 use super::ptrace::{Options, PtraceError, Regs, Tracee};
 use super::state::{AltStack, Registers, ThreadExtras, ThreadState};
@@ -46,10 +49,25 @@ pub struct Seized {
     pub others: Vec<Tracee>,
 }
 
-/// Whether thread `tid` of `pid` has exited (gone, or a zombie or dead task that
-/// ptrace can no longer stop).
+/// How long a thread that ptrace refused (it is exiting) may take to be gone.
+const EXIT_WAIT: Duration = Duration::from_secs(1);
+
+/// Whether thread `tid` of `pid` has exited or does within [`EXIT_WAIT`]: gone, or a
+/// zombie or dead task. `PTRACE_SEIZE` refuses a task that is exiting; it is waited
+/// for, not left out at once, because its exit is not complete before the kernel has
+/// cleared its `clear_child_tid` (glibc's `pd->tid`, where a `pthread_join` waits): a
+/// fork before that would give every restore a thread that never ends.
 fn thread_gone(pid: i32, tid: i32) -> bool {
-    matches!(procfs::task_state(pid, tid), None | Some('Z' | 'X' | 'x'))
+    let deadline = Instant::now() + EXIT_WAIT;
+    loop {
+        if matches!(procfs::task_state(pid, tid), None | Some('Z' | 'X' | 'x')) {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
 }
 
 /// Seizes and stops every thread of `pid`, a process whose leader is alive, and gives
@@ -150,6 +168,16 @@ pub fn record_thread(
         (regs, u64_at(&buf, 0), decode_altstack(&buf[8..32]))
     };
     tracee.set_exit_kill(false)?;
+    let restarted_syscall = if regs.orig_rax as i64 == libc::SYS_restart_syscall {
+        // The 24 bytes before the `syscall` instruction (rip is past it).
+        let mut code = [0u8; 24];
+        tracee
+            .read_memory(regs.rip.wrapping_sub(26), &mut code)
+            .ok()
+            .and_then(|()| restartblock_syscall_before(&code))
+    } else {
+        None
+    };
     let deferred = tracee.take_deferred_signals();
     let sig_pending = status.sig_pending | signal_bits(&deferred);
     for sig in deferred {
@@ -163,6 +191,7 @@ pub fn record_thread(
         sigmask,
         sig_pending,
         interrupted_syscall: interrupted_syscall(&regs),
+        restarted_syscall,
         extras: ThreadExtras {
             tid_address,
             robust_list,
@@ -319,7 +348,7 @@ pub fn recreate(
                 &[libc::PR_SET_NAME as u64, scratch + AT_NAME],
             )?;
             let follow = deliverable || inj.tracee().has_deferred_signals();
-            inj.finish_with(&resume_regs_new_thread(&regs, follow))?;
+            inj.finish_with(&resume_regs_new_thread(&regs, follow, th.restarted_syscall))?;
         }
         t.set_xstate(&th.xstate)?;
         t.set_sigmask(th.sigmask)?;
@@ -333,6 +362,84 @@ pub fn recreate(
         out.push(t);
     }
     Ok(out)
+}
+
+/// The syscalls that restart through `restart_syscall(2)` (`-ERESTART_RESTARTBLOCK`)
+/// and can be issued again with their original arguments: `poll`, `nanosleep`,
+/// `futex`, `clock_nanosleep`.
+const RESTARTBLOCK_SYSCALLS: [i64; 4] = [
+    libc::SYS_poll,
+    libc::SYS_nanosleep,
+    libc::SYS_futex,
+    libc::SYS_clock_nanosleep,
+];
+
+/// The syscall number that `code`, the bytes right before a `syscall` instruction,
+/// loads into `eax` (`b8 imm32`, `mov $nr, %eax`, within those bytes), if it is one of
+/// the syscalls that restart through `restart_syscall`. A thread interrupted in
+/// `restart_syscall` has lost its syscall number (the kernel replaced it), not its
+/// arguments; libc loads the number just before the instruction.
+pub fn restartblock_syscall_before(code: &[u8]) -> Option<i64> {
+    (0..code.len().saturating_sub(4)).rev().find_map(|i| {
+        if code[i] != 0xb8 {
+            return None;
+        }
+        let nr = i64::from(u32::from_le_bytes([
+            code[i + 1],
+            code[i + 2],
+            code[i + 3],
+            code[i + 4],
+        ]));
+        RESTARTBLOCK_SYSCALLS.contains(&nr).then_some(nr)
+    })
+}
+
+/// [`resume_regs`] for a thread recreated by `clone` (not a fork): its
+/// `restart_block`, which `restart_syscall(2)` reads, is not the one the checkpointed
+/// thread had (a `clone` copies the creating thread's). So a syscall interrupted with
+/// `-ERESTART_RESTARTBLOCK` (a relative `nanosleep`, a `futex` wait or `poll` with a
+/// timeout) is issued again with its original arguments, which are still in the
+/// registers: its timeout starts again from the restore. A thread interrupted in
+/// `restart_syscall` itself issues `restarted` (the syscall it restarts, see
+/// [`restartblock_syscall_before`]) again; when that is unknown, the syscall returns
+/// `EINTR`, as it would after a signal handler.
+///
+/// With `signal_follows` (a deliverable signal is sent to the thread before it runs)
+/// the registers go back as they were, for the kernel's own restart-or-`EINTR`
+/// decision, except that `-ERESTART_RESTARTBLOCK` becomes `-ERESTARTNOHAND`: the same
+/// `EINTR` when a handler runs, the original syscall again when none does.
+pub fn resume_regs_new_thread(saved: &Regs, signal_follows: bool, restarted: Option<i64>) -> Regs {
+    let restartblock =
+        (saved.orig_rax as i64) >= 0 && (saved.rax as i64).wrapping_neg() == ERESTART_RESTARTBLOCK;
+    if !restartblock {
+        return if signal_follows {
+            *saved
+        } else {
+            resume_regs(saved)
+        };
+    }
+    let nr = if saved.orig_rax as i64 == libc::SYS_restart_syscall {
+        restarted
+    } else {
+        Some(saved.orig_rax as i64)
+    };
+    let mut regs = *saved;
+    match nr {
+        None => {
+            regs.rax = (-i64::from(libc::EINTR)) as u64;
+            regs.orig_rax = u64::MAX;
+        }
+        Some(nr) if signal_follows => {
+            regs.rax = (-ERESTARTNOHAND) as u64;
+            regs.orig_rax = nr as u64;
+        }
+        Some(nr) => {
+            regs.rax = nr as u64;
+            regs.orig_rax = u64::MAX;
+            regs.rip = saved.rip.wrapping_sub(2);
+        }
+    }
+    regs
 }
 
 /// Detaches every thread of `threads`; the first error is returned after all were
@@ -352,6 +459,76 @@ pub fn detach_all(threads: Vec<Tracee>) -> Result<(), PtraceError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cr::inject::{ERESTARTSYS, resume_regs};
+
+    fn regs() -> Regs {
+        // SAFETY: user_regs_struct is plain integers; all-zero is a valid value.
+        let mut r: Regs = unsafe { std::mem::zeroed() };
+        r.rip = 0x1000;
+        r.orig_rax = u64::MAX;
+        r.rax = 7;
+        r
+    }
+
+    #[test]
+    fn a_new_thread_issues_a_restartblock_syscall_again() {
+        let mut r = regs();
+        r.orig_rax = libc::SYS_nanosleep as u64;
+        r.rax = (-ERESTART_RESTARTBLOCK) as u64;
+        let out = resume_regs_new_thread(&r, false, None);
+        assert_eq!(out.rip, 0x1000 - 2);
+        assert_eq!(out.rax, libc::SYS_nanosleep as u64);
+        assert_eq!(out.orig_rax, u64::MAX);
+        let out = resume_regs_new_thread(&r, true, None);
+        assert_eq!(out.rip, 0x1000);
+        assert_eq!(out.rax, (-ERESTARTNOHAND) as u64);
+        assert_eq!(out.orig_rax, libc::SYS_nanosleep as u64);
+        // Other restarts are those of a fork child.
+        r.orig_rax = libc::SYS_futex as u64;
+        r.rax = (-ERESTARTSYS) as u64;
+        assert_eq!(resume_regs_new_thread(&r, false, None), resume_regs(&r));
+        assert_eq!(resume_regs_new_thread(&r, true, None), r);
+        // Outside a syscall nothing changes but orig_rax.
+        let r = regs();
+        assert_eq!(resume_regs_new_thread(&r, false, None), resume_regs(&r));
+    }
+
+    #[test]
+    fn a_new_thread_in_restart_syscall_issues_the_restarted_syscall_or_gets_eintr() {
+        let mut r = regs();
+        r.orig_rax = libc::SYS_restart_syscall as u64;
+        r.rax = (-ERESTART_RESTARTBLOCK) as u64;
+        let nr = Some(libc::SYS_clock_nanosleep);
+        let out = resume_regs_new_thread(&r, false, nr);
+        assert_eq!(out.rip, 0x1000 - 2);
+        assert_eq!(out.rax, libc::SYS_clock_nanosleep as u64);
+        let out = resume_regs_new_thread(&r, true, nr);
+        assert_eq!(out.rip, 0x1000);
+        assert_eq!(out.orig_rax, libc::SYS_clock_nanosleep as u64);
+        for follow in [false, true] {
+            let out = resume_regs_new_thread(&r, follow, None);
+            assert_eq!(out.rip, 0x1000);
+            assert_eq!(out.rax as i64, -i64::from(libc::EINTR));
+            assert_eq!(out.orig_rax, u64::MAX);
+        }
+    }
+
+    #[test]
+    fn finds_the_syscall_number_loaded_before_the_instruction() {
+        // mov $0xe6,%eax (clock_nanosleep), right before the syscall.
+        assert_eq!(
+            restartblock_syscall_before(&[0x48, 0x89, 0xc7, 0xb8, 0xe6, 0, 0, 0]),
+            Some(libc::SYS_clock_nanosleep)
+        );
+        // mov $0xca,%eax; xor $0x80,%sil (futex, glibc's lll_futex_wake).
+        assert_eq!(
+            restartblock_syscall_before(&[0xb8, 0xca, 0, 0, 0, 0x40, 0x80, 0xf6, 0x80]),
+            Some(libc::SYS_futex)
+        );
+        // mov $0x0,%eax (read) does not restart through restart_syscall.
+        assert_eq!(restartblock_syscall_before(&[0xb8, 0, 0, 0, 0]), None);
+        assert_eq!(restartblock_syscall_before(&[0xb8, 0xe6]), None);
+    }
 
     #[test]
     fn altstacks_round_trip_and_disabled_is_none() {
