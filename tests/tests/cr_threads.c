@@ -16,7 +16,9 @@
  *   churns   print how many short-lived threads the churner created and joined
  *   exit     wake the waiter, stop and join everyone, print the results, exit 42
  * With the argument `churn`, a churner thread creates and joins short-lived threads in
- * a loop, so that checkpoints catch threads being born and dying.
+ * a loop, so that checkpoints catch threads being born and dying. With `leaderexit`,
+ * the main thread starts one thread, which prints `ready` and sleeps, and calls
+ * pthread_exit: a process whose thread-group leader has exited.
  */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -138,6 +140,14 @@ static void *churner(void *arg) {
     return NULL;
 }
 
+static void *lonely(void *arg) {
+    (void)arg;
+    sleep(1); /* after the main thread is gone */
+    printf("ready\n");
+    for (;;) pause();
+    return NULL;
+}
+
 static void print_counters(const char *what) {
     printf("%s shared=%lu", what, shared);
     unsigned long sum = 0;
@@ -150,6 +160,12 @@ static void print_counters(const char *what) {
 
 int main(int argc, char **argv) {
     int churn = argc > 1 && !strcmp(argv[1], "churn");
+    if (argc > 1 && !strcmp(argv[1], "leaderexit")) {
+        pthread_t t;
+        setvbuf(stdout, NULL, _IONBF, 0);
+        pthread_create(&t, NULL, lonely, NULL);
+        pthread_exit(NULL);
+    }
     setvbuf(stdout, NULL, _IONBF, 0);
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);

@@ -11,7 +11,7 @@ use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use deltabox_controller::cr::{self, Template};
+use deltabox_controller::cr::{self, CrError, Template};
 use deltabox_tests::cr::{CrEnv, Proc, field};
 use deltabox_tests::daemon::TestDaemon;
 use deltabox_tests::sandbox::{Http, id_of};
@@ -203,6 +203,13 @@ fn a_pthread_program_gets_all_its_threads_back_after_rollback_twice() {
     assert!(num(&snap, "shared") > num(&held, "shared"), "{snap}");
 
     let restored = cr::rollback(&template, Pid::from_raw(p.pid), &env.restore_opts()).unwrap();
+    eprintln!(
+        "{} threads: checkpoint pause {:?}, whole checkpoint {:?}; rollback {:?}",
+        C_THREADS + 1,
+        template.timings().paused,
+        template.timings().total,
+        restored.timings.total
+    );
     let mut r = env.adopt(restored);
     check_restored(&mut r, &held);
     // The same node again.
@@ -415,4 +422,56 @@ fn checkpoints_catch_threads_being_born_and_dying() {
     let joined = p.ask("exit");
     assert_eq!(field(&joined, "ok"), "4", "{joined}");
     assert_eq!(exit_code(p.pid), 42);
+}
+
+/// A process whose main thread has exited (`pthread_exit` in `main`) while another
+/// runs is refused, naming it, and left running: the fork is injected into the main
+/// thread.
+#[test]
+fn a_process_whose_main_thread_exited_is_refused_and_untouched() {
+    require_root();
+    let dir = TempDir::new("crthr-lx");
+    let bin = build_c_target(&dir.0);
+    let env = CrEnv::new("threads-lx");
+    let mut cmd = Command::new(&bin);
+    cmd.arg("leaderexit");
+    let mut p = env.spawn(cmd);
+    assert_eq!(p.line(), "ready");
+    let err = cr::checkpoint(Pid::from_raw(p.pid), &env.checkpoint_opts()).unwrap_err();
+    match &err {
+        CrError::LeaderExited { pid, comm, threads } => {
+            assert_eq!((*pid, comm.as_str(), *threads), (p.pid, "cr-threads", 2));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        err.to_string()
+            .contains(&format!("pid {} (cr-threads)", p.pid)),
+        "{err}"
+    );
+    let templates = env.checkpoint_opts().template_cgroups;
+    let left = fs::read_dir(&templates)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .count();
+    assert_eq!(
+        left,
+        0,
+        "a template cgroup was left in {}",
+        templates.display()
+    );
+    // Untouched: its thread is neither stopped nor traced.
+    let tid = fs::read_dir(format!("/proc/{}/task", p.pid))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|t| *t != p.pid.to_string())
+        .expect("the other thread");
+    let status = fs::read_to_string(format!("/proc/{}/task/{tid}/status", p.pid)).unwrap();
+    assert!(status.contains("TracerPid:\t0\n"), "{status}");
+    assert!(
+        status.contains("State:\tS") || status.contains("State:\tR"),
+        "{status}"
+    );
 }
