@@ -175,3 +175,89 @@ fn a_killed_daemon_comes_back_with_every_acknowledged_node() {
     assert_eq!(mounts_under(&daemon.run_dir()), Vec::<String>::new());
     assert_eq!(cgroups_under(daemon.sandbox_cgroup()), Vec::<String>::new());
 }
+
+/// The pids in the templates' cgroups (`…/templates/tpl-*`) under `dir`.
+fn template_pids(dir: &Path) -> Vec<i32> {
+    cgroups_under(dir)
+        .iter()
+        .filter(|d| d.rsplit('/').next().is_some_and(|n| n.starts_with("tpl-")))
+        .flat_map(|d| {
+            fs::read_to_string(format!("{d}/cgroup.procs"))
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| l.parse().ok())
+                .collect::<Vec<i32>>()
+        })
+        .collect()
+}
+
+/// `st_dev` as `/proc/<pid>/maps` prints it (`major:minor` in hex).
+fn maps_dev(dev: u64) -> String {
+    let major = (dev >> 8) & 0xfff;
+    let minor = (dev & 0xff) | ((dev >> 12) & 0xfff00);
+    format!("{major:02x}:{minor:02x}")
+}
+
+/// After a restart, templates map nothing through the dead daemon's views, and a revived
+/// session keeps working once the page cache is dropped: its program and libraries are
+/// read from the backing files, not from a FUSE connection that is gone (before the fix,
+/// the first call after `drop_caches` died of SIGBUS).
+#[test]
+fn revived_sessions_outlive_the_page_cache_of_dead_views() {
+    require_root();
+    use std::os::unix::fs::MetadataExt;
+    let mut daemon = TestDaemon::start("rebind", &[]);
+    let sb = id(&json(&daemon, &["create"]));
+    let py = id(&json(
+        &daemon,
+        &["session", "start", &sb, "--kind", "python"],
+    ));
+    run(&daemon, &sb, &py, "import json, decimal\nx = 41");
+    let node = id(&json(&daemon, &["checkpoint", &sb]));
+    let session_pid = json(&daemon, &["status", &sb])["sessions"][0]["pid"]
+        .as_i64()
+        .unwrap();
+    let view_dev = maps_dev(
+        fs::metadata(format!("/proc/{session_pid}/root"))
+            .unwrap()
+            .dev(),
+    );
+    let templates = template_pids(daemon.sandbox_cgroup());
+    assert_eq!(templates.len(), 1, "one session, one template");
+    let on_view = |pid: i32| -> Vec<String> {
+        fs::read_to_string(format!("/proc/{pid}/maps"))
+            .unwrap()
+            .lines()
+            .filter(|l| l.split_whitespace().nth(3) == Some(view_dev.as_str()))
+            .map(str::to_owned)
+            .collect()
+    };
+    assert!(
+        !on_view(templates[0]).is_empty(),
+        "the template maps its libraries through the view ({view_dev})"
+    );
+
+    daemon.kill();
+    daemon.restart(&[]);
+    assert_eq!(
+        on_view(templates[0]),
+        Vec::<String>::new(),
+        "mappings left on the dead view"
+    );
+    fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+    let code = "import unicodedata, fractions\n\
+                print(x + 1, json.dumps(decimal.Decimal('1.5').as_integer_ratio()), \
+                fractions.Fraction(3, 4) * 2, unicodedata.name('é'))";
+    let expected = "42 [3, 2] 3/2 LATIN SMALL LETTER E WITH ACUTE\n";
+    assert_eq!(
+        run(&daemon, &sb, &py, code),
+        expected,
+        "the revived session"
+    );
+    // Its rollbacks and branches fork the rebound template too.
+    json(&daemon, &["rollback", &sb, &node]);
+    fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+    assert_eq!(run(&daemon, &sb, &py, code), expected, "after a rollback");
+    let (status, err) = daemon.stop();
+    assert!(status.success(), "{err}");
+}

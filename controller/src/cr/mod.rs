@@ -32,6 +32,7 @@ pub mod inject;
 pub mod pidfd;
 pub mod procfs;
 pub mod ptrace;
+pub mod rebind;
 pub mod restore;
 pub mod state;
 pub mod template;
@@ -39,6 +40,7 @@ pub mod threads;
 
 use std::time::Duration;
 
+pub use rebind::Rebind;
 pub use restore::{RestoreOptions, RestoreTimings, Restored, rollback};
 pub use state::ProcessState;
 pub use template::{CheckpointOptions, CheckpointTimings, Template, checkpoint};
@@ -152,4 +154,7 @@ pub enum CrError {
     /// A pidfd operation failed.
     #[error(transparent)]
     Pidfd(#[from] pidfd::PidfdError),
+    /// Rebinding a template's file mappings failed.
+    #[error(transparent)]
+    Rebind(#[from] rebind::RebindError),
 }

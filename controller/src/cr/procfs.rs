@@ -226,6 +226,10 @@ pub struct Mapping {
     pub end: u64,
     /// `rwxp` / `rw-s` …
     pub perms: [u8; 4],
+    /// Offset into the file.
+    pub offset: u64,
+    /// Inode number of the file (0 for anonymous memory).
+    pub inode: u64,
     /// The path or pseudo-path (`[vdso]`, `[heap]`), empty for anonymous memory.
     pub name: String,
 }
@@ -257,12 +261,18 @@ pub fn parse_maps(text: &str) -> Result<Vec<Mapping>, String> {
             let start = u64::from_str_radix(start, 16).map_err(|_| bad())?;
             let end = u64::from_str_radix(end, 16).map_err(|_| bad())?;
             let perms: [u8; 4] = perms.as_bytes().try_into().map_err(|_| bad())?;
-            // offset, dev, inode, then the name after padding.
-            let name = it.nth(3).map(str::trim_start).unwrap_or("").to_owned();
+            let offset = it.next().ok_or_else(bad)?;
+            let offset = u64::from_str_radix(offset, 16).map_err(|_| bad())?;
+            let _dev = it.next().ok_or_else(bad)?;
+            let inode = it.next().ok_or_else(bad)?.parse().map_err(|_| bad())?;
+            // The name after padding.
+            let name = it.next().map(str::trim_start).unwrap_or("").to_owned();
             Ok(Mapping {
                 start,
                 end,
                 perms,
+                offset,
+                inode,
                 name,
             })
         })
@@ -438,9 +448,16 @@ SigBlk:\t0000000000010000\nSigIgn:\t0000000001001000\nSigCgt:\t0000000180000002\
 7f0000000000-7f0000001000 rw-s 00000000 00:05 1234                       /dev/zero (deleted)
 7ffd1b5f0000-7ffd1b5f2000 r-xp 00000000 00:00 0                          [vdso]
 7f1000000000-7f1000001000 r--p 00000000 00:00 0 
+00400000-0041f000 r-xp 0001f000 00:2b 4611686018427635610                /sb/x/usr/bin/python3.11
 ";
         let maps = parse_maps(text).unwrap();
-        assert_eq!(maps.len(), 4);
+        assert_eq!(maps.len(), 5);
+        assert_eq!(
+            (maps[4].offset, maps[4].inode),
+            (0x1f000, 4611686018427635610)
+        );
+        assert_eq!(maps[4].name, "/sb/x/usr/bin/python3.11");
+        assert_eq!((maps[1].offset, maps[1].inode), (0, 1234));
         assert_eq!(maps[0].name, "[heap]");
         assert!(!maps[0].is_shared_writable());
         assert!(maps[1].is_shared_writable());

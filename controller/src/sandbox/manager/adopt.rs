@@ -6,8 +6,9 @@
 //! restarted daemon re-adopts each tree (reconnects to its init, takes over the
 //! templates it can verify) and revives each sandbox at its head node: a fresh view of
 //! the head's snapshot, a fresh anchor, and its sessions forked again from the head's
-//! templates. What cannot be taken over (a dead init, a template that is gone) is cleaned
-//! up and recorded: nodes always keep their files.
+//! templates, each first rebound off the dead views (`rebind.rs`). What cannot be taken
+//! over (a dead init, a template that is gone) is cleaned up and recorded: nodes always
+//! keep their files.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -121,7 +122,11 @@ impl SandboxManager {
             Some(dir) => dir.clone(),
             None => self.default_base()?,
         };
-        let (templates, ops) = self.adopt_templates(&self.db.nodes(&record.id).map_err(db_err)?);
+        let nodes = self.db.nodes(&record.id).map_err(db_err)?;
+        let (mut templates, mut ops) = self.adopt_templates(&nodes);
+        // Before anything is forked from them, and while the dead views are still
+        // mounted (their paths name the files).
+        ops.extend(self.rebind_templates(&runtime, &nodes, &mut templates));
         if !ops.is_empty() {
             self.db.commit(&ops).map_err(db_err)?;
         }

@@ -19,6 +19,7 @@ mod commands;
 pub mod leftovers;
 pub mod output;
 mod queries;
+mod rebind;
 mod service;
 mod tree_ops;
 

@@ -134,6 +134,23 @@ pub(crate) fn tree_anchor(status: File) -> ! {
     sys::pause_forever()
 }
 
+/// A holder: like the tree's anchor (own session, tree root, a sandbox's capabilities)
+/// but holding `fds` at 3, 4, …; it sleeps until killed.
+pub(crate) fn holder(fds: &[OwnedFd], status: File) -> ! {
+    sys::reset_signals();
+    let status = rehome(status);
+    let result = (|| {
+        nix::unistd::setsid().map_err(|e| format!("setsid: {e}"))?;
+        nix::unistd::chdir("/").map_err(|e| format!("chdir /: {e}"))?;
+        let srcs: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        place_fds(&srcs, 3)?;
+        drop_caps()
+    })();
+    report(status, result);
+    let _ = sys::close_from((3 + fds.len()) as u32);
+    sys::pause_forever()
+}
+
 /// Puts `srcs` at `first`, `first + 1`, … (through fds above them so that an
 /// overlap cannot clobber a source) and marks every higher fd close-on-exec.
 fn place_fds(srcs: &[RawFd], first: RawFd) -> Result<(), String> {

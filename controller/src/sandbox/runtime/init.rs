@@ -3,7 +3,7 @@
 //! reports exits, and serves the daemon's requests (see `docs/sandbox-runtime.md`).
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     ffi::CString,
     fs::{self, File},
     io::Read as _,
@@ -81,6 +81,8 @@ struct Init {
     sigchld: SignalFd,
     sandboxes: HashMap<String, SandboxFds>,
     tree_anchor: Option<libc::pid_t>,
+    /// Holders started by `Hold` and not released yet.
+    holders: HashSet<libc::pid_t>,
     pending_exits: VecDeque<FromInit>,
     buf: Vec<u8>,
 }
@@ -100,6 +102,7 @@ impl Init {
                 sigchld,
                 sandboxes: HashMap::new(),
                 tree_anchor: None,
+                holders: HashSet::new(),
                 pending_exits: VecDeque::new(),
                 buf: vec![0; proto::MAX_MSG],
             }),
@@ -262,6 +265,8 @@ impl Init {
             } => self.add_sandbox(sandbox, limit_dirs, fds),
             Request::RemoveSandbox { sandbox } => self.remove_sandbox(&sandbox),
             Request::TreeAnchor => self.tree_anchor(),
+            Request::Hold => self.hold(fds),
+            Request::Release { pid } => self.release(pid),
             Request::Spawn {
                 sandbox,
                 argv,
@@ -354,6 +359,32 @@ impl Init {
             .map_err(|e| format!("tree anchor: {e}"))?;
         self.tree_anchor = Some(pid);
         Ok(ReplyData::Anchor(pid))
+    }
+
+    fn hold(&mut self, fds: Vec<OwnedFd>) -> Result<ReplyData, String> {
+        let (status_r, status_w) = status_pipe()?;
+        let pid = match sys::fork().map_err(err("fork a holder"))? {
+            sys::Forked::Child => {
+                drop(status_r);
+                child::holder(&fds, status_w)
+            }
+            sys::Forked::Parent(pid) => pid,
+        };
+        drop(status_w);
+        self.check_child(pid, status_r)
+            .map_err(|e| format!("holder: {e}"))?;
+        self.holders.insert(pid);
+        Ok(ReplyData::Anchor(pid))
+    }
+
+    fn release(&mut self, pid: libc::pid_t) -> Result<ReplyData, String> {
+        if !self.holders.remove(&pid) {
+            return Err(format!("{pid} is not a holder"));
+        }
+        // Reaped by `reap` like any child.
+        nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL)
+            .map_err(|e| format!("kill holder {pid}: {e}"))?;
+        Ok(ReplyData::Done)
     }
 
     fn remove_sandbox(&mut self, sandbox: &str) -> Result<ReplyData, String> {

@@ -66,6 +66,33 @@ pub struct TreeRuntime {
     shut_down: bool,
 }
 
+/// The most files one [`TreeRuntime::hold_files`] takes (`SCM_MAX_FD` is 253).
+pub const MAX_HELD: usize = 200;
+
+/// Files a holder process keeps open for the processes of a tree; released on drop.
+pub struct HeldFiles<'a> {
+    runtime: &'a TreeRuntime,
+    pid: i32,
+}
+
+impl HeldFiles<'_> {
+    /// The `i`th file as any process of the tree names it: `/proc/<holder>/fd/<3 + i>`.
+    pub fn path(&self, i: usize) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/fd/{}", self.pid, 3 + i))
+    }
+}
+
+impl Drop for HeldFiles<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self
+            .runtime
+            .request(Request::Release { pid: self.pid }, &[])
+        {
+            tracing::warn!(holder = self.pid, "cannot release held files: {e}");
+        }
+    }
+}
+
 impl TreeRuntime {
     /// The tree's id.
     pub fn id(&self) -> &str {
@@ -139,6 +166,23 @@ impl TreeRuntime {
             return Err(self.init_err(format!("unexpected reply to tree anchor: {data:?}")));
         };
         Ok(PathBuf::from(format!("/proc/{pid}/root")))
+    }
+
+    /// Hands `files` to the processes of the tree: a holder process (see
+    /// [`Request::Hold`]) keeps them open until the returned [`HeldFiles`] is dropped.
+    /// At most [`MAX_HELD`] files at once (what one `SCM_RIGHTS` message carries).
+    pub fn hold_files(&self, files: &[OwnedFd]) -> Result<HeldFiles<'_>, RuntimeError> {
+        if files.len() > MAX_HELD {
+            return Err(self.init_err(format!(
+                "{} files to hold, at most {MAX_HELD} at once",
+                files.len()
+            )));
+        }
+        let (data, _, _) = self.request(Request::Hold, files)?;
+        let ReplyData::Anchor(pid) = data else {
+            return Err(self.init_err(format!("unexpected reply to hold: {data:?}")));
+        };
+        Ok(HeldFiles { runtime: self, pid })
     }
 
     /// Runs a command in the sandbox; errors before its exec (no such binary, bad cwd)

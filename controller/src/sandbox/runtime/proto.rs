@@ -58,6 +58,15 @@ pub(crate) enum Request {
     /// name that root as `/proc/<pid>/root` (DeltaCR moves templates there, out of a
     /// sandbox view that dies with the daemon that serves it).
     TreeAnchor,
+    /// Start a *holder*: a process with a sandbox's capabilities, at the tree's root,
+    /// holding the attached fds at 3, 4, … so that any process of the tree can open
+    /// them as `/proc/<holder>/fd/<n>` (how the daemon hands files to templates).
+    Hold,
+    /// Kill a holder started by `Hold`.
+    Release {
+        /// The holder's ns pid.
+        pid: i32,
+    },
     /// Liveness check.
     Ping,
 }
