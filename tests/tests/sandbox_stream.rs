@@ -150,6 +150,39 @@ fn the_exit_event_carries_the_auto_checkpoint() {
 }
 
 #[test]
+fn streamed_calls_on_one_sandbox_wait_their_turn() {
+    let f = Fixture::new("st-ser");
+    let sb = f.sandbox(false);
+    // Both at once; each records when its command printed first and when it ended.
+    let run = |tag: &'static str| {
+        let (client, sb) = (f.client.clone(), sb.clone());
+        async move {
+            let mut events = client
+                .exec_stream(&sb, &sh(&format!("echo {tag}; sleep 1; echo {tag}")))
+                .await
+                .expect("streamed exec");
+            let (mut first, mut exit) = (None, None);
+            while let Some(event) = events.next().await.expect("event") {
+                match event {
+                    ExecEvent::Stdout(_) => {
+                        first.get_or_insert_with(Instant::now);
+                    }
+                    ExecEvent::Exit(_) => exit = Some(Instant::now()),
+                    other => panic!("{tag}: {other:?}"),
+                }
+            }
+            (first.expect("output"), exit.expect("exit"))
+        }
+    };
+    let ((a_first, a_exit), (b_first, b_exit)) =
+        f.rt.block_on(async { tokio::join!(run("a"), run("b")) });
+    assert!(
+        b_first >= a_exit || a_first >= b_exit,
+        "the two commands overlapped: a {a_first:?}..{a_exit:?}, b {b_first:?}..{b_exit:?}"
+    );
+}
+
+#[test]
 fn removing_the_sandbox_ends_the_stream_with_an_error() {
     let f = Fixture::new("st-rm");
     let sb = f.sandbox(false);

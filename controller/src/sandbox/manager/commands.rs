@@ -101,10 +101,13 @@ pub(super) fn stop_for_removal(sandbox: &str) -> bool {
     let Some(entry) = running.get_mut(sandbox) else {
         return false;
     };
-    entry.removed = true;
-    if let Some(pgid) = entry.pgid {
+    // Killed once: the caller may ask again while the command winds down.
+    if !entry.removed
+        && let Some(pgid) = entry.pgid
+    {
         let _ = killpg(pgid, Signal::SIGKILL);
     }
+    entry.removed = true;
     true
 }
 

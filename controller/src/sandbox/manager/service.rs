@@ -2,16 +2,33 @@
 //! for the whole operation, and hands over to the module that does the work.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+use std::time::Duration;
 
 use super::output::Buffers;
-use super::{SandboxManager, commands, db_err, limits_of, lock};
+use super::{Live, SandboxManager, commands, db_err, limits_of, lock};
 use crate::api::sandbox_types::{SandboxInfo, SessionInfo};
 use crate::sandbox::error::SandboxError;
 use crate::sandbox::ops::{ExecSink, SandboxOps};
 use crate::sandbox::session::SessionKind;
 use crate::tree::TreeDbError;
 use crate::tree::records::SandboxState;
+
+/// Locks a sandbox that is being removed: a command running there would hold the lock
+/// as long as it may run, so while the lock is taken, whatever command holds it (or
+/// starts next) is stopped.
+fn lock_stopping_commands<'a>(live: &'a Mutex<Live>, name: &str) -> MutexGuard<'a, Live> {
+    loop {
+        match live.try_lock() {
+            Ok(guard) => return guard,
+            Err(TryLockError::Poisoned(poisoned)) => return poisoned.into_inner(),
+            Err(TryLockError::WouldBlock) => {
+                commands::stop_for_removal(name);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
 
 impl SandboxOps for SandboxManager {
     fn create(
@@ -44,10 +61,8 @@ impl SandboxOps for SandboxManager {
 
     fn remove(&self, sandbox: &str) -> Result<crate::api::sandbox_types::Removed, SandboxError> {
         let (id, live) = self.resolve_sandbox(sandbox)?;
-        // A command running there would hold the lock as long as it may run: stop it.
-        commands::stop_for_removal(&id.to_string());
         let tree = {
-            let mut live = lock(&live);
+            let mut live = lock_stopping_commands(&live, &id.to_string());
             live.record.state = SandboxState::Removing;
             self.db.put_sandbox(&live.record).map_err(db_err)?;
             let torn = self.tear_down(&mut live);
