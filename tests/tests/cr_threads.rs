@@ -198,9 +198,19 @@ fn a_pthread_program_gets_all_its_threads_back_after_rollback_twice() {
     // The original is untouched by the checkpoint: its threads run on.
     assert_eq!(task_count(p.pid), C_THREADS + 1);
     assert_eq!(p.ask("release"), "released");
-    let snap = p.ask("snap");
-    p.line();
-    assert!(num(&snap, "shared") > num(&held, "shared"), "{snap}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let snap = p.ask("snap");
+        p.line();
+        if num(&snap, "shared") > num(&held, "shared") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the original's workers are stuck: {snap}"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
 
     let restored = cr::rollback(&template, Pid::from_raw(p.pid), &env.restore_opts()).unwrap();
     eprintln!(
