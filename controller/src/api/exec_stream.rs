@@ -333,6 +333,89 @@ mod tests {
         assert_eq!(value["status"], 404);
     }
 
+    /// The route over the API tests' fake sandboxes (which stream through
+    /// [`crate::sandbox::SandboxOps::exec_streamed`]'s default): the headers, the lines,
+    /// and errors before the start as plain answers.
+    #[tokio::test]
+    async fn the_route_answers_ndjson_when_asked() {
+        use axum::http::{Method, Request};
+        use http_body_util::BodyExt as _;
+        use tower::ServiceExt as _;
+
+        use crate::api::routes;
+
+        let h = crate::api::tests::Harness::new();
+        let send = |method: Method, uri: String, body: &str, stream: bool| {
+            let router = crate::api::server::api_router(h.service.clone());
+            let mut req = Request::builder()
+                .method(method)
+                .uri(uri)
+                .header(header::CONTENT_TYPE, "application/json");
+            if stream {
+                req = req.header(header::ACCEPT, NDJSON);
+            }
+            let req = req.body(Body::from(body.to_owned())).unwrap();
+            async move {
+                let response = router.oneshot(req).await.unwrap();
+                let status = response.status();
+                let ct = response.headers().get(header::CONTENT_TYPE).cloned();
+                let bytes = response.into_body().collect().await.unwrap().to_bytes();
+                (status, ct, bytes)
+            }
+        };
+        let (status, _, created) = send(Method::POST, routes::SANDBOXES.into(), "{}", false).await;
+        assert_eq!(status, StatusCode::CREATED);
+        let id = serde_json::from_slice::<serde_json::Value>(&created).unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let exec = routes::fill(routes::SANDBOX_EXEC, &[&id]);
+        let (status, ct, body) = send(
+            Method::POST,
+            exec.clone(),
+            r#"{"argv":["echo","hi"]}"#,
+            true,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(ct.unwrap(), NDJSON);
+        let events: Vec<ExecEvent> = body
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_slice(l).unwrap())
+            .collect();
+        assert_eq!(events.len(), 2, "{events:?}");
+        assert_eq!(
+            events[0],
+            ExecEvent::Stdout(OutputChunk::of(b"hi\n".to_vec()))
+        );
+        assert!(matches!(&events[1], ExecEvent::Exit(e) if e.exit_code == Some(0)));
+        // Without the header: the collected result.
+        let (status, ct, body) = send(
+            Method::POST,
+            exec.clone(),
+            r#"{"argv":["echo","hi"]}"#,
+            false,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(ct.unwrap(), "application/json");
+        let result: ExecResult = serde_json::from_slice(&body).unwrap();
+        assert_eq!(result.stdout, "hi\n");
+        // Errors before the start: plain JSON with their status.
+        let (status, ct, _) = send(Method::POST, exec, r#"{"argv":[]}"#, true).await;
+        assert_eq!(
+            (status, ct.unwrap()),
+            (
+                StatusCode::BAD_REQUEST,
+                HeaderValue::from_static("application/json")
+            )
+        );
+        let unknown = routes::fill(routes::SANDBOX_EXEC, &["nope"]);
+        let (status, _, _) = send(Method::POST, unknown, r#"{"argv":["true"]}"#, true).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+    }
+
     #[test]
     fn the_accept_header_asks_for_the_stream() {
         let mut headers = HeaderMap::new();
