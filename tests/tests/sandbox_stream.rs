@@ -385,6 +385,33 @@ fn the_cli_streams_to_its_stdout_and_exits_with_the_code() {
     assert_eq!(value["exit_code"], 2);
 }
 
+#[test]
+fn the_cli_fails_with_5_when_the_sandbox_is_removed_under_it() {
+    let f = Fixture::new("st-clirm");
+    let sb = f.sandbox(false);
+    let mut child = Command::new(binary("deltabox"))
+        .arg("--socket")
+        .arg(f.daemon.socket())
+        .args(["exec", &sb, "--", "sh", "-c", "echo started; sleep 60"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn deltabox");
+    let _guard = ChildGuard(Some(child.id()));
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut first = String::new();
+    stdout.read_line(&mut first).expect("first line");
+    assert_eq!(first, "started\n");
+    f.rt.block_on(f.client.remove_sandbox(&sb)).expect("remove");
+    let out = child.wait_with_output().expect("wait for deltabox");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "stderr: {stderr}");
+    assert!(
+        stderr.contains("unknown sandbox") && stderr.contains(&sb),
+        "stderr: {stderr}"
+    );
+}
+
 /// Kills a spawned CLI by pid if the test fails before it ended.
 struct ChildGuard(Option<u32>);
 
