@@ -128,7 +128,12 @@ def test_async_callbacks(client: Client) -> None:
                 assert got[0][1] < 1.5 and got[1][1] - got[0][1] > 1.5, got
                 assert result.stdout == "one\ntwo\n" and result.exit_code == 0
                 errors: list[str] = []
-                failed = await sb.exec("echo bad >&2; exit 4", on_stderr=errors.append)
+
+                async def on_stderr(text: str) -> None:
+                    await asyncio.sleep(0.01)
+                    errors.append(text)
+
+                failed = await sb.exec("echo bad >&2; exit 4", on_stderr=on_stderr)
                 assert errors == ["bad\n"] and failed.exit_code == 4
 
     asyncio.run(main())

@@ -194,16 +194,19 @@ class ExecStream:
         self.pending = b""
         self.result: ExecResult | None = None
 
-    def feed(self, data: bytes) -> None:
-        """Takes the next bytes of the answer; handles every whole line in them."""
+    def feed(self, data: bytes) -> list[object]:
+        """Takes the next bytes of the answer; handles every whole line in them and
+        returns what the callbacks returned (the asyncio client awaits awaitables)."""
         self.pending += data
         *lines, self.pending = self.pending.split(b"\n")
+        returned: list[object] = []
         for line in lines:
             if line.strip():
-                self.event(line)
+                returned.extend(self.event(line))
+        return returned
 
-    def event(self, line: bytes) -> None:
-        """Handles one event line."""
+    def event(self, line: bytes) -> list[object]:
+        """Handles one event line; returns what its callback returned, if one ran."""
         if self.result is not None:
             raise ProtocolError(f"{self.call.method} {self.call.path}: an event after the last one")
         try:
@@ -224,7 +227,7 @@ class ExecStream:
             self.output[index].extend(raw)
             callback = self.callbacks[index]
             if callback is not None and raw:
-                callback(raw.decode("utf-8", "replace"))
+                return [callback(raw.decode("utf-8", "replace"))]
         elif kind == "exit":
             fields = dict(event)
             fields["stdout"] = self.output[0].decode("utf-8", "replace")
@@ -239,6 +242,7 @@ class ExecStream:
             body = json.dumps({"error": event.get("message", ""), "kind": event.get("code", "unknown")})
             raise error_from_response(int(event.get("status", 500)), body.encode())
         # Other types: added by a newer daemon, ignored.
+        return []
 
     def finish(self) -> ExecResult:
         """The result, once the answer has ended."""

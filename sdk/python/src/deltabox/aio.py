@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import weakref
 from collections.abc import Mapping, Sequence
@@ -86,7 +87,8 @@ class AsyncClient:
         on_stderr: _api.OutputCallback | None = None,
     ) -> ExecResult:
         """Sends an ``exec`` call for its streamed answer (see
-        :meth:`deltabox.Client.stream_exec`); the callbacks are plain functions."""
+        :meth:`deltabox.Client.stream_exec`); a callback may be a plain or an ``async``
+        function (what it returns is awaited before the next chunk is read)."""
         timeout = call.timeout if call.timeout is not None else self.timeout
         reader = _api.ExecStream(call, on_stdout, on_stderr)
         try:
@@ -100,7 +102,13 @@ class AsyncClient:
                 if not 200 <= response.status_code < 300:
                     raise error_from_response(response.status_code, await response.aread())
                 async for data in response.aiter_raw():
-                    reader.feed(data)
+                    for returned in reader.feed(data):
+                        if inspect.isawaitable(returned):
+                            await returned
+                # A last line without its newline (the daemon always sends one).
+                for returned in reader.feed(b"\n"):
+                    if inspect.isawaitable(returned):
+                        await returned
         except httpx.HTTPError as err:
             raise _api.transport_error(call, self.socket, err) from err
         return reader.finish()
@@ -370,7 +378,8 @@ class AsyncSandbox:
         on_stderr: _api.OutputCallback | None = None,
     ) -> ExecResult:
         """Runs a one-shot command (see :meth:`deltabox.Sandbox.exec`); with
-        ``on_stdout``/``on_stderr`` (plain functions) its output is streamed to them."""
+        ``on_stdout``/``on_stderr`` (plain or ``async`` functions) its output is streamed
+        to them."""
         argv = _api.argv_of(cmd)
         call = _api.exec_command(
             self.id,
