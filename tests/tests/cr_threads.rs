@@ -485,3 +485,27 @@ fn a_process_whose_main_thread_exited_is_refused_and_untouched() {
         "{status}"
     );
 }
+
+/// The threads' recorded state is kept with the node in the tree database: a
+/// restarted daemon adopts the templates and revives the session at its head node
+/// with every thread.
+#[test]
+fn python_threads_come_back_after_a_daemon_restart() {
+    require_root();
+    let mut daemon = TestDaemon::start("crthr-rs", &[]);
+    let http = Http::new(daemon.socket());
+    let sandbox = id_of(&http.create(&json!({})));
+    let session = http.session(&sandbox, "python");
+    assert_eq!(http.run(&sandbox, &session, PY_START), "8\n");
+    http.run(
+        &sandbox,
+        &session,
+        "lock.acquire()\nheld = list(counts)\nmarker = True",
+    );
+    http.checkpoint(&sandbox, "threads");
+    http.run(&sandbox, &session, "lock.release()\nmarker = False");
+    daemon.kill();
+    daemon.restart(&[]);
+    let http = Http::new(daemon.socket());
+    py_check(&http, &sandbox, &session, "revived by a restarted daemon");
+}

@@ -148,3 +148,45 @@ pub struct ThreadState {
     /// The rest.
     pub extras: ThreadExtras,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A record written before threads were recorded (version 1) reads as a
+    /// single-threaded process with no per-thread extras.
+    #[test]
+    fn a_version_1_record_reads_as_single_threaded() {
+        // SAFETY: user_regs_struct is plain integers; all-zero is a valid value.
+        let regs: Regs = unsafe { std::mem::zeroed() };
+        let state = ProcessState {
+            version: STATE_VERSION,
+            pid: 7,
+            comm: "python3".to_owned(),
+            regs: Registers::from(&regs),
+            xstate: XState(vec![1, 2, 3]),
+            interrupted_syscall: None,
+            syscall_site: SyscallSite(0x1000),
+            fds: Vec::new(),
+            cwd: PathBuf::from("/"),
+            status: Status::default(),
+            rlimits: Vec::new(),
+            cgroup: PathBuf::from("/a"),
+            main_thread: ThreadExtras {
+                tid_address: 0x10,
+                ..ThreadExtras::default()
+            },
+            threads: Vec::new(),
+        };
+        let mut v1 = serde_json::to_value(&state).unwrap();
+        let obj = v1.as_object_mut().unwrap();
+        obj.remove("main_thread");
+        obj.remove("threads");
+        obj.insert("version".to_owned(), serde_json::json!(1));
+        let read: ProcessState = serde_json::from_value(v1).unwrap();
+        assert_eq!(read.version, 1);
+        assert!(read.threads.is_empty());
+        assert_eq!(read.main_thread, ThreadExtras::default());
+        assert_eq!(read.comm, "python3");
+    }
+}
