@@ -13,6 +13,7 @@
  *   snap     lock, print the counters and check shared == sum, unlock
  *   kill     pthread_kill(SIGUSR2) every worker, wait until each has counted it
  *   tids     print the kernel tid every thread reads with gettid() now
+ *   usr1     pthread_kill(SIGUSR1) worker 1, which blocks it: it stays pending there
  *   churns   print how many short-lived threads the churner created and joined
  *   exit     wake the waiter, stop and join everyone, print the results, exit 42
  * With the argument `churn`, a churner thread creates and joins short-lived threads in
@@ -224,6 +225,9 @@ int main(int argc, char **argv) {
             printf("tids main=%ld", (long)syscall(SYS_gettid));
             for (int i = 0; i < NWORKERS + 2; i++) printf(" %ld", tids_now[i]);
             printf("\n");
+        } else if (!strcmp(line, "usr1")) {
+            int err = pthread_kill(workers[1], SIGUSR1);
+            printf("usr1 %s\n", err ? strerror(err) : "sent");
         } else if (!strcmp(line, "churns")) {
             printf("churns=%lu\n", churns);
         } else if (!strcmp(line, "exit")) {

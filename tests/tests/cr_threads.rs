@@ -509,3 +509,52 @@ fn python_threads_come_back_after_a_daemon_restart() {
     let http = Http::new(daemon.socket());
     py_check(&http, &sandbox, &session, "revived by a restarted daemon");
 }
+
+/// `SigPnd` of thread `tid` of `pid`.
+fn thread_pending(pid: i32, tid: &str) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap();
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("SigPnd:"))
+        .expect("SigPnd");
+    u64::from_str_radix(line.split_whitespace().nth(1).unwrap(), 16).unwrap()
+}
+
+/// A signal pending for one thread, which blocks it, is pending for that thread again
+/// in a restore (sent with `tgkill` to its new tid), and for no other.
+#[test]
+fn a_signal_pending_for_a_thread_is_pending_for_it_again() {
+    require_root();
+    let dir = TempDir::new("crthr-sig");
+    let bin = build_c_target(&dir.0);
+    let env = CrEnv::new("threads-sig");
+    let mut p = env.spawn(Command::new(&bin));
+    assert!(p.line().starts_with("ready"));
+    // Worker 1 is the second thread after the main one (`tids` prints workers first).
+    let tids = p.ask("tids");
+    let worker1 = tids.split_whitespace().nth(3).unwrap().to_owned();
+    assert_eq!(p.ask("usr1"), "usr1 sent");
+    let usr1 = 1u64 << (libc::SIGUSR1 - 1);
+    assert_ne!(thread_pending(p.pid, &worker1) & usr1, 0);
+    p.wait_blocked_in(libc::SYS_read);
+    let template = cr::checkpoint(Pid::from_raw(p.pid), &env.checkpoint_opts()).unwrap();
+    env.track(template.pid().as_raw());
+    let pending: Vec<bool> = template
+        .state()
+        .threads
+        .iter()
+        .map(|t| t.sig_pending & usr1 != 0)
+        .collect();
+    assert_eq!(pending.iter().filter(|p| **p).count(), 1, "{pending:?}");
+    let mut r = env.adopt(template.restore(&env.restore_opts()).unwrap());
+    let tids = r.ask("tids");
+    let new_tids: Vec<&str> = tids.split_whitespace().skip(2).collect();
+    for (i, tid) in new_tids.iter().enumerate() {
+        let has = thread_pending(r.pid, tid) & usr1 != 0;
+        assert_eq!(has, i == 1, "thread {i} ({tid}) of pid {}: {tids}", r.pid);
+    }
+    assert_eq!(thread_pending(r.pid, &r.pid.to_string()) & usr1, 0);
+    let joined = r.ask("exit");
+    assert_eq!(field(&joined, "ok"), "4", "{joined}");
+    assert_eq!(exit_code(r.pid), 42);
+}
