@@ -15,6 +15,7 @@ use redb::{
 use serde::de::DeserializeOwned;
 
 use super::error::TreeDbError;
+use super::file::{DbFile, OpenError};
 use super::ids::{self, NodeId, PrefixMatch, SandboxId, TreeId};
 use super::records::{self, NodeRecord, RecordError, SandboxRecord, TreeRecord};
 
@@ -73,9 +74,18 @@ impl TreeDb {
     /// [`TreeDbError::Corrupt`] if the file is not a redb database. A file left by a
     /// killed process is repaired by redb on open; committed transactions are kept.
     pub fn open(path: &Path) -> Result<Self> {
+        let file = DbFile::open(path).map_err(|e| match e {
+            OpenError::Locked => TreeDbError::Locked {
+                path: path.to_owned(),
+            },
+            OpenError::Io(source) => TreeDbError::Open {
+                path: path.to_owned(),
+                source: Box::new(redb::DatabaseError::Storage(redb::StorageError::Io(source))),
+            },
+        })?;
         let db = Database::builder()
             .set_cache_size(CACHE_BYTES)
-            .create(path)
+            .create_with_backend(file)
             .map_err(|e| match e {
                 redb::DatabaseError::DatabaseAlreadyOpen => TreeDbError::Locked {
                     path: path.to_owned(),
@@ -274,8 +284,8 @@ impl TreeDb {
 
     fn begin_write(&self) -> Result<WriteTransaction> {
         let mut txn = self.db.begin_write().map_err(self.err("begin write"))?;
-        // redb's default, stated: fsync before commit returns.
-        txn.set_durability(Durability::Immediate);
+        // Written to the kernel before commit returns, not fsynced: see `file.rs`.
+        txn.set_durability(Durability::Eventual);
         Ok(txn)
     }
 
