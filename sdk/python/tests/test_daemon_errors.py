@@ -100,10 +100,10 @@ def test_session_failed(sb: Sandbox) -> None:
 
 
 def test_process_not_restorable(sb: Sandbox) -> None:
-    """A session with a second thread: fork() copies one thread, so DeltaCR refuses to
-    checkpoint it and names the process."""
+    """A session holding a pipe beyond stdio: DeltaCR cannot restore one, so it refuses
+    to checkpoint the session and names the process."""
     py = sb.session("python")
-    py.run("import threading, time\nthreading.Thread(target=time.sleep, args=(3600,), daemon=True).start()")
+    py.run("import os\nr, w = os.pipe()")
     with pytest.raises(deltabox.ProcessNotRestorable) as caught:
         sb.checkpoint()
     assert caught.value.status == 422
