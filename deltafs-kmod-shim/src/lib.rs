@@ -13,6 +13,7 @@
 //! - [`base`]: the read-only base tree, read lazily;
 //! - [`layer`], [`persist`]: layer directories and their on-disk metadata;
 //! - [`store`], [`view`]: the control interface;
+//! - [`stats`]: what the views did (requests, copy-ups, freezes), read by [`Store::stats`];
 //! - [`probe`]: the check that this kernel's FUSE passthrough works as DeltaFS needs.
 
 pub mod backing;
@@ -28,6 +29,7 @@ pub mod maps;
 pub mod node;
 pub mod persist;
 pub mod probe;
+pub mod stats;
 pub mod store;
 mod sync;
 pub mod view;
@@ -36,5 +38,6 @@ mod writer;
 pub use crate::backing::{BackingError, BackingFile};
 pub use crate::diff::{Change, ChangeKind, Changed, DiffError, FileType};
 pub use crate::ids::{LayerId, SnapshotId};
+pub use crate::stats::{OpKind, OpStats, SnapshotWrites, StatsSnapshot};
 pub use crate::store::{GcReport, SnapshotInfo, Store, StoreError};
 pub use crate::view::{FreezeOpts, FreezeReport, MappedFiles, SwitchReport, View, ViewError};

@@ -22,6 +22,7 @@ use crate::ids::{LayerId, ROOT_INO, SnapshotId};
 use crate::index::{Delta, Index, IndexError};
 use crate::layer::{LayerError, Layers};
 use crate::persist::{self, PersistError};
+use crate::stats::{SnapshotWrites, Stats, StatsSnapshot};
 use crate::sync::lock;
 use crate::view::{View, ViewShared};
 use crate::writer::{Job, Writer};
@@ -140,6 +141,8 @@ pub(crate) struct StoreShared {
     pub state: Mutex<StoreState>,
     /// Writes frozen layers' metadata in the background.
     pub writer: Writer,
+    /// What the store's views did (see [`crate::stats`]).
+    pub stats: Stats,
     _lock: Flock<File>,
 }
 
@@ -200,6 +203,7 @@ impl Store {
                     views: Vec::new(),
                 }),
                 writer,
+                stats: Stats::default(),
                 _lock: lock_file,
             }),
         })
@@ -319,6 +323,9 @@ impl Store {
             }
         }
         state.snapshots.retain(|id, _| keep.contains(&id.layer()));
+        self.shared
+            .stats
+            .retain_snapshots(|id| keep.contains(&id.layer()));
         let mut report = GcReport::default();
         for layer in self.shared.layers.list()? {
             if keep.contains(&layer) {
@@ -360,6 +367,22 @@ impl Store {
     /// [`crate::backing`]).
     pub fn backing_file(&self, id: SnapshotId, path: &Path) -> Result<BackingFile, BackingError> {
         crate::backing::resolve(&self.shared, id, path)
+    }
+
+    /// What the store's views did since it was opened: requests by kind, copy-ups,
+    /// freezes, switches, and the layers of each mounted view's chain.
+    pub fn stats(&self) -> StatsSnapshot {
+        crate::stats::snapshot(&self.shared)
+    }
+
+    /// What snapshot `id` made the store write: its epoch's copy-ups, the freeze's
+    /// copies, its metadata files (waiting for the background writer first). `None` for
+    /// a snapshot this process did not freeze.
+    pub fn written_by_snapshot(
+        &self,
+        id: SnapshotId,
+    ) -> Result<Option<SnapshotWrites>, StoreError> {
+        crate::stats::written_by_snapshot(&self.shared, id)
     }
 
     /// Bytes allocated under the store's `layers/` directory, as the sum of `st_blocks`

@@ -17,6 +17,7 @@ use fuser::{
     TimeOrNow,
 };
 
+use crate::stats::OpKind;
 use crate::sync::lock;
 use crate::view::state::{FsResult, TTL, ViewState, file_type};
 use crate::view::{Caller, SetAttr, ViewShared};
@@ -94,6 +95,7 @@ impl Filesystem for DeltaFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let _op = self.view.store.stats.op(OpKind::Lookup);
         reply_entry(reply, self.with(|s| s.lookup(parent, name)));
     }
 
@@ -106,6 +108,7 @@ impl Filesystem for DeltaFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let _op = self.view.store.stats.op(OpKind::Getattr);
         match self.with(|s| s.attr_of(ino)) {
             Ok(attr) => reply.attr(&TTL, &attr),
             Err(e) => reply.error(e),
@@ -130,6 +133,7 @@ impl Filesystem for DeltaFs {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        let _op = self.view.store.stats.op(OpKind::Setattr);
         let set = SetAttr {
             mode,
             uid,
@@ -146,6 +150,7 @@ impl Filesystem for DeltaFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let _op = self.view.store.stats.op(OpKind::Other);
         match self.with(|s| s.readlink(ino)) {
             Ok(target) => reply.data(&target),
             Err(e) => reply.error(e),
@@ -162,6 +167,7 @@ impl Filesystem for DeltaFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        let _op = self.view.store.stats.op(OpKind::Create);
         reply_entry(
             reply,
             self.with(|s| s.mknod(parent, name, mode, rdev, caller(req))),
@@ -177,6 +183,7 @@ impl Filesystem for DeltaFs {
         _umask: u32,
         reply: ReplyEntry,
     ) {
+        let _op = self.view.store.stats.op(OpKind::Create);
         reply_entry(
             reply,
             self.with(|s| s.mkdir(parent, name, mode, caller(req))),
@@ -184,10 +191,12 @@ impl Filesystem for DeltaFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _op = self.view.store.stats.op(OpKind::Unlink);
         reply_empty(reply, self.with(|s| s.unlink(parent, name)));
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _op = self.view.store.stats.op(OpKind::Unlink);
         reply_empty(reply, self.with(|s| s.rmdir(parent, name)));
     }
 
@@ -199,6 +208,7 @@ impl Filesystem for DeltaFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        let _op = self.view.store.stats.op(OpKind::Create);
         let target = target.as_os_str();
         reply_entry(
             reply,
@@ -216,6 +226,7 @@ impl Filesystem for DeltaFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        let _op = self.view.store.stats.op(OpKind::Rename);
         let result = self.with(|s| s.rename(parent, name, newparent, newname, flags.bits()));
         reply_empty(reply, result);
     }
@@ -228,16 +239,19 @@ impl Filesystem for DeltaFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        let _op = self.view.store.stats.op(OpKind::Create);
         reply_entry(reply, self.with(|s| s.link(ino, newparent, newname)));
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let _op = self.view.store.stats.op(OpKind::Open);
         let open_backing = |file: &std::fs::File| reply.open_backing(file);
         let result = self.with(|s| s.open(ino, flags.0, &open_backing));
         data::reply_open(reply, result);
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let _op = self.view.store.stats.op(OpKind::Open);
         match self.with(|s| s.opendir(ino)) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(e),
@@ -252,6 +266,7 @@ impl Filesystem for DeltaFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        let _op = self.view.store.stats.op(OpKind::Readdir);
         let mut state = lock(&self.view.state);
         let (dir, parent, entries) = match state.dir_entries(fh.0) {
             Ok(found) => found,
@@ -282,6 +297,7 @@ impl Filesystem for DeltaFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        let _op = self.view.store.stats.op(OpKind::Readdir);
         let mut state = lock(&self.view.state);
         let (dir, parent, entries) = match state.dir_entries(fh.0) {
             Ok(found) => found,
@@ -317,6 +333,7 @@ impl Filesystem for DeltaFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        let _op = self.view.store.stats.op(OpKind::Other);
         self.with(|s| s.dir_handles.remove(&fh.0));
         reply.ok();
     }
@@ -329,10 +346,12 @@ impl Filesystem for DeltaFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _op = self.view.store.stats.op(OpKind::Fsync);
         reply.ok();
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let _op = self.view.store.stats.op(OpKind::Other);
         match nix::sys::statvfs::statvfs(&self.view.store.root) {
             Ok(st) => reply.statfs(
                 st.blocks(),
@@ -358,22 +377,27 @@ impl Filesystem for DeltaFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        let _op = self.view.store.stats.op(OpKind::Other);
         reply_empty(reply, self.with(|s| s.setxattr(ino, name, value, flags)));
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let _op = self.view.store.stats.op(OpKind::Other);
         reply_xattr(reply, size, self.with(|s| s.getxattr(ino, name)));
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let _op = self.view.store.stats.op(OpKind::Other);
         reply_xattr(reply, size, self.with(|s| s.listxattr(ino)));
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _op = self.view.store.stats.op(OpKind::Other);
         reply_empty(reply, self.with(|s| s.removexattr(ino, name)));
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        let _op = self.view.store.stats.op(OpKind::Getattr);
         // `default_permissions`: the kernel checks modes itself; only existence is ours.
         reply_empty(reply, self.with(|s| s.attr_of(ino).map(drop)));
     }
@@ -388,6 +412,7 @@ impl Filesystem for DeltaFs {
         flags: i32,
         reply: fuser::ReplyCreate,
     ) {
+        let _op = self.view.store.stats.op(OpKind::Create);
         let open_backing = |file: &std::fs::File| reply.open_backing(file);
         let result = self.with(|s| s.create(parent, name, mode, flags, caller(req), &open_backing));
         data::reply_create(reply, result);
@@ -404,6 +429,7 @@ impl Filesystem for DeltaFs {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyData,
     ) {
+        let _op = self.view.store.stats.op(OpKind::Read);
         data::read(self, fh, offset, size, reply);
     }
 
@@ -419,6 +445,7 @@ impl Filesystem for DeltaFs {
         _lock_owner: Option<fuser::LockOwner>,
         reply: fuser::ReplyWrite,
     ) {
+        let _op = self.view.store.stats.op(OpKind::Write);
         data::write(self, fh, offset, data, reply);
     }
 
@@ -438,6 +465,7 @@ impl Filesystem for DeltaFs {
         _out_size: u32,
         reply: fuser::ReplyIoctl,
     ) {
+        let _op = self.view.store.stats.op(OpKind::Other);
         reply.error(Errno::ENOTTY);
     }
 
@@ -449,6 +477,7 @@ impl Filesystem for DeltaFs {
         _lock_owner: fuser::LockOwner,
         reply: ReplyEmpty,
     ) {
+        let _op = self.view.store.stats.op(OpKind::Other);
         reply.error(Errno::ENOSYS);
     }
 
@@ -462,6 +491,7 @@ impl Filesystem for DeltaFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let _op = self.view.store.stats.op(OpKind::Other);
         self.with(|s| s.release(fh.0));
         reply.ok();
     }
@@ -474,6 +504,7 @@ impl Filesystem for DeltaFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _op = self.view.store.stats.op(OpKind::Fsync);
         data::fsync(self, fh, datasync, reply);
     }
 
@@ -487,6 +518,7 @@ impl Filesystem for DeltaFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        let _op = self.view.store.stats.op(OpKind::Other);
         data::fallocate(self, fh, offset, length, mode, reply);
     }
 
@@ -499,6 +531,7 @@ impl Filesystem for DeltaFs {
         whence: i32,
         reply: fuser::ReplyLseek,
     ) {
+        let _op = self.view.store.stats.op(OpKind::Other);
         data::lseek(self, fh, offset, whence, reply);
     }
 }

@@ -139,6 +139,7 @@ impl ViewShared {
                 state.kept.insert(*ino, (id, ctime(&meta)));
             }
         }
+        self.store.stats.frozen(frozen, id, &copies);
         Ok(FreezeReport {
             id,
             kept_live: moved.len() as u64,
@@ -227,6 +228,7 @@ impl ViewShared {
         }
         // The old writable layer is left to gc: handles opened before keep its files.
         let old_writable = std::mem::replace(&mut state.writable, LayerId::generate());
+        self.store.stats.switched(old_writable);
         state.delta = Delta::default();
         state.parent = Some(to);
         let still: HashSet<Ino> = unchanged.iter().map(|(ino, _)| *ino).collect();

@@ -207,9 +207,11 @@ impl ViewState {
         let layers = &self.store.layers;
         let dest = layers.file(self.writable, file);
         let new_file = if empty {
-            layers
+            let created = layers
                 .create(self.writable, file)
-                .map_err(IntoErrno::errno)?
+                .map_err(IntoErrno::errno)?;
+            self.store.stats.copied_up(self.writable, None);
+            created
         } else {
             let src = match self.opens.get(&ino) {
                 Some(entry) => entry.backing.file(),
@@ -217,7 +219,11 @@ impl ViewState {
                     Layers::open_file(&self.data_path(&data), false).map_err(IntoErrno::errno)?,
                 ),
             };
-            layers.copy_to(&src, &dest).map_err(IntoErrno::errno)?.0
+            let (new_file, copied) = layers.copy_to(&src, &dest).map_err(IntoErrno::errno)?;
+            self.store
+                .stats
+                .copied_up(self.writable, Some((&copied, &new_file)));
+            new_file
         };
         if !node.mtime_from_data {
             let atime = TimeSpec::new(node.atime.sec, node.atime.nsec.into());
