@@ -450,8 +450,12 @@ fn a_session_holding_a_pipe_cannot_be_checkpointed_and_nothing_is_lost() {
     let w = World::new(&daemon);
     let http = &w.http;
     let nodes_before = http.node_ids(&w.sandbox);
-    http.run(&w.sandbox, &w.session, "import os
-r, w = os.pipe()");
+    http.run(
+        &w.sandbox,
+        &w.session,
+        "import os
+r, w = os.pipe()",
+    );
     let pid = http.sandbox(&w.sandbox)["sessions"]
         .as_array()
         .and_then(|s| s.iter().find(|s| s["id"] == w.session.as_str()))
@@ -843,4 +847,78 @@ fn calls_on_one_sandbox_are_serialised() {
         "two 0.6 s runs in one session took {took:?}"
     );
     w.assert_intact("concurrent runs");
+}
+
+/// A request on a sandbox busy with a long operation waits for it (here 1 s, with
+/// `--busy-wait-ms 1000`), then fails with `busy` naming the operation; meanwhile the
+/// sandbox's status answers at once and says what runs; the long operation is not
+/// disturbed, and afterwards everything works and nothing is lost.
+#[test]
+fn a_busy_sandbox_answers_busy_after_the_wait_and_status_never_waits() {
+    require_root();
+    let daemon = TestDaemon::start("e-busy", &["--busy-wait-ms", "1000"]);
+    let w = World::new(&daemon);
+    let http = w.http.clone();
+    let sandbox = w.sandbox.clone();
+    let long = std::thread::spawn(move || http.exec(&sandbox, &["sleep", "4"], None));
+    // Until the exec holds the sandbox.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let busy = loop {
+        let info = w.http.sandbox(&w.sandbox);
+        if !info["busy"].is_null() {
+            break info["busy"].clone();
+        }
+        assert!(std::time::Instant::now() < deadline, "never busy: {info}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert_eq!(busy["operation"], "exec", "{busy}");
+
+    let started = std::time::Instant::now();
+    let info = w.http.sandbox(&w.sandbox);
+    assert!(
+        started.elapsed() < std::time::Duration::from_millis(500),
+        "status waited {:?} for the exec",
+        started.elapsed()
+    );
+    assert_eq!(info["busy"]["operation"], "exec", "{info}");
+    assert!(
+        info["sessions"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|s| s["id"] == w.session.as_str())),
+        "a busy sandbox's status still lists its sessions: {info}"
+    );
+
+    let started = std::time::Instant::now();
+    w.http
+        .post(
+            &format!("/v1/sandboxes/{}/checkpoint", w.sandbox),
+            &json!({"label": "while busy"}),
+        )
+        .expect_error(
+            409,
+            "busy",
+            &[&w.sandbox, "exec"],
+            "checkpoint of a busy sandbox",
+        );
+    let waited = started.elapsed();
+    assert!(
+        waited >= std::time::Duration::from_millis(900),
+        "answered busy after {waited:?}, not after the 1 s wait"
+    );
+    let sessions = w.http.get("/v1/sandboxes").expect(200, "list while busy");
+    assert!(
+        sessions.to_string().contains("\"busy\""),
+        "the list shows the busy sandbox: {sessions}"
+    );
+
+    let result = long.join().expect("the exec thread");
+    assert_eq!(
+        result["exit_code"], 0,
+        "the long exec was disturbed: {result}"
+    );
+    assert!(
+        w.http.sandbox(&w.sandbox)["busy"].is_null(),
+        "still busy after the exec"
+    );
+    w.assert_intact("a busy answer");
 }

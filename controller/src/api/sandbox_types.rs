@@ -78,6 +78,19 @@ pub struct SandboxInfo {
     pub sessions: Vec<SessionInfo>,
     /// `running` (or `creating` / `removing` while that is under way).
     pub state: String,
+    /// The operation in progress, if any: the rest is the sandbox as that operation
+    /// found it (a status never waits for an operation to end).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub busy: Option<BusyInfo>,
+}
+
+/// An operation in progress on a sandbox.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BusyInfo {
+    /// `exec`, `session run`, `checkpoint`, `rollback`, …
+    pub operation: String,
+    /// How long it has run.
+    pub for_ms: u64,
 }
 
 /// `GET /v1/sandboxes`.

@@ -4,6 +4,7 @@
 use std::io::{IsTerminal as _, Write as _};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
@@ -13,6 +14,7 @@ use deltabox_controller::bpf::DEFAULT_PIN_DIR;
 use deltabox_controller::cgroup::CgroupFs;
 use deltabox_controller::daemon::{self, DEFAULT_METRICS_ADDR, DaemonError, ServeConfig};
 use deltabox_controller::sandbox::ManagerConfig;
+use deltabox_controller::sandbox::manager::busy::BUSY_WAIT;
 use tracing_subscriber::EnvFilter;
 
 const AFTER_HELP: &str = "\
@@ -97,6 +99,10 @@ struct ServeArgs {
     /// Serve no sandboxes (their routes answer 503): only the write tracker.
     #[arg(long)]
     no_sandboxes: bool,
+    /// How long a request on a sandbox waits for the operation in progress there to
+    /// end before it fails with `busy` (409)
+    #[arg(long, value_name = "MS", default_value_t = BUSY_WAIT.as_millis() as u64)]
+    busy_wait_ms: u64,
 }
 
 const DEFAULT_DATA_DIR: &str = "/var/lib/deltabox/store/deltaboxd";
@@ -131,6 +137,7 @@ fn sandbox_config(args: &ServeArgs) -> anyhow::Result<Option<ManagerConfig>> {
         run_dir: args.run_dir.clone(),
         cgroup,
         init_binary,
+        busy_wait: Duration::from_millis(args.busy_wait_ms),
     }))
 }
 

@@ -74,6 +74,21 @@ pub enum SandboxError {
         /// The sandboxes whose head is in the subtree.
         sandboxes: Vec<String>,
     },
+    /// Another operation on the sandbox did not end within the wait.
+    #[error(
+        "sandbox {sandbox} is busy: {operation} has run for {for_ms} ms and this request \
+         waited {waited_ms} ms for it; retry later"
+    )]
+    Busy {
+        /// The sandbox.
+        sandbox: String,
+        /// The operation in progress (`exec`, `session run`, `checkpoint`, …).
+        operation: String,
+        /// How long it has run.
+        for_ms: u64,
+        /// How long this request waited.
+        waited_ms: u64,
+    },
     /// The sandbox's store is out of space.
     #[error("disk full: {message}")]
     DiskFull {
@@ -118,6 +133,7 @@ impl SandboxError {
             Self::NodeNotRestorable { .. } => "node_not_restorable",
             Self::Invalid { .. } => "invalid_request",
             Self::NodeInUse { .. } => "node_in_use",
+            Self::Busy { .. } => "busy",
             Self::DiskFull { .. } => "disk_full",
             Self::Session { .. } => "session_failed",
             Self::Process { .. } => "process_not_restorable",
@@ -132,7 +148,7 @@ impl SandboxError {
             | Self::UnknownNode { .. }
             | Self::UnknownSession { .. } => 404,
             Self::Ambiguous { .. } | Self::Invalid { .. } => 400,
-            Self::NodeOfAnotherTree { .. } | Self::NodeInUse { .. } => 409,
+            Self::NodeOfAnotherTree { .. } | Self::NodeInUse { .. } | Self::Busy { .. } => 409,
             Self::NodeNotRestorable { .. } | Self::Process { .. } | Self::Session { .. } => 422,
             Self::DiskFull { .. } => 507,
             Self::Internal { .. } => 500,
@@ -140,7 +156,7 @@ impl SandboxError {
     }
 
     /// Every kind, for the contract test.
-    pub const KINDS: [&'static str; 12] = [
+    pub const KINDS: [&'static str; 13] = [
         "unknown_sandbox",
         "unknown_node",
         "unknown_session",
@@ -149,6 +165,7 @@ impl SandboxError {
         "node_not_restorable",
         "invalid_request",
         "node_in_use",
+        "busy",
         "disk_full",
         "session_failed",
         "process_not_restorable",

@@ -159,6 +159,7 @@ impl State {
             branched_from: from.map(|n| n.info.id.clone()),
             sessions: from.map(|n| n.session_infos.clone()).unwrap_or_default(),
             state: "running".into(),
+            busy: None,
         };
         let files = from.map(|n| n.files.clone()).unwrap_or_default();
         self.sandboxes.insert(

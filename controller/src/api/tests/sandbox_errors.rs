@@ -44,6 +44,12 @@ fn one_of_each() -> Vec<SandboxError> {
             node: s("nd-1"),
             sandboxes: vec![s("sb-1")],
         },
+        SandboxError::Busy {
+            sandbox: s("sb-1"),
+            operation: s("exec"),
+            for_ms: 31_000,
+            waited_ms: 30_000,
+        },
         SandboxError::DiskFull {
             message: s("no space left on /var/lib/deltabox/store"),
         },

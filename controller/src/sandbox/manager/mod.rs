@@ -15,6 +15,7 @@
 //! sandboxes and trees are locked only to look up or insert.
 
 mod adopt;
+pub mod busy;
 mod commands;
 pub mod leftovers;
 pub mod output;
@@ -54,6 +55,9 @@ pub struct ManagerConfig {
     pub cgroup: PathBuf,
     /// The `deltabox-init` binary.
     pub init_binary: PathBuf,
+    /// How long a request waits for another operation on the same sandbox before it
+    /// fails with `busy`.
+    pub busy_wait: std::time::Duration,
 }
 
 /// A live tree: its namespaces and init, and the templates of its nodes.
@@ -114,6 +118,8 @@ pub struct SandboxManager {
     default_base: Mutex<Option<PathBuf>>,
     trees: Mutex<HashMap<TreeId, Arc<Tree>>>,
     sandboxes: Mutex<HashMap<SandboxId, Arc<Mutex<Live>>>>,
+    /// The operation holding each sandbox ([`busy`]).
+    busy: busy::BusyTable,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -206,6 +212,7 @@ impl SandboxManager {
         let store = Store::open(cfg.data_dir.join("store"))
             .map_err(|e| SandboxError::internal("DeltaFS store", e))?;
         let db = TreeDb::open(&cfg.data_dir.join("tree.redb")).map_err(db_err)?;
+        let cfg_busy_wait = cfg.busy_wait;
         let manager = Self {
             cfg,
             store,
@@ -213,6 +220,7 @@ impl SandboxManager {
             default_base: Mutex::new(None),
             trees: Mutex::new(HashMap::new()),
             sandboxes: Mutex::new(HashMap::new()),
+            busy: busy::BusyTable::new(cfg_busy_wait),
         };
         manager.recover()?;
         Ok(manager)
@@ -450,6 +458,7 @@ impl Live {
                 SandboxState::Removing => "removing",
             }
             .to_owned(),
+            busy: None,
         }
     }
 

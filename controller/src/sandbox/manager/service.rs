@@ -48,15 +48,19 @@ impl SandboxOps for SandboxManager {
     }
 
     fn list(&self) -> Result<Vec<SandboxInfo>, SandboxError> {
-        let all: Vec<_> = lock(&self.sandboxes).values().cloned().collect();
-        let mut infos: Vec<SandboxInfo> = all.iter().map(|l| lock(l).info()).collect();
+        let all: Vec<_> = lock(&self.sandboxes)
+            .iter()
+            .map(|(id, l)| (*id, Arc::clone(l)))
+            .collect();
+        let mut infos: Vec<SandboxInfo> =
+            all.iter().map(|(id, l)| self.busy.info(*id, l)).collect();
         infos.sort_by(|a, b| (a.created_ms, &a.id).cmp(&(b.created_ms, &b.id)));
         Ok(infos)
     }
 
     fn get(&self, sandbox: &str) -> Result<SandboxInfo, SandboxError> {
-        let (_, live) = self.resolve_sandbox(sandbox)?;
-        Ok(lock(&live).info())
+        let (id, live) = self.resolve_sandbox(sandbox)?;
+        Ok(self.busy.info(id, &live))
     }
 
     fn remove(&self, sandbox: &str) -> Result<crate::api::sandbox_types::Removed, SandboxError> {
@@ -96,8 +100,8 @@ impl SandboxOps for SandboxManager {
         req: &crate::api::sandbox_types::ExecRequest,
         sink: &mut dyn ExecSink,
     ) -> Result<crate::api::sandbox_types::ExecResult, SandboxError> {
-        let (_, live) = self.resolve_sandbox(sandbox)?;
-        let mut live = lock(&live);
+        let (id, live) = self.resolve_sandbox(sandbox)?;
+        let mut live = self.busy.acquire(id, &live, "exec")?;
         if live.record.state == SandboxState::Removing {
             // Removed while this call waited for the lock.
             return Err(SandboxError::UnknownSandbox {
@@ -117,8 +121,8 @@ impl SandboxOps for SandboxManager {
         sandbox: &str,
         req: &crate::api::sandbox_types::SessionStart,
     ) -> Result<SessionInfo, SandboxError> {
-        let (_, live) = self.resolve_sandbox(sandbox)?;
-        let mut live = lock(&live);
+        let (id, live) = self.resolve_sandbox(sandbox)?;
+        let mut live = self.busy.acquire(id, &live, "session start")?;
         let kind: SessionKind = req.kind.parse().map_err(|e| SandboxError::Invalid {
             message: format!("{e}"),
         })?;
@@ -136,8 +140,8 @@ impl SandboxOps for SandboxManager {
         session: &str,
         req: &crate::api::sandbox_types::SessionRun,
     ) -> Result<crate::api::sandbox_types::SessionRunResult, SandboxError> {
-        let (_, live) = self.resolve_sandbox(sandbox)?;
-        let mut live = lock(&live);
+        let (id, live) = self.resolve_sandbox(sandbox)?;
+        let mut live = self.busy.acquire(id, &live, "session run")?;
         let sid = commands::resolve_session(&live, session)?;
         let mut result = match commands::run(&mut live, sid, req) {
             Ok(result) => result,
@@ -166,8 +170,8 @@ impl SandboxOps for SandboxManager {
     }
 
     fn session_stop(&self, sandbox: &str, session: &str) -> Result<SessionInfo, SandboxError> {
-        let (_, live) = self.resolve_sandbox(sandbox)?;
-        let mut live = lock(&live);
+        let (id, live) = self.resolve_sandbox(sandbox)?;
+        let mut live = self.busy.acquire(id, &live, "session stop")?;
         let sid = commands::resolve_session(&live, session)?;
         let stopped = live.sessions.remove(&sid).map(|s| s.info());
         live.record.sessions = live.session_records();
@@ -183,8 +187,8 @@ impl SandboxOps for SandboxManager {
         sandbox: &str,
         req: &crate::api::sandbox_types::CheckpointRequest,
     ) -> Result<crate::api::sandbox_types::NodeInfo, SandboxError> {
-        let (_, live) = self.resolve_sandbox(sandbox)?;
-        let mut live = lock(&live);
+        let (id, live) = self.resolve_sandbox(sandbox)?;
+        let mut live = self.busy.acquire(id, &live, "checkpoint")?;
         self.checkpoint_locked(&mut live, req.label.clone())
     }
 
@@ -193,9 +197,9 @@ impl SandboxOps for SandboxManager {
         sandbox: &str,
         req: &crate::api::sandbox_types::RollbackRequest,
     ) -> Result<crate::api::sandbox_types::RollbackResult, SandboxError> {
-        let (_, live) = self.resolve_sandbox(sandbox)?;
+        let (id, live) = self.resolve_sandbox(sandbox)?;
         let node = self.db.resolve_node(&req.node).map_err(db_err)?;
-        let mut live = lock(&live);
+        let mut live = self.busy.acquire(id, &live, "rollback")?;
         self.rollback_locked(&mut live, node, req.mode)
     }
 

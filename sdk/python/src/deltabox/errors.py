@@ -30,6 +30,7 @@ __all__ = [
     "NodeNotRestorable",
     "InvalidRequest",
     "NodeInUse",
+    "Busy",
     "DiskFull",
     "SessionFailed",
     "ProcessNotRestorable",
@@ -147,6 +148,13 @@ class NodeInUse(Conflict):
     """The node (or its subtree) is the head of a live sandbox (409)."""
 
     KIND = "node_in_use"
+
+
+class Busy(Conflict):
+    """Another operation on the sandbox did not end within the daemon's wait (409): the
+    message names it and how long it has run; retry later."""
+
+    KIND = "busy"
 
 
 class DiskFull(DeltaBoxError):

@@ -16,6 +16,7 @@ from .errors import DeltaBoxError, ProtocolError
 __all__ = [
     "Limits",
     "SessionInfo",
+    "BusyInfo",
     "SandboxInfo",
     "NodeSessionInfo",
     "CheckpointTimings",
@@ -114,6 +115,19 @@ class SessionInfo:
 
 
 @dataclass(frozen=True)
+class BusyInfo:
+    """The operation in progress on a sandbox (a status never waits for it to end)."""
+
+    operation: str
+    for_ms: int
+
+    @classmethod
+    def from_json(cls, obj: Json) -> BusyInfo:
+        """Parses the API's ``BusyInfo``."""
+        return cls(_get(obj, "operation", "busy"), _get(obj, "for_ms", "busy"))
+
+
+@dataclass(frozen=True)
 class SandboxInfo:
     """A sandbox as the daemon reports it."""
 
@@ -127,6 +141,8 @@ class SandboxInfo:
     rootfs: str | None = None
     head: str | None = None
     branched_from: str | None = None
+    #: Set while an operation runs there; the rest is the sandbox as it found it.
+    busy: BusyInfo | None = None
 
     @classmethod
     def from_json(cls, obj: Json) -> SandboxInfo:
@@ -143,6 +159,7 @@ class SandboxInfo:
             rootfs=obj.get("rootfs"),
             head=obj.get("head"),
             branched_from=obj.get("branched_from"),
+            busy=BusyInfo.from_json(obj["busy"]) if obj.get("busy") else None,
         )
 
 
