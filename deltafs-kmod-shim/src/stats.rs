@@ -203,7 +203,7 @@ impl Stats {
         let n = counters.count.fetch_add(1, Ordering::Relaxed);
         OpTimer {
             counters,
-            start: (n % TIME_EVERY == 0).then(Instant::now),
+            start: n.is_multiple_of(TIME_EVERY).then(Instant::now),
         }
     }
 
