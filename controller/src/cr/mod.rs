@@ -19,6 +19,7 @@
 //! - [`state`] — the recorded, versioned process state.
 //! - [`template`] — checkpoint; [`restore`] — restore, rollback, branch.
 //! - [`threads`] — stopping, recording and recreating the threads of a process.
+//! - [`dump`] — incremental dumps of templates, and the fallback restore from them.
 //!
 //! x86_64 only (registers, syscall numbers, the `syscall` instruction). Every thread of
 //! a process is checkpointed and recreated; threads get new tids.
@@ -26,6 +27,7 @@
 #[cfg(not(target_arch = "x86_64"))]
 compile_error!("DeltaCR (controller/src/cr) supports x86_64 only");
 
+pub mod dump;
 pub mod fdtable;
 pub mod freezer;
 pub mod inject;
@@ -157,4 +159,7 @@ pub enum CrError {
     /// Rebinding a template's file mappings failed.
     #[error(transparent)]
     Rebind(#[from] rebind::RebindError),
+    /// Writing a dump, or restoring from one, failed.
+    #[error(transparent)]
+    Dump(#[from] dump::DumpError),
 }

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use nix::unistd::Pid;
 
+use super::dump::Dump;
 use super::fdtable::{self, StdioPipes};
 use super::inject::{InjectError, Injection, SCRATCH_LEN, resume_regs};
 use super::pidfd::{Pidfd, PidfdError};
@@ -57,6 +58,8 @@ pub struct RestoreTimings {
     pub kill: Duration,
     /// Seizing the template, the injected fork, and letting the template go.
     pub fork: Duration,
+    /// Making the child's memory a dump's (fallback restores only).
+    pub memory: Duration,
     /// The whole call.
     pub total: Duration,
 }
@@ -97,9 +100,32 @@ impl Template {
     /// Forks the template into a new process that resumes where the checkpoint was
     /// (a branch; [`rollback`] kills the current process first).
     pub fn restore(&self, opts: &RestoreOptions) -> Result<Restored, CrError> {
+        self.restore_as(opts, None)
+    }
+
+    /// The fallback restore: forks this template (of an ancestor node, or another of the
+    /// same program run) and makes the child the process `dump` recorded — its memory
+    /// ([`super::dump::apply::apply_memory`]), then registers, threads, fds, signal mask
+    /// and umask as a normal restore does. `base` is this template's own dump, if it
+    /// has one (it spares reading the child's pages to compare them).
+    pub fn restore_from_dump(
+        &self,
+        dump: &Dump,
+        base: Option<&Dump>,
+        opts: &RestoreOptions,
+    ) -> Result<Restored, CrError> {
+        self.restore_as(opts, Some((dump, base)))
+    }
+
+    fn restore_as(
+        &self,
+        opts: &RestoreOptions,
+        from_dump: Option<(&Dump, Option<&Dump>)>,
+    ) -> Result<Restored, CrError> {
         let start = Instant::now();
         let _one_at_a_time = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         let site = self.state.syscall_site;
+        let state = from_dump.map_or(&self.state, |(dump, _)| dump.state());
         let dest = match &opts.cgroup {
             Some(path) if path.is_absolute() => path.clone(),
             Some(path) => self.cgroup_root.join(path),
@@ -116,10 +142,11 @@ impl Template {
         let fork = start.elapsed();
 
         let pidfd = Pidfd::open(child.pid())?;
-        let regs = Regs::from(&self.state.regs);
-        let st = &self.state.status;
+        let regs = Regs::from(&state.regs);
+        let st = &state.status;
         let pending = signals_of(st.sig_pending | st.shared_pending);
         let new_threads;
+        let mut memory = Duration::ZERO;
         let stdio = {
             let mut inj = Injection::begin(&mut child, site)?;
             if let Some(root) = &opts.chroot {
@@ -128,18 +155,24 @@ impl Template {
             if opts.setsid {
                 inj.syscall("setsid", libc::SYS_setsid, &[])?;
             }
-            threads::restore_leader(&mut inj, &self.state.main_thread)?;
+            let scratch = match from_dump {
+                Some((dump, base)) => {
+                    let t = Instant::now();
+                    let (scratch, _) = super::dump::apply::apply_memory(&mut inj, dump, base)?;
+                    // The template's own scratch page is the template's, not the
+                    // process's: gone unless the dump has memory there.
+                    inj.syscall("umask", libc::SYS_umask, &[u64::from(st.umask)])?;
+                    memory = t.elapsed();
+                    scratch
+                }
+                None => self.scratch,
+            };
+            threads::restore_leader(&mut inj, &state.main_thread)?;
             // Before the fd table is rebuilt, which unmaps the scratch page; the threads
             // share the table (CLONE_FILES) and the root (CLONE_FS) and stay stopped
             // until the end.
-            new_threads = threads::recreate(&mut inj, &self.state.threads, site, self.scratch)?;
-            let stdio = fdtable::install(
-                &mut inj,
-                &pidfd,
-                &self.state.fds,
-                &self.state.cwd,
-                self.scratch,
-            )?;
+            new_threads = threads::recreate(&mut inj, &state.threads, site, scratch)?;
+            let stdio = fdtable::install(&mut inj, &pidfd, &state.fds, &state.cwd, scratch)?;
             // With a signal that will be delivered (not blocked), the kernel makes the
             // restart decision (SA_RESTART or EINTR) from the exact registers; with none,
             // no handler runs and the fix-up restarts the syscall here.
@@ -152,7 +185,11 @@ impl Template {
             })?;
             stdio
         };
-        child.set_xstate(&self.state.xstate)?;
+        child.set_xstate(&state.xstate)?;
+        if from_dump.is_some() {
+            // A fork carries the template's mask; this one is another checkpoint's.
+            child.set_sigmask(st.blocked)?;
+        }
         for sig in pending.into_iter().chain(child.take_deferred_signals()) {
             // SAFETY: kill(2) takes plain integers and touches no memory of ours.
             unsafe { libc::kill(child.pid().as_raw(), sig) };
@@ -165,6 +202,7 @@ impl Template {
             timings: RestoreTimings {
                 kill: Duration::ZERO,
                 fork,
+                memory,
                 total: start.elapsed(),
             },
         })

@@ -106,6 +106,12 @@ impl Template {
         self.cgroup.path()
     }
 
+    /// Whether the template process still exists (it can be killed from inside its
+    /// sandbox's pid namespace, or from the host).
+    pub fn is_alive(&self) -> bool {
+        !self.pidfd.wait_exit(Duration::ZERO).unwrap_or(true)
+    }
+
     /// How long the checkpoint took.
     pub fn timings(&self) -> CheckpointTimings {
         self.timings

@@ -1,0 +1,187 @@
+//! The background thread that writes dumps, off the checkpoint's critical path.
+//!
+//! One worker per dumps directory, made on first use and kept for the process's life
+//! (a registry, so that the dumps a tree listing reports can be found by name). Jobs
+//! run one at a time in submission order, so a node's dump finds its parent's
+//! complete. The thread runs at the lowest CPU priority (`SCHED_IDLE`): on a busy
+//! machine the checkpoints and commands of sandboxes go first.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Sender, channel};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
+
+use super::Dump;
+
+/// When dumps are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DumpPolicy {
+    /// After every checkpoint (the default).
+    Eager,
+    /// Never (templates are the only copy).
+    Off,
+}
+
+impl DumpPolicy {
+    /// From `DELTABOX_DUMP_POLICY` (`eager`, the default, or `off`).
+    pub fn from_env() -> Self {
+        match std::env::var("DELTABOX_DUMP_POLICY").as_deref() {
+            Ok("off") => Self::Off,
+            _ => Self::Eager,
+        }
+    }
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// A dump-writing thread and its backlog.
+pub struct DumpWorker {
+    root: PathBuf,
+    tx: Mutex<Sender<Job>>,
+    backlog: Arc<(Mutex<usize>, Condvar)>,
+}
+
+impl std::fmt::Debug for DumpWorker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DumpWorker")
+            .field("root", &self.root)
+            .field("backlog", &self.backlog())
+            .finish()
+    }
+}
+
+fn registry() -> &'static Mutex<HashMap<PathBuf, Arc<DumpWorker>>> {
+    static WORKERS: OnceLock<Mutex<HashMap<PathBuf, Arc<DumpWorker>>>> = OnceLock::new();
+    WORKERS.get_or_init(Default::default)
+}
+
+impl DumpWorker {
+    /// The worker of the dumps directory `root` (created, with its thread, on first
+    /// use).
+    pub fn for_root(root: &Path) -> Arc<Self> {
+        let mut workers = registry().lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(w) = workers.get(root) {
+            return Arc::clone(w);
+        }
+        let (tx, rx) = channel::<Job>();
+        let backlog = Arc::new((Mutex::new(0usize), Condvar::new()));
+        let counter = Arc::clone(&backlog);
+        let spawned = std::thread::Builder::new()
+            .name("deltacr-dump".to_owned())
+            .spawn(move || {
+                lowest_priority();
+                for job in rx {
+                    job();
+                    let (count, cv) = &*counter;
+                    let mut n = count.lock().unwrap_or_else(PoisonError::into_inner);
+                    *n = n.saturating_sub(1);
+                    cv.notify_all();
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("cannot start the dump thread: {e}");
+        }
+        let worker = Arc::new(Self {
+            root: root.to_path_buf(),
+            tx: Mutex::new(tx),
+            backlog,
+        });
+        workers.insert(root.to_path_buf(), Arc::clone(&worker));
+        worker
+    }
+
+    /// The dumps directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Queues `job`.
+    pub fn submit(&self, job: impl FnOnce() + Send + 'static) {
+        let (count, _) = &*self.backlog;
+        *count.lock().unwrap_or_else(PoisonError::into_inner) += 1;
+        let sent = self
+            .tx
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .send(Box::new(job));
+        if sent.is_err() {
+            let mut n = count.lock().unwrap_or_else(PoisonError::into_inner);
+            *n = n.saturating_sub(1);
+        }
+    }
+
+    /// Jobs queued or running.
+    pub fn backlog(&self) -> usize {
+        *self
+            .backlog
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Waits up to `timeout` until no job is queued or running; `true` if so.
+    pub fn wait_idle(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let (count, cv) = &*self.backlog;
+        let mut n = count.lock().unwrap_or_else(PoisonError::into_inner);
+        while *n > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            n = cv
+                .wait_timeout(n, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        true
+    }
+}
+
+/// Whether a complete dump named `name` exists under any worker's directory (node ids
+/// are unique, so the name finds at most one).
+pub fn dumped(name: &str) -> bool {
+    let roots: Vec<PathBuf> = registry()
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .keys()
+        .cloned()
+        .collect();
+    roots.iter().any(|root| Dump::exists(root, name))
+}
+
+/// Puts the calling thread in `SCHED_IDLE`: it runs only when nothing else wants the
+/// CPU.
+fn lowest_priority() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `param` is a valid sched_param for the call; pid 0 is the calling thread.
+    let ret = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+    if ret != 0 {
+        tracing::debug!(
+            "dump thread: SCHED_IDLE refused: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jobs_run_in_order_and_the_backlog_drains() {
+        let dir = tempfile::tempdir().unwrap();
+        let worker = DumpWorker::for_root(dir.path());
+        assert!(Arc::ptr_eq(&worker, &DumpWorker::for_root(dir.path())));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        for i in 0..5 {
+            let seen = Arc::clone(&seen);
+            worker.submit(move || seen.lock().unwrap().push(i));
+        }
+        assert!(worker.wait_idle(Duration::from_secs(10)));
+        assert_eq!(worker.backlog(), 0);
+        assert_eq!(*seen.lock().unwrap(), vec![0, 1, 2, 3, 4]);
+        assert!(!dumped("no-such-dump"));
+    }
+}
