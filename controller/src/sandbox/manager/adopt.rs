@@ -59,6 +59,9 @@ impl SandboxManager {
 
     /// Re-adopts every tree of the database, or cleans it up when it cannot be.
     pub(super) fn recover(&self) -> Result<(), SandboxError> {
+        // The dumps an earlier daemon wrote are found (a tree listing says `dumped`)
+        // before this one writes any.
+        crate::cr::dump::DumpWorker::for_root(&self.dumps_root());
         let trees = self.db.trees().map_err(db_err)?;
         for tree in &trees {
             if let Err(e) = self.adopt_tree(tree) {
@@ -227,7 +230,7 @@ impl SandboxManager {
         };
         if let Some(head) = &head {
             let templates = lock(&tree.templates).get(&head.id).cloned();
-            match Self::restore_sessions(tree, &name, head, templates.as_deref()) {
+            match self.restore_sessions(tree, &name, head, templates.as_deref()) {
                 Ok(sessions) => live.sessions = sessions.into_iter().map(|s| (s.id, s)).collect(),
                 Err(e) => {
                     // The files are back; the sessions could not be: the sandbox lives on

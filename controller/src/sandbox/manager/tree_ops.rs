@@ -22,6 +22,8 @@ use crate::tree::records::{
     NodeRecord, NodeSession, SandboxRecord, SandboxState, TemplateRecord, unix_ms_now,
 };
 
+mod fallback;
+
 /// The most sandboxes one branch call makes.
 const MAX_BRANCHES: u32 = 64;
 
@@ -91,6 +93,12 @@ pub(super) fn node_info(
                 kind: s.kind.clone(),
                 template: if live_templates && s.template.is_some() {
                     "live"
+                } else if crate::cr::dump::worker::dumped(&crate::cr::dump::dump_name(
+                    &node.id.to_string(),
+                    &s.session.to_string(),
+                )) {
+                    // Its template is gone, its dump is there: restorable, slower.
+                    "dumped"
                 } else {
                     "none"
                 }
@@ -213,13 +221,13 @@ impl SandboxManager {
             return Err(db_err(e));
         }
         live.record = record;
-        lock(&live.tree.templates).insert(
-            node.id,
-            Arc::new(NodeTemplates {
-                sessions: templates,
-            }),
-        );
+        let templates = Arc::new(NodeTemplates {
+            sessions: templates,
+        });
+        lock(&live.tree.templates).insert(node.id, Arc::clone(&templates));
         let record_ms = ms(t);
+        // Off the critical path: the dump thread reads the frozen templates.
+        self.dump_node(&node, &templates, live.tree.runtime.root_in_ns(&name));
         Ok(node_info(
             &node,
             true,
@@ -248,8 +256,10 @@ impl SandboxManager {
         Ok((node, templates))
     }
 
-    /// Restores every session of `node` into sandbox `name` of `tree`.
+    /// Restores every session of `node` into sandbox `name` of `tree`: forked from its
+    /// template, or rebuilt from its dump when the template is gone.
     pub(super) fn restore_sessions(
+        &self,
         tree: &Tree,
         name: &str,
         node: &NodeRecord,
@@ -264,22 +274,8 @@ impl SandboxManager {
         };
         let mut restored = Vec::new();
         for session in &node.sessions {
-            let template = templates.and_then(|t| {
-                t.sessions
-                    .iter()
-                    .find(|(sid, _, _)| *sid == session.session)
-                    .map(|(_, kind, template)| (*kind, template))
-            });
-            let Some((kind, template)) = template else {
-                return Err(SandboxError::NodeNotRestorable {
-                    node: node.id.to_string(),
-                    session: session.session.to_string(),
-                    why: "its template is gone (the daemon restarted, or it was evicted) and \
-                          incremental dumps do not exist yet"
-                        .to_owned(),
-                });
-            };
-            let child = template.restore(&opts).map_err(|e| SandboxError::Process {
+            let (kind, child) = self.restore_session(tree, node, session, templates, &opts)?;
+            let child = child.map_err(|e| SandboxError::Process {
                 sandbox: name.to_owned(),
                 message: format!("restoring session {}: {e}", session.session),
             })?;
@@ -335,15 +331,12 @@ impl SandboxManager {
         // Refuse before anything is killed: the node must be restorable.
         if restore_processes {
             for s in &record.sessions {
-                let live_template = templates
-                    .as_ref()
-                    .is_some_and(|t| t.sessions.iter().any(|(sid, _, _)| *sid == s.session));
-                if !live_template {
+                if !self.restorable(node, s.session, templates.as_deref()) {
                     return Err(SandboxError::NodeNotRestorable {
                         node: node.to_string(),
                         session: s.session.to_string(),
-                        why: "its template is gone and incremental dumps do not exist yet; \
-                              `--files-only` still restores the files"
+                        why: "its template is gone and it has no dump; `--files-only` still \
+                              restores the files"
                             .to_owned(),
                     });
                 }
@@ -373,7 +366,7 @@ impl SandboxManager {
         }
         if restore_processes {
             let t = Instant::now();
-            let restored = Self::restore_sessions(&live.tree, &name, &record, templates.as_deref());
+            let restored = self.restore_sessions(&live.tree, &name, &record, templates.as_deref());
             timings.processes_ms = ms(t);
             let restored = match restored {
                 Ok(r) => r,
@@ -494,7 +487,7 @@ impl SandboxManager {
             sessions: BTreeMap::new(),
             limits: limits.clone(),
         };
-        match Self::restore_sessions(tree, &name, node, templates) {
+        match self.restore_sessions(tree, &name, node, templates) {
             Ok(sessions) => live.sessions = sessions.into_iter().map(|s| (s.id, s)).collect(),
             Err(e) => {
                 let _ = self.tear_down(&mut live);

@@ -1,0 +1,201 @@
+//! Templates as a cache: each node's sessions are dumped after the checkpoint, in the
+//! background (`cr::dump`), and a session whose template is gone is rebuilt from its
+//! dump by forking another live template of the tree — the nearest ancestor node's of
+//! the same session first, then any of the same kind (which works when it is of the
+//! same program run: same vdso).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::cr::dump::{Dump, DumpOptions, DumpPolicy, DumpWorker, dump_name, dump_template};
+use crate::cr::{CrError, RestoreOptions, Restored};
+use crate::sandbox::error::SandboxError;
+use crate::sandbox::manager::{NodeTemplates, SandboxManager, Tree, db_err, lock};
+use crate::sandbox::session::SessionKind;
+use crate::tree::ids::{NodeId, SessionId};
+use crate::tree::records::{NodeRecord, NodeSession};
+
+/// The dump of `session` at `node`.
+fn name_of(node: NodeId, session: SessionId) -> String {
+    dump_name(&node.to_string(), &session.to_string())
+}
+
+impl SandboxManager {
+    /// `<data dir>/dumps`.
+    pub(in crate::sandbox::manager) fn dumps_root(&self) -> PathBuf {
+        self.cfg.data_dir.join("dumps")
+    }
+
+    /// Queues the dumps of a new node's templates (policy `eager`), each incremental
+    /// against the parent node's dump of the same session.
+    pub(super) fn dump_node(
+        &self,
+        node: &NodeRecord,
+        templates: &Arc<NodeTemplates>,
+        root_prefix: PathBuf,
+    ) {
+        if DumpPolicy::from_env() != DumpPolicy::Eager {
+            return;
+        }
+        let worker = DumpWorker::for_root(&self.dumps_root());
+        for (i, (session, _, _)) in templates.sessions.iter().enumerate() {
+            let opts = DumpOptions {
+                root: worker.root().to_path_buf(),
+                name: name_of(node.id, *session),
+                parent: node.parent.map(|p| name_of(p, *session)),
+                root_prefix: Some(root_prefix.clone()),
+            };
+            let templates = Arc::clone(templates);
+            worker.submit(move || {
+                let template = &templates.sessions[i].2;
+                match dump_template(template, &opts) {
+                    Ok(stats) => tracing::info!(
+                        dump = %opts.name, pages = stats.pages, written = stats.written,
+                        ms = stats.ms, "dumped"
+                    ),
+                    Err(e) => tracing::warn!(dump = %opts.name, "not dumped: {e}"),
+                }
+            });
+        }
+    }
+
+    /// Whether `session` of `node` can be restored: its template is alive or its dump
+    /// exists.
+    pub(super) fn restorable(
+        &self,
+        node: NodeId,
+        session: SessionId,
+        templates: Option<&NodeTemplates>,
+    ) -> bool {
+        let live = templates.is_some_and(|t| {
+            t.sessions
+                .iter()
+                .any(|(sid, _, tpl)| *sid == session && tpl.is_alive())
+        });
+        live || Dump::exists(&self.dumps_root(), &name_of(node, session))
+    }
+
+    /// Restores `session` of `node` with `opts`: a fork of its template if alive, else
+    /// the fallback from its dump. The outer error refuses (nothing was started); the
+    /// inner one is DeltaCR's.
+    pub(super) fn restore_session(
+        &self,
+        tree: &Tree,
+        node: &NodeRecord,
+        session: &NodeSession,
+        templates: Option<&NodeTemplates>,
+        opts: &RestoreOptions,
+    ) -> Result<(SessionKind, Result<Restored, CrError>), SandboxError> {
+        let own = templates.and_then(|t| {
+            t.sessions
+                .iter()
+                .find(|(sid, _, tpl)| *sid == session.session && tpl.is_alive())
+        });
+        if let Some((_, kind, template)) = own {
+            return Ok((*kind, template.restore(opts)));
+        }
+        let refuse = |why: String| SandboxError::NodeNotRestorable {
+            node: node.id.to_string(),
+            session: session.session.to_string(),
+            why,
+        };
+        let kind: SessionKind = session
+            .kind
+            .parse()
+            .map_err(|e| refuse(format!("its kind {:?}: {e}", session.kind)))?;
+        let root = self.dumps_root();
+        let name = name_of(node.id, session.session);
+        if !Dump::exists(&root, &name) {
+            return Err(refuse(
+                "its template is gone and it has no dump (dumps are written in the background \
+                 after each checkpoint: the daemon died first, or DELTABOX_DUMP_POLICY=off); \
+                 `--files-only` still restores the files"
+                    .to_owned(),
+            ));
+        }
+        let dump = Dump::open(&root, &name).map_err(|e| refuse(e.to_string()))?;
+        let mut tried = Vec::new();
+        for (base_node, templates, index) in self.bases(tree, node, session, kind)? {
+            let (sid, _, template) = &templates.sessions[index];
+            let base = Dump::open(&root, &name_of(base_node, *sid)).ok();
+            let t = Instant::now();
+            match template.restore_from_dump(&dump, base.as_ref(), opts) {
+                Ok(restored) => {
+                    tracing::info!(
+                        node = %node.id, session = %session.session, base = %base_node,
+                        ms = t.elapsed().as_secs_f64() * 1e3,
+                        memory_ms = restored.timings.memory.as_secs_f64() * 1e3,
+                        "restored from its dump"
+                    );
+                    return Ok((kind, Ok(restored)));
+                }
+                Err(e) => {
+                    tracing::warn!(node = %node.id, base = %base_node, "fallback restore failed: {e}");
+                    tried.push(format!("from node {base_node}'s template: {e}"));
+                }
+            }
+        }
+        Err(refuse(if tried.is_empty() {
+            format!(
+                "its template is gone; its dump exists, but no live template of a {kind} session \
+                 is left in the tree to rebuild it from"
+            )
+        } else {
+            format!(
+                "its template is gone; rebuilding it from its dump failed: {}",
+                tried.join("; ")
+            )
+        }))
+    }
+
+    /// Templates to fork for a fallback restore, best first: the nearest ancestor's of
+    /// the same session, then the other live ones of the same kind.
+    fn bases(
+        &self,
+        tree: &Tree,
+        node: &NodeRecord,
+        session: &NodeSession,
+        kind: SessionKind,
+    ) -> Result<Vec<(NodeId, Arc<NodeTemplates>, usize)>, SandboxError> {
+        let all: Vec<(NodeId, Arc<NodeTemplates>)> = lock(&tree.templates)
+            .iter()
+            .map(|(id, t)| (*id, Arc::clone(t)))
+            .collect();
+        let mut out: Vec<(NodeId, Arc<NodeTemplates>, usize)> = Vec::new();
+        let mut parent = node.parent;
+        let mut hops = 0;
+        while let Some(id) = parent {
+            if let Some((_, t)) = all.iter().find(|(n, _)| *n == id)
+                && let Some(i) = t
+                    .sessions
+                    .iter()
+                    .position(|(sid, _, tpl)| *sid == session.session && tpl.is_alive())
+            {
+                out.push((id, Arc::clone(t), i));
+                break;
+            }
+            parent = self.db.node(&id).map_err(db_err)?.and_then(|n| n.parent);
+            hops += 1;
+            if hops > 100_000 {
+                break;
+            }
+        }
+        for (id, t) in &all {
+            for (i, (sid, k, tpl)) in t.sessions.iter().enumerate() {
+                let already = out.iter().any(|(n, _, j)| n == id && *j == i);
+                if *k == kind && !already && tpl.is_alive() {
+                    // The same session's templates first.
+                    let same = *sid == session.session;
+                    let entry = (*id, Arc::clone(t), i);
+                    if same {
+                        out.insert(out.len().min(1), entry);
+                    } else {
+                        out.push(entry);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}

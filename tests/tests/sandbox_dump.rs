@@ -1,0 +1,173 @@
+//! Templates are a cache: every checkpoint is dumped in the background, and a node
+//! whose template was killed (`kill -9` from the host, by pid) — also across a SIGKILL
+//! of the daemon — is restored from its dump, its Python objects equal.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use deltabox_tests::daemon::TestDaemon;
+use deltabox_tests::require_root;
+use deltabox_tests::sandbox::{Http, id_of};
+use serde_json::{Value, json};
+
+/// A 64 MiB object graph `g` and `h()`, a hash of it.
+const SETUP: &str = "import hashlib, pickle, os
+h = lambda: hashlib.sha256(pickle.dumps(g)).hexdigest()
+g = [{'i': i, 's': str(i) * 3, 'b': os.urandom(1000), 'l': [i, i + 1]} for i in range(64 * 1024)]
+x = 1";
+
+/// The dump of a node's session, once the daemon has written it.
+fn wait_dump(daemon: &TestDaemon, node: &str, session: &str) -> PathBuf {
+    let dir = daemon
+        .data_dir()
+        .join("dumps")
+        .join(format!("{node}-{session}"));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !dir.join("manifest.json").is_file() {
+        assert!(
+            Instant::now() < deadline,
+            "no dump {} after 120 s: {}",
+            dir.display(),
+            daemon.log()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    dir
+}
+
+/// The tree's templates (host pids), oldest first (their cgroups are named
+/// `tpl-<pid>-<nanoseconds>-<seq>`).
+fn templates(daemon: &TestDaemon, tree: &str) -> Vec<i32> {
+    let dir = daemon.sandbox_cgroup().join(tree).join("templates");
+    let mut found: Vec<(u128, i32)> = Vec::new();
+    for e in fs::read_dir(&dir).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let parts: Vec<&str> = name.split('-').collect();
+        let Some(nanos) = parts.get(2).and_then(|n| u128::from_str_radix(n, 16).ok()) else {
+            continue;
+        };
+        let procs = fs::read_to_string(e.path().join("cgroup.procs")).unwrap_or_default();
+        for pid in procs.lines().filter_map(|l| l.trim().parse().ok()) {
+            found.push((nanos, pid));
+        }
+    }
+    found.sort_unstable();
+    found.into_iter().map(|(_, pid)| pid).collect()
+}
+
+fn kill9(pid: i32) {
+    // SAFETY: kill(2) takes plain integers.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    for _ in 0..1000 {
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        if stat.is_empty() || stat.contains(") Z ") {
+            return;
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+    panic!("template {pid} did not die");
+}
+
+fn own_pages(dump: &Path) -> u64 {
+    fs::metadata(dump.join("pages")).unwrap().len()
+}
+
+fn template_state(api: &Http, sandbox: &str, node: &str) -> String {
+    let tree = api
+        .get(&format!("/v1/sandboxes/{sandbox}/tree"))
+        .expect(200, "tree");
+    let nodes = tree["nodes"].as_array().cloned().unwrap_or_default();
+    let n: &Value = nodes
+        .iter()
+        .find(|n| id_of(n) == node)
+        .unwrap_or_else(|| panic!("node {node} in {tree}"));
+    n["sessions"][0]["template"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[test]
+fn a_node_whose_template_was_killed_is_restored_from_its_dump() {
+    require_root();
+    let mut daemon = TestDaemon::start("sbdump", &[]);
+    let api = Http::new(daemon.socket());
+    let sb = id_of(&api.create(&json!({})));
+    let tree = api.sandbox(&sb)["tree"].as_str().unwrap().to_owned();
+    let py = api.session(&sb, "python");
+    api.run(&sb, &py, SETUP);
+    let h1 = api.run(&sb, &py, "print(h())");
+    let n1 = api.checkpoint(&sb, "one");
+    api.run(
+        &sb,
+        &py,
+        "for i in range(0, 65536, 64): g[i]['b'] = os.urandom(1000)\nx = 2",
+    );
+    let h2 = api.run(&sb, &py, "print(h())");
+    assert_ne!(h1, h2);
+    let n2 = api.checkpoint(&sb, "two");
+    let d1 = wait_dump(&daemon, &n1, &py);
+    let d2 = wait_dump(&daemon, &n2, &py);
+    let (b1, b2) = (own_pages(&d1), own_pages(&d2));
+    eprintln!("dump sizes: n1 {} KiB, n2 {} KiB", b1 >> 10, b2 >> 10);
+    assert!(b1 >= 64 << 20, "n1's dump holds the graph: {b1} bytes");
+    assert!(
+        b2 < b1 / 4,
+        "n2's dump holds only what changed: {b2} of {b1} bytes"
+    );
+
+    // kill -9 of n2's template, from the host.
+    let tpls = templates(&daemon, &tree);
+    assert_eq!(tpls.len(), 2, "{tpls:?}");
+    kill9(tpls[1]);
+    api.run(&sb, &py, "x = 3\ng = None");
+    let t = Instant::now();
+    let rolled = api.rollback(&sb, &n2);
+    eprintln!(
+        "rollback from the dump: {:.1} ms (daemon: {})",
+        t.elapsed().as_secs_f64() * 1e3,
+        rolled["timings"]
+    );
+    assert_eq!(api.run(&sb, &py, "print(h())"), h2);
+    assert_eq!(api.run(&sb, &py, "print(x, len(g))"), "2 65536\n");
+    api.run(&sb, &py, "g3 = [str(i) * 10 for i in range(200000)]");
+    assert_eq!(
+        api.run(&sb, &py, "print(sum(len(s) for s in g3))"),
+        "10888900\n"
+    );
+    // n1's template is alive: the ordinary rollback.
+    api.rollback(&sb, &n1);
+    assert_eq!(
+        api.run(&sb, &py, "print(h(), x)"),
+        format!("{} 1\n", h1.trim())
+    );
+
+    // The daemon SIGKILLed, then n3's template: the sandbox comes back at n3 from the
+    // dump, forking the adopted n1 template.
+    api.run(&sb, &py, "g[7]['s'] = 'seven'\nx = 4");
+    let h3 = api.run(&sb, &py, "print(h())");
+    let n3 = api.checkpoint(&sb, "three");
+    wait_dump(&daemon, &n3, &py);
+    daemon.kill();
+    // Live templates: n1's and n3's (n2's was killed).
+    let tpls = templates(&daemon, &tree);
+    assert_eq!(tpls.len(), 2, "{tpls:?}");
+    kill9(tpls[1]);
+    daemon.restart(&[]);
+    let api = Http::new(daemon.socket());
+    assert_eq!(template_state(&api, &sb, &n3), "dumped");
+    assert_eq!(template_state(&api, &sb, &n2), "dumped");
+    assert_eq!(template_state(&api, &sb, &n1), "live");
+    assert_eq!(
+        api.run(&sb, &py, "print(h(), x)"),
+        format!("{} 4\n", h3.trim())
+    );
+    api.run(&sb, &py, "x = 5");
+    api.rollback(&sb, &n2);
+    assert_eq!(
+        api.run(&sb, &py, "print(h(), x)"),
+        format!("{} 2\n", h2.trim())
+    );
+}
