@@ -2,7 +2,7 @@
 //! tokio's blocking pool (map reads are syscalls, the id-to-path walk reads the cgroup
 //! tree), and tests call them directly.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use crate::bpf::{BpfError, Origin, WriteTracker};
 use crate::cgroup::{Cgroup, CgroupFs, unknown_cgroup};
+use crate::metrics::dirty::DirtyTracking;
+use crate::metrics::fs_stats::DeltaFsFigures;
 use crate::metrics::latency::WINDOW;
 use crate::metrics::state::{StateFigures, StateSource};
 use crate::metrics::stats::StatsResponse;
@@ -63,8 +65,9 @@ pub struct ApiService {
     info: DaemonInfo,
     /// cgroup id to directory, for ids this daemon resolved or found by a walk.
     paths: Mutex<HashMap<u64, KnownPath>>,
-    /// The sandbox endpoints' implementation; without it they answer 503.
-    sandboxes: Option<Arc<dyn ServedSandboxes>>,
+    /// The sandbox endpoints' implementation, watching each sandbox's cgroup; without
+    /// it they answer 503.
+    sandboxes: Option<Arc<DirtyTracking>>,
 }
 
 impl ApiService {
@@ -89,7 +92,12 @@ impl ApiService {
     /// 503 `sandboxes_disabled`).
     #[must_use]
     pub fn with_sandboxes(mut self, ops: Arc<dyn ServedSandboxes>) -> Self {
-        self.sandboxes = Some(ops);
+        self.sandboxes = Some(Arc::new(DirtyTracking::new(
+            ops,
+            Arc::clone(&self.tracker),
+            self.cgroups.clone(),
+            self.metrics.clone(),
+        )));
         self
     }
 
@@ -104,20 +112,31 @@ impl ApiService {
     /// `GET /v1/stats`: latency since start and, with sandboxes, what they cost now
     /// (measured for this answer, which also refreshes the state gauges).
     pub fn stats(&self) -> Result<StatsResponse, ApiError> {
-        let state = match &self.sandboxes {
-            Some(source) => Some(self.measure_state(source.as_ref())?),
-            None => None,
+        let (state, deltafs, dirty) = match &self.sandboxes {
+            Some(source) => {
+                let state = self.measure_state(source.as_ref())?;
+                let deltafs = source.deltafs_stats().map(|s| {
+                    self.metrics.set_deltafs(&s);
+                    DeltaFsFigures::of(&s)
+                });
+                let dirty = source.dirty()?;
+                self.metrics.set_sandbox_dirty(&dirty);
+                (Some(state), deltafs, dirty)
+            }
+            None => (None, None, Vec::new()),
         };
         Ok(StatsResponse {
             uptime_secs: self.info.started.elapsed().as_secs(),
             window: WINDOW,
             operations: self.metrics.latency().summary(),
             state,
+            deltafs,
+            dirty,
         })
     }
 
     /// Measures the sandboxes' costs and sets their gauges.
-    fn measure_state(&self, source: &dyn ServedSandboxes) -> Result<StateFigures, ApiError> {
+    fn measure_state(&self, source: &DirtyTracking) -> Result<StateFigures, ApiError> {
         let figures = source.state_figures()?;
         self.metrics.set_state(&figures);
         Ok(figures)
@@ -226,11 +245,20 @@ impl ApiService {
     /// failed state measure logged, and the rest still refreshed, so a scrape always
     /// answers.
     pub fn refresh_metrics(&self) {
-        if let Some(source) = &self.sandboxes
-            && let Err(err) = self.measure_state(source.as_ref())
-        {
-            // The gauges keep their last values; the log says why they are stale.
-            tracing::warn!("cannot measure the sandboxes' state: {}", err.message());
+        let mut sandbox_cgroups = HashSet::new();
+        if let Some(source) = &self.sandboxes {
+            if let Err(err) = self.measure_state(source.as_ref()) {
+                // The gauges keep their last values; the log says why they are stale.
+                tracing::warn!("cannot measure the sandboxes' state: {}", err.message());
+            }
+            if let Some(s) = source.deltafs_stats() {
+                self.metrics.set_deltafs(&s);
+            }
+            match source.dirty() {
+                Ok(dirty) => self.metrics.set_sandbox_dirty(&dirty),
+                Err(err) => tracing::warn!("cannot read the sandboxes' dirty pages: {err}"),
+            }
+            sandbox_cgroups = source.cgroup_ids();
         }
         if let Ok(counters) = self.bpf("read counters", self.tracker.counters()) {
             self.metrics.set_bpf_counters(&counters);
@@ -246,8 +274,12 @@ impl ApiService {
         let Ok(records) = self.bpf("read inode stats", self.tracker.inode_stats(None)) else {
             return;
         };
+        let all_watched = watched.len() as u64;
+        // Sandboxes' cgroups are reported per sandbox (`GET /v1/stats`) and summed
+        // (`deltabox_sandbox_dirtied_*`), never as a series per sandbox.
         let mut figures: BTreeMap<u64, CgroupFigures> = watched
             .into_iter()
+            .filter(|w| !sandbox_cgroups.contains(&w.id))
             .map(|w| {
                 let figures = CgroupFigures {
                     path: w.path,
@@ -267,6 +299,9 @@ impl ApiService {
         }
         self.metrics
             .set_cgroups(&figures.into_values().collect::<Vec<_>>());
+        self.metrics
+            .watched_cgroups
+            .set(i64::try_from(all_watched).unwrap_or(i64::MAX));
     }
 
     /// Watched cgroups with their paths, sorted by path.

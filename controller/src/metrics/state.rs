@@ -58,6 +58,23 @@ pub struct StateFigures {
 pub trait StateSource: Send + Sync {
     /// Measures the figures now.
     fn state_figures(&self) -> Result<StateFigures, SandboxError>;
+
+    /// The cgroup v2 directory sandbox `sandbox` (a full id) runs its commands and
+    /// sessions in, for the eBPF write tracker; `None` if it has none (or is unknown).
+    fn work_cgroup(&self, _sandbox: &str) -> Option<PathBuf> {
+        None
+    }
+
+    /// DeltaFS's counters; `None` without a store.
+    fn deltafs_stats(&self) -> Option<deltafs::StatsSnapshot> {
+        None
+    }
+
+    /// What the checkpoint that made node `node` (a full id) made the store write;
+    /// `None` if unknown (a node of an earlier daemon, or no such node).
+    fn checkpoint_writes(&self, _node: &str) -> Option<deltafs::SnapshotWrites> {
+        None
+    }
 }
 
 /// Bytes process `pid` (host namespace) maps that no other process maps:

@@ -6,6 +6,8 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
+use super::dirty::SandboxDirty;
+use super::fs_stats::DeltaFsFigures;
 use super::latency::OperationLatency;
 use super::state::StateFigures;
 use crate::api::render::{Align, Table};
@@ -25,6 +27,13 @@ pub struct StatsResponse {
     /// without sandboxes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<StateFigures>,
+    /// DeltaFS's counters since the daemon opened its store; absent without sandboxes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deltafs: Option<DeltaFsFigures>,
+    /// Per live sandbox, what it dirtied since its last checkpoint (from the eBPF write
+    /// tracker), sorted by sandbox id.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dirty: Vec<SandboxDirty>,
 }
 
 /// The stats as text: a latency table, then the state figures.
@@ -70,6 +79,57 @@ pub fn stats_text(stats: &StatsResponse) -> String {
         }
         None => out.push_str("sandboxes are disabled in this daemon\n"),
     }
+    if let Some(fs) = &stats.deltafs {
+        let ops: Vec<String> = fs
+            .ops
+            .iter()
+            .filter(|o| o.count > 0)
+            .map(|o| format!("{} {}", o.op, o.count))
+            .collect();
+        let _ = writeln!(
+            out,
+            "deltafs requests: {}",
+            if ops.is_empty() {
+                "none".to_owned()
+            } else {
+                ops.join(", ")
+            }
+        );
+        let _ = writeln!(
+            out,
+            "deltafs copy-ups {} reflink, {} copied ({}), {} empty  freezes {}  switches {}  \
+             longest chain {} layers",
+            fs.copy_ups_reflink,
+            fs.copy_ups_copy,
+            size(fs.copy_up_bytes),
+            fs.copy_ups_empty,
+            fs.freezes,
+            fs.switches,
+            fs.max_layers
+        );
+    }
+    if !stats.dirty.is_empty() {
+        let mut table = Table::new(&[
+            ("SANDBOX", Align::Left),
+            ("DIRTIED PAGES", Align::Right),
+            ("DIRTIED", Align::Right),
+            ("WRITES", Align::Right),
+            ("WRITTEN", Align::Right),
+            ("FILES", Align::Right),
+        ]);
+        for d in &stats.dirty {
+            table.row(vec![
+                d.sandbox.clone(),
+                d.pages_dirtied.to_string(),
+                size(d.bytes_dirtied),
+                d.writes.to_string(),
+                size(d.bytes_written),
+                d.inodes.to_string(),
+            ]);
+        }
+        out.push_str("\nsince each sandbox's last checkpoint:\n");
+        out.push_str(&table.render());
+    }
     out
 }
 
@@ -96,6 +156,27 @@ mod tests {
                 template_memory_bytes: 3 << 20,
                 store_bytes: 1536,
             }),
+            deltafs: Some(DeltaFsFigures {
+                copy_ups_reflink: 2,
+                copy_up_bytes: 0,
+                freezes: 3,
+                max_layers: 4,
+                ops: vec![crate::metrics::fs_stats::OpCount {
+                    op: "lookup".into(),
+                    count: 9,
+                    mean_us: Some(3.0),
+                }],
+                ..DeltaFsFigures::default()
+            }),
+            dirty: vec![SandboxDirty {
+                sandbox: "0193-sb".into(),
+                pages_dirtied: 3,
+                bytes_dirtied: 3 * 4096,
+                writes: 3,
+                bytes_written: 3 * 4096,
+                inodes: 1,
+                ..SandboxDirty::default()
+            }],
         };
         let text = stats_text(&stats);
         let lines: Vec<&str> = text.lines().collect();
@@ -114,10 +195,22 @@ mod tests {
             text.contains("template memory 3MiB  store 1.5KiB"),
             "{text}"
         );
+        assert!(text.contains("deltafs requests: lookup 9"), "{text}");
+        assert!(text.contains("freezes 3"), "{text}");
+        assert!(text.contains("longest chain 4 layers"), "{text}");
+        let row = text.lines().find(|l| l.starts_with("0193-sb")).unwrap();
+        assert_eq!(
+            row.split_whitespace().collect::<Vec<_>>(),
+            ["0193-sb", "3", "12KiB", "3", "12KiB", "1"],
+            "{text}"
+        );
         let without = StatsResponse {
             state: None,
+            deltafs: None,
+            dirty: Vec::new(),
             ..stats
         };
+        assert!(!stats_text(&without).contains("deltafs"));
         assert!(stats_text(&without).contains("disabled"));
     }
 }

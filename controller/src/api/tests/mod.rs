@@ -414,6 +414,12 @@ async fn every_metric_is_updated() {
         text.contains("deltabox_bpf_write_syscalls_total 2"),
         "{text}"
     );
+    // A sandbox's writes since its last checkpoint (the fake runs every sandbox in
+    // `deltabox/other`), read before the tracker fails below.
+    h.request(Method::POST, routes::SANDBOXES, Some("{}")).await;
+    h.tracker
+        .record_write(h.id_of("deltabox/other"), 5, "g", 8192);
+    h.service.refresh_metrics();
     // Tracker failures are a path too.
     h.tracker.unload();
     h.request(Method::GET, routes::CGROUPS, None).await;

@@ -43,6 +43,53 @@ impl StateSource for FakeSandboxes {
         figures.store_bytes = figures.nodes * 4096;
         Ok(figures)
     }
+
+    /// Every fake sandbox runs in the harness's `deltabox/other` cgroup.
+    fn work_cgroup(&self, _sandbox: &str) -> Option<std::path::PathBuf> {
+        Some("deltabox/other".into())
+    }
+
+    /// By the fake's convention, each node was one freeze, one switch, one `O_TRUNC`
+    /// copy-up and one timed 3 µs lookup, over a view 1 + nodes layers deep.
+    fn deltafs_stats(&self) -> Option<deltafs::StatsSnapshot> {
+        let nodes = self.state_figures().ok()?.nodes;
+        let ops = deltafs::OpKind::ALL
+            .iter()
+            .map(|&kind| {
+                let n = if kind == deltafs::OpKind::Lookup {
+                    nodes
+                } else {
+                    0
+                };
+                let mut buckets = vec![0; deltafs::stats::LATENCY_BOUNDS_NS.len() + 1];
+                buckets[1] = n;
+                deltafs::OpStats {
+                    kind,
+                    count: n,
+                    timed: n,
+                    sum_ns: n * 3_000,
+                    buckets,
+                }
+            })
+            .collect();
+        Some(deltafs::StatsSnapshot {
+            ops,
+            copy_ups_empty: nodes,
+            copy_up_bytes: nodes * 4096,
+            freezes: nodes,
+            switches: nodes,
+            view_layers: vec![1 + nodes],
+            ..Default::default()
+        })
+    }
+
+    /// Each checkpoint wrote 300 bytes of metadata.
+    fn checkpoint_writes(&self, _node: &str) -> Option<deltafs::SnapshotWrites> {
+        Some(deltafs::SnapshotWrites {
+            metadata_bytes: 300,
+            ..Default::default()
+        })
+    }
 }
 
 fn metric(h: &Harness, series: &str) -> f64 {

@@ -2,6 +2,7 @@
 //! it all costs ([`StateSource`], for the metrics and `GET /v1/stats`).
 
 use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::tree_ops::{node_info, serde_name, snapshot_of};
@@ -11,7 +12,7 @@ use crate::api::sandbox_types::{
 };
 use crate::metrics::state::{StateFigures, StateSource, private_bytes};
 use crate::sandbox::error::SandboxError;
-use crate::tree::ids::{NodeId, TreeId};
+use crate::tree::ids::{NodeId, SandboxId, TreeId};
 use crate::tree::records::{SandboxRecord, unix_ms_now};
 use crate::tree::render::{RenderNode, render_tree};
 
@@ -219,5 +220,31 @@ impl StateSource for SandboxManager {
         }
         figures.store_bytes = self.store.disk_usage();
         Ok(figures)
+    }
+
+    /// The sandbox's `work/` cgroup. Not waited for: `None` while an operation holds the
+    /// sandbox (a long `exec`), so a scrape never blocks on one; asked again later.
+    fn work_cgroup(&self, sandbox: &str) -> Option<PathBuf> {
+        let id: SandboxId = sandbox.parse().ok()?;
+        let live = lock(&self.sandboxes).get(&id).cloned()?;
+        let live = live.try_lock().ok()?;
+        Some(live.tree.runtime.work_cgroup(&live.name()))
+    }
+
+    fn deltafs_stats(&self) -> Option<deltafs::StatsSnapshot> {
+        Some(self.store.stats())
+    }
+
+    fn checkpoint_writes(&self, node: &str) -> Option<deltafs::SnapshotWrites> {
+        let id: NodeId = node.parse().ok()?;
+        let record = self.db.node(&id).ok()??;
+        let snapshot = snapshot_of(&record).ok()?;
+        match self.store.written_by_snapshot(snapshot) {
+            Ok(written) => written,
+            Err(e) => {
+                tracing::warn!(node, "what its checkpoint wrote: {e}");
+                None
+            }
+        }
     }
 }

@@ -1,0 +1,335 @@
+//! What each sandbox dirtied since its last checkpoint, from the eBPF write tracker, and
+//! what each checkpoint made the store write.
+//!
+//! [`DirtyTracking`] wraps the sandbox operations the API serves: it has the tracker
+//! watch each sandbox's `work/` cgroup (cgroup v2: what `bpf_get_current_cgroup_id`
+//! sees for its commands and sessions) from its creation or branch, advances that
+//! cgroup's epoch after each checkpoint (explicit or automatic) and each rollback of its
+//! files, so the tracker's current epoch is "since the last checkpoint", and stops
+//! watching it when the sandbox is removed. Sandboxes it has not seen created (taken
+//! over from an earlier daemon) are watched when first reported.
+//!
+//! The epoch advances right after the operation returns, not at its freeze instant (the
+//! manager does not know the tracker): a process left running in the background of the
+//! sandbox that writes in between has those writes counted in neither epoch.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use serde::{Deserialize, Serialize};
+
+use super::state::{StateFigures, StateSource};
+use super::{Metrics, gauge_value};
+use crate::api::sandbox_types::{
+    BranchRequest, BranchResult, CheckpointRequest, CreateSandbox, DiffResult, ExecRequest,
+    ExecResult, GcResult, NodeInfo, Removed, RollbackMode, RollbackRequest, RollbackResult,
+    SandboxInfo, SessionInfo, SessionRun, SessionRunResult, SessionStart, TreeView,
+};
+use crate::api::service::ServedSandboxes;
+use crate::bpf::WriteTracker;
+use crate::cgroup::{Cgroup, CgroupFs};
+use crate::sandbox::ops::ExecSink;
+use crate::sandbox::{SandboxError, SandboxOps};
+
+/// Page size the dirtied-bytes figures count in (the tracker counts folios as they turn
+/// dirty; one per 4 KiB page for writes of a page or less).
+pub const PAGE_SIZE: u64 = 4096;
+
+/// What one sandbox dirtied since its last checkpoint (`GET /v1/stats`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxDirty {
+    /// The sandbox.
+    pub sandbox: String,
+    /// Its `work/` cgroup (v2) the tracker counts.
+    pub cgroup: String,
+    /// The tracker's epoch for it (advanced at each checkpoint and rollback).
+    pub epoch: u64,
+    /// Page-cache pages its processes turned dirty (writes and `mmap` stores to regular
+    /// files).
+    pub pages_dirtied: u64,
+    /// `pages_dirtied` in bytes.
+    pub bytes_dirtied: u64,
+    /// Write-family syscalls on regular files.
+    pub writes: u64,
+    /// Bytes those syscalls wrote.
+    pub bytes_written: u64,
+    /// Distinct files written or dirtied.
+    pub inodes: u64,
+}
+
+/// The sandbox operations, with their cgroups watched and their epochs advanced (see the
+/// module's documentation).
+pub struct DirtyTracking {
+    inner: Arc<dyn ServedSandboxes>,
+    tracker: Arc<dyn WriteTracker>,
+    cgroups: CgroupFs,
+    metrics: Metrics,
+    /// Sandbox id to its watched `work/` cgroup.
+    watched: Mutex<HashMap<String, Cgroup>>,
+}
+
+impl DirtyTracking {
+    /// Wraps `inner`.
+    pub fn new(
+        inner: Arc<dyn ServedSandboxes>,
+        tracker: Arc<dyn WriteTracker>,
+        cgroups: CgroupFs,
+        metrics: Metrics,
+    ) -> Self {
+        Self {
+            inner,
+            tracker,
+            cgroups,
+            metrics,
+            watched: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Cgroup>> {
+        // A cache of what is watched: a panic mid-insert leaves nothing inconsistent.
+        self.watched.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Watches sandbox `id`'s cgroup unless it is already; its cgroup, if it has one.
+    fn track(&self, id: &str) -> Option<Cgroup> {
+        if let Some(cgroup) = self.lock().get(id) {
+            return Some(cgroup.clone());
+        }
+        let path = self.inner.work_cgroup(id)?;
+        let cgroup = match self.cgroups.resolve(&path) {
+            Ok(cgroup) => cgroup,
+            Err(e) => {
+                tracing::warn!(sandbox = id, "its cgroup {}: {e}", path.display());
+                return None;
+            }
+        };
+        if let Err(e) = self.tracker.watch(cgroup.id) {
+            self.metrics.tracker_error("watch a cgroup");
+            tracing::warn!(sandbox = id, "watching its cgroup: {e}");
+            return None;
+        }
+        self.lock().insert(id.to_owned(), cgroup.clone());
+        Some(cgroup)
+    }
+
+    /// Starts a new epoch for sandbox `id` (its dirty figures restart from zero).
+    fn new_epoch(&self, id: &str) {
+        let Some(cgroup) = self.track(id) else {
+            return;
+        };
+        if let Err(e) = self.tracker.advance_epoch(cgroup.id) {
+            self.metrics.tracker_error("advance an epoch");
+            tracing::warn!(sandbox = id, "advancing its epoch: {e}");
+        }
+    }
+
+    /// After a checkpoint made `node`: a new epoch, and what it made the store write.
+    fn checkpointed(&self, node: &NodeInfo) {
+        self.new_epoch(&node.sandbox);
+        if let Some(written) = self.inner.checkpoint_writes(&node.id) {
+            self.metrics
+                .checkpoint_written_bytes
+                .observe(written.total_bytes() as f64);
+        }
+    }
+
+    fn untrack(&self, id: &str) {
+        let Some(cgroup) = self.lock().remove(id) else {
+            return;
+        };
+        if let Err(e) = self.tracker.unwatch(cgroup.id) {
+            self.metrics.tracker_error("unwatch a cgroup");
+            tracing::warn!(sandbox = id, "unwatching its cgroup: {e}");
+        }
+    }
+
+    /// The `work/` cgroup ids of the sandboxes watched (their figures are reported per
+    /// sandbox, not as labelled cgroup series).
+    pub fn cgroup_ids(&self) -> HashSet<u64> {
+        self.lock().values().map(|c| c.id).collect()
+    }
+
+    /// What each live sandbox dirtied since its last checkpoint, sorted by sandbox id.
+    pub fn dirty(&self) -> Result<Vec<SandboxDirty>, SandboxError> {
+        let mut by_cgroup: BTreeMap<u64, SandboxDirty> = BTreeMap::new();
+        for info in self.inner.list()? {
+            if let Some(cgroup) = self.track(&info.id) {
+                by_cgroup.insert(
+                    cgroup.id,
+                    SandboxDirty {
+                        sandbox: info.id,
+                        cgroup: cgroup.path.display().to_string(),
+                        ..SandboxDirty::default()
+                    },
+                );
+            }
+        }
+        let epochs = self.tracker.watched().map_err(|e| {
+            self.metrics.tracker_error("list watched cgroups");
+            SandboxError::internal("the write tracker", e)
+        })?;
+        for (id, epoch) in epochs {
+            if let Some(d) = by_cgroup.get_mut(&id) {
+                d.epoch = epoch;
+            }
+        }
+        let records = self.tracker.inode_stats(None).map_err(|e| {
+            self.metrics.tracker_error("read inode stats");
+            SandboxError::internal("the write tracker", e)
+        })?;
+        for r in records {
+            if let Some(d) = by_cgroup.get_mut(&r.cgroup_id) {
+                d.pages_dirtied += r.pages_dirtied;
+                d.bytes_dirtied += r.pages_dirtied * PAGE_SIZE;
+                d.writes += r.writes;
+                d.bytes_written += r.bytes;
+                d.inodes += 1;
+            }
+        }
+        let mut out: Vec<SandboxDirty> = by_cgroup.into_values().collect();
+        out.sort_by(|a, b| a.sandbox.cmp(&b.sandbox));
+        Ok(out)
+    }
+}
+
+impl Metrics {
+    /// Sets the sandbox totals of what was dirtied since each one's last checkpoint.
+    pub fn set_sandbox_dirty(&self, dirty: &[SandboxDirty]) {
+        let pages: u64 = dirty.iter().map(|d| d.pages_dirtied).sum();
+        self.sandbox_dirtied_pages.set(gauge_value(pages));
+        self.sandbox_dirtied_bytes
+            .set(gauge_value(pages.saturating_mul(PAGE_SIZE)));
+    }
+}
+
+impl StateSource for DirtyTracking {
+    fn state_figures(&self) -> Result<StateFigures, SandboxError> {
+        self.inner.state_figures()
+    }
+
+    fn work_cgroup(&self, sandbox: &str) -> Option<PathBuf> {
+        self.inner.work_cgroup(sandbox)
+    }
+
+    fn deltafs_stats(&self) -> Option<deltafs::StatsSnapshot> {
+        self.inner.deltafs_stats()
+    }
+
+    fn checkpoint_writes(&self, node: &str) -> Option<deltafs::SnapshotWrites> {
+        self.inner.checkpoint_writes(node)
+    }
+}
+
+impl SandboxOps for DirtyTracking {
+    fn create(&self, req: &CreateSandbox) -> Result<SandboxInfo, SandboxError> {
+        let info = self.inner.create(req)?;
+        self.track(&info.id);
+        Ok(info)
+    }
+
+    fn list(&self) -> Result<Vec<SandboxInfo>, SandboxError> {
+        self.inner.list()
+    }
+
+    fn get(&self, sandbox: &str) -> Result<SandboxInfo, SandboxError> {
+        self.inner.get(sandbox)
+    }
+
+    fn remove(&self, sandbox: &str) -> Result<Removed, SandboxError> {
+        let removed = self.inner.remove(sandbox)?;
+        for id in &removed.sandboxes {
+            self.untrack(id);
+        }
+        Ok(removed)
+    }
+
+    fn exec(&self, sandbox: &str, req: &ExecRequest) -> Result<ExecResult, SandboxError> {
+        let result = self.inner.exec(sandbox, req)?;
+        if let Some(node) = &result.node {
+            self.checkpointed(node);
+        }
+        Ok(result)
+    }
+
+    fn exec_streamed(
+        &self,
+        sandbox: &str,
+        req: &ExecRequest,
+        sink: &mut dyn ExecSink,
+    ) -> Result<ExecResult, SandboxError> {
+        let result = self.inner.exec_streamed(sandbox, req, sink)?;
+        if let Some(node) = &result.node {
+            self.checkpointed(node);
+        }
+        Ok(result)
+    }
+
+    fn session_start(
+        &self,
+        sandbox: &str,
+        req: &SessionStart,
+    ) -> Result<SessionInfo, SandboxError> {
+        self.inner.session_start(sandbox, req)
+    }
+
+    fn session_run(
+        &self,
+        sandbox: &str,
+        session: &str,
+        req: &SessionRun,
+    ) -> Result<SessionRunResult, SandboxError> {
+        let result = self.inner.session_run(sandbox, session, req)?;
+        if let Some(node) = &result.node {
+            self.checkpointed(node);
+        }
+        Ok(result)
+    }
+
+    fn session_stop(&self, sandbox: &str, session: &str) -> Result<SessionInfo, SandboxError> {
+        self.inner.session_stop(sandbox, session)
+    }
+
+    fn checkpoint(&self, sandbox: &str, req: &CheckpointRequest) -> Result<NodeInfo, SandboxError> {
+        let node = self.inner.checkpoint(sandbox, req)?;
+        self.checkpointed(&node);
+        Ok(node)
+    }
+
+    fn rollback(
+        &self,
+        sandbox: &str,
+        req: &RollbackRequest,
+    ) -> Result<RollbackResult, SandboxError> {
+        let rolled = self.inner.rollback(sandbox, req)?;
+        // The files are the node's again: nothing is dirty relative to it.
+        if rolled.mode != RollbackMode::ProcessesOnly {
+            self.new_epoch(&rolled.sandbox);
+        }
+        Ok(rolled)
+    }
+
+    fn branch(&self, node: &str, req: &BranchRequest) -> Result<BranchResult, SandboxError> {
+        let branched = self.inner.branch(node, req)?;
+        for sandbox in &branched.sandboxes {
+            self.track(&sandbox.id);
+        }
+        Ok(branched)
+    }
+
+    fn tree(&self, sandbox_or_node: &str) -> Result<TreeView, SandboxError> {
+        self.inner.tree(sandbox_or_node)
+    }
+
+    fn diff(&self, from: &str, to: &str) -> Result<DiffResult, SandboxError> {
+        self.inner.diff(from, to)
+    }
+
+    fn remove_node(&self, node: &str) -> Result<Removed, SandboxError> {
+        self.inner.remove_node(node)
+    }
+
+    fn gc(&self) -> Result<GcResult, SandboxError> {
+        self.inner.gc()
+    }
+}
