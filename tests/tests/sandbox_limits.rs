@@ -125,6 +125,21 @@ fn a_memory_hog_is_oom_killed_inside_while_others_keep_working() {
     let s = http.session(&limited, "python");
     assert_eq!(http.run(&limited, &s, "print(6 * 7)"), "42\n");
     assert_eq!(http.get("/v1/status").status, 200);
+    // A session the OOM killer kills ends its call with `limits_exceeded`, and is gone.
+    http.run_reply(&limited, &s, HOG).expect_error(
+        422,
+        "limits_exceeded",
+        &[&limited, "memory", &s],
+        "a session run past the memory limit",
+    );
+    let info = http.sandbox(&limited);
+    assert_eq!(
+        info["sessions"],
+        json!([]),
+        "the killed session is listed: {info}"
+    );
+    let s = http.session(&limited, "python");
+    assert_eq!(http.run(&limited, &s, "print(6 * 7)"), "42\n");
     // The other sandbox has no limit: the same hog survives there.
     let out = http.exec(&other, &["python3", "-c", HOG], Some(60_000));
     assert!(

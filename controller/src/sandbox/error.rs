@@ -89,6 +89,17 @@ pub enum SandboxError {
         /// How long this request waited.
         waited_ms: u64,
     },
+    /// A limit of the sandbox stopped the operation: the memory limit (the OOM killer
+    /// killed the session) or the pids limit (a process could not be forked).
+    #[error("sandbox {sandbox}: its {limit} limit is reached: {message}")]
+    LimitsExceeded {
+        /// The sandbox.
+        sandbox: String,
+        /// `memory` or `pids`.
+        limit: &'static str,
+        /// What failed.
+        message: String,
+    },
     /// The sandbox's store is out of space.
     #[error("disk full: {message}")]
     DiskFull {
@@ -134,6 +145,7 @@ impl SandboxError {
             Self::Invalid { .. } => "invalid_request",
             Self::NodeInUse { .. } => "node_in_use",
             Self::Busy { .. } => "busy",
+            Self::LimitsExceeded { .. } => "limits_exceeded",
             Self::DiskFull { .. } => "disk_full",
             Self::Session { .. } => "session_failed",
             Self::Process { .. } => "process_not_restorable",
@@ -149,14 +161,17 @@ impl SandboxError {
             | Self::UnknownSession { .. } => 404,
             Self::Ambiguous { .. } | Self::Invalid { .. } => 400,
             Self::NodeOfAnotherTree { .. } | Self::NodeInUse { .. } | Self::Busy { .. } => 409,
-            Self::NodeNotRestorable { .. } | Self::Process { .. } | Self::Session { .. } => 422,
+            Self::NodeNotRestorable { .. }
+            | Self::Process { .. }
+            | Self::Session { .. }
+            | Self::LimitsExceeded { .. } => 422,
             Self::DiskFull { .. } => 507,
             Self::Internal { .. } => 500,
         }
     }
 
     /// Every kind, for the contract test.
-    pub const KINDS: [&'static str; 13] = [
+    pub const KINDS: [&'static str; 14] = [
         "unknown_sandbox",
         "unknown_node",
         "unknown_session",
@@ -166,11 +181,32 @@ impl SandboxError {
         "invalid_request",
         "node_in_use",
         "busy",
+        "limits_exceeded",
         "disk_full",
         "session_failed",
         "process_not_restorable",
         "internal",
     ];
+
+    /// Whether `err` (or an error it wraps) is the errno `errno`: how a fork refused by
+    /// the pids limit (`EAGAIN`) is told from other failures.
+    pub fn caused_by_errno(err: &(dyn std::error::Error + 'static), errno: i32) -> bool {
+        let mut cur = Some(err);
+        while let Some(e) = cur {
+            if let Some(io) = e.downcast_ref::<std::io::Error>()
+                && io.raw_os_error() == Some(errno)
+            {
+                return true;
+            }
+            if let Some(nix) = e.downcast_ref::<nix::errno::Errno>()
+                && *nix as i32 == errno
+            {
+                return true;
+            }
+            cur = e.source();
+        }
+        false
+    }
 
     /// An internal error from anything printable, with context.
     pub fn internal(context: impl std::fmt::Display, err: impl std::fmt::Display) -> Self {

@@ -50,6 +50,11 @@ fn one_of_each() -> Vec<SandboxError> {
             for_ms: 31_000,
             waited_ms: 30_000,
         },
+        SandboxError::LimitsExceeded {
+            sandbox: s("sb-1"),
+            limit: "memory",
+            message: s("the OOM killer killed session se-1"),
+        },
         SandboxError::DiskFull {
             message: s("no space left on /var/lib/deltabox/store"),
         },

@@ -143,11 +143,27 @@ impl SandboxOps for SandboxManager {
         let (id, live) = self.resolve_sandbox(sandbox)?;
         let mut live = self.busy.acquire(id, &live, "session run")?;
         let sid = commands::resolve_session(&live, session)?;
+        let ooms = live.tree.runtime.oom_kills(&live.name());
         let mut result = match commands::run(&mut live, sid, req) {
             Ok(result) => result,
             Err(e) => {
+                let e = match e {
+                    SandboxError::Session { message, .. }
+                        if live.tree.runtime.oom_kills(&live.name()) > ooms =>
+                    {
+                        SandboxError::LimitsExceeded {
+                            sandbox: live.name(),
+                            limit: "memory",
+                            message: format!(
+                                "the OOM killer killed session {sid} (the session is gone): \
+                                 {message}"
+                            ),
+                        }
+                    }
+                    other => other,
+                };
                 // The session died or hung: it is gone, and the record says so.
-                if let SandboxError::Session { .. } = e {
+                if let SandboxError::Session { .. } | SandboxError::LimitsExceeded { .. } = e {
                     live.sessions.remove(&sid);
                     live.record.sessions = live.session_records();
                     let _ = self.db.put_sandbox(&live.record);

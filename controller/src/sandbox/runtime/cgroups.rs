@@ -133,6 +133,27 @@ impl TreeCgroups {
             .collect()
     }
 
+    /// How many times the OOM killer killed a process of the sandbox: `oom_kill` of
+    /// `memory.events` (v2) or `memory.oom_control` (the v1 mirror), whichever exists.
+    pub fn oom_kills(&self, sandbox: &str) -> u64 {
+        let v1 = self
+            .v1
+            .iter()
+            .find(|(controller, _)| *controller == "memory")
+            .map(|(_, dir)| dir.join(format!("sb-{sandbox}")).join("memory.oom_control"));
+        [Some(self.sandbox(sandbox).join("memory.events")), v1]
+            .into_iter()
+            .flatten()
+            .filter_map(|path| fs::read_to_string(path).ok())
+            .filter_map(|text| {
+                text.lines().find_map(|line| {
+                    let (key, value) = line.split_once(' ')?;
+                    (key == "oom_kill").then(|| value.trim().parse::<u64>().ok())?
+                })
+            })
+            .sum()
+    }
+
     /// Creates `sb-<sandbox>/{anchor,work}` and writes the limits.
     pub fn create_sandbox(&self, sandbox: &str, limits: &Limits) -> Result<(), CgroupSetupError> {
         let sb = self.sandbox(sandbox);

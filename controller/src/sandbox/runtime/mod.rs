@@ -293,6 +293,11 @@ impl TreeRuntime {
         self.cgroups.sandbox(sandbox)
     }
 
+    /// How many processes of the sandbox the OOM killer killed so far.
+    pub fn oom_kills(&self, sandbox: &str) -> u64 {
+        self.cgroups.oom_kills(sandbox)
+    }
+
     /// Host path of the sandbox's `work/` cgroup (its commands and sessions).
     pub fn work_cgroup(&self, sandbox: &str) -> PathBuf {
         self.sandbox_cgroup(sandbox).join("work")

@@ -31,6 +31,7 @@ __all__ = [
     "InvalidRequest",
     "NodeInUse",
     "Busy",
+    "LimitsExceeded",
     "DiskFull",
     "SessionFailed",
     "ProcessNotRestorable",
@@ -155,6 +156,14 @@ class Busy(Conflict):
     message names it and how long it has run; retry later."""
 
     KIND = "busy"
+
+
+class LimitsExceeded(RestoreFailed):
+    """A limit of the sandbox stopped the operation (422): the memory limit (the OOM
+    killer killed the session, which is gone) or the pids limit (a rollback's or
+    branch's processes could not be forked)."""
+
+    KIND = "limits_exceeded"
 
 
 class DiskFull(DeltaBoxError):
