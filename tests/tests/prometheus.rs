@@ -1,7 +1,7 @@
 //! The dashboards against a real Prometheus: it scrapes a running deltaboxd with the
 //! project's scrape configuration while a watched cgroup writes and its epoch
-//! advances, a sandbox is checkpointed, rolled back and branched, and requests fail,
-//! and every PromQL expression of every Grafana panel returns data.
+//! advances, a sandbox does file I/O and is checkpointed, rolled back and branched, and
+//! requests fail, and every PromQL expression of every Grafana panel returns data.
 
 use std::{
     process::Command,
@@ -67,6 +67,19 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
         if round % 3 == 2 {
             assert!(daemon.cli(&["epoch", &path]).status.success());
         }
+        // File I/O in the sandbox for the DeltaFS and dirtied-pages panels: creates,
+        // writes, a rename, a listing, an unlink, a copy-up of a frozen file.
+        let script = format!(
+            "cd /workspace && dd if=/dev/zero of=w{round} bs=4096 count=8 conv=fsync \
+             status=none && mv w{round} m{round} && ls -l >/dev/null && chmod 600 m{round} \
+             && echo more >> keep && rm -f m{round}"
+        );
+        let io = daemon.cli(&["exec", &sandbox, "--", "sh", "-c", &script]);
+        assert!(
+            io.status.success(),
+            "{}",
+            String::from_utf8_lossy(&io.stderr)
+        );
         let node = daemon.cli(&["checkpoint", &sandbox, "--json"]);
         assert!(
             node.status.success(),
@@ -75,6 +88,19 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
         );
         let node = json_id(&node.stdout);
         assert!(daemon.cli(&["rollback", &sandbox, &node]).status.success());
+        // Pages dirtied after the rollback, seen by the next scrapes.
+        let dirtied = daemon.cli(&[
+            "exec",
+            &sandbox,
+            "--",
+            "dd",
+            "if=/dev/zero",
+            "of=/workspace/d",
+            "bs=4096",
+            "count=4",
+            "status=none",
+        ]);
+        assert!(dirtied.status.success());
         if round == 1 {
             assert!(daemon.cli(&["branch", &node]).status.success());
         }
