@@ -221,6 +221,22 @@ fn stats_report_every_checkpoint_with_ordered_percentiles() {
         .collect();
     assert_eq!(row[1], N.to_string(), "{text}");
     assert!(text.contains(&format!("nodes {N}")), "{text}");
+
+    // DeltaFS: one freeze per checkpoint, one switch for the rollback.
+    assert_eq!(stats["deltafs"]["freezes"], N, "{stats}");
+    assert_eq!(stats["deltafs"]["switches"], 1, "{stats}");
+    assert!(text.contains(&format!("freezes {N}  switches 1")), "{text}");
+    // The sandbox's row: nothing dirtied since the rollback (the two `true`s write no
+    // file).
+    assert_eq!(stats["dirty"][0]["sandbox"], sandbox.as_str(), "{stats}");
+    assert_eq!(stats["dirty"][0]["pages_dirtied"], 0, "{stats}");
+    let dirty_row: Vec<&str> = text
+        .lines()
+        .find(|l| l.starts_with(&sandbox))
+        .unwrap_or_else(|| panic!("no row for {sandbox}:\n{text}"))
+        .split_whitespace()
+        .collect();
+    assert_eq!(dirty_row[1], "0", "{text}");
 }
 
 #[test]
