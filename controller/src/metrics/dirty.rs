@@ -144,6 +144,12 @@ impl DirtyTracking {
         }
     }
 
+    /// What sandbox `id` (a full id) dirtied since its last checkpoint, for a sandbox's
+    /// own answer; `None` if it is not watched or the tracker cannot be read.
+    pub fn dirty_of(&self, id: &str) -> Option<SandboxDirty> {
+        self.dirty().ok()?.into_iter().find(|d| d.sandbox == id)
+    }
+
     /// The `work/` cgroup ids of the sandboxes watched (their figures are reported per
     /// sandbox, not as labelled cgroup series).
     pub fn cgroup_ids(&self) -> HashSet<u64> {
@@ -151,14 +157,20 @@ impl DirtyTracking {
     }
 
     /// What each live sandbox dirtied since its last checkpoint, sorted by sandbox id.
+    /// Waits for no sandbox (a scrape must not wait for a long `exec`): one that an
+    /// operation holds and that is not watched yet is left out this time.
     pub fn dirty(&self) -> Result<Vec<SandboxDirty>, SandboxError> {
+        let mut ids: Vec<String> = self.lock().keys().cloned().collect();
+        ids.extend(self.inner.sandbox_ids());
+        ids.sort_unstable();
+        ids.dedup();
         let mut by_cgroup: BTreeMap<u64, SandboxDirty> = BTreeMap::new();
-        for info in self.inner.list()? {
-            if let Some(cgroup) = self.track(&info.id) {
+        for id in ids {
+            if let Some(cgroup) = self.track(&id) {
                 by_cgroup.insert(
                     cgroup.id,
                     SandboxDirty {
-                        sandbox: info.id,
+                        sandbox: id,
                         cgroup: cgroup.path.display().to_string(),
                         ..SandboxDirty::default()
                     },
@@ -210,6 +222,10 @@ impl StateSource for DirtyTracking {
 
     fn work_cgroup(&self, sandbox: &str) -> Option<PathBuf> {
         self.inner.work_cgroup(sandbox)
+    }
+
+    fn sandbox_ids(&self) -> Vec<String> {
+        self.inner.sandbox_ids()
     }
 
     fn deltafs_stats(&self) -> Option<deltafs::StatsSnapshot> {

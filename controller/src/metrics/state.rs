@@ -65,6 +65,12 @@ pub trait StateSource: Send + Sync {
         None
     }
 
+    /// The full ids of the live sandboxes, without waiting for any of them (an
+    /// operation may hold one for minutes).
+    fn sandbox_ids(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// DeltaFS's counters; `None` without a store.
     fn deltafs_stats(&self) -> Option<deltafs::StatsSnapshot> {
         None

@@ -231,6 +231,13 @@ impl StateSource for SandboxManager {
         Some(live.tree.runtime.work_cgroup(&live.name()))
     }
 
+    fn sandbox_ids(&self) -> Vec<String> {
+        lock(&self.sandboxes)
+            .keys()
+            .map(ToString::to_string)
+            .collect()
+    }
+
     fn deltafs_stats(&self) -> Option<deltafs::StatsSnapshot> {
         Some(self.store.stats())
     }
