@@ -266,3 +266,65 @@ fn a_test_failing_midway_still_cleans_up() {
         Some(9)
     );
 }
+
+/// Sends one raw HTTP request over TCP and returns the response.
+fn tcp_request(port: u16, request: &str) -> String {
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    conn.write_all(request.as_bytes()).unwrap();
+    let mut response = String::new();
+    conn.read_to_string(&mut response).unwrap();
+    response
+}
+
+/// `--api-tcp` serves the same API on a loopback TCP port (sandboxes included); a
+/// non-loopback address is refused at start with exit 64 naming it.
+#[test]
+fn the_api_is_served_over_loopback_tcp_when_asked() {
+    require_root();
+    let port = deltabox_tests::daemon::free_port();
+    let daemon = TestDaemon::start("tcp", &["--api-tcp", &format!("127.0.0.1:{port}")]);
+    let status = tcp_request(
+        port,
+        "GET /v1/status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    assert!(
+        status.contains(daemon.socket().to_str().unwrap()),
+        "the same daemon answers over TCP: {status}"
+    );
+    let body = r#"{"argv": ["echo", "over tcp"]}"#;
+    let created = tcp_request(
+        port,
+        "POST /v1/sandboxes HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
+    );
+    assert!(created.starts_with("HTTP/1.1 201"), "{created}");
+    let id = created
+        .split("\"id\":\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("the new sandbox's id");
+    let exec = tcp_request(
+        port,
+        &format!(
+            "POST /v1/sandboxes/{id}/exec HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    );
+    assert!(exec.contains("over tcp\\n"), "{exec}");
+    // The Unix socket sees the same sandbox.
+    let ls = json(&daemon.cli(&["ls", "--json"]));
+    assert!(ls.to_string().contains(id), "{ls}");
+
+    let out = Command::new(binary("deltaboxd"))
+        .args(["serve", "--api-tcp", "0.0.0.0:9"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("0.0.0.0:9") && stderr(&out).contains("loopback"),
+        "{}",
+        stderr(&out)
+    );
+}

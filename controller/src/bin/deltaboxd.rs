@@ -72,6 +72,10 @@ struct ServeArgs {
     /// Address of the Prometheus endpoint /metrics; must be loopback.
     #[arg(long, value_name = "ADDR", default_value = DEFAULT_METRICS_ADDR)]
     metrics_addr: String,
+    /// Also serve the API over TCP at this loopback address (off by default). Unlike
+    /// the socket (mode 0600, root only), any local user can reach it.
+    #[arg(long, value_name = "ADDR")]
+    api_tcp: Option<String>,
     /// Directory on bpffs where programs, links and maps are pinned.
     #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
     pin_dir: PathBuf,
@@ -200,6 +204,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = ServeConfig {
         sandboxes,
         metrics_addr: daemon::parse_metrics_addr(&args.metrics_addr)?,
+        api_tcp: args
+            .api_tcp
+            .as_deref()
+            .map(daemon::parse_api_tcp_addr)
+            .transpose()?,
         socket: args.socket,
         pin_dir: args.pin_dir,
         adopt_only: args.adopt_only,

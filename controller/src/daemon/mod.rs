@@ -100,6 +100,30 @@ pub enum DaemonError {
         /// The address.
         addr: SocketAddr,
     },
+    /// The API's TCP address does not parse.
+    #[error("invalid API TCP address {addr:?}: expected IP:PORT, such as 127.0.0.1:9478")]
+    InvalidApiTcpAddr {
+        /// What was given.
+        addr: String,
+    },
+    /// The API's TCP address is not loopback.
+    #[error(
+        "API TCP address {addr} is not a loopback address: the API is unauthenticated, \
+         bind it to 127.0.0.1 or [::1]"
+    )]
+    ApiTcpNotLoopback {
+        /// The address.
+        addr: SocketAddr,
+    },
+    /// Binding the API's TCP address failed.
+    #[error("cannot listen on API TCP address {addr}")]
+    ApiTcpBind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
     /// Binding the metrics address failed.
     #[error("cannot listen on metrics address {addr}")]
     MetricsBind {
@@ -147,13 +171,17 @@ impl DaemonError {
         match self {
             Self::NotRoot => 77,
             Self::SocketInUse { .. } => 75,
-            Self::InvalidMetricsAddr { .. } | Self::MetricsNotLoopback { .. } => 64,
+            Self::InvalidMetricsAddr { .. }
+            | Self::MetricsNotLoopback { .. }
+            | Self::InvalidApiTcpAddr { .. }
+            | Self::ApiTcpNotLoopback { .. } => 64,
             Self::Bpf { .. } | Self::Cgroup(_) | Self::Sandboxes { .. } => 69,
             Self::NotASocket { .. }
             | Self::SocketDir { .. }
             | Self::SocketProbe { .. }
             | Self::Bind { .. }
-            | Self::MetricsBind { .. } => 73,
+            | Self::MetricsBind { .. }
+            | Self::ApiTcpBind { .. } => 73,
             Self::Metrics(_) | Self::Signals(_) => 70,
         }
     }
@@ -166,6 +194,8 @@ pub struct ServeConfig {
     pub socket: PathBuf,
     /// Loopback address of `/metrics`.
     pub metrics_addr: SocketAddr,
+    /// Loopback address where the API is served over TCP too (off when `None`).
+    pub api_tcp: Option<SocketAddr>,
     /// Pin directory of the eBPF objects.
     pub pin_dir: PathBuf,
     /// Only adopt pinned programs; never load.
@@ -188,20 +218,36 @@ pub fn require_root() -> Result<(), DaemonError> {
 /// Parses a metrics address and checks that it is loopback (`localhost:PORT` is
 /// taken as `127.0.0.1:PORT`).
 pub fn parse_metrics_addr(text: &str) -> Result<SocketAddr, DaemonError> {
-    let invalid = || DaemonError::InvalidMetricsAddr {
+    let addr = parse_addr(text).ok_or_else(|| DaemonError::InvalidMetricsAddr {
         addr: text.to_owned(),
-    };
-    let addr = match text.strip_prefix("localhost:") {
-        Some(port) => SocketAddr::new(
-            IpAddr::V4(Ipv4Addr::LOCALHOST),
-            port.parse().map_err(|_| invalid())?,
-        ),
-        None => text.parse().map_err(|_| invalid())?,
-    };
+    })?;
     if !addr.ip().is_loopback() {
         return Err(DaemonError::MetricsNotLoopback { addr });
     }
     Ok(addr)
+}
+
+/// Parses the API's TCP address and checks that it is loopback, as
+/// [`parse_metrics_addr`] does.
+pub fn parse_api_tcp_addr(text: &str) -> Result<SocketAddr, DaemonError> {
+    let addr = parse_addr(text).ok_or_else(|| DaemonError::InvalidApiTcpAddr {
+        addr: text.to_owned(),
+    })?;
+    if !addr.ip().is_loopback() {
+        return Err(DaemonError::ApiTcpNotLoopback { addr });
+    }
+    Ok(addr)
+}
+
+/// `IP:PORT`, or `localhost:PORT` for `127.0.0.1:PORT`.
+fn parse_addr(text: &str) -> Option<SocketAddr> {
+    match text.strip_prefix("localhost:") {
+        Some(port) => Some(SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            port.parse().ok()?,
+        )),
+        None => text.parse().ok(),
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT with the signal's name. The handlers are installed
@@ -231,6 +277,14 @@ pub async fn run(config: ServeConfig) -> Result<(), DaemonError> {
             addr: config.metrics_addr,
             source,
         })?;
+    let api_tcp = match config.api_tcp {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| DaemonError::ApiTcpBind { addr, source })?,
+        ),
+        None => None,
+    };
 
     let pin_dir = config.pin_dir.as_path();
     let (tracker, origin) = if config.adopt_only {
@@ -272,6 +326,7 @@ pub async fn run(config: ServeConfig) -> Result<(), DaemonError> {
     let result = serve(
         socket,
         metrics_listener,
+        api_tcp,
         tracker,
         cgroups,
         origin,
@@ -304,6 +359,7 @@ pub async fn run(config: ServeConfig) -> Result<(), DaemonError> {
 pub async fn serve(
     socket: ApiSocket,
     metrics_listener: TcpListener,
+    api_tcp: Option<TcpListener>,
     tracker: Arc<dyn WriteTracker>,
     cgroups: CgroupFs,
     origin: Origin,
@@ -342,6 +398,19 @@ pub async fn serve(
             .with_graceful_shutdown(stopped(stop_rx.clone()))
             .into_future(),
     );
+    let api_tcp = match api_tcp {
+        Some(tcp) => {
+            let addr = tcp.local_addr().ok();
+            let task = tokio::spawn(
+                axum::serve(tcp, api_router(service.clone()))
+                    .with_graceful_shutdown(stopped(stop_rx.clone()))
+                    .into_future(),
+            );
+            tracing::info!(addr = ?addr, "API also served over TCP (loopback)");
+            Some(task)
+        }
+        None => None,
+    };
     let metrics = tokio::spawn(
         axum::serve(metrics_listener, metrics_router(service))
             .with_graceful_shutdown(stopped(stop_rx))
@@ -359,7 +428,15 @@ pub async fn serve(
     let _ = stop_tx.send(true);
     socket_file.remove();
     let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
-        for (name, task) in [("api", api), ("metrics", metrics)] {
+        let tasks = [
+            ("api", Some(api)),
+            ("api over tcp", api_tcp),
+            ("metrics", Some(metrics)),
+        ];
+        for (name, task) in tasks
+            .into_iter()
+            .filter_map(|(name, task)| Some((name, task?)))
+        {
             match task.await {
                 Ok(Ok(())) => {}
                 Ok(Err(err)) => tracing::error!(server = name, error = %err, "server failed"),

@@ -78,6 +78,7 @@ async fn serves_until_stopped_then_removes_the_socket() {
         serve(
             socket,
             metrics_listener,
+            None,
             tracker,
             cgroups,
             Origin::Adopted,
