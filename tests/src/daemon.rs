@@ -158,6 +158,27 @@ impl TestDaemon {
         self.metrics_port
     }
 
+    /// Its `/metrics` text.
+    pub fn scrape(&self) -> String {
+        use std::io::{Read as _, Write as _};
+        let mut conn =
+            std::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).expect("connect");
+        conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .expect("send");
+        let mut text = String::new();
+        conn.read_to_string(&mut text).expect("read");
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        text
+    }
+
+    /// The value of one series (`name` or `name{labels}`) in a fresh scrape.
+    pub fn metric(&self, series: &str) -> f64 {
+        let text = self.scrape();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
+    }
+
     /// Runs `deltabox --socket <ours> args…`.
     pub fn cli(&self, args: &[&str]) -> Output {
         cli(&self.socket, args)

@@ -186,6 +186,8 @@ fn streamed_calls_on_one_sandbox_wait_their_turn() {
 fn removing_the_sandbox_ends_the_stream_with_an_error() {
     let f = Fixture::new("st-rm");
     let sb = f.sandbox(false);
+    const UNKNOWN: &str = "deltabox_api_errors_total{code=\"unknown_sandbox\"}";
+    let errors_before = f.daemon.metric(UNKNOWN);
     let mut events = f.stream(&sb, "echo started; sleep 60");
     let first = f.rt.block_on(events.next()).expect("first event");
     assert!(
@@ -209,6 +211,11 @@ fn removing_the_sandbox_ends_the_stream_with_an_error() {
         other => panic!("expected an error event, got {other:?}"),
     }
     assert!(f.rt.block_on(events.next()).expect("end").is_none());
+    assert_eq!(
+        f.daemon.metric(UNKNOWN),
+        errors_before + 1.0,
+        "the error event of a 200 stream is counted by its code"
+    );
     // The daemon still serves, the sandbox is gone.
     let list = f.rt.block_on(f.client.list_sandboxes()).expect("list");
     assert!(list.sandboxes.iter().all(|s| s.id != sb));

@@ -195,6 +195,13 @@ pub async fn serve(svc: Arc<ApiService>, sandbox: String, req: ExecRequest) -> R
         let outcome = svc
             .sandboxes()
             .and_then(|ops| Ok(ops.exec_streamed(&sandbox, &req, &mut sink)?));
+        if sink.started.is_none()
+            && let Err(err) = &outcome
+        {
+            // Answered as a last `error` event of a 200 stream, not as an error
+            // status: counted here, as the API layer counts error answers.
+            svc.metrics().api_error(err.kind_and_status().0.as_str());
+        }
         let tail = sink.finish();
         Finished { outcome, tail }
     });
