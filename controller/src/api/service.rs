@@ -119,7 +119,11 @@ impl ApiService {
                     self.metrics.set_deltafs(&s);
                     DeltaFsFigures::of(&s)
                 });
-                let dirty = source.dirty()?;
+                // Without the tracker the rest of the stats still answer.
+                let dirty = source.dirty().unwrap_or_else(|err| {
+                    tracing::warn!("cannot read the sandboxes' dirty pages: {err}");
+                    Vec::new()
+                });
                 self.metrics.set_sandbox_dirty(&dirty);
                 (Some(state), deltafs, dirty)
             }
