@@ -137,6 +137,13 @@ fn a_killed_template_is_restored_from_its_incremental_dump() {
         restored.timings.memory.as_secs_f64() * 1e3,
         restored.timings.fork.as_secs_f64() * 1e3
     );
+    let delta = d2.manifest().stats.written * 4096;
+    let memory_ms = restored.timings.memory.as_secs_f64() * 1e3;
+    eprintln!(
+        "fallback: {} MiB of delta (n2's own pages) applied in {memory_ms:.1} ms: {:.1} ms per 64 MiB",
+        delta >> 20,
+        memory_ms * (64u64 << 20) as f64 / delta as f64
+    );
     let mut r = env.adopt(restored);
     assert_eq!(r.ask("h()"), h2);
     assert_eq!(r.ask("(x, len(g), len(g2))"), "(7, 60000, 2048)");
