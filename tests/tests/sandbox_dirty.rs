@@ -5,29 +5,11 @@
 //! are not counted for it, and each checkpoint adds one observation to
 //! `deltabox_checkpoint_written_bytes`.
 
-use std::io::{Read as _, Write as _};
-use std::net::TcpStream;
 
 use deltabox_tests::daemon::TestDaemon;
 use deltabox_tests::require_root;
 use deltabox_tests::sandbox::{Http, id_of};
 use serde_json::{Value, json};
-
-fn scrape(daemon: &TestDaemon) -> String {
-    let mut conn = TcpStream::connect(("127.0.0.1", daemon.metrics_port())).expect("connect");
-    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .expect("send");
-    let mut text = String::new();
-    conn.read_to_string(&mut text).expect("read");
-    text
-}
-
-fn metric(daemon: &TestDaemon, series: &str) -> f64 {
-    let text = scrape(daemon);
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
-}
 
 /// The `dirty` entry of `sandbox` in `GET /v1/stats`.
 fn dirty(http: &Http, sandbox: &str) -> Value {
@@ -69,6 +51,10 @@ fn written_pages_are_dirty_until_the_next_checkpoint_or_rollback() {
         (u64::from(N)..=u64::from(N) + SLACK).contains(&pages(&d)),
         "{N} pages written: {d}"
     );
+    // The sandbox's own status shows the same figures.
+    let info = http.sandbox(&sandbox);
+    assert_eq!(info["dirty"]["cgroup"], d["cgroup"], "{info}");
+    assert!(pages(&info["dirty"]) >= pages(&d), "{info}");
     assert_eq!(d["bytes_dirtied"].as_u64(), Some(pages(&d) * 4096), "{d}");
     assert!(d["writes"].as_u64().unwrap() >= u64::from(N), "{d}");
     assert!(
@@ -82,24 +68,24 @@ fn written_pages_are_dirty_until_the_next_checkpoint_or_rollback() {
     // The other sandbox wrote nothing.
     assert_eq!(pages(&dirty(&http, &other)), 0);
     // `/metrics` has the sum over sandboxes, not a series per sandbox.
-    let summed = metric(&daemon, "deltabox_sandbox_dirtied_pages");
+    let summed = daemon.metric("deltabox_sandbox_dirtied_pages");
     assert!(summed >= f64::from(N), "{summed}");
     assert!(
-        !scrape(&daemon).contains(&sandbox),
+        !daemon.scrape().contains(&sandbox),
         "a sandbox id is a label on /metrics"
     );
 
-    let written_before = metric(&daemon, "deltabox_checkpoint_written_bytes_count");
+    let written_before = daemon.metric("deltabox_checkpoint_written_bytes_count");
     let epoch = d["epoch"].as_u64().unwrap();
     let node = http.checkpoint(&sandbox, "after a");
     let d = dirty(&http, &sandbox);
     assert_eq!(pages(&d), 0, "a checkpoint resets the figure: {d}");
     assert_eq!(d["epoch"].as_u64(), Some(epoch + 1), "{d}");
     assert_eq!(
-        metric(&daemon, "deltabox_checkpoint_written_bytes_count"),
+        daemon.metric("deltabox_checkpoint_written_bytes_count"),
         written_before + 1.0
     );
-    let written = metric(&daemon, "deltabox_checkpoint_written_bytes_sum");
+    let written = daemon.metric("deltabox_checkpoint_written_bytes_sum");
     assert!(
         written > 0.0,
         "a checkpoint writes at least its metadata: {written}"
@@ -120,10 +106,10 @@ fn written_pages_are_dirty_until_the_next_checkpoint_or_rollback() {
     );
 
     // DeltaFS saw the sandbox's requests, one freeze and one switch at least.
-    assert!(metric(&daemon, "deltabox_deltafs_ops_total{op=\"create\"}") >= 2.0);
-    assert!(metric(&daemon, "deltabox_deltafs_freezes_total") >= 1.0);
-    assert!(metric(&daemon, "deltabox_deltafs_switches_total") >= 1.0);
-    assert!(metric(&daemon, "deltabox_deltafs_layers") >= 2.0);
+    assert!(daemon.metric("deltabox_deltafs_ops_total{op=\"create\"}") >= 2.0);
+    assert!(daemon.metric("deltabox_deltafs_freezes_total") >= 1.0);
+    assert!(daemon.metric("deltabox_deltafs_switches_total") >= 1.0);
+    assert!(daemon.metric("deltabox_deltafs_layers") >= 2.0);
     let stats = http.get("/v1/stats").expect(200, "stats");
     assert!(
         stats["deltafs"]["freezes"].as_u64().unwrap() >= 1,

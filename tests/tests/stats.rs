@@ -4,7 +4,6 @@
 //! really own, and the latency percentiles count every checkpoint.
 
 use std::io::{Read as _, Write as _};
-use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
@@ -13,25 +12,6 @@ use deltabox_tests::require_root;
 use deltabox_tests::sandbox::{Http, id_of};
 use serde_json::{Value, json};
 
-/// The daemon's `/metrics` text.
-fn scrape(daemon: &TestDaemon) -> String {
-    let mut conn = TcpStream::connect(("127.0.0.1", daemon.metrics_port())).expect("connect");
-    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .expect("send");
-    let mut text = String::new();
-    conn.read_to_string(&mut text).expect("read");
-    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
-    text
-}
-
-/// The value of one series (`name` or `name{labels}`) in a fresh scrape.
-fn metric(daemon: &TestDaemon, series: &str) -> f64 {
-    let text = scrape(daemon);
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
-}
-
 const LIVE: &str = "deltabox_templates{state=\"live\"}";
 
 #[test]
@@ -39,22 +19,22 @@ fn state_gauges_follow_sandboxes_nodes_and_templates() {
     require_root();
     let daemon = TestDaemon::start("stgauge", &[]);
     let http = Http::new(daemon.socket());
-    assert_eq!(metric(&daemon, "deltabox_sandboxes"), 0.0);
-    assert_eq!(metric(&daemon, "deltabox_nodes"), 0.0);
-    assert_eq!(metric(&daemon, LIVE), 0.0);
-    assert_eq!(metric(&daemon, "deltabox_template_memory_bytes"), 0.0);
+    assert_eq!(daemon.metric("deltabox_sandboxes"), 0.0);
+    assert_eq!(daemon.metric("deltabox_nodes"), 0.0);
+    assert_eq!(daemon.metric(LIVE), 0.0);
+    assert_eq!(daemon.metric("deltabox_template_memory_bytes"), 0.0);
 
     let sandbox = id_of(&http.create(&json!({})));
-    assert_eq!(metric(&daemon, "deltabox_sandboxes"), 1.0);
-    assert_eq!(metric(&daemon, "deltabox_trees"), 1.0);
+    assert_eq!(daemon.metric("deltabox_sandboxes"), 1.0);
+    assert_eq!(daemon.metric("deltabox_trees"), 1.0);
 
     // Files written in the sandbox land in its DeltaFS layer.
-    let store_before = metric(&daemon, "deltabox_store_bytes");
+    let store_before = daemon.metric("deltabox_store_bytes");
     http.sh(
         &sandbox,
         "head -c 4194304 /dev/urandom > /workspace/blob && sync",
     );
-    let store_after = metric(&daemon, "deltabox_store_bytes");
+    let store_after = daemon.metric("deltabox_store_bytes");
     assert!(
         store_after >= store_before + 4_000_000.0,
         "store {store_before} -> {store_after} after writing 4 MiB"
@@ -69,15 +49,15 @@ fn state_gauges_follow_sandboxes_nodes_and_templates() {
         "x = bytearray(32 << 20)\nx[:] = b'a' * len(x)",
     );
     let node = http.checkpoint(&sandbox, "one");
-    assert_eq!(metric(&daemon, "deltabox_nodes"), 1.0);
-    assert_eq!(metric(&daemon, LIVE), 1.0);
-    assert_eq!(metric(&daemon, "deltabox_templates{state=\"gone\"}"), 0.0);
-    let shared = metric(&daemon, "deltabox_template_memory_bytes");
+    assert_eq!(daemon.metric("deltabox_nodes"), 1.0);
+    assert_eq!(daemon.metric(LIVE), 1.0);
+    assert_eq!(daemon.metric("deltabox_templates{state=\"gone\"}"), 0.0);
+    let shared = daemon.metric("deltabox_template_memory_bytes");
     assert!(shared > 0.0, "a live template owns some memory: {shared}");
     // Right after the fork the session and its template share the 32 MiB; once the
     // session rewrites it, the template alone holds the old copies.
     http.run(&sandbox, &session, "x[:] = b'b' * len(x)");
-    let owned = metric(&daemon, "deltabox_template_memory_bytes");
+    let owned = daemon.metric("deltabox_template_memory_bytes");
     assert!(
         owned >= shared + 30.0 * 1048576.0,
         "template memory {shared} -> {owned} after the session rewrote 32 MiB"
@@ -87,15 +67,15 @@ fn state_gauges_follow_sandboxes_nodes_and_templates() {
     http.delete(&format!("/v1/sandboxes/{sandbox}/sessions/{session}"))
         .expect(200, "stop the session");
     let bare = http.checkpoint(&sandbox, "bare");
-    assert_eq!(metric(&daemon, "deltabox_nodes"), 2.0);
-    assert_eq!(metric(&daemon, LIVE), 1.0);
+    assert_eq!(daemon.metric("deltabox_nodes"), 2.0);
+    assert_eq!(daemon.metric(LIVE), 1.0);
 
     // Removing the sandbox keeps its nodes (and their templates).
     http.delete(&format!("/v1/sandboxes/{sandbox}"))
         .expect(200, "remove the sandbox");
-    assert_eq!(metric(&daemon, "deltabox_sandboxes"), 0.0);
-    assert_eq!(metric(&daemon, "deltabox_nodes"), 2.0);
-    assert_eq!(metric(&daemon, LIVE), 1.0);
+    assert_eq!(daemon.metric("deltabox_sandboxes"), 0.0);
+    assert_eq!(daemon.metric("deltabox_nodes"), 2.0);
+    assert_eq!(daemon.metric(LIVE), 1.0);
     // Removing the first node removes its subtree (both nodes) and the template.
     let removed = http
         .delete(&format!("/v1/nodes/{node}"))
@@ -108,9 +88,9 @@ fn state_gauges_follow_sandboxes_nodes_and_templates() {
     let mut expected = [node.as_str(), bare.as_str()];
     expected.sort_unstable();
     assert_eq!(gone, expected, "{removed}");
-    assert_eq!(metric(&daemon, "deltabox_nodes"), 0.0);
-    assert_eq!(metric(&daemon, LIVE), 0.0);
-    assert_eq!(metric(&daemon, "deltabox_template_memory_bytes"), 0.0);
+    assert_eq!(daemon.metric("deltabox_nodes"), 0.0);
+    assert_eq!(daemon.metric(LIVE), 0.0);
+    assert_eq!(daemon.metric("deltabox_template_memory_bytes"), 0.0);
 }
 
 #[test]
@@ -120,29 +100,29 @@ fn every_error_answer_counts_under_its_code() {
     let http = Http::new(daemon.socket());
     let unknown = "deltabox_api_errors_total{code=\"unknown_sandbox\"}";
     let invalid = "deltabox_api_errors_total{code=\"invalid_body\"}";
-    assert_eq!(metric(&daemon, unknown), 0.0);
+    assert_eq!(daemon.metric(unknown), 0.0);
     http.get("/v1/sandboxes/0000nope").expect_error(
         404,
         "unknown_sandbox",
         &["0000nope"],
         "unknown sandbox",
     );
-    assert_eq!(metric(&daemon, unknown), 1.0);
+    assert_eq!(daemon.metric(unknown), 1.0);
     // Through the CLI too: the same answer, counted again.
     let out = daemon.cli(&["status", "0000nope"]);
     assert!(!out.status.success());
-    assert_eq!(metric(&daemon, unknown), 2.0);
+    assert_eq!(daemon.metric(unknown), 2.0);
     http.post_text("/v1/sandboxes", "{not json").expect_error(
         400,
         "invalid_body",
         &["malformed JSON"],
         "bad body",
     );
-    assert_eq!(metric(&daemon, invalid), 1.0);
-    assert_eq!(metric(&daemon, unknown), 2.0);
+    assert_eq!(daemon.metric(invalid), 1.0);
+    assert_eq!(daemon.metric(unknown), 2.0);
     // Successes count nowhere.
     http.get("/v1/sandboxes").expect(200, "list");
-    assert_eq!(metric(&daemon, unknown), 2.0);
+    assert_eq!(daemon.metric(unknown), 2.0);
 }
 
 #[test]
@@ -189,10 +169,7 @@ fn stats_report_every_checkpoint_with_ordered_percentiles() {
     assert!(ms[0] > 0.0, "{stats}");
     assert!(ms.windows(2).all(|w| w[0] <= w[1]), "unordered: {ms:?}");
     // The same observations as the Prometheus histogram's.
-    let histogram = metric(
-        &daemon,
-        "deltabox_checkpoint_seconds_count{phase=\"total\"}",
-    );
+    let histogram = daemon.metric("deltabox_checkpoint_seconds_count{phase=\"total\"}");
     assert_eq!(histogram, N as f64);
     assert_eq!(op("rollback")["count"], 1, "{stats}");
     assert_eq!(op("exec")["count"], 2, "{stats}");

@@ -82,6 +82,10 @@ pub struct SandboxInfo {
     /// found it (a status never waits for an operation to end).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub busy: Option<BusyInfo>,
+    /// What its processes dirtied since its last checkpoint (the eBPF write tracker),
+    /// when the daemon tracks it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dirty: Option<crate::metrics::dirty::SandboxDirty>,
 }
 
 /// An operation in progress on a sandbox.

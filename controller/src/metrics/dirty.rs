@@ -249,7 +249,9 @@ impl SandboxOps for DirtyTracking {
     }
 
     fn get(&self, sandbox: &str) -> Result<SandboxInfo, SandboxError> {
-        self.inner.get(sandbox)
+        let mut info = self.inner.get(sandbox)?;
+        info.dirty = self.dirty_of(&info.id);
+        Ok(info)
     }
 
     fn remove(&self, sandbox: &str) -> Result<Removed, SandboxError> {

@@ -160,6 +160,7 @@ impl State {
             sessions: from.map(|n| n.session_infos.clone()).unwrap_or_default(),
             state: "running".into(),
             busy: None,
+            dirty: None,
         };
         let files = from.map(|n| n.files.clone()).unwrap_or_default();
         self.sandboxes.insert(

@@ -459,6 +459,7 @@ impl Live {
             }
             .to_owned(),
             busy: None,
+            dirty: None,
         }
     }
 
