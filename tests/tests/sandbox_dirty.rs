@@ -5,7 +5,6 @@
 //! are not counted for it, and each checkpoint adds one observation to
 //! `deltabox_checkpoint_written_bytes`.
 
-
 use deltabox_tests::daemon::TestDaemon;
 use deltabox_tests::require_root;
 use deltabox_tests::sandbox::{Http, id_of};
