@@ -37,6 +37,8 @@ use crate::cr::procfs::{self, Mapping};
 
 /// Bytes written to the process at once.
 const WRITE_CHUNK: u64 = 1 << 20;
+/// Bytes read from the process at once to compare.
+const READ_CHUNK: u64 = 1 << 20;
 
 /// What a fallback restore did to the address space.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -95,28 +97,39 @@ pub fn apply_memory(
     )?;
 
     // 2. What the dump lacks goes; the heap is moved with brk (mm->brk must follow).
+    // Plain anonymous memory is compared by range, not by mapping: mappings merge and
+    // grow, and the part both have is kept (only its changed pages are written).
     let child = dump_vmas(&maps, None, None);
     for c in child.iter().filter(|c| c.name != "[heap]") {
-        if !m.vmas.iter().any(|d| d.same_mapping(c)) {
-            inj.syscall("munmap", libc::SYS_munmap, &[c.start, c.end - c.start])?;
+        if m.vmas.iter().any(|d| d.same_mapping(c)) {
+            continue;
+        }
+        let gone = if plain_anon(c) {
+            subtract((c.start, c.end), &same_anon(&m.vmas, c))
+        } else {
+            vec![(c.start, c.end)]
+        };
+        for (start, end) in gone {
+            inj.syscall("munmap", libc::SYS_munmap, &[start, end - start])?;
             stats.unmapped += 1;
         }
     }
-    let heap_c = child.iter().find(|v| v.name == "[heap]");
-    let heap_d = m.vmas.iter().find(|v| v.name == "[heap]");
+    // The heap may be several mappings (an mprotect splits it): its whole extent.
+    let heap_c = heap_extent(&child);
+    let heap_d = heap_extent(&m.vmas);
     match (heap_c, heap_d) {
-        (Some(c), Some(d)) if c.start == d.start && c.end == d.end => {}
+        (Some(c), Some(d)) if c == d => {}
         (_, Some(d)) => {
-            let got = inj.syscall("brk", libc::SYS_brk, &[d.end])?;
-            if got != d.end
+            let got = inj.syscall("brk", libc::SYS_brk, &[d.1])?;
+            if got != d.1
                 && let Some(c) = heap_c
             {
                 // The break cannot move there: the heap is mapped anonymously below.
-                inj.syscall("munmap", libc::SYS_munmap, &[c.start, c.end - c.start])?;
+                inj.syscall("munmap", libc::SYS_munmap, &[c.0, c.1 - c.0])?;
             }
         }
         (Some(c), None) => {
-            inj.syscall("brk", libc::SYS_brk, &[c.start])?;
+            inj.syscall("brk", libc::SYS_brk, &[c.0])?;
         }
         (None, None) => {}
     }
@@ -127,15 +140,34 @@ pub fn apply_memory(
         Some((scratch, scratch + SCRATCH_LEN)),
         None,
     );
-    let mut kept = Vec::new();
-    let mut fresh = Vec::new();
+    let mut kept: Vec<Region> = Vec::new();
+    let mut fresh: Vec<Region> = Vec::new();
     for d in &m.vmas {
+        let region = |(start, end)| Region {
+            start,
+            end,
+            anonymous: d.is_anonymous(),
+            shared: d.is_shared(),
+        };
         if now.iter().any(|c| c.same_mapping(d)) {
-            kept.push(d);
+            kept.push(region((d.start, d.end)));
+        } else if plain_anon(d) {
+            let have = same_anon(&now, d);
+            kept.extend(intersect((d.start, d.end), &have).into_iter().map(region));
+            for (start, end) in subtract((d.start, d.end), &have) {
+                let piece = DumpVma {
+                    start,
+                    end,
+                    ..d.clone()
+                };
+                map_vma(inj, scratch, &piece)?;
+                stats.mapped += 1;
+                fresh.push(region((start, end)));
+            }
         } else {
             map_vma(inj, scratch, d)?;
             stats.mapped += 1;
-            fresh.push(d);
+            fresh.push(region((d.start, d.end)));
         }
     }
 
@@ -153,36 +185,31 @@ pub fn apply_memory(
     let base_index = base.map(|b| page_index(&b.manifest().runs));
     let mut writes: Vec<(u64, PageRef)> = Vec::new();
     let mut drop_pages = Vec::new();
-    let mut page = vec![0u8; PAGE as usize];
-    for d in kept.iter().filter(|d| !d.is_shared()) {
-        let private = private_pages(&pagemap, d.start, d.end)
-            .map_err(|e| mem_err(pid, format!("read the page map at {:#x}", d.start), e))?;
+    for r in kept.iter().filter(|r| !r.shared) {
+        let private = private_pages(&pagemap, r.start, r.end)
+            .map_err(|e| mem_err(pid, format!("read the page map at {:#x}", r.start), e))?;
         drop_pages.extend(private.iter().filter(|a| !index.contains_key(a)));
         let private: HashSet<u64> = private.into_iter().collect();
-        for &(addr, p) in in_range(&pages, d) {
-            let write = if private.contains(&addr) {
-                let theirs = match base_index.as_ref().and_then(|b| b.get(&addr)) {
-                    Some(b) => b.hash,
-                    None => {
-                        mem.read_exact_at(&mut page, addr)
-                            .map_err(|e| mem_err(pid, format!("read the page at {addr:#x}"), e))?;
-                        page_hash(&page)
-                    }
-                };
-                theirs != p.hash
-            } else {
-                !(p.at.is_none() && d.is_anonymous())
-            };
-            if write {
+        // Pages both have, without a base dump to say what the child's hold: read.
+        let mut compare = Vec::new();
+        for &(addr, p) in in_range(&pages, r.start, r.end) {
+            if private.contains(&addr) {
+                match base_index.as_ref().and_then(|b| b.get(&addr)) {
+                    Some(b) if b.hash == p.hash => {}
+                    Some(_) => writes.push((addr, p)),
+                    None => compare.push((addr, p)),
+                }
+            } else if !(p.at.is_none() && r.anonymous) {
                 writes.push((addr, p));
             }
         }
+        writes.extend(differing(pid, &mem, &compare)?);
     }
-    for d in fresh.iter().filter(|d| !d.is_shared()) {
+    for r in fresh.iter().filter(|r| !r.shared) {
         writes.extend(
-            in_range(&pages, d)
+            in_range(&pages, r.start, r.end)
                 .iter()
-                .filter(|(_, p)| !(p.at.is_none() && d.is_anonymous())),
+                .filter(|(_, p)| !(p.at.is_none() && r.anonymous)),
         );
     }
     for (first, count) in spans(&drop_pages) {
@@ -199,11 +226,101 @@ pub fn apply_memory(
     Ok((scratch, stats))
 }
 
-/// The dumped pages inside `d` (`pages` sorted by address).
-fn in_range<'p>(pages: &'p [(u64, PageRef)], d: &DumpVma) -> &'p [(u64, PageRef)] {
-    let lo = pages.partition_point(|(a, _)| *a < d.start);
-    let hi = pages.partition_point(|(a, _)| *a < d.end);
+/// A range of the restored address space and what backs it.
+#[derive(Clone, Copy, Debug)]
+struct Region {
+    start: u64,
+    end: u64,
+    anonymous: bool,
+    shared: bool,
+}
+
+/// Private anonymous memory without a name, or the heap (not the stack, a file): what
+/// is compared by range.
+fn plain_anon(v: &DumpVma) -> bool {
+    v.is_anonymous() && !v.is_shared() && (v.name.is_empty() || v.name == "[heap]")
+}
+
+/// From the first address of the `[heap]` mappings to the end of the last.
+fn heap_extent(vmas: &[DumpVma]) -> Option<(u64, u64)> {
+    let heap = vmas.iter().filter(|v| v.name == "[heap]");
+    let start = heap.clone().map(|v| v.start).min()?;
+    let end = heap.map(|v| v.end).max()?;
+    Some((start, end))
+}
+
+/// The ranges of `vmas` that are plain anonymous memory with `like`'s permissions.
+fn same_anon(vmas: &[DumpVma], like: &DumpVma) -> Vec<(u64, u64)> {
+    vmas.iter()
+        .filter(|v| plain_anon(v) && v.perms == like.perms)
+        .map(|v| (v.start, v.end))
+        .collect()
+}
+
+/// The parts of `range` inside some of `others` (disjoint ranges).
+fn intersect(range: (u64, u64), others: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = others
+        .iter()
+        .map(|&(s, e)| (s.max(range.0), e.min(range.1)))
+        .filter(|(s, e)| s < e)
+        .collect();
+    out.sort_unstable();
+    out
+}
+
+/// The parts of `range` outside all of `others` (disjoint ranges).
+fn subtract(range: (u64, u64), others: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut at = range.0;
+    for (s, e) in intersect(range, others) {
+        if s > at {
+            out.push((at, s));
+        }
+        at = at.max(e);
+    }
+    if at < range.1 {
+        out.push((at, range.1));
+    }
+    out
+}
+
+/// The dumped pages in `[start, end)` (`pages` sorted by address).
+fn in_range(pages: &[(u64, PageRef)], start: u64, end: u64) -> &[(u64, PageRef)] {
+    let lo = pages.partition_point(|(a, _)| *a < start);
+    let hi = pages.partition_point(|(a, _)| *a < end);
     &pages[lo..hi]
+}
+
+/// Of `pages` (sorted), those whose content in the process differs from the dump's:
+/// read in runs of contiguous pages and hashed.
+fn differing(
+    pid: i32,
+    mem: &File,
+    pages: &[(u64, PageRef)],
+) -> Result<Vec<(u64, PageRef)>, CrError> {
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; READ_CHUNK as usize];
+    let mut i = 0;
+    while i < pages.len() {
+        let start = pages[i].0;
+        let mut j = i + 1;
+        while j < pages.len()
+            && pages[j].0 == start + (j - i) as u64 * PAGE
+            && ((j - i + 1) as u64) * PAGE <= READ_CHUNK
+        {
+            j += 1;
+        }
+        let chunk = &mut buf[..(j - i) * PAGE as usize];
+        mem.read_exact_at(chunk, start)
+            .map_err(|e| mem_err(pid, format!("read {} pages at {start:#x}", j - i), e))?;
+        for (k, page) in chunk.chunks_exact(PAGE as usize).enumerate() {
+            if page_hash(page) != pages[i + k].1.hash {
+                out.push(pages[i + k]);
+            }
+        }
+        i = j;
+    }
+    Ok(out)
 }
 
 /// Writes `writes` (sorted) into the process, contiguous pages at once, reading
@@ -382,6 +499,20 @@ mod tests {
             inode: 0,
             name: String::new(),
         }
+    }
+
+    #[test]
+    fn ranges_intersect_and_subtract() {
+        let others = [(0x3000, 0x5000), (0x1000, 0x2000)];
+        assert_eq!(
+            intersect((0x1800, 0x4000), &others),
+            vec![(0x1800, 0x2000), (0x3000, 0x4000)]
+        );
+        assert_eq!(
+            subtract((0x0, 0x6000), &others),
+            vec![(0x0, 0x1000), (0x2000, 0x3000), (0x5000, 0x6000)]
+        );
+        assert_eq!(subtract((0x3000, 0x4000), &others), vec![]);
     }
 
     #[test]
