@@ -132,6 +132,8 @@ fn a_node_whose_template_was_killed_is_restored_from_its_dump() {
     );
     assert_eq!(api.run(&sb, &py, "print(h())"), h2);
     assert_eq!(api.run(&sb, &py, "print(x, len(g))"), "2 65536\n");
+    // The restored session became n2's template again: the next restore is a fork.
+    assert_eq!(template_state(&api, &sb, &n2), "live");
     api.run(&sb, &py, "g3 = [str(i) * 10 for i in range(200000)]");
     assert_eq!(
         api.run(&sb, &py, "print(sum(len(s) for s in g3))"),
@@ -145,20 +147,20 @@ fn a_node_whose_template_was_killed_is_restored_from_its_dump() {
     );
 
     // The daemon SIGKILLed, then n3's template: the sandbox comes back at n3 from the
-    // dump, forking the adopted n1 template.
+    // dump, forking the adopted n1 template (n3's parent).
     api.run(&sb, &py, "g[7]['s'] = 'seven'\nx = 4");
     let h3 = api.run(&sb, &py, "print(h())");
     let n3 = api.checkpoint(&sb, "three");
     wait_dump(&daemon, &n3, &py);
     daemon.kill();
-    // Live templates: n1's and n3's (n2's was killed).
+    // Live templates: n1's, n2's re-made one and n3's.
     let tpls = templates(&daemon, &tree);
-    assert_eq!(tpls.len(), 2, "{tpls:?}");
-    kill9(tpls[1]);
+    assert_eq!(tpls.len(), 3, "{tpls:?}");
+    kill9(tpls[2]);
     daemon.restart(&[]);
     let api = Http::new(daemon.socket());
     assert_eq!(template_state(&api, &sb, &n3), "dumped");
-    assert_eq!(template_state(&api, &sb, &n2), "dumped");
+    assert_eq!(template_state(&api, &sb, &n2), "live");
     assert_eq!(template_state(&api, &sb, &n1), "live");
     assert_eq!(
         api.run(&sb, &py, "print(h(), x)"),

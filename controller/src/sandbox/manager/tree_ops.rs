@@ -275,9 +275,22 @@ impl SandboxManager {
         let mut restored = Vec::new();
         for session in &node.sessions {
             let (kind, child) = self.restore_session(tree, node, session, templates, &opts)?;
-            let child = child.map_err(|e| SandboxError::Process {
-                sandbox: name.to_owned(),
-                message: format!("restoring session {}: {e}", session.session),
+            let child = child.map_err(|e| {
+                let message = format!("restoring session {}: {e}", session.session);
+                if SandboxError::caused_by_errno(&e, libc::EAGAIN) {
+                    // The fork of the template was refused: the pids limit (the
+                    // sandbox's, or its tree's) is full.
+                    SandboxError::LimitsExceeded {
+                        sandbox: name.to_owned(),
+                        limit: "pids",
+                        message,
+                    }
+                } else {
+                    SandboxError::Process {
+                        sandbox: name.to_owned(),
+                        message,
+                    }
+                }
             })?;
             let pid = child.pid();
             join_limit_cgroups(runtime, name, pid)?;
@@ -377,6 +390,18 @@ impl SandboxManager {
                 }
             };
             live.sessions = restored.into_iter().map(|s| (s.id, s)).collect();
+            // Restored from dumps alone: the sessions become the node's templates
+            // again, so that the next restore of the node is a fork.
+            let from_dumps = record
+                .sessions
+                .iter()
+                .all(|s| !Self::has_live_template(s.session, templates.as_deref()));
+            if from_dumps
+                && !record.sessions.is_empty()
+                && let Err(e) = self.retemplate(live, &record)
+            {
+                tracing::warn!(node = %node, "the node keeps restoring from its dumps: {e}");
+            }
         }
         live.record.head = Some(node);
         live.record.sessions = live.session_records();

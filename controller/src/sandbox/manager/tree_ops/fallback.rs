@@ -9,11 +9,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::cr::dump::{Dump, DumpOptions, DumpPolicy, DumpWorker, dump_name, dump_template};
-use crate::cr::{CrError, RestoreOptions, Restored};
+use crate::cr::{self, CheckpointOptions, CrError, RestoreOptions, Restored};
 use crate::sandbox::error::SandboxError;
-use crate::sandbox::manager::{NodeTemplates, SandboxManager, Tree, db_err, lock};
+use crate::sandbox::manager::{Live, NodeTemplates, SandboxManager, Tree, db_err, lock};
 use crate::sandbox::session::SessionKind;
+use crate::tree::db::Op;
 use crate::tree::ids::{NodeId, SessionId};
+use crate::tree::records::TemplateRecord;
 use crate::tree::records::{NodeRecord, NodeSession};
 
 /// The dump of `session` at `node`.
@@ -60,6 +62,66 @@ impl SandboxManager {
         }
     }
 
+    /// Whether `session` has a live template in `templates`.
+    pub(super) fn has_live_template(session: SessionId, templates: Option<&NodeTemplates>) -> bool {
+        templates.is_some_and(|t| {
+            t.sessions
+                .iter()
+                .any(|(sid, _, tpl)| *sid == session && tpl.is_alive())
+        })
+    }
+
+    /// Makes the sessions of `live`, just restored from `node`'s dumps, the node's
+    /// templates again (a checkpoint of each; its files are the node's already), so
+    /// that the next restore of the node is a fork. The sessions are idle (each was
+    /// waiting for its next command at the checkpoint, and resumes that wait).
+    pub(super) fn retemplate(&self, live: &Live, node: &NodeRecord) -> Result<(), SandboxError> {
+        let name = live.name();
+        let runtime = &live.tree.runtime;
+        let opts = CheckpointOptions {
+            template_cgroups: runtime.templates_cgroup(),
+            template_cgroups_seen: runtime.templates_cgroup_in_ns(&name),
+            root_prefix: Some(runtime.root_in_ns(&name)),
+            template_root: Some(live.tree.root_in_ns()?),
+        };
+        let mut templates = Vec::with_capacity(live.sessions.len());
+        for session in live.sessions.values() {
+            let template =
+                cr::checkpoint(session.pid, &opts).map_err(|e| SandboxError::Process {
+                    sandbox: name.clone(),
+                    message: format!("re-making session {}'s template: {e}", session.id),
+                })?;
+            templates.push((session.id, session.kind, template));
+        }
+        let mut updated = node.clone();
+        for s in &mut updated.sessions {
+            s.template =
+                templates
+                    .iter()
+                    .find(|(sid, _, _)| *sid == s.session)
+                    .map(|(_, _, template)| TemplateRecord {
+                        host_pid: template.pid().as_raw(),
+                        cgroup: template.cgroup_path().to_path_buf(),
+                        state: serde_json::to_value(
+                            crate::sandbox::manager::adopt::TemplateState {
+                                process: template.state().clone(),
+                                scratch: template.scratch(),
+                            },
+                        )
+                        .unwrap_or_default(),
+                    });
+        }
+        self.db.commit(&[Op::PutNode(updated)]).map_err(db_err)?;
+        lock(&live.tree.templates).insert(
+            node.id,
+            Arc::new(NodeTemplates {
+                sessions: templates,
+            }),
+        );
+        tracing::info!(node = %node.id, "its templates were re-made from the sessions restored from its dumps");
+        Ok(())
+    }
+
     /// Whether `session` of `node` can be restored: its template is alive or its dump
     /// exists.
     pub(super) fn restorable(
@@ -68,12 +130,8 @@ impl SandboxManager {
         session: SessionId,
         templates: Option<&NodeTemplates>,
     ) -> bool {
-        let live = templates.is_some_and(|t| {
-            t.sessions
-                .iter()
-                .any(|(sid, _, tpl)| *sid == session && tpl.is_alive())
-        });
-        live || Dump::exists(&self.dumps_root(), &name_of(node, session))
+        Self::has_live_template(session, templates)
+            || Dump::exists(&self.dumps_root(), &name_of(node, session))
     }
 
     /// Restores `session` of `node` with `opts`: a fork of its template if alive, else
