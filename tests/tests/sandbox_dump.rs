@@ -166,6 +166,12 @@ fn a_node_whose_template_was_killed_is_restored_from_its_dump() {
         api.run(&sb, &py, "print(h(), x)"),
         format!("{} 4\n", h3.trim())
     );
+    // A branch of n3, whose template is gone: its session is rebuilt from the dump too.
+    let branch = id_of(&api.branch(&n3, 1)[0]);
+    assert_eq!(
+        api.run(&branch, &py, "print(h(), x)"),
+        format!("{} 4\n", h3.trim())
+    );
     api.run(&sb, &py, "x = 5");
     api.rollback(&sb, &n2);
     assert_eq!(

@@ -64,6 +64,14 @@ impl DumpWorker {
         if let Some(w) = workers.get(root) {
             return Arc::clone(w);
         }
+        // Dumps an earlier process left half-written (it died mid-dump) are no dumps.
+        if let Ok(entries) = std::fs::read_dir(root) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with(".tmp-") {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
         let (tx, rx) = channel::<Job>();
         let backlog = Arc::new((Mutex::new(0usize), Condvar::new()));
         let counter = Arc::clone(&backlog);
