@@ -172,6 +172,28 @@ fn a_node_whose_template_was_killed_is_restored_from_its_dump() {
         api.run(&branch, &py, "print(h(), x)"),
         format!("{} 4\n", h3.trim())
     );
+    // n1's template killed from inside the sandbox (templates live in the tree's pid
+    // namespace): n1 has no ancestor, so the other live template of the session (n2's,
+    // re-made) is forked and made n1 from n1's dump.
+    let n1_template = templates(&daemon, &tree)[0];
+    let status = fs::read_to_string(format!("/proc/{n1_template}/status")).unwrap();
+    let ns_pid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))
+        .and_then(|l| l.split_whitespace().last())
+        .unwrap()
+        .to_owned();
+    api.sh(&sb, &format!("kill -9 {ns_pid}"));
+    let t = Instant::now();
+    api.rollback(&sb, &n1);
+    eprintln!(
+        "rollback to n1 from its dump through n2's template: {:.1} ms",
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    assert_eq!(
+        api.run(&sb, &py, "print(h(), x)"),
+        format!("{} 1\n", h1.trim())
+    );
     api.run(&sb, &py, "x = 5");
     api.rollback(&sb, &n2);
     assert_eq!(

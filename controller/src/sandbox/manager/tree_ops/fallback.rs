@@ -176,7 +176,11 @@ impl SandboxManager {
         let mut tried = Vec::new();
         for (base_node, templates, index) in self.bases(tree, node, session, kind)? {
             let (sid, _, template) = &templates.sessions[index];
-            let base = Dump::open(&root, &name_of(base_node, *sid)).ok();
+            // A base dump describes the template only if both are of the same
+            // checkpoint (a template re-made from a restored process is not its dump).
+            let base = Dump::open(&root, &name_of(base_node, *sid))
+                .ok()
+                .filter(|b| b.state() == template.state());
             let t = Instant::now();
             match template.restore_from_dump(&dump, base.as_ref(), opts) {
                 Ok(restored) => {
