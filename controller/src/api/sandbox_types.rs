@@ -372,7 +372,8 @@ pub struct NodeSessionInfo {
     pub session: String,
     /// `bash` or `python`.
     pub kind: String,
-    /// `live` (a template process holds it) or `none`.
+    /// `live` (a template process holds it), `dumped` (its template is gone, its dump
+    /// restores it, more slowly) or `none`.
     pub template: String,
 }
 
