@@ -231,7 +231,10 @@ impl SandboxManager {
         if let Some(head) = &head {
             let templates = lock(&tree.templates).get(&head.id).cloned();
             match self.restore_sessions(tree, &name, head, templates.as_deref()) {
-                Ok(sessions) => live.sessions = sessions.into_iter().map(|s| (s.id, s)).collect(),
+                Ok(sessions) => {
+                    live.sessions = sessions.into_iter().map(|s| (s.id, s)).collect();
+                    self.retemplate_if_dumped(&live, head, templates.as_deref());
+                }
                 Err(e) => {
                     // The files are back; the sessions could not be: the sandbox lives on
                     // without them.

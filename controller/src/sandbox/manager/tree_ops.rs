@@ -392,16 +392,7 @@ impl SandboxManager {
             live.sessions = restored.into_iter().map(|s| (s.id, s)).collect();
             // Restored from dumps alone: the sessions become the node's templates
             // again, so that the next restore of the node is a fork.
-            let from_dumps = record
-                .sessions
-                .iter()
-                .all(|s| !Self::has_live_template(s.session, templates.as_deref()));
-            if from_dumps
-                && !record.sessions.is_empty()
-                && let Err(e) = self.retemplate(live, &record)
-            {
-                tracing::warn!(node = %node, "the node keeps restoring from its dumps: {e}");
-            }
+            self.retemplate_if_dumped(live, &record, templates.as_deref());
         }
         live.record.head = Some(node);
         live.record.sessions = live.session_records();
@@ -442,7 +433,6 @@ impl SandboxManager {
                 session: "-".to_owned(),
                 why: "its tree is no longer running (the daemon restarted)".to_owned(),
             })?;
-        let templates = lock(&tree.templates).get(&node).cloned();
         // The branches get the limits of the sandbox the node was taken in.
         let limits: Limits = serde_json::from_value(record.limits.clone()).unwrap_or_default();
         let auto_checkpoint = self
@@ -455,6 +445,8 @@ impl SandboxManager {
         let mut branch_ms = Vec::new();
         for _ in 0..count {
             let t = Instant::now();
+            // Again for each branch: the first one from dumps re-makes the templates.
+            let templates = lock(&tree.templates).get(&node).cloned();
             let info = self.branch_one(
                 &tree,
                 &record,
@@ -520,6 +512,7 @@ impl SandboxManager {
                 return Err(e);
             }
         }
+        self.retemplate_if_dumped(&live, node, templates);
         record.sessions = live.session_records();
         record.state = SandboxState::Running;
         live.record = record;

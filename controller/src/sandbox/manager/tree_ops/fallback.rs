@@ -71,6 +71,31 @@ impl SandboxManager {
         })
     }
 
+    /// Whether every session of `node` has to come from its dump (none has a live
+    /// template): then the restored sessions should become its templates again.
+    pub(super) fn all_from_dumps(node: &NodeRecord, templates: Option<&NodeTemplates>) -> bool {
+        !node.sessions.is_empty()
+            && node
+                .sessions
+                .iter()
+                .all(|s| !Self::has_live_template(s.session, templates))
+    }
+
+    /// [`Self::retemplate`] if every session of `node` came from its dump; a failure
+    /// is logged (the node keeps restoring from its dumps).
+    pub(in crate::sandbox::manager) fn retemplate_if_dumped(
+        &self,
+        live: &Live,
+        node: &NodeRecord,
+        templates: Option<&NodeTemplates>,
+    ) {
+        if Self::all_from_dumps(node, templates)
+            && let Err(e) = self.retemplate(live, node)
+        {
+            tracing::warn!(node = %node.id, "the node keeps restoring from its dumps: {e}");
+        }
+    }
+
     /// Makes the sessions of `live`, just restored from `node`'s dumps, the node's
     /// templates again (a checkpoint of each; its files are the node's already), so
     /// that the next restore of the node is a fork. The sessions are idle (each was
