@@ -6,18 +6,19 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use deltafs::{FreezeOpts, SnapshotId};
+use nix::unistd::Pid;
 
 use super::{Live, LiveSession, NodeTemplates, SandboxManager, Tree, db_err, lock, store_err};
 use crate::api::sandbox_types::{
     BranchResult, CheckpointTimings, NodeInfo, NodeSessionInfo, RollbackMode, RollbackResult,
     RollbackTimings,
 };
-use crate::cr::{self, CheckpointOptions, RestoreOptions};
+use crate::cr::{self, CheckpointOptions, RestoreOptions, Template};
 use crate::sandbox::error::SandboxError;
 use crate::sandbox::runtime::Limits;
-use crate::sandbox::session::SessionIo;
+use crate::sandbox::session::{SessionIo, SessionKind};
 use crate::tree::db::Op;
-use crate::tree::ids::{NodeId, SandboxId};
+use crate::tree::ids::{NodeId, SandboxId, SessionId};
 use crate::tree::records::{
     NodeRecord, NodeSession, SandboxRecord, SandboxState, TemplateRecord, unix_ms_now,
 };
@@ -32,6 +33,41 @@ pub(super) fn snapshot_of(node: &NodeRecord) -> Result<SnapshotId, SandboxError>
     node.snapshot
         .parse()
         .map_err(|e| SandboxError::internal(format!("node {}: its snapshot id", node.id), e))
+}
+
+/// Checkpoints each session, in parallel when there are several: each is paused only
+/// for its own fork, and a session's checkpoint is mostly waiting on the kernel (ptrace
+/// stops, injected syscalls), so two sessions take about the time of the slower one.
+/// Each thread seizes, injects and detaches its own process (ptrace allows no hand-over
+/// between threads mid-way).
+fn checkpoint_all(
+    sessions: &[(SessionId, SessionKind, Pid)],
+    opts: &CheckpointOptions,
+) -> Vec<(SessionId, SessionKind, Result<Template, String>)> {
+    let one = |&(id, kind, pid): &(SessionId, SessionKind, Pid)| {
+        (
+            id,
+            kind,
+            cr::checkpoint(pid, opts).map_err(|e| e.to_string()),
+        )
+    };
+    if sessions.len() < 2 {
+        return sessions.iter().map(one).collect();
+    }
+    std::thread::scope(|scope| {
+        let running: Vec<_> = sessions
+            .iter()
+            .map(|session| (session, scope.spawn(move || one(session))))
+            .collect();
+        running
+            .into_iter()
+            .map(|(&(id, kind, _), handle)| {
+                handle.join().unwrap_or_else(|_| {
+                    (id, kind, Err("its checkpoint thread panicked".to_owned()))
+                })
+            })
+            .collect()
+    })
 }
 
 /// Moves `pid` into the sandbox's cgroup v1 limit directories (this host keeps memory,
@@ -154,21 +190,30 @@ impl SandboxManager {
             root_prefix: Some(runtime.root_in_ns(&name)),
             template_root: Some(live.tree.root_in_ns()?),
         };
-        let mut templates = Vec::with_capacity(live.sessions.len());
-        for session in live.sessions.values() {
-            match cr::checkpoint(session.pid, &opts) {
-                Ok(template) => templates.push((session.id, session.kind, template)),
+        let sessions: Vec<_> = live
+            .sessions
+            .values()
+            .map(|s| (s.id, s.kind, s.pid))
+            .collect();
+        let mut templates = Vec::with_capacity(sessions.len());
+        let mut failed = None;
+        for (id, kind, result) in checkpoint_all(&sessions, &opts) {
+            match result {
+                Ok(template) => templates.push((id, kind, template)),
                 Err(e) => {
-                    // The snapshot is kept for the files' sake only if a node refers to
-                    // it; this one will not.
-                    drop(templates);
-                    let _ = self.store.drop_snapshot(report.id);
-                    return Err(SandboxError::Process {
-                        sandbox: name,
-                        message: format!("session {} ({}): {e}", session.id, session.kind),
-                    });
+                    failed.get_or_insert(format!("session {id} ({kind}): {e}"));
                 }
             }
+        }
+        if let Some(message) = failed {
+            // The templates made are killed; the snapshot is kept for the files' sake
+            // only if a node refers to it, and this one will not.
+            drop(templates);
+            let _ = self.store.drop_snapshot(report.id);
+            return Err(SandboxError::Process {
+                sandbox: name,
+                message,
+            });
         }
         let processes_ms = ms(t);
 
