@@ -98,7 +98,8 @@ impl Api {
 }
 
 /// Reads one response: its status and body (by `Content-Length`, else to the end of the
-/// stream, which `Connection: close` makes the end of the response).
+/// stream, which `Connection: close` makes the end of the response; a chunked body is
+/// decoded).
 fn read_response(stream: &mut UnixStream) -> Result<(u16, Vec<u8>)> {
     let mut buf = Vec::with_capacity(4096);
     let mut chunk = [0u8; 16384];
@@ -120,12 +121,13 @@ fn read_response(stream: &mut UnixStream) -> Result<(u16, Vec<u8>)> {
         .and_then(|s| s.parse().ok())
         .with_context(|| format!("bad status line in {head:?}"))?;
     let mut length = None;
+    let mut chunked = false;
     for line in lines {
         if let Some((name, value)) = line.split_once(':') {
             if name.eq_ignore_ascii_case("content-length") {
                 length = value.trim().parse::<usize>().ok();
             } else if name.eq_ignore_ascii_case("transfer-encoding") {
-                bail!("chunked answers are not supported (head: {head:?})");
+                chunked = value.trim().eq_ignore_ascii_case("chunked");
             }
         }
     }
@@ -147,9 +149,28 @@ fn read_response(stream: &mut UnixStream) -> Result<(u16, Vec<u8>)> {
             stream
                 .read_to_end(&mut body)
                 .context("cannot read the answer's body")?;
+            if chunked {
+                body = dechunk(&body).context("the daemon sent a malformed chunked body")?;
+            }
         }
     }
     Ok((status, body))
+}
+
+/// The payload of a complete chunked body (`<hex size>\r\n<data>\r\n`… `0\r\n\r\n`).
+fn dechunk(mut data: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = find(data, b"\r\n")?;
+        let size = std::str::from_utf8(&data[..line_end]).ok()?;
+        let size = usize::from_str_radix(size.split(';').next()?.trim(), 16).ok()?;
+        data = &data[line_end + 2..];
+        if size == 0 {
+            return Some(out);
+        }
+        out.extend_from_slice(data.get(..size)?);
+        data = data.get(size + 2..)?;
+    }
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
@@ -196,5 +217,15 @@ mod tests {
         assert_eq!(base64(b"foobar"), "Zm9vYmFy\n");
         let long = base64(&[0xff; 60]);
         assert_eq!(long.lines().next().map(str::len), Some(76));
+    }
+
+    #[test]
+    fn chunked_bodies_are_decoded() {
+        assert_eq!(
+            dechunk(b"4\r\n{\"a\"\r\n3;ext=1\r\n:1}\r\n0\r\n\r\n").as_deref(),
+            Some(&b"{\"a\":1}"[..])
+        );
+        assert_eq!(dechunk(b"5\r\nab"), None, "cut short");
+        assert_eq!(dechunk(b"zz\r\n"), None, "not hex");
     }
 }
