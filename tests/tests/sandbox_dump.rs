@@ -213,3 +213,41 @@ fn a_node_whose_template_was_killed_is_restored_from_its_dump() {
         format!("{} 2\n", h2.trim())
     );
 }
+
+/// Dumps go with their nodes: `rm --node` deletes the dumps of the subtree it removes
+/// (and keeps the others), and `gc` sweeps dumps whose node is gone.
+#[test]
+fn removed_nodes_take_their_dumps_and_gc_sweeps_orphans() {
+    require_root();
+    let daemon = TestDaemon::start("dump-rm", &[]);
+    let api = Http::new(daemon.socket());
+    let sandbox = id_of(&api.create(&json!({})));
+    let session = api.session(&sandbox, "python");
+    api.run(&sandbox, &session, "x = 1");
+    let first = api.checkpoint(&sandbox, "first");
+    api.run(&sandbox, &session, "x = 2");
+    let second = api.checkpoint(&sandbox, "second");
+    let kept = wait_dump(&daemon, &first, &session);
+    let doomed = wait_dump(&daemon, &second, &session);
+    api.rollback(&sandbox, &first);
+    api.delete(&format!("/v1/nodes/{second}"))
+        .expect(200, "remove the second node");
+    assert!(!doomed.exists(), "{} outlived its node", doomed.display());
+    assert!(kept.join("manifest.json").is_file(), "the first node's dump went too");
+
+    // A dump whose node is not in the tree (as one finished after its node was removed).
+    let orphan = daemon.data_dir().join("dumps").join(format!(
+        "{}-{session}",
+        "01a202de-0000-7000-8000-000000000000"
+    ));
+    fs::create_dir_all(&orphan).unwrap();
+    fs::write(orphan.join("manifest.json"), "{}").unwrap();
+    let gc = api.post("/v1/gc", &json!({})).expect(200, "gc");
+    assert_eq!(gc["dumps_removed"], 1, "{gc}");
+    assert!(!orphan.exists(), "gc left {}", orphan.display());
+    assert!(kept.join("manifest.json").is_file(), "gc removed a live node's dump");
+    // The node whose dump stayed still restores.
+    api.run(&sandbox, &session, "x = 3");
+    api.rollback(&sandbox, &first);
+    assert_eq!(api.run(&sandbox, &session, "print(x)"), "1\n");
+}

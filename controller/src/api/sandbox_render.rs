@@ -228,8 +228,8 @@ pub fn removed_text(r: &Removed) -> String {
 /// What `gc` dropped.
 pub fn gc_text(g: &GcResult) -> String {
     format!(
-        "removed {} unreferenced layers and {} empty trees\n",
-        g.layers_removed, g.trees_removed
+        "removed {} unreferenced layers, {} empty trees and {} dumps of removed nodes\n",
+        g.layers_removed, g.trees_removed, g.dumps_removed
     )
 }
 

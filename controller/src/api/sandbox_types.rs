@@ -564,4 +564,7 @@ pub struct GcResult {
     pub layers_removed: usize,
     /// Trees with no sandbox and no node left, shut down.
     pub trees_removed: usize,
+    /// Dumps of nodes that are gone, deleted.
+    #[serde(default)]
+    pub dumps_removed: usize,
 }

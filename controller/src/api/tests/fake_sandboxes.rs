@@ -494,6 +494,7 @@ impl SandboxOps for FakeSandboxes {
         Ok(GcResult {
             layers_removed,
             trees_removed: 0,
+            dumps_removed: 0,
         })
     }
 }

@@ -223,7 +223,10 @@ async fn every_sandbox_route_works() {
         json!({"nodes": [first_id, second_id], "sandboxes": []})
     );
     let gc = api.ok(ok, api.post(routes::GC, json!({})).await).await;
-    assert_eq!(gc, json!({"layers_removed": 2, "trees_removed": 0}));
+    assert_eq!(
+        gc,
+        json!({"layers_removed": 2, "trees_removed": 0, "dumps_removed": 0})
+    );
     let gc = api
         .ok(ok, api.raw(Method::POST, routes::GC, None).await)
         .await;

@@ -17,6 +17,7 @@
 mod adopt;
 pub mod busy;
 mod commands;
+mod dump_files;
 pub mod leftovers;
 pub mod output;
 mod queries;

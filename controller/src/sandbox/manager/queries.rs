@@ -144,6 +144,7 @@ impl SandboxManager {
                 tracing::warn!(node = %n.id, "dropping its snapshot: {e}");
             }
         }
+        self.delete_dumps(&list);
         Ok(Removed {
             nodes: list.iter().map(ToString::to_string).collect(),
             sandboxes: Vec::new(),
@@ -171,6 +172,7 @@ impl SandboxManager {
         Ok(GcResult {
             layers_removed: report.removed.len(),
             trees_removed,
+            dumps_removed: self.sweep_dumps()?,
         })
     }
 }

@@ -448,11 +448,16 @@ class GcResult:
 
     layers_removed: int = 0
     trees_removed: int = 0
+    dumps_removed: int = 0
 
     @classmethod
     def from_json(cls, obj: Json) -> GcResult:
         """Parses the API's ``GcResult``."""
-        return cls(int(obj.get("layers_removed", 0)), int(obj.get("trees_removed", 0)))
+        return cls(
+            int(obj.get("layers_removed", 0)),
+            int(obj.get("trees_removed", 0)),
+            int(obj.get("dumps_removed", 0)),
+        )
 
 
 @dataclass
