@@ -208,6 +208,10 @@ impl ApiService {
             Err(BpfError::NotWatched { .. }) => return Err(not_watched(&cgroup)),
             Err(source) => return Err(self.bpf_error("advance an epoch", source)),
         };
+        // Not on a latency path here: the old epoch's counters go at once.
+        if let Err(source) = self.tracker.drop_stale_stats(cgroup.id) {
+            return Err(self.bpf_error("drop an old epoch's counters", source));
+        }
         self.remember(&cgroup);
         tracing::debug!(cgroup = %cgroup.path.display(), epoch, "epoch advanced");
         Ok(watched_cgroup(&cgroup, epoch))

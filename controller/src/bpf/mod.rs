@@ -79,9 +79,16 @@ pub trait WriteTracker: Send + Sync {
     fn unwatch(&self, cgroup_id: u64) -> Result<bool, BpfError>;
     /// Watched cgroup ids with their current epoch.
     fn watched(&self) -> Result<Vec<(u64, u64)>, BpfError>;
-    /// Advances the cgroup's epoch (the counts restart from zero) and drops the
-    /// counters of older epochs; returns the new epoch. Fails if it is not watched.
+    /// Advances the cgroup's epoch (the counts restart from zero); returns the new
+    /// epoch. Fails if it is not watched. The older epochs' counters stay until
+    /// [`Self::drop_stale_stats`].
     fn advance_epoch(&self, cgroup_id: u64) -> Result<u64, BpfError>;
+    /// Removes the counters of `cgroup_id`'s earlier epochs (a walk of the whole stats
+    /// map: callers on a latency path run it on another thread). Their keys carry the
+    /// epoch, so until then they are only memory; [`Self::advance_epoch`] leaves them.
+    fn drop_stale_stats(&self, _cgroup_id: u64) -> Result<(), BpfError> {
+        Ok(())
+    }
     /// Counters of the current epoch, of one cgroup or of every watched one.
     fn inode_stats(&self, cgroup_id: Option<u64>) -> Result<Vec<InodeRecord>, BpfError>;
     /// Totals since load.

@@ -243,8 +243,15 @@ impl WriteTracker for PinnedTracker {
         maps.watched
             .insert(cgroup_id, WatchState { epoch }, 0)
             .map_err(map_err(map_names::WATCHED))?;
-        maps.drop_stats(cgroup_id, epoch)?;
         Ok(epoch)
+    }
+
+    fn drop_stale_stats(&self, cgroup_id: u64) -> Result<(), BpfError> {
+        let mut maps = self.lock();
+        let Some(epoch) = maps.epoch_of(cgroup_id)? else {
+            return Ok(());
+        };
+        maps.drop_stats(cgroup_id, epoch)
     }
 
     fn inode_stats(&self, cgroup_id: Option<u64>) -> Result<Vec<InodeRecord>, BpfError> {

@@ -114,6 +114,10 @@ impl DirtyTracking {
     }
 
     /// Starts a new epoch for sandbox `id` (its dirty figures restart from zero).
+    /// Advances sandbox `id`'s epoch now, then drops the old epoch's counters on a
+    /// thread of its own (after the operation is answered): that walks the whole stats
+    /// map, about 2.5 ms of every checkpoint's round trip when it was done inline
+    /// (`cargo xtask bench sandbox`).
     fn new_epoch(&self, id: &str) {
         let Some(cgroup) = self.track(id) else {
             return;
@@ -121,6 +125,22 @@ impl DirtyTracking {
         if let Err(e) = self.tracker.advance_epoch(cgroup.id) {
             self.metrics.tracker_error("advance an epoch");
             tracing::warn!(sandbox = id, "advancing its epoch: {e}");
+        }
+        let (tracker, metrics) = (Arc::clone(&self.tracker), self.metrics.clone());
+        let sandbox = id.to_owned();
+        let spawned = std::thread::Builder::new()
+            .name("dirty-epoch".into())
+            .spawn(move || {
+                if let Err(e) = tracker.drop_stale_stats(cgroup.id) {
+                    metrics.tracker_error("drop an old epoch's counters");
+                    tracing::warn!(sandbox, "dropping its old counters: {e}");
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(
+                sandbox = id,
+                "cannot start a thread to drop old counters: {e}"
+            );
         }
     }
 

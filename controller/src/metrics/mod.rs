@@ -510,6 +510,7 @@ pub const TRACKER_OPS: &[&str] = &[
     "watch a cgroup",
     "unwatch a cgroup",
     "advance an epoch",
+    "drop an old epoch's counters",
 ];
 
 /// The methods `deltabox_deltafs_copy_ups_total{method}` counts.
