@@ -233,7 +233,10 @@ fn removed_nodes_take_their_dumps_and_gc_sweeps_orphans() {
     api.delete(&format!("/v1/nodes/{second}"))
         .expect(200, "remove the second node");
     assert!(!doomed.exists(), "{} outlived its node", doomed.display());
-    assert!(kept.join("manifest.json").is_file(), "the first node's dump went too");
+    assert!(
+        kept.join("manifest.json").is_file(),
+        "the first node's dump went too"
+    );
 
     // A dump whose node is not in the tree (as one finished after its node was removed).
     let orphan = daemon.data_dir().join("dumps").join(format!(
@@ -245,7 +248,10 @@ fn removed_nodes_take_their_dumps_and_gc_sweeps_orphans() {
     let gc = api.post("/v1/gc", &json!({})).expect(200, "gc");
     assert_eq!(gc["dumps_removed"], 1, "{gc}");
     assert!(!orphan.exists(), "gc left {}", orphan.display());
-    assert!(kept.join("manifest.json").is_file(), "gc removed a live node's dump");
+    assert!(
+        kept.join("manifest.json").is_file(),
+        "gc removed a live node's dump"
+    );
     // The node whose dump stayed still restores.
     api.run(&sandbox, &session, "x = 3");
     api.rollback(&sandbox, &first);
