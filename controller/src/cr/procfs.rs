@@ -235,11 +235,31 @@ pub struct Mapping {
 }
 
 impl Mapping {
+    /// Its `PROT_*` bits.
+    pub fn prot(&self) -> i32 {
+        prot_of(&self.perms)
+    }
+
     /// A writable shared mapping: its pages are shared with every fork, so writes after a
     /// checkpoint would reach the template.
     pub fn is_shared_writable(&self) -> bool {
         self.perms[1] == b'w' && self.perms[3] == b's'
     }
+}
+
+/// The `PROT_*` bits of a maps permission field (`r-xp`, …).
+pub fn prot_of(perms: &[u8]) -> i32 {
+    let mut prot = libc::PROT_NONE;
+    if perms.first() == Some(&b'r') {
+        prot |= libc::PROT_READ;
+    }
+    if perms.get(1) == Some(&b'w') {
+        prot |= libc::PROT_WRITE;
+    }
+    if perms.get(2) == Some(&b'x') {
+        prot |= libc::PROT_EXEC;
+    }
+    prot
 }
 
 /// Reads `/proc/<pid>/maps`.
@@ -464,6 +484,13 @@ SigBlk:\t0000000000010000\nSigIgn:\t0000000001001000\nSigCgt:\t0000000180000002\
         assert_eq!(maps[1].name, "/dev/zero (deleted)");
         assert_eq!(vdso(&maps), Some((0x7ffd1b5f0000, 0x7ffd1b5f2000)));
         assert_eq!(maps[3].name, "");
+    }
+
+    #[test]
+    fn prot_follows_the_permission_letters() {
+        assert_eq!(prot_of(b"r-xp"), libc::PROT_READ | libc::PROT_EXEC);
+        assert_eq!(prot_of(b"rw-p"), libc::PROT_READ | libc::PROT_WRITE);
+        assert_eq!(prot_of(b"---p"), libc::PROT_NONE);
     }
 
     #[test]

@@ -16,20 +16,13 @@ use std::os::unix::ffi::OsStrExt as _;
 use std::os::unix::fs::FileExt as _;
 use std::path::PathBuf;
 
+use super::dump::{PAGE, private_pages};
 use super::inject::{InjectError, Injection, SCRATCH_LEN};
 use super::procfs::{self, Mapping};
 use super::ptrace::{Tracee, cr_options};
 use super::template::group_stop;
 use super::{CrError, Template};
 use crate::cr::ptrace::Stop;
-
-/// `/proc/<pid>/pagemap`: the page is present in memory.
-const PM_PRESENT: u64 = 1 << 63;
-/// The page is swapped out (only anonymous pages are).
-const PM_SWAPPED: u64 = 1 << 62;
-/// The page is a page of the file (or shared anonymous), not a private copy.
-const PM_FILE: u64 = 1 << 61;
-const PAGE: u64 = 4096;
 
 /// Errors of rebinding, naming the template and the mapping.
 #[derive(Debug, thiserror::Error)]
@@ -147,7 +140,7 @@ impl Template {
             // A read-only shared mapping holds the file's pages only.
             Vec::new()
         } else {
-            private_pages(pagemap, m)
+            private_pages(pagemap, m.start, m.end)
                 .map_err(|source| memory_err(pid, "read the page map", rebind, source))?
         };
         let mut saved = Vec::with_capacity(written.len());
@@ -182,7 +175,7 @@ impl Template {
             &[
                 m.start,
                 m.end - m.start,
-                prot(m.perms) as u64,
+                m.prot() as u64,
                 (if shared {
                     libc::MAP_SHARED
                 } else {
@@ -220,48 +213,4 @@ fn memory_err(pid: i32, what: &'static str, rebind: &Rebind, source: io::Error) 
 /// the same bytes whichever file of that content backs it.
 fn rebindable(m: &Mapping) -> bool {
     m.perms[3] == b'p' || m.perms[1] != b'w'
-}
-
-/// The `PROT_*` bits of a maps permission field.
-fn prot(perms: [u8; 4]) -> i32 {
-    let mut prot = libc::PROT_NONE;
-    if perms[0] == b'r' {
-        prot |= libc::PROT_READ;
-    }
-    if perms[1] == b'w' {
-        prot |= libc::PROT_WRITE;
-    }
-    if perms[2] == b'x' {
-        prot |= libc::PROT_EXEC;
-    }
-    prot
-}
-
-/// The addresses of the pages of `m` that are private copies (written since mapped):
-/// present or swapped, and not pages of the file.
-fn private_pages(pagemap: &File, m: &Mapping) -> io::Result<Vec<u64>> {
-    let pages = (m.end - m.start) / PAGE;
-    let mut raw = vec![0u8; usize::try_from(pages * 8).map_err(io::Error::other)?];
-    pagemap.read_exact_at(&mut raw, m.start / PAGE * 8)?;
-    Ok(raw
-        .chunks_exact(8)
-        .enumerate()
-        .filter_map(|(i, entry)| {
-            let entry = u64::from_ne_bytes(entry.try_into().ok()?);
-            let copied = entry & PM_SWAPPED != 0 || entry & (PM_PRESENT | PM_FILE) == PM_PRESENT;
-            copied.then_some(m.start + i as u64 * PAGE)
-        })
-        .collect())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn prot_follows_the_permission_letters() {
-        assert_eq!(prot(*b"r-xp"), libc::PROT_READ | libc::PROT_EXEC);
-        assert_eq!(prot(*b"rw-p"), libc::PROT_READ | libc::PROT_WRITE);
-        assert_eq!(prot(*b"---p"), libc::PROT_NONE);
-    }
 }

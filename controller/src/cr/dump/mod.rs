@@ -153,18 +153,7 @@ impl DumpVma {
 
     /// The `PROT_*` bits.
     pub fn prot(&self) -> i32 {
-        let p = self.perms.as_bytes();
-        let mut prot = libc::PROT_NONE;
-        if p.first() == Some(&b'r') {
-            prot |= libc::PROT_READ;
-        }
-        if p.get(1) == Some(&b'w') {
-            prot |= libc::PROT_WRITE;
-        }
-        if p.get(2) == Some(&b'x') {
-            prot |= libc::PROT_EXEC;
-        }
-        prot
+        super::procfs::prot_of(self.perms.as_bytes())
     }
 
     /// Same range, permissions and backing (file, offset, inode): a fork holding this
