@@ -466,18 +466,21 @@ pub fn requeue_signals(tracee: &mut Tracee) {
     }
 }
 
+/// Registers for unit tests: user code at 0x1000, `rax` 7, not in a syscall.
+#[cfg(test)]
+pub(crate) fn test_regs() -> Regs {
+    // SAFETY: user_regs_struct is plain integers; all-zero is a valid value.
+    let mut r: Regs = unsafe { std::mem::zeroed() };
+    r.rip = 0x1000;
+    r.orig_rax = u64::MAX;
+    r.rax = 7;
+    r
+}
+
 #[cfg(test)]
 mod tests {
+    use super::test_regs as regs;
     use super::*;
-
-    fn regs() -> Regs {
-        // SAFETY: user_regs_struct is plain integers; all-zero is a valid value.
-        let mut r: Regs = unsafe { std::mem::zeroed() };
-        r.rip = 0x1000;
-        r.orig_rax = u64::MAX;
-        r.rax = 7;
-        r
-    }
 
     #[test]
     fn resume_regs_leaves_user_code_alone() {

@@ -459,16 +459,7 @@ pub fn detach_all(threads: Vec<Tracee>) -> Result<(), PtraceError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cr::inject::{ERESTARTSYS, resume_regs};
-
-    fn regs() -> Regs {
-        // SAFETY: user_regs_struct is plain integers; all-zero is a valid value.
-        let mut r: Regs = unsafe { std::mem::zeroed() };
-        r.rip = 0x1000;
-        r.orig_rax = u64::MAX;
-        r.rax = 7;
-        r
-    }
+    use crate::cr::inject::{ERESTARTSYS, resume_regs, test_regs as regs};
 
     #[test]
     fn a_new_thread_issues_a_restartblock_syscall_again() {
