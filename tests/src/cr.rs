@@ -309,3 +309,17 @@ pub fn field<'a>(line: &'a str, key: &str) -> &'a str {
         .find_map(|w| w.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
         .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
 }
+
+/// A python3 read-eval-print loop over stdin: `name = expr` lines are executed,
+/// expressions answered with their repr (run as `python3 -u -c PY_REPL`).
+pub const PY_REPL: &str = "
+import sys
+ns = {}
+for line in sys.stdin:
+    try:
+        r = eval(line, ns)
+    except SyntaxError:
+        exec(line, ns)
+        r = None
+    print(repr(r), flush=True)
+";

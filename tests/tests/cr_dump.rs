@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use deltabox_controller::cr::dump::{Dump, DumpOptions, dump_template};
 use deltabox_controller::cr::{self, Template};
-use deltabox_tests::cr::{CrEnv, Proc};
+use deltabox_tests::cr::{CrEnv, PY_REPL, Proc};
 use deltabox_tests::{require_root, scratch_dir};
 use nix::unistd::Pid;
 
@@ -20,19 +20,6 @@ impl Drop for Dumps {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
-
-/// A python3 read-eval-print loop over stdin (as in `cr_rollback`).
-const PY_REPL: &str = "
-import sys
-ns = {}
-for line in sys.stdin:
-    try:
-        r = eval(line, ns)
-    except SyntaxError:
-        exec(line, ns)
-        r = None
-    print(repr(r), flush=True)
-";
 
 /// Defines `h()`: a hash of the object graph `g` (pickled).
 const HASH_FN: &str =

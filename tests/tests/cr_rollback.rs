@@ -6,7 +6,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use deltabox_controller::cr::{self, inject};
-use deltabox_tests::cr::{CrEnv, field};
+use deltabox_tests::cr::{CrEnv, PY_REPL, field};
 use deltabox_tests::{require_root, scratch_dir};
 use nix::unistd::Pid;
 
@@ -163,20 +163,6 @@ fn cwd_and_umask_come_back() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
-
-/// A python3 read-eval-print loop over stdin: `name = expr` lines are executed,
-/// expressions answered with their repr.
-const PY_REPL: &str = "
-import sys
-ns = {}
-for line in sys.stdin:
-    try:
-        r = eval(line, ns)
-    except SyntaxError:
-        exec(line, ns)
-        r = None
-    print(repr(r), flush=True)
-";
 
 #[test]
 fn a_python_session_rolls_back_to_its_objects() {
