@@ -233,13 +233,7 @@ impl Client {
         };
         let status = response.status();
         if !status.is_success() {
-            let bytes = response
-                .into_body()
-                .collect()
-                .await
-                .map_err(|source| self.http_error(source))?
-                .to_bytes();
-            connection.abort();
+            let bytes = self.whole_body(response, connection).await?;
             return Err(api_error(status.as_u16(), &bytes));
         }
         Ok(ExecEvents::new(
@@ -379,13 +373,7 @@ impl Client {
     async fn exchange(&self, request: &ApiRequest) -> Result<(u16, Bytes), ClientError> {
         let (response, connection) = self.open(request, None).await?;
         let status = response.status();
-        let bytes = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|source| self.http_error(source))?
-            .to_bytes();
-        connection.abort();
+        let bytes = self.whole_body(response, connection).await?;
         if status.is_success() {
             return Ok((status.as_u16(), bytes));
         }
@@ -434,6 +422,22 @@ impl Client {
             .await
             .map_err(|source| self.http_error(source))?;
         Ok((response, connection))
+    }
+
+    /// Reads the whole body of `response`, then ends its `connection`.
+    async fn whole_body(
+        &self,
+        response: hyper::Response<hyper::body::Incoming>,
+        connection: JoinHandle<()>,
+    ) -> Result<Bytes, ClientError> {
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|source| self.http_error(source))?
+            .to_bytes();
+        connection.abort();
+        Ok(bytes)
     }
 
     fn http_error(&self, source: hyper::Error) -> ClientError {
