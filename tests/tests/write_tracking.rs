@@ -159,6 +159,7 @@ fn a_full_counter_map_is_counted_and_logged_not_silent() {
         pins.dir(),
         LoadOptions {
             inode_stats_capacity: 2,
+            ..LoadOptions::default()
         },
     )
     .unwrap();

@@ -19,7 +19,7 @@ use aya::{
     EbpfLoader,
     programs::{ProgramError, TracePoint, links::FdLink},
 };
-use deltabox_common::{MAX_INODE_STATS, map_names};
+use deltabox_common::{MAX_FAULT_PAGES, MAX_INODE_STATS, map_names};
 
 use super::offsets::{self, OffsetsError};
 
@@ -39,10 +39,16 @@ pub const ATTACHMENTS: &[(&str, &str, &str)] = &[
     ("dbx_write_exit", "syscalls", "sys_exit_writev"),
     ("dbx_write_exit", "syscalls", "sys_exit_pwritev"),
     ("dbx_write_exit", "syscalls", "sys_exit_pwritev2"),
+    ("dbx_page_fault", "exceptions", "page_fault_user"),
 ];
 
 /// The programs, in load order.
-pub const PROGRAMS: &[&str] = &["dbx_dirty_folio", "dbx_write_enter", "dbx_write_exit"];
+pub const PROGRAMS: &[&str] = &[
+    "dbx_dirty_folio",
+    "dbx_write_enter",
+    "dbx_write_exit",
+    "dbx_page_fault",
+];
 
 /// The maps pinned for adoption (aya-log's ring buffer is found through a program).
 pub const PINNED_MAPS: &[&str] = &[
@@ -50,6 +56,9 @@ pub const PINNED_MAPS: &[&str] = &[
     map_names::INODE_STATS,
     map_names::PENDING,
     map_names::COUNTERS,
+    map_names::FAULT_WATCHED,
+    map_names::FAULT_COUNTS,
+    map_names::FAULT_PAGES,
 ];
 
 /// Errors of the write tracker.
@@ -186,12 +195,15 @@ fn ensure_bpffs(dir: &Path) -> Result<(), BpfError> {
 pub struct LoadOptions {
     /// Entries of the per-inode counters map (default [`MAX_INODE_STATS`]).
     pub inode_stats_capacity: u32,
+    /// Entries of the faulting-pages map (default [`MAX_FAULT_PAGES`]).
+    pub fault_pages_capacity: u32,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
         Self {
             inode_stats_capacity: MAX_INODE_STATS,
+            fault_pages_capacity: MAX_FAULT_PAGES,
         }
     }
 }
@@ -216,6 +228,7 @@ fn load_and_pin_fresh(pin_dir: &Path, options: LoadOptions) -> Result<(), BpfErr
     let mut ebpf = EbpfLoader::new()
         .override_global("DBX_OFFSETS", &offsets, true)
         .map_max_entries(map_names::INODE_STATS, options.inode_stats_capacity)
+        .map_max_entries(map_names::FAULT_PAGES, options.fault_pages_capacity)
         .load(OBJECT)?;
     for dir in [progs_dir(pin_dir), links_dir(pin_dir), maps_dir(pin_dir)] {
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;

@@ -1,11 +1,13 @@
 //! The eBPF write tracker: counts, per watched cgroup and inode, write syscalls,
-//! bytes written and page-cache folios dirtied since the cgroup's current epoch.
+//! bytes written and page-cache folios dirtied since the cgroup's current epoch; and
+//! the copy-on-write fault counter ([`faults`]), loaded with it.
 //!
 //! [`WriteTracker`] is the one point through which the rest of the controller reaches
 //! the kernel's maps, so the API above it is testable without root ([`fake`] in tests).
 //! [`loader`] loads, pins, adopts and unloads the programs with aya; [`offsets`] reads
 //! the kernel struct and tracepoint offsets the programs need from BTF and tracefs.
 
+pub mod faults;
 pub mod loader;
 pub mod offsets;
 mod tracker;
@@ -14,6 +16,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+pub use faults::{CowFaultCounter, FaultTotals, PinnedFaults, ProcessPages};
 pub use loader::{BpfError, LoadOptions, load_and_pin, unload};
 pub use tracker::{Origin, PinnedTracker};
 

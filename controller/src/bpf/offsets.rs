@@ -46,6 +46,9 @@ pub enum OffsetsError {
     },
 }
 
+/// The tracepoint of user page faults (x86).
+const FAULT_TRACEPOINT: &str = "exceptions/page_fault_user";
+
 /// Reads every offset of [`KernelOffsets`] from the running kernel.
 pub fn kernel_offsets() -> Result<KernelOffsets, OffsetsError> {
     let btf_path = Path::new(KERNEL_BTF);
@@ -68,6 +71,8 @@ pub fn kernel_offsets() -> Result<KernelOffsets, OffsetsError> {
         tp_dirty_folio_ino: field_offset(&tracefs, "writeback/writeback_dirty_folio", "ino")?,
         tp_enter_fd: field_offset(&tracefs, "syscalls/sys_enter_write", "fd")?,
         tp_exit_ret: field_offset(&tracefs, "syscalls/sys_exit_write", "ret")?,
+        tp_fault_address: field_offset(&tracefs, FAULT_TRACEPOINT, "address")?,
+        tp_fault_error_code: field_offset(&tracefs, FAULT_TRACEPOINT, "error_code")?,
         valid: 1,
     })
 }

@@ -14,6 +14,13 @@ pub mod map_names {
     pub const PENDING: &str = "DBX_PENDING";
     /// `PerCpuArray<u64>` indexed by [`Counter`](crate::Counter).
     pub const COUNTERS: &str = "DBX_COUNTERS";
+    /// `HashMap<u64 cgroup id, WatchState>`: the cgroups whose copy-on-write faults are
+    /// counted, with their fault epoch (apart from the write tracker's).
+    pub const FAULT_WATCHED: &str = "DBX_FAULT_WATCHED";
+    /// `HashMap<FaultKey, u64>`: write faults on present pages per (cgroup, epoch).
+    pub const FAULT_COUNTS: &str = "DBX_FAULT_COUNTS";
+    /// `HashMap<FaultPageKey, u64>`: the pages those faults hit, per process.
+    pub const FAULT_PAGES: &str = "DBX_FAULT_PAGES";
 }
 
 /// Upper bound of watched cgroups.
@@ -23,6 +30,12 @@ pub const MAX_WATCHED: u32 = 4096;
 pub const MAX_INODE_STATS: u32 = 131_072;
 /// Upper bound of write syscalls in flight at once.
 pub const MAX_PENDING: u32 = 16_384;
+/// Upper bound of (cgroup, epoch) fault counters: userspace drops a cgroup's older
+/// epochs, so a few per watched cgroup.
+pub const MAX_FAULT_COUNTS: u32 = 4 * MAX_WATCHED;
+/// Upper bound of (cgroup, epoch, process, page) entries (512 MiB of 4 KiB pages); past
+/// it new pages are counted in [`Counter::FaultPagesFull`] (their faults still count).
+pub const MAX_FAULT_PAGES: u32 = 131_072;
 /// Bytes of a file's base name kept with its counters (NUL-padded, may be truncated).
 pub const NAME_LEN: usize = 64;
 
@@ -111,8 +124,38 @@ pub struct KernelOffsets {
     pub tp_enter_fd: u64,
     /// Offset of `ret` in the `syscalls:sys_exit_*` records.
     pub tp_exit_ret: u64,
+    /// Offset of `address` in the `exceptions:page_fault_user` record.
+    pub tp_fault_address: u64,
+    /// Offset of `error_code` in the `exceptions:page_fault_user` record.
+    pub tp_fault_error_code: u64,
     /// 1 once userspace filled the offsets; the programs do nothing while it is 0.
     pub valid: u64,
+}
+
+/// Key of the copy-on-write fault counters.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FaultKey {
+    /// cgroup v2 id.
+    pub cgroup_id: u64,
+    /// The cgroup's fault epoch when the fault happened.
+    pub epoch: u64,
+}
+
+/// Key of the faulting pages.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FaultPageKey {
+    /// cgroup v2 id.
+    pub cgroup_id: u64,
+    /// The cgroup's fault epoch.
+    pub epoch: u64,
+    /// The faulting address rounded down to its 4 KiB page.
+    pub page: u64,
+    /// Thread-group id (host pid) of the faulting process: addresses are per process.
+    pub tgid: u32,
+    /// Zero (explicit padding, so both sides hash the same bytes).
+    pub pad: u32,
 }
 
 /// Global counters, indexes of the [`map_names::COUNTERS`] per-CPU array.
@@ -127,23 +170,29 @@ pub enum Counter {
     StatsFull = 2,
     /// Write syscalls whose fd could not be followed to an inode.
     FdUnresolved = 3,
+    /// Write faults on present pages (copy-on-write) counted in a fault-watched cgroup.
+    CowFaults = 4,
+    /// Faulting pages not recorded because [`map_names::FAULT_PAGES`] was full.
+    FaultPagesFull = 5,
 }
 
 impl Counter {
     /// Number of counters, the length of the per-CPU array.
-    pub const COUNT: u32 = 4;
+    pub const COUNT: u32 = 6;
     /// Every counter, in index order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::WriteSyscalls,
         Counter::DirtiedFolios,
         Counter::StatsFull,
         Counter::FdUnresolved,
+        Counter::CowFaults,
+        Counter::FaultPagesFull,
     ];
 }
 
 #[cfg(feature = "user")]
 mod pod {
-    use super::{InodeKey, InodeStats, KernelOffsets, WatchState};
+    use super::{FaultKey, FaultPageKey, InodeKey, InodeStats, KernelOffsets, WatchState};
 
     // SAFETY: plain #[repr(C)] structs of u64 / u8 fields without padding; every bit
     // pattern is a valid value.
@@ -154,4 +203,8 @@ mod pod {
     unsafe impl aya::Pod for InodeStats {}
     // SAFETY: as above.
     unsafe impl aya::Pod for KernelOffsets {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for FaultKey {}
+    // SAFETY: as above (the u32 pair fills the last 8 bytes: no padding).
+    unsafe impl aya::Pod for FaultPageKey {}
 }

@@ -4,7 +4,9 @@
 //! - `dbx_write_enter` on `syscalls:sys_enter_{write,pwrite64,writev,pwritev,pwritev2}`
 //!   follows the fd to its inode and counts the call;
 //! - `dbx_write_exit` on the matching `sys_exit_*` adds the bytes the call returned;
-//! - `dbx_dirty_folio` on `writeback:writeback_dirty_folio` counts dirtied folios.
+//! - `dbx_dirty_folio` on `writeback:writeback_dirty_folio` counts dirtied folios;
+//! - `dbx_page_fault` on `exceptions:page_fault_user` counts copy-on-write faults and
+//!   records the pages they hit (`faults.rs`), in cgroups of `DBX_FAULT_WATCHED`.
 //!
 //! Only tasks whose cgroup v2 id is in `DBX_WATCHED` are counted, under the cgroup's
 //! current epoch. Struct and record offsets come from userspace (`DBX_OFFSETS`), read
@@ -18,6 +20,8 @@
 #![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
 #![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
+#[cfg(target_arch = "bpf")]
+mod faults;
 #[cfg(target_arch = "bpf")]
 mod kernel;
 #[cfg(target_arch = "bpf")]

@@ -19,7 +19,7 @@ use deltabox_common::{
     WatchState,
 };
 
-const EEXIST: i32 = 17;
+pub(crate) const EEXIST: i32 = 17;
 
 /// Filled by userspace before load; all zero (`valid == 0`) means "do nothing".
 #[unsafe(no_mangle)]
@@ -36,6 +36,8 @@ static DBX_OFFSETS: KernelOffsets = KernelOffsets {
     tp_dirty_folio_ino: 0,
     tp_enter_fd: 0,
     tp_exit_ret: 0,
+    tp_fault_address: 0,
+    tp_fault_error_code: 0,
     valid: 0,
 };
 
@@ -52,14 +54,14 @@ static PENDING: HashMap<u64, InodeKey> = HashMap::with_max_entries(MAX_PENDING, 
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
 
 #[inline(always)]
-fn offsets() -> KernelOffsets {
+pub(crate) fn offsets() -> KernelOffsets {
     // SAFETY: DBX_OFFSETS is read-only data; the volatile read stops the compiler from
     // folding the all-zero initialiser that userspace overrides at load time.
     unsafe { core::ptr::read_volatile(&DBX_OFFSETS) }
 }
 
 #[inline(always)]
-fn bump(counter: Counter) {
+pub(crate) fn bump(counter: Counter) {
     if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
         // SAFETY: per-CPU slot of this CPU; a tracepoint program is not preempted by
         // another program on the same CPU between the read and the write.
@@ -112,7 +114,7 @@ fn stats_of(
 }
 
 #[inline(always)]
-fn add(field: *mut u64, n: u64) {
+pub(crate) fn add(field: *mut u64, n: u64) {
     // SAFETY: `field` points into a live map value; other CPUs update it concurrently,
     // hence the atomic add.
     unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(field, n) };
