@@ -100,6 +100,7 @@ fn run(cli: Cli) -> Result<()> {
         signals.add(signal);
     }
     signals.thread_block().context("cannot block signals")?;
+    init_log();
 
     let store =
         Store::open(&store).with_context(|| format!("cannot open store {}", store.display()))?;
@@ -233,4 +234,42 @@ fn command(
         }
         _ => bail!("unknown command {:?}", words.join(" ")),
     }
+}
+
+/// Logs to stderr: warnings by default, or the level `DELTAFS_LOG` names (`debug` shows
+/// every FUSE request, as fuser logs them), each line with the wall-clock time in µs.
+fn init_log() {
+    let level = std::env::var("DELTAFS_LOG")
+        .ok()
+        .and_then(|level| level.parse().ok())
+        .unwrap_or(log::LevelFilter::Warn);
+    if log::set_logger(&StderrLog).is_ok() {
+        log::set_max_level(level);
+    }
+}
+
+struct StderrLog;
+
+impl log::Log for StderrLog {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.level() <= log::max_level()
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if self.enabled(record.metadata()) {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            eprintln!(
+                "{}.{:06} {} {}: {}",
+                now.as_secs(),
+                now.subsec_micros(),
+                record.level(),
+                record.target(),
+                record.args()
+            );
+        }
+    }
+
+    fn flush(&self) {}
 }

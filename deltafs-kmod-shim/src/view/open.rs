@@ -9,6 +9,10 @@
 //! - Opening a frozen file for writing (or with `O_TRUNC`), or truncating it, first copies
 //!   it up into the writable layer. Daemon-served handles follow the inode's current
 //!   backing file ([`Backing`]), so readers see the writer's data.
+//! - A file being executed is not truncated by an `O_RDONLY | O_TRUNC` open: the kernel
+//!   refuses writes to it (`ETXTBSY`) only after the open reached the daemon, and the
+//!   daemon truncates at open (`FUSE_ATOMIC_O_TRUNC`), so it checks itself (see
+//!   [`OpenEntry::exec`]).
 
 use std::fs::File;
 use std::io;
@@ -69,10 +73,21 @@ pub(crate) enum Mode {
     Daemon,
 }
 
+/// The kernel's `__FMODE_EXEC` open flag: `OPEN` requests of `execve` (and of the ELF
+/// interpreter and script interpreters it loads) carry it.
+pub(crate) const FMODE_EXEC: i32 = 0x20;
+
 /// The shared state of an inode's open handles.
 pub(crate) struct OpenEntry {
     pub backing: Arc<Backing>,
     pub handles: u32,
+    /// Handles opened by an `execve`: while one is open a process may run the file, and
+    /// the kernel denies writes to it (`ETXTBSY`). The kernel checks an `O_TRUNC` open
+    /// whose access mode is `O_RDONLY` only after the daemon answered the open (which
+    /// truncates), so the daemon refuses those itself. The kernel lets writers in again
+    /// when the process exits; the `RELEASE` of its handle comes slightly later
+    /// (asynchronously), so for that moment such an open may still get `ETXTBSY`.
+    pub exec: u32,
     pub mode: Mode,
 }
 
@@ -82,6 +97,8 @@ pub(crate) struct Handle {
     pub nid: u64,
     pub backing: Arc<Backing>,
     pub write: bool,
+    /// Opened by an `execve` ([`FMODE_EXEC`]).
+    pub exec: bool,
 }
 
 /// How to answer an `OPEN` or `CREATE`.
@@ -110,23 +127,30 @@ impl ViewState {
         }
         let write = flags & libc::O_ACCMODE != libc::O_RDONLY;
         let trunc = flags & libc::O_TRUNC != 0;
+        // A writing open of a running file never gets here (the kernel refuses it before
+        // sending it); a read-only truncating one does, and would truncate the program.
+        if trunc && !write && self.opens.get(&ino).is_some_and(|entry| entry.exec > 0) {
+            return Err(Errno::ETXTBSY);
+        }
         if (write || trunc) && !self.is_writable(&node) {
             self.copy_up(ino, trunc)?;
         }
         if trunc {
             self.truncate(ino, 0)?;
         }
-        self.attach(nid.0, ino, write, None, open_backing)
+        let exec = flags & FMODE_EXEC != 0;
+        self.attach(nid.0, ino, write, exec, None, open_backing)
     }
 
     /// Adds a handle on `ino` (node id `nid`), deciding passthrough or daemon service if
-    /// it is the inode's first open. `file` is its backing file if the caller has it open
-    /// already (read-write).
+    /// it is the inode's first open. `exec`: opened by an `execve`. `file` is its backing
+    /// file if the caller has it open already (read-write).
     pub fn attach(
         &mut self,
         nid: u64,
         ino: Ino,
         write: bool,
+        exec: bool,
         file: Option<File>,
         open_backing: OpenBacking<'_>,
     ) -> FsResult<OpenReply> {
@@ -156,6 +180,7 @@ impl ViewState {
                 OpenEntry {
                     backing: Arc::new(Backing::new(file)),
                     handles: 0,
+                    exec: 0,
                     mode,
                 },
             );
@@ -163,10 +188,12 @@ impl ViewState {
         let fh = self.alloc_fh();
         let entry = self.opens.get_mut(&ino).ok_or(Errno::EIO)?;
         entry.handles += 1;
+        entry.exec += u32::from(exec);
         let handle = Handle {
             nid,
             backing: Arc::clone(&entry.backing),
             write,
+            exec,
         };
         let reply = match &entry.mode {
             Mode::Passthrough(id) => OpenReply::Passthrough {
@@ -279,6 +306,7 @@ impl ViewState {
             Resolved::Live(ino) => {
                 if let Some(entry) = self.opens.get_mut(&ino) {
                     entry.handles -= 1;
+                    entry.exec -= u32::from(handle.exec);
                     if entry.handles == 0 {
                         self.opens.remove(&ino);
                         if self.maybe_mapped.contains_key(&ino) {

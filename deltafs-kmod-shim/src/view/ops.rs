@@ -262,7 +262,7 @@ impl ViewState {
         node.data = Some(data);
         let (ino, attr) = self.insert(parent, name, node)?;
         let write = flags & libc::O_ACCMODE != libc::O_RDONLY;
-        let reply = self.attach(attr.ino.0, ino, write, Some(file), open_backing)?;
+        let reply = self.attach(attr.ino.0, ino, write, false, Some(file), open_backing)?;
         Ok((attr, reply))
     }
 
