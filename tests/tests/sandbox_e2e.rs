@@ -1,11 +1,11 @@
 //! End to end through a real `deltaboxd`, once through the CLI and once through the
-//! API client: create → session state (python and bash) → checkpoint ×3 → rollback to
+//! Rust client crate (`deltabox-client`, as a Rust agent uses it): create → session state (python and bash) → checkpoint ×3 → rollback to
 //! the first → files, Python variables, bash variables and cwd are the first node's →
 //! branch ×4 from the second → each branch starts at the second node and diverges on
 //! its own, and the original sandbox is untouched.
 
-use deltabox_controller::api::client::Client;
-use deltabox_controller::api::sandbox_types::{
+use deltabox_client::Client;
+use deltabox_client::sandbox_types::{
     BranchRequest, CheckpointRequest, CreateSandbox, ExecRequest, ExecResult, RollbackMode,
     RollbackRequest, SessionRun, SessionRunResult, SessionStart,
 };

@@ -34,7 +34,7 @@ use super::service::ApiService;
 use crate::sandbox::ops::{ExecSink, OutputStream};
 
 /// The media type of the streamed answer (and of the `Accept` header that asks for it).
-pub const NDJSON: &str = "application/x-ndjson";
+pub use deltabox_client::NDJSON;
 
 /// Events the channel holds before the sink blocks: with reads of at most 64 KiB, about
 /// 1.5 MiB of output (base64 included) waits for a slow client, no more.

@@ -17,15 +17,7 @@ use super::{
     loader::{self, ATTACHMENTS, BpfError, LoadOptions},
 };
 
-/// How [`PinnedTracker::load_or_adopt`] got its programs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Origin {
-    /// Loaded and attached now.
-    Loaded,
-    /// Found pinned and adopted.
-    Adopted,
-}
+pub use deltabox_client::types::Origin;
 
 struct Maps {
     watched: HashMap<MapData, u64, WatchState>,

@@ -17,8 +17,6 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use serde::{Deserialize, Serialize};
-
 use super::state::{StateFigures, StateSource};
 use super::{Metrics, gauge_value};
 use crate::api::sandbox_types::{
@@ -36,27 +34,7 @@ use crate::sandbox::{SandboxError, SandboxOps};
 /// dirty; one per 4 KiB page for writes of a page or less).
 pub const PAGE_SIZE: u64 = 4096;
 
-/// What one sandbox dirtied since its last checkpoint (`GET /v1/stats`).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SandboxDirty {
-    /// The sandbox.
-    pub sandbox: String,
-    /// Its `work/` cgroup (v2) the tracker counts.
-    pub cgroup: String,
-    /// The tracker's epoch for it (advanced at each checkpoint and rollback).
-    pub epoch: u64,
-    /// Page-cache pages its processes turned dirty (writes and `mmap` stores to regular
-    /// files).
-    pub pages_dirtied: u64,
-    /// `pages_dirtied` in bytes.
-    pub bytes_dirtied: u64,
-    /// Write-family syscalls on regular files.
-    pub writes: u64,
-    /// Bytes those syscalls wrote.
-    pub bytes_written: u64,
-    /// Distinct files written or dirtied.
-    pub inodes: u64,
-}
+pub use deltabox_client::sandbox_types::SandboxDirty;
 
 /// The sandbox operations, with their cgroups watched and their epochs advanced (see the
 /// module's documentation).

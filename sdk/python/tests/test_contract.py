@@ -1,5 +1,5 @@
 """The SDK's routes and bodies against the daemon's contract files (no daemon):
-``controller/api/openapi.yaml`` and ``controller/src/api/sandbox_types.rs``."""
+``controller/api/openapi.yaml`` and ``client/src/sandbox_types.rs``."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from deltabox.models import Limits
 
 REPO = Path(__file__).resolve().parents[3]
 OPENAPI = REPO / "controller" / "api" / "openapi.yaml"
-TYPES = REPO / "controller" / "src" / "api" / "sandbox_types.rs"
+TYPES = REPO / "client" / "src" / "sandbox_types.rs"
 
 
 def openapi_routes() -> dict[str, set[str]]:

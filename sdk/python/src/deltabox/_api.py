@@ -38,7 +38,7 @@ T_co = TypeVar("T_co", covariant=True)
 Json = dict[str, Any]
 
 #: The daemon's socket when neither ``socket=`` nor ``$DELTABOX_SOCKET`` names one
-#: (``DEFAULT_SOCKET`` in ``controller/src/api/client.rs``).
+#: (``DEFAULT_SOCKET`` in ``client/src/lib.rs``).
 DEFAULT_SOCKET = "/run/deltabox/api.sock"
 #: How long the daemon lets a command or session run when no timeout is given (s).
 DAEMON_DEFAULT_RUN_TIMEOUT = 600.0

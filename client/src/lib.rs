@@ -1,5 +1,38 @@
-//! A client of the API over the daemon's Unix socket: hyper 1, HTTP/1.1, one
-//! connection per request (the CLI makes one or two calls; no pool to manage).
+//! `deltabox-client`: the Rust client of `deltaboxd`'s HTTP/JSON API, over the daemon's
+//! Unix socket (hyper 1, HTTP/1.1, one connection per request). The `deltabox` CLI is
+//! built on it; a Rust agent uses it the same way:
+//!
+//! ```no_run
+//! use deltabox_client::sandbox_types::{
+//!     CheckpointRequest, CreateSandbox, ExecRequest, RollbackMode, RollbackRequest,
+//! };
+//! use deltabox_client::{Client, DEFAULT_SOCKET};
+//!
+//! # async fn agent() -> Result<(), deltabox_client::ClientError> {
+//! let client = Client::new(DEFAULT_SOCKET);
+//! let sandbox = client.create_sandbox(&CreateSandbox::default()).await?;
+//! let shell = |line: &str| ExecRequest {
+//!     argv: vec!["bash".into(), "-c".into(), line.into()],
+//!     ..ExecRequest::default()
+//! };
+//! client.exec(&sandbox.id, &shell("echo one > /workspace/f")).await?;
+//! let node = client.checkpoint(&sandbox.id, &CheckpointRequest::default()).await?;
+//! client.exec(&sandbox.id, &shell("rm /workspace/f")).await?;
+//! let back = RollbackRequest { node: node.id.clone(), mode: RollbackMode::All };
+//! client.rollback(&sandbox.id, &back).await?;
+//! let out = client.exec(&sandbox.id, &shell("cat /workspace/f")).await?;
+//! assert_eq!(out.stdout, "one\n");
+//! client.remove_sandbox(&sandbox.id).await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! - [`Client`]: one method per route, each returning the route's typed answer or a
+//!   [`ClientError`] (an API error keeps its stable `kind`, as listed in `docs/api.md`);
+//! - [`sandbox_types`], [`types`]: the request and response bodies (serde), the same
+//!   values the daemon serialises; [`routes`]: the paths;
+//! - [`ApiRequest`]: every request as a value, for [`Client::call`] / [`Client::send`];
+//! - [`ExecEvents`]: a streamed `exec`'s events as they come.
 //!
 //! Time limits: the cgroup endpoints answer in milliseconds and get 30 s; a sandbox
 //! `exec` or session `run` gets its own `timeout_ms` plus a margin (none without one);
@@ -19,18 +52,24 @@ use serde::de::DeserializeOwned;
 use tokio::net::UnixStream;
 use tokio::task::JoinHandle;
 
-use super::sandbox_types::{
+use crate::sandbox_types::{
     BranchRequest, BranchResult, CheckpointRequest, CreateSandbox, DiffResult, ExecRequest,
     ExecResult, GcResult, NodeInfo, Removed, RollbackRequest, RollbackResult, SandboxInfo,
     SandboxList, SessionInfo, SessionRun, SessionRunResult, SessionStart, TreeView,
 };
-use super::types::{CgroupsResponse, ErrorBody, InodeStatsResponse, StatusResponse, WatchedCgroup};
+use crate::types::{CgroupsResponse, ErrorBody, InodeStatsResponse, StatusResponse, WatchedCgroup};
+
+/// The media type of a streamed `exec` answer (newline-delimited JSON events).
+pub const NDJSON: &str = "application/x-ndjson";
 
 /// Default path of the API socket.
 pub const DEFAULT_SOCKET: &str = "/run/deltabox/api.sock";
 
 mod request;
+pub mod routes;
+pub mod sandbox_types;
 mod stream;
+pub mod types;
 
 pub use request::ApiRequest;
 pub use stream::ExecEvents;
@@ -224,7 +263,7 @@ impl Client {
         let deadline = request
             .timeout()
             .map(|limit| (tokio::time::Instant::now() + limit, limit));
-        let opened = self.open(&request, Some(crate::api::exec_stream::NDJSON));
+        let opened = self.open(&request, Some(NDJSON));
         let (response, connection) = match deadline {
             None => opened.await?,
             Some((at, limit)) => tokio::time::timeout_at(at, opened)

@@ -85,7 +85,7 @@ pub struct SandboxInfo {
     /// What its processes dirtied since its last checkpoint (the eBPF write tracker),
     /// when the daemon tracks it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dirty: Option<crate::metrics::dirty::SandboxDirty>,
+    pub dirty: Option<SandboxDirty>,
 }
 
 /// An operation in progress on a sandbox.
@@ -567,4 +567,26 @@ pub struct GcResult {
     /// Dumps of nodes that are gone, deleted.
     #[serde(default)]
     pub dumps_removed: usize,
+}
+
+/// What one sandbox dirtied since its last checkpoint (`GET /v1/stats`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxDirty {
+    /// The sandbox.
+    pub sandbox: String,
+    /// Its `work/` cgroup (v2) the tracker counts.
+    pub cgroup: String,
+    /// The tracker's epoch for it (advanced at each checkpoint and rollback).
+    pub epoch: u64,
+    /// Page-cache pages its processes turned dirty (writes and `mmap` stores to regular
+    /// files).
+    pub pages_dirtied: u64,
+    /// `pages_dirtied` in bytes.
+    pub bytes_dirtied: u64,
+    /// Write-family syscalls on regular files.
+    pub writes: u64,
+    /// Bytes those syscalls wrote.
+    pub bytes_written: u64,
+    /// Distinct files written or dirtied.
+    pub inodes: u64,
 }

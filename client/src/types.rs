@@ -5,8 +5,6 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::bpf::{AttachedProgram, GlobalCounters, InodeRecord, Origin};
-
 /// Body of the cgroup requests (`watch`, `unwatch`, `epoch`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -96,6 +94,63 @@ pub struct StatusResponse {
 pub struct ErrorBody {
     /// What went wrong, naming the object (lower case, no final period).
     pub error: String,
-    /// Machine-readable kind, snake_case (see [`super::ErrorKind`]).
+    /// Machine-readable kind, snake_case (the daemon's `ErrorKind`).
     pub kind: String,
+}
+
+/// One attached program, as pinned.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachedProgram {
+    /// Program name in the eBPF object.
+    pub name: String,
+    /// `category:name` of the tracepoint it is attached to.
+    pub tracepoint: String,
+    /// Kernel program id.
+    pub program_id: u32,
+    /// Kernel link id of the attachment.
+    pub link_id: u32,
+    /// Where the link is pinned.
+    pub pinned_at: PathBuf,
+}
+
+/// Counters of one (cgroup, inode) in the cgroup's current epoch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InodeRecord {
+    /// cgroup v2 id.
+    pub cgroup_id: u64,
+    /// Inode number.
+    pub ino: u64,
+    /// Epoch the counts belong to (the cgroup's current one).
+    pub epoch: u64,
+    /// Base name seen by the first write syscall (may be empty or truncated).
+    pub name: String,
+    /// Write-family syscalls.
+    pub writes: u64,
+    /// Bytes those syscalls wrote.
+    pub bytes: u64,
+    /// Page-cache folios dirtied.
+    pub pages_dirtied: u64,
+}
+
+/// Totals since the programs were loaded, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GlobalCounters {
+    /// Write syscalls counted in watched cgroups.
+    pub write_syscalls: u64,
+    /// Folios dirtied in watched cgroups.
+    pub dirtied_folios: u64,
+    /// New inodes not counted because the stats map was full.
+    pub stats_full: u64,
+    /// Write syscalls whose fd could not be followed to an inode.
+    pub fd_unresolved: u64,
+}
+
+/// How the daemon got its eBPF programs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Origin {
+    /// Loaded and attached now.
+    Loaded,
+    /// Found pinned and adopted.
+    Adopted,
 }

@@ -3,12 +3,12 @@
 
 use std::time::Duration;
 
-use crate::api::routes;
-use crate::api::sandbox_types::{
+use crate::routes;
+use crate::sandbox_types::{
     BranchRequest, CheckpointRequest, CreateSandbox, ExecRequest, RollbackRequest, SessionRun,
     SessionStart,
 };
-use crate::api::types::CgroupRequest;
+use crate::types::CgroupRequest;
 
 /// Longest a cgroup request may take, connection included: the daemon answers in
 /// milliseconds, so this only bounds a wedged daemon.

@@ -9,7 +9,7 @@ use hyper::body::Incoming;
 use tokio::task::JoinHandle;
 
 use super::{Client, ClientError};
-use crate::api::sandbox_types::{ExecEvent, ExecResult};
+use crate::sandbox_types::{ExecEvent, ExecResult};
 
 /// The events of one streamed `exec`, in order; the last is `exit` or `error`.
 pub struct ExecEvents {
