@@ -29,6 +29,16 @@ impl LayerId {
     pub fn generate() -> Self {
         Self(Uuid::now_v7())
     }
+
+    /// The id's 16 bytes (as stored in binary layer metadata).
+    pub fn to_bytes(self) -> [u8; 16] {
+        self.0.into_bytes()
+    }
+
+    /// The id whose bytes are `bytes`.
+    pub fn from_bytes(bytes: [u8; 16]) -> Self {
+        Self(Uuid::from_bytes(bytes))
+    }
 }
 
 impl fmt::Display for LayerId {

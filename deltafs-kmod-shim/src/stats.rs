@@ -146,7 +146,8 @@ pub struct SnapshotWrites {
     /// Files the freeze cloned for the snapshot (kept live; a store that cannot clone
     /// copies them instead, counted in `freeze_copy_bytes`).
     pub freeze_clones: u64,
-    /// Bytes of the snapshot's metadata files (`layer.json`, `delta.json`) once written.
+    /// Bytes of the snapshot's metadata file (`layer.bin`; `layer.json` + `delta.json` in a
+    /// store of format version 1) once written.
     pub metadata_bytes: u64,
 }
 
@@ -386,7 +387,7 @@ pub(crate) fn written_by_snapshot(
     };
     store.writer.flush()?;
     let dir = store.layers.dir(id.layer());
-    writes.metadata_bytes = ["layer.json", "delta.json"]
+    writes.metadata_bytes = crate::persist::METADATA_FILES
         .iter()
         .filter_map(|name| std::fs::metadata(dir.join(name)).ok())
         .map(|m| m.len())

@@ -1,6 +1,6 @@
 //! The background writer of frozen layers' metadata. A freeze hands over the frozen
 //! index and its delta (O(1): shared maps and an `Arc`) and returns; this thread turns
-//! them into `delta.json` + `layer.json`, in freeze order. [`Writer::flush`] waits for
+//! them into `layer.bin` (see [`persist`](crate::persist)), in freeze order. [`Writer::flush`] waits for
 //! everything handed over so far (garbage collection and unmount do; so do tests that
 //! count bytes).
 

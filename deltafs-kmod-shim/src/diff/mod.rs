@@ -295,7 +295,7 @@ impl Plan {
     }
 
     /// The changes, sorted by path (bytewise). `older_delta` gives the delta of an
-    /// ancestor snapshot (it takes the store's lock, and may read `delta.json`).
+    /// ancestor snapshot (it takes the store's lock, and may read a layer's delta from disk).
     pub(crate) fn changes(
         self,
         older_delta: impl FnMut(SnapshotId) -> Result<Arc<Delta>, StoreError>,

@@ -1,15 +1,20 @@
-//! On-disk state of frozen layers: `layer.json` (the manifest, written last: its presence
-//! marks the layer frozen) and `delta.json` (what the layer's epoch changed in the index).
-//! Both carry a format version. A restarted daemon rebuilds a snapshot's index by
-//! replaying the deltas of its chain from the root.
+//! On-disk state of frozen layers. A frozen layer's directory holds `layer.bin` (format
+//! version 2, [`binary`]): its manifest (identity, parent, base, inode allocator) and its
+//! delta (what the layer's epoch changed in the index), in one compact binary file whose
+//! presence marks the layer frozen. Stores written before hold version 1 ([`json`]):
+//! `delta.json` and then `layer.json`; they are still read, never written. A restarted
+//! daemon rebuilds a snapshot's index by replaying the deltas of its chain from the root.
 //!
-//! Files are written to a temporary name and renamed into place, without `fsync` (a freeze
-//! must stay in the tens of microseconds): after a power loss the newest freezes may be
-//! missing, never half-written. Unmount syncs the store.
+//! The file is written to a temporary name and renamed into place, without `fsync` (a
+//! freeze must stay in the tens of microseconds): after a power loss the newest freezes
+//! may be missing, never half-written. Unmount syncs the store.
+
+pub mod binary;
+pub mod json;
 
 use std::ffi::OsString;
 use std::fs;
-use std::io;
+use std::io::{self, Read};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
@@ -19,11 +24,16 @@ use crate::ids::{Ino, LayerId, SnapshotId};
 use crate::index::{Delta, EntryChanges, Index, NodeChanges};
 use crate::node::{Bytes, Node};
 
-/// Version of `layer.json` and `delta.json` this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// Version of the layer metadata this build writes (it reads 1 and 2).
+pub const FORMAT_VERSION: u32 = 2;
 
-const MANIFEST: &str = "layer.json";
-const DELTA: &str = "delta.json";
+/// The metadata file of version 2.
+pub const LAYER_FILE: &str = "layer.bin";
+
+/// Every name a frozen layer's metadata may have, any version: what a freeze writes
+/// besides backing files.
+pub const METADATA_FILES: [&str; 3] = [LAYER_FILE, json::MANIFEST, json::DELTA];
+
 const DROPPED: &str = "dropped";
 
 /// Failures reading or writing layer metadata.
@@ -38,7 +48,7 @@ pub enum PersistError {
         #[source]
         source: io::Error,
     },
-    /// A metadata file is not valid JSON of the expected shape.
+    /// A version-1 metadata file is not valid JSON of the expected shape.
     #[error("cannot parse {path}")]
     Parse {
         /// The file.
@@ -47,8 +57,18 @@ pub enum PersistError {
         #[source]
         source: serde_json::Error,
     },
+    /// A binary metadata file is damaged.
+    #[error("cannot decode {path} at byte {offset}: {what}")]
+    Decode {
+        /// The file.
+        path: PathBuf,
+        /// Where decoding stopped.
+        offset: usize,
+        /// What was wrong there.
+        what: &'static str,
+    },
     /// A metadata file has a format version this build does not know.
-    #[error("{path} has format version {found}, this build reads {FORMAT_VERSION}")]
+    #[error("{path} has format version {found}, this build reads 1 and {FORMAT_VERSION}")]
     Version {
         /// The file.
         path: PathBuf,
@@ -57,10 +77,10 @@ pub enum PersistError {
     },
 }
 
-/// `layer.json`: a frozen layer's identity and place in the snapshot tree.
+/// A frozen layer's identity and place in the snapshot tree.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
-    /// Format version ([`FORMAT_VERSION`]).
+    /// Format version it was read from or is written in.
     pub version: u32,
     /// The layer (and snapshot) id.
     pub id: LayerId,
@@ -73,14 +93,15 @@ pub struct Manifest {
     pub next_ino: Ino,
 }
 
-/// `delta.json`: the nodes and entries the epoch changed (`None`: removed).
+/// The nodes and entries the epoch changed (`None`: removed).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeltaRecord {
-    /// Format version ([`FORMAT_VERSION`]).
+    /// Format version it was read from or is written in.
     pub version: u32,
-    /// Changed inodes and their node in the snapshot.
+    /// Changed inodes and their node in the snapshot, sorted by inode.
     pub nodes: Vec<(Ino, Option<Node>)>,
-    /// Changed entries `(directory, name)` and the inode they name in the snapshot.
+    /// Changed entries `(directory, name)` and the inode they name in the snapshot,
+    /// sorted.
     pub entries: Vec<(Ino, Bytes, Option<Ino>)>,
 }
 
@@ -144,7 +165,7 @@ pub struct FrozenLayer {
 }
 
 /// Writes `path` through a temporary file and a rename; returns the bytes written.
-fn write_atomic(path: &Path, data: &[u8]) -> Result<u64, PersistError> {
+pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<u64, PersistError> {
     let io_err = |source| PersistError::Io {
         path: path.to_owned(),
         source,
@@ -155,24 +176,14 @@ fn write_atomic(path: &Path, data: &[u8]) -> Result<u64, PersistError> {
     Ok(data.len() as u64)
 }
 
-/// Writes a frozen layer's metadata into `dir` (delta first, manifest last). Returns the
-/// bytes written.
+/// Writes a frozen layer's metadata into `dir` (format [`FORMAT_VERSION`], one file).
+/// Returns the bytes written.
 pub fn write_frozen(
     dir: &Path,
     manifest: &Manifest,
     record: &DeltaRecord,
 ) -> Result<u64, PersistError> {
-    let delta_path = dir.join(DELTA);
-    let manifest_path = dir.join(MANIFEST);
-    let delta = serde_json::to_vec(record).map_err(|source| PersistError::Parse {
-        path: delta_path.clone(),
-        source,
-    })?;
-    let manifest_bytes = serde_json::to_vec(manifest).map_err(|source| PersistError::Parse {
-        path: manifest_path.clone(),
-        source,
-    })?;
-    Ok(write_atomic(&delta_path, &delta)? + write_atomic(&manifest_path, &manifest_bytes)?)
+    write_atomic(&dir.join(LAYER_FILE), &binary::encode(manifest, record))
 }
 
 /// Marks a frozen layer's snapshot as dropped.
@@ -180,47 +191,45 @@ pub fn mark_dropped(dir: &Path) -> Result<(), PersistError> {
     write_atomic(&dir.join(DROPPED), b"").map(drop)
 }
 
-fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, PersistError> {
-    let data = fs::read(path).map_err(|source| PersistError::Io {
+fn io_error(path: &Path) -> impl FnOnce(io::Error) -> PersistError + '_ {
+    move |source| PersistError::Io {
         path: path.to_owned(),
         source,
-    })?;
-    serde_json::from_slice(&data).map_err(|source| PersistError::Parse {
-        path: path.to_owned(),
-        source,
-    })
+    }
 }
 
-/// Reads the manifest of the layer in `dir`; `None` when the layer was never frozen.
+/// Reads the manifest of the layer in `dir`, whichever format it is in; `None` when the
+/// layer was never frozen. Reads only the head of a version-2 file.
 pub fn read_manifest(dir: &Path) -> Result<Option<FrozenLayer>, PersistError> {
-    let path = dir.join(MANIFEST);
-    if !path.exists() {
-        return Ok(None);
-    }
-    let manifest: Manifest = read_json(&path)?;
-    if manifest.version != FORMAT_VERSION {
-        return Err(PersistError::Version {
-            path,
-            found: manifest.version,
-        });
-    }
+    let path = dir.join(LAYER_FILE);
+    let manifest = match fs::File::open(&path) {
+        Ok(file) => {
+            let mut head = Vec::with_capacity(binary::MANIFEST_MAX);
+            file.take(binary::MANIFEST_MAX as u64)
+                .read_to_end(&mut head)
+                .map_err(io_error(&path))?;
+            binary::decode_manifest(&path, &head)?
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => match json::read_manifest(dir)? {
+            Some(manifest) => manifest,
+            None => return Ok(None),
+        },
+        Err(e) => return Err(io_error(&path)(e)),
+    };
     Ok(Some(FrozenLayer {
         manifest,
         dropped: dir.join(DROPPED).exists(),
     }))
 }
 
-/// Reads the delta of the frozen layer in `dir`.
+/// Reads the delta of the frozen layer in `dir`, whichever format it is in.
 pub fn read_delta(dir: &Path) -> Result<DeltaRecord, PersistError> {
-    let path = dir.join(DELTA);
-    let record: DeltaRecord = read_json(&path)?;
-    if record.version != FORMAT_VERSION {
-        return Err(PersistError::Version {
-            path,
-            found: record.version,
-        });
+    let path = dir.join(LAYER_FILE);
+    match fs::read(&path) {
+        Ok(data) => Ok(binary::decode(&path, &data)?.1),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => json::read_delta(dir),
+        Err(e) => Err(io_error(&path)(e)),
     }
-    Ok(record)
 }
 
 #[cfg(test)]
@@ -292,5 +301,23 @@ mod tests {
                 .unwrap()
                 .is_none()
         );
+
+        // A layer of format version 1 (two JSON files) reads the same.
+        let old = dir.path().join("old");
+        fs::create_dir(&old).unwrap();
+        let json_bytes = json::write_frozen(&old, &manifest, &record).unwrap();
+        assert!(json_bytes > written, "json {json_bytes}, binary {written}");
+        let frozen = read_manifest(&old).unwrap().unwrap();
+        assert_eq!(frozen.manifest.version, json::VERSION);
+        assert_eq!(
+            Manifest {
+                version: FORMAT_VERSION,
+                ..frozen.manifest
+            },
+            manifest
+        );
+        let read = read_delta(&old).unwrap();
+        assert_eq!(read.version, json::VERSION);
+        assert_eq!((read.nodes, read.entries), (record.nodes, record.entries));
     }
 }
