@@ -1,6 +1,7 @@
 //! The dashboards against a real Prometheus: it scrapes a running deltaboxd with the
 //! project's scrape configuration while a watched cgroup writes and its epoch
-//! advances, a sandbox does file I/O and is checkpointed, rolled back and branched, and
+//! advances, a sandbox does file I/O and is checkpointed, rolled back and branched (its
+//! session's templates evicted from a pool of one), and
 //! requests fail, and every PromQL expression of every Grafana panel returns data.
 
 use std::{
@@ -31,7 +32,9 @@ fn panel_queries() -> Vec<(String, String)> {
 #[test]
 fn every_dashboard_query_returns_data_from_a_real_prometheus() {
     require_root();
-    let daemon = TestDaemon::start("prom", &[]);
+    // A pool of one template: each checkpoint evicts the one before (once its dump is
+    // written), so the pool's panels have evictions to show.
+    let daemon = TestDaemon::start("prom", &["--pool-max-templates", "1"]);
     let cg = TestCgroup::new(&unique("prom"));
     let path = cg.path().to_str().unwrap().to_string();
     assert!(daemon.cli(&["watch", &path]).status.success());
@@ -50,6 +53,13 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
         String::from_utf8_lossy(&created.stderr)
     );
     let sandbox = json_id(&created.stdout);
+    // A session, so that checkpoints make templates and rollbacks fork them (pool hits).
+    let session = daemon.cli(&["session", "start", &sandbox, "--kind", "bash"]);
+    assert!(
+        session.status.success(),
+        "{}",
+        String::from_utf8_lossy(&session.stderr)
+    );
 
     // Activity over several scrapes: writes, epochs, API calls, state operations.
     let deadline = Instant::now() + Duration::from_secs(8);

@@ -112,9 +112,13 @@ impl ApiService {
     /// `GET /v1/stats`: latency since start and, with sandboxes, what they cost now
     /// (measured for this answer, which also refreshes the state gauges).
     pub fn stats(&self) -> Result<StatsResponse, ApiError> {
-        let (state, deltafs, dirty) = match &self.sandboxes {
+        let (state, pool, deltafs, dirty) = match &self.sandboxes {
             Some(source) => {
                 let state = self.measure_state(source.as_ref())?;
+                let pool = source.pool_figures();
+                if let Some(p) = &pool {
+                    self.metrics.set_pool(p);
+                }
                 let deltafs = source.deltafs_stats().map(|s| {
                     self.metrics.set_deltafs(&s);
                     DeltaFsFigures::of(&s)
@@ -125,15 +129,16 @@ impl ApiService {
                     Vec::new()
                 });
                 self.metrics.set_sandbox_dirty(&dirty);
-                (Some(state), deltafs, dirty)
+                (Some(state), pool, deltafs, dirty)
             }
-            None => (None, None, Vec::new()),
+            None => (None, None, None, Vec::new()),
         };
         Ok(StatsResponse {
             uptime_secs: self.info.started.elapsed().as_secs(),
             window: WINDOW,
             operations: self.metrics.latency().summary(),
             state,
+            pool,
             deltafs,
             dirty,
         })
@@ -258,6 +263,9 @@ impl ApiService {
             if let Err(err) = self.measure_state(source.as_ref()) {
                 // The gauges keep their last values; the log says why they are stale.
                 tracing::warn!("cannot measure the sandboxes' state: {}", err.message());
+            }
+            if let Some(p) = source.pool_figures() {
+                self.metrics.set_pool(&p);
             }
             if let Some(s) = source.deltafs_stats() {
                 self.metrics.set_deltafs(&s);

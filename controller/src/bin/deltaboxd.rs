@@ -9,12 +9,17 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use deltabox_controller::api::client::DEFAULT_SOCKET;
+use deltabox_controller::api::sandbox_render::parse_size;
 use deltabox_controller::api::{self, render};
 use deltabox_controller::bpf::DEFAULT_PIN_DIR;
 use deltabox_controller::cgroup::CgroupFs;
+use deltabox_controller::cr::dump::DumpPolicy;
 use deltabox_controller::daemon::{self, DEFAULT_METRICS_ADDR, DaemonError, ServeConfig};
 use deltabox_controller::sandbox::ManagerConfig;
 use deltabox_controller::sandbox::manager::busy::BUSY_WAIT;
+use deltabox_controller::sandbox::manager::pool::{
+    DEFAULT_MAX_TEMPLATES, PoolConfig, default_max_bytes,
+};
 use tracing_subscriber::EnvFilter;
 
 const AFTER_HELP: &str = "\
@@ -107,6 +112,27 @@ struct ServeArgs {
     /// end before it fails with `busy` (409)
     #[arg(long, value_name = "MS", default_value_t = BUSY_WAIT.as_millis() as u64)]
     busy_wait_ms: u64,
+    /// The most live templates (one per session of a checkpoint node) over all
+    /// sandboxes; beyond it the least recently used are evicted to their dumps.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_TEMPLATES)]
+    pool_max_templates: u64,
+    /// The most memory the live templates may own (pages no other process maps:
+    /// 512M, 4G, ...); beyond it the least recently used are evicted to their dumps.
+    /// Default: a quarter of the machine's memory.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pool_max_bytes: Option<u64>,
+    /// When checkpoints are written to disk as dumps: `eager` (in the background after
+    /// each checkpoint), `on-evict` (only when the pool evicts a template: a template
+    /// that dies otherwise takes its node's processes with it), or `off` (never; the
+    /// pool then evicts nothing). The environment variable is read when the flag is
+    /// not given.
+    #[arg(
+        long,
+        value_name = "POLICY",
+        env = "DELTABOX_DUMP_POLICY",
+        default_value = "eager"
+    )]
+    dump_policy: DumpPolicy,
 }
 
 const DEFAULT_DATA_DIR: &str = "/var/lib/deltabox/store/deltaboxd";
@@ -142,6 +168,11 @@ fn sandbox_config(args: &ServeArgs) -> anyhow::Result<Option<ManagerConfig>> {
         cgroup,
         init_binary,
         busy_wait: Duration::from_millis(args.busy_wait_ms),
+        pool: PoolConfig {
+            max_templates: args.pool_max_templates,
+            max_bytes: args.pool_max_bytes.unwrap_or_else(default_max_bytes),
+            dump_policy: args.dump_policy,
+        },
     }))
 }
 

@@ -20,6 +20,7 @@
 //! - [`template`] — checkpoint; [`restore`] — restore, rollback, branch.
 //! - [`threads`] — stopping, recording and recreating the threads of a process.
 //! - [`dump`] — incremental dumps of templates, and the fallback restore from them.
+//! - [`owned`] — the memory a template alone owns (the template pool's byte bound).
 //!
 //! x86_64 only (registers, syscall numbers, the `syscall` instruction). Every thread of
 //! a process is checkpointed and recreated; threads get new tids.
@@ -31,6 +32,7 @@ pub mod dump;
 pub mod fdtable;
 pub mod freezer;
 pub mod inject;
+pub mod owned;
 pub mod pidfd;
 pub mod procfs;
 pub mod ptrace;

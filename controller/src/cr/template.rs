@@ -112,6 +112,12 @@ impl Template {
         !self.pidfd.wait_exit(Duration::ZERO).unwrap_or(true)
     }
 
+    /// Bytes of memory only this template maps: what destroying it frees
+    /// ([`super::owned`]). Walks its page map: call it off the answer path.
+    pub fn owned_bytes(&self) -> Result<u64, super::owned::OwnedError> {
+        super::owned::owned_bytes(self.pid().as_raw())
+    }
+
     /// How long the checkpoint took.
     pub fn timings(&self) -> CheckpointTimings {
         self.timings

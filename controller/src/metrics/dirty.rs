@@ -230,6 +230,10 @@ impl StateSource for DirtyTracking {
         self.inner.deltafs_stats()
     }
 
+    fn pool_figures(&self) -> Option<super::pool::PoolFigures> {
+        self.inner.pool_figures()
+    }
+
     fn checkpoint_writes(&self, node: &str) -> Option<deltafs::SnapshotWrites> {
         self.inner.checkpoint_writes(node)
     }

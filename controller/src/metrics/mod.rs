@@ -11,11 +11,13 @@
 //!   each checkpoint made the store write;
 //! - [`latency`]: per-operation latency percentiles since start (`GET /v1/stats`);
 //! - [`state`]: what the sandboxes and trees cost, measured at scrape time;
+//! - [`pool`]: the template pool's figures;
 //! - [`stats`]: the `GET /v1/stats` answer and its text.
 
 pub mod dirty;
 pub mod fs_stats;
 pub mod latency;
+pub mod pool;
 pub mod state;
 pub mod stats;
 
@@ -209,12 +211,46 @@ metrics! {
     /// `deltabox_nodes`: checkpoint nodes in the tree database, of every tree (scrape
     /// time).
     nodes: IntGauge = IntGauge::new("deltabox_nodes", "Checkpoint nodes in the tree database");
-    /// `deltabox_templates{state}`: node session templates, `live` (a frozen process) or
-    /// `gone` (a session of a node with no live template) (scrape time).
+    /// `deltabox_templates{state}`: node session templates, `live` (a frozen process),
+    /// `dumped` (not live, its dump on disk: restored through the fallback) or `gone`
+    /// (neither) (scrape time).
     templates: IntGaugeVec = IntGaugeVec::new(
-        Opts::new("deltabox_templates", "Node session templates, live or gone"),
+        Opts::new("deltabox_templates", "Node session templates, live, dumped or gone"),
         &["state"],
     );
+    /// `deltabox_template_pool_bytes`: bytes the pool's live templates own (anonymous
+    /// pages no other process maps), as the pool last measured them.
+    template_pool_bytes: IntGauge = IntGauge::new(
+        "deltabox_template_pool_bytes", "Bytes the template pool's live templates own",
+    );
+    /// `deltabox_template_pool_limit_bytes`: the pool's byte bound.
+    template_pool_limit_bytes: IntGauge = IntGauge::new(
+        "deltabox_template_pool_limit_bytes", "The template pool's byte bound",
+    );
+    /// `deltabox_template_pool_templates`: live templates in the pool.
+    template_pool_templates: IntGauge = IntGauge::new(
+        "deltabox_template_pool_templates", "Live templates in the template pool",
+    );
+    /// `deltabox_template_pool_limit_templates`: the pool's count bound.
+    template_pool_limit_templates: IntGauge = IntGauge::new(
+        "deltabox_template_pool_limit_templates", "The template pool's count bound",
+    );
+    /// `deltabox_template_pool_hits_total`: sessions restored by forking their node's
+    /// own template.
+    template_pool_hits_total: IntCounter = IntCounter::new(
+        "deltabox_template_pool_hits_total", "Sessions restored from their own template",
+    );
+    /// `deltabox_template_pool_misses_total`: sessions restored from their dump (their
+    /// template was gone).
+    template_pool_misses_total: IntCounter = IntCounter::new(
+        "deltabox_template_pool_misses_total", "Sessions restored from their dump",
+    );
+    /// `deltabox_template_pool_evictions_total`: templates the pool evicted.
+    template_pool_evictions_total: IntCounter = IntCounter::new(
+        "deltabox_template_pool_evictions_total", "Templates evicted from the template pool",
+    );
+    /// `deltabox_dump_backlog`: dumps queued or being written.
+    dump_backlog: IntGauge = IntGauge::new("deltabox_dump_backlog", "Dumps queued or being written");
     /// `deltabox_template_memory_bytes`: memory the live templates own, the sum of
     /// `Private_Clean + Private_Dirty` of their `/proc/<pid>/smaps_rollup` (scrape time).
     template_memory_bytes: IntGauge = IntGauge::new(
@@ -350,7 +386,7 @@ impl Metrics {
         for code in ErrorKind::all_names() {
             self.api_errors_total.with_label_values(&[code]);
         }
-        for state in ["live", "gone"] {
+        for state in ["live", "dumped", "gone"] {
             self.templates.with_label_values(&[state]);
         }
         for op in deltafs::OpKind::ALL {
@@ -374,6 +410,9 @@ impl Metrics {
         self.templates
             .with_label_values(&["live"])
             .set(gauge_value(s.templates_live));
+        self.templates
+            .with_label_values(&["dumped"])
+            .set(gauge_value(s.templates_dumped));
         self.templates
             .with_label_values(&["gone"])
             .set(gauge_value(s.templates_gone));

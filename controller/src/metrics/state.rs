@@ -31,8 +31,8 @@ pub enum StateError {
     },
 }
 
-/// What the sandboxes and their trees cost now. No pool figures (hits, misses,
-/// evictions): there is no bounded template pool yet, and zeros would be a lie.
+/// What the sandboxes and their trees cost now (the template pool's own figures are
+/// [`super::pool::PoolFigures`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StateFigures {
     /// Sandboxes alive.
@@ -43,8 +43,13 @@ pub struct StateFigures {
     pub nodes: u64,
     /// Session templates of nodes whose process is alive.
     pub templates_live: u64,
-    /// Sessions of nodes without a live template (lost to a restart, a kill, or never
-    /// made): a rollback to them cannot restore those processes.
+    /// Sessions of nodes without a live template whose dump is on disk (evicted from
+    /// the template pool, or killed after their dump): restored through the fallback.
+    #[serde(default)]
+    pub templates_dumped: u64,
+    /// Sessions of nodes with neither a live template nor a dump (lost to a restart, a
+    /// kill before their dump, or never made): a rollback to them cannot restore those
+    /// processes.
     pub templates_gone: u64,
     /// Memory the live templates own: the sum over their processes of
     /// `Private_Clean + Private_Dirty` (pages no other process maps), bytes.
@@ -69,6 +74,11 @@ pub trait StateSource: Send + Sync {
     /// operation may hold one for minutes).
     fn sandbox_ids(&self) -> Vec<String> {
         Vec::new()
+    }
+
+    /// The template pool's figures; `None` without a pool.
+    fn pool_figures(&self) -> Option<super::pool::PoolFigures> {
+        None
     }
 
     /// DeltaFS's counters; `None` without a store.

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::dirty::SandboxDirty;
 use super::fs_stats::DeltaFsFigures;
 use super::latency::OperationLatency;
+use super::pool::{PoolFigures, pool_text};
 use super::state::StateFigures;
 use crate::api::render::{Align, Table};
 use crate::api::sandbox_render::size;
@@ -27,6 +28,9 @@ pub struct StatsResponse {
     /// without sandboxes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<StateFigures>,
+    /// The template pool; absent without sandboxes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<PoolFigures>,
     /// DeltaFS's counters since the daemon opened its store; absent without sandboxes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deltafs: Option<DeltaFsFigures>,
@@ -67,8 +71,13 @@ pub fn stats_text(stats: &StatsResponse) -> String {
         Some(s) => {
             let _ = writeln!(
                 out,
-                "sandboxes {}  trees {}  nodes {}  templates {} live, {} gone",
-                s.sandboxes, s.trees, s.nodes, s.templates_live, s.templates_gone
+                "sandboxes {}  trees {}  nodes {}  templates {} live, {} dumped, {} gone",
+                s.sandboxes,
+                s.trees,
+                s.nodes,
+                s.templates_live,
+                s.templates_dumped,
+                s.templates_gone
             );
             let _ = writeln!(
                 out,
@@ -78,6 +87,9 @@ pub fn stats_text(stats: &StatsResponse) -> String {
             );
         }
         None => out.push_str("sandboxes are disabled in this daemon\n"),
+    }
+    if let Some(pool) = &stats.pool {
+        out.push_str(&pool_text(pool));
     }
     if let Some(fs) = &stats.deltafs {
         let ops: Vec<String> = fs
@@ -152,9 +164,17 @@ mod tests {
                 trees: 1,
                 nodes: 3,
                 templates_live: 2,
+                templates_dumped: 4,
                 templates_gone: 1,
                 template_memory_bytes: 3 << 20,
                 store_bytes: 1536,
+            }),
+            pool: Some(PoolFigures {
+                templates_live: 2,
+                max_templates: 8,
+                evictions: 3,
+                dump_policy: "eager".into(),
+                ..PoolFigures::default()
             }),
             deltafs: Some(DeltaFsFigures {
                 copy_ups_reflink: 2,
@@ -190,7 +210,12 @@ mod tests {
             lines[2].split_whitespace().collect::<Vec<_>>(),
             ["rollback", "0", "-", "-", "-", "-"]
         );
-        assert!(text.contains("nodes 3  templates 2 live, 1 gone"), "{text}");
+        assert!(
+            text.contains("nodes 3  templates 2 live, 4 dumped, 1 gone"),
+            "{text}"
+        );
+        assert!(text.contains("template pool: 2 live of 8 max"), "{text}");
+        assert!(text.contains("evictions 3"), "{text}");
         assert!(
             text.contains("template memory 3MiB  store 1.5KiB"),
             "{text}"
@@ -206,6 +231,7 @@ mod tests {
         );
         let without = StatsResponse {
             state: None,
+            pool: None,
             deltafs: None,
             dirty: Vec::new(),
             ..stats

@@ -52,6 +52,7 @@ fn state_gauges_take_the_figures() {
         trees: 1,
         nodes: 5,
         templates_live: 3,
+        templates_dumped: 2,
         templates_gone: 1,
         template_memory_bytes: 4096,
         store_bytes: u64::MAX,
@@ -62,6 +63,7 @@ fn state_gauges_take_the_figures() {
         "deltabox_trees 1",
         "deltabox_nodes 5",
         "deltabox_templates{state=\"live\"} 3",
+        "deltabox_templates{state=\"dumped\"} 2",
         "deltabox_templates{state=\"gone\"} 1",
         "deltabox_template_memory_bytes 4096",
     ] {

@@ -83,6 +83,26 @@ impl StateSource for FakeSandboxes {
         })
     }
 
+    /// By the fake's convention its pool holds the live templates (1 MiB each) under
+    /// bounds of 64 templates and 1 GiB; each node was one hit, and once there is a node
+    /// there was one miss, one eviction, and one dump is queued.
+    fn pool_figures(&self) -> Option<crate::metrics::pool::PoolFigures> {
+        let s = self.state_figures().ok()?;
+        let any = u64::from(s.nodes > 0);
+        Some(crate::metrics::pool::PoolFigures {
+            templates_live: s.templates_live,
+            templates_dumped: s.templates_dumped,
+            bytes_owned: s.template_memory_bytes,
+            max_templates: 64,
+            max_bytes: 1 << 30,
+            hits: s.nodes,
+            misses: any,
+            evictions: any,
+            dump_backlog: any,
+            dump_policy: "eager".to_owned(),
+        })
+    }
+
     /// Each checkpoint wrote 300 bytes of metadata.
     fn checkpoint_writes(&self, _node: &str) -> Option<deltafs::SnapshotWrites> {
         Some(deltafs::SnapshotWrites {

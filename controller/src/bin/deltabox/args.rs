@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use deltabox_controller::api::client::DEFAULT_SOCKET;
+pub use deltabox_controller::api::sandbox_render::parse_size;
 
 const AFTER_HELP: &str = "\
 SANDBOX, NODE and SESSION are full ids or any unique prefix of one.
@@ -364,41 +365,6 @@ pub struct RmArgs {
     /// Print one JSON object with everything removed.
     #[arg(long)]
     pub json: bool,
-}
-
-/// A size: bytes, or a number with a K, M, G or T unit (powers of 1024; `Ki`, `KiB`
-/// and `KB` spell the same unit).
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    let bad = || {
-        format!(
-            "{text:?} is not a size: use bytes or a number with K, M, G or T (512M, 2G, 1.5GiB)"
-        )
-    };
-    let trimmed = text.trim();
-    let split = trimmed
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(trimmed.len());
-    let (number, unit) = trimmed.split_at(split);
-    let unit = unit.trim().to_ascii_uppercase();
-    let unit = unit.strip_suffix('B').unwrap_or(&unit);
-    let unit = unit.strip_suffix('I').unwrap_or(unit);
-    let shift = match unit {
-        "" => 0,
-        "K" => 10,
-        "M" => 20,
-        "G" => 30,
-        "T" => 40,
-        _ => return Err(bad()),
-    };
-    let value: f64 = number.parse().map_err(|_| bad())?;
-    // 2^64 is exact in f64; below it the product rounds to whole bytes.
-    let bytes = (value * f64::from(1u32 << 10).powi(shift / 10)).round();
-    if !(1.0..18_446_744_073_709_551_616.0).contains(&bytes) {
-        return Err(format!("{text:?} is out of range: from 1 byte to 16 EiB"));
-    }
-    // Checked above: a whole number in 1..2^64.
-    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-    Ok(bytes as u64)
 }
 
 /// A CPU count: a positive number.

@@ -14,22 +14,45 @@ use std::time::{Duration, Instant};
 
 use super::Dump;
 
-/// When dumps are written.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// When dumps are written (`deltaboxd --dump-policy`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum DumpPolicy {
-    /// After every checkpoint (the default).
+    /// After every checkpoint, in the background (the default).
+    #[default]
     Eager,
-    /// Never (templates are the only copy).
+    /// When the template pool evicts a template, before it is destroyed: no disk
+    /// writes for nodes whose templates stay; a template that dies otherwise (killed,
+    /// out of memory) before its eviction takes its node's processes with it.
+    OnEvict,
+    /// Never (templates are the only copy, and the pool cannot evict any).
     Off,
 }
 
 impl DumpPolicy {
-    /// From `DELTABOX_DUMP_POLICY` (`eager`, the default, or `off`).
-    pub fn from_env() -> Self {
-        match std::env::var("DELTABOX_DUMP_POLICY").as_deref() {
-            Ok("off") => Self::Off,
-            _ => Self::Eager,
+    /// Its name (`eager`, `on-evict`, `off`), as the flag spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Eager => "eager",
+            Self::OnEvict => "on-evict",
+            Self::Off => "off",
         }
+    }
+}
+
+impl std::fmt::Display for DumpPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for DumpPolicy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [Self::Eager, Self::OnEvict, Self::Off]
+            .into_iter()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| format!("dump policy {s:?}: use eager, on-evict or off"))
     }
 }
 
@@ -191,5 +214,18 @@ mod tests {
         assert_eq!(worker.backlog(), 0);
         assert_eq!(*seen.lock().unwrap(), vec![0, 1, 2, 3, 4]);
         assert!(!dumped("no-such-dump"));
+    }
+
+    #[test]
+    fn policies_parse_as_the_flag_spells_them() {
+        for p in [DumpPolicy::Eager, DumpPolicy::OnEvict, DumpPolicy::Off] {
+            assert_eq!(p.as_str().parse::<DumpPolicy>(), Ok(p));
+        }
+        assert!(
+            "lazy"
+                .parse::<DumpPolicy>()
+                .unwrap_err()
+                .contains("on-evict")
+        );
     }
 }

@@ -133,6 +133,13 @@ impl SandboxManager {
         if !ops.is_empty() {
             self.db.commit(&ops).map_err(db_err)?;
         }
+        // Into the pool oldest first (the least recently used then goes first).
+        let mut adopted: Vec<&NodeRecord> = nodes
+            .iter()
+            .filter(|n| templates.contains_key(&n.id))
+            .collect();
+        adopted.sort_by_key(|n| n.created_ms);
+        let adopted: Vec<_> = adopted.into_iter().map(|n| n.id).collect();
         let tree = Arc::new(Tree {
             id: record.id,
             runtime,
@@ -141,6 +148,9 @@ impl SandboxManager {
             root: std::sync::OnceLock::new(),
         });
         lock(&self.trees).insert(record.id, Arc::clone(&tree));
+        for node in adopted {
+            self.pool.admit(record.id, node);
+        }
         for sandbox in self.db.sandboxes().map_err(db_err)? {
             if sandbox.tree != record.id {
                 continue;

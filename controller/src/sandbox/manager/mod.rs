@@ -8,7 +8,8 @@
 //! - [`commands`]: `exec` and sessions;
 //! - [`service`]: the [`SandboxOps`] implementation: ids resolved, the sandbox locked;
 //! - [`tree_ops`]: checkpoint, rollback, branch; [`queries`]: tree, diff, node removal, gc;
-//! - [`output`]: collecting a command's output.
+//! - [`output`]: collecting a command's output;
+//! - [`pool`]: the bounded template pool (eviction to dumps).
 //!
 //! Locking: one mutex per sandbox, held for a whole operation (so operations on one
 //! sandbox are serialised and on different sandboxes run in parallel); the maps of
@@ -20,6 +21,7 @@ mod commands;
 mod dump_files;
 pub mod leftovers;
 pub mod output;
+pub mod pool;
 mod queries;
 mod rebind;
 mod service;
@@ -59,6 +61,8 @@ pub struct ManagerConfig {
     /// How long a request waits for another operation on the same sandbox before it
     /// fails with `busy`.
     pub busy_wait: std::time::Duration,
+    /// The template pool's bounds and the dump policy.
+    pub pool: pool::PoolConfig,
 }
 
 /// A live tree: its namespaces and init, and the templates of its nodes.
@@ -115,9 +119,11 @@ pub(crate) struct Live {
 pub struct SandboxManager {
     cfg: ManagerConfig,
     store: Store,
-    db: TreeDb,
+    db: Arc<TreeDb>,
     default_base: Mutex<Option<PathBuf>>,
-    trees: Mutex<HashMap<TreeId, Arc<Tree>>>,
+    /// Shared with the template pool's thread.
+    trees: pool::Trees,
+    pool: pool::Pool,
     sandboxes: Mutex<HashMap<SandboxId, Arc<Mutex<Live>>>>,
     /// The operation holding each sandbox ([`busy`]).
     busy: busy::BusyTable,
@@ -212,14 +218,22 @@ impl SandboxManager {
             .map_err(|e| SandboxError::internal(cfg.data_dir.display(), e))?;
         let store = Store::open(cfg.data_dir.join("store"))
             .map_err(|e| SandboxError::internal("DeltaFS store", e))?;
-        let db = TreeDb::open(&cfg.data_dir.join("tree.redb")).map_err(db_err)?;
+        let db = Arc::new(TreeDb::open(&cfg.data_dir.join("tree.redb")).map_err(db_err)?);
         let cfg_busy_wait = cfg.busy_wait;
+        let trees: pool::Trees = Arc::default();
+        let pool = pool::Pool::start(
+            cfg.pool.clone(),
+            Arc::clone(&trees),
+            Arc::clone(&db),
+            cfg.data_dir.join("dumps"),
+        );
         let manager = Self {
             cfg,
             store,
             db,
             default_base: Mutex::new(None),
-            trees: Mutex::new(HashMap::new()),
+            trees,
+            pool,
             sandboxes: Mutex::new(HashMap::new()),
             busy: busy::BusyTable::new(cfg_busy_wait),
         };
@@ -501,6 +515,8 @@ impl Drop for LiveSession {
 
 impl Drop for SandboxManager {
     fn drop(&mut self) {
+        // The pool's thread first: it holds trees and evicts templates.
+        self.pool.stop();
         // Templates first: they hold the views' files (and their trees die below anyway).
         for tree in lock(&self.trees).values() {
             lock(&tree.templates).clear();

@@ -6,13 +6,15 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::tree_ops::{node_info, serde_name, snapshot_of};
-use super::{SandboxManager, Tree, db_err, lock, store_err};
+use super::{NodeTemplates, SandboxManager, Tree, db_err, lock, store_err};
 use crate::api::sandbox_types::{
     CheckpointTimings, DiffEntry, DiffResult, GcResult, Removed, SandboxHead, TreeView,
 };
+use crate::cr::dump::{Dump, dump_name};
+use crate::metrics::pool::PoolFigures;
 use crate::metrics::state::{StateFigures, StateSource, private_bytes};
 use crate::sandbox::error::SandboxError;
-use crate::tree::ids::{NodeId, SandboxId, TreeId};
+use crate::tree::ids::{NodeId, SandboxId, SessionId, TreeId};
 use crate::tree::records::{SandboxRecord, unix_ms_now};
 use crate::tree::render::{RenderNode, render_tree};
 
@@ -27,15 +29,33 @@ impl SandboxManager {
             .into_iter()
             .filter(|s| s.tree == tree)
             .collect();
-        let live_templates: HashSet<NodeId> = self
+        // Alive by their process (a template can be killed behind the manager's back),
+        // not by their presence in the map.
+        let live_templates: HashSet<(NodeId, SessionId)> = self
             .live_tree(&tree)
-            .map(|t| lock(&t.templates).keys().copied().collect())
+            .map(|t| {
+                let map: Vec<(NodeId, Arc<NodeTemplates>)> = lock(&t.templates)
+                    .iter()
+                    .map(|(id, t)| (*id, Arc::clone(t)))
+                    .collect();
+                map.iter()
+                    .flat_map(|(id, t)| {
+                        t.sessions
+                            .iter()
+                            .filter(|(_, _, tpl)| tpl.is_alive())
+                            .map(move |(sid, _, _)| (*id, *sid))
+                    })
+                    .collect()
+            })
             .unwrap_or_default();
         let render: Vec<RenderNode<'_>> = nodes
             .iter()
             .map(|n| RenderNode {
                 node: n,
-                template_live: live_templates.contains(&n.id),
+                template_live: !n.sessions.is_empty()
+                    && n.sessions
+                        .iter()
+                        .all(|s| live_templates.contains(&(n.id, s.session))),
                 here: sandboxes
                     .iter()
                     .filter(|s| s.head == Some(n.id))
@@ -51,7 +71,7 @@ impl SandboxManager {
                 .map(|n| {
                     node_info(
                         n,
-                        live_templates.contains(&n.id),
+                        &|session| live_templates.contains(&(n.id, session)),
                         CheckpointTimings {
                             total_ms: n.checkpoint_ms,
                             ..CheckpointTimings::default()
@@ -184,20 +204,17 @@ impl StateSource for SandboxManager {
     fn state_figures(&self) -> Result<StateFigures, SandboxError> {
         let sandboxes = lock(&self.sandboxes).len() as u64;
         let trees: Vec<Arc<Tree>> = lock(&self.trees).values().cloned().collect();
-        // Template pids per node, copied out so no tree lock is held while reading /proc.
-        let mut pids: HashMap<NodeId, Vec<i32>> = HashMap::new();
+        // Template pids per node and session, copied out so no tree lock is held while
+        // reading /proc.
+        let mut pids: HashMap<(NodeId, SessionId), i32> = HashMap::new();
         for tree in &trees {
             for (node, templates) in lock(&tree.templates).iter() {
-                pids.insert(
-                    *node,
-                    templates
-                        .sessions
-                        .iter()
-                        .map(|(_, _, t)| t.pid().as_raw())
-                        .collect(),
-                );
+                for (sid, _, t) in &templates.sessions {
+                    pids.insert((*node, *sid), t.pid().as_raw());
+                }
             }
         }
+        let dumps = self.dumps_root();
         let mut figures = StateFigures {
             sandboxes,
             trees: trees.len() as u64,
@@ -206,18 +223,24 @@ impl StateSource for SandboxManager {
         for tree in self.db.trees().map_err(db_err)? {
             for node in self.db.nodes(&tree.id).map_err(db_err)? {
                 figures.nodes += 1;
-                let mut live = 0;
-                for pid in pids.get(&node.id).into_iter().flatten() {
-                    match private_bytes(*pid) {
-                        Ok(bytes) => {
-                            live += 1;
-                            figures.template_memory_bytes += bytes;
-                        }
-                        Err(e) => tracing::debug!(node = %node.id, pid, "template not live: {e}"),
+                for s in &node.sessions {
+                    let measured = pids.get(&(node.id, s.session)).map(|pid| {
+                        private_bytes(*pid).inspect_err(|e| {
+                            tracing::debug!(node = %node.id, pid, "template not live: {e}");
+                        })
+                    });
+                    if let Some(Ok(bytes)) = measured {
+                        figures.templates_live += 1;
+                        figures.template_memory_bytes += bytes;
+                    } else if Dump::exists(
+                        &dumps,
+                        &dump_name(&node.id.to_string(), &s.session.to_string()),
+                    ) {
+                        figures.templates_dumped += 1;
+                    } else {
+                        figures.templates_gone += 1;
                     }
                 }
-                figures.templates_live += live;
-                figures.templates_gone += (node.sessions.len() as u64).saturating_sub(live);
             }
         }
         figures.store_bytes = self.store.disk_usage();
@@ -242,6 +265,43 @@ impl StateSource for SandboxManager {
 
     fn deltafs_stats(&self) -> Option<deltafs::StatsSnapshot> {
         Some(self.store.stats())
+    }
+
+    /// The pool's last measure and counters, and the node sessions restorable only
+    /// from their dumps (a walk of the tree database, one `stat` per such session).
+    fn pool_figures(&self) -> Option<PoolFigures> {
+        let mut figures = self.pool.figures();
+        let trees: Vec<Arc<Tree>> = lock(&self.trees).values().cloned().collect();
+        let mut live: HashSet<(NodeId, SessionId)> = HashSet::new();
+        for tree in &trees {
+            let map: Vec<(NodeId, Arc<NodeTemplates>)> = lock(&tree.templates)
+                .iter()
+                .map(|(id, t)| (*id, Arc::clone(t)))
+                .collect();
+            for (node, templates) in map {
+                for (sid, _, t) in &templates.sessions {
+                    if t.is_alive() {
+                        live.insert((node, *sid));
+                    }
+                }
+            }
+        }
+        let dumps = self.dumps_root();
+        for tree in self.db.trees().ok()? {
+            for node in self.db.nodes(&tree.id).ok()? {
+                for s in &node.sessions {
+                    if !live.contains(&(node.id, s.session))
+                        && Dump::exists(
+                            &dumps,
+                            &dump_name(&node.id.to_string(), &s.session.to_string()),
+                        )
+                    {
+                        figures.templates_dumped += 1;
+                    }
+                }
+            }
+        }
+        Some(figures)
     }
 
     fn checkpoint_writes(&self, node: &str) -> Option<deltafs::SnapshotWrites> {

@@ -108,9 +108,10 @@ fn ms(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1e3
 }
 
+/// `node` for the API; `live(session)` says whether the session's template is alive.
 pub(super) fn node_info(
     node: &NodeRecord,
-    live_templates: bool,
+    live: &dyn Fn(SessionId) -> bool,
     timings: CheckpointTimings,
 ) -> NodeInfo {
     NodeInfo {
@@ -127,7 +128,7 @@ pub(super) fn node_info(
             .map(|s| NodeSessionInfo {
                 session: s.session.to_string(),
                 kind: s.kind.clone(),
-                template: if live_templates && s.template.is_some() {
+                template: if s.template.is_some() && live(s.session) {
                     "live"
                 } else if crate::cr::dump::worker::dumped(&crate::cr::dump::dump_name(
                     &node.id.to_string(),
@@ -275,7 +276,7 @@ impl SandboxManager {
         self.dump_node(&node, &templates, live.tree.runtime.root_in_ns(&name));
         Ok(node_info(
             &node,
-            true,
+            &|_| true,
             CheckpointTimings {
                 total_ms: ms(start),
                 quiesce_ms,

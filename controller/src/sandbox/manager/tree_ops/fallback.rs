@@ -30,36 +30,42 @@ impl SandboxManager {
     }
 
     /// Queues the dumps of a new node's templates (policy `eager`), each incremental
-    /// against the parent node's dump of the same session.
+    /// against the parent node's dump of the same session, then puts the templates in
+    /// the pool (which does not evict them before their dumps are written).
     pub(super) fn dump_node(
         &self,
         node: &NodeRecord,
         templates: &Arc<NodeTemplates>,
         root_prefix: PathBuf,
     ) {
-        if DumpPolicy::from_env() != DumpPolicy::Eager {
-            return;
+        if self.pool.config().dump_policy == DumpPolicy::Eager {
+            let worker = DumpWorker::for_root(&self.dumps_root());
+            for (i, (session, _, _)) in templates.sessions.iter().enumerate() {
+                let opts = DumpOptions {
+                    root: worker.root().to_path_buf(),
+                    name: name_of(node.id, *session),
+                    parent: node.parent.map(|p| name_of(p, *session)),
+                    root_prefix: Some(root_prefix.clone()),
+                };
+                let templates = Arc::clone(templates);
+                self.pool.dump_queued(&opts.name);
+                let pool = self.pool.handle();
+                worker.submit(move || {
+                    let template = &templates.sessions[i].2;
+                    match dump_template(template, &opts) {
+                        Ok(stats) => tracing::info!(
+                            dump = %opts.name, pages = stats.pages, written = stats.written,
+                            ms = stats.ms, "dumped"
+                        ),
+                        Err(e) => tracing::warn!(dump = %opts.name, "not dumped: {e}"),
+                    }
+                    // The job's hold on the templates goes before the pool may evict.
+                    drop(templates);
+                    pool.dump_done(&opts.name);
+                });
+            }
         }
-        let worker = DumpWorker::for_root(&self.dumps_root());
-        for (i, (session, _, _)) in templates.sessions.iter().enumerate() {
-            let opts = DumpOptions {
-                root: worker.root().to_path_buf(),
-                name: name_of(node.id, *session),
-                parent: node.parent.map(|p| name_of(p, *session)),
-                root_prefix: Some(root_prefix.clone()),
-            };
-            let templates = Arc::clone(templates);
-            worker.submit(move || {
-                let template = &templates.sessions[i].2;
-                match dump_template(template, &opts) {
-                    Ok(stats) => tracing::info!(
-                        dump = %opts.name, pages = stats.pages, written = stats.written,
-                        ms = stats.ms, "dumped"
-                    ),
-                    Err(e) => tracing::warn!(dump = %opts.name, "not dumped: {e}"),
-                }
-            });
-        }
+        self.pool.admit(node.tree, node.id);
     }
 
     /// Whether `session` has a live template in `templates`.
@@ -143,6 +149,8 @@ impl SandboxManager {
                 sessions: templates,
             }),
         );
+        // Its dumps are on disk already (it was restored from them).
+        self.pool.admit(node.tree, node.id);
         tracing::info!(node = %node.id, "its templates were re-made from the sessions restored from its dumps");
         Ok(())
     }
@@ -176,8 +184,11 @@ impl SandboxManager {
                 .find(|(sid, _, tpl)| *sid == session.session && tpl.is_alive())
         });
         if let Some((_, kind, template)) = own {
+            self.pool.hit();
+            self.pool.touch(node.id);
             return Ok((*kind, template.restore(opts)));
         }
+        self.pool.miss();
         let refuse = |why: String| SandboxError::NodeNotRestorable {
             node: node.id.to_string(),
             session: session.session.to_string(),
@@ -192,8 +203,8 @@ impl SandboxManager {
         if !Dump::exists(&root, &name) {
             return Err(refuse(
                 "its template is gone and it has no dump (dumps are written in the background \
-                 after each checkpoint: the daemon died first, or DELTABOX_DUMP_POLICY=off); \
-                 `--files-only` still restores the files"
+                 after each checkpoint, or at eviction: the template died first, or the \
+                 daemon runs with --dump-policy off); `--files-only` still restores the files"
                     .to_owned(),
             ));
         }

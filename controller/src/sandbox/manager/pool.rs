@@ -1,0 +1,480 @@
+//! The template pool: the live templates of every tree, bounded by count and by the
+//! bytes they alone own ([`crate::cr::owned`]).
+//!
+//! Templates are a cache of their nodes (each node is also a dump on disk, see
+//! `tree_ops/fallback.rs`), so when a bound is exceeded the least recently used
+//! template is evicted: its node's templates are destroyed and the node is restored
+//! from its dump from then on (the fallback; the first such restore re-makes them).
+//! "Used" is the checkpoint that made a node's templates, or a restore (rollback,
+//! branch) that forked them. Never evicted:
+//!
+//! - a node whose dump is queued (policy `eager`: skipped until written) or cannot be
+//!   written: a node's dump must be complete on disk before its templates go, so an
+//!   acknowledged node never loses its only copy; under `on-evict` the pool writes the
+//!   dump itself, then evicts; under `off` nothing is ever evicted;
+//! - the last live template of a session: the fallback rebuilds a session from its
+//!   dump by forking *a live template of the same program run* (same vdso), so each
+//!   session keeps one. The bounds can then be exceeded by up to one template per
+//!   session.
+//!
+//! All of it runs on the pool's own thread, off the answer path: woken after each
+//! checkpoint and each dump, and every [`TICK`] (what a template owns grows as its
+//! session writes pages the template still shares), it measures every template, then
+//! evicts while a bound is exceeded, measuring again after each eviction (a template's
+//! death can make pages another template shared with it its own).
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::{NodeTemplates, Tree, lock};
+use crate::cr::dump::{Dump, DumpOptions, DumpPolicy, DumpWorker, dump_name, dump_template};
+use crate::metrics::pool::PoolFigures;
+use crate::tree::db::{Op, TreeDb};
+use crate::tree::ids::{NodeId, SessionId, TreeId};
+
+/// How often the pool measures its templates when nothing wakes it.
+pub const TICK: Duration = Duration::from_secs(2);
+
+/// Default `--pool-max-templates`.
+pub const DEFAULT_MAX_TEMPLATES: u64 = 1024;
+
+/// The pool's bounds and the dump policy (`deltaboxd --pool-max-templates`,
+/// `--pool-max-bytes`, `--dump-policy`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoolConfig {
+    /// The most live templates (one per session of a node), over all trees.
+    pub max_templates: u64,
+    /// The most bytes the live templates may own, summed.
+    pub max_bytes: u64,
+    /// When dumps are written.
+    pub dump_policy: DumpPolicy,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            max_templates: DEFAULT_MAX_TEMPLATES,
+            max_bytes: default_max_bytes(),
+            dump_policy: DumpPolicy::Eager,
+        }
+    }
+}
+
+/// Default `--pool-max-bytes`: a quarter of the machine's memory (`MemTotal`), or
+/// 4 GiB if it cannot be read.
+pub fn default_max_bytes() -> u64 {
+    let total = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+            let kib = line.split_whitespace().nth(1)?.parse::<u64>().ok()?;
+            Some(kib * 1024)
+        });
+    total.map_or(4 << 30, |bytes| bytes / 4)
+}
+
+/// The trees, shared with the manager.
+pub(super) type Trees = Arc<Mutex<HashMap<TreeId, Arc<Tree>>>>;
+
+/// The pool: its bookkeeping and its thread. Stopped (the thread joined) on drop.
+pub(crate) struct Pool {
+    shared: Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+struct Shared {
+    cfg: PoolConfig,
+    trees: Trees,
+    db: Arc<TreeDb>,
+    dumps_root: PathBuf,
+    state: Mutex<State>,
+    wake: Condvar,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    evictions: AtomicU64,
+    /// Dumps the pool is writing itself (at most one: one thread).
+    dumping: AtomicU64,
+    /// The last measure: live templates and the bytes they own.
+    measured: Mutex<(u64, u64)>,
+}
+
+#[derive(Default)]
+struct State {
+    /// The nodes whose templates are in the pool, with when they were last used.
+    used: HashMap<NodeId, (TreeId, u64)>,
+    clock: u64,
+    /// Dumps queued on the dump worker (`<node>-<session>`), not yet on disk.
+    pending: HashSet<String>,
+    woken: bool,
+    stop: bool,
+}
+
+/// A node's templates, as one pass of the pool sees them.
+struct Candidate {
+    node: NodeId,
+    tree: Arc<Tree>,
+    templates: Arc<NodeTemplates>,
+    used: u64,
+}
+
+impl Candidate {
+    fn live(&self) -> impl Iterator<Item = (SessionId, &crate::cr::Template)> {
+        self.templates
+            .sessions
+            .iter()
+            .filter(|(_, _, t)| t.is_alive())
+            .map(|(sid, _, t)| (*sid, t))
+    }
+}
+
+impl Pool {
+    /// Starts the pool's thread over `trees`.
+    pub(super) fn start(
+        cfg: PoolConfig,
+        trees: Trees,
+        db: Arc<TreeDb>,
+        dumps_root: PathBuf,
+    ) -> Self {
+        let shared = Arc::new(Shared {
+            cfg,
+            trees,
+            db,
+            dumps_root,
+            state: Mutex::new(State::default()),
+            wake: Condvar::new(),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            evictions: AtomicU64::new(0),
+            dumping: AtomicU64::new(0),
+            measured: Mutex::new((0, 0)),
+        });
+        let runner = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("deltabox-pool".to_owned())
+            .spawn(move || runner.run())
+            .map_err(|e| tracing::warn!("cannot start the template pool's thread: {e}"))
+            .ok();
+        Self {
+            shared,
+            thread: Mutex::new(thread),
+        }
+    }
+
+    /// The bounds and the dump policy.
+    pub(super) fn config(&self) -> &PoolConfig {
+        &self.shared.cfg
+    }
+
+    /// Puts `node`'s templates (just made, adopted or re-made) in the pool, as the most
+    /// recently used.
+    pub(super) fn admit(&self, tree: TreeId, node: NodeId) {
+        let mut st = lock(&self.shared.state);
+        st.clock += 1;
+        let now = st.clock;
+        st.used.insert(node, (tree, now));
+        st.woken = true;
+        self.shared.wake.notify_all();
+    }
+
+    /// `node`'s templates were just forked: the most recently used.
+    pub(super) fn touch(&self, node: NodeId) {
+        let mut st = lock(&self.shared.state);
+        st.clock += 1;
+        let now = st.clock;
+        if let Some((_, used)) = st.used.get_mut(&node) {
+            *used = now;
+        }
+    }
+
+    /// Counts a session restored by forking its node's own template.
+    pub(super) fn hit(&self) {
+        self.shared.hits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a session restored from its dump (its template was gone).
+    pub(super) fn miss(&self) {
+        self.shared.misses.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Dump `name` is queued: its node is not evicted until [`Pool::dump_done`].
+    pub(super) fn dump_queued(&self, name: &str) {
+        lock(&self.shared.state).pending.insert(name.to_owned());
+    }
+
+    /// A handle for the dump jobs, which outlive the call that queued them.
+    pub(super) fn handle(&self) -> PoolHandle {
+        PoolHandle(Arc::clone(&self.shared))
+    }
+
+    /// The pool's figures; `templates_dumped` is the caller's to fill (it walks the
+    /// tree database).
+    pub(super) fn figures(&self) -> PoolFigures {
+        let s = &self.shared;
+        let (templates, bytes) = *lock(&s.measured);
+        let worker = DumpWorker::for_root(&s.dumps_root).backlog() as u64;
+        PoolFigures {
+            templates_live: templates,
+            templates_dumped: 0,
+            bytes_owned: bytes,
+            max_templates: s.cfg.max_templates,
+            max_bytes: s.cfg.max_bytes,
+            hits: s.hits.load(Ordering::Relaxed),
+            misses: s.misses.load(Ordering::Relaxed),
+            evictions: s.evictions.load(Ordering::Relaxed),
+            dump_backlog: worker + s.dumping.load(Ordering::Relaxed),
+            dump_policy: s.cfg.dump_policy.to_string(),
+        }
+    }
+
+    /// Stops the thread and waits for it (an eviction in progress finishes first).
+    pub(super) fn stop(&self) {
+        {
+            let mut st = lock(&self.shared.state);
+            st.stop = true;
+            self.shared.wake.notify_all();
+        }
+        if let Some(thread) = lock(&self.thread).take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// What a queued dump job tells the pool.
+pub(crate) struct PoolHandle(Arc<Shared>);
+
+impl PoolHandle {
+    /// Dump `name` was written (or failed: then the pool writes it at eviction).
+    pub(super) fn dump_done(&self, name: &str) {
+        let mut st = lock(&self.0.state);
+        st.pending.remove(name);
+        st.woken = true;
+        self.0.wake.notify_all();
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl Shared {
+    fn run(&self) {
+        loop {
+            {
+                let mut st = lock(&self.state);
+                let deadline = Instant::now() + TICK;
+                while !st.woken && !st.stop {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    st = self
+                        .wake
+                        .wait_timeout(st, left)
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .0;
+                }
+                if st.stop {
+                    return;
+                }
+                st.woken = false;
+            }
+            self.pass();
+        }
+    }
+
+    /// The pool's nodes whose templates are still in their tree's map, least recently
+    /// used first; forgets the others (removed with their node or tree).
+    fn candidates(&self) -> Vec<Candidate> {
+        let entries: Vec<(NodeId, TreeId, u64)> = lock(&self.state)
+            .used
+            .iter()
+            .map(|(node, (tree, used))| (*node, *tree, *used))
+            .collect();
+        let trees: HashMap<TreeId, Arc<Tree>> = lock(&self.trees)
+            .iter()
+            .map(|(id, t)| (*id, Arc::clone(t)))
+            .collect();
+        let mut out = Vec::new();
+        let mut gone = Vec::new();
+        for (node, tree_id, used) in entries {
+            let found = trees.get(&tree_id).and_then(|tree| {
+                let templates = lock(&tree.templates).get(&node).cloned()?;
+                Some((Arc::clone(tree), templates))
+            });
+            match found {
+                Some((tree, templates)) => out.push(Candidate {
+                    node,
+                    tree,
+                    templates,
+                    used,
+                }),
+                None => gone.push(node),
+            }
+        }
+        if !gone.is_empty() {
+            let mut st = lock(&self.state);
+            for node in gone {
+                st.used.remove(&node);
+            }
+        }
+        out.sort_by_key(|c| c.used);
+        out
+    }
+
+    /// Measures, then evicts while a bound is exceeded (see the module's comment).
+    fn pass(&self) {
+        let mut candidates = self.candidates();
+        let mut skipped: HashSet<NodeId> = HashSet::new();
+        loop {
+            let (count, bytes) = measure(&candidates);
+            *lock(&self.measured) = (count, bytes);
+            let over = count > self.cfg.max_templates || bytes > self.cfg.max_bytes;
+            if !over || self.cfg.dump_policy == DumpPolicy::Off {
+                return;
+            }
+            let Some(i) = self.victim(&candidates, &skipped) else {
+                tracing::debug!(
+                    count,
+                    bytes,
+                    "template pool over its bounds, nothing evictable"
+                );
+                return;
+            };
+            let victim = candidates.remove(i);
+            let node = victim.node;
+            if let Err(e) = self.evict(victim) {
+                tracing::warn!(node = %node, "not evicting its templates: {e}");
+                skipped.insert(node);
+                // Back in the list for the measures, never picked again in this pass.
+                candidates = self.candidates();
+            }
+        }
+    }
+
+    /// The least recently used node whose templates may go: not skipped, none of its
+    /// dumps queued, and none of its live templates the last of its session.
+    fn victim(&self, candidates: &[Candidate], skipped: &HashSet<NodeId>) -> Option<usize> {
+        let mut per_session: HashMap<SessionId, usize> = HashMap::new();
+        for c in candidates {
+            for (sid, _) in c.live() {
+                *per_session.entry(sid).or_default() += 1;
+            }
+        }
+        let pending = lock(&self.state).pending.clone();
+        candidates.iter().position(|c| {
+            let live: Vec<SessionId> = c.live().map(|(sid, _)| sid).collect();
+            !live.is_empty()
+                && !skipped.contains(&c.node)
+                && live.iter().all(|sid| {
+                    per_session.get(sid).copied().unwrap_or(0) > 1
+                        && !pending.contains(&dump_name(&c.node.to_string(), &sid.to_string()))
+                })
+        })
+    }
+
+    /// Makes sure every live template of `victim` has its dump on disk (writing it
+    /// when missing), then takes its templates out of their tree, records that the
+    /// node has none, and destroys them.
+    fn evict(&self, victim: Candidate) -> Result<(), String> {
+        let record = self
+            .db
+            .node(&victim.node)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| "its node is gone".to_owned())?;
+        for (sid, template) in victim.live() {
+            let name = dump_name(&victim.node.to_string(), &sid.to_string());
+            if Dump::exists(&self.dumps_root, &name) {
+                continue;
+            }
+            let opts = DumpOptions {
+                root: self.dumps_root.clone(),
+                name: name.clone(),
+                parent: self.nearest_dump(record.parent, sid),
+                root_prefix: Some(victim.tree.runtime.root_in_ns(&record.sandbox.to_string())),
+            };
+            self.dumping.fetch_add(1, Ordering::Relaxed);
+            let written = dump_template(template, &opts);
+            self.dumping.fetch_sub(1, Ordering::Relaxed);
+            let stats =
+                written.map_err(|e| format!("its dump {name} could not be written: {e}"))?;
+            tracing::info!(dump = %name, pages = stats.pages, written = stats.written, ms = stats.ms, "dumped before eviction");
+        }
+        {
+            let mut map = lock(&victim.tree.templates);
+            if map
+                .get(&victim.node)
+                .is_some_and(|t| Arc::ptr_eq(t, &victim.templates))
+            {
+                map.remove(&victim.node);
+            }
+        }
+        lock(&self.state).used.remove(&victim.node);
+        let mut updated = record.clone();
+        for s in &mut updated.sessions {
+            s.template = None;
+        }
+        if let Err(e) = self.db.commit(&[Op::PutNode(updated)]) {
+            // A restarted daemon then finds the pids gone (or not templates) itself.
+            tracing::warn!(node = %victim.node, "recording its eviction: {e}");
+        }
+        let count = victim.live().count() as u64;
+        self.evictions.fetch_add(count, Ordering::Relaxed);
+        tracing::info!(node = %victim.node, templates = count, "evicted from the template pool");
+        match Arc::try_unwrap(victim.templates) {
+            Ok(templates) => {
+                for (sid, _, template) in templates.sessions {
+                    if let Err(e) = template.destroy() {
+                        tracing::warn!(node = %victim.node, session = %sid, "destroying its template: {e}");
+                    }
+                }
+            }
+            // A restore holds them: they die when it lets go.
+            Err(held) => drop(held),
+        }
+        Ok(())
+    }
+
+    /// The dump of `session` at the nearest of `parent` and its ancestors that has
+    /// one: what a new dump is incremental against (any ancestor's works: pages are
+    /// compared at the same address).
+    fn nearest_dump(&self, mut parent: Option<NodeId>, session: SessionId) -> Option<String> {
+        let mut hops = 0;
+        while let Some(id) = parent {
+            let name = dump_name(&id.to_string(), &session.to_string());
+            if Dump::exists(&self.dumps_root, &name) {
+                return Some(name);
+            }
+            parent = self.db.node(&id).ok().flatten().and_then(|n| n.parent);
+            hops += 1;
+            if hops > 10_000 {
+                break;
+            }
+        }
+        None
+    }
+}
+
+/// Live templates of `candidates` and the bytes they own; a template that cannot be
+/// measured (it died meanwhile) counts as gone.
+fn measure(candidates: &[Candidate]) -> (u64, u64) {
+    let mut count = 0;
+    let mut bytes = 0;
+    for c in candidates {
+        for (_, template) in c.live() {
+            match template.owned_bytes() {
+                Ok(b) => {
+                    count += 1;
+                    bytes += b;
+                }
+                Err(e) => tracing::debug!(node = %c.node, "template not measured: {e}"),
+            }
+        }
+    }
+    (count, bytes)
+}
