@@ -23,7 +23,7 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,12 +73,12 @@ def _require(condition: bool, message: str) -> None:
         pytest.fail(message, pytrace=False)
 
 
-def _kill_cgroup(path: Path) -> None:
-    """Kills every process under a cgroup, then removes it and its children."""
+def _remove_cgroup_tree(path: Path, before_retry: Callable[[Path], None] | None = None) -> None:
+    """Removes a cgroup and its children, deepest first, each retried for up to 10 s in
+    all while the kernel lets its processes exit (``before_retry`` is called on a
+    cgroup that is not empty yet)."""
     if not path.is_dir():
         return
-    with contextlib.suppress(OSError):
-        (path / "cgroup.kill").write_text("1")
     subdirs = sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True)
     deadline = time.monotonic() + 10
     for d in [*subdirs, path]:
@@ -91,9 +91,22 @@ def _kill_cgroup(path: Path) -> None:
             except OSError:
                 if time.monotonic() > deadline:
                     break
-                with contextlib.suppress(OSError):
-                    (d / "cgroup.kill").write_text("1")
+                if before_retry is not None:
+                    before_retry(d)
                 time.sleep(0.05)
+
+
+def _kill(cgroup: Path) -> None:
+    """Kills every process under a cgroup2 cgroup (one that is gone is fine)."""
+    with contextlib.suppress(OSError):
+        (cgroup / "cgroup.kill").write_text("1")
+
+
+def _kill_cgroup(path: Path) -> None:
+    """Kills every process under a cgroup, then removes it and its children."""
+    if path.is_dir():
+        _kill(path)
+    _remove_cgroup_tree(path, before_retry=_kill)
 
 
 def _v1_mirrors(pid: int, cgroup: Path) -> list[Path]:
@@ -112,22 +125,8 @@ def _v1_mirrors(pid: int, cgroup: Path) -> list[Path]:
 
 def _remove_v1(path: Path) -> None:
     """Removes a v1 cgroup subtree bottom-up (its processes are gone once the v2
-    cgroups were killed; retried briefly while the kernel lets them exit)."""
-    if not path.is_dir():
-        return
-    subdirs = sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True)
-    deadline = time.monotonic() + 10
-    for d in [*subdirs, path]:
-        while True:
-            try:
-                d.rmdir()
-                break
-            except FileNotFoundError:
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    break
-                time.sleep(0.05)
+    cgroups were killed)."""
+    _remove_cgroup_tree(path)
 
 
 def _unmount_under(root: Path) -> None:

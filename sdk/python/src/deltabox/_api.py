@@ -31,6 +31,7 @@ from .models import (
     SandboxInfo,
     SessionInfo,
     Tree,
+    parse_memory,
 )
 
 T = TypeVar("T")
@@ -50,6 +51,8 @@ RUN_TIMEOUT_MARGIN = 60.0
 DEFAULT_TIMEOUT = 300.0
 #: Most branch calls ``node.branch(n)`` has in flight at once, by default.
 BRANCH_PARALLELISM = 8
+#: How long a client waits to connect to the socket (s).
+CONNECT_TIMEOUT = 10.0
 
 
 def socket_path(socket: str | os.PathLike[str] | None) -> str:
@@ -93,6 +96,34 @@ def run_timeout(timeout: float | None, base: float) -> float:
     return max(base, own + RUN_TIMEOUT_MARGIN)
 
 
+def http_timeout(default: float, call: Call[Any] | None = None) -> httpx.Timeout:
+    """httpx's timeout for a call: its own read timeout, else ``default`` (the
+    client's); :data:`CONNECT_TIMEOUT` to connect."""
+    read = call.timeout if call is not None and call.timeout is not None else default
+    return httpx.Timeout(read, connect=CONNECT_TIMEOUT)
+
+
+def http_options(timeout: float) -> dict[str, Any]:
+    """The arguments of an httpx client for the daemon, but its transport (on the
+    socket, blocking or asyncio)."""
+    return {"base_url": "http://deltaboxd", "timeout": http_timeout(timeout)}
+
+
+def http_request(call: Call[Any], default_timeout: float, *, stream: bool = False) -> dict[str, Any]:
+    """The arguments of httpx's ``request`` for a call (``stream``: of its ``stream``,
+    asking ``exec`` for its streamed answer)."""
+    args: dict[str, Any] = {
+        "method": call.method,
+        "url": call.path,
+        "json": call.body,
+        "params": call.params,
+        "timeout": http_timeout(default_timeout, call),
+    }
+    if stream:
+        args["headers"] = {"Accept": NDJSON}
+    return args
+
+
 def millis(timeout: float | None) -> int | None:
     """Seconds (the SDK's unit) to the API's milliseconds."""
     if timeout is None:
@@ -121,6 +152,19 @@ def create_sandbox(limits: Limits, rootfs: str | None, auto_checkpoint: bool) ->
     if rootfs is not None:
         body["rootfs"] = os.fspath(rootfs)
     return Call("POST", "/v1/sandboxes", SandboxInfo.from_json, body)
+
+
+def new_sandbox(
+    *,
+    memory: int | str | None,
+    cpus: float | None,
+    pids: int | None,
+    rootfs: str | os.PathLike[str] | None,
+    auto_checkpoint: bool,
+) -> Call[SandboxInfo]:
+    """:func:`create_sandbox` from the arguments of ``create`` (a memory size parsed)."""
+    limits = Limits(None if memory is None else parse_memory(memory), cpus, pids)
+    return create_sandbox(limits, None if rootfs is None else os.fspath(rootfs), auto_checkpoint)
 
 
 def list_sandboxes() -> Call[list[SandboxInfo]]:
@@ -156,15 +200,17 @@ def exec_command(
         body["cwd"] = cwd
     if stdin is not None:
         body["stdin"] = stdin.decode() if isinstance(stdin, bytes) else stdin
+    return _running(f"/v1/sandboxes/{_seg(sandbox)}/exec", ExecResult.from_json, body, timeout, base_timeout)
+
+
+def _running(
+    path: str, parse: Callable[[Any], T], body: Json, timeout: float | None, base_timeout: float
+) -> Call[T]:
+    """A ``POST`` that runs code for up to ``timeout`` seconds: the body says so (the
+    daemon's default when None) and the read timeout waits for it."""
     if timeout is not None:
         body["timeout_ms"] = millis(timeout)
-    return Call(
-        "POST",
-        f"/v1/sandboxes/{_seg(sandbox)}/exec",
-        ExecResult.from_json,
-        body,
-        timeout=run_timeout(timeout, base_timeout),
-    )
+    return Call("POST", path, parse, body, timeout=run_timeout(timeout, base_timeout))
 
 
 #: The ``Accept`` header that asks ``exec`` for its streamed answer: one JSON event
@@ -265,16 +311,8 @@ def session_run(
     sandbox: str, session: str, code: str, timeout: float | None, base_timeout: float
 ) -> Call[RunResult]:
     """``POST /v1/sandboxes/{id}/sessions/{session}/run``."""
-    body: Json = {"code": code}
-    if timeout is not None:
-        body["timeout_ms"] = millis(timeout)
-    return Call(
-        "POST",
-        f"/v1/sandboxes/{_seg(sandbox)}/sessions/{_seg(session)}/run",
-        RunResult.from_json,
-        body,
-        timeout=run_timeout(timeout, base_timeout),
-    )
+    path = f"/v1/sandboxes/{_seg(sandbox)}/sessions/{_seg(session)}/run"
+    return _running(path, RunResult.from_json, {"code": code}, timeout, base_timeout)
 
 
 def session_stop(sandbox: str, session: str) -> Call[SessionInfo]:

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import os
 import weakref
@@ -17,14 +18,13 @@ from typing import Any, TypeVar
 
 import httpx
 
-from . import _api
-from .errors import DeltaBoxError, UnknownSandbox, UnknownSession, error_from_response
+from . import _api, _handles
+from .errors import DeltaBoxError, error_from_response
 from .models import (
     BranchOutcome,
     Diff,
     ExecResult,
     GcResult,
-    Limits,
     NodeInfo,
     Removed,
     RollbackResult,
@@ -32,7 +32,6 @@ from .models import (
     SandboxInfo,
     SessionInfo,
     Tree,
-    parse_memory,
 )
 
 __all__ = ["AsyncClient", "AsyncSandbox", "AsyncSession", "AsyncNode", "default_async_client"]
@@ -50,9 +49,7 @@ class AsyncClient:
         self.socket = _api.socket_path(socket)
         self.timeout = timeout
         self._http = httpx.AsyncClient(
-            transport=httpx.AsyncHTTPTransport(uds=self.socket),
-            base_url="http://deltaboxd",
-            timeout=httpx.Timeout(timeout, connect=10.0),
+            transport=httpx.AsyncHTTPTransport(uds=self.socket), **_api.http_options(timeout)
         )
 
     async def __aenter__(self) -> AsyncClient:
@@ -67,15 +64,8 @@ class AsyncClient:
 
     async def call(self, call: _api.Call[T]) -> T:
         """Sends one request and parses the answer; raises the error's class."""
-        timeout = call.timeout if call.timeout is not None else self.timeout
         try:
-            response = await self._http.request(
-                call.method,
-                call.path,
-                json=call.body,
-                params=call.params,
-                timeout=httpx.Timeout(timeout, connect=10.0),
-            )
+            response = await self._http.request(**_api.http_request(call, self.timeout))
         except httpx.HTTPError as err:
             raise _api.transport_error(call, self.socket, err) from err
         return _api.decode(call, response.status_code, response.content)
@@ -89,16 +79,9 @@ class AsyncClient:
         """Sends an ``exec`` call for its streamed answer (see
         :meth:`deltabox.Client.stream_exec`); a callback may be a plain or an ``async``
         function (what it returns is awaited before the next chunk is read)."""
-        timeout = call.timeout if call.timeout is not None else self.timeout
         reader = _api.ExecStream(call, on_stdout, on_stderr)
         try:
-            async with self._http.stream(
-                call.method,
-                call.path,
-                json=call.body,
-                headers={"Accept": _api.NDJSON},
-                timeout=httpx.Timeout(timeout, connect=10.0),
-            ) as response:
+            async with self._http.stream(**_api.http_request(call, self.timeout, stream=True)) as response:
                 if not 200 <= response.status_code < 300:
                     raise error_from_response(response.status_code, await response.aread())
                 async for data in response.aiter_raw():
@@ -129,9 +112,10 @@ class AsyncClient:
         auto_checkpoint: bool = False,
     ) -> AsyncSandbox:
         """A new sandbox; see :meth:`AsyncSandbox.create`."""
-        limits = Limits(None if memory is None else parse_memory(memory), cpus, pids)
-        root = None if rootfs is None else os.fspath(rootfs)
-        return AsyncSandbox(self, await self.call(_api.create_sandbox(limits, root, auto_checkpoint)))
+        call = _api.new_sandbox(
+            memory=memory, cpus=cpus, pids=pids, rootfs=rootfs, auto_checkpoint=auto_checkpoint
+        )
+        return AsyncSandbox(self, await self.call(call))
 
     async def sandbox(self, sandbox_id: str) -> AsyncSandbox:
         """A handle to an existing sandbox (id or unique prefix)."""
@@ -181,36 +165,8 @@ def default_async_client(socket: str | os.PathLike[str] | None = None) -> AsyncC
     return client
 
 
-class AsyncNode:
+class AsyncNode(_handles.NodeBase[AsyncClient]):
     """A checkpoint (see :class:`deltabox.Node`)."""
-
-    def __init__(self, client: AsyncClient, info: NodeInfo) -> None:
-        self.client = client
-        self.info = info
-
-    def __repr__(self) -> str:
-        return f"AsyncNode(id={self.id!r}, label={self.label!r})"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, AsyncNode) and other.id == self.id
-
-    def __hash__(self) -> int:
-        return hash(self.id)
-
-    @property
-    def id(self) -> str:
-        """The node's id."""
-        return self.info.id
-
-    @property
-    def label(self) -> str | None:
-        """Its label."""
-        return self.info.label
-
-    @property
-    def parent(self) -> str | None:
-        """Its parent node's id."""
-        return self.info.parent
 
     async def branch(
         self, n: int = 1, *, max_parallel: int = _api.BRANCH_PARALLELISM
@@ -218,10 +174,7 @@ class AsyncNode:
         """``n`` new sandboxes from this node, branched concurrently (up to
         ``max_parallel`` calls in flight), one call each: each outcome holds its sandbox
         or its error, in order."""
-        if n < 1:
-            raise ValueError(f"branch count must be at least 1, not {n}")
-        if max_parallel < 1:
-            raise ValueError(f"max_parallel must be at least 1, not {max_parallel}")
+        self._check_branch(n, max_parallel)
         limit = asyncio.Semaphore(max_parallel)
 
         async def one(index: int) -> BranchOutcome[AsyncSandbox]:
@@ -247,34 +200,13 @@ class AsyncNode:
         return await self.client.call(_api.remove_node(self.id))
 
 
-class AsyncSession:
+class AsyncSession(_handles.SessionBase["AsyncSandbox"]):
     """A persistent interpreter (see :class:`deltabox.Session`)."""
-
-    def __init__(self, sandbox: AsyncSandbox, info: SessionInfo) -> None:
-        self.sandbox = sandbox
-        self.info = info
-
-    def __repr__(self) -> str:
-        return f"AsyncSession(id={self.id!r}, kind={self.kind!r}, sandbox={self.sandbox.id!r})"
-
-    @property
-    def id(self) -> str:
-        """The session's id (kept across rollbacks and branches)."""
-        return self.info.id
-
-    @property
-    def kind(self) -> str:
-        """``bash`` or ``python``."""
-        return self.info.kind
 
     async def run(self, code: str, *, timeout: float | None = None) -> RunResult:
         """Runs code; waits for it (see :meth:`deltabox.Session.run`)."""
-        sb = self.sandbox
-        result = await sb.client.call(_api.session_run(sb.id, self.id, code, timeout, sb.client.timeout))
-        if sb._client_auto and result.node is None:
-            node = await sb.client.call(_api.checkpoint(sb.id, _api.auto_label(code)))
-            result = _api.with_node(result, node)
-        return result
+        result = await self.sandbox.client.call(self._run_call(code, timeout))
+        return await self.sandbox._checkpointed(result, code)
 
     async def close(self) -> SessionInfo:
         """Stops the interpreter."""
@@ -284,28 +216,12 @@ class AsyncSession:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        try:
+        with contextlib.suppress(*_handles.SESSION_GONE):
             await self.close()
-        except (UnknownSession, UnknownSandbox):
-            pass
 
 
-class AsyncSandbox:
+class AsyncSandbox(_handles.SandboxBase[AsyncClient]):
     """A sandbox (see :class:`deltabox.Sandbox`); ``async with`` removes it."""
-
-    def __init__(self, client: AsyncClient, info: SandboxInfo) -> None:
-        self.client = client
-        self.info = info
-        self._client_auto = False
-
-    def __repr__(self) -> str:
-        return f"AsyncSandbox(id={self.info.id!r}, tree={self.info.tree!r})"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, AsyncSandbox) and other.id == self.id
-
-    def __hash__(self) -> int:
-        return hash(self.id)
 
     @classmethod
     async def create(
@@ -329,20 +245,10 @@ class AsyncSandbox:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        try:
+        with _handles.removing(exc):
             await self.remove()
-        except UnknownSandbox:
-            pass
-        except DeltaBoxError:
-            if exc is None:
-                raise
-            # else: the block's own exception matters more than a failed clean-up
 
-    @property
-    def id(self) -> str:
-        """The sandbox's id."""
-        return self.info.id
-
+    # These two say what they are in fewer words than Sandbox's (their logic is shared).
     @property
     def tree_id(self) -> str:
         """The id of its checkpoint tree."""
@@ -351,15 +257,11 @@ class AsyncSandbox:
     @property
     def auto_checkpoint(self) -> bool:
         """See :attr:`deltabox.Sandbox.auto_checkpoint`."""
-        return self.info.auto_checkpoint or self._client_auto
+        return self._auto_checkpoint()
 
     @auto_checkpoint.setter
     def auto_checkpoint(self, value: bool) -> None:
-        if not value and self.info.auto_checkpoint:
-            raise ValueError(
-                f"sandbox {self.id} was created with auto_checkpoint=True and the daemon cannot turn it off"
-            )
-        self._client_auto = bool(value) and not self.info.auto_checkpoint
+        self._set_auto_checkpoint(value)
 
     async def refresh(self) -> SandboxInfo:
         """Reloads :attr:`info` from the daemon."""
@@ -380,25 +282,15 @@ class AsyncSandbox:
         """Runs a one-shot command (see :meth:`deltabox.Sandbox.exec`); with
         ``on_stdout``/``on_stderr`` (plain or ``async`` functions) its output is streamed
         to them."""
-        argv = _api.argv_of(cmd)
-        call = _api.exec_command(
-            self.id,
-            argv,
-            timeout=timeout,
-            cwd=cwd,
-            env=env,
-            stdin=stdin,
-            base_timeout=self.client.timeout,
-        )
+        call, what = self._exec_call(cmd, timeout=timeout, cwd=cwd, env=env, stdin=stdin)
         if on_stdout is None and on_stderr is None:
-            result = await self.client.call(call)
-        else:
-            result = await self.client.stream_exec(call, on_stdout, on_stderr)
-        if self._client_auto and result.node is None:
-            label = cmd if isinstance(cmd, str) else " ".join(argv)
-            node = await self.client.call(_api.checkpoint(self.id, _api.auto_label(label)))
-            result = _api.with_node(result, node)
-        return result
+            return await self._checkpointed(await self.client.call(call), what)
+        return await self._checkpointed(await self.client.stream_exec(call, on_stdout, on_stderr), what)
+
+    async def _checkpointed(self, result: _api.R, what: str) -> _api.R:
+        """``result``, with the checkpoint the SDK takes after ``what`` if it takes one."""
+        call = self._auto_checkpoint_call(result, what)
+        return result if call is None else _api.with_node(result, await self.client.call(call))
 
     async def session(self, kind: str = "bash") -> AsyncSession:
         """Starts a persistent ``"bash"`` or ``"python"`` session."""

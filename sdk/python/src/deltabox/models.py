@@ -8,6 +8,7 @@ SDK needs that is missing raises :class:`~deltabox.errors.ProtocolError`.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar
 
@@ -39,6 +40,7 @@ __all__ = [
 Json = dict[str, Any]
 RollbackMode = Literal["all", "files_only", "processes_only"]
 S = TypeVar("S")
+T = TypeVar("T")
 
 
 def _get(obj: Json, key: str, what: str) -> Any:
@@ -46,6 +48,44 @@ def _get(obj: Json, key: str, what: str) -> Any:
         return obj[key]
     except (KeyError, TypeError):
         raise ProtocolError(f"the daemon's {what} has no field {key!r}: {obj!r:.200}") from None
+
+
+# What the parsers below share: each takes fields by the API's names, which are the
+# dataclasses' names, so that ``cls(**...)`` builds the object.
+def _required(obj: Json, what: str, *keys: str) -> Json:
+    """The fields the API always sends (ProtocolError naming the first one missing)."""
+    return {key: _get(obj, key, what) for key in keys}
+
+
+def _optional(obj: Json, *keys: str) -> Json:
+    """Fields that may be missing (None then)."""
+    return {key: obj.get(key) for key in keys}
+
+
+def _numbers(obj: Json, number: Callable[[Any], T], *keys: str) -> list[T]:
+    """Numeric fields, in order, each 0 when missing."""
+    return [number(obj.get(key, number(0))) for key in keys]
+
+
+def _list(parse: Callable[[Json], T], obj: Json, key: str) -> list[T]:
+    """A list of objects (empty when missing or null)."""
+    return [parse(item) for item in obj.get(key) or []]
+
+
+def _nested(parse: Callable[[Json], T], obj: Json, key: str) -> T | None:
+    """An object that may be missing or null (None then)."""
+    value = obj.get(key)
+    return parse(value) if value else None
+
+
+def _ran(obj: Json) -> Json:
+    """The fields ``ExecResult`` and ``RunResult`` share but the output."""
+    return {
+        "timed_out": bool(obj.get("timed_out", False)),
+        "truncated": bool(obj.get("truncated", False)),
+        "duration_ms": float(obj.get("duration_ms", 0.0)),
+        "node": _nested(NodeInfo.from_json, obj, "node"),
+    }
 
 
 _MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
@@ -110,8 +150,7 @@ class SessionInfo:
     @classmethod
     def from_json(cls, obj: Json) -> SessionInfo:
         """Parses the API's ``SessionInfo``."""
-        w = "session"
-        return cls(_get(obj, "id", w), _get(obj, "kind", w), _get(obj, "pid", w), _get(obj, "started_ms", w))
+        return cls(**_required(obj, "session", "id", "kind", "pid", "started_ms"))
 
 
 @dataclass(frozen=True)
@@ -124,7 +163,7 @@ class BusyInfo:
     @classmethod
     def from_json(cls, obj: Json) -> BusyInfo:
         """Parses the API's ``BusyInfo``."""
-        return cls(_get(obj, "operation", "busy"), _get(obj, "for_ms", "busy"))
+        return cls(**_required(obj, "busy", "operation", "for_ms"))
 
 
 @dataclass(frozen=True)
@@ -147,19 +186,14 @@ class SandboxInfo:
     @classmethod
     def from_json(cls, obj: Json) -> SandboxInfo:
         """Parses the API's ``SandboxInfo``."""
-        w = "sandbox"
         return cls(
-            id=_get(obj, "id", w),
-            tree=_get(obj, "tree", w),
-            created_ms=_get(obj, "created_ms", w),
+            **_required(obj, "sandbox", "id", "tree", "created_ms"),
             limits=Limits.from_json(obj.get("limits") or {}),
             auto_checkpoint=bool(obj.get("auto_checkpoint", False)),
-            sessions=[SessionInfo.from_json(s) for s in obj.get("sessions") or []],
+            sessions=_list(SessionInfo.from_json, obj, "sessions"),
             state=obj.get("state", "running"),
-            rootfs=obj.get("rootfs"),
-            head=obj.get("head"),
-            branched_from=obj.get("branched_from"),
-            busy=BusyInfo.from_json(obj["busy"]) if obj.get("busy") else None,
+            **_optional(obj, "rootfs", "head", "branched_from"),
+            busy=_nested(BusyInfo.from_json, obj, "busy"),
         )
 
 
@@ -174,8 +208,7 @@ class NodeSessionInfo:
     @classmethod
     def from_json(cls, obj: Json) -> NodeSessionInfo:
         """Parses the API's ``NodeSessionInfo``."""
-        w = "node session"
-        return cls(_get(obj, "session", w), _get(obj, "kind", w), obj.get("template", "none"))
+        return cls(**_required(obj, "node session", "session", "kind"), template=obj.get("template", "none"))
 
 
 @dataclass(frozen=True)
@@ -191,8 +224,7 @@ class CheckpointTimings:
     @classmethod
     def from_json(cls, obj: Json) -> CheckpointTimings:
         """Parses the API's ``CheckpointTimings``."""
-        keys = ("total_ms", "quiesce_ms", "files_ms", "processes_ms", "record_ms")
-        return cls(*(float(obj.get(k, 0.0)) for k in keys))
+        return cls(*_numbers(obj, float, "total_ms", "quiesce_ms", "files_ms", "processes_ms", "record_ms"))
 
 
 @dataclass(frozen=True)
@@ -212,17 +244,12 @@ class NodeInfo:
     @classmethod
     def from_json(cls, obj: Json) -> NodeInfo:
         """Parses the API's ``NodeInfo``."""
-        w = "node"
         return cls(
-            id=_get(obj, "id", w),
-            tree=_get(obj, "tree", w),
-            sandbox=_get(obj, "sandbox", w),
-            created_ms=_get(obj, "created_ms", w),
+            **_required(obj, "node", "id", "tree", "sandbox", "created_ms"),
             bytes=obj.get("bytes", 0),
-            sessions=[NodeSessionInfo.from_json(s) for s in obj.get("sessions") or []],
+            sessions=_list(NodeSessionInfo.from_json, obj, "sessions"),
             timings=CheckpointTimings.from_json(obj.get("timings") or {}),
-            parent=obj.get("parent"),
-            label=obj.get("label"),
+            **_optional(obj, "parent", "label"),
         )
 
 
@@ -248,16 +275,11 @@ class ExecResult:
     @classmethod
     def from_json(cls, obj: Json) -> ExecResult:
         """Parses the API's ``ExecResult``."""
-        node = obj.get("node")
         return cls(
             exit_code=obj.get("exit_code"),
-            stdout=_get(obj, "stdout", "exec result"),
-            stderr=_get(obj, "stderr", "exec result"),
-            timed_out=bool(obj.get("timed_out", False)),
-            truncated=bool(obj.get("truncated", False)),
-            duration_ms=float(obj.get("duration_ms", 0.0)),
+            **_required(obj, "exec result", "stdout", "stderr"),
+            **_ran(obj),
             signal=obj.get("signal"),
-            node=NodeInfo.from_json(node) if node else None,
         )
 
 
@@ -285,17 +307,7 @@ class RunResult:
     @classmethod
     def from_json(cls, obj: Json) -> RunResult:
         """Parses the API's ``SessionRunResult``."""
-        node = obj.get("node")
-        w = "session run result"
-        return cls(
-            stdout=_get(obj, "stdout", w),
-            stderr=_get(obj, "stderr", w),
-            status=_get(obj, "status", w),
-            timed_out=bool(obj.get("timed_out", False)),
-            truncated=bool(obj.get("truncated", False)),
-            duration_ms=float(obj.get("duration_ms", 0.0)),
-            node=NodeInfo.from_json(node) if node else None,
-        )
+        return cls(**_required(obj, "session run result", "stdout", "stderr", "status"), **_ran(obj))
 
 
 @dataclass(frozen=True)
@@ -310,7 +322,7 @@ class RollbackTimings:
     @classmethod
     def from_json(cls, obj: Json) -> RollbackTimings:
         """Parses the API's ``RollbackTimings``."""
-        return cls(*(float(obj.get(k, 0.0)) for k in ("total_ms", "kill_ms", "files_ms", "processes_ms")))
+        return cls(*_numbers(obj, float, "total_ms", "kill_ms", "files_ms", "processes_ms"))
 
 
 @dataclass(frozen=True)
@@ -326,12 +338,10 @@ class RollbackResult:
     @classmethod
     def from_json(cls, obj: Json) -> RollbackResult:
         """Parses the API's ``RollbackResult``."""
-        w = "rollback result"
         return cls(
-            sandbox=_get(obj, "sandbox", w),
-            node=_get(obj, "node", w),
+            **_required(obj, "rollback result", "sandbox", "node"),
             mode=obj.get("mode", "all"),
-            sessions=[SessionInfo.from_json(s) for s in obj.get("sessions") or []],
+            sessions=_list(SessionInfo.from_json, obj, "sessions"),
             timings=RollbackTimings.from_json(obj.get("timings") or {}),
         )
 
@@ -385,8 +395,8 @@ class Tree:
         """Parses the API's ``TreeView``."""
         return cls(
             tree=_get(obj, "tree", "tree"),
-            nodes=[NodeInfo.from_json(n) for n in obj.get("nodes") or []],
-            sandboxes=[SandboxHead.from_json(s) for s in obj.get("sandboxes") or []],
+            nodes=_list(NodeInfo.from_json, obj, "nodes"),
+            sandboxes=_list(SandboxHead.from_json, obj, "sandboxes"),
             text=obj.get("text", ""),
         )
 
@@ -403,8 +413,7 @@ class DiffEntry:
     @classmethod
     def from_json(cls, obj: Json) -> DiffEntry:
         """Parses the API's ``DiffEntry``."""
-        w = "diff entry"
-        return cls(_get(obj, "path", w), _get(obj, "change", w), obj.get("file_type", "other"))
+        return cls(**_required(obj, "diff entry", "path", "change"), file_type=obj.get("file_type", "other"))
 
 
 @dataclass(frozen=True)
@@ -425,7 +434,7 @@ class Diff:
         return cls(
             from_=_get(obj, "from", "diff"),
             to=_get(obj, "to", "diff"),
-            changes=[DiffEntry.from_json(c) for c in obj.get("changes") or []],
+            changes=_list(DiffEntry.from_json, obj, "changes"),
         )
 
 
@@ -453,11 +462,7 @@ class GcResult:
     @classmethod
     def from_json(cls, obj: Json) -> GcResult:
         """Parses the API's ``GcResult``."""
-        return cls(
-            int(obj.get("layers_removed", 0)),
-            int(obj.get("trees_removed", 0)),
-            int(obj.get("dumps_removed", 0)),
-        )
+        return cls(*_numbers(obj, int, "layers_removed", "trees_removed", "dumps_removed"))
 
 
 @dataclass

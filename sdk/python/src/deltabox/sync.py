@@ -6,6 +6,7 @@ The asyncio twins in :mod:`deltabox.aio` have the same methods, awaited.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Mapping, Sequence
@@ -15,14 +16,13 @@ from typing import Any, TypeVar
 
 import httpx
 
-from . import _api
-from .errors import DeltaBoxError, UnknownSandbox, UnknownSession, error_from_response
+from . import _api, _handles
+from .errors import DeltaBoxError, error_from_response
 from .models import (
     BranchOutcome,
     Diff,
     ExecResult,
     GcResult,
-    Limits,
     NodeInfo,
     Removed,
     RollbackResult,
@@ -30,7 +30,6 @@ from .models import (
     SandboxInfo,
     SessionInfo,
     Tree,
-    parse_memory,
 )
 
 __all__ = ["Client", "Sandbox", "Session", "Node", "default_client"]
@@ -58,9 +57,7 @@ class Client:
         self.socket = _api.socket_path(socket)
         self.timeout = timeout
         self._http = httpx.Client(
-            transport=httpx.HTTPTransport(uds=self.socket),
-            base_url="http://deltaboxd",
-            timeout=httpx.Timeout(timeout, connect=10.0),
+            transport=httpx.HTTPTransport(uds=self.socket), **_api.http_options(timeout)
         )
 
     def __enter__(self) -> Client:
@@ -75,15 +72,8 @@ class Client:
 
     def call(self, call: _api.Call[T]) -> T:
         """Sends one request and parses the answer; raises the error's class."""
-        timeout = call.timeout if call.timeout is not None else self.timeout
         try:
-            response = self._http.request(
-                call.method,
-                call.path,
-                json=call.body,
-                params=call.params,
-                timeout=httpx.Timeout(timeout, connect=10.0),
-            )
+            response = self._http.request(**_api.http_request(call, self.timeout))
         except httpx.HTTPError as err:
             raise _api.transport_error(call, self.socket, err) from err
         return _api.decode(call, response.status_code, response.content)
@@ -100,16 +90,9 @@ class Client:
         An exception raised by a callback stops the reading and propagates; the command
         goes on in the sandbox, its further output dropped.
         """
-        timeout = call.timeout if call.timeout is not None else self.timeout
         reader = _api.ExecStream(call, on_stdout, on_stderr)
         try:
-            with self._http.stream(
-                call.method,
-                call.path,
-                json=call.body,
-                headers={"Accept": _api.NDJSON},
-                timeout=httpx.Timeout(timeout, connect=10.0),
-            ) as response:
+            with self._http.stream(**_api.http_request(call, self.timeout, stream=True)) as response:
                 if not 200 <= response.status_code < 300:
                     raise error_from_response(response.status_code, response.read())
                 for data in response.iter_raw():
@@ -136,9 +119,10 @@ class Client:
         auto_checkpoint: bool = False,
     ) -> Sandbox:
         """A new sandbox (and a new tree for it); see :meth:`Sandbox.create`."""
-        limits = Limits(None if memory is None else parse_memory(memory), cpus, pids)
-        root = None if rootfs is None else os.fspath(rootfs)
-        return Sandbox(self, self.call(_api.create_sandbox(limits, root, auto_checkpoint)))
+        call = _api.new_sandbox(
+            memory=memory, cpus=cpus, pids=pids, rootfs=rootfs, auto_checkpoint=auto_checkpoint
+        )
+        return Sandbox(self, self.call(call))
 
     def sandbox(self, sandbox_id: str) -> Sandbox:
         """A handle to an existing sandbox (id or unique prefix)."""
@@ -185,37 +169,9 @@ def default_client(socket: str | os.PathLike[str] | None = None) -> Client:
         return client
 
 
-class Node:
+class Node(_handles.NodeBase[Client]):
     """A checkpoint: the files and processes of a sandbox at one moment. Roll a
     sandbox of its tree back to it, or branch new sandboxes from it."""
-
-    def __init__(self, client: Client, info: NodeInfo) -> None:
-        self.client = client
-        self.info = info
-
-    def __repr__(self) -> str:
-        return f"Node(id={self.id!r}, label={self.label!r})"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Node) and other.id == self.id
-
-    def __hash__(self) -> int:
-        return hash(self.id)
-
-    @property
-    def id(self) -> str:
-        """The node's id."""
-        return self.info.id
-
-    @property
-    def label(self) -> str | None:
-        """Its label."""
-        return self.info.label
-
-    @property
-    def parent(self) -> str | None:
-        """Its parent node's id."""
-        return self.info.parent
 
     def branch(self, n: int = 1, *, max_parallel: int = BRANCH_PARALLELISM) -> list[BranchOutcome[Sandbox]]:
         """``n`` new sandboxes from this node, each with this node's files and processes.
@@ -224,10 +180,7 @@ class Node:
         each outcome holds its sandbox or the error that stopped it, in order. Remove
         the sandboxes when done (they are context managers).
         """
-        if n < 1:
-            raise ValueError(f"branch count must be at least 1, not {n}")
-        if max_parallel < 1:
-            raise ValueError(f"max_parallel must be at least 1, not {max_parallel}")
+        self._check_branch(n, max_parallel)
 
         def one(index: int) -> BranchOutcome[Sandbox]:
             try:
@@ -254,36 +207,14 @@ class Node:
         return self.client.call(_api.remove_node(self.id))
 
 
-class Session:
+class Session(_handles.SessionBase["Sandbox"]):
     """A persistent ``bash`` or ``python`` interpreter in a sandbox: variables, cwd and
     imports survive between :meth:`run` calls, and checkpoints capture them."""
-
-    def __init__(self, sandbox: Sandbox, info: SessionInfo) -> None:
-        self.sandbox = sandbox
-        self.info = info
-
-    def __repr__(self) -> str:
-        return f"Session(id={self.id!r}, kind={self.kind!r}, sandbox={self.sandbox.id!r})"
-
-    @property
-    def id(self) -> str:
-        """The session's id (kept across rollbacks and branches)."""
-        return self.info.id
-
-    @property
-    def kind(self) -> str:
-        """``bash`` or ``python``."""
-        return self.info.kind
 
     def run(self, code: str, *, timeout: float | None = None) -> RunResult:
         """Runs code; waits for it. ``timeout`` (s) interrupts the code, not the session
         (default: the daemon's 600 s)."""
-        sb = self.sandbox
-        result = sb.client.call(_api.session_run(sb.id, self.id, code, timeout, sb.client.timeout))
-        if sb._client_auto and result.node is None:
-            node = sb.client.call(_api.checkpoint(sb.id, _api.auto_label(code)))
-            result = _api.with_node(result, node)
-        return result
+        return self.sandbox._checkpointed(self.sandbox.client.call(self._run_call(code, timeout)), code)
 
     def close(self) -> SessionInfo:
         """Stops the interpreter."""
@@ -293,29 +224,13 @@ class Session:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        try:
+        with contextlib.suppress(*_handles.SESSION_GONE):
             self.close()
-        except (UnknownSession, UnknownSandbox):
-            pass  # gone already (a rollback to before it started, or the sandbox)
 
 
-class Sandbox:
+class Sandbox(_handles.SandboxBase[Client]):
     """An isolated Linux environment whose files and processes checkpoint, roll back and
     branch. Use it as a context manager: leaving the block removes it."""
-
-    def __init__(self, client: Client, info: SandboxInfo) -> None:
-        self.client = client
-        self.info = info
-        self._client_auto = False
-
-    def __repr__(self) -> str:
-        return f"Sandbox(id={self.info.id!r}, tree={self.info.tree!r})"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Sandbox) and other.id == self.id
-
-    def __hash__(self) -> int:
-        return hash(self.id)
 
     @classmethod
     def create(
@@ -351,40 +266,8 @@ class Sandbox:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        try:
+        with _handles.removing(exc):
             self.remove()
-        except UnknownSandbox:
-            pass
-        except DeltaBoxError:
-            if exc is None:
-                raise
-            # else: the block's own exception matters more than a failed clean-up
-
-    @property
-    def id(self) -> str:
-        """The sandbox's id."""
-        return self.info.id
-
-    @property
-    def tree_id(self) -> str:
-        """The id of its checkpoint tree (shared with its branches)."""
-        return self.info.tree
-
-    @property
-    def auto_checkpoint(self) -> bool:
-        """Whether every ``exec`` and ``session.run`` ends in a checkpoint (the result's
-        ``node``). Setting it to True on a sandbox created without it makes the SDK take
-        that checkpoint right after each call; a sandbox created with it keeps it (the
-        API cannot turn it off, so setting False raises ValueError)."""
-        return self.info.auto_checkpoint or self._client_auto
-
-    @auto_checkpoint.setter
-    def auto_checkpoint(self, value: bool) -> None:
-        if not value and self.info.auto_checkpoint:
-            raise ValueError(
-                f"sandbox {self.id} was created with auto_checkpoint=True and the daemon cannot turn it off"
-            )
-        self._client_auto = bool(value) and not self.info.auto_checkpoint
 
     def refresh(self) -> SandboxInfo:
         """Reloads :attr:`info` (head, sessions, state) from the daemon."""
@@ -419,25 +302,15 @@ class Sandbox:
             on_stdout: called with each chunk of its stdout, as it comes.
             on_stderr: called with each chunk of its stderr, as it comes.
         """
-        argv = _api.argv_of(cmd)
-        call = _api.exec_command(
-            self.id,
-            argv,
-            timeout=timeout,
-            cwd=cwd,
-            env=env,
-            stdin=stdin,
-            base_timeout=self.client.timeout,
-        )
+        call, what = self._exec_call(cmd, timeout=timeout, cwd=cwd, env=env, stdin=stdin)
         if on_stdout is None and on_stderr is None:
-            result = self.client.call(call)
-        else:
-            result = self.client.stream_exec(call, on_stdout, on_stderr)
-        if self._client_auto and result.node is None:
-            label = cmd if isinstance(cmd, str) else " ".join(argv)
-            node = self.client.call(_api.checkpoint(self.id, _api.auto_label(label)))
-            result = _api.with_node(result, node)
-        return result
+            return self._checkpointed(self.client.call(call), what)
+        return self._checkpointed(self.client.stream_exec(call, on_stdout, on_stderr), what)
+
+    def _checkpointed(self, result: _api.R, what: str) -> _api.R:
+        """``result``, with the checkpoint the SDK takes after ``what`` if it takes one."""
+        call = self._auto_checkpoint_call(result, what)
+        return result if call is None else _api.with_node(result, self.client.call(call))
 
     def session(self, kind: str = "bash") -> Session:
         """Starts a persistent ``"bash"`` or ``"python"`` session."""
