@@ -438,13 +438,14 @@ fn sessions_in_wrong_states_are_refused_and_lose_nothing() {
     w.assert_intact("an unknown session kind");
 }
 
-/// A session holding what DeltaCR cannot restore (a pipe beyond stdio) makes the
-/// checkpoint fail with `process_not_restorable`, naming the sandbox, the session and
-/// its pid; no node is left, the session lives on, and once the pipe is closed
+/// A session holding what DeltaCR cannot restore (a socket; pipes are restored since
+/// `sandbox_proctree`) makes the checkpoint fail with `process_not_restorable`, naming
+/// the sandbox, the session and its pid; no node is left, the session lives on, and
+/// once the socket is closed
 /// checkpoints work again. (Threads are restored since DeltaCR recreates them:
 /// `cr_threads.rs`.)
 #[test]
-fn a_session_holding_a_pipe_cannot_be_checkpointed_and_nothing_is_lost() {
+fn a_session_holding_a_socket_cannot_be_checkpointed_and_nothing_is_lost() {
     require_root();
     let daemon = TestDaemon::start("e-pipe", &[]);
     let w = World::new(&daemon);
@@ -453,8 +454,8 @@ fn a_session_holding_a_pipe_cannot_be_checkpointed_and_nothing_is_lost() {
     http.run(
         &w.sandbox,
         &w.session,
-        "import os
-r, w = os.pipe()",
+        "import socket
+r, w = socket.socketpair()",
     );
     let pid = http.sandbox(&w.sandbox)["sessions"]
         .as_array()
@@ -463,17 +464,17 @@ r, w = os.pipe()",
         .expect("the python session is listed");
     http.post(
         &format!("/v1/sandboxes/{}/checkpoint", w.sandbox),
-        &json!({"label": "pipe"}),
+        &json!({"label": "socket"}),
     )
     .expect_error(
         422,
         "process_not_restorable",
         &[&w.sandbox, &w.session, &pid],
-        "checkpoint of a session holding a pipe",
+        "checkpoint of a session holding a socket",
     );
     assert_eq!(http.node_ids(&w.sandbox), nodes_before, "a node was left");
-    // The session lives on; once the pipe is closed, checkpoints work again.
-    http.run(&w.sandbox, &w.session, "os.close(r)\nos.close(w)");
+    // The session lives on; once the socket is closed, checkpoints work again.
+    http.run(&w.sandbox, &w.session, "r.close()\nw.close()");
     w.assert_intact("a refused checkpoint");
     let node = http.checkpoint(&w.sandbox, "after");
     http.run(&w.sandbox, &w.session, "x = 99");

@@ -5,10 +5,15 @@
 //! and with every other branch (DESIGN.md, invariant 2). DeltaCR therefore empties the
 //! template's table at the checkpoint and gives each restored process its own open
 //! file descriptions: each file or directory is reopened by path at the recorded offset
-//! and flags, and fds 0–2 are connected to fresh pipes held by the controller. Other
-//! kinds (pipes and sockets beyond stdio, eventfds, deleted files, …) make the
-//! checkpoint fail with an error naming the fd; nothing is silently dropped.
+//! and flags, and fds 0–2 of a session are connected to fresh pipes held by the
+//! controller. Pipes between the processes of a sandbox (a pipe beyond a session's
+//! stdio, or any pipe of a process that is not a session) are recorded by inode
+//! ([`FdKind::Pipe`]): each restore is given, per inode, a path to open for a fresh pipe
+//! that stands for it ([`super::pipes`]). Other kinds (sockets, eventfds, deleted
+//! files, …) make the checkpoint fail with an error naming the fd; nothing is silently
+//! dropped.
 
+use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
@@ -42,7 +47,7 @@ pub enum FdError {
     /// An fd of a kind DeltaCR cannot restore yet.
     #[error(
         "pid {pid} ({comm}): fd {fd} is {target:?}, which DeltaCR cannot restore yet \
-         (it restores files and directories by path, and fds 0-2 as pipes)"
+         (it restores files and directories by path, pipes, and a session's fds 0-2)"
     )]
     Unsupported {
         /// The process.
@@ -75,6 +80,19 @@ pub enum FdError {
     /// Taking the controller's end of a stdio pipe failed.
     #[error(transparent)]
     Pidfd(#[from] PidfdError),
+    /// A pipe fd whose inode the restore was given no path for.
+    #[error(
+        "restored pid {pid}: fd {fd} is pipe:[{inode}] at the checkpoint, and the restore \
+         was given no fresh pipe for it"
+    )]
+    PipeUnplaced {
+        /// The restored process.
+        pid: i32,
+        /// The fd.
+        fd: i32,
+        /// The pipe's inode at the checkpoint.
+        inode: u64,
+    },
     /// A file could not be reopened in the restored process.
     #[error("cannot reopen fd {fd} ({}) in restored pid {pid}", path.display())]
     Reopen {
@@ -102,6 +120,10 @@ pub enum FdKind {
         /// The file offset at the checkpoint.
         offset: u64,
     },
+    /// A pipe to or between the sandbox's processes ([`FdEntry::pipe`] is its inode),
+    /// reopened through the path the restore gives for that inode
+    /// ([`super::RestoreOptions::pipes`]), with the recorded access mode.
+    Pipe,
 }
 
 /// One recorded fd.
@@ -113,6 +135,10 @@ pub struct FdEntry {
     pub flags: u32,
     /// What it is.
     pub kind: FdKind,
+    /// The inode of the pipe it is on (`pipe:[N]`), if it is one: what ties it to the
+    /// other ends of that pipe, in this process or others.
+    #[serde(default)]
+    pub pipe: Option<u64>,
 }
 
 /// How an fd would be restored, judged from its `/proc/<pid>/fd` link alone.
@@ -124,17 +150,36 @@ pub enum Class {
     Path(PathBuf),
     /// A deleted file (including memfds and `O_TMPFILE` files).
     Deleted,
+    /// A pipe (not a session's stdio), by inode.
+    Pipe(u64),
     /// A pipe, socket, anonymous inode, … beyond stdio.
     Unsupported,
 }
 
-/// Classifies fd `fd` whose `/proc` link reads `target`.
+/// Classifies fd `fd` of a session (fds 0–2 are the controller's pipes) whose `/proc`
+/// link reads `target`.
 pub fn classify(fd: i32, target: &OsStr) -> Class {
-    if (0..=2).contains(&fd) {
+    classify_fd(fd, target, true)
+}
+
+/// The inode of a pipe from its `/proc/<pid>/fd` link (`pipe:[N]`).
+pub fn pipe_inode(target: &OsStr) -> Option<u64> {
+    let bytes = target.as_bytes();
+    let inner = bytes.strip_prefix(b"pipe:[")?.strip_suffix(b"]")?;
+    std::str::from_utf8(inner).ok()?.parse().ok()
+}
+
+/// Classifies fd `fd` whose `/proc` link reads `target`: with `session_stdio`, fds 0–2
+/// are a session's stdio (fresh controller pipes on restore); without, they are
+/// classified like any other fd (a process that inherited them).
+pub fn classify_fd(fd: i32, target: &OsStr, session_stdio: bool) -> Class {
+    if session_stdio && (0..=2).contains(&fd) {
         return Class::Stdio;
     }
     let bytes = target.as_bytes();
-    if bytes.ends_with(b" (deleted)") {
+    if let Some(inode) = pipe_inode(target) {
+        Class::Pipe(inode)
+    } else if bytes.ends_with(b" (deleted)") {
         Class::Deleted
     } else if bytes.starts_with(b"/") {
         Class::Path(PathBuf::from(target))
@@ -148,8 +193,9 @@ pub fn reopen_flags(flags: u32) -> u32 {
     (flags & KEPT_FLAGS) | libc::O_NOCTTY as u32
 }
 
-/// Fails with the first fd of `pid` that DeltaCR cannot restore.
-pub fn check_supported(pid: i32) -> Result<(), FdError> {
+/// Fails with the first fd of `pid` that DeltaCR cannot restore (`session_stdio` as
+/// in [`classify_fd`]).
+pub fn check_supported(pid: i32, session_stdio: bool) -> Result<(), FdError> {
     for (fd, target) in procfs::fds(pid)? {
         let err = |deleted: bool| {
             let comm = procfs::comm_or_unknown(pid);
@@ -170,8 +216,8 @@ pub fn check_supported(pid: i32) -> Result<(), FdError> {
                 }
             }
         };
-        match classify(fd, &target) {
-            Class::Stdio | Class::Path(_) => {}
+        match classify_fd(fd, &target, session_stdio) {
+            Class::Stdio | Class::Path(_) | Class::Pipe(_) => {}
             Class::Deleted => return Err(err(true)),
             Class::Unsupported => return Err(err(false)),
         }
@@ -179,17 +225,19 @@ pub fn check_supported(pid: i32) -> Result<(), FdError> {
     Ok(())
 }
 
-/// Records the fd table of `pid`, which must be stopped (offsets move while it runs).
-pub fn record(pid: i32) -> Result<Vec<FdEntry>, FdError> {
-    check_supported(pid)?;
+/// Records the fd table of `pid`, which must be stopped (offsets move while it runs);
+/// `session_stdio` as in [`classify_fd`].
+pub fn record(pid: i32, session_stdio: bool) -> Result<Vec<FdEntry>, FdError> {
+    check_supported(pid, session_stdio)?;
     let mut table = Vec::new();
     for (fd, target) in procfs::fds(pid)? {
         let info = procfs::fdinfo(pid, fd)?;
-        let kind = match classify(fd, &target) {
+        let kind = match classify_fd(fd, &target, session_stdio) {
             Class::Path(path) => FdKind::Path {
                 path,
                 offset: info.pos,
             },
+            Class::Pipe(_) => FdKind::Pipe,
             // Checked above; anything else is stdio.
             _ => FdKind::Stdio,
         };
@@ -197,6 +245,7 @@ pub fn record(pid: i32) -> Result<Vec<FdEntry>, FdError> {
             fd,
             flags: info.flags,
             kind,
+            pipe: pipe_inode(&target),
         });
     }
     Ok(table)
@@ -242,24 +291,44 @@ fn move_fd(inj: &mut Injection<'_>, from: u64, to: i32, flags: u32) -> Result<()
 /// Rebuilds `table` and the working directory `cwd` in the stopped tracee of `inj`, a
 /// fork of a template: its fd table is emptied (it holds at most the cgroup fd of the
 /// template's `clone3`), each path reopened at its offset, fds 0–2 put on fresh pipes
-/// whose other ends are returned. `scratch` is the template's scratch page
-/// ([`SCRATCH_LEN`] bytes), inherited: used, then unmapped.
+/// whose other ends are returned, each pipe fd opened through the path `pipes` gives
+/// for its inode. `scratch` is the template's scratch page ([`SCRATCH_LEN`] bytes),
+/// inherited: used, then unmapped.
 pub fn install(
     inj: &mut Injection<'_>,
     pidfd: &Pidfd,
     table: &[FdEntry],
     cwd: &Path,
     scratch: u64,
+    pipes: &HashMap<u64, PathBuf>,
 ) -> Result<StdioPipes, FdError> {
     let pid = inj.tracee().pid().as_raw();
+    // Every fd reopened by path: files at their offset, pipes through `pipes`.
+    let mut reopened = Vec::with_capacity(table.len());
+    for entry in table {
+        reopened.push(match (&entry.kind, entry.pipe) {
+            (FdKind::Path { path, offset }, _) => Some((path.clone(), *offset)),
+            (FdKind::Pipe, Some(inode)) => match pipes.get(&inode) {
+                Some(path) => Some((path.clone(), 0)),
+                None => {
+                    return Err(FdError::PipeUnplaced {
+                        pid,
+                        fd: entry.fd,
+                        inode,
+                    });
+                }
+            },
+            (FdKind::Pipe, None) | (FdKind::Stdio, _) => None,
+        });
+    }
     let all = u64::from(u32::MAX);
     inj.syscall("close_range", libc::SYS_close_range, &[0, all, 0])?;
     // Scratch memory: 8 bytes for pipe2's result, then the NUL-terminated paths.
     let mut blob = vec![0u8; 8];
     let mut path_at = Vec::with_capacity(table.len());
-    for entry in table {
+    for reopen in &reopened {
         path_at.push(blob.len() as u64);
-        if let FdKind::Path { path, .. } = &entry.kind {
+        if let Some((path, _)) = reopen {
             blob.extend_from_slice(path.as_os_str().as_bytes());
             blob.push(0);
         }
@@ -279,9 +348,9 @@ pub fn install(
         .map_err(InjectError::from)?;
 
     let mut pipes = StdioPipes::default();
-    for (entry, at) in table.iter().zip(path_at) {
-        match &entry.kind {
-            FdKind::Stdio => {
+    for ((entry, at), reopen) in table.iter().zip(path_at).zip(&reopened) {
+        match (&entry.kind, reopen) {
+            (FdKind::Stdio, _) => {
                 inj.syscall("pipe2", libc::SYS_pipe2, &[scratch, 0])?;
                 let mut ends = [0u8; 8];
                 inj.tracee()
@@ -315,7 +384,7 @@ pub fn install(
                     )?;
                 }
             }
-            FdKind::Path { path, offset } => {
+            (_, Some((path, offset))) => {
                 let reopen = |source| FdError::Reopen {
                     pid,
                     fd: entry.fd,
@@ -344,6 +413,8 @@ pub fn install(
                 }
                 move_fd(inj, fd, entry.fd, entry.flags).map_err(reopen)?;
             }
+            // Refused above.
+            (_, None) => {}
         }
     }
     inj.syscall("chdir", libc::SYS_chdir, &[scratch + cwd_at])?;
@@ -371,7 +442,17 @@ mod tests {
             classify(4, OsStr::new("/memfd:jit (deleted)")),
             Class::Deleted
         );
-        assert_eq!(classify(5, OsStr::new("pipe:[99]")), Class::Unsupported);
+        assert_eq!(classify(5, OsStr::new("pipe:[99]")), Class::Pipe(99));
+        assert_eq!(classify(1, OsStr::new("pipe:[99]")), Class::Stdio);
+        assert_eq!(
+            classify_fd(1, OsStr::new("pipe:[99]"), false),
+            Class::Pipe(99)
+        );
+        assert_eq!(
+            classify_fd(0, OsStr::new("/dev/null"), false),
+            Class::Path(PathBuf::from("/dev/null"))
+        );
+        assert_eq!(pipe_inode(OsStr::new("pipe:[12x]")), None);
         assert_eq!(classify(6, OsStr::new("socket:[7]")), Class::Unsupported);
         assert_eq!(
             classify(7, OsStr::new("anon_inode:[eventpoll]")),

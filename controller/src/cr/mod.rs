@@ -16,6 +16,7 @@
 //! - [`pidfd`] — pidfds.
 //! - [`freezer`] — the frozen cgroup of a template.
 //! - [`fdtable`] — recording and rebuilding fd tables.
+//! - [`pipes`] — pipes between processes: unread bytes recorded, fresh pipes on restore.
 //! - [`state`] — the recorded, versioned process state.
 //! - [`template`] — checkpoint; [`restore`] — restore, rollback, branch.
 //! - [`threads`] — stopping, recording and recreating the threads of a process.
@@ -34,6 +35,7 @@ pub mod freezer;
 pub mod inject;
 pub mod owned;
 pub mod pidfd;
+pub mod pipes;
 pub mod procfs;
 pub mod ptrace;
 pub mod rebind;
@@ -47,7 +49,7 @@ use std::time::Duration;
 pub use rebind::Rebind;
 pub use restore::{RestoreOptions, RestoreTimings, Restored, rollback};
 pub use state::ProcessState;
-pub use template::{CheckpointOptions, CheckpointTimings, Template, checkpoint};
+pub use template::{CheckpointOptions, CheckpointTimings, Seizing, Template, checkpoint, seize};
 
 /// How long DeltaCR waits for a SIGKILLed process to die.
 pub(crate) const KILL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -161,6 +163,9 @@ pub enum CrError {
     /// Rebinding a template's file mappings failed.
     #[error(transparent)]
     Rebind(#[from] rebind::RebindError),
+    /// Recording a pipe's unread bytes, or making a fresh pipe, failed.
+    #[error(transparent)]
+    Pipe(#[from] pipes::PipeError),
     /// Writing a dump, or restoring from one, failed.
     #[error(transparent)]
     Dump(#[from] dump::DumpError),

@@ -15,6 +15,7 @@
 //!
 //! [`rollback`] kills the current process and restores in its place.
 
+use std::collections::HashMap;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -48,6 +49,12 @@ pub struct RestoreOptions {
     /// Make the restored process a session and process-group leader (`setsid`), as a
     /// sandbox's sessions are (the template is one already, so its children are not).
     pub setsid: bool,
+    /// Per pipe inode of the checkpoint ([`super::fdtable::FdEntry::pipe`]), the path,
+    /// as the restored process names it, of a fresh pipe that stands for it (a
+    /// `/proc/<pid>/fd/<n>` of a process holding it): each pipe fd of the process is
+    /// opened there with its recorded access mode. Needed for every pipe the process
+    /// had beyond a session's stdio ([`super::pipes`]).
+    pub pipes: HashMap<u64, PathBuf>,
 }
 
 /// How long a restore took.
@@ -172,7 +179,14 @@ impl Template {
             // share the table (CLONE_FILES) and the root (CLONE_FS) and stay stopped
             // until the end.
             new_threads = threads::recreate(&mut inj, &state.threads, site, scratch)?;
-            let stdio = fdtable::install(&mut inj, &pidfd, &state.fds, &state.cwd, scratch)?;
+            let stdio = fdtable::install(
+                &mut inj,
+                &pidfd,
+                &state.fds,
+                &state.cwd,
+                scratch,
+                &opts.pipes,
+            )?;
             // With a signal that will be delivered (not blocked), the kernel makes the
             // restart decision (SA_RESTART or EINTR) from the exact registers; with none,
             // no handler runs and the fix-up restarts the syscall here.

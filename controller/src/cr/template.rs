@@ -63,6 +63,10 @@ pub struct CheckpointOptions {
     /// the process had is gone (a view that died with its daemon). Restores should
     /// then give [`super::RestoreOptions::chroot`].
     pub template_root: Option<PathBuf>,
+    /// The process is not a session: its fds 0–2 are recorded like any other fd (a
+    /// background job's stdout is the session's stdout pipe, restored as that pipe),
+    /// not as the controller's stdio pipes.
+    pub inherited_stdio: bool,
 }
 
 /// How long a checkpoint took.
@@ -270,18 +274,79 @@ pub(super) fn signal_bits(signals: &[i32]) -> u64 {
         .fold(0, |acc, &s| acc | 1u64 << (s - 1))
 }
 
-/// Checkpoints the process `pid`, all its threads, into a new [`Template`].
+/// A process stopped by ptrace (all its threads) for a checkpoint, not forked yet
+/// ([`seize`]). Dropping it lets the process go. It belongs to the thread that seized
+/// it (ptrace's tracer is a thread).
+#[derive(Debug)]
+pub struct Seizing {
+    pid: Pid,
+    start: Instant,
+    paused_at: Instant,
+    maps: Vec<procfs::Mapping>,
+    seized: threads::Seized,
+}
+
+impl Seizing {
+    /// The process.
+    pub fn pid(&self) -> Pid {
+        self.pid
+    }
+
+    /// Forks the process into its template and lets it go (see [`checkpoint`]).
+    pub fn fork(self, opts: &CheckpointOptions) -> Result<Template, CrError> {
+        fork_seized(self, opts)
+    }
+}
+
+/// Checkpoints the process `pid`, all its threads, into a new [`Template`]:
+/// [`seize`] then [`Seizing::fork`].
 ///
 /// Refused, before the process is touched, with an error naming it: a writable shared
 /// mapping, an fd DeltaCR cannot reopen, a frozen cgroup, an exited thread-group
 /// leader.
 pub fn checkpoint(pid: Pid, opts: &CheckpointOptions) -> Result<Template, CrError> {
+    let raw = pid.as_raw();
+    let cgroup_root = CgroupFs::from_mountinfo()
+        .map_err(super::freezer::FreezerError::from)?
+        .root()
+        .to_path_buf();
+    refuse_frozen(raw, &cgroup_root, &procfs::cgroup_v2(raw)?)?;
+    seize(pid, opts)?.fork(opts)
+}
+
+/// Stops the process `pid` and all its threads, after the checks of [`checkpoint`]
+/// (except the frozen cgroup: a process in a frozen cgroup can be seized, and a
+/// sandbox seizes its processes while their cgroup is frozen, so that all of them are
+/// taken at the same instant; it must be thawed before [`Seizing::fork`]).
+pub fn seize(pid: Pid, opts: &CheckpointOptions) -> Result<Seizing, CrError> {
     let start = Instant::now();
     let raw = pid.as_raw();
     refuse_dead_leader(raw)?;
     let maps = procfs::maps(raw)?;
     refuse_shared_writable(raw, &maps)?;
-    fdtable::check_supported(raw)?;
+    fdtable::check_supported(raw, !opts.inherited_stdio)?;
+    let seized = threads::seize_all(pid, cr_options())?;
+    Ok(Seizing {
+        pid,
+        start,
+        paused_at: Instant::now(),
+        maps,
+        seized,
+    })
+}
+
+fn fork_seized(seizing: Seizing, opts: &CheckpointOptions) -> Result<Template, CrError> {
+    let Seizing {
+        pid,
+        start,
+        paused_at,
+        maps,
+        seized: threads::Seized {
+            leader: mut tracee,
+            mut others,
+        },
+    } = seizing;
+    let raw = pid.as_raw();
     let comm = procfs::comm(raw)?;
     let cgroup_root = CgroupFs::from_mountinfo()
         .map_err(super::freezer::FreezerError::from)?
@@ -296,18 +361,13 @@ pub fn checkpoint(pid: Pid, opts: &CheckpointOptions) -> Result<Template, CrErro
         None => cgroup.path().to_path_buf(),
     };
 
-    // The pause: from here to the detach. Every thread is stopped.
-    let threads::Seized {
-        leader: mut tracee,
-        mut others,
-    } = threads::seize_all(pid, cr_options())?;
-    let paused_at = Instant::now();
+    // The pause: from the seize to the detach. Every thread is stopped.
     let site = SyscallSite::find(&tracee, procfs::vdso(&maps))?;
     let xstate = tracee.xstate()?;
     let ((mut child, scratch), regs, fds, cwd, mut status, main_thread, thread_states) = {
         let mut inj = Injection::begin(&mut tracee, site)?;
         let regs = *inj.saved();
-        let fds = fdtable::record(raw)?;
+        let fds = fdtable::record(raw, !opts.inherited_stdio)?;
         let cwd = procfs::cwd(raw)?;
         let status = procfs::status(raw)?;
         // The template is born in its own cgroup; the scratch page (struct clone_args,

@@ -93,6 +93,25 @@ pub struct NodeRecord {
     /// branches get them even once that sandbox is gone.
     #[serde(default)]
     pub limits: serde_json::Value,
+    /// The sandbox's other processes at the checkpoint (background jobs, children of
+    /// sessions, servers), one template each.
+    #[serde(default)]
+    pub processes: Vec<NodeProcess>,
+    /// DeltaCR's record of the pipes to and between those processes, with the bytes
+    /// unread in them (`Vec<PipeState>`, opaque here); `null` when there are none.
+    #[serde(default)]
+    pub pipes: serde_json::Value,
+}
+
+/// A process of a sandbox other than its sessions, in a node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeProcess {
+    /// Its pid in the host's pid namespace at the checkpoint.
+    pub pid: i32,
+    /// Its name.
+    pub comm: String,
+    /// The live DeltaCR template, if one is kept.
+    pub template: Option<TemplateRecord>,
 }
 
 /// One session's process state in a node.
@@ -235,6 +254,8 @@ pub(crate) mod tests {
             bytes: 4096,
             checkpoint_ms: 1.25,
             limits: serde_json::Value::Null,
+            processes: Vec::new(),
+            pipes: serde_json::Value::Null,
         }
     }
 

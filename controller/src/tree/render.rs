@@ -203,6 +203,8 @@ mod tests {
             bytes: 4096,
             checkpoint_ms: 1.24,
             limits: serde_json::Value::Null,
+            processes: Vec::new(),
+            pipes: serde_json::Value::Null,
         }
     }
 

@@ -40,6 +40,13 @@ fn main() {
             println!("ready");
             wait_forever();
         }
+        "socket" => {
+            // A connected pair of Unix sockets, kept open (fds 3 and 4).
+            let pair = std::os::unix::net::UnixStream::pair().expect("socketpair");
+            std::mem::forget(pair);
+            println!("ready");
+            wait_forever();
+        }
         "shm" => {
             // SAFETY: a fresh shared anonymous mapping, never dereferenced.
             let ptr = unsafe {

@@ -191,11 +191,31 @@ impl SandboxManager {
                     (None, Ok(_)) => session.template = None,
                 }
             }
+            // The other processes' templates too (a node is restorable only with all).
+            let mut processes = Vec::new();
+            for process in &mut updated.processes {
+                let Some(record) = &process.template else {
+                    continue;
+                };
+                match adopt_template(record) {
+                    Ok(template) => processes.push(template),
+                    Err(why) => {
+                        tracing::warn!(node = %node.id, pid = process.pid, "template lost: {why}");
+                        process.template = None;
+                    }
+                }
+            }
             if updated != *node {
                 ops.push(Op::PutNode(updated.clone()));
             }
             if adopted.len() == updated.sessions.len() {
-                templates.insert(node.id, Arc::new(NodeTemplates { sessions: adopted }));
+                templates.insert(
+                    node.id,
+                    Arc::new(NodeTemplates {
+                        sessions: adopted,
+                        processes,
+                    }),
+                );
             }
         }
         (templates, ops)

@@ -94,6 +94,8 @@ impl Tree {
 /// The DeltaCR templates of one node.
 pub(crate) struct NodeTemplates {
     sessions: Vec<(SessionId, SessionKind, Template)>,
+    /// The sandbox's other processes (in the node's `processes` order).
+    processes: Vec<Template>,
 }
 
 /// A session running in a sandbox.

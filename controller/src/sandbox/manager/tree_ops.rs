@@ -24,6 +24,7 @@ use crate::tree::records::{
 };
 
 mod fallback;
+mod proctree;
 
 /// The most sandboxes one branch call makes.
 const MAX_BRANCHES: u32 = 64;
@@ -148,8 +149,9 @@ pub(super) fn node_info(
 
 impl SandboxManager {
     /// Checkpoints `live` (its lock held): freeze its cgroup, freeze its DeltaFS view
-    /// (the instant of the checkpoint), thaw, fork each session into a template, then
-    /// write the node and the sandbox's new head in one database transaction.
+    /// (the instant of the checkpoint), seize its other processes and record their pipes
+    /// ([`proctree`]), thaw, fork each session and each other process into a template,
+    /// then write the node and the sandbox's new head in one database transaction.
     ///
     /// Between the thaw and each template fork a session is idle — blocked reading its
     /// stdin, since calls on a sandbox are serialised — so the template is its state at
@@ -170,6 +172,24 @@ impl SandboxManager {
             ));
         };
 
+        let opts = CheckpointOptions {
+            template_cgroups: runtime.templates_cgroup(),
+            template_cgroups_seen: runtime.templates_cgroup_in_ns(&name),
+            root_prefix: Some(runtime.root_in_ns(&name)),
+            template_root: Some(live.tree.root_in_ns()?),
+            inherited_stdio: false,
+        };
+        let extra_opts = CheckpointOptions {
+            inherited_stdio: true,
+            ..opts.clone()
+        };
+        let sessions: Vec<_> = live
+            .sessions
+            .values()
+            .map(|s| (s.id, s.kind, s.pid))
+            .collect();
+        let session_pids: Vec<Pid> = sessions.iter().map(|s| s.2).collect();
+
         let t = Instant::now();
         runtime
             .freeze_work(&name)
@@ -179,26 +199,24 @@ impl SandboxManager {
         let frozen = view.freeze(&FreezeOpts::default());
         let files_ms = ms(t);
         let t = Instant::now();
+        // The other processes are taken at the freeze too: seized (a seize works in a
+        // frozen cgroup; the fork waits for the thaw), their pipes read.
+        let extras =
+            proctree::seize_extras(&runtime.work_cgroup(&name), &session_pids, &extra_opts);
         let thawed = runtime.thaw_work(&name);
         quiesce_ms += ms(t);
         let report = frozen.map_err(|e| store_err(format!("sandbox {name}: freezing files"), e))?;
         thawed.map_err(|e| SandboxError::internal(format!("sandbox {name}: thawing"), e))?;
 
         let t = Instant::now();
-        let opts = CheckpointOptions {
-            template_cgroups: runtime.templates_cgroup(),
-            template_cgroups_seen: runtime.templates_cgroup_in_ns(&name),
-            root_prefix: Some(runtime.root_in_ns(&name)),
-            template_root: Some(live.tree.root_in_ns()?),
-        };
-        let sessions: Vec<_> = live
-            .sessions
-            .values()
-            .map(|s| (s.id, s.kind, s.pid))
-            .collect();
         let mut templates = Vec::with_capacity(sessions.len());
-        let mut failed = None;
-        for (id, kind, result) in checkpoint_all(&sessions, &opts) {
+        let (mut extras, mut failed) = match extras {
+            Ok(extras) => (extras, None),
+            Err(e) => (proctree::Extras::default(), Some(e)),
+        };
+        for (id, kind, result) in
+            checkpoint_all(if failed.is_none() { &sessions } else { &[] }, &opts)
+        {
             match result {
                 Ok(template) => templates.push((id, kind, template)),
                 Err(e) => {
@@ -206,10 +224,13 @@ impl SandboxManager {
                 }
             }
         }
+        // After a failure, the processes still seized are let go.
+        let processes = extras.fork_all_unless(&mut failed, &extra_opts);
         if let Some(message) = failed {
             // The templates made are killed; the snapshot is kept for the files' sake
             // only if a node refers to it, and this one will not.
             drop(templates);
+            drop(processes);
             let _ = self.store.drop_snapshot(report.id);
             return Err(SandboxError::Process {
                 sandbox: name,
@@ -246,6 +267,8 @@ impl SandboxManager {
             bytes: self.store.snapshot_bytes(report.id).unwrap_or(0),
             checkpoint_ms: ms(start),
             limits: serde_json::to_value(&live.limits).unwrap_or_default(),
+            processes: proctree::records_of(&processes),
+            pipes: extras.pipes_value(),
         };
         // The snapshot's metadata is on disk before the node is acknowledged (a daemon
         // killed right after must find it).
@@ -269,6 +292,7 @@ impl SandboxManager {
         live.record = record;
         let templates = Arc::new(NodeTemplates {
             sessions: templates,
+            processes,
         });
         lock(&live.tree.templates).insert(node.id, Arc::clone(&templates));
         let record_ms = ms(t);
@@ -312,11 +336,15 @@ impl SandboxManager {
         templates: Option<&NodeTemplates>,
     ) -> Result<Vec<LiveSession>, SandboxError> {
         let runtime = &tree.runtime;
-        let opts = RestoreOptions {
+        proctree::refuse_unrestorable(node, templates)?;
+        // Held until every process has opened its ends.
+        let mut pipes = proctree::RestorePipes::make(runtime, node)?;
+        let mut opts = RestoreOptions {
             cgroup: Some(runtime.work_cgroup(name)),
             cgroup_seen: runtime.work_cgroup_in_ns(name),
             chroot: runtime.chroot_path(name),
             setsid: true,
+            pipes: pipes.paths.clone(),
         };
         let mut restored = Vec::new();
         for session in &node.sessions {
@@ -364,6 +392,12 @@ impl SandboxManager {
                 started_ms: unix_ms_now(),
             });
         }
+        if !node.processes.is_empty() {
+            pipes.add_sessions(node, templates, &restored);
+            opts.pipes = pipes.paths.clone();
+            proctree::restore_others(runtime, name, templates, &opts)?;
+        }
+        drop(pipes);
         Ok(restored)
     }
 
@@ -389,6 +423,7 @@ impl SandboxManager {
         let restore_files = mode != RollbackMode::ProcessesOnly;
         // Refuse before anything is killed: the node must be restorable.
         if restore_processes {
+            proctree::refuse_unrestorable(&record, templates.as_deref())?;
             for s in &record.sessions {
                 if !self.restorable(node, s.session, templates.as_deref()) {
                     return Err(SandboxError::NodeNotRestorable {

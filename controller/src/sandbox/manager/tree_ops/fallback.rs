@@ -114,6 +114,7 @@ impl SandboxManager {
             template_cgroups_seen: runtime.templates_cgroup_in_ns(&name),
             root_prefix: Some(runtime.root_in_ns(&name)),
             template_root: Some(live.tree.root_in_ns()?),
+            inherited_stdio: false,
         };
         let mut templates = Vec::with_capacity(live.sessions.len());
         for session in live.sessions.values() {
@@ -147,6 +148,8 @@ impl SandboxManager {
             node.id,
             Arc::new(NodeTemplates {
                 sessions: templates,
+                // A node restored from its dumps had no other processes, or was refused.
+                processes: Vec::new(),
             }),
         );
         // Its dumps are on disk already (it was restored from them).

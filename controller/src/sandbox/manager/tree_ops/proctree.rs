@@ -1,0 +1,316 @@
+//! Every process of a sandbox, not only its sessions: background jobs, children of a
+//! session, servers the agent started (docs/deltacr.md, "Process trees").
+//!
+//! A checkpoint seizes each process of the sandbox's `work/` cgroup other than the
+//! sessions while the cgroup is still frozen — so all of them are taken at the freeze,
+//! the instant of the files' snapshot — records the pipes to and between them with the
+//! bytes unread in them, and, once the sessions are checkpointed, forks each into a
+//! template. A restore (rollback, branch, revival) makes a fresh pipe per recorded one,
+//! held by a holder process of the tree while the sandbox's processes are restored and
+//! open their ends through it; a pipe that was a session's stdio is opened through the
+//! restored session's own fd. The tree's init and DeltaBox's helpers (anchors, holders)
+//! are in other cgroups, and never taken.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use nix::unistd::Pid;
+
+use crate::cr::fdtable::{self, FdEntry};
+use crate::cr::pipes::{Fresh, PipeFd, PipeState};
+use crate::cr::{self, CheckpointOptions, ProcessState, RestoreOptions, Seizing, Template};
+use crate::sandbox::error::SandboxError;
+use crate::sandbox::manager::adopt::TemplateState;
+use crate::sandbox::manager::{LiveSession, NodeTemplates};
+use crate::sandbox::runtime::TreeRuntime;
+use crate::tree::records::{NodeProcess, NodeRecord, TemplateRecord};
+
+/// The sandbox's other processes, seized at the freeze, and its pipes.
+#[derive(Debug, Default)]
+pub(super) struct Extras {
+    seized: Vec<Seizing>,
+    /// The pipes beyond the sessions' stdio, recorded while everything was frozen.
+    pub pipes: Vec<PipeState>,
+}
+
+/// The processes (host pids) listed in the cgroup `dir`.
+fn procs_of(dir: &Path) -> Result<Vec<i32>, std::io::Error> {
+    let listed = std::fs::read_to_string(dir.join("cgroup.procs"))?;
+    Ok(listed
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect())
+}
+
+/// While `work` (the sandbox's frozen cgroup) is frozen: seizes every process in it
+/// but `sessions`, and records every pipe any of its processes has beyond the
+/// sessions' fds 0–2 (which are the controller's pipes). Errors name the process.
+pub(super) fn seize_extras(
+    work: &Path,
+    sessions: &[Pid],
+    opts: &CheckpointOptions,
+) -> Result<Extras, String> {
+    let all = procs_of(work).map_err(|e| format!("listing {}: {e}", work.display()))?;
+    let session_pids: Vec<i32> = sessions.iter().map(|p| p.as_raw()).collect();
+    let mut stdio = Vec::new();
+    let mut pipe_fds = Vec::new();
+    for &pid in &all {
+        // A process that exits meanwhile has no fds left to list: skipped, as it is by
+        // the seize below.
+        let Ok(fds) = cr::procfs::fds(pid) else {
+            continue;
+        };
+        for (fd, target) in fds {
+            let Some(inode) = fdtable::pipe_inode(&target) else {
+                continue;
+            };
+            if session_pids.contains(&pid) && (0..=2).contains(&fd) {
+                stdio.push(inode);
+            } else {
+                pipe_fds.push(PipeFd { inode, pid, fd });
+            }
+        }
+    }
+    pipe_fds.retain(|p| !stdio.contains(&p.inode));
+    let pipes = cr::pipes::record(&pipe_fds).map_err(|e| e.to_string())?;
+    let mut seized = Vec::new();
+    for pid in all.into_iter().filter(|p| !session_pids.contains(p)) {
+        match cr::seize(Pid::from_raw(pid), opts) {
+            Ok(s) => seized.push(s),
+            // Exited since the listing.
+            Err(_) if !Path::new(&format!("/proc/{pid}")).exists() => {}
+            Err(e) => return Err(format!("process {pid}: {e}")),
+        }
+    }
+    Ok(Extras { seized, pipes })
+}
+
+impl Extras {
+    /// Unless the checkpoint has `failed` already, [`Self::fork_all`]; its error goes to
+    /// `failed`. The processes not forked are let go.
+    pub(super) fn fork_all_unless(
+        &mut self,
+        failed: &mut Option<String>,
+        opts: &CheckpointOptions,
+    ) -> Vec<Template> {
+        let seized = std::mem::take(&mut self.seized);
+        if failed.is_some() {
+            return Vec::new();
+        }
+        self.seized = seized;
+        self.fork_all(opts).unwrap_or_else(|e| {
+            *failed = Some(e);
+            Vec::new()
+        })
+    }
+
+    /// The node's `pipes` field: `null` when there are none.
+    pub(super) fn pipes_value(&self) -> serde_json::Value {
+        if self.pipes.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::to_value(&self.pipes).unwrap_or_default()
+        }
+    }
+
+    /// Forks each seized process into its template (the cgroup thawed) and lets it go.
+    pub(super) fn fork_all(&mut self, opts: &CheckpointOptions) -> Result<Vec<Template>, String> {
+        let mut templates = Vec::with_capacity(self.seized.len());
+        for seizing in std::mem::take(&mut self.seized) {
+            let pid = seizing.pid();
+            let template = seizing
+                .fork(opts)
+                .map_err(|e| format!("process {pid}: {e}"))?;
+            templates.push(template);
+        }
+        Ok(templates)
+    }
+}
+
+/// Whether `pid` has exited (gone, or a zombie).
+fn exited(pid: Pid) -> bool {
+    cr::procfs::stat(pid.as_raw()).map_or(true, |s| matches!(s.state, 'Z' | 'X' | 'x'))
+}
+
+/// The node's record of each extra process's template.
+pub(super) fn records_of(templates: &[Template]) -> Vec<NodeProcess> {
+    templates
+        .iter()
+        .map(|t| NodeProcess {
+            pid: t.state().pid,
+            comm: t.state().comm.clone(),
+            template: Some(TemplateRecord {
+                host_pid: t.pid().as_raw(),
+                cgroup: t.cgroup_path().to_path_buf(),
+                state: serde_json::to_value(TemplateState {
+                    process: t.state().clone(),
+                    scratch: t.scratch(),
+                })
+                .unwrap_or_default(),
+            }),
+        })
+        .collect()
+}
+
+/// The recorded pipes of `node`.
+pub(super) fn pipes_of(node: &NodeRecord) -> Result<Vec<PipeState>, SandboxError> {
+    if node.pipes.is_null() {
+        return Ok(Vec::new());
+    }
+    serde_json::from_value(node.pipes.clone())
+        .map_err(|e| SandboxError::internal(format!("node {}: its pipes", node.id), e))
+}
+
+/// Refuses `node` (`node_not_restorable`) if its other processes cannot be restored:
+/// each needs its live template (they are not dumped yet).
+pub(super) fn refuse_unrestorable(
+    node: &NodeRecord,
+    templates: Option<&NodeTemplates>,
+) -> Result<(), SandboxError> {
+    match unrestorable(node, templates) {
+        Some(why) => Err(SandboxError::NodeNotRestorable {
+            node: node.id.to_string(),
+            session: "-".to_owned(),
+            why,
+        }),
+        None => Ok(()),
+    }
+}
+
+fn unrestorable(node: &NodeRecord, templates: Option<&NodeTemplates>) -> Option<String> {
+    if node.processes.is_empty() {
+        return None;
+    }
+    let live = templates.map_or(0, |t| {
+        t.processes.iter().filter(|tpl| tpl.is_alive()).count()
+    });
+    if live == node.processes.len() {
+        return None;
+    }
+    let names: Vec<String> = node
+        .processes
+        .iter()
+        .map(|p| format!("{} ({})", p.pid, p.comm))
+        .collect();
+    Some(format!(
+        "the templates of its processes other than sessions ({}) are gone, and those \
+         are not dumped; `--files-only` still restores the files",
+        names.join(", ")
+    ))
+}
+
+/// The fd table a session had at `node`: from its live template, else from the record.
+fn session_fds(node: &NodeRecord, index: usize, templates: Option<&NodeTemplates>) -> Vec<FdEntry> {
+    let session = &node.sessions[index];
+    if let Some((_, _, template)) = templates.and_then(|t| {
+        t.sessions
+            .iter()
+            .find(|(sid, _, _)| *sid == session.session)
+    }) {
+        return template.state().fds.clone();
+    }
+    session
+        .template
+        .as_ref()
+        .and_then(|r| serde_json::from_value::<TemplateState>(r.state.clone()).ok())
+        .map(|s: TemplateState| {
+            let ProcessState { fds, .. } = s.process;
+            fds
+        })
+        .unwrap_or_default()
+}
+
+/// Fresh pipes for a restore of a node, handed to a holder process of the tree.
+pub(super) struct RestorePipes<'a> {
+    /// Per recorded inode, the path a restored process opens.
+    pub paths: HashMap<u64, PathBuf>,
+    _held: Option<crate::sandbox::runtime::HeldFiles<'a>>,
+    _fresh: Fresh,
+}
+
+impl<'a> RestorePipes<'a> {
+    /// Makes a fresh pipe per recorded one of `node` (with its unread bytes) and has a
+    /// holder of `runtime`'s tree keep them open.
+    pub(super) fn make(runtime: &'a TreeRuntime, node: &NodeRecord) -> Result<Self, SandboxError> {
+        let states = pipes_of(node)?;
+        let err = |e: cr::pipes::PipeError| SandboxError::internal(format!("node {}", node.id), e);
+        let fresh = Fresh::make(&states).map_err(err)?;
+        let mut paths = HashMap::new();
+        let held = if fresh.pipes.is_empty() {
+            None
+        } else {
+            let held = runtime
+                .hold_files(&fresh.read_ends().map_err(err)?)
+                .map_err(|e| {
+                    SandboxError::internal(format!("node {}: holding its pipes", node.id), e)
+                })?;
+            for (i, (inode, _, _)) in fresh.pipes.iter().enumerate() {
+                paths.insert(*inode, held.path(i));
+            }
+            Some(held)
+        };
+        Ok(Self {
+            paths,
+            _held: held,
+            _fresh: fresh,
+        })
+    }
+
+    /// Adds the stdio pipes of the restored `sessions` of `node`: a pipe that was a
+    /// session's fd 0–2 is opened through that fd of the restored session.
+    pub(super) fn add_sessions(
+        &mut self,
+        node: &NodeRecord,
+        templates: Option<&NodeTemplates>,
+        sessions: &[LiveSession],
+    ) {
+        for (i, s) in node.sessions.iter().enumerate() {
+            let Some(live) = sessions.iter().find(|l| l.id == s.session) else {
+                continue;
+            };
+            let Some(ns_pid) = TreeRuntime::ns_pid_of(live.pid) else {
+                continue;
+            };
+            for entry in session_fds(node, i, templates) {
+                if let (0..=2, Some(inode)) = (entry.fd, entry.pipe) {
+                    self.paths.entry(inode).or_insert_with(|| {
+                        PathBuf::from(format!("/proc/{ns_pid}/fd/{}", entry.fd))
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// Restores the other processes of a node (their templates all alive: see
+/// [`refuse_unrestorable`]) into sandbox `name` with `opts`, each a session and
+/// process-group leader of its own, and moves each to the sandbox's v1 limit cgroups.
+pub(super) fn restore_others(
+    runtime: &TreeRuntime,
+    name: &str,
+    templates: Option<&NodeTemplates>,
+    opts: &RestoreOptions,
+) -> Result<(), SandboxError> {
+    let failed = |message: String| SandboxError::Process {
+        sandbox: name.to_owned(),
+        message: format!("restoring its other processes: {message}"),
+    };
+    let Some(templates) = templates else {
+        return Err(failed("their templates are gone".to_owned()));
+    };
+    for template in &templates.processes {
+        let restored = template.restore(opts).map_err(|e| {
+            let state = template.state();
+            failed(format!("process {} ({}): {e}", state.pid, state.comm))
+        })?;
+        let pid = restored.pid();
+        // It runs at once (a session waits for its next command): it may have exited
+        // already (a `sleep 0.05` restored at its end).
+        if let Err(e) = super::join_limit_cgroups(runtime, name, pid)
+            && !exited(pid)
+        {
+            return Err(e);
+        }
+    }
+    Ok(())
+}

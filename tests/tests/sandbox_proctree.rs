@@ -1,0 +1,352 @@
+//! Every process of a sandbox, not only its sessions: a background job of a bash
+//! session, a `subprocess.Popen` child of a python session, and a pipeline of two
+//! background processes are checkpointed with the sandbox and come back, their state
+//! restored (counters they keep in memory carry on from the checkpoint; bytes unread in
+//! a pipe are there again, byte for byte), on rollback and in a branch; processes
+//! started after the checkpoint do not survive a rollback; a socket is refused with an
+//! error naming the process and fd; removing the sandbox and its nodes leaves no
+//! template. Needs root, cgroups, FUSE, the store.
+
+use std::fs;
+use std::path::PathBuf;
+use std::thread;
+use std::time::Duration;
+
+use deltabox_tests::daemon::TestDaemon;
+use deltabox_tests::require_root;
+use deltabox_tests::sandbox::{Http, id_of};
+use serde_json::json;
+
+/// A sandbox of a test daemon, with its tree.
+struct Sb {
+    daemon: TestDaemon,
+    api: Http,
+    id: String,
+    tree: String,
+}
+
+impl Sb {
+    fn new(test: &str) -> Self {
+        require_root();
+        let daemon = TestDaemon::start(test, &[]);
+        let api = Http::new(daemon.socket());
+        let id = id_of(&api.create(&json!({})));
+        let tree = api.sandbox(&id)["tree"].as_str().unwrap().to_owned();
+        Self {
+            daemon,
+            api,
+            id,
+            tree,
+        }
+    }
+
+    fn tree_cgroup(&self) -> PathBuf {
+        self.daemon.sandbox_cgroup().join(&self.tree)
+    }
+
+    /// The processes of sandbox `sb`'s `work/` cgroup: host pid and command line.
+    fn procs(&self, sb: &str) -> Vec<(i32, String)> {
+        let dir = self.tree_cgroup().join(format!("sb-{sb}")).join("work");
+        let listed = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+        listed
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .map(|pid: i32| {
+                let cmd = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+                (pid, cmd.trim().to_owned())
+            })
+            .collect()
+    }
+
+    /// How many processes of `sb` run `cmd` (the whole command line), once that is
+    /// `want` or after 3 s (a process just forked may not have exec'd yet).
+    fn count(&self, sb: &str, cmd: &str, want: usize) -> usize {
+        let mut n = 0;
+        for _ in 0..60 {
+            n = self.procs(sb).iter().filter(|(_, c)| c == cmd).count();
+            if n == want {
+                break;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        n
+    }
+
+    /// The tree's templates (host pids).
+    fn templates(&self) -> Vec<i32> {
+        let dir = self.tree_cgroup().join("templates");
+        let mut out = Vec::new();
+        for e in fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let procs = fs::read_to_string(e.path().join("cgroup.procs")).unwrap_or_default();
+            out.extend(procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+        }
+        out
+    }
+
+    /// The number in file `path` of sandbox `sb`.
+    fn number(&self, sb: &str, path: &str) -> u64 {
+        let out = self.api.sh(sb, &format!("cat {path}"));
+        out.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{path} in {sb} holds {out:?}"))
+    }
+}
+
+/// A counter kept in a background process's memory, written to `file` every 50 ms.
+fn counter(file: &str) -> String {
+    format!("( i=0; while :; do i=$((i+1)); echo $i > {file}; sleep 0.05; done ) >/dev/null 2>&1 &")
+}
+
+/// After a rollback or branch to a checkpoint taken when the counter in `file` was
+/// `at` (read right after the checkpoint): it runs again, from there, not from 0 and
+/// not from `later`, where it was before the rollback.
+fn assert_counter_resumed(sb: &Sb, box_id: &str, file: &str, at: u64, later: Option<u64>) {
+    thread::sleep(Duration::from_millis(500));
+    let v1 = sb.number(box_id, file);
+    thread::sleep(Duration::from_millis(500));
+    let v2 = sb.number(box_id, file);
+    assert!(
+        v2 > v1,
+        "{file} in {box_id}: the counter does not run ({v1}, {v2})"
+    );
+    assert!(
+        v1 + 1 >= at && v1 < at + 40,
+        "{file} in {box_id}: {v1} half a second after resuming from {at}"
+    );
+    if let Some(later) = later {
+        assert!(
+            v1 < later,
+            "{file} in {box_id}: {v1}, not back from {later}"
+        );
+    }
+}
+
+#[test]
+fn a_bash_background_job_comes_back_and_later_ones_are_gone() {
+    let sb = Sb::new("ptbash");
+    let (api, id) = (&sb.api, sb.id.as_str());
+    let sh = api.session(id, "bash");
+    api.run(id, &sh, &format!("x=42; {}", counter("/tmp/cnt")));
+    api.run(id, &sh, "sleep 1000 &");
+    thread::sleep(Duration::from_millis(300));
+    let node = api.checkpoint(id, "jobs");
+    let at = sb.number(id, "/tmp/cnt");
+    // The job and the counter are templates of the node, with the session.
+    // (and the counter's `sleep 0.05`, if it was running)
+    let made = sb.templates().len();
+    assert!(
+        (3..=4).contains(&made),
+        "{made} templates of {:?}",
+        sb.procs(id)
+    );
+
+    // Started after the checkpoint: must not survive the rollback.
+    api.run(id, &sh, "sleep 1234 & x=7");
+    api.exec(
+        id,
+        &["sh", "-c", "sleep 1235 >/dev/null 2>&1 &"],
+        Some(10_000),
+    );
+    thread::sleep(Duration::from_secs(2));
+    let later = sb.number(id, "/tmp/cnt");
+    assert!(later > at + 10, "the counter ran: {at} then {later}");
+    assert_eq!(sb.count(id, "sleep 1234", 1), 1);
+    assert_eq!(sb.count(id, "sleep 1235", 1), 1);
+    let sleeper_before: Vec<i32> = sb
+        .procs(id)
+        .into_iter()
+        .filter(|(_, c)| c == "sleep 1000")
+        .map(|(p, _)| p)
+        .collect();
+
+    api.rollback(id, &node);
+    assert_eq!(sb.count(id, "sleep 1234", 0), 0, "{:?}", sb.procs(id));
+    assert_eq!(sb.count(id, "sleep 1235", 0), 0, "{:?}", sb.procs(id));
+    assert_eq!(sb.count(id, "sleep 1000", 1), 1, "{:?}", sb.procs(id));
+    let sleeper_after = sb
+        .procs(id)
+        .into_iter()
+        .find(|(_, c)| c == "sleep 1000")
+        .unwrap()
+        .0;
+    assert!(!sleeper_before.contains(&sleeper_after), "a new process");
+    assert_counter_resumed(&sb, id, "/tmp/cnt", at, Some(later));
+    // The session keeps working, at its checkpoint's state.
+    assert_eq!(api.run(id, &sh, "echo $x"), "42\n");
+    assert_eq!(api.run(id, &sh, "echo ok; sleep 0.01 & wait $!"), "ok\n");
+    // bash's job table still lists the jobs, with their checkpoint pids; the restored
+    // ones are not bash's children any more (docs/deltacr.md): `wait` returns at once
+    // and the job runs on.
+    assert!(api.run(id, &sh, "jobs").contains("sleep 1000 &"));
+    assert_eq!(api.run(id, &sh, "wait; echo waited $?"), "waited 0\n");
+    assert_eq!(sb.count(id, "sleep 1000", 1), 1, "{:?}", sb.procs(id));
+
+    // Again: the node's templates stay.
+    api.run(id, &sh, "x=8");
+    api.rollback(id, &node);
+    assert_eq!(sb.count(id, "sleep 1000", 1), 1, "{:?}", sb.procs(id));
+    assert_counter_resumed(&sb, id, "/tmp/cnt", at, None);
+    assert_eq!(api.run(id, &sh, "echo $x"), "42\n");
+
+    // Removing the sandbox and the node leaves no template.
+    api.delete(&format!("/v1/sandboxes/{id}"))
+        .expect(200, "remove the sandbox");
+    api.delete(&format!("/v1/nodes/{node}"))
+        .expect(200, "remove the node");
+    assert!(
+        sb.templates().is_empty(),
+        "templates left: {:?}",
+        sb.templates()
+    );
+}
+
+/// A `Popen` child writing fixed-width lines to a pipe the session reads with
+/// `os.read` (no buffering in the reader): unread bytes at the checkpoint are there
+/// again after the rollback, exactly, and the child, with a counter in memory, runs on.
+const POPEN: &str = r#"import os, subprocess, sys
+child = subprocess.Popen([sys.executable, "-c", """
+import sys, time
+for i in range(100):
+    sys.stdout.write("%05d\\n" % i)
+sys.stdout.flush()
+n = 0
+while True:
+    n += 1
+    open("/tmp/child", "w").write(str(n))
+    time.sleep(0.05)
+"""], stdout=subprocess.PIPE)
+fd = child.stdout.fileno()
+first = os.read(fd, 60)
+print(first.decode().split())"#;
+
+#[test]
+fn a_popen_child_and_its_pipe_come_back() {
+    let sb = Sb::new("ptpopen");
+    let (api, id) = (&sb.api, sb.id.as_str());
+    let py = api.session(id, "python");
+    let first = api.run(id, &py, POPEN);
+    assert!(first.contains("'00009'"), "{first}");
+    thread::sleep(Duration::from_millis(300));
+    let node = api.checkpoint(id, "popen");
+    let at = sb.number(id, "/tmp/child");
+
+    // Read more after the checkpoint, then go back: the bytes read are unread again.
+    let more = api.run(id, &py, "print(len(os.read(fd, 300)))");
+    assert_eq!(more, "300\n");
+    thread::sleep(Duration::from_secs(1));
+    let later = sb.number(id, "/tmp/child");
+    api.run(id, &py, "late = subprocess.Popen(['sleep', '1236'])");
+    assert_eq!(sb.count(id, "sleep 1236", 1), 1, "{:?}", sb.procs(id));
+
+    api.rollback(id, &node);
+    assert_eq!(sb.count(id, "sleep 1236", 0), 0, "{:?}", sb.procs(id));
+    let expected: String = (10..100).map(|i| format!("{i:05}\n")).collect();
+    let rest = api.run(
+        id,
+        &py,
+        "import select\nbuf = b''\nwhile select.select([fd], [], [], 0)[0] and len(buf) < 540:\n    buf += os.read(fd, 540 - len(buf))\nprint(buf.decode(), end='')",
+    );
+    assert_eq!(rest, expected, "the pipe's unread bytes after the rollback");
+    assert_counter_resumed(&sb, id, "/tmp/child", at, Some(later));
+    // The restored child is not the session's child any more (it hangs under the
+    // tree's init, with a new pid): `poll()` gets ECHILD, which Popen reports as an
+    // exit with status 0 (docs/deltacr.md).
+    assert_eq!(api.run(id, &py, "print(child.poll())"), "0\n");
+}
+
+#[test]
+fn a_pipeline_of_background_processes_comes_back_and_branches_are_isolated() {
+    let sb = Sb::new("ptpipe");
+    let (api, id) = (&sb.api, sb.id.as_str());
+    let sh = api.session(id, "bash");
+    // producer | consumer, both in the background: the consumer writes what it reads.
+    api.run(
+        id,
+        &sh,
+        "( i=0; while :; do i=$((i+1)); echo $i; sleep 0.05; done ) | \
+         ( while read v; do echo $v > /tmp/last; done ) >/dev/null 2>&1 &",
+    );
+    thread::sleep(Duration::from_millis(500));
+    let node = api.checkpoint(id, "pipeline");
+    let at = sb.number(id, "/tmp/last");
+    thread::sleep(Duration::from_secs(2));
+    let later = sb.number(id, "/tmp/last");
+    assert!(later > at + 10, "{at} then {later}");
+
+    api.rollback(id, &node);
+    assert_counter_resumed(&sb, id, "/tmp/last", at, Some(later));
+
+    // A branch gets its own copy of the pipeline; the two run apart.
+    let branch = id_of(&api.branch(&node, 1)[0]);
+    assert_counter_resumed(&sb, &branch, "/tmp/last", at, None);
+    let mine: Vec<i32> = sb.procs(id).into_iter().map(|(p, _)| p).collect();
+    let theirs: Vec<i32> = sb.procs(&branch).into_iter().map(|(p, _)| p).collect();
+    assert!(theirs.len() >= 3, "the branch's processes: {theirs:?}");
+    assert!(mine.iter().all(|p| !theirs.contains(p)));
+    api.exec(
+        &branch,
+        &["sh", "-c", "echo 1000000 > /tmp/last"],
+        Some(10_000),
+    );
+    thread::sleep(Duration::from_millis(300));
+    let own = sb.number(id, "/tmp/last");
+    assert!(own < 100_000, "the branch's file leaked: {own}");
+    // Killing the branch's processes leaves the sandbox's running.
+    api.delete(&format!("/v1/sandboxes/{branch}"))
+        .expect(200, "remove the branch");
+    let a = sb.number(id, "/tmp/last");
+    thread::sleep(Duration::from_millis(300));
+    assert!(sb.number(id, "/tmp/last") > a, "the pipeline stopped");
+}
+
+#[test]
+fn a_socket_in_a_background_process_is_refused_by_name() {
+    let sb = Sb::new("ptsock");
+    let (api, id) = (&sb.api, sb.id.as_str());
+    let sh = api.session(id, "bash");
+    api.run(
+        id,
+        &sh,
+        "python3 -c 'import socket, time; s = socket.socket(); time.sleep(1000)' \
+         >/dev/null 2>&1 & echo $!",
+    );
+    thread::sleep(Duration::from_millis(500));
+    let reply = api.post(
+        &format!("/v1/sandboxes/{id}/checkpoint"),
+        &json!({ "label": "sock" }),
+    );
+    reply.expect_error(
+        422,
+        "process_not_restorable",
+        &["fd 3", "socket:["],
+        "checkpoint",
+    );
+    // Nothing half-made: no template, no node; the sandbox runs on.
+    assert!(sb.templates().is_empty(), "{:?}", sb.templates());
+    assert_eq!(api.run(id, &sh, "echo ok"), "ok\n");
+    assert_eq!(
+        sb.count(
+            id,
+            "python3 -c import socket, time; s = socket.socket(); time.sleep(1000)",
+            1
+        ),
+        1
+    );
+}
+
+/// A template of a background job is a child of the session that started it (a
+/// template is a `CLONE_PARENT` fork of the job): bash's `wait` must not wait for it.
+#[test]
+fn bash_wait_is_not_held_by_the_template_of_its_job() {
+    let sb = Sb::new("ptwait");
+    let (api, id) = (&sb.api, sb.id.as_str());
+    let sh = api.session(id, "bash");
+    api.run(id, &sh, "sleep 0.5 &");
+    api.checkpoint(id, "job");
+    assert_eq!(sb.templates().len(), 2, "{:?}", sb.procs(id));
+    let t = std::time::Instant::now();
+    assert_eq!(api.run(id, &sh, "wait; echo waited $?"), "waited 0\n");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert_eq!(api.run(id, &sh, "sleep 0.1 & wait $!; echo $?"), "0\n");
+}
