@@ -1,8 +1,8 @@
 //! The dashboards against a real Prometheus: it scrapes a running deltaboxd with the
 //! project's scrape configuration while a watched cgroup writes and its epoch
 //! advances, a sandbox does file I/O and is checkpointed, rolled back and branched (its
-//! session's templates evicted from a pool of one), and
-//! requests fail, and every PromQL expression of every Grafana panel returns data.
+//! session's templates evicted from a pool of one), and requests fail, and every
+//! PromQL expression of every Grafana panel returns data.
 
 use std::{
     process::Command,
@@ -120,6 +120,9 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
         thread::sleep(Duration::from_millis(500));
     }
 
+    // The pool evicted (a pool of one) and forked templates at the rollbacks.
+    assert!(daemon.metric("deltabox_template_pool_evictions_total") > 0.0);
+    assert!(daemon.metric("deltabox_template_pool_hits_total") > 0.0);
     let up = prometheus.query("up{job=\"deltaboxd\"}");
     assert_eq!(up[0]["value"][1], "1", "deltaboxd not scraped: {up}");
     let mut empty = Vec::new();

@@ -169,10 +169,10 @@ fn a_node_whose_template_was_killed_is_restored_from_its_dump() {
     );
     // A branch of n3, whose template is gone again: its session is rebuilt from the
     // dump too, and becomes n3's template.
-    // (`tree` still says `live` until a restore finds the template dead: queries.rs
-    // lists the templates in the manager's map without checking their processes.)
     let before = templates(&daemon, &tree);
     kill9(*before.last().unwrap());
+    // `tree` sees the template's process gone at once.
+    assert_eq!(template_state(&api, &sb, &n3), "dumped");
     let branch = id_of(&api.branch(&n3, 1)[0]);
     assert_eq!(template_state(&api, &sb, &n3), "live");
     assert_eq!(

@@ -152,6 +152,7 @@ fn the_least_recently_used_templates_are_evicted_and_restored_from_their_dumps()
     let text = String::from_utf8_lossy(&stats.stdout);
     assert!(text.contains("template pool: "), "{text}");
     assert!(text.contains("misses 3"), "{text}");
+    eprintln!("{text}");
 }
 
 #[test]
@@ -239,4 +240,11 @@ fn a_template_owning_more_than_the_byte_bound_is_evicted() {
     assert!(count(&p, "bytes_owned") < 48 << 20, "{p}");
     api.rollback(&sb, &n1);
     assert_eq!(api.run(&sb, &py, "print(h())"), h1);
+    // What the pool measured and did (its measures are logged at debug level:
+    // RUST_LOG=info,deltabox_controller::sandbox::manager::pool=debug).
+    for line in daemon.log().lines().filter(|l| {
+        l.contains("template pool measured") || l.contains("evicted") || l.contains("dumped")
+    }) {
+        eprintln!("{line}");
+    }
 }

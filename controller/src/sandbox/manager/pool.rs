@@ -332,8 +332,15 @@ impl Shared {
         let mut candidates = self.candidates();
         let mut skipped: HashSet<NodeId> = HashSet::new();
         loop {
+            let t = Instant::now();
             let (count, bytes) = measure(&candidates);
             *lock(&self.measured) = (count, bytes);
+            tracing::debug!(
+                templates = count,
+                bytes,
+                ms = t.elapsed().as_secs_f64() * 1e3,
+                "template pool measured"
+            );
             let over = count > self.cfg.max_templates || bytes > self.cfg.max_bytes;
             if !over || self.cfg.dump_policy == DumpPolicy::Off {
                 return;
