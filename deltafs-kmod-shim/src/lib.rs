@@ -7,11 +7,12 @@
 //!
 //! The control interface: [`Store::open`], [`Store::mount`] → [`View`],
 //! [`View::freeze`], [`View::switch`], [`View::unmount`], [`Store::drop_snapshot`],
-//! [`Store::gc`].
+//! [`Store::gc`], [`Store::squash`].
 //!
 //! - [`index`]: the namespace in persistent maps (O(1) snapshots, no per-layer scan);
 //! - [`base`]: the read-only base tree, read lazily;
 //! - [`layer`], [`persist`]: layer directories and their on-disk metadata;
+//! - [`squash`]: merging chains of dropped snapshots;
 //! - [`store`], [`view`]: the control interface;
 //! - [`stats`]: what the views did (requests, copy-ups, freezes), read by [`Store::stats`];
 //! - [`probe`]: the check that this kernel's FUSE passthrough works as DeltaFS needs.
@@ -29,6 +30,7 @@ pub mod maps;
 pub mod node;
 pub mod persist;
 pub mod probe;
+pub mod squash;
 pub mod stats;
 pub mod store;
 mod sync;
@@ -38,6 +40,7 @@ mod writer;
 pub use crate::backing::{BackingError, BackingFile};
 pub use crate::diff::{Change, ChangeKind, Changed, DiffError, FileType};
 pub use crate::ids::{LayerId, SnapshotId};
+pub use crate::squash::SquashReport;
 pub use crate::stats::{OpKind, OpStats, SnapshotWrites, StatsSnapshot};
 pub use crate::store::{GcReport, SnapshotInfo, Store, StoreError};
 pub use crate::view::{FreezeOpts, FreezeReport, MappedFiles, SwitchReport, View, ViewError};

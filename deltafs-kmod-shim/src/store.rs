@@ -103,6 +103,8 @@ pub(crate) struct Snapshot {
     /// Its index; `None` until rebuilt from disk after a restart.
     pub index: Option<Index>,
     pub dropped: bool,
+    /// Layers squashed into it, whose directories hold backing files it still uses.
+    pub absorbed: Vec<LayerId>,
 }
 
 /// What [`Store::snapshots`] lists.
@@ -148,7 +150,7 @@ pub(crate) struct StoreShared {
 
 /// A DeltaFS store: `<root>/layers/<layer-id>/…` on a backing filesystem.
 pub struct Store {
-    shared: Arc<StoreShared>,
+    pub(crate) shared: Arc<StoreShared>,
 }
 
 impl Store {
@@ -185,6 +187,7 @@ impl Store {
                     delta: None,
                     index: None,
                     dropped: frozen.dropped,
+                    absorbed: frozen.manifest.absorbed,
                 },
             );
         }
@@ -322,7 +325,25 @@ impl Store {
                 cur = state.snapshots.get(&id).and_then(|s| s.parent);
             }
         }
+        // Layers squashed into a kept snapshot keep their backing files, not their
+        // metadata (left behind only if a squash was interrupted).
+        let mut absorbed: HashSet<LayerId> = HashSet::new();
+        for (id, snapshot) in &state.snapshots {
+            if keep.contains(&id.layer()) {
+                absorbed.extend(snapshot.absorbed.iter().copied());
+            }
+        }
+        for layer in &absorbed {
+            if state
+                .snapshots
+                .remove(&SnapshotId::of_layer(*layer))
+                .is_some()
+            {
+                persist::remove_metadata(&self.shared.layers.dir(*layer))?;
+            }
+        }
         state.snapshots.retain(|id, _| keep.contains(&id.layer()));
+        keep.extend(absorbed);
         self.shared
             .stats
             .retain_snapshots(|id| keep.contains(&id.layer()));
@@ -446,6 +467,17 @@ impl StoreState {
         if let Some(index) = &snapshot.index {
             return Ok(index.clone());
         }
+        self.rebuild_index(layers, id, base)
+    }
+
+    /// The index of snapshot `id` (dropped or not) over `base`, rebuilt from the deltas
+    /// of its chain down to the nearest snapshot whose index is in memory.
+    pub fn rebuild_index(
+        &mut self,
+        layers: &Layers,
+        id: SnapshotId,
+        base: &Path,
+    ) -> Result<Index, StoreError> {
         let tree = self.base(base)?;
         let mut chain = Vec::new();
         let mut cur = Some(id);

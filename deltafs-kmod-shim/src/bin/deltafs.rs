@@ -14,6 +14,7 @@
 //! | `branch <id> <mountpoint>` | `branched <mountpoint>` (a second view, same process) |
 //! | `unmount <mountpoint>` | `unmounted <mountpoint>` (a branch) |
 //! | `drop <id>` | `dropped <id>` |
+//! | `squash <id>` | `squashed <id> merged <n> files <n>`: ancestors merged into it, superseded backing files removed |
 //! | `sync` | `synced <bytes>`: snapshot metadata is on disk; bytes written since the last `sync` |
 //! | `gc` | `gc removed <n> kept <n>` |
 //! | `quit` | unmounts everything, prints `unmounted`, exits 0 |
@@ -222,6 +223,31 @@ fn command(
         ["drop", id] => {
             store.drop_snapshot(id.parse()?)?;
             Ok(format!("dropped {id}"))
+        }
+        ["squash", id] => {
+            let report = store.squash(id.parse()?)?;
+            eprintln!(
+                "deltafs: squashed {} into {} in {:?}: parent now {:?}, {} changes, {} files \
+                 ({} bytes) and {} layers removed",
+                report
+                    .merged
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                report.id,
+                report.elapsed,
+                report.parent,
+                report.changes,
+                report.files_removed,
+                report.bytes_removed,
+                report.layers_removed
+            );
+            Ok(format!(
+                "squashed {id} merged {} files {}",
+                report.merged.len(),
+                report.files_removed
+            ))
         }
         ["sync"] => Ok(format!("synced {}", store.flush()?)),
         ["gc"] => {

@@ -1,10 +1,11 @@
-//! Format version 2: one file, `layer.bin`, holding a frozen layer's manifest and then
+//! Format versions 2 and 3: one file, `layer.bin`, holding a frozen layer's manifest and then
 //! its delta, in a compact binary encoding (version 1 was two JSON files at ~290 bytes per
 //! changed node; this is ~20). A checkpoint's write amplification is this file.
 //!
 //! ```text
-//! file     = "DFSL" version:u8=2 manifest delta
+//! file     = "DFSL" version:u8 manifest delta
 //! manifest = id:[16] has_parent:u8 [parent:[16]] next_ino:varint base:bytes
+//!            absorbed:varint [id:[16]]*     (version 3 only; version 2 has none)
 //! delta    = layers:varint [id:[16]]*  nodes:varint node*  groups:varint group*
 //! node     = ino:varint-ino tag:u8 (tag != 0: flags:u8 perm uid gid nlink:varint
 //!            ctime [mtime] [atime] [rdev] [size] [parent:varint-ino] [target:bytes]
@@ -36,11 +37,15 @@ use crate::node::{Bytes, DataRef, Kind, Node, Time};
 pub(super) const MAGIC: &[u8; 4] = b"DFSL";
 
 /// The version byte this module writes.
-pub(super) const VERSION: u8 = 2;
+pub(super) const VERSION: u8 = 3;
 
-/// Bound on the manifest's size (its base path is at most `PATH_MAX`): reading this
-/// much of a file is enough to decode its manifest.
-pub(super) const MANIFEST_MAX: usize = 64 + 4096 + 16;
+/// The oldest version byte this module reads.
+const OLDEST: u8 = 2;
+
+/// What to read of a file to decode its manifest, unless it absorbed many layers (its
+/// base path is at most `PATH_MAX`; each absorbed layer takes 16 bytes): the reader
+/// reads the whole file when this is not enough.
+pub(super) const MANIFEST_MAX: usize = 64 + 4096 + 16 * 64;
 
 const KINDS: [Kind; 7] = [
     Kind::File,
@@ -68,9 +73,14 @@ const DATA_OTHER: u8 = 3;
 
 /// Encodes a frozen layer's metadata file.
 pub(super) fn encode(manifest: &Manifest, record: &DeltaRecord) -> Vec<u8> {
+    encode_version(manifest, record, VERSION)
+}
+
+/// [`encode`] in format `version` (2 drops the absorbed layers).
+fn encode_version(manifest: &Manifest, record: &DeltaRecord, version: u8) -> Vec<u8> {
     let mut out = Encoder::default();
     out.buf.extend_from_slice(MAGIC);
-    out.buf.push(VERSION);
+    out.buf.push(version);
     out.buf.extend_from_slice(&manifest.id.to_bytes());
     match manifest.parent {
         Some(parent) => {
@@ -81,6 +91,12 @@ pub(super) fn encode(manifest: &Manifest, record: &DeltaRecord) -> Vec<u8> {
     }
     out.varint(manifest.next_ino);
     out.bytes(&manifest.base.0);
+    if version >= 3 {
+        out.varint(manifest.absorbed.len() as u64);
+        for layer in &manifest.absorbed {
+            out.buf.extend_from_slice(&layer.to_bytes());
+        }
+    }
 
     // Other layers the nodes' data lives in, by first use.
     let mut layers: Vec<LayerId> = Vec::new();
@@ -122,15 +138,15 @@ pub(super) fn encode(manifest: &Manifest, record: &DeltaRecord) -> Vec<u8> {
 /// [`MANIFEST_MAX`] bytes).
 pub(super) fn decode_manifest(path: &Path, data: &[u8]) -> Result<Manifest, PersistError> {
     let mut input = Decoder::new(path, data);
-    input.header()?;
-    input.manifest()
+    let version = input.header()?;
+    input.manifest(version)
 }
 
 /// Decodes a whole metadata file.
 pub(super) fn decode(path: &Path, data: &[u8]) -> Result<(Manifest, DeltaRecord), PersistError> {
     let mut input = Decoder::new(path, data);
-    input.header()?;
-    let manifest = input.manifest()?;
+    let version = input.header()?;
+    let manifest = input.manifest(version)?;
     let layer_count = input.count()?;
     let layers = (0..layer_count)
         .map(|_| input.layer_id())
@@ -159,7 +175,7 @@ pub(super) fn decode(path: &Path, data: &[u8]) -> Result<(Manifest, DeltaRecord)
         return Err(input.error("bytes after the end of the delta"));
     }
     let record = DeltaRecord {
-        version: super::FORMAT_VERSION,
+        version: version.into(),
         nodes,
         entries,
     };
@@ -373,21 +389,22 @@ impl<'a> Decoder<'a> {
         Ok(Time { sec, nsec })
     }
 
-    fn header(&mut self) -> Result<(), PersistError> {
+    /// Checks the magic; returns the version.
+    fn header(&mut self) -> Result<u8, PersistError> {
         if self.take(MAGIC.len())? != MAGIC {
             return Err(self.error("not a DeltaFS layer file (bad magic)"));
         }
         let version = self.byte()?;
-        if version != VERSION {
+        if !(OLDEST..=VERSION).contains(&version) {
             return Err(PersistError::Version {
                 path: self.path.to_owned(),
                 found: version.into(),
             });
         }
-        Ok(())
+        Ok(version)
     }
 
-    fn manifest(&mut self) -> Result<Manifest, PersistError> {
+    fn manifest(&mut self, version: u8) -> Result<Manifest, PersistError> {
         let id = self.layer_id()?;
         let parent = match self.byte()? {
             0 => None,
@@ -396,12 +413,21 @@ impl<'a> Decoder<'a> {
         };
         let next_ino = self.varint()?;
         let base = Bytes(self.bytes()?);
+        let absorbed = if version >= 3 {
+            let count = self.count()?;
+            (0..count)
+                .map(|_| self.layer_id())
+                .collect::<Result<_, _>>()?
+        } else {
+            Vec::new()
+        };
         Ok(Manifest {
-            version: super::FORMAT_VERSION,
+            version: version.into(),
             id,
             parent,
             base,
             next_ino,
+            absorbed,
         })
     }
 
@@ -501,160 +527,5 @@ impl<'a> Decoder<'a> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::ids::{BASE_INO_FLAG, SnapshotId};
-
-    fn time(sec: i64, nsec: u32) -> Time {
-        Time { sec, nsec }
-    }
-
-    fn sample() -> (Manifest, DeltaRecord) {
-        let own = LayerId::generate();
-        let other = LayerId::generate();
-        let manifest = Manifest {
-            version: super::super::FORMAT_VERSION,
-            id: own,
-            parent: Some(SnapshotId::of_layer(other)),
-            base: Bytes(b"/var/lib/base".to_vec()),
-            next_ino: 123_456,
-        };
-        let mut nodes = Vec::new();
-        for (i, kind) in KINDS.iter().enumerate() {
-            let mut node = Node::new(*kind, 0o7755, 1000 + i as u32, 70_000);
-            node.ctime = time(1_800_000_000 + i as i64, 999_999_999);
-            node.mtime = if i % 2 == 0 {
-                node.ctime
-            } else {
-                time(-5, 250)
-            };
-            node.atime = match i % 3 {
-                0 => node.ctime,
-                1 => node.mtime,
-                _ => time(0, 0),
-            };
-            node.nlink = 70_000;
-            node.rdev = if i == 5 { 0x0801 } else { 0 };
-            node.parent = if *kind == Kind::Dir {
-                BASE_INO_FLAG | 7
-            } else {
-                0
-            };
-            node.target = (*kind == Kind::Symlink).then(|| Bytes(vec![0xff, b'/', 0]));
-            if i == 0 {
-                node.xattrs
-                    .insert(Bytes(b"user.a".to_vec()), Bytes(vec![0xfe; 300]));
-                node.xattrs
-                    .insert(Bytes(b"user.b".to_vec()), Bytes(Vec::new()));
-            }
-            node.data = match i {
-                0 => Some(DataRef::Layer {
-                    layer: own,
-                    file: 1 << 40,
-                }),
-                1 => Some(DataRef::Base(Bytes(b"usr/lib".to_vec()))),
-                2 => Some(DataRef::Layer {
-                    layer: other,
-                    file: 3,
-                }),
-                _ => None,
-            };
-            nodes.push((10 + i as u64, Some(node)));
-        }
-        nodes.push((BASE_INO_FLAG | (5 << 48) | 99, None));
-        nodes.push((u64::MAX, None));
-        let entries = vec![
-            (1, Bytes(b"a".to_vec()), Some(10)),
-            (1, Bytes(b"b".to_vec()), None),
-            (11, Bytes(vec![0x80; 255]), Some(BASE_INO_FLAG | 3)),
-        ];
-        let record = DeltaRecord {
-            version: super::super::FORMAT_VERSION,
-            nodes,
-            entries,
-        };
-        (manifest, record)
-    }
-
-    #[test]
-    fn every_field_round_trips() {
-        let (manifest, record) = sample();
-        let data = encode(&manifest, &record);
-        let path = Path::new("layer.bin");
-        assert_eq!(decode(path, &data).unwrap(), (manifest.clone(), record));
-        assert_eq!(decode_manifest(path, &data).unwrap(), manifest);
-        let no_parent = Manifest {
-            parent: None,
-            ..manifest
-        };
-        let empty = DeltaRecord {
-            version: super::super::FORMAT_VERSION,
-            ..DeltaRecord::default()
-        };
-        let data = encode(&no_parent, &empty);
-        assert_eq!(decode(path, &data).unwrap(), (no_parent, empty));
-    }
-
-    #[test]
-    fn damaged_files_are_errors_not_panics() {
-        let (manifest, record) = sample();
-        let data = encode(&manifest, &record);
-        let path = Path::new("layer.bin");
-        for len in 0..data.len() {
-            assert!(decode(path, &data[..len]).is_err(), "prefix of {len} bytes");
-        }
-        let mut longer = data.clone();
-        longer.push(0);
-        assert!(matches!(
-            decode(path, &longer),
-            Err(PersistError::Decode { .. })
-        ));
-        let mut version = data.clone();
-        version[4] = 9;
-        assert!(matches!(
-            decode(path, &version),
-            Err(PersistError::Version { found: 9, .. })
-        ));
-        // Flipping any byte never panics (it may still decode to something).
-        for i in 0..data.len() {
-            let mut flipped = data.clone();
-            flipped[i] ^= 0xa5;
-            let _ = decode(path, &flipped);
-        }
-    }
-
-    /// What a checkpoint of 100 rewritten files writes: each file's node (new backing
-    /// file in the frozen layer, new times), nothing else.
-    #[test]
-    fn a_hundred_changed_files_take_under_4_kib() {
-        let own = LayerId::generate();
-        let manifest = Manifest {
-            version: super::super::FORMAT_VERSION,
-            id: own,
-            parent: Some(SnapshotId::of_layer(LayerId::generate())),
-            base: Bytes(b"/tmp/deltabox-demo-eJAQe6/run/base".to_vec()),
-            next_ino: 10_200,
-        };
-        let nodes = (0..100u64)
-            .map(|i| {
-                let mut node = Node::new(Kind::File, 0o644, 0, 0);
-                node.ctime = time(1_795_351_214, 103_192_890 + i as u32 * 7919);
-                node.mtime = node.ctime;
-                node.atime = time(1_795_351_100, 5_000_000);
-                node.data = Some(DataRef::Layer {
-                    layer: own,
-                    file: 200 + i,
-                });
-                (10_000 + i * 97, Some(node))
-            })
-            .collect();
-        let record = DeltaRecord {
-            version: super::super::FORMAT_VERSION,
-            nodes,
-            entries: Vec::new(),
-        };
-        let data = encode(&manifest, &record);
-        assert!(data.len() <= 4096, "{} bytes", data.len());
-        eprintln!("100 changed files: {} bytes", data.len());
-    }
-}
+#[path = "binary_tests.rs"]
+mod tests;

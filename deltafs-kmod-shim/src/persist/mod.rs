@@ -24,8 +24,9 @@ use crate::ids::{Ino, LayerId, SnapshotId};
 use crate::index::{Delta, EntryChanges, Index, NodeChanges};
 use crate::node::{Bytes, Node};
 
-/// Version of the layer metadata this build writes (it reads 1 and 2).
-pub const FORMAT_VERSION: u32 = 2;
+/// Version of the layer metadata this build writes (it reads 1, 2 and 3; 3 is 2 plus the
+/// manifest's `absorbed` layers).
+pub const FORMAT_VERSION: u32 = 3;
 
 /// The metadata file of version 2.
 pub const LAYER_FILE: &str = "layer.bin";
@@ -68,7 +69,7 @@ pub enum PersistError {
         what: &'static str,
     },
     /// A metadata file has a format version this build does not know.
-    #[error("{path} has format version {found}, this build reads 1 and {FORMAT_VERSION}")]
+    #[error("{path} has format version {found}, this build reads 1 to {FORMAT_VERSION}")]
     Version {
         /// The file.
         path: PathBuf,
@@ -91,6 +92,10 @@ pub struct Manifest {
     /// The store's inode allocator when the layer was frozen (a restart resumes above the
     /// highest).
     pub next_ino: Ino,
+    /// Layers squashed into this one ([`Store::squash`](crate::Store::squash)): no longer
+    /// snapshots, their directories hold backing files this snapshot's nodes still use.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub absorbed: Vec<LayerId>,
 }
 
 /// The nodes and entries the epoch changed (`None`: removed).
@@ -186,6 +191,33 @@ pub fn write_frozen(
     write_atomic(&dir.join(LAYER_FILE), &binary::encode(manifest, record))
 }
 
+/// Removes a layer's metadata files (any format) and its dropped mark, so that it is no
+/// longer a snapshot (its backing files stay). Missing files are fine.
+pub fn remove_metadata(dir: &Path) -> Result<(), PersistError> {
+    for name in METADATA_FILES.iter().chain([&DROPPED]) {
+        let path = dir.join(name);
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_error(&path)(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Removes a layer's version-1 metadata files (after its `layer.bin` replaced them).
+pub fn remove_json(dir: &Path) -> Result<(), PersistError> {
+    for name in [json::MANIFEST, json::DELTA] {
+        let path = dir.join(name);
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_error(&path)(e)),
+        }
+    }
+    Ok(())
+}
+
 /// Marks a frozen layer's snapshot as dropped.
 pub fn mark_dropped(dir: &Path) -> Result<(), PersistError> {
     write_atomic(&dir.join(DROPPED), b"").map(drop)
@@ -205,10 +237,19 @@ pub fn read_manifest(dir: &Path) -> Result<Option<FrozenLayer>, PersistError> {
     let manifest = match fs::File::open(&path) {
         Ok(file) => {
             let mut head = Vec::with_capacity(binary::MANIFEST_MAX);
-            file.take(binary::MANIFEST_MAX as u64)
+            let mut file = file;
+            (&mut file)
+                .take(binary::MANIFEST_MAX as u64)
                 .read_to_end(&mut head)
                 .map_err(io_error(&path))?;
-            binary::decode_manifest(&path, &head)?
+            match binary::decode_manifest(&path, &head) {
+                // A manifest longer than the head (many absorbed layers): read it all.
+                Err(_) if head.len() == binary::MANIFEST_MAX => {
+                    file.read_to_end(&mut head).map_err(io_error(&path))?;
+                    binary::decode_manifest(&path, &head)?
+                }
+                result => result?,
+            }
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => match json::read_manifest(dir)? {
             Some(manifest) => manifest,
@@ -280,6 +321,7 @@ mod tests {
             parent: None,
             base: Bytes(base_dir.as_os_str().as_bytes().to_vec()),
             next_ino: 13,
+            absorbed: Vec::new(),
         };
         let written = write_frozen(&layer, &manifest, &record).unwrap();
         assert!(written > 0);

@@ -102,6 +102,7 @@ impl ViewShared {
             parent: state.parent,
             base: Bytes(state.base.root().as_os_str().as_bytes().to_vec()),
             next_ino: self.store.next_ino.load(Ordering::Relaxed),
+            absorbed: Vec::new(),
         };
         let id = SnapshotId::of_layer(frozen);
         let delta = Arc::new(std::mem::take(&mut state.delta));
@@ -119,6 +120,7 @@ impl ViewShared {
                 delta: Some(delta),
                 index: Some(index),
                 dropped: false,
+                absorbed: Vec::new(),
             },
         );
         drop(store);
