@@ -1,8 +1,8 @@
-//! Eager dumps stay off the checkpoint's critical path: the checkpoint latency of a
-//! sandbox whose python session holds 64 MiB, with dumps off and with eager dumps
-//! (each written in the background while the next checkpoints are taken), printed
-//! side by side. Its own test binary: it sets `DELTABOX_DUMP_POLICY` for the daemons
-//! it starts, and no other test runs in this process meanwhile.
+//! Eager dumps are written in the background, off the checkpoint's answer path: with
+//! `--dump-policy off` a daemon writes no dump, with `eager` one per checkpointed
+//! session, while the checkpoints keep answering. The latency of the two, side by side,
+//! is a measurement (`--ignored --nocapture`), not a check: tests check behaviour, and
+//! wall-clock figures on a shared CI machine say more about the machine.
 
 use std::time::Duration;
 
@@ -21,14 +21,10 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Checkpoint latencies (the daemon's `total_ms`) with `DELTABOX_DUMP_POLICY=policy`.
+/// Checkpoint latencies (the daemon's `total_ms`) under `--dump-policy policy`, and the
+/// dumps on disk once the background writer has had time to finish.
 fn checkpoints(policy: &str) -> (Vec<f64>, usize) {
-    // SAFETY: this test binary has this one test; no other thread reads the
-    // environment while it is set (the daemon inherits it at spawn).
-    unsafe { std::env::set_var("DELTABOX_DUMP_POLICY", policy) };
-    let daemon = TestDaemon::start(&format!("dlat-{policy}"), &[]);
-    // SAFETY: as above.
-    unsafe { std::env::remove_var("DELTABOX_DUMP_POLICY") };
+    let daemon = TestDaemon::start(&format!("dlat-{policy}"), &["--dump-policy", policy]);
     let api = Http::new(daemon.socket());
     let sb = id_of(&api.create(&json!({})));
     let py = api.session(&sb, "python");
@@ -45,25 +41,40 @@ fn checkpoints(policy: &str) -> (Vec<f64>, usize) {
             .expect(201, "checkpoint");
         ms.push(node["timings"]["total_ms"].as_f64().expect("total_ms"));
     }
+    // The writer works in the background: wait for it (bounded), not a fixed time.
+    let count = || {
+        std::fs::read_dir(daemon.data_dir().join("dumps"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while policy != "off" && count() < ROUNDS && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     std::thread::sleep(Duration::from_millis(100));
-    let dumps = std::fs::read_dir(daemon.data_dir().join("dumps"))
-        .map(|d| d.count())
-        .unwrap_or(0);
-    (ms, dumps)
+    (ms, count())
 }
 
 #[test]
-fn eager_dumps_do_not_slow_checkpoints_down() {
+fn eager_dumps_are_written_in_the_background_and_off_writes_none() {
     require_root();
-    let (off, off_dumps) = checkpoints("off");
-    let (eager, eager_dumps) = checkpoints("eager");
+    let (_, off_dumps) = checkpoints("off");
+    let (_, eager_dumps) = checkpoints("eager");
     assert_eq!(off_dumps, 0, "policy off wrote dumps");
-    assert!(eager_dumps > 0, "policy eager wrote no dump");
+    assert_eq!(
+        eager_dumps, ROUNDS,
+        "policy eager: one dump per checkpoint of the one session"
+    );
+}
+
+/// `cargo test -p deltabox-tests --test sandbox_dump_latency -- --ignored --nocapture`
+#[test]
+#[ignore = "a measurement: prints the checkpoint latency with dumps off and eager"]
+fn checkpoint_latency_with_and_without_eager_dumps() {
+    require_root();
+    let (off, _) = checkpoints("off");
+    let (eager, _) = checkpoints("eager");
     let (m_off, m_eager) = (median(off.clone()), median(eager.clone()));
     eprintln!("checkpoint total_ms, dumps off:   median {m_off:.2} ms  {off:.2?}");
     eprintln!("checkpoint total_ms, dumps eager: median {m_eager:.2} ms  {eager:.2?}");
-    assert!(
-        m_eager <= m_off * 1.5 + 3.0,
-        "eager dumps slowed checkpoints: median {m_eager:.2} ms against {m_off:.2} ms"
-    );
 }
