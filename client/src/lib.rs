@@ -18,7 +18,11 @@
 //! client.exec(&sandbox.id, &shell("echo one > /workspace/f")).await?;
 //! let node = client.checkpoint(&sandbox.id, &CheckpointRequest::default()).await?;
 //! client.exec(&sandbox.id, &shell("rm /workspace/f")).await?;
-//! let back = RollbackRequest { node: node.id.clone(), mode: RollbackMode::All };
+//! let back = RollbackRequest {
+//!     node: node.id.clone(),
+//!     mode: RollbackMode::All,
+//!     warm_up: None,
+//! };
 //! client.rollback(&sandbox.id, &back).await?;
 //! let out = client.exec(&sandbox.id, &shell("cat /workspace/f")).await?;
 //! assert_eq!(out.stdout, "one\n");

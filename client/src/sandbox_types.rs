@@ -439,6 +439,10 @@ pub struct RollbackRequest {
     /// What to restore.
     #[serde(default)]
     pub mode: RollbackMode,
+    /// Pre-fault, after the answer, the pages the sandbox wrote after this node last
+    /// time (the warm-up, docs/deltacr.md); absent: the daemon's `--warm-up` default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm_up: Option<bool>,
 }
 
 /// Where a rollback's time went (milliseconds).
@@ -467,6 +471,10 @@ pub struct RollbackResult {
     pub sessions: Vec<SessionInfo>,
     /// How long it took.
     pub timings: RollbackTimings,
+    /// Whether a warm-up of its sessions was started (it runs after this answer; the
+    /// sandbox's next operation waits for it).
+    #[serde(default)]
+    pub warm_up: bool,
 }
 
 /// `POST /v1/nodes/{node}/branch`.
@@ -589,4 +597,11 @@ pub struct SandboxDirty {
     pub bytes_written: u64,
     /// Distinct files written or dirtied.
     pub inodes: u64,
+    /// Copy-on-write faults its processes took since its last checkpoint or rollback
+    /// (eBPF; 0 when the daemon does not count them).
+    #[serde(default)]
+    pub cow_faults: u64,
+    /// Pages the warm-up after its last rollback pre-faulted (0 without one).
+    #[serde(default)]
+    pub warmed_up_pages: u64,
 }

@@ -159,6 +159,7 @@ impl Driver for Api {
         let req = RollbackRequest {
             node: node.to_owned(),
             mode: RollbackMode::All,
+            warm_up: None,
         };
         let out = self
             .rt

@@ -1,10 +1,14 @@
-//! An in-memory [`WriteTracker`] for tests that need no root and no kernel.
+//! An in-memory [`WriteTracker`] and [`CowFaultCounter`] for tests that need no root
+//! and no kernel.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-use crate::bpf::{AttachedProgram, BpfError, GlobalCounters, InodeRecord, WriteTracker};
+use crate::bpf::{
+    AttachedProgram, BpfError, CowFaultCounter, FaultTotals, GlobalCounters, InodeRecord,
+    ProcessPages, WriteTracker,
+};
 
 /// Watched cgroups with their epochs, per-inode records, and an optional failure.
 #[derive(Default)]
@@ -120,5 +124,81 @@ impl WriteTracker for FakeTracker {
 
     fn counters(&self) -> Result<GlobalCounters, BpfError> {
         Ok(self.check()?.counters)
+    }
+}
+
+/// An in-memory [`CowFaultCounter`]: fault epochs per cgroup and the faults recorded
+/// with [`FakeFaults::record_faults`] (no pages: nothing to warm up).
+#[derive(Default)]
+pub(crate) struct FakeFaults {
+    state: Mutex<FakeFaultState>,
+}
+
+#[derive(Default)]
+struct FakeFaultState {
+    epochs: BTreeMap<u64, u64>,
+    faults: BTreeMap<(u64, u64), u64>,
+    total: u64,
+}
+
+impl FakeFaults {
+    /// Adds `n` faults to the cgroup's current fault epoch (if it is watched).
+    pub(crate) fn record_faults(&self, cgroup_id: u64, n: u64) {
+        let mut s = self.state.lock().unwrap();
+        if let Some(&epoch) = s.epochs.get(&cgroup_id) {
+            *s.faults.entry((cgroup_id, epoch)).or_default() += n;
+            s.total += n;
+        }
+    }
+}
+
+impl CowFaultCounter for FakeFaults {
+    fn watch(&self, cgroup_id: u64) -> Result<u64, BpfError> {
+        Ok(*self
+            .state
+            .lock()
+            .unwrap()
+            .epochs
+            .entry(cgroup_id)
+            .or_default())
+    }
+
+    fn unwatch(&self, cgroup_id: u64) -> Result<bool, BpfError> {
+        let mut s = self.state.lock().unwrap();
+        s.faults.retain(|(cg, _), _| *cg != cgroup_id);
+        Ok(s.epochs.remove(&cgroup_id).is_some())
+    }
+
+    fn advance_epoch(&self, cgroup_id: u64) -> Result<u64, BpfError> {
+        let mut s = self.state.lock().unwrap();
+        let epoch = s
+            .epochs
+            .get_mut(&cgroup_id)
+            .ok_or(BpfError::NotWatched { cgroup_id })?;
+        *epoch += 1;
+        Ok(*epoch)
+    }
+
+    fn faults(&self, cgroup_id: u64, epoch: u64) -> Result<u64, BpfError> {
+        let s = self.state.lock().unwrap();
+        Ok(s.faults.get(&(cgroup_id, epoch)).copied().unwrap_or(0))
+    }
+
+    fn pages(&self, _cgroup_id: u64, _epoch: u64) -> Result<Vec<ProcessPages>, BpfError> {
+        Ok(Vec::new())
+    }
+
+    fn drop_before(&self, cgroup_id: u64, epoch: u64) -> Result<(), BpfError> {
+        let mut s = self.state.lock().unwrap();
+        s.faults
+            .retain(|(cg, e), _| *cg != cgroup_id || *e >= epoch);
+        Ok(())
+    }
+
+    fn totals(&self) -> Result<FaultTotals, BpfError> {
+        Ok(FaultTotals {
+            cow_faults: self.state.lock().unwrap().total,
+            pages_full: 0,
+        })
     }
 }

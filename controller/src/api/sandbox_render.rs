@@ -199,8 +199,13 @@ pub fn rollback_text(r: &RollbackResult) -> String {
         RollbackMode::ProcessesOnly => "processes only",
     };
     let t = &r.timings;
+    let warm_up = if r.warm_up {
+        "; warming up (the next command waits for it)"
+    } else {
+        ""
+    };
     format!(
-        "sandbox {} is at node {} ({what}, {} sessions)\nrollback took {:.1} ms (kill {:.1}, files {:.1}, processes {:.1})\n",
+        "sandbox {} is at node {} ({what}, {} sessions)\nrollback took {:.1} ms (kill {:.1}, files {:.1}, processes {:.1}){warm_up}\n",
         r.sandbox,
         r.node,
         r.sessions.len(),

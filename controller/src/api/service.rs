@@ -9,8 +9,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use crate::bpf::{BpfError, Origin, WriteTracker};
+use crate::bpf::{BpfError, CowFaultCounter, Origin, WriteTracker};
 use crate::cgroup::{Cgroup, CgroupFs, unknown_cgroup};
+use crate::metrics::cow::CowTracking;
 use crate::metrics::dirty::DirtyTracking;
 use crate::metrics::fs_stats::DeltaFsFigures;
 use crate::metrics::latency::WINDOW;
@@ -68,6 +69,8 @@ pub struct ApiService {
     /// The sandbox endpoints' implementation, watching each sandbox's cgroup; without
     /// it they answer 503.
     sandboxes: Option<Arc<DirtyTracking>>,
+    /// Copy-on-write fault counting and the warm-up, given to the sandbox endpoints.
+    cow: Option<Arc<CowTracking>>,
 }
 
 impl ApiService {
@@ -85,20 +88,43 @@ impl ApiService {
             info,
             paths: Mutex::new(HashMap::new()),
             sandboxes: None,
+            cow: None,
         }
+    }
+
+    /// This service counting the sandboxes' copy-on-write faults with `faults` and
+    /// warming rollbacks up (by default if `warm_up`); call it before
+    /// [`Self::with_sandboxes`], which hands it to the sandbox endpoints.
+    #[must_use]
+    pub fn with_cow_faults(mut self, faults: Arc<dyn CowFaultCounter>, warm_up: bool) -> Self {
+        self.cow = Some(Arc::new(CowTracking::new(
+            faults,
+            self.metrics.clone(),
+            warm_up,
+        )));
+        self
     }
 
     /// This service with the sandbox endpoints served by `ops` (without it they answer
     /// 503 `sandboxes_disabled`).
     #[must_use]
     pub fn with_sandboxes(mut self, ops: Arc<dyn ServedSandboxes>) -> Self {
-        self.sandboxes = Some(Arc::new(DirtyTracking::new(
+        let mut tracking = DirtyTracking::new(
             ops,
             Arc::clone(&self.tracker),
             self.cgroups.clone(),
             self.metrics.clone(),
-        )));
+        );
+        if let Some(cow) = &self.cow {
+            tracking = tracking.with_cow(Arc::clone(cow));
+        }
+        self.sandboxes = Some(Arc::new(tracking));
         self
+    }
+
+    /// The copy-on-write fault counting and warm-up, if the service has them.
+    pub fn cow(&self) -> Option<&Arc<CowTracking>> {
+        self.cow.as_ref()
     }
 
     /// The sandbox operations, or the error the sandbox endpoints answer without them.

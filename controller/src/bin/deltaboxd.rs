@@ -133,6 +133,10 @@ struct ServeArgs {
         default_value = "eager"
     )]
     dump_policy: DumpPolicy,
+    /// Warm rollbacks up unless they say otherwise: after the answer, pre-fault the
+    /// pages the sessions wrote after the node last time (docs/deltacr.md, "Warm-up").
+    #[arg(long)]
+    warm_up: bool,
 }
 
 const DEFAULT_DATA_DIR: &str = "/var/lib/deltabox/store/deltaboxd";
@@ -244,6 +248,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         pin_dir: args.pin_dir,
         adopt_only: args.adopt_only,
         unload_on_exit: args.unload_on_exit,
+        warm_up: args.warm_up,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

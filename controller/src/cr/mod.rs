@@ -22,6 +22,7 @@
 //! - [`threads`] — stopping, recording and recreating the threads of a process.
 //! - [`dump`] — incremental dumps of templates, and the fallback restore from them.
 //! - [`owned`] — the memory a template alone owns (the template pool's byte bound).
+//! - [`warmup`] — pre-faulting a restored process's expected writes.
 //!
 //! x86_64 only (registers, syscall numbers, the `syscall` instruction). Every thread of
 //! a process is checkpointed and recreated; threads get new tids.
@@ -43,6 +44,7 @@ pub mod restore;
 pub mod state;
 pub mod template;
 pub mod threads;
+pub mod warmup;
 
 use std::time::Duration;
 

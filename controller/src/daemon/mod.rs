@@ -21,7 +21,9 @@ use tokio::sync::watch;
 
 use crate::api::server::{api_router, metrics_router};
 use crate::api::service::{ApiService, DaemonInfo, ServedSandboxes};
-use crate::bpf::{AttachedProgram, BpfError, Origin, PinnedTracker, WriteTracker};
+use crate::bpf::{
+    AttachedProgram, BpfError, CowFaultCounter, Origin, PinnedFaults, PinnedTracker, WriteTracker,
+};
 use crate::cgroup::{CgroupError, CgroupFs};
 use crate::metrics::{Metrics, MetricsError};
 use crate::sandbox::{ManagerConfig, SandboxError, SandboxManager};
@@ -204,6 +206,8 @@ pub struct ServeConfig {
     pub unload_on_exit: bool,
     /// Where sandboxes keep their state; `None`: no sandboxes (their routes answer 503).
     pub sandboxes: Option<ManagerConfig>,
+    /// Whether rollbacks warm up unless their request says otherwise.
+    pub warm_up: bool,
 }
 
 /// Fails unless the effective uid is 0.
@@ -323,6 +327,17 @@ pub async fn run(config: ServeConfig) -> Result<(), DaemonError> {
     };
 
     let tracker: Arc<dyn WriteTracker> = Arc::new(tracker);
+    // Loaded with the write tracker: a daemon without them still serves the rest.
+    let cow = match PinnedFaults::adopt(pin_dir) {
+        Ok(faults) => Some(CowConfig {
+            faults: Arc::new(faults),
+            warm_up: config.warm_up,
+        }),
+        Err(e) => {
+            tracing::warn!(error = %e, "copy-on-write faults are not counted, no warm-up");
+            None
+        }
+    };
     let result = serve(
         socket,
         metrics_listener,
@@ -332,6 +347,7 @@ pub async fn run(config: ServeConfig) -> Result<(), DaemonError> {
         origin,
         pin_dir,
         manager.clone().map(|m| m as Arc<dyn ServedSandboxes>),
+        cow,
         stop,
     )
     .await;
@@ -351,6 +367,14 @@ pub async fn run(config: ServeConfig) -> Result<(), DaemonError> {
     result
 }
 
+/// The copy-on-write fault counter and the warm-up default of [`serve`].
+pub struct CowConfig {
+    /// The counter.
+    pub faults: Arc<dyn CowFaultCounter>,
+    /// Whether rollbacks warm up unless their request says otherwise.
+    pub warm_up: bool,
+}
+
 /// Serves the API on `socket` and `/metrics` on `metrics_listener` over `tracker`
 /// until `stop` resolves; then stops accepting, removes the socket file, and waits a
 /// little for requests in flight.
@@ -365,6 +389,7 @@ pub async fn serve(
     origin: Origin,
     pin_dir: &Path,
     sandboxes: Option<Arc<dyn ServedSandboxes>>,
+    cow: Option<CowConfig>,
     stop: impl Future<Output = &'static str>,
 ) -> Result<(), DaemonError> {
     let metrics_addr =
@@ -382,6 +407,9 @@ pub async fn serve(
         started: Instant::now(),
     };
     let mut service = ApiService::new(tracker, cgroups, Metrics::new()?, info);
+    if let Some(cow) = cow {
+        service = service.with_cow_faults(cow.faults, cow.warm_up);
+    }
     if let Some(ops) = sandboxes {
         service = service.with_sandboxes(ops);
     }

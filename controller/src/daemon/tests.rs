@@ -84,6 +84,7 @@ async fn serves_until_stopped_then_removes_the_socket() {
             Origin::Adopted,
             &pin_dir,
             None,
+            None,
             stop,
         )
         .await

@@ -17,6 +17,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 
+use super::cow::CowTracking;
 use super::state::{StateFigures, StateSource};
 use super::{Metrics, gauge_value};
 use crate::api::sandbox_types::{
@@ -45,6 +46,8 @@ pub struct DirtyTracking {
     metrics: Metrics,
     /// Sandbox id to its watched `work/` cgroup.
     watched: Mutex<HashMap<String, Cgroup>>,
+    /// Copy-on-write faults and the warm-up, when the daemon counts them.
+    cow: Option<Arc<CowTracking>>,
 }
 
 impl DirtyTracking {
@@ -61,6 +64,22 @@ impl DirtyTracking {
             cgroups,
             metrics,
             watched: Mutex::new(HashMap::new()),
+            cow: None,
+        }
+    }
+
+    /// Also counts each sandbox's copy-on-write faults and warms rollbacks up with
+    /// `cow`; every operation on a sandbox then waits for its pending warm-up first.
+    #[must_use]
+    pub fn with_cow(mut self, cow: Arc<CowTracking>) -> Self {
+        self.cow = Some(cow);
+        self
+    }
+
+    /// Waits for sandbox `sandbox`'s pending warm-up, if any.
+    fn settle(&self, sandbox: &str) {
+        if let Some(cow) = &self.cow {
+            cow.wait_warm_up(sandbox);
         }
     }
 
@@ -82,6 +101,10 @@ impl DirtyTracking {
                 return None;
             }
         };
+        // Apart from the write tracker: one failing leaves the other counting.
+        if let Some(cow) = &self.cow {
+            cow.track(id, cgroup.id, &[]);
+        }
         if let Err(e) = self.tracker.watch(cgroup.id) {
             self.metrics.tracker_error("watch a cgroup");
             tracing::warn!(sandbox = id, "watching its cgroup: {e}");
@@ -125,6 +148,9 @@ impl DirtyTracking {
     /// After a checkpoint made `node`: a new epoch, and what it made the store write.
     fn checkpointed(&self, node: &NodeInfo) {
         self.new_epoch(&node.sandbox);
+        if let Some(cow) = &self.cow {
+            cow.checkpointed(&node.sandbox, &node.id);
+        }
         if let Some(written) = self.inner.checkpoint_writes(&node.id) {
             self.metrics
                 .checkpoint_written_bytes
@@ -133,6 +159,9 @@ impl DirtyTracking {
     }
 
     fn untrack(&self, id: &str) {
+        if let Some(cow) = &self.cow {
+            cow.untrack(id);
+        }
         let Some(cgroup) = self.lock().remove(id) else {
             return;
         };
@@ -198,6 +227,13 @@ impl DirtyTracking {
             }
         }
         let mut out: Vec<SandboxDirty> = by_cgroup.into_values().collect();
+        if let Some(cow) = &self.cow {
+            for d in &mut out {
+                let figures = cow.figures(&d.sandbox).unwrap_or_default();
+                d.cow_faults = figures.cow_faults;
+                d.warmed_up_pages = figures.warmed_up_pages;
+            }
+        }
         out.sort_by(|a, b| a.sandbox.cmp(&b.sandbox));
         Ok(out)
     }
@@ -257,6 +293,7 @@ impl SandboxOps for DirtyTracking {
     }
 
     fn remove(&self, sandbox: &str) -> Result<Removed, SandboxError> {
+        self.settle(sandbox);
         let removed = self.inner.remove(sandbox)?;
         for id in &removed.sandboxes {
             self.untrack(id);
@@ -265,6 +302,7 @@ impl SandboxOps for DirtyTracking {
     }
 
     fn exec(&self, sandbox: &str, req: &ExecRequest) -> Result<ExecResult, SandboxError> {
+        self.settle(sandbox);
         let result = self.inner.exec(sandbox, req)?;
         if let Some(node) = &result.node {
             self.checkpointed(node);
@@ -278,6 +316,7 @@ impl SandboxOps for DirtyTracking {
         req: &ExecRequest,
         sink: &mut dyn ExecSink,
     ) -> Result<ExecResult, SandboxError> {
+        self.settle(sandbox);
         let result = self.inner.exec_streamed(sandbox, req, sink)?;
         if let Some(node) = &result.node {
             self.checkpointed(node);
@@ -290,7 +329,12 @@ impl SandboxOps for DirtyTracking {
         sandbox: &str,
         req: &SessionStart,
     ) -> Result<SessionInfo, SandboxError> {
-        self.inner.session_start(sandbox, req)
+        self.settle(sandbox);
+        let info = self.inner.session_start(sandbox, req)?;
+        if let Some(cow) = &self.cow {
+            cow.session_started(sandbox, &info);
+        }
+        Ok(info)
     }
 
     fn session_run(
@@ -299,6 +343,7 @@ impl SandboxOps for DirtyTracking {
         session: &str,
         req: &SessionRun,
     ) -> Result<SessionRunResult, SandboxError> {
+        self.settle(sandbox);
         let result = self.inner.session_run(sandbox, session, req)?;
         if let Some(node) = &result.node {
             self.checkpointed(node);
@@ -307,10 +352,12 @@ impl SandboxOps for DirtyTracking {
     }
 
     fn session_stop(&self, sandbox: &str, session: &str) -> Result<SessionInfo, SandboxError> {
+        self.settle(sandbox);
         self.inner.session_stop(sandbox, session)
     }
 
     fn checkpoint(&self, sandbox: &str, req: &CheckpointRequest) -> Result<NodeInfo, SandboxError> {
+        self.settle(sandbox);
         let node = self.inner.checkpoint(sandbox, req)?;
         self.checkpointed(&node);
         Ok(node)
@@ -321,10 +368,14 @@ impl SandboxOps for DirtyTracking {
         sandbox: &str,
         req: &RollbackRequest,
     ) -> Result<RollbackResult, SandboxError> {
-        let rolled = self.inner.rollback(sandbox, req)?;
+        self.settle(sandbox);
+        let mut rolled = self.inner.rollback(sandbox, req)?;
         // The files are the node's again: nothing is dirty relative to it.
         if rolled.mode != RollbackMode::ProcessesOnly {
             self.new_epoch(&rolled.sandbox);
+        }
+        if let Some(cow) = &self.cow {
+            rolled.warm_up = cow.rolled_back(&rolled, req.warm_up);
         }
         Ok(rolled)
     }
@@ -333,6 +384,11 @@ impl SandboxOps for DirtyTracking {
         let branched = self.inner.branch(node, req)?;
         for sandbox in &branched.sandboxes {
             self.track(&sandbox.id);
+            if let Some(cow) = &self.cow {
+                for session in &sandbox.sessions {
+                    cow.session_started(&sandbox.id, session);
+                }
+            }
         }
         Ok(branched)
     }

@@ -7,6 +7,7 @@
 //! from the code (Firecracker's rule).
 //!
 //! - [`fs_stats`]: DeltaFS's own counters, read at scrape time;
+//! - [`cow`]: copy-on-write faults after checkpoints and rollbacks, and the warm-up;
 //! - [`dirty`]: what each sandbox dirtied since its last checkpoint (eBPF), and what
 //!   each checkpoint made the store write;
 //! - [`latency`]: per-operation latency percentiles since start (`GET /v1/stats`);
@@ -14,6 +15,7 @@
 //! - [`pool`]: the template pool's figures;
 //! - [`stats`]: the `GET /v1/stats` answer and its text.
 
+pub mod cow;
 pub mod dirty;
 pub mod fs_stats;
 pub mod latency;
@@ -314,6 +316,24 @@ metrics! {
     sandbox_dirtied_bytes: IntGauge = IntGauge::new(
         "deltabox_sandbox_dirtied_bytes", "Bytes of pages the sandboxes dirtied since their last checkpoint",
     );
+    /// `deltabox_cow_faults_total{warm_up}`: copy-on-write faults the sandboxes took
+    /// after a rollback (eBPF, `exceptions:page_fault_user`), summed, by whether that
+    /// rollback warmed up (`true`, `false`); brought up to date at each scrape.
+    cow_faults_total: IntCounterVec = IntCounterVec::new(
+        Opts::new("deltabox_cow_faults_total", "Copy-on-write faults taken by sandboxes after a rollback, by warm-up"),
+        &["warm_up"],
+    );
+    /// `deltabox_warm_up_seconds`: time of one warm-up pass (every session of a
+    /// rolled-back sandbox), run after the rollback answered.
+    warm_up_seconds: Histogram = Histogram::with_opts(
+        HistogramOpts::new("deltabox_warm_up_seconds", "Time of one warm-up pass after a rollback")
+            .buckets(STATE_BUCKETS.to_vec()),
+    );
+    /// `deltabox_warm_up_pages`: pages one warm-up pass pre-faulted.
+    warm_up_pages: Histogram = Histogram::with_opts(
+        HistogramOpts::new("deltabox_warm_up_pages", "Pages one warm-up pass pre-faulted")
+            .buckets(vec![0.0, 16.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262_144.0]),
+    );
 }
 
 /// Buckets of `deltabox_checkpoint_written_bytes`: 512 B to 1 GiB, fine around the
@@ -385,6 +405,9 @@ impl Metrics {
         }
         for code in ErrorKind::all_names() {
             self.api_errors_total.with_label_values(&[code]);
+        }
+        for warm_up in ["true", "false"] {
+            self.cow_faults_total.with_label_values(&[warm_up]);
         }
         for state in ["live", "dumped", "gone"] {
             self.templates.with_label_values(&[state]);
@@ -550,6 +573,7 @@ pub const TRACKER_OPS: &[&str] = &[
     "unwatch a cgroup",
     "advance an epoch",
     "drop an old epoch's counters",
+    "read copy-on-write faults",
 ];
 
 /// The methods `deltabox_deltafs_copy_ups_total{method}` counts.

@@ -126,6 +126,7 @@ async fn client_drives_every_sandbox_route() {
     let back = RollbackRequest {
         node: first.id.clone(),
         mode: RollbackMode::ProcessesOnly,
+        warm_up: None,
     };
     assert_eq!(client.rollback(&sb.id, &back).await.unwrap().node, first.id);
     let branch = client

@@ -180,6 +180,7 @@ fn request_bodies_match_the_documented_schemas() {
             json!(RollbackRequest {
                 node: "n".into(),
                 mode: RollbackMode::ProcessesOnly,
+                warm_up: Some(true),
             }),
         ),
         ("BranchRequest", json!(BranchRequest { count: 2 })),

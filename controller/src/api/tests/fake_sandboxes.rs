@@ -382,6 +382,7 @@ impl SandboxOps for FakeSandboxes {
                 files_ms: 0.5,
                 processes_ms: 1.0,
             },
+            warm_up: false,
         })
     }
 

@@ -22,11 +22,11 @@ use serde_json::{Value, json};
 use tower::ServiceExt;
 
 use self::fake_sandboxes::FakeSandboxes;
-use super::fake::FakeTracker;
+use super::fake::{FakeFaults, FakeTracker};
 use super::server::{api_router, metrics_router};
 use super::service::{ApiService, DaemonInfo, ServedSandboxes};
 use super::{ErrorKind, routes};
-use crate::bpf::{Origin, WriteTracker};
+use crate::bpf::{CowFaultCounter, Origin, WriteTracker};
 use crate::cgroup::CgroupFs;
 use crate::metrics::Metrics;
 
@@ -34,6 +34,7 @@ use crate::metrics::Metrics;
 pub(crate) struct Harness {
     pub(crate) dir: tempfile::TempDir,
     pub(crate) tracker: Arc<FakeTracker>,
+    pub(crate) faults: Arc<FakeFaults>,
     pub(crate) sandboxes: Arc<FakeSandboxes>,
     pub(crate) service: Arc<ApiService>,
 }
@@ -73,12 +74,16 @@ impl Harness {
             Metrics::new().unwrap(),
             info,
         );
+        let faults = Arc::new(FakeFaults::default());
         if with_sandboxes {
-            service = service.with_sandboxes(sandboxes.clone() as Arc<dyn ServedSandboxes>);
+            service = service
+                .with_cow_faults(faults.clone() as Arc<dyn CowFaultCounter>, false)
+                .with_sandboxes(sandboxes.clone() as Arc<dyn ServedSandboxes>);
         }
         Self {
             dir,
             tracker,
+            faults,
             sandboxes,
             service: Arc::new(service),
         }
@@ -447,6 +452,28 @@ async fn every_metric_is_updated() {
         )
         .await;
     assert_eq!(status, StatusCode::OK);
+    // Copy-on-write faults after that rollback, then after one that warms up, each
+    // counted when its period ends (the next rollback, the checkpoint).
+    let work = h.id_of("deltabox/other");
+    h.faults.record_faults(work, 3);
+    let warm = format!(r#"{{"node": "{node}", "warm_up": true}}"#);
+    let (status, rolled) = h
+        .request(
+            Method::POST,
+            &format!("/v1/sandboxes/{sandbox}/rollback"),
+            Some(&warm),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(rolled["warm_up"], true, "{rolled}");
+    h.faults.record_faults(work, 2);
+    h.request(
+        Method::POST,
+        &format!("/v1/sandboxes/{sandbox}/checkpoint"),
+        None,
+    )
+    .await;
+    h.service.cow().unwrap().wait_idle();
     let (status, _) = h
         .request(
             Method::POST,

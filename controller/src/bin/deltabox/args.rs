@@ -313,6 +313,13 @@ pub struct RollbackArgs {
     /// Restore only the processes (sessions); the files stay as they are.
     #[arg(long)]
     pub processes_only: bool,
+    /// After the answer, pre-fault the pages the sessions wrote after this node last
+    /// time (the next command waits for it); default: the daemon's `--warm-up`.
+    #[arg(long, conflicts_with = "no_warm_up")]
+    pub warm_up: bool,
+    /// No warm-up, whatever the daemon's default.
+    #[arg(long)]
+    pub no_warm_up: bool,
     /// Print the API's JSON as is.
     #[arg(long)]
     pub json: bool,

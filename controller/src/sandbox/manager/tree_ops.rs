@@ -485,6 +485,8 @@ impl SandboxManager {
             mode,
             sessions: live.sessions.values().map(LiveSession::info).collect(),
             timings,
+            // The warm-up, if any, is started by the caller (metrics::cow).
+            warm_up: false,
         })
     }
 

@@ -1,4 +1,5 @@
-//! `deltabox rollback SANDBOX NODE [--files-only | --processes-only]`.
+//! `deltabox rollback SANDBOX NODE [--files-only | --processes-only]
+//! [--warm-up | --no-warm-up]`.
 
 use anyhow::Context as _;
 use deltabox_controller::api::client::{ApiRequest, Client};
@@ -16,6 +17,11 @@ pub async fn run(args: &RollbackArgs, client: &Client) -> anyhow::Result<()> {
     let req = RollbackRequest {
         node: args.node.clone(),
         mode,
+        warm_up: match (args.warm_up, args.no_warm_up) {
+            (true, _) => Some(true),
+            (_, true) => Some(false),
+            _ => None,
+        },
     };
     let sandbox = args.sandbox.clone();
     if args.json {

@@ -1,0 +1,126 @@
+//! Copy-on-write faults after a rollback and the warm-up, against a real `deltaboxd`
+//! with its eBPF programs: a python session that writes N pages after a rollback takes
+//! at least N copy-on-write faults (another sandbox none of them); after a rollback
+//! with `warm_up`, the same writes take almost none, the warm-up pre-faulted at least
+//! N pages, and the session's memory is byte-identical to the checkpoint's; the
+//! metrics move.
+
+use deltabox_tests::daemon::TestDaemon;
+use deltabox_tests::require_root;
+use deltabox_tests::sandbox::{Http, id_of};
+use serde_json::{Value, json};
+
+/// Pages the session writes (8 MiB).
+const N: u64 = 2048;
+
+/// The `dirty` entry of `sandbox` in `GET /v1/stats`.
+fn figures(http: &Http, sandbox: &str) -> Value {
+    let stats = http.get("/v1/stats").expect(200, "stats");
+    stats["dirty"]
+        .as_array()
+        .and_then(|all| all.iter().find(|d| d["sandbox"] == sandbox).cloned())
+        .unwrap_or_else(|| panic!("no figures for {sandbox} in {stats}"))
+}
+
+fn cow_faults(http: &Http, sandbox: &str) -> u64 {
+    let d = figures(http, sandbox);
+    d["cow_faults"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no cow_faults in {d}"))
+}
+
+fn rollback(http: &Http, sandbox: &str, node: &str, warm_up: bool) -> Value {
+    let rolled = http
+        .post(
+            &format!("/v1/sandboxes/{sandbox}/rollback"),
+            &json!({ "node": node, "warm_up": warm_up }),
+        )
+        .expect(200, &format!("rollback {sandbox} to {node}"));
+    assert_eq!(rolled["warm_up"], warm_up, "{rolled}");
+    rolled
+}
+
+/// Writes one byte in each of the N pages of `buf`.
+const WRITE: &str = "for i in range(0, len(buf), 4096): buf[i] = (buf[i] + 1) % 256";
+/// The hash of `buf`.
+const HASH: &str = "import hashlib; print(hashlib.sha256(buf).hexdigest())";
+
+#[test]
+fn warm_up_takes_the_copy_on_write_faults_of_the_next_run_and_changes_no_byte() {
+    require_root();
+    let daemon = TestDaemon::start("warmup", &[]);
+    let http = Http::new(daemon.socket());
+    let sandbox = id_of(&http.create(&json!({})));
+    let other = id_of(&http.create(&json!({})));
+    let other_session = http.session(&other, "python");
+    http.run(&other, &other_session, "x = 1");
+    let session = http.session(&sandbox, "python");
+    // Present, written pages: after the checkpoint's fork each is shared with the
+    // template, and the first write to it is a copy-on-write fault.
+    http.run(
+        &sandbox,
+        &session,
+        &format!("buf = bytearray(b'\\x01') * ({N} * 4096)"),
+    );
+    let hash = http.run(&sandbox, &session, HASH);
+    let node = http.checkpoint(&sandbox, "buffer");
+
+    // Written after the checkpoint: learned for the node.
+    http.run(&sandbox, &session, WRITE);
+    assert!(
+        cow_faults(&http, &sandbox) >= N,
+        "{}",
+        figures(&http, &sandbox)
+    );
+
+    // Written after a plain rollback: at least N faults, none of them the other's.
+    rollback(&http, &sandbox, &node, false);
+    let others = cow_faults(&http, &other);
+    http.run(&sandbox, &session, WRITE);
+    let cold = cow_faults(&http, &sandbox);
+    assert!(
+        cold >= N,
+        "{N} pages written after a rollback: {cold} faults"
+    );
+    let others = cow_faults(&http, &other) - others;
+    assert!(
+        others < 16,
+        "the idle other sandbox took {others} faults meanwhile"
+    );
+
+    // A rollback that warms up: the memory is the checkpoint's, byte for byte.
+    rollback(&http, &sandbox, &node, true);
+    assert_eq!(http.run(&sandbox, &session, HASH), hash);
+    let d = figures(&http, &sandbox);
+    assert!(
+        d["warmed_up_pages"].as_u64().unwrap() >= N,
+        "warm-up of {N} pages: {d}"
+    );
+
+    // And the same writes after a warm rollback take (nearly) no fault.
+    rollback(&http, &sandbox, &node, true);
+    http.run(&sandbox, &session, WRITE);
+    let warm = cow_faults(&http, &sandbox);
+    eprintln!("{N} pages written after a rollback: {cold} faults cold, {warm} warmed up");
+    assert!(
+        warm < cold / 4,
+        "{warm} faults after a warm-up against {cold} without"
+    );
+    // Written once more: the checkpoint's bytes, plus one, as without a warm-up.
+    rollback(&http, &sandbox, &node, false);
+    http.run(&sandbox, &session, WRITE);
+    let cold_hash = http.run(&sandbox, &session, HASH);
+    rollback(&http, &sandbox, &node, true);
+    http.run(&sandbox, &session, WRITE);
+    assert_eq!(http.run(&sandbox, &session, HASH), cold_hash);
+
+    let scraped = |series: &str| daemon.metric(series);
+    assert!(
+        scraped("deltabox_cow_faults_total{warm_up=\"false\"}") >= (2 * N) as f64,
+        "{}",
+        daemon.scrape()
+    );
+    assert!(scraped("deltabox_cow_faults_total{warm_up=\"true\"}") >= 1.0);
+    assert_eq!(scraped("deltabox_warm_up_seconds_count"), 3.0);
+    assert!(scraped("deltabox_warm_up_pages_sum") >= (3 * N) as f64);
+}
