@@ -4,7 +4,8 @@
 //! its children's nodes are cached here and shared by every view over this base (the base
 //! never changes, so the cache never goes stale). Inode numbers are derived from the
 //! base's own `(st_dev, st_ino)`, so hard links in the base stay one inode and the numbers
-//! are the same in every view and after a restart.
+//! are the same in every view and after a restart. Extended attributes are read with the
+//! node (but for `system.*`), so a base file's `security.capability` still works.
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
@@ -78,6 +79,10 @@ impl BaseTree {
         }
         let mut root_node = node_from_meta(&meta, Vec::new(), None);
         root_node.parent = ROOT_INO;
+        root_node.xattrs = crate::xattr::read_all(&root).map_err(|source| BaseError::Read {
+            path: root.clone(),
+            source,
+        })?;
         Ok(Self {
             root_dev: meta.dev(),
             root,
@@ -149,6 +154,8 @@ impl BaseTree {
                             None
                         };
                         let mut node = node_from_meta(&meta, child_rel, target);
+                        node.xattrs =
+                            crate::xattr::read_all(&child_path).map_err(read_err(&child_path))?;
                         if node.kind == Kind::Dir {
                             node.parent = ino;
                         }

@@ -36,6 +36,7 @@ pub mod store;
 mod sync;
 pub mod view;
 mod writer;
+pub mod xattr;
 
 pub use crate::backing::{BackingError, BackingFile};
 pub use crate::diff::{Change, ChangeKind, Changed, DiffError, FileType};

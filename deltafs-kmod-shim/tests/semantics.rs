@@ -237,6 +237,49 @@ fn xattrs_and_large_directories() {
     view.unmount().unwrap();
 }
 
+/// A base file's extended attributes show through (also `security.*` and `trusted.*`,
+/// read as root), stay across a copy-up, and changes to them stay in DeltaFS.
+#[test]
+fn base_xattrs_show_through_and_stay_in_the_base() {
+    require_root!();
+    let fx = Fixture::new();
+    let base_file = CString::new(fx.base.join("etc/hostname").as_os_str().as_bytes()).unwrap();
+    let user = CString::new("user.origin").unwrap();
+    let trusted = CString::new("trusted.mark").unwrap();
+    if xattr::set(&base_file, &user, b"host") != 0 {
+        eprintln!(
+            "skipped: the base at {} has no user xattrs ({})",
+            fx.base.display(),
+            std::io::Error::last_os_error()
+        );
+        return;
+    }
+    assert_eq!(xattr::set(&base_file, &trusted, b"t"), 0);
+    let base_dir = CString::new(fx.base.join("usr").as_os_str().as_bytes()).unwrap();
+    assert_eq!(xattr::set(&base_dir, &user, b"dir"), 0);
+
+    let view = fx.mount("m", None);
+    let m = view.mountpoint();
+    let path = CString::new(m.join("etc/hostname").as_os_str().as_bytes()).unwrap();
+    let dir = CString::new(m.join("usr").as_os_str().as_bytes()).unwrap();
+    assert_eq!(xattr::get(&path, &user), Some(b"host".to_vec()));
+    assert_eq!(xattr::get(&path, &trusted), Some(b"t".to_vec()));
+    assert_eq!(xattr::get(&dir, &user), Some(b"dir".to_vec()));
+    let listed = xattr::list(&path);
+    assert!(listed.contains(&"user.origin".to_owned()), "{listed:?}");
+    let before = view.freeze(&Default::default()).unwrap().id;
+
+    // A copy-up keeps them; changes stay in DeltaFS.
+    fs::write(m.join("etc/hostname"), b"changed\n").unwrap();
+    assert_eq!(xattr::get(&path, &user), Some(b"host".to_vec()));
+    assert_eq!(xattr::set(&path, &user, b"sandbox"), 0);
+    assert_eq!(xattr::get(&path, &user), Some(b"sandbox".to_vec()));
+    assert_eq!(xattr::get(&base_file, &user), Some(b"host".to_vec()));
+    view.switch(before).unwrap();
+    assert_eq!(xattr::get(&path, &user), Some(b"host".to_vec()));
+    view.unmount().unwrap();
+}
+
 /// Thin wrappers over the xattr syscalls (not in `nix`).
 mod xattr {
     use std::ffi::CString;
