@@ -350,3 +350,42 @@ fn bash_wait_is_not_held_by_the_template_of_its_job() {
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     assert_eq!(api.run(id, &sh, "sleep 0.1 & wait $!; echo $?"), "0\n");
 }
+
+/// The template pool never evicts a node with other processes than sessions (those
+/// are not dumped): over its bound, such nodes stay restorable, processes included.
+#[test]
+fn the_pool_keeps_nodes_with_background_processes() {
+    require_root();
+    let daemon = TestDaemon::start("ptpool", &["--pool-max-templates", "1"]);
+    let api = Http::new(daemon.socket());
+    let id = id_of(&api.create(&json!({})));
+    let sh = api.session(&id, "bash");
+    api.run(&id, &sh, "sleep 1000 &");
+    let nodes: Vec<String> = (0..3)
+        .map(|i| {
+            api.run(&id, &sh, &format!("n={i}"));
+            api.checkpoint(&id, &format!("n{i}"))
+        })
+        .collect();
+    // The pool works on its own thread: give it time to (not) evict.
+    thread::sleep(Duration::from_secs(2));
+    let stats = api.get("/v1/stats").expect(200, "stats");
+    assert_eq!(stats["pool"]["evictions"], 0, "{stats}");
+    api.run(&id, &sh, "kill %1; n=9");
+    api.rollback(&id, &nodes[0]);
+    assert_eq!(api.run(&id, &sh, "echo $n"), "0\n");
+    let work = daemon
+        .sandbox_cgroup()
+        .join(api.sandbox(&id)["tree"].as_str().unwrap())
+        .join(format!("sb-{id}"))
+        .join("work");
+    let procs = fs::read_to_string(work.join("cgroup.procs")).unwrap();
+    let sleeping = procs
+        .lines()
+        .filter(|p| {
+            fs::read(format!("/proc/{}/cmdline", p.trim())).unwrap_or_default()
+                == b"sleep\x001000\x00"
+        })
+        .count();
+    assert_eq!(sleeping, 1, "{procs}");
+}

@@ -365,7 +365,9 @@ impl Shared {
     }
 
     /// The least recently used node whose templates may go: not skipped, none of its
-    /// dumps queued, and none of its live templates the last of its session.
+    /// dumps queued, none of its live templates the last of its session, and no
+    /// templates of other processes than sessions (those are not dumped: evicting them
+    /// would lose the node's processes).
     fn victim(&self, candidates: &[Candidate], skipped: &HashSet<NodeId>) -> Option<usize> {
         let mut per_session: HashMap<SessionId, usize> = HashMap::new();
         for c in candidates {
@@ -377,6 +379,7 @@ impl Shared {
         candidates.iter().position(|c| {
             let live: Vec<SessionId> = c.live().map(|(sid, _)| sid).collect();
             !live.is_empty()
+                && c.templates.processes.is_empty()
                 && !skipped.contains(&c.node)
                 && live.iter().all(|sid| {
                     per_session.get(sid).copied().unwrap_or(0) > 1
