@@ -44,7 +44,8 @@ enum Command {
     /// pjdfstest and fsx on ext4, overlayfs and DeltaFS; tally into docs/conformance.md
     Conformance(conformance::Options),
     /// Benchmarks (`fs`: ext4, xfs, overlayfs and DeltaFS side by side; `sandbox`:
-    /// end-to-end checkpoint and rollback); figures into docs/benchmarks.md
+    /// end-to-end checkpoint and rollback; `cr`: DeltaCR's checkpoint, rollback and
+    /// fallback latency by memory size and page kind); figures into docs/benchmarks.md
     Bench(bench::Options),
     /// Start the daemon, run a tree search on the default sandbox (checkpoint, branch,
     /// roll back, with latencies), then track a real workload's writes in a cgroup
@@ -83,6 +84,9 @@ mod tests {
     fn the_command_line_is_well_formed() {
         XtaskOptions::command().debug_assert();
         let parsed = XtaskOptions::try_parse_from(["xtask", "bench"]).unwrap();
+        assert!(matches!(parsed.command, Command::Bench(_)));
+        let parsed =
+            XtaskOptions::try_parse_from(["xtask", "bench", "cr", "--sizes", "64,256"]).unwrap();
         assert!(matches!(parsed.command, Command::Bench(_)));
         let parsed =
             XtaskOptions::try_parse_from(["xtask", "conformance", "--target", "deltafs-deep"])

@@ -1,7 +1,10 @@
-//! `cargo xtask bench [fs|sandbox]`: DeltaBox's benchmarks. `bench` alone runs all of
-//! them: `fs` (ext4, the xfs store, overlayfs and DeltaFS side by side) and `sandbox`
-//! (end-to-end checkpoint and rollback of sandboxes, against a git baseline).
+//! `cargo xtask bench [fs|sandbox|cr]`: DeltaBox's benchmarks. `bench` alone runs all
+//! of them: `fs` (ext4, the xfs store, overlayfs and DeltaFS side by side), `sandbox`
+//! (end-to-end checkpoint and rollback of sandboxes, against a git baseline) and `cr`
+//! (DeltaCR's checkpoint, rollback and fallback restore by memory size and page kind,
+//! against a full copy).
 
+mod cr;
 mod fs;
 mod report;
 mod sandbox;
@@ -29,6 +32,13 @@ pub enum Which {
     /// git + restart baseline) and an RL-like micro-benchmark; figures into
     /// docs/benchmarks.md
     Sandbox(sandbox::Options),
+    /// DeltaCR alone (no daemon): checkpoint and rollback latency (median, P95, P99) of
+    /// bash plus a python3 process holding 64 MiB to 4 GiB, with 4 KiB pages and with
+    /// transparent huge pages; each template's own memory; a full-copy baseline;
+    /// fallback restore from dumps per MiB of delta; targets MET/MISSED; figures into
+    /// docs/benchmarks.md. Needs root; builds xtask with the controller library
+    /// (`--features bench-cr`, release) and runs that build
+    Cr(cr::Options),
 }
 
 pub fn run(options: &Options) -> Result<()> {
@@ -37,10 +47,12 @@ pub fn run(options: &Options) -> Result<()> {
     match &options.which {
         Some(Which::Fs(fs_options)) => fs::run(fs_options),
         Some(Which::Sandbox(sandbox_options)) => sandbox::run(sandbox_options),
+        Some(Which::Cr(cr_options)) => cr::run(cr_options),
         // Every benchmark, with its default options.
         None => {
             fs::run(&fs::Options::default())?;
-            sandbox::run(&sandbox::Options::default())
+            sandbox::run(&sandbox::Options::default())?;
+            cr::run(&cr::Options::default())
         }
     }
 }

@@ -13,14 +13,14 @@
 //! docs/benchmarks.md ([`report`]). The sandboxes, the daemon, its data directory and
 //! cgroup are removed by guards, so also on an error or Ctrl-C.
 
-mod cleanup;
+pub(super) mod cleanup;
 mod daemon;
 mod http;
 mod ops;
 mod project;
 mod report;
 mod rl;
-mod stats;
+pub(super) mod stats;
 mod swe;
 
 use std::process::Command;
