@@ -290,3 +290,91 @@ fn dechunk(mut data: &[u8]) -> Option<Vec<u8>> {
         data = data.get(size + 2..)?;
     }
 }
+
+/// A sandbox with state worth losing: a python session with `x = 1`, a file, a node.
+pub struct World {
+    /// The client.
+    pub http: Http,
+    /// The sandbox.
+    pub sandbox: String,
+    /// Its python session.
+    pub session: String,
+    /// Its node with `x = 1`.
+    pub node: String,
+}
+
+impl World {
+    /// Makes it on `daemon`.
+    pub fn new(daemon: &crate::daemon::TestDaemon) -> Self {
+        let http = Http::new(daemon.socket());
+        let sandbox = id_of(&http.create(&json!({})));
+        let session = http.session(&sandbox, "python");
+        http.run(
+            &sandbox,
+            &session,
+            "x = 1\nopen('/workspace/f.txt', 'w').write('one')",
+        );
+        let node = http.checkpoint(&sandbox, "one");
+        // State after the node, which a rollback must undo.
+        http.run(
+            &sandbox,
+            &session,
+            "x = 2\nopen('/workspace/f.txt', 'w').write('two')",
+        );
+        Self {
+            http,
+            sandbox,
+            session,
+            node,
+        }
+    }
+
+    /// Nothing was lost and the daemon serves: the sandbox is listed with its head,
+    /// the session has its state, the file is there, the node is in the tree and a
+    /// rollback to it restores `x = 1`.
+    pub fn assert_intact(&self, after: &str) {
+        let http = &self.http;
+        assert_eq!(
+            http.get("/v1/status").status,
+            200,
+            "the daemon stopped serving after {after}"
+        );
+        assert!(
+            http.sandbox_ids().contains(&self.sandbox),
+            "sandbox {} is gone after {after}",
+            self.sandbox
+        );
+        let info = http.sandbox(&self.sandbox);
+        assert!(
+            info["sessions"]
+                .as_array()
+                .is_some_and(|s| s.iter().any(|s| s["id"] == self.session.as_str())),
+            "session {} is gone after {after}: {info}",
+            self.session
+        );
+        assert!(
+            http.node_ids(&self.sandbox).contains(&self.node),
+            "node {} is gone after {after}",
+            self.node
+        );
+        let x = http.run(&self.sandbox, &self.session, "print(x)");
+        let file = http.sh(&self.sandbox, "cat /workspace/f.txt");
+        let rolled = http.rollback(&self.sandbox, &self.node);
+        assert_eq!(rolled["node"], self.node.as_str(), "after {after}");
+        assert_eq!(
+            http.run(&self.sandbox, &self.session, "print(x)"),
+            "1\n",
+            "after {after}"
+        );
+        assert_eq!(http.sh(&self.sandbox, "cat /workspace/f.txt"), "one");
+        // Back to the state before the rollback, for the next check.
+        http.run(
+            &self.sandbox,
+            &self.session,
+            &format!(
+                "x = {}\nopen('/workspace/f.txt', 'w').write({file:?})",
+                x.trim()
+            ),
+        );
+    }
+}
