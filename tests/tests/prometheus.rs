@@ -1,7 +1,8 @@
 //! The dashboards against a real Prometheus: it scrapes a running deltaboxd with the
 //! project's scrape configuration while a watched cgroup writes and its epoch
-//! advances, a sandbox does file I/O and is checkpointed, rolled back and branched (its
-//! session's templates evicted from a pool of one), and requests fail, and every
+//! advances, a sandbox does file I/O and is checkpointed, rolled back (with and without
+//! warm-up) and branched (its session's templates evicted from a pool of one), and
+//! requests fail, and every
 //! PromQL expression of every Grafana panel returns data.
 
 use std::{
@@ -97,7 +98,14 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
             String::from_utf8_lossy(&node.stderr)
         );
         let node = json_id(&node.stdout);
-        assert!(daemon.cli(&["rollback", &sandbox, &node]).status.success());
+        // Every other rollback warms up, for the copy-on-write panels.
+        let warm = if round % 2 == 1 { "--warm-up" } else { "--no-warm-up" };
+        let rolled = daemon.cli(&["rollback", &sandbox, &node, warm]);
+        assert!(
+            rolled.status.success(),
+            "{}",
+            String::from_utf8_lossy(&rolled.stderr)
+        );
         // Pages dirtied after the rollback, seen by the next scrapes.
         let dirtied = daemon.cli(&[
             "exec",
@@ -123,6 +131,7 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
     // The pool evicted (a pool of one) and forked templates at the rollbacks.
     assert!(daemon.metric("deltabox_template_pool_evictions_total") > 0.0);
     assert!(daemon.metric("deltabox_template_pool_hits_total") > 0.0);
+    assert!(daemon.metric("deltabox_warm_up_seconds_count") > 0.0);
     let up = prometheus.query("up{job=\"deltaboxd\"}");
     assert_eq!(up[0]["value"][1], "1", "deltaboxd not scraped: {up}");
     let mut empty = Vec::new();
