@@ -99,7 +99,11 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
         );
         let node = json_id(&node.stdout);
         // Every other rollback warms up, for the copy-on-write panels.
-        let warm = if round % 2 == 1 { "--warm-up" } else { "--no-warm-up" };
+        let warm = if round % 2 == 1 {
+            "--warm-up"
+        } else {
+            "--no-warm-up"
+        };
         let rolled = daemon.cli(&["rollback", &sandbox, &node, warm]);
         assert!(
             rolled.status.success(),
