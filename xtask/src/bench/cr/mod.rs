@@ -46,6 +46,10 @@ pub struct Options {
     /// fallback at 4 and 16 MiB of delta; overrides --ops and --sizes
     #[arg(long)]
     pub quick: bool,
+    /// Run at real-time priority (SCHED_FIFO 10, inherited by the processes it starts),
+    /// which takes other processes' CPU time out of the figures on a shared machine
+    #[arg(long)]
+    pub realtime: bool,
     /// Do not rewrite the figures in docs/benchmarks.md
     #[arg(long)]
     pub no_doc: bool,
@@ -62,6 +66,7 @@ impl Default for Options {
             sizes: DEFAULT_SIZES.to_vec(),
             gap_ms: DEFAULT_GAP_MS,
             quick: false,
+            realtime: false,
             no_doc: false,
         }
     }
@@ -84,6 +89,9 @@ impl Options {
         }
         if self.gap_ms != DEFAULT_GAP_MS {
             args.extend(["--gap-ms".to_owned(), self.gap_ms.to_string()]);
+        }
+        if self.realtime {
+            args.push("--realtime".to_owned());
         }
         if self.no_doc {
             args.push("--no-doc".to_owned());
@@ -149,6 +157,9 @@ pub fn run(options: &Options) -> Result<()> {
     // SAFETY: geteuid takes no arguments and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         bail!("bench cr needs root (ptrace, cgroups, /proc/<pid>/mem of other processes)");
+    }
+    if options.realtime {
+        set_realtime()?;
     }
     let plan = if options.quick {
         measure::Plan {
@@ -226,6 +237,7 @@ pub fn run(options: &Options) -> Result<()> {
         fallback_mib: plan.fallback_mib,
         fallback,
         store: format!("`{}` ({fstype})", base.display()),
+        realtime: options.realtime,
     };
     step("bench cr: figures");
     print!("{}", report.text());
@@ -233,6 +245,23 @@ pub fn run(options: &Options) -> Result<()> {
         let doc = workspace_root().join("docs/benchmarks.md");
         report.write_doc(&doc)?;
         step(format!("wrote the figures into {}", doc.display()));
+    }
+    Ok(())
+}
+
+/// SCHED_FIFO priority 10 for this thread, and so for the threads and processes it
+/// starts from now on.
+#[cfg(feature = "bench-cr")]
+fn set_realtime() -> Result<()> {
+    use anyhow::Context as _;
+
+    let param = libc::sched_param { sched_priority: 10 };
+    // SAFETY: `param` is a valid sched_param for the duration of the call; pid 0 is the
+    // calling thread.
+    let ret = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
+    if ret != 0 {
+        return Err(std::io::Error::last_os_error())
+            .context("cannot switch to SCHED_FIFO 10 (--realtime)");
     }
     Ok(())
 }
@@ -256,11 +285,12 @@ mod tests {
             ops: 50,
             sizes: vec![64, 128],
             gap_ms: 10,
+            realtime: true,
             ..Options::default()
         };
         assert_eq!(
             custom.command_line(),
-            "cargo xtask bench cr --ops 50 --sizes 64,128 --gap-ms 10"
+            "cargo xtask bench cr --ops 50 --sizes 64,128 --gap-ms 10 --realtime"
         );
     }
 }

@@ -102,6 +102,8 @@ pub struct CrReport {
     pub fallback: Vec<Fallback>,
     /// Where the full copies and dumps were written.
     pub store: String,
+    /// Run at real-time priority (`--realtime`).
+    pub realtime: bool,
 }
 
 const BEGIN: &str = "<!-- BEGIN cargo xtask bench cr: generated, rerun it rather than editing -->";
@@ -275,6 +277,13 @@ impl CrReport {
             self.load.0,
             self.load.1
         );
+        if self.realtime {
+            md.push_str(
+                "This run was at real-time priority (`--realtime`: SCHED_FIFO 10 for the \
+                 bench and, inherited, for the processes it starts), so other processes' \
+                 CPU time is mostly out of the figures.\n\n",
+            );
+        }
         let _ = write!(
             md,
             "A sandbox-like cgroup (cgroup2) runs `bash` and a `python3` process holding the \
@@ -422,6 +431,7 @@ pub(super) mod tests {
                 },
             ],
             store: "/var/lib/deltabox/store".to_owned(),
+            realtime: false,
         }
     }
 
