@@ -12,6 +12,9 @@
 //!   written: a node's dump must be complete on disk before its templates go, so an
 //!   acknowledged node never loses its only copy; under `on-evict` the pool writes the
 //!   dump itself, then evicts; under `off` nothing is ever evicted;
+//! - a node with templates of processes other than sessions (a sandbox's background
+//!   jobs and pipelines): those are not dumped, so their templates are their nodes'
+//!   only copy;
 //! - the last live template of a session: the fallback rebuilds a session from its
 //!   dump by forking *a live template of the same program run* (same vdso), so each
 //!   session keeps one. The bounds can then be exceeded by up to one template per
@@ -122,12 +125,19 @@ struct Candidate {
 }
 
 impl Candidate {
+    /// The live session templates.
     fn live(&self) -> impl Iterator<Item = (SessionId, &crate::cr::Template)> {
         self.templates
             .sessions
             .iter()
             .filter(|(_, _, t)| t.is_alive())
             .map(|(sid, _, t)| (*sid, t))
+    }
+
+    /// The live templates of the sandbox's other processes (not dumped: their node is
+    /// never evicted, see [`Shared::victim`]; they count in the bounds).
+    fn live_processes(&self) -> impl Iterator<Item = &crate::cr::Template> {
+        self.templates.processes.iter().filter(|t| t.is_alive())
     }
 }
 
@@ -443,6 +453,8 @@ impl Shared {
                         tracing::warn!(node = %victim.node, session = %sid, "destroying its template: {e}");
                     }
                 }
+                // Dead ones (a live one keeps its node out of eviction): dropped.
+                drop(templates.processes);
             }
             // A restore holds them: they die when it lets go.
             Err(held) => drop(held),
@@ -476,7 +488,8 @@ fn measure(candidates: &[Candidate]) -> (u64, u64) {
     let mut count = 0;
     let mut bytes = 0;
     for c in candidates {
-        for (_, template) in c.live() {
+        let templates = c.live().map(|(_, t)| t).chain(c.live_processes());
+        for template in templates {
             match template.owned_bytes() {
                 Ok(b) => {
                     count += 1;
