@@ -389,3 +389,77 @@ fn the_pool_keeps_nodes_with_background_processes() {
         .count();
     assert_eq!(sleeping, 1, "{procs}");
 }
+
+/// After the daemon is SIGKILLed and restarted, the sandbox comes back at its head node
+/// with its background job, whose template was adopted and taken off the dead view:
+/// the job runs on from the checkpoint even once the page cache is dropped, and a
+/// rollback forks it again.
+#[test]
+fn a_background_job_comes_back_after_a_daemon_restart() {
+    let mut sb = Sb::new("ptrestart");
+    let id = sb.id.clone();
+    let sh = sb.api.session(&id, "bash");
+    // A counter that also runs whatever /tmp/cmd says, once.
+    sb.api.run(
+        &id,
+        &sh,
+        "( i=0; while :; do i=$((i+1)); echo $i > /tmp/cnt; \
+         if [ -f /tmp/cmd ]; then . /tmp/cmd; rm -f /tmp/cmd; fi; sleep 0.05; done ) \
+         >/dev/null 2>&1 &",
+    );
+    thread::sleep(Duration::from_millis(300));
+    let node = sb.api.checkpoint(&id, "job");
+    let at = sb.number(&id, "/tmp/cnt");
+    thread::sleep(Duration::from_secs(1));
+
+    sb.daemon.kill();
+    sb.daemon.restart(&[]);
+    sb.api = Http::new(sb.daemon.socket());
+    assert_counter_resumed(&sb, &id, "/tmp/cnt", at, None);
+    fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+    // Still counting, and running bash code it never ran before (pages of bash not in
+    // memory): its program is read from the backing files, not from the dead view.
+    sb.api.sh(
+        &id,
+        "echo 'compgen -b > /tmp/out; help read >> /tmp/out; printf -v y \"%(%Y)T\" -1' > /tmp/cmd",
+    );
+    thread::sleep(Duration::from_secs(1));
+    let out = sb
+        .api
+        .sh(&id, "cat /tmp/out 2>&1; test ! -e /tmp/cmd && echo done");
+    assert!(
+        out.contains("compgen") && out.contains("read: read"),
+        "{out}"
+    );
+    assert!(out.ends_with("done\n"), "{out}");
+    let a = sb.number(&id, "/tmp/cnt");
+    thread::sleep(Duration::from_millis(500));
+    assert!(
+        sb.number(&id, "/tmp/cnt") > a,
+        "the job died after drop_caches"
+    );
+    // The session and the job's subshell (a fork of it: the same command line), once
+    // (polled: the subshell's fork for `sleep` has that command line until its exec).
+    let shells = |sb: &Sb| {
+        let mut n = 0;
+        for _ in 0..60 {
+            n = sb
+                .procs(&id)
+                .iter()
+                .filter(|(_, c)| c.contains("DeltaBox bash session"))
+                .count();
+            if n == 2 {
+                break;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        n
+    };
+    assert_eq!(shells(&sb), 2, "{:?}", sb.procs(&id));
+
+    sb.api.rollback(&id, &node);
+    fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+    assert_counter_resumed(&sb, &id, "/tmp/cnt", at, None);
+    assert_eq!(shells(&sb), 2, "{:?}", sb.procs(&id));
+    assert_eq!(sb.api.run(&id, &sh, "echo ok"), "ok\n");
+}

@@ -53,12 +53,13 @@ impl SandboxManager {
             let result = super::tree_ops::snapshot_of(node)
                 .map_err(|e| Failure::Untouched(e.to_string()))
                 .and_then(|snapshot| {
+                    // The sessions' templates and the other processes'.
                     node_templates
                         .sessions
                         .iter()
-                        .try_for_each(|(_, _, template)| {
-                            self.rebind_template(runtime, snapshot, template)
-                        })
+                        .map(|(_, _, template)| template)
+                        .chain(&node_templates.processes)
+                        .try_for_each(|template| self.rebind_template(runtime, snapshot, template))
                 });
             match result {
                 Ok(()) => {}
@@ -71,6 +72,9 @@ impl SandboxManager {
                     let mut updated = node.clone();
                     for session in &mut updated.sessions {
                         session.template = None;
+                    }
+                    for process in &mut updated.processes {
+                        process.template = None;
                     }
                     ops.push(Op::PutNode(updated));
                 }
