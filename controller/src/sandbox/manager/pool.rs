@@ -427,19 +427,30 @@ impl Shared {
         }
         {
             let mut map = lock(&victim.tree.templates);
-            if map
+            let ours = map
                 .get(&victim.node)
-                .is_some_and(|t| Arc::ptr_eq(t, &victim.templates))
-            {
-                map.remove(&victim.node);
+                .is_some_and(|t| Arc::ptr_eq(t, &victim.templates));
+            if !ours {
+                // Removed with its node, or re-made while its dump was written.
+                return Err("its templates changed meanwhile".to_owned());
             }
+            map.remove(&victim.node);
         }
         lock(&self.state).used.remove(&victim.node);
-        let mut updated = record.clone();
-        for s in &mut updated.sessions {
-            s.template = None;
-        }
-        if let Err(e) = self.db.commit(&[Op::PutNode(updated)]) {
+        // Read again: the record may have changed while the dumps were written.
+        let recorded = match self.db.node(&victim.node) {
+            Ok(Some(mut updated)) => {
+                for s in &mut updated.sessions {
+                    s.template = None;
+                }
+                self.db
+                    .commit(&[Op::PutNode(updated)])
+                    .map_err(|e| e.to_string())
+            }
+            Ok(None) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = recorded {
             // A restarted daemon then finds the pids gone (or not templates) itself.
             tracing::warn!(node = %victim.node, "recording its eviction: {e}");
         }
