@@ -124,3 +124,93 @@ fn warm_up_takes_the_copy_on_write_faults_of_the_next_run_and_changes_no_byte() 
     assert_eq!(scraped("deltabox_warm_up_seconds_count"), 3.0);
     assert!(scraped("deltabox_warm_up_pages_sum") >= (3 * N) as f64);
 }
+
+/// Median of `v` (sorted in place).
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Times one `session run` of [`WRITE`]: (client round trip ms, the daemon's
+/// `duration_ms`, copy-on-write faults of the period so far).
+fn timed_write(http: &Http, sandbox: &str, session: &str) -> (f64, f64, u64) {
+    let start = std::time::Instant::now();
+    let out = http
+        .run_reply(sandbox, session, WRITE)
+        .expect(200, "run the writes");
+    let round_trip = start.elapsed().as_secs_f64() * 1e3;
+    assert_eq!(out["status"], 0, "{out}");
+    let ran = out["duration_ms"].as_f64().expect("duration_ms");
+    (round_trip, ran, cow_faults(http, sandbox))
+}
+
+/// The bench of docs/deltacr.md "Warm-up": a python session holding `MIB` MiB rolls
+/// back to its checkpoint and writes one byte per page of it, without a warm-up, with
+/// one and the command sent at once (it waits for the warm-up), and with one given time
+/// to finish (an agent thinking between the rollback and its next command). Prints the
+/// medians of the next run's time and of its copy-on-write faults.
+///
+/// `cargo test -p deltabox-tests --test sandbox_warmup -- --ignored --nocapture`
+/// (a debug `deltaboxd` unless the tests are built with `--release`).
+#[test]
+#[ignore = "a benchmark: run it with --ignored --nocapture"]
+fn bench_next_run_after_a_rollback_with_and_without_warm_up() {
+    require_root();
+    const ROUNDS: usize = 9;
+    let daemon = TestDaemon::start("warmbench", &[]);
+    let http = Http::new(daemon.socket());
+    println!("| MiB written | warm-up | next run (client) | run (daemon) | CoW faults |");
+    println!("|---|---|---|---|---|");
+    for mib in [16u64, 64] {
+        let sandbox = id_of(&http.create(&json!({})));
+        let session = http.session(&sandbox, "python");
+        http.run(
+            &sandbox,
+            &session,
+            &format!("buf = bytearray(b'\\x01') * ({mib} << 20)"),
+        );
+        let node = http.checkpoint(&sandbox, "buffer");
+        http.run(&sandbox, &session, WRITE);
+        // Per case: client round trips, the daemon's run times, faults.
+        type Samples = (Vec<f64>, Vec<f64>, Vec<f64>);
+        let mut rows: Vec<(&str, Samples)> = ["off", "on, command at once", "on, command after it"]
+            .into_iter()
+            .map(|what| (what, Samples::default()))
+            .collect();
+        for _ in 0..ROUNDS {
+            for (i, row) in rows.iter_mut().enumerate() {
+                let before = daemon.metric("deltabox_warm_up_seconds_count");
+                rollback(&http, &sandbox, &node, i > 0);
+                if i == 2 {
+                    // Until the warm-up pass is done (it is counted when it ends).
+                    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+                    while daemon.metric("deltabox_warm_up_seconds_count") <= before {
+                        assert!(std::time::Instant::now() < deadline, "warm-up never ended");
+                        std::thread::sleep(std::time::Duration::from_millis(5));
+                    }
+                }
+                let (round_trip, ran, faults) = timed_write(&http, &sandbox, &session);
+                row.1.0.push(round_trip);
+                row.1.1.push(ran);
+                row.1.2.push(faults as f64);
+            }
+        }
+        for (what, (mut client, mut ran, mut faults)) in rows {
+            println!(
+                "| {mib} | {what} | {:.1} ms | {:.1} ms | {:.0} |",
+                median(&mut client),
+                median(&mut ran),
+                median(&mut faults)
+            );
+        }
+        http.delete(&format!("/v1/sandboxes/{sandbox}"));
+    }
+    let count = daemon.metric("deltabox_warm_up_seconds_count");
+    let sum = daemon.metric("deltabox_warm_up_seconds_sum");
+    let pages = daemon.metric("deltabox_warm_up_pages_sum");
+    println!(
+        "warm-up passes: {count}, mean {:.1} ms, mean {:.0} pages",
+        sum / count * 1e3,
+        pages / count
+    );
+}

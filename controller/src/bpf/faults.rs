@@ -17,10 +17,11 @@ use std::{
     sync::{Mutex, MutexGuard},
 };
 
-use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray};
+use aya::maps::{HashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray};
 use deltabox_common::{Counter, FaultKey, FaultPageKey, WatchState, map_names};
 use serde::{Deserialize, Serialize};
 
+use super::batch;
 use super::loader::{self, BpfError};
 
 /// The pages one process faulted on in one epoch.
@@ -139,32 +140,44 @@ impl Maps {
         }
     }
 
+    /// Every entry of the pages map, read in batches.
+    fn all_pages(&self) -> Result<Vec<(FaultPageKey, u64)>, BpfError> {
+        batch::lookup_all(self.pages.map()).map_err(|source| BpfError::Batch {
+            map: map_names::FAULT_PAGES,
+            op: "lookup",
+            source,
+        })
+    }
+
     /// Removes the records of `cgroup_id` whose epoch is below `keep_from`.
     fn drop_records(&mut self, cgroup_id: u64, keep_from: u64) -> Result<(), BpfError> {
-        let counts: Vec<FaultKey> = self
-            .counts
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.cgroup_id == cgroup_id && k.epoch < keep_from)
+        let stale = |cg: u64, epoch: u64| cg == cgroup_id && epoch < keep_from;
+        let counts: Vec<FaultKey> = batch::lookup_all::<FaultKey, u64>(self.counts.map())
+            .map_err(|source| BpfError::Batch {
+                map: map_names::FAULT_COUNTS,
+                op: "lookup",
+                source,
+            })?
+            .into_iter()
+            .map(|(k, _)| k)
+            .filter(|k| stale(k.cgroup_id, k.epoch))
             .collect();
-        for key in counts {
-            match self.counts.remove(&key) {
-                Err(e) if !is_not_found(&e) => return Err(map_err(map_names::FAULT_COUNTS)(e)),
-                _ => {}
-            }
-        }
+        batch::delete(self.counts.map(), &counts).map_err(|source| BpfError::Batch {
+            map: map_names::FAULT_COUNTS,
+            op: "delete",
+            source,
+        })?;
         let pages: Vec<FaultPageKey> = self
-            .pages
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.cgroup_id == cgroup_id && k.epoch < keep_from)
+            .all_pages()?
+            .into_iter()
+            .map(|(k, _)| k)
+            .filter(|k| stale(k.cgroup_id, k.epoch))
             .collect();
-        for key in pages {
-            match self.pages.remove(&key) {
-                Err(e) if !is_not_found(&e) => return Err(map_err(map_names::FAULT_PAGES)(e)),
-                _ => {}
-            }
-        }
+        batch::delete(self.pages.map(), &pages).map_err(|source| BpfError::Batch {
+            map: map_names::FAULT_PAGES,
+            op: "delete",
+            source,
+        })?;
         Ok(())
     }
 }
@@ -216,15 +229,9 @@ impl CowFaultCounter for PinnedFaults {
     }
 
     fn pages(&self, cgroup_id: u64, epoch: u64) -> Result<Vec<ProcessPages>, BpfError> {
-        let maps = self.lock();
+        let entries = self.lock().all_pages()?;
         let mut by_tgid: BTreeMap<u32, ProcessPages> = BTreeMap::new();
-        for entry in maps.pages.iter() {
-            let (key, faults) = match entry {
-                Ok(kv) => kv,
-                // Removed between the key and the value lookup.
-                Err(e) if is_not_found(&e) => continue,
-                Err(e) => return Err(map_err(map_names::FAULT_PAGES)(e)),
-            };
+        for (key, faults) in entries {
             if key.cgroup_id != cgroup_id || key.epoch != epoch {
                 continue;
             }

@@ -141,6 +141,16 @@ pub enum BpfError {
         /// What aya reported.
         source: aya::maps::MapError,
     },
+    /// A batched map read or delete failed.
+    #[error("map {map}: batched {op}: {source}")]
+    Batch {
+        /// Map name.
+        map: &'static str,
+        /// `lookup` or `delete`.
+        op: &'static str,
+        /// The bpf(2) error.
+        source: io::Error,
+    },
     /// aya-log could not attach to the programs' log buffer.
     #[error("program logs: {0}")]
     Log(#[from] aya_log::Error),

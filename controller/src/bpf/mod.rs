@@ -7,6 +7,7 @@
 //! [`loader`] loads, pins, adopts and unloads the programs with aya; [`offsets`] reads
 //! the kernel struct and tracepoint offsets the programs need from BTF and tracefs.
 
+mod batch;
 pub mod faults;
 pub mod loader;
 pub mod offsets;

@@ -430,6 +430,7 @@ impl Shared {
     }
 
     fn harvest(&self, mut period: Period, next_epoch: u64) {
+        let start = Instant::now();
         let (cgroup, epoch) = (period.cgroup, period.epoch);
         if let Some(faults) = self.bpf(
             "read copy-on-write faults",
@@ -458,9 +459,17 @@ impl Shared {
                 state.learned.insert((node.to_owned(), session), pages);
             }
         }
+        let read = start.elapsed();
         self.bpf(
             "drop an old epoch's counters",
             self.faults.drop_before(cgroup, next_epoch),
+        );
+        tracing::debug!(
+            cgroup,
+            epoch,
+            read_ms = read.as_secs_f64() * 1e3,
+            total_ms = start.elapsed().as_secs_f64() * 1e3,
+            "copy-on-write period harvested"
         );
     }
 
@@ -480,6 +489,14 @@ impl Shared {
             };
             match warmup::prefault(Pid::from_raw(*pid), &set) {
                 Ok(report) => {
+                    tracing::debug!(
+                        sandbox,
+                        session = session.as_str(),
+                        pages = report.pages,
+                        ranges = report.ranges,
+                        ms = report.duration.as_secs_f64() * 1e3,
+                        "warm-up: pre-faulted"
+                    );
                     pages += report.pages;
                     if report.failed_ranges > 0 {
                         tracing::debug!(
