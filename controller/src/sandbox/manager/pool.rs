@@ -22,9 +22,8 @@
 //!
 //! All of it runs on the pool's own thread, off the answer path: woken after each
 //! checkpoint and each dump, and every [`TICK`] (what a template owns grows as its
-//! session writes pages the template still shares), it measures every template, then
-//! evicts while a bound is exceeded, measuring again after each eviction (a template's
-//! death can make pages another template shared with it its own).
+//! session writes pages the template still shares), it measures the templates (see
+//! [`Measures`] for how often all of them), then evicts while a bound is exceeded.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -274,6 +273,7 @@ impl Drop for Pool {
 
 impl Shared {
     fn run(&self) {
+        let mut measures = Measures::default();
         loop {
             {
                 let mut st = lock(&self.state);
@@ -294,7 +294,7 @@ impl Shared {
                 }
                 st.woken = false;
             }
-            self.pass();
+            self.pass(&mut measures);
         }
     }
 
@@ -337,13 +337,25 @@ impl Shared {
         out
     }
 
-    /// Measures, then evicts while a bound is exceeded (see the module's comment).
-    fn pass(&self) {
+    /// Measures (every template when a full measure is due, else the nodes not
+    /// measured yet), then evicts while a bound is exceeded.
+    fn pass(&self, measures: &mut Measures) {
         let mut candidates = self.candidates();
         let mut skipped: HashSet<NodeId> = HashSet::new();
+        let mut full = measures.full_due();
         loop {
             let t = Instant::now();
-            let (count, bytes) = measure(&candidates);
+            if full {
+                measures.bytes.clear();
+            }
+            let (count, bytes) = measure(&candidates, &mut measures.bytes);
+            if full {
+                measures.last_full = Some((t, t.elapsed()));
+                full = false;
+            }
+            measures
+                .bytes
+                .retain(|node, _| candidates.iter().any(|c| c.node == *node));
             *lock(&self.measured) = (count, bytes);
             tracing::debug!(
                 templates = count,
@@ -493,22 +505,46 @@ impl Shared {
     }
 }
 
-/// Live templates of `candidates` and the bytes they own; a template that cannot be
-/// measured (it died meanwhile) counts as gone.
-fn measure(candidates: &[Candidate]) -> (u64, u64) {
+/// What the pool's thread knows of the bytes its templates own between full measures.
+#[derive(Default)]
+struct Measures {
+    /// Per node, what its live templates owned when last measured.
+    bytes: HashMap<NodeId, u64>,
+    /// When every template was last measured, and how long that took.
+    last_full: Option<(Instant, Duration)>,
+}
+
+impl Measures {
+    /// A full measure is due every [`TICK`], or every ten times its own last cost when
+    /// that is longer: walking every template's page map stays under a tenth of a CPU
+    /// however many templates there are. In between, passes (after each checkpoint and
+    /// dump) measure only the nodes new to the pool, which own next to nothing yet.
+    fn full_due(&self) -> bool {
+        self.last_full
+            .is_none_or(|(at, cost)| at.elapsed() >= TICK.max(cost * 10))
+    }
+}
+
+/// Live templates of `candidates` and the bytes they own: from `known` for the nodes
+/// measured already, measured (and recorded there) for the others. A template that
+/// cannot be measured (it died meanwhile) owns nothing.
+fn measure(candidates: &[Candidate], known: &mut HashMap<NodeId, u64>) -> (u64, u64) {
     let mut count = 0;
     let mut bytes = 0;
     for c in candidates {
-        let templates = c.live().map(|(_, t)| t).chain(c.live_processes());
-        for template in templates {
-            match template.owned_bytes() {
-                Ok(b) => {
-                    count += 1;
-                    bytes += b;
-                }
-                Err(e) => tracing::debug!(node = %c.node, "template not measured: {e}"),
-            }
-        }
+        let live: Vec<&crate::cr::Template> =
+            c.live().map(|(_, t)| t).chain(c.live_processes()).collect();
+        count += live.len() as u64;
+        bytes += *known.entry(c.node).or_insert_with(|| {
+            live.iter()
+                .map(|t| {
+                    t.owned_bytes().unwrap_or_else(|e| {
+                        tracing::debug!(node = %c.node, "template not measured: {e}");
+                        0
+                    })
+                })
+                .sum()
+        });
     }
     (count, bytes)
 }
