@@ -114,6 +114,12 @@ fn warm_up_takes_the_copy_on_write_faults_of_the_next_run_and_changes_no_byte() 
     http.run(&sandbox, &session, WRITE);
     assert_eq!(http.run(&sandbox, &session, HASH), cold_hash);
 
+    // `deltabox stats` shows both columns (docs/cli.md has this table).
+    let stats = String::from_utf8_lossy(&daemon.cli(&["stats"]).stdout).into_owned();
+    assert!(
+        stats.contains("COW FAULTS") && stats.contains("WARMED UP"),
+        "{stats}"
+    );
     let scraped = |series: &str| daemon.metric(series);
     assert!(
         scraped("deltabox_cow_faults_total{warm_up=\"false\"}") >= (2 * N) as f64,

@@ -128,6 +128,8 @@ pub fn stats_text(stats: &StatsResponse) -> String {
             ("WRITES", Align::Right),
             ("WRITTEN", Align::Right),
             ("FILES", Align::Right),
+            ("COW FAULTS", Align::Right),
+            ("WARMED UP", Align::Right),
         ]);
         for d in &stats.dirty {
             table.row(vec![
@@ -137,9 +139,11 @@ pub fn stats_text(stats: &StatsResponse) -> String {
                 d.writes.to_string(),
                 size(d.bytes_written),
                 d.inodes.to_string(),
+                d.cow_faults.to_string(),
+                size(d.warmed_up_pages * 4096),
             ]);
         }
-        out.push_str("\nsince each sandbox's last checkpoint:\n");
+        out.push_str("\nsince each sandbox's last checkpoint or rollback:\n");
         out.push_str(&table.render());
     }
     out
@@ -195,6 +199,8 @@ mod tests {
                 writes: 3,
                 bytes_written: 3 * 4096,
                 inodes: 1,
+                cow_faults: 7,
+                warmed_up_pages: 2,
                 ..SandboxDirty::default()
             }],
         };
@@ -226,7 +232,7 @@ mod tests {
         let row = text.lines().find(|l| l.starts_with("0193-sb")).unwrap();
         assert_eq!(
             row.split_whitespace().collect::<Vec<_>>(),
-            ["0193-sb", "3", "12KiB", "3", "12KiB", "1"],
+            ["0193-sb", "3", "12KiB", "3", "12KiB", "1", "7", "8KiB"],
             "{text}"
         );
         let without = StatsResponse {
