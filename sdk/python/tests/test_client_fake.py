@@ -145,6 +145,7 @@ def test_requests_have_the_api_shape(fake: FakeDaemon, client: deltabox.Client) 
         node = sb.checkpoint(label="first")
         sb.rollback(node, files_only=True)
         sb.rollback(node.id)
+        assert not sb.rollback(node, warm_up=True).warm_up
         with sb.session("python") as py:
             py.run("x = 1", timeout=1)
     assert fake.sent("POST", "/v1/sandboxes")[0].body == {
@@ -163,7 +164,11 @@ def test_requests_have_the_api_shape(fake: FakeDaemon, client: deltabox.Client) 
     assert second == {"argv": ["ls", "-l"]}
     assert fake.sent("POST", f"/v1/sandboxes/{SB}/checkpoint")[0].body == {"label": "first"}
     modes = [r.body for r in fake.sent("POST", f"/v1/sandboxes/{SB}/rollback")]
-    assert modes == [{"node": NODE, "mode": "files_only"}, {"node": NODE, "mode": "all"}]
+    assert modes == [
+        {"node": NODE, "mode": "files_only"},
+        {"node": NODE, "mode": "all"},
+        {"node": NODE, "mode": "all", "warm_up": True},
+    ]
     assert fake.sent("POST", f"/v1/sandboxes/{SB}/sessions")[0].body == {"kind": "python"}
     assert fake.sent("POST", f"/v1/sandboxes/{SB}/sessions/s1/run")[0].body == {
         "code": "x = 1",

@@ -337,13 +337,18 @@ def rollback_mode(files_only: bool, processes_only: bool) -> RollbackMode:
     return "all"
 
 
-def rollback(sandbox: str, node: str, mode: RollbackMode) -> Call[RollbackResult]:
-    """``POST /v1/sandboxes/{id}/rollback``."""
+def rollback(
+    sandbox: str, node: str, mode: RollbackMode, warm_up: bool | None = None
+) -> Call[RollbackResult]:
+    """``POST /v1/sandboxes/{id}/rollback`` (``warm_up`` None: the daemon's default)."""
+    body: Json = {"node": node, "mode": mode}
+    if warm_up is not None:
+        body["warm_up"] = warm_up
     return Call(
         "POST",
         f"/v1/sandboxes/{_seg(sandbox)}/rollback",
         RollbackResult.from_json,
-        {"node": node, "mode": mode},
+        body,
     )
 
 

@@ -305,11 +305,16 @@ class AsyncSandbox(_handles.SandboxBase[AsyncClient]):
         return AsyncNode(self.client, await self.client.call(_api.checkpoint(self.id, label)))
 
     async def rollback(
-        self, node: str | NodeInfo | AsyncNode, *, files_only: bool = False, processes_only: bool = False
+        self,
+        node: str | NodeInfo | AsyncNode,
+        *,
+        files_only: bool = False,
+        processes_only: bool = False,
+        warm_up: bool | None = None,
     ) -> RollbackResult:
         """Goes to any node of this sandbox's tree (see :meth:`deltabox.Sandbox.rollback`)."""
         mode = _api.rollback_mode(files_only, processes_only)
-        return await self.client.call(_api.rollback(self.id, _api.node_id(node), mode))
+        return await self.client.call(_api.rollback(self.id, _api.node_id(node), mode, warm_up))
 
     async def tree(self) -> Tree:
         """The checkpoint tree this sandbox belongs to."""

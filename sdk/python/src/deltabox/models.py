@@ -334,6 +334,8 @@ class RollbackResult:
     mode: RollbackMode
     sessions: list[SessionInfo]
     timings: RollbackTimings
+    #: Whether a warm-up of the sessions was started (it runs after the answer).
+    warm_up: bool = False
 
     @classmethod
     def from_json(cls, obj: Json) -> RollbackResult:
@@ -343,6 +345,7 @@ class RollbackResult:
             mode=obj.get("mode", "all"),
             sessions=_list(SessionInfo.from_json, obj, "sessions"),
             timings=RollbackTimings.from_json(obj.get("timings") or {}),
+            warm_up=bool(obj.get("warm_up", False)),
         )
 
 

@@ -326,16 +326,23 @@ class Sandbox(_handles.SandboxBase[Client]):
         return Node(self.client, self.client.call(_api.checkpoint(self.id, label)))
 
     def rollback(
-        self, node: str | NodeInfo | Node, *, files_only: bool = False, processes_only: bool = False
+        self,
+        node: str | NodeInfo | Node,
+        *,
+        files_only: bool = False,
+        processes_only: bool = False,
+        warm_up: bool | None = None,
     ) -> RollbackResult:
         """Goes back (or over) to any node of this sandbox's tree.
 
         By default both halves: files, and sessions restored exactly as they were
         (sessions started since are gone). ``files_only`` keeps the running processes;
-        ``processes_only`` keeps the files as they are.
+        ``processes_only`` keeps the files as they are. ``warm_up`` (None: the daemon's
+        ``--warm-up`` default) pre-faults, after the answer, the pages the sessions
+        wrote after this node last time; the sandbox's next operation waits for it.
         """
         mode = _api.rollback_mode(files_only, processes_only)
-        return self.client.call(_api.rollback(self.id, _api.node_id(node), mode))
+        return self.client.call(_api.rollback(self.id, _api.node_id(node), mode, warm_up))
 
     def tree(self) -> Tree:
         """The checkpoint tree this sandbox belongs to."""
