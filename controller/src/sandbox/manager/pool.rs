@@ -548,3 +548,30 @@ fn measure(candidates: &[Candidate], known: &mut HashMap<NodeId, u64>) -> (u64, 
     }
     (count, bytes)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_measures_back_off_with_their_cost() {
+        let mut m = Measures::default();
+        assert!(m.full_due(), "the first pass measures everything");
+        m.last_full = Some((Instant::now(), Duration::from_millis(3)));
+        assert!(!m.full_due());
+        let long_ago = Instant::now() - TICK - Duration::from_millis(10);
+        m.last_full = Some((long_ago, Duration::from_millis(3)));
+        assert!(m.full_due(), "due every TICK when cheap");
+        // A measure that took 0.5 s waits ten times that, not TICK.
+        m.last_full = Some((long_ago, Duration::from_millis(500)));
+        assert!(!m.full_due());
+    }
+
+    #[test]
+    fn the_default_byte_bound_is_a_quarter_of_the_memory() {
+        let bytes = default_max_bytes();
+        assert!(bytes >= 64 << 20, "{bytes}");
+        assert_eq!(PoolConfig::default().max_bytes, bytes);
+        assert_eq!(PoolConfig::default().dump_policy, DumpPolicy::Eager);
+    }
+}
