@@ -206,6 +206,7 @@ pub fn config(env: &BenchEnv, plan: &Plan, mib: u64, thp: bool) -> Result<Config
     for old in previous.drain(..) {
         old.destroy().context("destroying a template")?;
     }
+    c.huge_kib_end = memory::huge_kib(py.pid)?;
     // A 4 GiB copy and its fsync take tens of seconds and write 4 GiB to the shared
     // disk: one is enough there.
     let copies = if mib >= 4096 { 1 } else { plan.copies };

@@ -25,6 +25,10 @@ pub struct Config {
     pub thp: bool,
     /// `AnonHugePages` of the python process once its memory was touched, KiB.
     pub huge_kib: u64,
+    /// `AnonHugePages` of the python process after the rounds, KiB: a write to a huge
+    /// page shared with a template splits the writer's mapping of it into 4 KiB
+    /// entries, which its later forks (templates, rollbacks) inherit.
+    pub huge_kib_end: u64,
     /// Checkpoint of the sandbox (bash and python, in parallel), ms.
     pub checkpoint: Samples,
     /// Of which the python process's pause (interrupt to release), ms.
@@ -113,7 +117,7 @@ const LATENCY_HEADER: [&str; 7] = ["memory", "pages", "operation", "n", "median"
 const COST_HEADER: [&str; 7] = [
     "memory",
     "pages",
-    "huge pages",
+    "huge pages (start, end)",
     "template owns",
     "template page tables",
     "full copy (no fsync)",
@@ -207,7 +211,7 @@ impl CrReport {
                 [
                     size(c.mib),
                     c.pages().to_owned(),
-                    kib(c.huge_kib as f64),
+                    format!("{}, {}", kib(c.huge_kib as f64), kib(c.huge_kib_end as f64)),
                     Config::median(&c.own_kib).map_or_else(|| "-".to_owned(), kib),
                     Config::median(&c.pte_kib).map_or_else(|| "-".to_owned(), kib),
                     copy,
@@ -289,7 +293,7 @@ impl CrReport {
             "A sandbox-like cgroup (cgroup2) runs `bash` and a `python3` process holding the \
              given memory in one private anonymous mapping, every page touched; with THP the \
              mapping is `madvise(MADV_HUGEPAGE)`d (THP is `madvise` here) and the table shows \
-             its `AnonHugePages`, with 4 KiB pages `MADV_NOHUGEPAGE`. The bench calls the \
+             its `AnonHugePages` before the first round and after the last, with 4 KiB pages `MADV_NOHUGEPAGE`. The bench calls the \
              DeltaCR library itself (release build, no daemon, no DeltaFS): a **checkpoint** \
              is `cr::checkpoint` of both processes, one thread each, as the daemon does; a \
              **rollback** is `cr::rollback` of both to those templates (kill the running \
@@ -380,6 +384,7 @@ pub(super) mod tests {
             mib,
             thp,
             huge_kib: if thp { mib * 1024 } else { 0 },
+            huge_kib_end: if thp { mib * 512 } else { 0 },
             checkpoint: samples(&[checkpoint, checkpoint * 3.0, checkpoint]),
             pause: samples(&[checkpoint / 2.0]),
             rollback: samples(&[rollback, rollback, rollback * 5.0]),
@@ -482,7 +487,7 @@ pub(super) mod tests {
         );
         assert_eq!(rows[1][3], "100 KiB");
         assert_eq!(rows[1][4], "2.0 MiB");
-        assert_eq!(rows[2][2], "256.0 MiB");
+        assert_eq!(rows[2][2], "256.0 MiB, 128.0 MiB");
     }
 
     #[test]
