@@ -71,6 +71,22 @@ fn dump_dir(daemon: &TestDaemon, node: &str, session: &str) -> PathBuf {
         .join(format!("{node}-{session}"))
 }
 
+/// Processes in the tree's template cgroups (one cgroup per template).
+fn template_processes(daemon: &TestDaemon, tree: &str) -> usize {
+    let dir = daemon.sandbox_cgroup().join(tree).join("templates");
+    std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .map(|e| {
+            std::fs::read_to_string(e.path().join("cgroup.procs"))
+                .unwrap_or_default()
+                .lines()
+                .count()
+        })
+        .sum()
+}
+
 /// Changes 1 MiB of `b` and checkpoints: returns the node and the hash at it.
 fn step(api: &Http, sb: &str, py: &str, label: &str) -> (String, String) {
     api.run(sb, py, "b[0:1 << 20] = os.urandom(1 << 20)");
@@ -111,6 +127,9 @@ fn the_least_recently_used_templates_are_evicted_and_restored_from_their_dumps()
     for (n, _) in &nodes[..2] {
         assert!(dump_dir(&daemon, n, &py).join("manifest.json").is_file());
     }
+    // Eviction destroyed the two templates: their processes and cgroups are gone.
+    let tree = api.sandbox(&sb)["tree"].as_str().unwrap().to_owned();
+    assert_eq!(template_processes(&daemon, &tree), 2);
     assert_eq!(daemon.metric("deltabox_template_pool_evictions_total"), 2.0);
     assert_eq!(daemon.metric("deltabox_template_pool_templates"), 2.0);
     assert_eq!(daemon.metric("deltabox_template_pool_limit_templates"), 2.0);
@@ -148,6 +167,9 @@ fn the_least_recently_used_templates_are_evicted_and_restored_from_their_dumps()
     assert_eq!(api.run(&sb, &py, "print(h())"), nodes[1].1);
     let p = pool(&api);
     assert_eq!(count(&p, "misses"), 3, "{p}");
+    let json = daemon.cli(&["stats", "--json"]);
+    let json: Value = serde_json::from_slice(&json.stdout).expect("stats --json");
+    assert_eq!(json["pool"]["misses"], 3, "{json}");
     let stats = daemon.cli(&["stats"]);
     let text = String::from_utf8_lossy(&stats.stdout);
     assert!(text.contains("template pool: "), "{text}");
