@@ -27,8 +27,13 @@ struct Sb {
 
 impl Sb {
     fn new(test: &str) -> Self {
+        Self::with_flags(test, &[])
+    }
+
+    /// With the daemon started with `flags`.
+    fn with_flags(test: &str, flags: &[&str]) -> Self {
         require_root();
-        let daemon = TestDaemon::start(test, &[]);
+        let daemon = TestDaemon::start(test, flags);
         let api = Http::new(daemon.socket());
         let id = id_of(&api.create(&json!({})));
         let tree = api.sandbox(&id)["tree"].as_str().unwrap().to_owned();
@@ -84,12 +89,18 @@ impl Sb {
         out
     }
 
-    /// The number in file `path` of sandbox `sb`.
+    /// The number in file `path` of sandbox `sb` (read again while empty: the
+    /// processes rewrite it, truncating first).
     fn number(&self, sb: &str, path: &str) -> u64 {
-        let out = self.api.sh(sb, &format!("cat {path}"));
-        out.trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("{path} in {sb} holds {out:?}"))
+        let mut out = String::new();
+        for _ in 0..20 {
+            out = self.api.sh(sb, &format!("cat {path}"));
+            if let Ok(n) = out.trim().parse() {
+                return n;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        panic!("{path} in {sb} holds {out:?}")
     }
 }
 
@@ -355,39 +366,26 @@ fn bash_wait_is_not_held_by_the_template_of_its_job() {
 /// are not dumped): over its bound, such nodes stay restorable, processes included.
 #[test]
 fn the_pool_keeps_nodes_with_background_processes() {
-    require_root();
-    let daemon = TestDaemon::start("ptpool", &["--pool-max-templates", "1"]);
-    let api = Http::new(daemon.socket());
-    let id = id_of(&api.create(&json!({})));
-    let sh = api.session(&id, "bash");
-    api.run(&id, &sh, "sleep 1000 &");
+    let sb = Sb::with_flags("ptpool", &["--pool-max-templates", "1"]);
+    let (api, id) = (&sb.api, sb.id.as_str());
+    let sh = api.session(id, "bash");
+    api.run(id, &sh, "sleep 1000 &");
+    assert_eq!(sb.count(id, "sleep 1000", 1), 1, "{:?}", sb.procs(id));
     let nodes: Vec<String> = (0..3)
         .map(|i| {
-            api.run(&id, &sh, &format!("n={i}"));
-            api.checkpoint(&id, &format!("n{i}"))
+            api.run(id, &sh, &format!("n={i}"));
+            api.checkpoint(id, &format!("n{i}"))
         })
         .collect();
     // The pool works on its own thread: give it time to (not) evict.
     thread::sleep(Duration::from_secs(2));
     let stats = api.get("/v1/stats").expect(200, "stats");
     assert_eq!(stats["pool"]["evictions"], 0, "{stats}");
-    api.run(&id, &sh, "kill %1; n=9");
-    api.rollback(&id, &nodes[0]);
-    assert_eq!(api.run(&id, &sh, "echo $n"), "0\n");
-    let work = daemon
-        .sandbox_cgroup()
-        .join(api.sandbox(&id)["tree"].as_str().unwrap())
-        .join(format!("sb-{id}"))
-        .join("work");
-    let procs = fs::read_to_string(work.join("cgroup.procs")).unwrap();
-    let sleeping = procs
-        .lines()
-        .filter(|p| {
-            fs::read(format!("/proc/{}/cmdline", p.trim())).unwrap_or_default()
-                == b"sleep\x001000\x00"
-        })
-        .count();
-    assert_eq!(sleeping, 1, "{procs}");
+    api.run(id, &sh, "kill %1; n=9");
+    assert_eq!(sb.count(id, "sleep 1000", 0), 0, "{:?}", sb.procs(id));
+    api.rollback(id, &nodes[0]);
+    assert_eq!(api.run(id, &sh, "echo $n"), "0\n");
+    assert_eq!(sb.count(id, "sleep 1000", 1), 1, "{:?}", sb.procs(id));
 }
 
 /// After the daemon is SIGKILLed and restarted, the sandbox comes back at its head node
@@ -462,4 +460,99 @@ fn a_background_job_comes_back_after_a_daemon_restart() {
     assert_counter_resumed(&sb, &id, "/tmp/cnt", at, None);
     assert_eq!(shells(&sb), 2, "{:?}", sb.procs(&id));
     assert_eq!(sb.api.run(&id, &sh, "echo ok"), "ok\n");
+}
+
+/// Two background processes sharing a writable `MAP_SHARED` mapping of one file: the
+/// writer counts in the mapping (and in its memory), the reader copies what it sees to
+/// another file. After a rollback, and in a branch, both map the node's file again and
+/// share its pages: the reader follows the writer, which resumes from the checkpoint.
+const SHARED: &str = r#"import mmap, struct, subprocess, sys
+open("/tmp/shared", "wb").write(bytes(4096))
+WRITER = """
+import mmap, struct, time
+f = open("/tmp/shared", "r+b")
+m = mmap.mmap(f.fileno(), 4096)
+n = 0
+while True:
+    n += 1
+    struct.pack_into("Q", m, 0, n)
+    time.sleep(0.05)
+"""
+READER = """
+import mmap, struct, time
+f = open("/tmp/shared", "r+b")
+m = mmap.mmap(f.fileno(), 4096)
+while True:
+    open("/tmp/seen", "w").write(str(struct.unpack_from("Q", m, 0)[0]))
+    time.sleep(0.05)
+"""
+procs = [subprocess.Popen([sys.executable, "-c", c]) for c in (WRITER, READER)]"#;
+
+/// The counter in the shared file of `sb`, and what the reader last saw.
+fn shared_and_seen(sb: &Sb, id: &str) -> (u64, u64) {
+    let out = sb.api.sh(
+        id,
+        "python3 -c 'import struct; print(struct.unpack(\"Q\", open(\"/tmp/shared\", \"rb\").read(8))[0])'",
+    );
+    let written = out.trim().parse().unwrap_or_else(|_| panic!("{out:?}"));
+    (written, sb.number(id, "/tmp/seen"))
+}
+
+fn assert_shared_follows(sb: &Sb, id: &str, at: u64, later: Option<u64>) {
+    thread::sleep(Duration::from_millis(500));
+    let (w1, r1) = shared_and_seen(sb, id);
+    thread::sleep(Duration::from_millis(500));
+    let (w2, r2) = shared_and_seen(sb, id);
+    assert!(
+        w2 > w1 && r2 > r1,
+        "{id}: not running: {w1}/{r1} then {w2}/{r2}"
+    );
+    assert!(
+        w1 + 1 >= at && w1 < at + 40,
+        "{id}: the writer at {w1}, resumed from {at}"
+    );
+    assert!(
+        w2.abs_diff(r2) <= 3,
+        "{id}: the reader sees {r2}, the writer wrote {w2}"
+    );
+    if let Some(later) = later {
+        assert!(w1 < later, "{id}: {w1}, not back from {later}");
+    }
+}
+
+#[test]
+fn two_processes_sharing_a_file_mapping_share_it_again() {
+    let sb = Sb::new("ptshm");
+    let (api, id) = (&sb.api, sb.id.as_str());
+    let py = api.session(id, "python");
+    api.run(id, &py, SHARED);
+    thread::sleep(Duration::from_millis(800));
+    let node = api.checkpoint(id, "shared");
+    let (at, _) = shared_and_seen(&sb, id);
+    thread::sleep(Duration::from_secs(2));
+    let (later, seen) = shared_and_seen(&sb, id);
+    assert!(
+        later > at + 10 && seen.abs_diff(later) <= 3,
+        "{at} {later} {seen}"
+    );
+
+    api.rollback(id, &node);
+    assert_shared_follows(&sb, id, at, Some(later));
+    // Each maps the file again, shared and writable; the templates hold no page of it.
+    let mapping = |pid: i32| {
+        fs::read_to_string(format!("/proc/{pid}/maps"))
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.contains(" rw-s ") && l.ends_with("/tmp/shared"))
+    };
+    let mapped = sb.procs(id).iter().filter(|(p, _)| mapping(*p)).count();
+    assert_eq!(mapped, 2, "{:?}", sb.procs(id));
+    assert!(!sb.templates().iter().any(|p| mapping(*p)));
+
+    let branch = id_of(&api.branch(&node, 1)[0]);
+    assert_shared_follows(&sb, &branch, at, None);
+    // Apart: the branch's writer writes its own file.
+    let (mine, _) = shared_and_seen(&sb, id);
+    let (theirs, _) = shared_and_seen(&sb, &branch);
+    assert!(mine > theirs + 5, "the sandbox {mine}, the branch {theirs}");
 }

@@ -20,6 +20,7 @@
 //! - [`state`] — the recorded, versioned process state.
 //! - [`template`] — checkpoint; [`restore`] — restore, rollback, branch.
 //! - [`threads`] — stopping, recording and recreating the threads of a process.
+//! - [`shared`] — writable shared file mappings, mapped again by path on restore.
 //! - [`dump`] — incremental dumps of templates, and the fallback restore from them.
 //! - [`owned`] — the memory a template alone owns (the template pool's byte bound).
 //! - [`warmup`] — pre-faulting a restored process's expected writes.
@@ -41,6 +42,7 @@ pub mod procfs;
 pub mod ptrace;
 pub mod rebind;
 pub mod restore;
+pub mod shared;
 pub mod state;
 pub mod template;
 pub mod threads;
@@ -73,10 +75,11 @@ pub enum CrError {
         /// How many tasks it has.
         threads: usize,
     },
-    /// The process has a writable shared mapping, whose pages a fork shares.
+    /// The process has a writable shared mapping that is not a file reachable by path
+    /// (shared anonymous memory, SysV shm, a memfd, a deleted file).
     #[error(
         "pid {pid} ({comm}) has a writable shared mapping {start:#x}-{end:#x} {name:?}: \
-         writes after a checkpoint would reach the template, so DeltaCR refuses it for now"
+         DeltaCR restores writable shared mappings of files by path only"
     )]
     SharedWritableMapping {
         /// The process.
@@ -165,6 +168,17 @@ pub enum CrError {
     /// Rebinding a template's file mappings failed.
     #[error(transparent)]
     Rebind(#[from] rebind::RebindError),
+    /// A writable shared file mapping could not be made again in a restored process.
+    #[error("restored pid {pid}: mapping {} again, shared: {source}", path.display())]
+    SharedRemap {
+        /// The restored process.
+        pid: i32,
+        /// The file.
+        path: std::path::PathBuf,
+        /// The failed syscall.
+        #[source]
+        source: inject::InjectError,
+    },
     /// Recording a pipe's unread bytes, or making a fresh pipe, failed.
     #[error(transparent)]
     Pipe(#[from] pipes::PipeError),

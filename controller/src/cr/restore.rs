@@ -179,6 +179,8 @@ impl Template {
             // share the table (CLONE_FILES) and the root (CLONE_FS) and stay stopped
             // until the end.
             new_threads = threads::recreate(&mut inj, &state.threads, site, scratch)?;
+            // The root is set (chroot above): each file is this view's.
+            super::shared::map_again(&mut inj, &state.shared_maps, scratch)?;
             let stdio = fdtable::install(
                 &mut inj,
                 &pidfd,

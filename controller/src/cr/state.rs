@@ -18,11 +18,13 @@ use super::fdtable::FdEntry;
 use super::inject::SyscallSite;
 use super::procfs::{Rlimit, Status};
 use super::ptrace::{Regs, RobustList, RseqConfig, XState};
+use super::shared::SharedMapping;
 
 /// Version of [`ProcessState`]'s serialised form. 2 added the threads
 /// ([`ProcessState::main_thread`], [`ProcessState::threads`]); a version-1 record reads
-/// as a single-threaded process whose per-thread extras were not recorded.
-pub const STATE_VERSION: u32 = 2;
+/// as a single-threaded process whose per-thread extras were not recorded. 3 added
+/// [`ProcessState::shared_maps`] (earlier records had none: they were refused).
+pub const STATE_VERSION: u32 = 3;
 
 macro_rules! registers {
     ($($field:ident),* $(,)?) => {
@@ -89,6 +91,9 @@ pub struct ProcessState {
     /// Every other thread, in `/proc/<pid>/task` order.
     #[serde(default)]
     pub threads: Vec<ThreadState>,
+    /// Its writable shared file mappings, mapped again by path on restore.
+    #[serde(default)]
+    pub shared_maps: Vec<SharedMapping>,
 }
 
 /// A thread's alternate signal stack (`sigaltstack(2)`).
@@ -177,6 +182,7 @@ mod tests {
                 ..ThreadExtras::default()
             },
             threads: Vec::new(),
+            shared_maps: Vec::new(),
         };
         let mut v1 = serde_json::to_value(&state).unwrap();
         let obj = v1.as_object_mut().unwrap();

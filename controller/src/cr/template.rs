@@ -36,6 +36,7 @@ use super::inject::{
 use super::pidfd::Pidfd;
 use super::procfs;
 use super::ptrace::{Resume, Stop, Tracee, cr_options};
+use super::shared::SharedMapping;
 use super::state::{ProcessState, Registers, STATE_VERSION};
 use super::threads;
 use super::{CrError, KILL_TIMEOUT};
@@ -217,19 +218,6 @@ fn refuse_dead_leader(pid: i32) -> Result<(), CrError> {
     Ok(())
 }
 
-fn refuse_shared_writable(pid: i32, maps: &[procfs::Mapping]) -> Result<(), CrError> {
-    match maps.iter().find(|m| m.is_shared_writable()) {
-        Some(m) => Err(CrError::SharedWritableMapping {
-            pid,
-            comm: procfs::comm_or_unknown(pid),
-            start: m.start,
-            end: m.end,
-            name: m.name.clone(),
-        }),
-        None => Ok(()),
-    }
-}
-
 /// A task in a frozen cgroup traps before every return to user mode: an injected
 /// syscall would never run. DeltaCR quiesces by ptrace, not by freezing the session.
 /// The requested state (`cgroup.freeze` of the cgroup or of an ancestor) is what
@@ -254,7 +242,7 @@ fn refuse_frozen(pid: i32, root: &Path, cgroup: &Path) -> Result<(), CrError> {
 
 /// `path` (as the controller reads it in `/proc`) relative to the process's root
 /// `prefix`, as an absolute path in that root.
-fn under_root(pid: i32, prefix: &Path, path: &Path) -> Result<PathBuf, CrError> {
+pub(super) fn under_root(pid: i32, prefix: &Path, path: &Path) -> Result<PathBuf, CrError> {
     match path.strip_prefix(prefix) {
         Ok(rest) => Ok(Path::new("/").join(rest)),
         Err(_) => Err(CrError::OutsideRoot {
@@ -283,6 +271,7 @@ pub struct Seizing {
     start: Instant,
     paused_at: Instant,
     maps: Vec<procfs::Mapping>,
+    shared: Vec<SharedMapping>,
     seized: threads::Seized,
 }
 
@@ -323,7 +312,7 @@ pub fn seize(pid: Pid, opts: &CheckpointOptions) -> Result<Seizing, CrError> {
     let raw = pid.as_raw();
     refuse_dead_leader(raw)?;
     let maps = procfs::maps(raw)?;
-    refuse_shared_writable(raw, &maps)?;
+    let shared = super::shared::record(raw, &maps, opts.root_prefix.as_deref())?;
     fdtable::check_supported(raw, !opts.inherited_stdio)?;
     let seized = threads::seize_all(pid, cr_options())?;
     Ok(Seizing {
@@ -331,6 +320,7 @@ pub fn seize(pid: Pid, opts: &CheckpointOptions) -> Result<Seizing, CrError> {
         start,
         paused_at: Instant::now(),
         maps,
+        shared,
         seized,
     })
 }
@@ -341,6 +331,7 @@ fn fork_seized(seizing: Seizing, opts: &CheckpointOptions) -> Result<Template, C
         start,
         paused_at,
         maps,
+        shared,
         seized: threads::Seized {
             leader: mut tracee,
             mut others,
@@ -418,6 +409,7 @@ fn fork_seized(seizing: Seizing, opts: &CheckpointOptions) -> Result<Template, C
         &xstate,
         &cgroup,
         opts.template_root.as_deref().map(|root| (scratch, root)),
+        &shared,
     )?;
     let tpid = child.pid().as_raw();
     child.detach(0)?;
@@ -447,6 +439,7 @@ fn fork_seized(seizing: Seizing, opts: &CheckpointOptions) -> Result<Template, C
         cgroup: own_cgroup,
         main_thread,
         threads: thread_states,
+        shared_maps: shared,
     };
     Ok(Template {
         pidfd,
@@ -464,7 +457,9 @@ fn fork_seized(seizing: Seizing, opts: &CheckpointOptions) -> Result<Template, C
 
 /// Turns the fresh fork `child`, born in `cgroup`, into a template: empty fd table, own
 /// session, the checkpoint's registers, group-stop, frozen cgroup; with `root` (the
-/// scratch page and a directory), first a `chroot` there. Leaves it in a ptrace-stop.
+/// scratch page and a directory), first a `chroot` there; its writable shared file
+/// mappings `shared` replaced by placeholders ([`super::shared`]). Leaves it in a
+/// ptrace-stop.
 fn hold(
     child: &mut Tracee,
     site: SyscallSite,
@@ -472,12 +467,14 @@ fn hold(
     xstate: &super::ptrace::XState,
     cgroup: &TemplateCgroup,
     root: Option<(u64, &Path)>,
+    shared: &[SharedMapping],
 ) -> Result<(), CrError> {
     {
         let mut inj = Injection::begin(child, site)?;
         if let Some((scratch, root)) = root {
             super::restore::chroot(&mut inj, scratch, root)?;
         }
+        super::shared::unmap(&mut inj, shared)?;
         inj.syscall(
             "close_range",
             libc::SYS_close_range,
