@@ -76,7 +76,11 @@ fn counts_reach_the_cli_and_the_metrics() {
     let status = json(&daemon.cli(&["status", "--json"]));
     assert_eq!(status["pid"], daemon.pid());
     assert_eq!(status["bpf"]["origin"], "loaded");
-    assert_eq!(status["bpf"]["programs"].as_array().unwrap().len(), 11);
+    // One entry per attached tracepoint.
+    assert_eq!(
+        status["bpf"]["programs"].as_array().unwrap().len(),
+        deltabox_controller::bpf::loader::ATTACHMENTS.len()
+    );
 
     let mut conn = std::net::TcpStream::connect(("127.0.0.1", daemon.metrics_port())).unwrap();
     conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
