@@ -556,3 +556,59 @@ fn two_processes_sharing_a_file_mapping_share_it_again() {
     let (theirs, _) = shared_and_seen(&sb, &branch);
     assert!(mine > theirs + 5, "the sandbox {mine}, the branch {theirs}");
 }
+
+/// What other processes cost a checkpoint and a rollback: a bash session with 0, 4 and
+/// 16 background `sleep`s (and one pipe between two of them when there are any), 15
+/// checkpoints and rollbacks each; prints the daemon's medians. Not a pass/fail test:
+///
+///     cargo test -p deltabox-tests --test sandbox_proctree -- --ignored --nocapture measure
+#[test]
+#[ignore = "a measurement: run with --ignored --nocapture"]
+fn measure_checkpoint_and_rollback_with_background_processes() {
+    fn median(mut v: Vec<f64>) -> f64 {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    }
+    for jobs in [0usize, 4, 16] {
+        let sb = Sb::new(&format!("ptm{jobs}"));
+        let (api, id) = (&sb.api, sb.id.as_str());
+        let sh = api.session(id, "bash");
+        if jobs > 0 {
+            api.run(id, &sh, "sleep 1000 | sleep 1001 &");
+            for i in 2..jobs {
+                api.run(id, &sh, &format!("sleep {} &", 1000 + i));
+            }
+        }
+        thread::sleep(Duration::from_millis(300));
+        let (mut total, mut quiesce, mut procs, mut record, mut rb_total, mut rb_procs) =
+            (vec![], vec![], vec![], vec![], vec![], vec![]);
+        for i in 0..15 {
+            let node = api
+                .post(
+                    &format!("/v1/sandboxes/{id}/checkpoint"),
+                    &json!({ "label": format!("m{i}") }),
+                )
+                .expect(201, "checkpoint");
+            let t = &node["timings"];
+            total.push(t["total_ms"].as_f64().unwrap());
+            quiesce.push(t["quiesce_ms"].as_f64().unwrap());
+            procs.push(t["processes_ms"].as_f64().unwrap());
+            record.push(t["record_ms"].as_f64().unwrap());
+            let rolled = api.rollback(id, &id_of(&node));
+            let t = &rolled["timings"];
+            rb_total.push(t["total_ms"].as_f64().unwrap());
+            rb_procs.push(t["processes_ms"].as_f64().unwrap());
+        }
+        assert_eq!(sb.procs(id).len(), jobs + 1, "{:?}", sb.procs(id));
+        eprintln!(
+            "{jobs:>2} background processes: checkpoint {:.2} ms (quiesce {:.2}, processes \
+             {:.2}, record {:.2}); rollback {:.2} ms (processes {:.2})",
+            median(total),
+            median(quiesce),
+            median(procs),
+            median(record),
+            median(rb_total),
+            median(rb_procs)
+        );
+    }
+}

@@ -25,6 +25,9 @@ use crate::sandbox::manager::{LiveSession, NodeTemplates};
 use crate::sandbox::runtime::TreeRuntime;
 use crate::tree::records::{NodeProcess, NodeRecord, TemplateRecord};
 
+/// How many threads restore a node's other processes.
+const RESTORE_THREADS: usize = 4;
+
 /// The sandbox's other processes, seized at the freeze, and its pipes.
 #[derive(Debug, Default)]
 pub(super) struct Extras {
@@ -298,7 +301,9 @@ pub(super) fn restore_others(
     let Some(templates) = templates else {
         return Err(failed("their templates are gone".to_owned()));
     };
-    for template in &templates.processes {
+    // A few at a time: a restore mostly waits on the kernel (ptrace stops, the
+    // template cgroup's freeze), like the sessions' checkpoints.
+    let restore_one = |template: &Template| -> Result<(), SandboxError> {
         let restored = template.restore(opts).map_err(|e| {
             let state = template.state();
             failed(format!("process {} ({}): {e}", state.pid, state.comm))
@@ -306,11 +311,26 @@ pub(super) fn restore_others(
         let pid = restored.pid();
         // It runs at once (a session waits for its next command): it may have exited
         // already (a `sleep 0.05` restored at its end).
-        if let Err(e) = super::join_limit_cgroups(runtime, name, pid)
-            && !exited(pid)
-        {
-            return Err(e);
+        match super::join_limit_cgroups(runtime, name, pid) {
+            Err(e) if !exited(pid) => Err(e),
+            _ => Ok(()),
         }
+    };
+    let all = &templates.processes;
+    if all.len() < 2 {
+        return all.iter().try_for_each(restore_one);
     }
+    let per_thread = all.len().div_ceil(RESTORE_THREADS);
+    std::thread::scope(|scope| {
+        let running: Vec<_> = all
+            .chunks(per_thread)
+            .map(|chunk| scope.spawn(move || chunk.iter().try_for_each(restore_one)))
+            .collect();
+        running.into_iter().try_for_each(|handle| {
+            handle
+                .join()
+                .unwrap_or_else(|_| Err(failed("a restore thread panicked".to_owned())))
+        })
+    })?;
     Ok(())
 }
