@@ -14,7 +14,9 @@ use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use deltabox_controller::cr::pidfd::Pidfd;
 use deltabox_controller::cr::{CheckpointOptions, RestoreOptions, Restored};
+use nix::unistd::Pid;
 
 use crate::cgroup::cgroup2_root;
 use crate::unique;
@@ -128,11 +130,15 @@ impl Lines {
 }
 
 /// The cgroups of one test — `<cgroup2>/<unique>/session` for the processes under test
-/// and `<unique>/templates` for the templates' own cgroups — and every pid it started.
+/// and `<unique>/templates` for the templates' own cgroups — and every process it started.
 /// Dropping it kills them all and removes the tree.
+///
+/// Processes are held by pidfd, not by pid: many are reaped during the test, and on a
+/// busy machine (`pid_max` is 32768 here) their pids are soon reused, so a kill by a
+/// remembered pid would hit an unrelated process (it killed a CI run's rustc).
 pub struct CrEnv {
     root: PathBuf,
-    pids: RefCell<Vec<i32>>,
+    pids: RefCell<Vec<Pidfd>>,
     children: RefCell<Vec<Child>>,
 }
 
@@ -221,40 +227,31 @@ impl CrEnv {
         }
     }
 
-    /// Kills `pid` when the test ends.
+    /// Kills `pid` when the test ends (if it is still the same process: see the type's
+    /// documentation). Call it while the process is alive; one already gone is skipped.
     pub fn track(&self, pid: i32) {
-        self.pids.borrow_mut().push(pid);
+        if let Ok(pidfd) = Pidfd::open(Pid::from_raw(pid)) {
+            self.pids.borrow_mut().push(pidfd);
+        }
     }
 }
 
 impl Drop for CrEnv {
     fn drop(&mut self) {
-        for &pid in self.pids.borrow().iter() {
-            // SAFETY: kill(2) takes plain integers.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+        for pidfd in self.pids.borrow().iter() {
+            // Gone already: fine.
+            let _ = pidfd.send_signal(libc::SIGKILL);
         }
         for child in self.children.borrow_mut().iter_mut() {
             let _ = child.kill();
             let _ = child.wait();
         }
         remove_tree(&self.root);
-        for &pid in self.pids.borrow().iter() {
-            reap(pid);
+        for pidfd in self.pids.borrow().iter() {
+            // Ours to reap when spawned or restored with CLONE_PARENT; else init's.
+            let _ = pidfd.wait_exit(Duration::from_secs(1));
+            pidfd.try_reap();
         }
-    }
-}
-
-/// Reaps `pid` if it is a child of the test process (templates and restored processes
-/// are: DeltaCR forks them with `CLONE_PARENT`).
-fn reap(pid: i32) {
-    for _ in 0..500 {
-        let mut status = 0;
-        // SAFETY: `status` is a valid c_int for waitpid to fill.
-        let ret = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG | libc::__WALL) };
-        if ret != 0 {
-            return;
-        }
-        thread::sleep(Duration::from_millis(2));
     }
 }
 

@@ -66,6 +66,11 @@ impl Pidfd {
         Ok(Self { pid, fd })
     }
 
+    /// A pidfd the caller already has for `pid` (from `clone3(CLONE_PIDFD)`, say).
+    pub fn from_fd(pid: Pid, fd: OwnedFd) -> Self {
+        Self { pid, fd }
+    }
+
     /// The pid.
     pub fn pid(&self) -> Pid {
         self.pid
@@ -85,6 +90,30 @@ impl Pidfd {
             )
         };
         check(ret, "pidfd_send_signal", self.pid).map(drop)
+    }
+
+    /// `pidfd_send_signal(PIDFD_SIGNAL_PROCESS_GROUP)` (Linux 6.9): `signal` to every
+    /// process whose process group is this process's pid — the group it leads. Unlike
+    /// `killpg(pid)`, a group whose leader is gone and whose pid was reused can never
+    /// be confused with another: the pidfd names the group's own `struct pid`. `ESRCH`
+    /// once no process is left in the group.
+    pub fn signal_process_group(&self, signal: i32) -> Result<(), PidfdError> {
+        // SAFETY: pidfd_send_signal with a null siginfo reads no memory of ours.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.fd.as_raw_fd(),
+                signal,
+                std::ptr::null::<libc::siginfo_t>(),
+                libc::PIDFD_SIGNAL_PROCESS_GROUP,
+            )
+        };
+        check(
+            ret,
+            "pidfd_send_signal(PIDFD_SIGNAL_PROCESS_GROUP)",
+            self.pid,
+        )
+        .map(drop)
     }
 
     /// `pidfd_getfd`: a duplicate, in this process, of the target's fd `target_fd`
@@ -170,5 +199,44 @@ impl Pidfd {
 impl AsFd for Pidfd {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::CommandExt as _;
+    use std::process::Command;
+
+    use super::*;
+
+    #[test]
+    fn a_process_group_is_signalled_through_its_leaders_pidfd() {
+        let mut leader = Command::new("sleep")
+            .arg("100")
+            .process_group(0)
+            .spawn()
+            .expect("spawn the leader");
+        let leader_pid = i32::try_from(leader.id()).expect("pid");
+        let mut member = Command::new("sleep")
+            .arg("100")
+            .process_group(leader_pid)
+            .spawn()
+            .expect("spawn a member of its group");
+        let pidfd = Pidfd::open(Pid::from_raw(leader_pid)).expect("pidfd_open");
+        pidfd
+            .signal_process_group(libc::SIGKILL)
+            .expect("signal the group");
+        for child in [&mut leader, &mut member] {
+            let status = child.wait().expect("wait");
+            assert_eq!(
+                std::os::unix::process::ExitStatusExt::signal(&status),
+                Some(libc::SIGKILL)
+            );
+        }
+        let gone = pidfd.signal_process_group(libc::SIGKILL);
+        assert!(
+            matches!(&gone, Err(PidfdError::Syscall { source, .. }) if source.raw_os_error() == Some(libc::ESRCH)),
+            "an empty group: {gone:?}"
+        );
     }
 }

@@ -4,15 +4,13 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::os::fd::AsFd;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-use nix::sys::signal::{Signal, killpg};
-use nix::unistd::Pid;
 
 use super::output::collect;
 use super::{Live, LiveSession};
 use crate::api::sandbox_types::{ExecRequest, ExecResult, SessionRun, SessionRunResult};
+use crate::cr::pidfd::Pidfd;
 use crate::sandbox::error::SandboxError;
 use crate::sandbox::ops::ExecSink;
 use crate::sandbox::runtime::{ExitStatus, SpawnRequest};
@@ -81,8 +79,8 @@ static RUNNING: Mutex<BTreeMap<String, Running>> = Mutex::new(BTreeMap::new());
 /// A command [`RUNNING`] knows about.
 #[derive(Default)]
 struct Running {
-    /// Its process group, once spawned.
-    pgid: Option<Pid>,
+    /// Its process group (a pidfd of its leader: see [`LiveSession`]), once spawned.
+    group: Option<Arc<Pidfd>>,
     /// Its sandbox is being removed.
     removed: bool,
 }
@@ -103,9 +101,9 @@ pub(super) fn stop_for_removal(sandbox: &str) -> bool {
     };
     // Killed once: the caller may ask again while the command winds down.
     if !entry.removed
-        && let Some(pgid) = entry.pgid
+        && let Some(group) = &entry.group
     {
-        let _ = killpg(pgid, Signal::SIGKILL);
+        let _ = group.signal_process_group(libc::SIGKILL);
     }
     entry.removed = true;
     true
@@ -122,12 +120,12 @@ impl Registered {
 
     /// Records the command's process group; false if the sandbox is being removed
     /// (then the group was killed).
-    fn spawned(&self, pgid: Pid) -> bool {
+    fn spawned(&self, group: &Arc<Pidfd>) -> bool {
         let mut running = running();
         let entry = running.entry(self.0.clone()).or_default();
-        entry.pgid = Some(pgid);
+        entry.group = Some(Arc::clone(group));
         if entry.removed {
-            let _ = killpg(pgid, Signal::SIGKILL);
+            let _ = group.signal_process_group(libc::SIGKILL);
         }
         !entry.removed
     }
@@ -179,8 +177,10 @@ pub(super) fn exec(
         .map_err(|e| SandboxError::Invalid {
             message: format!("sandbox {name}: cannot start {:?}: {e}", req.argv[0]),
         })?;
-    let pgid = spawned.host_pid;
-    if !registered.spawned(pgid) {
+    // The command leads its process group; it is killed through the leader's pidfd, so
+    // that a leader already reaped (its pid reused) never redirects the kill.
+    let group = Arc::new(Pidfd::from_fd(spawned.host_pid, spawned.pidfd));
+    if !registered.spawned(&group) {
         let _ = live
             .tree
             .runtime
@@ -201,17 +201,17 @@ pub(super) fn exec(
     let collected = collect(
         spawned.stdout,
         spawned.stderr,
-        Some(spawned.pidfd.as_fd()),
+        Some(group.as_fd()),
         start + timeout,
         KILL_GRACE,
         &|| {
-            let _ = killpg(pgid, Signal::SIGKILL);
+            let _ = group.signal_process_group(libc::SIGKILL);
         },
         sink,
     )
     .map_err(|e| SandboxError::internal(format!("sandbox {name}: reading output"), e))?;
     if collected.timed_out {
-        let _ = killpg(pgid, Signal::SIGKILL);
+        let _ = group.signal_process_group(libc::SIGKILL);
     }
     let status = live
         .tree
@@ -274,6 +274,7 @@ pub(super) fn start_session(live: &Live, kind: SessionKind) -> Result<LiveSessio
         id,
         kind,
         pid: spawned.host_pid,
+        group: Pidfd::open(spawned.host_pid).ok(),
         io: SessionIo {
             stdin,
             stdout: spawned.stdout,
@@ -332,8 +333,13 @@ pub(super) fn run(
             id: sid.to_string(),
         });
     };
-    let pgid = session.pid;
-    let interrupt = || killpg(pgid, Signal::SIGINT).map_err(std::io::Error::from);
+    let group = session.group.as_ref();
+    let interrupt = || match group {
+        Some(group) => group
+            .signal_process_group(libc::SIGINT)
+            .map_err(std::io::Error::other),
+        None => Err(std::io::Error::from_raw_os_error(libc::ESRCH)),
+    };
     let out = session::run(
         &mut session.io,
         session.kind,

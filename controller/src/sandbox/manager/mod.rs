@@ -40,6 +40,7 @@ use super::runtime::{Limits, TreeConfig, TreeRuntime};
 use super::session::{SessionIo, SessionKind};
 use crate::api::sandbox_types::{LimitsSpec, SandboxInfo, SessionInfo};
 use crate::cr::Template;
+use crate::cr::pidfd::Pidfd;
 use crate::tree::TreeDbError;
 use crate::tree::db::TreeDb;
 use crate::tree::ids::{NodeId, SandboxId, SessionId, TreeId};
@@ -104,6 +105,10 @@ pub(crate) struct LiveSession {
     kind: SessionKind,
     /// The interpreter (host pid; also its process group: it is a session leader).
     pid: Pid,
+    /// A pidfd of the interpreter, through which its process group is killed: by then
+    /// the interpreter may have exited and been reaped by init, and its pid reused by
+    /// an unrelated host process, which `killpg(pid)` would hit.
+    group: Option<Pidfd>,
     io: SessionIo,
     started_ms: u64,
 }
@@ -511,7 +516,9 @@ impl LiveSession {
 impl Drop for LiveSession {
     fn drop(&mut self) {
         // A session leaves with its handle: its process group is killed.
-        let _ = nix::sys::signal::killpg(self.pid, nix::sys::signal::Signal::SIGKILL);
+        if let Some(group) = &self.group {
+            let _ = group.signal_process_group(libc::SIGKILL);
+        }
     }
 }
 

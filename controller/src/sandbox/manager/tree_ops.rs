@@ -13,6 +13,7 @@ use crate::api::sandbox_types::{
     BranchResult, CheckpointTimings, NodeInfo, NodeSessionInfo, RollbackMode, RollbackResult,
     RollbackTimings,
 };
+use crate::cr::pidfd::Pidfd;
 use crate::cr::{self, CheckpointOptions, RestoreOptions, Template};
 use crate::sandbox::error::SandboxError;
 use crate::sandbox::runtime::Limits;
@@ -384,6 +385,7 @@ impl SandboxManager {
                 id: session.session,
                 kind,
                 pid,
+                group: Pidfd::open(pid).ok(),
                 io: SessionIo {
                     stdin,
                     stdout,
