@@ -377,6 +377,20 @@ pub struct NodeSessionInfo {
     pub template: String,
 }
 
+/// A process of the sandbox other than its sessions (a background job, a session's
+/// child, a server) in a node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeProcessInfo {
+    /// Its pid at the checkpoint (in the host's pid namespace).
+    pub pid: i32,
+    /// Its name.
+    pub comm: String,
+    /// `live` (a template process holds it, it can be restored) or `none` (its
+    /// template is gone: these processes are not dumped, the node's processes can no
+    /// longer be restored).
+    pub template: String,
+}
+
 /// Where a checkpoint's time went (milliseconds).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct CheckpointTimings {
@@ -413,6 +427,9 @@ pub struct NodeInfo {
     pub bytes: u64,
     /// Its sessions.
     pub sessions: Vec<NodeSessionInfo>,
+    /// The sandbox's other processes at the checkpoint (absent when none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub processes: Vec<NodeProcessInfo>,
     /// How long the checkpoint took.
     pub timings: CheckpointTimings,
 }

@@ -612,3 +612,67 @@ fn measure_checkpoint_and_rollback_with_background_processes() {
         );
     }
 }
+
+/// A node lists its other processes (`processes`, template `live`); once one's
+/// template is killed (from the host, by pid) it says `none`, and a rollback to the
+/// node is refused before anything is killed, naming the process.
+#[test]
+fn a_node_whose_job_template_is_gone_is_refused_by_name() {
+    let sb = Sb::new("ptgone");
+    let (api, id) = (&sb.api, sb.id.as_str());
+    let sh = api.session(id, "bash");
+    api.run(id, &sh, "sleep 1000 &");
+    assert_eq!(sb.count(id, "sleep 1000", 1), 1, "{:?}", sb.procs(id));
+    let node = api
+        .post(&format!("/v1/sandboxes/{id}/checkpoint"), &json!({}))
+        .expect(201, "checkpoint");
+    let processes = node["processes"].as_array().cloned().unwrap_or_default();
+    assert_eq!(processes.len(), 1, "{node}");
+    assert_eq!(processes[0]["comm"], "sleep", "{node}");
+    assert_eq!(processes[0]["template"], "live", "{node}");
+    let pid = processes[0]["pid"].to_string();
+    let node = id_of(&node);
+    let listed = |api: &Http| {
+        let tree = api
+            .get(&format!("/v1/sandboxes/{id}/tree"))
+            .expect(200, "tree");
+        tree["nodes"][0]["processes"][0]["template"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert_eq!(listed(api), "live");
+
+    // The job's template (the stopped `sleep 1000` in the templates cgroup) is killed.
+    let job_template: Vec<i32> = sb
+        .templates()
+        .into_iter()
+        .filter(|p| {
+            fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default() == b"sleep\x001000\x00"
+        })
+        .collect();
+    assert_eq!(job_template.len(), 1, "{:?}", sb.templates());
+    // SAFETY: kill(2) takes plain integers.
+    unsafe { libc::kill(job_template[0], libc::SIGKILL) };
+    for _ in 0..100 {
+        if listed(api) == "none" {
+            break;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(listed(api), "none");
+    api.run(id, &sh, "x=after");
+    api.post(
+        &format!("/v1/sandboxes/{id}/rollback"),
+        &json!({ "node": node }),
+    )
+    .expect_error(
+        422,
+        "node_not_restorable",
+        &[&node, &pid, "sleep"],
+        "rollback",
+    );
+    // Nothing was killed.
+    assert_eq!(api.run(id, &sh, "echo $x"), "after\n");
+    assert_eq!(sb.count(id, "sleep 1000", 1), 1, "{:?}", sb.procs(id));
+}

@@ -123,6 +123,7 @@ impl State {
                     template: "live".into(),
                 })
                 .collect(),
+            processes: Vec::new(),
             timings: CheckpointTimings {
                 total_ms: 1.5,
                 quiesce_ms: 0.25,

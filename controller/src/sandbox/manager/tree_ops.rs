@@ -144,6 +144,7 @@ pub(super) fn node_info(
                 .to_owned(),
             })
             .collect(),
+        processes: proctree::infos(node),
         timings,
     }
 }

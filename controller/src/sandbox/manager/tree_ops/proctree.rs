@@ -155,6 +155,25 @@ pub(super) fn records_of(templates: &[Template]) -> Vec<NodeProcess> {
         .collect()
 }
 
+/// `node`'s other processes for the API: a template is `live` while its process is in
+/// its own cgroup (removed with it).
+pub(super) fn infos(node: &NodeRecord) -> Vec<crate::api::sandbox_types::NodeProcessInfo> {
+    node.processes
+        .iter()
+        .map(|p| {
+            let live = p.template.as_ref().is_some_and(|t| {
+                std::fs::read_to_string(t.cgroup.join("cgroup.procs"))
+                    .is_ok_and(|l| l.lines().any(|l| l.trim() == t.host_pid.to_string()))
+            });
+            crate::api::sandbox_types::NodeProcessInfo {
+                pid: p.pid,
+                comm: p.comm.clone(),
+                template: if live { "live" } else { "none" }.to_owned(),
+            }
+        })
+        .collect()
+}
+
 /// The recorded pipes of `node`.
 pub(super) fn pipes_of(node: &NodeRecord) -> Result<Vec<PipeState>, SandboxError> {
     if node.pipes.is_null() {
