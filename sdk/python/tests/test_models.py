@@ -73,6 +73,13 @@ def test_node_and_results() -> None:
     assert not run.ok and run.node is None
 
 
+def test_node_processes() -> None:
+    assert NodeInfo.from_json(samples.node()).processes == []
+    listed = {**samples.node(), "processes": [{"pid": 42, "comm": "sleep", "template": "live"}]}
+    (job,) = NodeInfo.from_json(listed).processes
+    assert (job.pid, job.comm, job.template) == (42, "sleep", "live")
+
+
 def test_tree_helpers() -> None:
     a = samples.node("aaaa-1")
     b = samples.node("bbbb-1", parent="aaaa-1")

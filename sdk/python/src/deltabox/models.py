@@ -20,6 +20,7 @@ __all__ = [
     "BusyInfo",
     "SandboxInfo",
     "NodeSessionInfo",
+    "NodeProcessInfo",
     "CheckpointTimings",
     "NodeInfo",
     "ExecResult",
@@ -212,6 +213,22 @@ class NodeSessionInfo:
 
 
 @dataclass(frozen=True)
+class NodeProcessInfo:
+    """A process of the sandbox other than its sessions (a background job, a session's
+    child) in a node: ``template`` is ``live`` while a template holds it, else ``none``
+    (such processes are not dumped: the node can no longer restore them)."""
+
+    pid: int
+    comm: str
+    template: str
+
+    @classmethod
+    def from_json(cls, obj: Json) -> NodeProcessInfo:
+        """Parses the API's ``NodeProcessInfo``."""
+        return cls(**_required(obj, "node process", "pid", "comm"), template=obj.get("template", "none"))
+
+
+@dataclass(frozen=True)
 class CheckpointTimings:
     """Where a checkpoint's time went (milliseconds)."""
 
@@ -240,6 +257,7 @@ class NodeInfo:
     timings: CheckpointTimings
     parent: str | None = None
     label: str | None = None
+    processes: list[NodeProcessInfo] = field(default_factory=list)
 
     @classmethod
     def from_json(cls, obj: Json) -> NodeInfo:
@@ -250,6 +268,7 @@ class NodeInfo:
             sessions=_list(NodeSessionInfo.from_json, obj, "sessions"),
             timings=CheckpointTimings.from_json(obj.get("timings") or {}),
             **_optional(obj, "parent", "label"),
+            processes=_list(NodeProcessInfo.from_json, obj, "processes"),
         )
 
 
