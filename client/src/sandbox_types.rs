@@ -592,6 +592,17 @@ pub struct GcResult {
     /// Dumps of nodes that are gone, deleted.
     #[serde(default)]
     pub dumps_removed: usize,
+    /// Snapshots of removed nodes merged into the snapshot above them (DeltaFS squash:
+    /// runs of them with one child each, in the middle of a chain something still uses).
+    #[serde(default)]
+    pub layers_squashed: usize,
+    /// Disk bytes of the files those merges left superseded, removed.
+    #[serde(default)]
+    pub squash_bytes_freed: u64,
+    /// Runs not squashed because a sandbox whose chain holds them was busy (a later gc
+    /// squashes them).
+    #[serde(default)]
+    pub squash_deferred: usize,
 }
 
 /// What one sandbox dirtied since its last checkpoint (`GET /v1/stats`).

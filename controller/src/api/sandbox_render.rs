@@ -267,10 +267,23 @@ pub fn removed_text(r: &Removed) -> String {
 
 /// What `gc` dropped.
 pub fn gc_text(g: &GcResult) -> String {
-    format!(
-        "removed {} unreferenced layers, {} empty trees and {} dumps of removed nodes\n",
-        g.layers_removed, g.trees_removed, g.dumps_removed
-    )
+    let mut out = format!(
+        "removed {} unreferenced layers, {} empty trees and {} dumps of removed nodes\n\
+         squashed {} layers of removed nodes into the layers above them, freeing {}\n",
+        g.layers_removed,
+        g.trees_removed,
+        g.dumps_removed,
+        g.layers_squashed,
+        size(g.squash_bytes_freed)
+    );
+    if g.squash_deferred > 0 {
+        let _ = writeln!(
+            out,
+            "{} chains left unsquashed: a sandbox using them was busy (run gc again)",
+            g.squash_deferred
+        );
+    }
+    out
 }
 
 #[cfg(test)]

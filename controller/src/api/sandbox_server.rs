@@ -226,7 +226,13 @@ async fn diff(
 }
 
 async fn gc(State(svc): State<Svc>) -> Answer<GcResult> {
-    call(svc, |ops| ops.gc()).await
+    let metrics = svc.metrics().clone();
+    call(svc, move |ops| {
+        let gc = ops.gc()?;
+        metrics.observe_gc(&gc);
+        Ok(gc)
+    })
+    .await
 }
 
 /// A JSON body that may be left out: an empty (or all-blank) body is `T::default()`;

@@ -33,7 +33,7 @@ use prometheus::{
 use self::latency::{LatencyRecorder, Operation};
 use self::state::StateFigures;
 use crate::api::ErrorKind;
-use crate::api::sandbox_types::{CheckpointTimings, RollbackMode, RollbackResult};
+use crate::api::sandbox_types::{CheckpointTimings, GcResult, RollbackMode, RollbackResult};
 use crate::bpf::GlobalCounters;
 
 /// Errors of the metrics module.
@@ -294,6 +294,12 @@ metrics! {
     deltafs_switches_total: IntCounter = IntCounter::new(
         "deltabox_deltafs_switches_total", "DeltaFS switches",
     );
+    /// `deltabox_deltafs_layers_squashed_total`: snapshots of removed nodes that gc
+    /// merged into the snapshot above them (DeltaFS squash).
+    deltafs_layers_squashed_total: IntCounter = IntCounter::new(
+        "deltabox_deltafs_layers_squashed_total",
+        "Snapshots of removed nodes gc merged into the snapshot above them (DeltaFS squash)",
+    );
     /// `deltabox_deltafs_layers`: layers in the longest chain of a mounted view, its
     /// writable layer and the frozen ones below it (lookups do not walk them; disk and
     /// a restart's replay do).
@@ -494,6 +500,12 @@ impl Metrics {
                     .observe(ms / 1e3);
             }
         }
+    }
+
+    /// Counts what a gc squashed.
+    pub fn observe_gc(&self, gc: &GcResult) {
+        self.deltafs_layers_squashed_total
+            .inc_by(gc.layers_squashed as u64);
     }
 
     /// Records the time each sandbox of a branch call took.

@@ -482,6 +482,30 @@ async fn every_metric_is_updated() {
         )
         .await;
     assert_eq!(status, StatusCode::CREATED);
+    // A node removed (a leaf, not the head) and a gc: the squash counter.
+    let (_, leaf) = h
+        .request(
+            Method::POST,
+            &format!("/v1/sandboxes/{sandbox}/checkpoint"),
+            None,
+        )
+        .await;
+    let leaf = leaf["id"].as_str().unwrap().to_owned();
+    let (status, _) = h
+        .request(
+            Method::POST,
+            &format!("/v1/sandboxes/{sandbox}/rollback"),
+            Some(&rollback),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = h
+        .request(Method::DELETE, &format!("/v1/nodes/{leaf}"), None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, gc) = h.request(Method::POST, "/v1/gc", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(gc["layers_squashed"].as_u64().unwrap() > 0, "{gc}");
     // The state gauges are measured at scrape time: scrape again, with nodes now.
     h.service.refresh_metrics();
 

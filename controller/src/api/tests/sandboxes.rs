@@ -225,7 +225,8 @@ async fn every_sandbox_route_works() {
     let gc = api.ok(ok, api.post(routes::GC, json!({})).await).await;
     assert_eq!(
         gc,
-        json!({"layers_removed": 2, "trees_removed": 0, "dumps_removed": 0})
+        json!({"layers_removed": 2, "trees_removed": 0, "dumps_removed": 0,
+               "layers_squashed": 2, "squash_bytes_freed": 0, "squash_deferred": 0})
     );
     let gc = api
         .ok(ok, api.raw(Method::POST, routes::GC, None).await)

@@ -25,6 +25,7 @@ pub mod pool;
 mod queries;
 mod rebind;
 mod service;
+mod squash;
 mod tree_ops;
 
 use std::collections::{BTreeMap, HashMap};

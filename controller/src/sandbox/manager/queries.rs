@@ -171,7 +171,8 @@ impl SandboxManager {
         })
     }
 
-    /// Shuts down trees with nothing left and removes unreferenced layers.
+    /// Shuts down trees with nothing left, removes unreferenced layers and squashes the
+    /// runs of removed nodes' snapshots that live chains still stack on ([`super::squash`]).
     pub(super) fn collect_garbage(&self) -> Result<GcResult, SandboxError> {
         let trees: Vec<Arc<Tree>> = lock(&self.trees).values().cloned().collect();
         let before = trees.len();
@@ -189,10 +190,15 @@ impl SandboxManager {
             .store
             .gc()
             .map_err(|e| store_err("garbage-collecting layers", e))?;
+        // After the store's gc: a dead branch would count as a child.
+        let squashed = self.squash_chains()?;
         Ok(GcResult {
             layers_removed: report.removed.len(),
             trees_removed,
             dumps_removed: self.sweep_dumps()?,
+            layers_squashed: squashed.layers,
+            squash_bytes_freed: squashed.bytes,
+            squash_deferred: squashed.deferred,
         })
     }
 }

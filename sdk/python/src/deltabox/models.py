@@ -480,11 +480,25 @@ class GcResult:
     layers_removed: int = 0
     trees_removed: int = 0
     dumps_removed: int = 0
+    layers_squashed: int = 0
+    squash_bytes_freed: int = 0
+    squash_deferred: int = 0
 
     @classmethod
     def from_json(cls, obj: Json) -> GcResult:
         """Parses the API's ``GcResult``."""
-        return cls(*_numbers(obj, int, "layers_removed", "trees_removed", "dumps_removed"))
+        return cls(
+            *_numbers(
+                obj,
+                int,
+                "layers_removed",
+                "trees_removed",
+                "dumps_removed",
+                "layers_squashed",
+                "squash_bytes_freed",
+                "squash_deferred",
+            )
+        )
 
 
 @dataclass
