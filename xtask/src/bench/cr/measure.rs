@@ -38,6 +38,8 @@ pub struct Plan {
     pub deltas: Vec<u64>,
     /// Restores per delta.
     pub fallback_reps: usize,
+    /// MiB at the start of the buffer that the rounds' writes stay in (0: all of it).
+    pub hot_mib: u64,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -73,8 +75,8 @@ fn counter(reply: &str) -> Result<u64> {
         .with_context(|| format!("unexpected reply {reply:?}"))
 }
 
-fn start_python(env: &BenchEnv, mib: u64, thp: bool) -> Result<Proc> {
-    let mib_arg = mib.to_string();
+fn start_python(env: &BenchEnv, mib: u64, thp: bool, hot_mib: u64) -> Result<Proc> {
+    let (mib_arg, hot_arg) = (mib.to_string(), hot_mib.to_string());
     let mut py = env.spawn(
         "python3",
         &[
@@ -84,6 +86,7 @@ fn start_python(env: &BenchEnv, mib: u64, thp: bool) -> Result<Proc> {
             PYTHON,
             &mib_arg,
             if thp { "1" } else { "0" },
+            &hot_arg,
         ],
     )?;
     let ready = py.line()?;
@@ -105,7 +108,7 @@ pub fn config(env: &BenchEnv, plan: &Plan, mib: u64, thp: bool) -> Result<Config
         plan.ops
     ));
     let mut sh = env.spawn("bash", &["--norc", "--noprofile"])?;
-    let mut py = start_python(env, mib, thp)?;
+    let mut py = start_python(env, mib, thp, plan.hot_mib)?;
     sh.ask("x=0; echo $x")?;
     let huge_kib = memory::huge_kib(py.pid)?;
     if thp && huge_kib < mib * 1024 / 2 {
@@ -235,7 +238,7 @@ pub fn fallback(env: &BenchEnv, plan: &Plan) -> Result<Vec<Fallback>> {
     let dumps = env.dir().join("dumps");
     std::fs::create_dir_all(&dumps)
         .with_context(|| format!("cannot create {}", dumps.display()))?;
-    let mut py = start_python(env, plan.fallback_mib, false)?;
+    let mut py = start_python(env, plan.fallback_mib, false, 0)?;
     let (ck_opts, rs_opts) = (env.checkpoint_opts(), env.restore_opts());
     py.wait_idle()?;
     let base = cr::checkpoint(Pid::from_raw(py.pid), &ck_opts)

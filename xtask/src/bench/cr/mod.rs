@@ -46,6 +46,11 @@ pub struct Options {
     /// fallback at 4 and 16 MiB of delta; overrides --ops and --sizes
     #[arg(long)]
     pub quick: bool,
+    /// MiB at the start of the python buffer that the writes between operations stay
+    /// in, a hot working set (0: anywhere in the buffer). Each write to a huge page that
+    /// a template shares splits the writer's mapping of it into 4 KiB entries
+    #[arg(long, default_value_t = 0)]
+    pub hot_mib: u64,
     /// Run at real-time priority (SCHED_FIFO 10, inherited by the processes it starts),
     /// which takes other processes' CPU time out of the figures on a shared machine
     #[arg(long)]
@@ -66,6 +71,7 @@ impl Default for Options {
             sizes: DEFAULT_SIZES.to_vec(),
             gap_ms: DEFAULT_GAP_MS,
             quick: false,
+            hot_mib: 0,
             realtime: false,
             no_doc: false,
         }
@@ -89,6 +95,9 @@ impl Options {
         }
         if self.gap_ms != DEFAULT_GAP_MS {
             args.extend(["--gap-ms".to_owned(), self.gap_ms.to_string()]);
+        }
+        if self.hot_mib != 0 {
+            args.extend(["--hot-mib".to_owned(), self.hot_mib.to_string()]);
         }
         if self.realtime {
             args.push("--realtime".to_owned());
@@ -170,6 +179,7 @@ pub fn run(options: &Options) -> Result<()> {
             fallback_mib: 256,
             deltas: vec![4, 16],
             fallback_reps: 3,
+            hot_mib: options.hot_mib,
         }
     } else {
         measure::Plan {
@@ -180,6 +190,7 @@ pub fn run(options: &Options) -> Result<()> {
             fallback_mib: 256,
             deltas: vec![4, 16, 64, 128],
             fallback_reps: 10,
+            hot_mib: options.hot_mib,
         }
     };
     // The store (xfs, where the daemon keeps layers and dumps) if it is there.
@@ -233,6 +244,7 @@ pub fn run(options: &Options) -> Result<()> {
         ops: plan.ops,
         gap_ms: options.gap_ms,
         writes: measure::WRITES,
+        hot_mib: options.hot_mib,
         configs,
         fallback_mib: plan.fallback_mib,
         fallback,
@@ -285,12 +297,13 @@ mod tests {
             ops: 50,
             sizes: vec![64, 128],
             gap_ms: 10,
+            hot_mib: 4,
             realtime: true,
             ..Options::default()
         };
         assert_eq!(
             custom.command_line(),
-            "cargo xtask bench cr --ops 50 --sizes 64,128 --gap-ms 10 --realtime"
+            "cargo xtask bench cr --ops 50 --sizes 64,128 --gap-ms 10 --hot-mib 4 --realtime"
         );
     }
 }

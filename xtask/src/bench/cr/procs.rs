@@ -31,14 +31,16 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The python workload: holds `argv[1]` MiB in one private anonymous mapping (huge
 /// pages when `argv[2]` is 1), every page touched, then answers commands on stdin:
-/// `w N` writes one byte in each of N pseudo-random pages, `d M` rewrites every page of
+/// `w N` writes one byte in each of N pseudo-random pages (of the first `argv[3]` MiB
+/// only, a hot working set, unless that is 0), `d M` rewrites every page of
 /// the first M MiB, `c M` sums the first byte of those pages, `n` tells the counter
 /// (bumped by `w` and `d`). It reads with `os.read`, so a checkpoint finds it in `read`.
 pub const PYTHON: &str = r#"
 import mmap, os, sys
-mib, thp = int(sys.argv[1]), sys.argv[2] == "1"
+mib, thp, hot = int(sys.argv[1]), sys.argv[2] == "1", int(sys.argv[3])
 size, page = mib << 20, 4096
 npages = size // page
+hot_pages = min(hot << 8, npages) if hot else npages
 buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 buf.madvise(mmap.MADV_HUGEPAGE if thp else mmap.MADV_NOHUGEPAGE)
 chunk = bytes(range(1, 256)) * ((2 << 20) // 255 + 1)
@@ -59,7 +61,7 @@ while True:
     if cmd == b"w":
         for _ in range(int(args[0])):
             x = (x * 6364136223846793005 + 1442695040888963407) % (1 << 64)
-            at = ((x >> 33) % npages) * page + 8
+            at = ((x >> 33) % hot_pages) * page + 8
             buf[at] = (buf[at] + 1) & 255
         counter += 1
         os.write(1, b"ok %d\n" % counter)

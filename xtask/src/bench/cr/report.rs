@@ -98,6 +98,8 @@ pub struct CrReport {
     pub gap_ms: u64,
     /// Pages the python process writes between two operations.
     pub writes: u32,
+    /// MiB at the start of its buffer those writes stay in (0: anywhere in it).
+    pub hot_mib: u64,
     /// Per memory size and page kind.
     pub configs: Vec<Config>,
     /// MiB the process of the fallback measurement holds (4 KiB pages).
@@ -298,11 +300,24 @@ impl CrReport {
              is `cr::checkpoint` of both processes, one thread each, as the daemon does; a \
              **rollback** is `cr::rollback` of both to those templates (kill the running \
              process, fork the template). Each of the {} rounds per row (after one warm-up): \
-             the python process writes {} random pages (and bash bumps a variable), \
-             {} ms pause, checkpoint, the same writes again, {} ms pause, rollback, then a \
-             check that both processes are back at the checkpoint's counters; the previous \
-             round's templates are destroyed after the rollback, outside the timings.\n\n",
-            self.ops, self.writes, self.gap_ms, self.gap_ms
+             the python process writes one byte in each of {} random pages {} (and \
+             bash bumps a variable), {} ms pause, checkpoint, another {} random pages \
+             written, {} ms pause, rollback, then a check that both processes are back at \
+             the checkpoint's counters; the previous round's templates are destroyed after \
+             the rollback, outside the timings.\n\n",
+            self.ops,
+            self.writes,
+            if self.hot_mib == 0 {
+                "anywhere in its buffer".to_owned()
+            } else {
+                format!(
+                    "of the first {} of its buffer (a hot working set)",
+                    size(self.hot_mib)
+                )
+            },
+            self.gap_ms,
+            self.writes,
+            self.gap_ms
         );
         md.push_str(&markdown_table(&LATENCY_HEADER, &self.latency_rows()));
         md.push_str(
@@ -413,6 +428,7 @@ pub(super) mod tests {
             ops: 3,
             gap_ms: 100,
             writes: 16,
+            hot_mib: 0,
             configs: vec![
                 config(64, false, 1.5, 1.0),
                 config(256, false, 6.0, 8.0),
