@@ -182,6 +182,23 @@ fn a_bash_background_job_comes_back_and_later_ones_are_gone() {
         .unwrap()
         .0;
     assert!(!sleeper_before.contains(&sleeper_after), "a new process");
+    // Its stdout and stderr are the restored session's (new) pipes, as they were the
+    // session's at the checkpoint; its stdin, /dev/null.
+    let session_pid = api.sandbox(id)["sessions"][0]["pid"].as_i64().unwrap();
+    let link = |pid: i64, fd: i32| fs::read_link(format!("/proc/{pid}/fd/{fd}")).unwrap();
+    for fd in [1, 2] {
+        assert_eq!(
+            link(i64::from(sleeper_after), fd),
+            link(session_pid, fd),
+            "fd {fd} of the restored job"
+        );
+    }
+    let stdin = link(i64::from(sleeper_after), 0);
+    assert!(
+        stdin.ends_with(format!("{id}/dev/null")),
+        "{}",
+        stdin.display()
+    );
     assert_counter_resumed(&sb, id, "/tmp/cnt", at, Some(later));
     // The session keeps working, at its checkpoint's state.
     assert_eq!(api.run(id, &sh, "echo $x"), "42\n");

@@ -76,6 +76,14 @@ pub(super) fn seize_extras(
     }
     pipe_fds.retain(|p| !stdio.contains(&p.inode));
     let pipes = cr::pipes::record(&pipe_fds).map_err(|e| e.to_string())?;
+    // A restore hands them to one holder process, in one SCM_RIGHTS message.
+    if pipes.len() > crate::sandbox::runtime::MAX_HELD {
+        return Err(format!(
+            "its processes have {} pipes between them, and DeltaBox restores at most {}",
+            pipes.len(),
+            crate::sandbox::runtime::MAX_HELD
+        ));
+    }
     let mut seized = Vec::new();
     for pid in all.into_iter().filter(|p| !session_pids.contains(p)) {
         match cr::seize(Pid::from_raw(pid), opts) {
