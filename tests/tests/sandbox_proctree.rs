@@ -693,3 +693,66 @@ fn a_node_whose_job_template_is_gone_is_refused_by_name() {
     assert_eq!(api.run(id, &sh, "echo $x"), "after\n");
     assert_eq!(sb.count(id, "sleep 1000", 1), 1, "{:?}", sb.procs(id));
 }
+
+/// A python session with a writable shared file mapping, restored from its dump (its
+/// template killed): the fallback forks the parent node's template, makes its memory
+/// the dump's and maps the file again, shared.
+#[test]
+fn a_shared_file_mapping_comes_back_from_a_dump() {
+    let sb = Sb::new("ptshmdump");
+    let (api, id) = (&sb.api, sb.id.as_str());
+    let py = api.session(id, "python");
+    api.run(
+        id,
+        &py,
+        "import mmap\nopen('/tmp/m', 'wb').write(b'a' * 4096)\n\
+         f = open('/tmp/m', 'r+b')\nm = mmap.mmap(f.fileno(), 4096)\nm[0:1] = b'1'\nx = 1",
+    );
+    let _n1 = api.checkpoint(id, "one");
+    api.run(id, &py, "m[0:1] = b'2'\nx = 2");
+    let n2 = api.checkpoint(id, "two");
+    // n2's dump on disk, then its template killed (the newest template).
+    let dump = sb
+        .daemon
+        .data_dir()
+        .join("dumps")
+        .join(format!("{n2}-{py}"))
+        .join("manifest.json");
+    for _ in 0..600 {
+        if dump.is_file() {
+            break;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert!(dump.is_file(), "no dump {}", dump.display());
+    let newest = sb.templates().into_iter().max().expect("two templates");
+    // SAFETY: kill(2) takes plain integers.
+    unsafe { libc::kill(newest, libc::SIGKILL) };
+    thread::sleep(Duration::from_millis(300));
+    api.run(id, &py, "m[0:1] = b'3'\nx = 3");
+    let tree = api
+        .get(&format!("/v1/sandboxes/{id}/tree"))
+        .expect(200, "tree");
+    let state = tree["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| id_of(n) == n2)
+        .map(|n| n["sessions"][0]["template"].clone());
+    assert_eq!(state, Some(json!("dumped")), "{tree}");
+
+    api.rollback(id, &n2);
+    assert!(
+        sb.daemon.log().contains("restored from its dump"),
+        "{}",
+        sb.daemon.log()
+    );
+    assert_eq!(api.run(id, &py, "print(x, m[0:1])"), "2 b'2'\n");
+    // Shared with the file again: a write through the mapping is in the file.
+    api.run(id, &py, "m[1:2] = b'Z'\nm.flush()");
+    assert_eq!(
+        api.sh(id, "head -c 2 /tmp/m"),
+        "2Z",
+        "the mapping is the file's"
+    );
+}
