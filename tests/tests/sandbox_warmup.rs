@@ -131,6 +131,41 @@ fn warm_up_takes_the_copy_on_write_faults_of_the_next_run_and_changes_no_byte() 
     assert!(scraped("deltabox_warm_up_pages_sum") >= (3 * N) as f64);
 }
 
+#[test]
+fn the_daemon_default_warms_up_rollbacks_that_do_not_say() {
+    require_root();
+    let daemon = TestDaemon::start("warmdef", &["--warm-up"]);
+    let http = Http::new(daemon.socket());
+    let sandbox = id_of(&http.create(&json!({})));
+    let session = http.session(&sandbox, "python");
+    http.run(
+        &sandbox,
+        &session,
+        "buf = bytearray(b'\\x01') * (256 * 4096)",
+    );
+    let node = http.checkpoint(&sandbox, "buffer");
+    http.run(&sandbox, &session, WRITE);
+    // No `warm_up` in the request: the daemon's default.
+    let rolled = http.rollback(&sandbox, &node);
+    assert_eq!(rolled["warm_up"], true, "{rolled}");
+    http.run(&sandbox, &session, WRITE);
+    assert!(
+        figures(&http, &sandbox)["warmed_up_pages"]
+            .as_u64()
+            .unwrap()
+            >= 256
+    );
+    // The request still decides, through the CLI too.
+    let out = daemon.cli(&["rollback", &sandbox, &node, "--no-warm-up", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rolled: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rolled["warm_up"], false, "{rolled}");
+}
+
 /// Median of `v` (sorted in place).
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
