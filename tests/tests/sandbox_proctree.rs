@@ -756,3 +756,23 @@ fn a_shared_file_mapping_comes_back_from_a_dump() {
         "the mapping is the file's"
     );
 }
+
+/// A session holding a copy of its stdout pipe beyond fd 2 is refused at the
+/// checkpoint (naming the fd), not at a later restore.
+#[test]
+fn a_session_holding_its_stdout_beyond_fd_2_is_refused() {
+    let sb = Sb::new("ptdup");
+    let (api, id) = (&sb.api, sb.id.as_str());
+    let py = api.session(id, "python");
+    api.run(id, &py, "import os\nsaved = os.dup(1)\nprint(saved)");
+    let fd = api.run(id, &py, "print(saved)");
+    api.post(&format!("/v1/sandboxes/{id}/checkpoint"), &json!({}))
+        .expect_error(
+            422,
+            "process_not_restorable",
+            &[&format!("fd {}", fd.trim()), "stdio pipe"],
+            "checkpoint",
+        );
+    api.run(id, &py, "os.close(saved)");
+    api.checkpoint(id, "after");
+}

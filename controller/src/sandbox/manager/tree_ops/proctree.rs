@@ -74,6 +74,18 @@ pub(super) fn seize_extras(
             }
         }
     }
+    // A session's own restore reopens its pipes before any session's stdio pipes
+    // exist: one it holds beyond fd 2 on a session's stdio pipe cannot be placed.
+    if let Some(p) = pipe_fds
+        .iter()
+        .find(|p| session_pids.contains(&p.pid) && stdio.contains(&p.inode))
+    {
+        return Err(format!(
+            "session pid {}: fd {} is a session's stdio pipe (pipe:[{}]), which DeltaBox \
+             restores at fds 0-2 only",
+            p.pid, p.fd, p.inode
+        ));
+    }
     pipe_fds.retain(|p| !stdio.contains(&p.inode));
     let pipes = cr::pipes::record(&pipe_fds).map_err(|e| e.to_string())?;
     // A restore hands them to one holder process, in one SCM_RIGHTS message.
