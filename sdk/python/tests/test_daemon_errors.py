@@ -100,10 +100,10 @@ def test_session_failed(sb: Sandbox) -> None:
 
 
 def test_process_not_restorable(sb: Sandbox) -> None:
-    """A session holding a pipe beyond stdio: DeltaCR cannot restore one, so it refuses
-    to checkpoint the session and names the process."""
+    """A session holding a socket: DeltaCR cannot restore one (pipes it can), so it
+    refuses to checkpoint the session and names the process."""
     py = sb.session("python")
-    py.run("import os\nr, w = os.pipe()")
+    py.run("import socket\ns = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)")
     with pytest.raises(deltabox.ProcessNotRestorable) as caught:
         sb.checkpoint()
     assert caught.value.status == 422
