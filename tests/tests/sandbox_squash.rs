@@ -129,6 +129,34 @@ fn gc_squashes_removed_nodes_under_a_live_chain() {
         9,
         "removing nodes does not shorten chains"
     );
+
+    // While the sandbox is busy (a long exec holds it), its chain is left alone.
+    let socket = daemon.socket().to_owned();
+    let busy_sb = sb.clone();
+    let long = std::thread::spawn(move || {
+        Http::new(&socket).sh(&busy_sb, "sleep 4");
+    });
+    let started = std::time::Instant::now();
+    while http.sandbox(&sb)["busy"].is_null() {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "the exec never held the sandbox"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let gc = gc_json(&daemon);
+    assert!(
+        !http.sandbox(&sb)["busy"].is_null(),
+        "gc waited for the busy sandbox"
+    );
+    assert_eq!(
+        gc["layers_squashed"], 0,
+        "nothing squashed under a busy sandbox: {gc}"
+    );
+    assert_eq!(gc["squash_deferred"], 1, "{gc}");
+    long.join().expect("the long exec");
+    assert_eq!(max_layers(&http), 9, "deferred");
+
     let gc = gc_json(&daemon);
     assert_eq!(gc["layers_squashed"], 4, "S3..S6 merged into S7: {gc}");
     assert!(

@@ -103,6 +103,12 @@ impl BusyTable {
         })
     }
 
+    /// The tree of sandbox `id` as the operation holding it found it; `None` when no
+    /// operation taken by [`Self::acquire`] holds it.
+    pub(super) fn tree_of(&self, id: SandboxId) -> Option<String> {
+        lock(&self.running).get(&id).map(|r| r.info.tree.clone())
+    }
+
     /// Sandbox `live`'s state without waiting: as it is, or, while an operation holds
     /// it, as that operation found it, with `busy` saying which.
     pub(super) fn info(&self, id: SandboxId, live: &Mutex<Live>) -> SandboxInfo {

@@ -30,7 +30,7 @@ mod tree_ops;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 
 use deltafs::{Store, View};
 use nix::unistd::Pid;
@@ -411,9 +411,23 @@ impl SandboxManager {
 
     /// Shuts a tree down once it has no sandbox and no node left.
     fn drop_tree_if_empty(&self, tree: &Arc<Tree>) {
-        let has_sandbox = lock(&self.sandboxes)
-            .values()
-            .any(|l| Arc::ptr_eq(&lock(l).tree, tree));
+        // Never waits for a sandbox (a gc during a long exec would stall, and hold the
+        // map against every lookup meanwhile), nor holds the map while looking: a
+        // removal holds its sandbox and then takes the map.
+        let lives: Vec<(SandboxId, Arc<Mutex<Live>>)> = lock(&self.sandboxes)
+            .iter()
+            .map(|(id, l)| (*id, Arc::clone(l)))
+            .collect();
+        let has_sandbox = lives.iter().any(|(id, l)| match l.try_lock() {
+            Ok(live) => Arc::ptr_eq(&live.tree, tree),
+            Err(TryLockError::Poisoned(p)) => Arc::ptr_eq(&p.into_inner().tree, tree),
+            // Held by an operation: its tree as that operation found it (a sandbox never
+            // changes tree); held otherwise (a removal, briefly): counted, to be safe.
+            Err(TryLockError::WouldBlock) => self
+                .busy
+                .tree_of(*id)
+                .is_none_or(|t| t == tree.id.to_string()),
+        });
         let has_nodes = self
             .db
             .nodes(&tree.id)

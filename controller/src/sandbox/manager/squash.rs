@@ -116,6 +116,13 @@ impl SandboxManager {
             }
         }
 
+        tracing::debug!(
+            sandboxes = lives.len(),
+            held = held.len(),
+            busy_chain = busy_chains.len(),
+            tops = tops.len(),
+            "squash pass"
+        );
         for top in tops {
             if busy_chains.contains(&top) {
                 totals.deferred += 1;
