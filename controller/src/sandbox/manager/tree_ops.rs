@@ -227,7 +227,7 @@ impl SandboxManager {
             }
         }
         // After a failure, the processes still seized are let go.
-        let processes = extras.fork_all_unless(&mut failed, &extra_opts);
+        let processes = extras.fork_all_unless(&mut failed);
         if let Some(message) = failed {
             // The templates made are killed; the snapshot is kept for the files' sake
             // only if a node refers to it, and this one will not.

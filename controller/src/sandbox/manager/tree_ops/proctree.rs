@@ -13,6 +13,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 
 use nix::unistd::Pid;
 
@@ -27,13 +28,66 @@ use crate::tree::records::{NodeProcess, NodeRecord, TemplateRecord};
 
 /// How many threads restore a node's other processes.
 const RESTORE_THREADS: usize = 4;
+/// How many threads seize and fork a sandbox's other processes at a checkpoint.
+const FORK_THREADS: usize = 4;
 
-/// The sandbox's other processes, seized at the freeze, and its pipes.
+/// A thread that seized some of the sandbox's other processes (ptrace binds a tracee
+/// to the thread that seized it) and, once told, forks each into its template (`true`)
+/// or lets them go (`false`).
+#[derive(Debug)]
+struct Worker {
+    go: mpsc::Sender<bool>,
+    done: std::thread::JoinHandle<Result<Vec<Template>, String>>,
+}
+
+/// The sandbox's other processes, seized at the freeze by worker threads, and its
+/// pipes. Dropping it lets the processes go.
 #[derive(Debug, Default)]
 pub(super) struct Extras {
-    seized: Vec<Seizing>,
+    workers: Vec<Worker>,
     /// The pipes beyond the sessions' stdio, recorded while everything was frozen.
     pub pipes: Vec<PipeState>,
+}
+
+impl Drop for Extras {
+    fn drop(&mut self) {
+        let _ = self.finish(false);
+    }
+}
+
+/// Seizes each of `pids` on this thread, reports, then forks or lets them go as told.
+fn seize_and_fork(
+    pids: Vec<i32>,
+    opts: CheckpointOptions,
+    seized_tx: mpsc::Sender<Result<(), String>>,
+    go: mpsc::Receiver<bool>,
+) -> Result<Vec<Template>, String> {
+    let mut seized: Vec<Seizing> = Vec::with_capacity(pids.len());
+    let mut result = Ok(());
+    for pid in pids {
+        match cr::seize(Pid::from_raw(pid), &opts) {
+            Ok(s) => seized.push(s),
+            // Exited since the listing.
+            Err(_) if !Path::new(&format!("/proc/{pid}")).exists() => {}
+            Err(e) => {
+                result = Err(format!("process {pid}: {e}"));
+                break;
+            }
+        }
+    }
+    let failed = result.is_err();
+    let _ = seized_tx.send(result);
+    if failed || !go.recv().unwrap_or(false) {
+        return Ok(Vec::new());
+    }
+    // A failure drops the rest (let go) and the templates made (killed).
+    seized
+        .into_iter()
+        .map(|s| {
+            let pid = s.pid();
+            s.fork(&opts).map_err(|e| format!("process {pid}: {e}"))
+        })
+        .collect()
 }
 
 /// The processes (host pids) listed in the cgroup `dir`.
@@ -96,35 +150,78 @@ pub(super) fn seize_extras(
             crate::sandbox::runtime::MAX_HELD
         ));
     }
-    let mut seized = Vec::new();
-    for pid in all.into_iter().filter(|p| !session_pids.contains(p)) {
-        match cr::seize(Pid::from_raw(pid), opts) {
-            Ok(s) => seized.push(s),
-            // Exited since the listing.
-            Err(_) if !Path::new(&format!("/proc/{pid}")).exists() => {}
-            Err(e) => return Err(format!("process {pid}: {e}")),
+    let others: Vec<i32> = all
+        .into_iter()
+        .filter(|p| !session_pids.contains(p))
+        .collect();
+    let mut extras = Extras {
+        workers: Vec::new(),
+        pipes,
+    };
+    if others.is_empty() {
+        return Ok(extras);
+    }
+    let (seized_tx, seized_rx) = mpsc::channel();
+    for chunk in others.chunks(others.len().div_ceil(FORK_THREADS)) {
+        let (go, go_rx) = mpsc::channel();
+        let (pids, opts, tx) = (chunk.to_vec(), opts.clone(), seized_tx.clone());
+        let done = std::thread::Builder::new()
+            .name("dbx-proctree".to_owned())
+            .spawn(move || seize_and_fork(pids, opts, tx, go_rx))
+            .map_err(|e| format!("starting a checkpoint thread: {e}"))?;
+        extras.workers.push(Worker { go, done });
+    }
+    drop(seized_tx);
+    // Every worker reports once, whatever happened (a dead one closes the channel).
+    for _ in 0..extras.workers.len() {
+        match seized_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err("a checkpoint thread died".to_owned()),
         }
     }
-    Ok(Extras { seized, pipes })
+    Ok(extras)
 }
 
 impl Extras {
-    /// Unless the checkpoint has `failed` already, [`Self::fork_all`]; its error goes to
-    /// `failed`. The processes not forked are let go.
-    pub(super) fn fork_all_unless(
-        &mut self,
-        failed: &mut Option<String>,
-        opts: &CheckpointOptions,
-    ) -> Vec<Template> {
-        let seized = std::mem::take(&mut self.seized);
-        if failed.is_some() {
-            return Vec::new();
+    /// Unless the checkpoint has `failed` already, forks each seized process into its
+    /// template (the cgroup thawed by now), in order; an error goes to `failed`. The
+    /// processes not forked are let go.
+    pub(super) fn fork_all_unless(&mut self, failed: &mut Option<String>) -> Vec<Template> {
+        match self.finish(failed.is_none()) {
+            Ok(templates) => templates,
+            Err(e) => {
+                failed.get_or_insert(e);
+                Vec::new()
+            }
         }
-        self.seized = seized;
-        self.fork_all(opts).unwrap_or_else(|e| {
-            *failed = Some(e);
-            Vec::new()
-        })
+    }
+
+    /// Tells every worker to fork (`true`) or to let its processes go, and collects
+    /// the templates.
+    fn finish(&mut self, fork: bool) -> Result<Vec<Template>, String> {
+        let workers = std::mem::take(&mut self.workers);
+        for w in &workers {
+            let _ = w.go.send(fork);
+        }
+        let mut templates = Vec::new();
+        let mut failed = None;
+        for w in workers {
+            match w.done.join() {
+                Ok(Ok(made)) => templates.extend(made),
+                Ok(Err(e)) => {
+                    failed.get_or_insert(e);
+                }
+                Err(_) => {
+                    failed.get_or_insert("a checkpoint thread panicked".to_owned());
+                }
+            }
+        }
+        match failed {
+            // The templates made are dropped: killed.
+            Some(e) => Err(e),
+            None => Ok(templates),
+        }
     }
 
     /// The node's `pipes` field: `null` when there are none.
@@ -134,19 +231,6 @@ impl Extras {
         } else {
             serde_json::to_value(&self.pipes).unwrap_or_default()
         }
-    }
-
-    /// Forks each seized process into its template (the cgroup thawed) and lets it go.
-    pub(super) fn fork_all(&mut self, opts: &CheckpointOptions) -> Result<Vec<Template>, String> {
-        let mut templates = Vec::with_capacity(self.seized.len());
-        for seizing in std::mem::take(&mut self.seized) {
-            let pid = seizing.pid();
-            let template = seizing
-                .fork(opts)
-                .map_err(|e| format!("process {pid}: {e}"))?;
-            templates.push(template);
-        }
-        Ok(templates)
     }
 }
 
