@@ -1,7 +1,11 @@
 //! Unit tests of [`Metrics`]: series created at start, gauges and counters taking the
 //! figures they are given.
 
+use super::state::StateFigures;
 use super::*;
+use crate::api::ErrorKind;
+use crate::api::sandbox_types::CheckpointTimings;
+use crate::bpf::GlobalCounters;
 
 #[test]
 fn tracker_error_series_exist_from_the_start() {
