@@ -16,10 +16,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
+use deltabox_controller::cr::pidfd::Pidfd;
 use deltabox_controller::cr::{CheckpointOptions, RestoreOptions, Restored};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use nix::sys::signal::{Signal, kill};
-use nix::sys::wait::{WaitPidFlag, waitpid};
 use nix::unistd::Pid;
 
 use crate::bench::sandbox::cleanup::{kill_cgroup_tree, remove_cgroup_tree};
@@ -90,7 +89,10 @@ pub const BASH_STEP: &str = "x=$((x+1)); echo $x";
 pub struct BenchEnv {
     root: PathBuf,
     dir: PathBuf,
-    pids: RefCell<Vec<i32>>,
+    /// Held by pidfd: most are killed and reaped during the run, and their pids soon
+    /// name other processes (`pid_max` is 32768 here); a kill by a remembered pid at
+    /// the end killed other people's compilers.
+    pids: RefCell<Vec<Pidfd>>,
     children: RefCell<Vec<Child>>,
 }
 
@@ -142,9 +144,15 @@ impl BenchEnv {
         }
     }
 
-    /// Kills `pid` when the bench ends.
+    /// Kills `pid` when the bench ends, if it is still that process. Call it while the
+    /// process is alive; those that have exited since are forgotten here (the bench
+    /// tracks one process per round).
     pub fn track(&self, pid: i32) {
-        self.pids.borrow_mut().push(pid);
+        let mut pids = self.pids.borrow_mut();
+        pids.retain(|p| matches!(p.wait_exit(Duration::ZERO), Ok(false)));
+        if let Ok(pidfd) = Pidfd::open(Pid::from_raw(pid)) {
+            pids.push(pidfd);
+        }
     }
 
     /// Starts `program args` in the session cgroup, in a session of its own (a Ctrl-C
@@ -222,8 +230,8 @@ impl BenchEnv {
 
 impl Drop for BenchEnv {
     fn drop(&mut self) {
-        for &pid in self.pids.borrow().iter() {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        for pidfd in self.pids.borrow().iter() {
+            let _ = pidfd.send_signal(libc::SIGKILL);
         }
         for child in self.children.borrow_mut().iter_mut() {
             let _ = child.kill();
@@ -236,12 +244,9 @@ impl Drop for BenchEnv {
         if let Err(err) = remove_cgroup_tree(&self.root) {
             eprintln!("warning: {err:#}");
         }
-        for &pid in self.pids.borrow().iter() {
+        for pidfd in self.pids.borrow().iter() {
             // Templates and restored processes are our children (CLONE_PARENT).
-            let _ = waitpid(
-                Pid::from_raw(pid),
-                Some(WaitPidFlag::WNOHANG | WaitPidFlag::__WALL),
-            );
+            pidfd.try_reap();
         }
         if let Err(err) = fs::remove_dir_all(&self.dir)
             && err.kind() != std::io::ErrorKind::NotFound
