@@ -11,7 +11,7 @@ use std::io::{Read as _, Write as _};
 use std::os::fd::AsFd as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -93,7 +93,6 @@ pub struct BenchEnv {
     /// name other processes (`pid_max` is 32768 here); a kill by a remembered pid at
     /// the end killed other people's compilers.
     pids: RefCell<Vec<Pidfd>>,
-    children: RefCell<Vec<Child>>,
 }
 
 impl BenchEnv {
@@ -104,7 +103,6 @@ impl BenchEnv {
             root,
             dir,
             pids: RefCell::new(Vec::new()),
-            children: RefCell::new(Vec::new()),
         };
         for d in [env.root.clone(), env.session(), env.templates()] {
             fs::create_dir(&d).with_context(|| format!("cannot create cgroup {}", d.display()))?;
@@ -197,7 +195,10 @@ impl BenchEnv {
             .stderr
             .take()
             .map(|e| File::from(std::os::fd::OwnedFd::from(e)));
-        self.children.borrow_mut().push(child);
+        // Not kept: `Child::kill` and `Child::wait` go by pid, and the process is reaped
+        // elsewhere (a rollback's kill reaps it), after which its pid may name another
+        // process. The pidfd taken by `track` stands for it.
+        drop(child);
         Ok(Proc {
             pid,
             name: program.to_owned(),
@@ -232,10 +233,6 @@ impl Drop for BenchEnv {
     fn drop(&mut self) {
         for pidfd in self.pids.borrow().iter() {
             let _ = pidfd.send_signal(libc::SIGKILL);
-        }
-        for child in self.children.borrow_mut().iter_mut() {
-            let _ = child.kill();
-            let _ = child.wait();
         }
         // What was not tracked (a template whose handle was lost) dies with the tree.
         if let Err(err) = kill_cgroup_tree(&self.root) {
