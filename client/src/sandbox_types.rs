@@ -473,6 +473,21 @@ pub struct RollbackTimings {
     pub files_ms: f64,
     /// Forking the templates into the restored sessions.
     pub processes_ms: f64,
+    /// Of `processes_ms`, summed over the restored sessions: the injected fork of each
+    /// template.
+    #[serde(default)]
+    pub fork_ms: f64,
+    /// Summed over the sessions: a fallback restore's memory made the dump's (0 when
+    /// every template was live).
+    #[serde(default)]
+    pub fallback_ms: f64,
+    /// Summed over the sessions: the fix-up of each child (root, registers, threads,
+    /// shared mappings, fd table with its own open file descriptions, fresh stdio).
+    #[serde(default)]
+    pub fixup_ms: f64,
+    /// Summed over the sessions: letting each go (xstate, signals, detach).
+    #[serde(default)]
+    pub resume_ms: f64,
 }
 
 /// The result of a rollback.

@@ -130,6 +130,10 @@ fn a_node_whose_template_was_killed_is_restored_from_its_dump() {
         t.elapsed().as_secs_f64() * 1e3,
         rolled["timings"]
     );
+    assert!(
+        rolled["timings"]["fallback_ms"].as_f64() > Some(0.0),
+        "a restore from the dump times its memory phase: {rolled}"
+    );
     assert_eq!(api.run(&sb, &py, "print(h())"), h2);
     assert_eq!(api.run(&sb, &py, "print(x, len(g))"), "2 65536\n");
     // The restored session became n2's template again: the next restore is a fork.

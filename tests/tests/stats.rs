@@ -141,7 +141,19 @@ fn stats_report_every_checkpoint_with_ordered_percentiles() {
             first = node;
         }
     }
-    http.rollback(&sandbox, &first);
+    let rolled = http.rollback(&sandbox, &first);
+    // The rollback's phases: each restored session's fork, fix-up and resume took time
+    // within the restores' wall time (one session: no parallelism to exceed it).
+    let t = &rolled["timings"];
+    let phase = |k: &str| t[k].as_f64().unwrap_or_else(|| panic!("no {k}: {rolled}"));
+    for k in ["fork_ms", "fixup_ms", "resume_ms"] {
+        assert!(phase(k) > 0.0, "{k}: {rolled}");
+    }
+    assert_eq!(phase("fallback_ms"), 0.0, "a live template: {rolled}");
+    assert!(
+        phase("fork_ms") + phase("fixup_ms") + phase("resume_ms") <= phase("processes_ms"),
+        "{rolled}"
+    );
     http.sh(&sandbox, "true");
     http.sh(&sandbox, "true");
 
@@ -171,6 +183,28 @@ fn stats_report_every_checkpoint_with_ordered_percentiles() {
     // The same observations as the Prometheus histogram's.
     let histogram = daemon.metric("deltabox_checkpoint_seconds_count{phase=\"total\"}");
     assert_eq!(histogram, N as f64);
+    // Each checkpoint is one observation of each of its phases, the rollback one of each
+    // of its own (no `fallback`: the template was live).
+    for phase in ["quiesce", "files", "processes", "record"] {
+        let count = format!("deltabox_checkpoint_seconds_count{{phase=\"{phase}\"}}");
+        assert_eq!(daemon.metric(&count), N as f64, "{count}");
+    }
+    for phase in [
+        "total",
+        "kill",
+        "files",
+        "processes",
+        "fork",
+        "fixup",
+        "resume",
+    ] {
+        let count = format!("deltabox_rollback_seconds_count{{mode=\"all\",phase=\"{phase}\"}}");
+        assert_eq!(daemon.metric(&count), 1.0, "{count}");
+    }
+    let fallback = daemon
+        .scrape()
+        .contains("deltabox_rollback_seconds_count{mode=\"all\",phase=\"fallback\"}");
+    assert!(!fallback, "a fallback phase observed without a fallback");
     assert_eq!(op("rollback")["count"], 1, "{stats}");
     assert_eq!(op("exec")["count"], 2, "{stats}");
     assert_eq!(op("session_run")["count"], 1, "{stats}");

@@ -67,8 +67,26 @@ pub struct RestoreTimings {
     pub fork: Duration,
     /// Making the child's memory a dump's (fallback restores only).
     pub memory: Duration,
+    /// Fixing the child up to be the checkpoint's process: root, session, registers,
+    /// threads recreated, shared mappings, the fd table with its own open file
+    /// descriptions and fresh stdio pipes (`memory` excluded).
+    pub fixup: Duration,
+    /// Letting it go: its xstate, signal mask and pending signals, then the detach.
+    pub resume: Duration,
     /// The whole call.
     pub total: Duration,
+}
+
+impl RestoreTimings {
+    /// Adds `other`'s phases to these (a rollback's figures sum its processes').
+    pub fn add(&mut self, other: &Self) {
+        self.kill += other.kill;
+        self.fork += other.fork;
+        self.memory += other.memory;
+        self.fixup += other.fixup;
+        self.resume += other.resume;
+        self.total += other.total;
+    }
 }
 
 /// A restored process, running. Dropping the handle does not kill it.
@@ -154,6 +172,7 @@ impl Template {
         let pending = signals_of(st.sig_pending | st.shared_pending);
         let new_threads;
         let mut memory = Duration::ZERO;
+        let fixing = Instant::now();
         let stdio = {
             let mut inj = Injection::begin(&mut child, site)?;
             if let Some(root) = &opts.chroot {
@@ -201,6 +220,8 @@ impl Template {
             })?;
             stdio
         };
+        let fixup = fixing.elapsed().saturating_sub(memory);
+        let resuming = Instant::now();
         child.set_xstate(&state.xstate)?;
         if from_dump.is_some() {
             // A fork carries the template's mask; this one is another checkpoint's.
@@ -219,6 +240,8 @@ impl Template {
                 kill: Duration::ZERO,
                 fork,
                 memory,
+                fixup,
+                resume: resuming.elapsed(),
                 total: start.elapsed(),
             },
         })

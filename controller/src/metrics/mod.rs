@@ -186,7 +186,10 @@ metrics! {
     );
     /// `deltabox_rollback_seconds{mode,phase}`: sandbox rollbacks as the daemon timed
     /// them, by mode (`all`, `files_only`, `processes_only`) and phase: `total`, `kill`,
-    /// `files` (DeltaFS switch), `processes` (restores from templates).
+    /// `files` (DeltaFS switch), `processes` (restores from templates, wall time); and,
+    /// summed over the restored sessions, `fork` (the injected fork of each template),
+    /// `fixup` (fd table, stdio, threads, registers), `resume` (signals, detach) and
+    /// `fallback` (memory made a dump's, only for a restore from a dump).
     rollback_seconds: HistogramVec = HistogramVec::new(
         HistogramOpts::new("deltabox_rollback_seconds", "Sandbox rollback latency, by mode and phase")
             .buckets(STATE_BUCKETS.to_vec()),

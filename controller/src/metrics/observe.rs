@@ -105,7 +105,8 @@ impl Metrics {
         }
     }
 
-    /// Records a rollback's phases (a phase a mode skips is not recorded).
+    /// Records a rollback's phases (a phase a mode skips is not recorded; `fallback`
+    /// only when a session was restored from its dump).
     pub fn observe_rollback(&self, r: &RollbackResult) {
         let mode = match r.mode {
             RollbackMode::All => "all",
@@ -121,6 +122,10 @@ impl Metrics {
             ("kill", t.kill_ms, processes),
             ("files", t.files_ms, files),
             ("processes", t.processes_ms, processes),
+            ("fork", t.fork_ms, processes),
+            ("fixup", t.fixup_ms, processes),
+            ("resume", t.resume_ms, processes),
+            ("fallback", t.fallback_ms, processes && t.fallback_ms > 0.0),
         ] {
             if done {
                 self.rollback_seconds

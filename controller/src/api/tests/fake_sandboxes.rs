@@ -382,6 +382,10 @@ impl SandboxOps for FakeSandboxes {
                 kill_ms: 0.5,
                 files_ms: 0.5,
                 processes_ms: 1.0,
+                fork_ms: 0.4,
+                fallback_ms: 0.2,
+                fixup_ms: 0.3,
+                resume_ms: 0.1,
             },
             warm_up: false,
         })

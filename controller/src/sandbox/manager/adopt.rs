@@ -260,7 +260,13 @@ impl SandboxManager {
         };
         if let Some(head) = &head {
             let templates = lock(&tree.templates).get(&head.id).cloned();
-            match self.restore_sessions(tree, &name, head, templates.as_deref()) {
+            match self.restore_sessions(
+                tree,
+                &name,
+                head,
+                templates.as_deref(),
+                &mut crate::cr::RestoreTimings::default(),
+            ) {
                 Ok(sessions) => {
                     live.sessions = sessions.into_iter().map(|s| (s.id, s)).collect();
                     self.retemplate_if_dumped(&live, head, templates.as_deref());

@@ -14,7 +14,7 @@ use crate::api::sandbox_types::{
     RollbackTimings,
 };
 use crate::cr::pidfd::Pidfd;
-use crate::cr::{self, CheckpointOptions, RestoreOptions, Template};
+use crate::cr::{self, CheckpointOptions, RestoreOptions, RestoreTimings, Template};
 use crate::sandbox::error::SandboxError;
 use crate::sandbox::runtime::Limits;
 use crate::sandbox::session::{SessionIo, SessionKind};
@@ -336,6 +336,7 @@ impl SandboxManager {
         name: &str,
         node: &NodeRecord,
         templates: Option<&NodeTemplates>,
+        phases: &mut RestoreTimings,
     ) -> Result<Vec<LiveSession>, SandboxError> {
         let runtime = &tree.runtime;
         proctree::refuse_unrestorable(node, templates)?;
@@ -368,6 +369,7 @@ impl SandboxManager {
                     }
                 }
             })?;
+            phases.add(&child.timings);
             let pid = child.pid();
             join_limit_cgroups(runtime, name, pid)?;
             let stdio = child.stdio;
@@ -463,8 +465,20 @@ impl SandboxManager {
         }
         if restore_processes {
             let t = Instant::now();
-            let restored = self.restore_sessions(&live.tree, &name, &record, templates.as_deref());
+            let mut phases = RestoreTimings::default();
+            let restored = self.restore_sessions(
+                &live.tree,
+                &name,
+                &record,
+                templates.as_deref(),
+                &mut phases,
+            );
             timings.processes_ms = ms(t);
+            let in_ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+            timings.fork_ms = in_ms(phases.fork);
+            timings.fallback_ms = in_ms(phases.memory);
+            timings.fixup_ms = in_ms(phases.fixup);
+            timings.resume_ms = in_ms(phases.resume);
             let restored = match restored {
                 Ok(r) => r,
                 Err(e) => {
@@ -590,7 +604,7 @@ impl SandboxManager {
             sessions: BTreeMap::new(),
             limits: limits.clone(),
         };
-        match self.restore_sessions(tree, &name, node, templates) {
+        match self.restore_sessions(tree, &name, node, templates, &mut RestoreTimings::default()) {
             Ok(sessions) => live.sessions = sessions.into_iter().map(|s| (s.id, s)).collect(),
             Err(e) => {
                 let _ = self.tear_down(&mut live);

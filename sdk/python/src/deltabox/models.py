@@ -337,11 +337,32 @@ class RollbackTimings:
     kill_ms: float = 0.0
     files_ms: float = 0.0
     processes_ms: float = 0.0
+    #: Summed over the restored sessions: the injected fork of each template.
+    fork_ms: float = 0.0
+    #: Summed over sessions restored from a dump: their memory made the dump's.
+    fallback_ms: float = 0.0
+    #: Summed over the sessions: fd table, stdio, threads, registers.
+    fixup_ms: float = 0.0
+    #: Summed over the sessions: signals, detach.
+    resume_ms: float = 0.0
 
     @classmethod
     def from_json(cls, obj: Json) -> RollbackTimings:
         """Parses the API's ``RollbackTimings``."""
-        return cls(*_numbers(obj, float, "total_ms", "kill_ms", "files_ms", "processes_ms"))
+        return cls(
+            *_numbers(
+                obj,
+                float,
+                "total_ms",
+                "kill_ms",
+                "files_ms",
+                "processes_ms",
+                "fork_ms",
+                "fallback_ms",
+                "fixup_ms",
+                "resume_ms",
+            )
+        )
 
 
 @dataclass(frozen=True)
