@@ -252,7 +252,8 @@ struct Paused(Pid);
 
 impl Paused {
     /// Stops `pid` and waits until it is really stopped: a process inside a FUSE request
-    /// stops only once the request is answered, so no operation is half done.
+    /// stops only once the request is answered, so no operation is half done. A process
+    /// that has exited counts as stopped: nothing of it runs any more.
     fn stop(pid: u32) -> Result<Self> {
         let pid = Pid::from_raw(i32::try_from(pid).context("pid out of range")?);
         kill(pid, Signal::SIGSTOP).with_context(|| format!("cannot stop fsx ({pid})"))?;
@@ -265,7 +266,9 @@ impl Paused {
                 .rsplit_once(") ")
                 .and_then(|(_, rest)| rest.chars().next());
             match state {
-                Some('T') | None => return Ok(paused),
+                // Stopped; or exited (a zombie until the run loop reaps it: fsx may finish
+                // between the loop's last look and this stop), which the loop then reports.
+                Some('T' | 'Z' | 'X') | None => return Ok(paused),
                 _ if Instant::now() > deadline => {
                     // Where it waits (a FUSE request the daemon does not answer shows
                     // as fuse_* frames): what the next look at this needs.
@@ -294,6 +297,27 @@ impl Drop for Paused {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_fsx_that_has_just_exited_counts_as_paused() {
+        // A zombie (exited, not reaped): what a cycle met when fsx finished under it.
+        let mut child = std::process::Command::new("true")
+            .spawn()
+            .expect("spawn true");
+        let zombie = format!("/proc/{}/stat", child.id());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !fs::read_to_string(&zombie)
+            .unwrap_or_default()
+            .contains(") Z ")
+        {
+            assert!(Instant::now() < deadline, "never a zombie");
+            thread::sleep(Duration::from_millis(5));
+        }
+        let started = Instant::now();
+        drop(Paused::stop(child.id()).expect("an exited process is no error"));
+        assert!(started.elapsed() < Duration::from_secs(5));
+        child.wait().expect("reap");
+    }
 
     #[test]
     fn success_needs_the_ok_line_and_status_zero() {
