@@ -56,3 +56,15 @@ pub fn run(options: &Options) -> Result<()> {
         }
     }
 }
+
+/// Rewrites the benchmark document `path` as `update` makes it from its current text
+/// (empty when the file does not exist yet): each bench replaces its own section.
+fn rewrite_doc(path: &std::path::Path, update: impl FnOnce(&str) -> String) -> Result<()> {
+    use anyhow::Context as _;
+    let old = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(err) => return Err(err).with_context(|| format!("cannot read {}", path.display())),
+    };
+    std::fs::write(path, update(&old)).with_context(|| format!("cannot write {}", path.display()))
+}

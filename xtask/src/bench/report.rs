@@ -3,11 +3,10 @@
 //! that the rest of that file (the DeltaFS-specific figures) is left alone.
 
 use std::fmt::Write as _;
-use std::fs;
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Result, bail};
 
 use crate::fstarget::Kind;
 use crate::machine::Facts;
@@ -343,15 +342,7 @@ impl FsReport {
     /// Writes the figures into `path` between the markers, keeping the rest of the file;
     /// creates the file (with a section for the DeltaFS-specific figures) if missing.
     pub fn write_doc(&self, path: &Path) -> Result<()> {
-        let old = match fs::read_to_string(path) {
-            Ok(text) => text,
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(err) => {
-                return Err(err).with_context(|| format!("cannot read {}", path.display()));
-            }
-        };
-        let new = splice(&old, &self.section());
-        fs::write(path, new).with_context(|| format!("cannot write {}", path.display()))
+        super::rewrite_doc(path, |old| splice(old, &self.section()))
     }
 }
 

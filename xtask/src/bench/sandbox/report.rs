@@ -3,10 +3,9 @@
 //! targets of issue 6 and whether each is met.
 
 use std::fmt::Write as _;
-use std::fs;
 use std::path::Path;
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 
 use super::rl::{self, Figures};
 use super::stats::{Samples, ms};
@@ -317,15 +316,7 @@ impl SandboxReport {
 
     /// Writes the figures into `path` between the markers, keeping the rest of the file.
     pub fn write_doc(&self, path: &Path) -> Result<()> {
-        let old = match fs::read_to_string(path) {
-            Ok(text) => text,
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(err) => {
-                return Err(err).with_context(|| format!("cannot read {}", path.display()));
-            }
-        };
-        fs::write(path, splice(&old, &self.section()))
-            .with_context(|| format!("cannot write {}", path.display()))
+        crate::bench::rewrite_doc(path, |old| splice(old, &self.section()))
     }
 }
 
