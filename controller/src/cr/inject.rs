@@ -261,6 +261,17 @@ impl<'t> Injection<'t> {
         self.tracee
     }
 
+    /// Runs the next syscalls from `site` instead (a restore into a fresh process moves
+    /// the vdso that held the first one, [`super::husk`]).
+    pub fn set_site(&mut self, site: SyscallSite) {
+        self.site = site;
+    }
+
+    /// Where the syscalls run.
+    pub fn site(&self) -> SyscallSite {
+        self.site
+    }
+
     /// Runs syscall `nr` with up to six arguments; returns `rax` as the kernel left it
     /// (a negative errno on failure) and the child of a fork event, if any.
     fn run(&mut self, nr: i64, args: &[u64]) -> Result<(i64, Option<Pid>), InjectError> {

@@ -22,6 +22,9 @@
 //! - [`threads`] — stopping, recording and recreating the threads of a process.
 //! - [`shared`] — writable shared file mappings, mapped again by path on restore.
 //! - [`dump`] — incremental dumps of templates, and the fallback restore from them.
+//! - [`husk`] — restoring a dump into a fresh process when no template is left;
+//!   [`carried`] — what a fork carries that such a restore sets (signal handlers, the
+//!   memory layout).
 //! - [`owned`] — the memory a template alone owns (the template pool's byte bound).
 //! - [`warmup`] — pre-faulting a restored process's expected writes.
 //!
@@ -31,9 +34,11 @@
 #[cfg(not(target_arch = "x86_64"))]
 compile_error!("DeltaCR (controller/src/cr) supports x86_64 only");
 
+pub mod carried;
 pub mod dump;
 pub mod fdtable;
 pub mod freezer;
+pub mod husk;
 pub mod inject;
 pub mod owned;
 pub mod pidfd;
@@ -185,4 +190,7 @@ pub enum CrError {
     /// Writing a dump, or restoring from one, failed.
     #[error(transparent)]
     Dump(#[from] dump::DumpError),
+    /// A restore into a fresh process was refused.
+    #[error(transparent)]
+    Husk(#[from] husk::HuskError),
 }

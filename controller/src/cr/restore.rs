@@ -100,6 +100,14 @@ pub struct Restored {
 }
 
 impl Restored {
+    pub(super) fn new(pidfd: Pidfd, stdio: StdioPipes, timings: RestoreTimings) -> Self {
+        Self {
+            pidfd,
+            stdio,
+            timings,
+        }
+    }
+
     /// The process.
     pub fn pid(&self) -> Pid {
         self.pidfd.pid()
@@ -250,35 +258,46 @@ impl Template {
     /// Injects a fork into the template, under ptrace and thawed only meanwhile, and
     /// returns the child, born in the cgroup `dest`, in its attach stop.
     fn fork_template(&self, dest: &Path) -> Result<Tracee, CrError> {
+        self.injected(|inj, scratch| Ok(inj.clone_into_cgroup(scratch, dest)?))
+    }
+
+    /// Runs `f` with syscalls injected into the template (and its scratch page), under
+    /// ptrace and thawed only meanwhile; the template's registers are given back
+    /// unchanged and it is put back in group-stop and frozen, whatever happened. The
+    /// caller holds `self.lock`.
+    pub(super) fn injected<T>(
+        &self,
+        f: impl FnOnce(&mut Injection<'_>, u64) -> Result<T, CrError>,
+    ) -> Result<T, CrError> {
         let (mut template, first) = Tracee::seize_stopped(self.pid(), cr_options())?;
         // Killed, not detached, if the controller dies from here to the detach: it is
         // about to be thawed and to hold injection registers.
         template.set_exit_kill(true)?;
         self.cgroup.thaw()?;
-        let forked = (|| {
-            let child = {
+        let done = (|| {
+            let out = {
                 let mut inj = Injection::begin(&mut template, self.state.syscall_site)?;
-                let child = inj.clone_into_cgroup(self.scratch, dest)?;
+                let out = f(&mut inj, self.scratch)?;
                 // The template's registers are the checkpoint's with the fix-up applied
                 // (`orig_rax` -1): given back unchanged.
                 inj.finish(false)?;
-                child
+                out
             };
             // A SIGCONT (from inside the sandbox, say) ended its group-stop; the frozen
             // cgroup held it meanwhile. Stop it again before letting it go.
             if !matches!(first, Stop::Group(_)) {
                 group_stop(&mut template)?;
             }
-            Ok::<_, CrError>(child)
+            Ok::<_, CrError>(out)
         })();
         // Frozen again before the template is let go, whatever happened.
         let refrozen = self.cgroup.freeze();
         template.take_deferred_signals();
         let detached = template.detach(0);
-        let child = forked?;
+        let out = done?;
         refrozen?;
         detached?;
-        Ok(child)
+        Ok(out)
     }
 }
 

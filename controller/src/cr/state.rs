@@ -14,6 +14,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use super::carried::Handlers;
 use super::fdtable::FdEntry;
 use super::inject::SyscallSite;
 use super::procfs::{Rlimit, Status};
@@ -23,8 +24,9 @@ use super::shared::SharedMapping;
 /// Version of [`ProcessState`]'s serialised form. 2 added the threads
 /// ([`ProcessState::main_thread`], [`ProcessState::threads`]); a version-1 record reads
 /// as a single-threaded process whose per-thread extras were not recorded. 3 added
-/// [`ProcessState::shared_maps`] (earlier records had none: they were refused).
-pub const STATE_VERSION: u32 = 3;
+/// [`ProcessState::shared_maps`] (earlier records had none: they were refused). 4 added
+/// [`ProcessState::handlers`] (`None` in earlier records).
+pub const STATE_VERSION: u32 = 4;
 
 macro_rules! registers {
     ($($field:ident),* $(,)?) => {
@@ -94,6 +96,11 @@ pub struct ProcessState {
     /// Its writable shared file mappings, mapped again by path on restore.
     #[serde(default)]
     pub shared_maps: Vec<SharedMapping>,
+    /// Its signal handlers and the main thread's alternate signal stack, which a fork
+    /// carries and a restore into a fresh process sets ([`super::husk`]). `None`: not
+    /// recorded (an older record).
+    #[serde(default)]
+    pub handlers: Option<Handlers>,
 }
 
 /// A thread's alternate signal stack (`sigaltstack(2)`).
@@ -183,6 +190,7 @@ mod tests {
             },
             threads: Vec::new(),
             shared_maps: Vec::new(),
+            handlers: None,
         };
         let mut v1 = serde_json::to_value(&state).unwrap();
         let obj = v1.as_object_mut().unwrap();

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nix::unistd::Pid;
 
+use super::carried::Handlers;
 use super::fdtable;
 use super::freezer::TemplateCgroup;
 use super::inject::{
@@ -402,13 +403,14 @@ fn fork_seized(seizing: Seizing, opts: &CheckpointOptions) -> Result<Template, C
     let paused = paused_at.elapsed();
 
     let pidfd = Pidfd::open(child.pid())?;
-    hold(
+    let handlers = hold(
         &mut child,
         site,
         &regs,
         &xstate,
         &cgroup,
-        opts.template_root.as_deref().map(|root| (scratch, root)),
+        scratch,
+        opts.template_root.as_deref(),
         &shared,
     )?;
     let tpid = child.pid().as_raw();
@@ -440,6 +442,7 @@ fn fork_seized(seizing: Seizing, opts: &CheckpointOptions) -> Result<Template, C
         main_thread,
         threads: thread_states,
         shared_maps: shared,
+        handlers: Some(handlers),
     };
     Ok(Template {
         pidfd,
@@ -455,23 +458,28 @@ fn fork_seized(seizing: Seizing, opts: &CheckpointOptions) -> Result<Template, C
     })
 }
 
-/// Turns the fresh fork `child`, born in `cgroup`, into a template: empty fd table, own
-/// session, the checkpoint's registers, group-stop, frozen cgroup; with `root` (the
-/// scratch page and a directory), first a `chroot` there; its writable shared file
-/// mappings `shared` replaced by placeholders ([`super::shared`]). Leaves it in a
-/// ptrace-stop.
+/// Turns the fresh fork `child`, born in `cgroup`, into a template: its signal
+/// handlers recorded (returned), empty fd table, own session, the checkpoint's
+/// registers, group-stop, frozen cgroup; with `root` (a directory), first a `chroot`
+/// there; its writable shared file mappings `shared` replaced by placeholders
+/// ([`super::shared`]). `scratch` is its scratch page. Leaves it in a ptrace-stop.
+#[allow(clippy::too_many_arguments)]
 fn hold(
     child: &mut Tracee,
     site: SyscallSite,
     regs: &libc::user_regs_struct,
     xstate: &super::ptrace::XState,
     cgroup: &TemplateCgroup,
-    root: Option<(u64, &Path)>,
+    scratch: u64,
+    root: Option<&Path>,
     shared: &[SharedMapping],
-) -> Result<(), CrError> {
-    {
+) -> Result<Handlers, CrError> {
+    let handlers = {
         let mut inj = Injection::begin(child, site)?;
-        if let Some((scratch, root)) = root {
+        // A fork has the process's dispositions; a restore into a fresh process needs
+        // them (a few injected syscalls: the process runs again already).
+        let handlers = super::carried::record_handlers(&mut inj, scratch)?;
+        if let Some(root) = root {
             super::restore::chroot(&mut inj, scratch, root)?;
         }
         super::shared::unmap(&mut inj, shared)?;
@@ -482,14 +490,15 @@ fn hold(
         )?;
         inj.syscall("setsid", libc::SYS_setsid, &[])?;
         inj.finish_with(&resume_regs(regs))?;
-    }
+        handlers
+    };
     child.set_xstate(xstate)?;
 
     group_stop(child)?;
     cgroup.freeze()?;
     // Signals to a template are not part of the checkpoint.
     child.take_deferred_signals();
-    Ok(())
+    Ok(handlers)
 }
 
 /// Puts the tracee (in a ptrace-stop) in group-stop and leaves it in the group-stop

@@ -237,12 +237,12 @@ struct Region {
 
 /// Private anonymous memory without a name, or the heap (not the stack, a file): what
 /// is compared by range.
-fn plain_anon(v: &DumpVma) -> bool {
+pub(crate) fn plain_anon(v: &DumpVma) -> bool {
     v.is_anonymous() && !v.is_shared() && (v.name.is_empty() || v.name == "[heap]")
 }
 
 /// From the first address of the `[heap]` mappings to the end of the last.
-fn heap_extent(vmas: &[DumpVma]) -> Option<(u64, u64)> {
+pub(crate) fn heap_extent(vmas: &[DumpVma]) -> Option<(u64, u64)> {
     let heap = vmas.iter().filter(|v| v.name == "[heap]");
     let start = heap.clone().map(|v| v.start).min()?;
     let end = heap.map(|v| v.end).max()?;
@@ -285,7 +285,7 @@ fn subtract(range: (u64, u64), others: &[(u64, u64)]) -> Vec<(u64, u64)> {
 }
 
 /// The dumped pages in `[start, end)` (`pages` sorted by address).
-fn in_range(pages: &[(u64, PageRef)], start: u64, end: u64) -> &[(u64, PageRef)] {
+pub(crate) fn in_range(pages: &[(u64, PageRef)], start: u64, end: u64) -> &[(u64, PageRef)] {
     let lo = pages.partition_point(|(a, _)| *a < start);
     let hi = pages.partition_point(|(a, _)| *a < end);
     &pages[lo..hi]
@@ -325,7 +325,7 @@ fn differing(
 
 /// Writes `writes` (sorted) into the process, contiguous pages at once, reading
 /// contiguous stored pages at once.
-fn write_pages(
+pub(crate) fn write_pages(
     pid: i32,
     mem: &File,
     dump: &Dump,
@@ -384,7 +384,7 @@ fn write_pages(
 
 /// Maps `d` at its address (`MAP_FIXED`): anonymous, or its file reopened by path in
 /// the process's root (the scratch page carries the path).
-fn map_vma(inj: &mut Injection<'_>, scratch: u64, d: &DumpVma) -> Result<(), CrError> {
+pub(crate) fn map_vma(inj: &mut Injection<'_>, scratch: u64, d: &DumpVma) -> Result<(), CrError> {
     let pid = inj.tracee().pid().as_raw();
     let len = d.end - d.start;
     let prot = d.prot() as u64;
@@ -462,14 +462,20 @@ fn map_vma(inj: &mut Injection<'_>, scratch: u64, d: &DumpVma) -> Result<(), CrE
 /// no neighbour), in both the child's `maps` and the dump's `vmas`: the highest gap
 /// below the top mapping.
 fn free_range(maps: &[Mapping], vmas: &[DumpVma]) -> Option<u64> {
+    free_range_among(
+        maps.iter()
+            .map(|m| (m.start, m.end))
+            .chain(vmas.iter().map(|v| (v.start, v.end)))
+            .collect(),
+    )
+}
+
+/// A free range of [`SCRATCH_LEN`] bytes, a page clear on each side, outside all of
+/// `ranges`: the highest gap below the top one.
+pub(crate) fn free_range_among(mut ranges: Vec<(u64, u64)>) -> Option<u64> {
     // User space ends below 2^47; the vsyscall page above is not a neighbour.
     const TOP: u64 = 0x7fff_ffff_f000;
-    let mut ranges: Vec<(u64, u64)> = maps
-        .iter()
-        .map(|m| (m.start, m.end))
-        .chain(vmas.iter().map(|v| (v.start, v.end)))
-        .filter(|(s, _)| *s < TOP)
-        .collect();
+    ranges.retain(|(s, _)| *s < TOP);
     ranges.sort_unstable();
     let need = SCRATCH_LEN + 2 * PAGE;
     let mut merged: Vec<(u64, u64)> = Vec::new();

@@ -27,6 +27,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::ProcessState;
+use super::carried::MmLayout;
 
 pub use worker::{DumpPolicy, DumpWorker};
 pub use write::{DumpOptions, dump_template};
@@ -213,8 +214,19 @@ pub struct Manifest {
     pub state: ProcessState,
     /// The template's scratch page (its own, not the process's: not restored).
     pub scratch: u64,
-    /// The `[vdso]` range, which a restore cannot move.
+    /// The `[vdso]` range (a restore by fork needs a template with its vdso there; a
+    /// restore into a fresh process moves the vdso there).
     pub vdso: Option<(u64, u64)>,
+    /// The hash ([`page_hash`]) of the `[vdso]`'s bytes: a restore into a fresh process
+    /// needs the same vdso (the same kernel), whose functions the program has pointers
+    /// to. `None` in dumps written before it was recorded.
+    #[serde(default)]
+    pub vdso_hash: Option<u64>,
+    /// The memory layout fields of the process ([`MmLayout`]), for a restore into a
+    /// fresh process. `None` in dumps written before it was recorded, or when it could
+    /// not be read (the dump still serves restores by fork).
+    #[serde(default)]
+    pub mm: Option<MmLayout>,
     /// The mappings, specials (`[vdso]`, `[vvar]`, `[vsyscall]`) and the scratch page
     /// left out.
     pub vmas: Vec<DumpVma>,

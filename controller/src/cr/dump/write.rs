@@ -46,6 +46,18 @@ pub fn dump_template(template: &Template, opts: &DumpOptions) -> Result<DumpStat
     let pid = template.pid().as_raw();
     let maps = procfs::maps(pid)?;
     let vdso = procfs::vdso(&maps);
+    let vdso_hash = vdso.and_then(|(start, end)| vdso_hash(pid, start, end));
+    let mm = match crate::cr::carried::mm_layout(pid) {
+        Ok(mm) => Some(mm),
+        Err(e) => {
+            tracing::warn!(
+                dump = %opts.name, pid,
+                "the dump records no memory layout (a restore into a fresh process will \
+                 refuse it): {e}"
+            );
+            None
+        }
+    };
     let scratch = template.scratch();
     let vmas = dump_vmas(
         &maps,
@@ -148,6 +160,8 @@ pub fn dump_template(template: &Template, opts: &DumpOptions) -> Result<DumpStat
             state: template.state().clone(),
             scratch: template.scratch(),
             vdso,
+            vdso_hash,
+            mm,
             vmas,
             runs,
             stats: stats.clone(),
@@ -165,6 +179,14 @@ pub fn dump_template(template: &Template, opts: &DumpOptions) -> Result<DumpStat
         let _ = fs::remove_dir_all(&tmp);
     }
     written
+}
+
+/// The hash of the bytes of the `[vdso]` at `start..end` of `pid` (`None` if unreadable).
+pub(crate) fn vdso_hash(pid: i32, start: u64, end: u64) -> Option<u64> {
+    let mut code = vec![0u8; usize::try_from(end.checked_sub(start)?).ok()?];
+    let mem = File::open(format!("/proc/{pid}/mem")).ok()?;
+    mem.read_exact_at(&mut code, start).ok()?;
+    Some(page_hash(&code))
 }
 
 fn mem_err(pid: i32, what: &str, source: std::io::Error) -> CrError {

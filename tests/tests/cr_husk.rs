@@ -1,0 +1,145 @@
+//! DeltaCR's restore into a fresh process (a *husk*): a process whose templates are all
+//! gone comes back from its dump alone, in a process that never ran it.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+use deltabox_controller::cr::dump::{Dump, DumpOptions, dump_template};
+use deltabox_controller::cr::husk::restore_into_husk;
+use deltabox_controller::cr::{self, RestoreOptions};
+use deltabox_tests::cr::{CrEnv, PY_REPL, Proc};
+use deltabox_tests::{require_root, scratch_dir};
+use nix::unistd::Pid;
+
+/// The test's dumps and files, removed when it ends.
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn comm(pid: i32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .unwrap_or_default()
+        .trim_end()
+        .to_owned()
+}
+
+fn cmdline(pid: i32) -> String {
+    String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default())
+        .replace('\0', " ")
+}
+
+/// A python3 process holding a hashed 32 MiB buffer, a file open mid-read, a SIGUSR1
+/// handler and a umask is dumped; the process and its template are killed; a `sleep`
+/// started afterwards becomes it: same hash, the read goes on at the offset, the
+/// handler runs, the clock (the vdso, moved) works, and it keeps answering.
+#[test]
+fn a_dump_is_restored_into_a_fresh_process() {
+    require_root();
+    let env = CrEnv::new("husk");
+    let scratch = Scratch(scratch_dir("cr-husk"));
+    let dumps = scratch.0.join("dumps");
+    std::fs::create_dir_all(&dumps).unwrap();
+    let data = scratch.0.join("data");
+    let text: String = (0..200).map(|i| format!("{i:04}\n")).collect();
+    std::fs::write(&data, &text).unwrap();
+
+    let mut cmd = Command::new("python3");
+    cmd.args(["-u", "-c", PY_REPL]);
+    let mut p: Proc = env.spawn(cmd);
+    for line in [
+        "import hashlib, os, signal, time",
+        "buf = bytearray(os.urandom(32 << 20))",
+        "h = lambda: hashlib.sha256(buf).hexdigest()",
+        &format!(
+            "f = open({:?}, 'rb', buffering=0)",
+            data.display().to_string()
+        ),
+        "f.read(50)",
+        "signal.signal(signal.SIGUSR1, lambda *a: print('usr1', flush=True))",
+        "os.umask(0o027)",
+        "x = 'kept'",
+    ] {
+        p.ask(line);
+    }
+    let hash = p.ask("h()");
+    let template = cr::checkpoint(Pid::from_raw(p.pid), &env.checkpoint_opts()).unwrap();
+    env.track(template.pid().as_raw());
+    let stats = dump_template(
+        &template,
+        &DumpOptions {
+            root: dumps.clone(),
+            name: "n1".to_owned(),
+            parent: None,
+            root_prefix: None,
+        },
+    )
+    .unwrap();
+    eprintln!(
+        "dump: {} private pages, {} written, {:.1} ms",
+        stats.pages, stats.written, stats.ms
+    );
+    let dump = Dump::open(&dumps, "n1").unwrap();
+    assert!(dump.manifest().mm.is_some() && dump.manifest().vdso_hash.is_some());
+    assert!(dump.state().handlers.is_some());
+
+    // Every copy of the process is gone: the template, then the process.
+    template.destroy().unwrap();
+    // SAFETY: kill(2) takes plain integers.
+    unsafe { libc::kill(p.pid, libc::SIGKILL) };
+
+    // A process that never ran python.
+    let mut sleeper = Command::new("sleep");
+    sleeper.arg("1000");
+    let husk = env.spawn(sleeper);
+    assert_eq!(comm(husk.pid), "sleep");
+    let t = Instant::now();
+    let restored = restore_into_husk(Pid::from_raw(husk.pid), &dump, &RestoreOptions::default())
+        .unwrap_or_else(|e| panic!("restore into husk {}: {e}", husk.pid));
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    eprintln!(
+        "restore into a husk: {ms:.1} ms (memory {:.1} ms, fix-up {:.1} ms), {} MiB of pages",
+        restored.timings.memory.as_secs_f64() * 1e3,
+        restored.timings.fixup.as_secs_f64() * 1e3,
+        ((stats.pages - stats.zero) * 4096) >> 20
+    );
+    assert_eq!(restored.pid().as_raw(), husk.pid);
+    let mut r = env.adopt(restored);
+    assert_eq!(r.ask("h()"), hash);
+    assert_eq!(r.ask("x"), "'kept'");
+    // The read goes on at the offset.
+    assert_eq!(r.ask("f.tell()"), "50");
+    assert_eq!(r.ask("f.read(10)"), "b'0010\\n0011\\n'");
+    // The clock, through the vdso moved to where the program has it.
+    assert_eq!(
+        r.ask("abs(time.time() - time.clock_gettime(time.CLOCK_REALTIME)) < 1"),
+        "True"
+    );
+    assert_eq!(r.ask("time.monotonic() > 0"), "True");
+    // The umask, the name, the command line (the memory layout).
+    assert_eq!(r.ask("os.umask(0o022)"), "23");
+    assert!(comm(r.pid).starts_with("python3"), "{}", comm(r.pid));
+    assert!(
+        cmdline(r.pid).contains("python3 -u -c"),
+        "{}",
+        cmdline(r.pid)
+    );
+    // The handler.
+    // SAFETY: kill(2) takes plain integers.
+    unsafe { libc::kill(r.pid, libc::SIGUSR1) };
+    assert_eq!(r.line(), "usr1");
+    // It keeps working: allocate (heap and mappings), import, compute, free.
+    assert_eq!(
+        r.ask("g = [str(i) * 10 for i in range(200000)]; big = bytearray(64 << 20)"),
+        "None"
+    );
+    assert_eq!(r.ask("sum(len(s) for s in g) + len(big)"), "77997764");
+    assert_eq!(r.ask("import json; json.dumps({'a': [1, 2]})"), "None");
+    assert_eq!(r.ask("json.dumps({'a': [1, 2]})"), "'{\"a\": [1, 2]}'");
+    assert_eq!(r.ask("del g, big; h()"), "None");
+    assert_eq!(r.ask("h()"), hash);
+}
