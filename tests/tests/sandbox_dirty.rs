@@ -80,6 +80,13 @@ fn written_pages_are_dirty_until_the_next_checkpoint_or_rollback() {
     let d = dirty(&http, &sandbox);
     assert_eq!(pages(&d), 0, "a checkpoint resets the figure: {d}");
     assert_eq!(d["epoch"].as_u64(), Some(epoch + 1), "{d}");
+    // Observed after the answer, off its path: waited for.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while daemon.metric("deltabox_checkpoint_written_bytes_count") < written_before + 1.0
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     assert_eq!(
         daemon.metric("deltabox_checkpoint_written_bytes_count"),
         written_before + 1.0

@@ -8,11 +8,15 @@
 //! the daemon's cgroup so any limit placed on the daemon still covers its sandboxes.
 
 use std::{
-    fs, io,
+    fs,
+    io::{self, Read as _, Seek as _, SeekFrom},
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
     thread,
     time::{Duration, Instant},
 };
+
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use super::Limits;
 
@@ -22,6 +26,8 @@ const LIMIT_CONTROLLERS: [&str; 3] = ["memory", "cpu", "pids"];
 const CPU_PERIOD_US: u64 = 100_000;
 /// How long freeze and kill wait for the kernel to confirm.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest `wait_event` sleeps between two reads of `cgroup.events`.
+const POLL_TICK: Duration = Duration::from_millis(20);
 
 /// Why a cgroup operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -438,19 +444,26 @@ pub(crate) fn kill_frozen(cg: &Path) -> Result<(), CgroupSetupError> {
     wait_event(cg, "populated", "0")
 }
 
+/// Waits until `cgroup.events` says `key want`. The file is re-read each time the kernel
+/// signals a change (kernfs notifies every change of `cgroup.events` to `poll` as
+/// `POLLPRI`), so the wait ends when the state is reached, not at the next tick of a
+/// back-off.
 fn wait_event(cg: &Path, key: &'static str, want: &str) -> Result<(), CgroupSetupError> {
     let events = cg.join("cgroup.events");
+    let mut file = fs::File::open(&events).map_err(io_err("open", &events))?;
     let deadline = Instant::now() + SETTLE_TIMEOUT;
-    let mut pause = Duration::from_micros(50);
+    let mut text = String::new();
     loop {
-        let text = fs::read_to_string(&events).map_err(io_err("read", &events))?;
-        let now = text
-            .lines()
-            .find_map(|l| l.strip_prefix(key)?.trim().parse::<String>().ok());
-        if now.as_deref() == Some(want) {
+        text.clear();
+        // Reading also tells kernfs which change we have seen (a later one wakes poll).
+        file.seek(SeekFrom::Start(0))
+            .and_then(|_| file.read_to_string(&mut text))
+            .map_err(io_err("read", &events))?;
+        if event_value(&text, key) == Some(want) {
             return Ok(());
         }
-        if Instant::now() > deadline {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
             return Err(CgroupSetupError::Timeout {
                 path: cg.to_owned(),
                 what: if key == "frozen" {
@@ -461,14 +474,37 @@ fn wait_event(cg: &Path, key: &'static str, want: &str) -> Result<(), CgroupSetu
                 timeout: SETTLE_TIMEOUT,
             });
         }
-        thread::sleep(pause);
-        pause = (pause * 2).min(Duration::from_millis(5));
+        // Capped so that a missed notification costs at most one tick, never the timeout.
+        let tick = left.min(POLL_TICK);
+        let timeout = PollTimeout::try_from(tick).unwrap_or(PollTimeout::MAX);
+        let mut fds = [PollFd::new(file.as_fd(), PollFlags::POLLPRI)];
+        match poll(&mut fds, timeout) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(io_err("poll", &events)(e.into())),
+        }
     }
+}
+
+/// The value of `key` in the text of a `cgroup.events` file.
+fn event_value<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    text.lines().find_map(|line| {
+        let (k, v) = line.split_once(' ')?;
+        (k == key).then(|| v.trim())
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn event_values_are_read_by_key() {
+        let text = "populated 1\nfrozen 0\n";
+        assert_eq!(event_value(text, "populated"), Some("1"));
+        assert_eq!(event_value(text, "frozen"), Some("0"));
+        assert_eq!(event_value(text, "froze"), None);
+        assert_eq!(event_value("", "frozen"), None);
+    }
 
     const MOUNTINFO: &str = "\
 32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
