@@ -379,10 +379,11 @@ fn bash_wait_is_not_held_by_the_template_of_its_job() {
     assert_eq!(api.run(id, &sh, "sleep 0.1 & wait $!; echo $?"), "0\n");
 }
 
-/// The template pool never evicts a node with other processes than sessions (those
-/// are not dumped): over its bound, such nodes stay restorable, processes included.
+/// The template pool evicts nodes with other processes than sessions once their dumps
+/// are written (those processes are dumped too), but keeps the newest live template of
+/// each program run: over its bound, such nodes stay restorable, processes included.
 #[test]
-fn the_pool_keeps_nodes_with_background_processes() {
+fn the_pool_evicts_nodes_with_background_processes_once_dumped() {
     let sb = Sb::with_flags("ptpool", &["--pool-max-templates", "1"]);
     let (api, id) = (&sb.api, sb.id.as_str());
     let sh = api.session(id, "bash");
@@ -394,10 +395,21 @@ fn the_pool_keeps_nodes_with_background_processes() {
             api.checkpoint(id, &format!("n{i}"))
         })
         .collect();
-    // The pool works on its own thread: give it time to (not) evict.
-    thread::sleep(Duration::from_secs(2));
+    // The pool works on its own thread: n0 and n1 go (a session and a job template
+    // each), n2 keeps the last templates of the session and of the job.
+    let mut stats = serde_json::Value::Null;
+    for _ in 0..600 {
+        stats = api.get("/v1/stats").expect(200, "stats");
+        if stats["pool"]["evictions"] == 4 {
+            break;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(stats["pool"]["evictions"], 4, "{stats}");
+    thread::sleep(Duration::from_millis(500));
     let stats = api.get("/v1/stats").expect(200, "stats");
-    assert_eq!(stats["pool"]["evictions"], 0, "{stats}");
+    assert_eq!(stats["pool"]["evictions"], 4, "{stats}");
+    assert_eq!(stats["pool"]["templates_live"], 2, "{stats}");
     api.run(id, &sh, "kill %1; n=9");
     assert_eq!(sb.count(id, "sleep 1000", 0), 0, "{:?}", sb.procs(id));
     api.rollback(id, &nodes[0]);
@@ -631,8 +643,10 @@ fn measure_checkpoint_and_rollback_with_background_processes() {
 }
 
 /// A node lists its other processes (`processes`, template `live`); once one's
-/// template is killed (from the host, by pid) it says `none`, and a rollback to the
-/// node is refused before anything is killed, naming the process.
+/// template is killed (from the host, by pid) it says `dumped` (its dump was written
+/// after the checkpoint), but with no other live template of the same program run to
+/// rebuild it from (the node is the only one), a rollback to the node is refused before
+/// anything is killed, naming the process.
 #[test]
 fn a_node_whose_job_template_is_gone_is_refused_by_name() {
     let sb = Sb::new("ptgone");
@@ -659,6 +673,14 @@ fn a_node_whose_job_template_is_gone_is_refused_by_name() {
             .to_owned()
     };
     assert_eq!(listed(api), "live");
+    // Its dump written.
+    for _ in 0..600 {
+        let stats = api.get("/v1/stats").expect(200, "stats");
+        if stats["pool"]["dump_backlog"] == 0 {
+            break;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
 
     // The job's template (the stopped `sleep 1000` in the templates cgroup) is killed.
     let job_template: Vec<i32> = sb
@@ -672,12 +694,12 @@ fn a_node_whose_job_template_is_gone_is_refused_by_name() {
     // SAFETY: kill(2) takes plain integers.
     unsafe { libc::kill(job_template[0], libc::SIGKILL) };
     for _ in 0..100 {
-        if listed(api) == "none" {
+        if listed(api) == "dumped" {
             break;
         }
         thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(listed(api), "none");
+    assert_eq!(listed(api), "dumped");
     api.run(id, &sh, "x=after");
     api.post(
         &format!("/v1/sandboxes/{id}/rollback"),
@@ -686,7 +708,12 @@ fn a_node_whose_job_template_is_gone_is_refused_by_name() {
     .expect_error(
         422,
         "node_not_restorable",
-        &[&node, &pid, "sleep"],
+        &[
+            &node,
+            &pid,
+            "sleep",
+            "no live template of the same program run",
+        ],
         "rollback",
     );
     // Nothing was killed.

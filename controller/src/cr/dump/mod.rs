@@ -438,6 +438,13 @@ pub fn dump_name(node: &str, session: &str) -> String {
     format!("{node}-{session}")
 }
 
+/// The dump name of a node's other process (a background job, a session's child), by
+/// the host pid it had at the checkpoint (unique in its node; a session id never starts
+/// with `pid`).
+pub fn process_dump_name(node: &str, pid: i32) -> String {
+    format!("{node}-pid{pid}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -198,7 +198,7 @@ impl SandboxManager {
                     continue;
                 };
                 match adopt_template(record) {
-                    Ok(template) => processes.push(template),
+                    Ok(template) => processes.push(Arc::new(template)),
                     Err(why) => {
                         tracing::warn!(node = %node.id, pid = process.pid, "template lost: {why}");
                         process.template = None;

@@ -96,8 +96,11 @@ impl Tree {
 /// The DeltaCR templates of one node.
 pub(crate) struct NodeTemplates {
     sessions: Vec<(SessionId, SessionKind, Template)>,
-    /// The sandbox's other processes (in the node's `processes` order).
-    processes: Vec<Template>,
+    /// The live templates of the sandbox's other processes (in the node's `processes`
+    /// order, but some may be missing: each is found by its recorded pid, see
+    /// `tree_ops/process_dumps.rs`). Shared, so that a node whose sessions are re-made
+    /// from their dumps keeps them.
+    processes: Vec<Arc<Template>>,
 }
 
 /// A session running in a sandbox.

@@ -12,13 +12,16 @@
 //!   written: a node's dump must be complete on disk before its templates go, so an
 //!   acknowledged node never loses its only copy; under `on-evict` the pool writes the
 //!   dump itself, then evicts; under `off` nothing is ever evicted;
-//! - a node with templates of processes other than sessions (a sandbox's background
-//!   jobs and pipelines): those are not dumped, so their templates are their nodes'
-//!   only copy;
 //! - the last live template of a session: the fallback rebuilds a session from its
 //!   dump by forking *a live template of the same program run* (same vdso), so each
-//!   session keeps one. The bounds can then be exceeded by up to one template per
-//!   session.
+//!   session keeps one;
+//! - likewise, a node holding the last live template of a program run (same syscall
+//!   site in the same vdso) among its other processes' (a sandbox's background jobs and
+//!   pipelines, dumped as sessions are: `tree_ops/process_dumps.rs`): another node
+//!   must keep a live template of that run to rebuild them from.
+//!
+//! The bounds can then be exceeded by up to one template per session and per program
+//! run of the other processes.
 //!
 //! All of it runs on the pool's own thread, off the answer path: woken after each
 //! checkpoint and each dump, and every [`TICK`] (what a template owns grows as its
@@ -32,6 +35,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::tree_ops::process_dumps::{name_of as process_dump_name, parent_dump};
 use super::{NodeTemplates, Tree, lock};
 use crate::cr::dump::{Dump, DumpOptions, DumpPolicy, DumpWorker, dump_name, dump_template};
 use crate::metrics::pool::PoolFigures;
@@ -133,10 +137,18 @@ impl Candidate {
             .map(|(sid, _, t)| (*sid, t))
     }
 
-    /// The live templates of the sandbox's other processes (not dumped: their node is
-    /// never evicted, see [`Shared::victim`]; they count in the bounds).
+    /// The live templates of the sandbox's other processes (they count in the bounds).
     fn live_processes(&self) -> impl Iterator<Item = &crate::cr::Template> {
-        self.templates.processes.iter().filter(|t| t.is_alive())
+        self.templates
+            .processes
+            .iter()
+            .filter(|t| t.is_alive())
+            .map(|t| &**t)
+    }
+
+    /// Every live template: the sessions', then the other processes'.
+    fn live_all(&self) -> impl Iterator<Item = &crate::cr::Template> {
+        self.live().map(|(_, t)| t).chain(self.live_processes())
     }
 }
 
@@ -387,25 +399,36 @@ impl Shared {
     }
 
     /// The least recently used node whose templates may go: not skipped, none of its
-    /// dumps queued, none of its live templates the last of its session, and no
-    /// templates of other processes than sessions (those are not dumped: evicting them
-    /// would lose the node's processes).
+    /// dumps queued, none of its live session templates the last of its session, and
+    /// none of its other processes' live templates the last of their program run (the
+    /// other nodes with a live template of the same run, sessions' included).
     fn victim(&self, candidates: &[Candidate], skipped: &HashSet<NodeId>) -> Option<usize> {
         let mut per_session: HashMap<SessionId, usize> = HashMap::new();
+        let mut per_run: HashMap<(TreeId, u64), HashSet<NodeId>> = HashMap::new();
         for c in candidates {
             for (sid, _) in c.live() {
                 *per_session.entry(sid).or_default() += 1;
+            }
+            for t in c.live_all() {
+                per_run
+                    .entry((c.tree.id, t.state().syscall_site.0))
+                    .or_default()
+                    .insert(c.node);
             }
         }
         let pending = lock(&self.state).pending.clone();
         candidates.iter().position(|c| {
             let live: Vec<SessionId> = c.live().map(|(sid, _)| sid).collect();
-            !live.is_empty()
-                && c.templates.processes.is_empty()
+            c.live_all().next().is_some()
                 && !skipped.contains(&c.node)
                 && live.iter().all(|sid| {
                     per_session.get(sid).copied().unwrap_or(0) > 1
                         && !pending.contains(&dump_name(&c.node.to_string(), &sid.to_string()))
+                })
+                && c.live_processes().all(|t| {
+                    let run = (c.tree.id, t.state().syscall_site.0);
+                    per_run.get(&run).is_some_and(|nodes| nodes.len() > 1)
+                        && !pending.contains(&process_dump_name(c.node, t.state().pid))
                 })
         })
     }
@@ -419,16 +442,25 @@ impl Shared {
             .node(&victim.node)
             .map_err(|e| e.to_string())?
             .ok_or_else(|| "its node is gone".to_owned())?;
-        for (sid, template) in victim.live() {
+        let root_prefix = victim.tree.runtime.root_in_ns(&record.sandbox.to_string());
+        let sessions = victim.live().map(|(sid, template)| {
             let name = dump_name(&victim.node.to_string(), &sid.to_string());
+            (name, self.nearest_dump(record.parent, sid), template)
+        });
+        let processes = victim.live_processes().map(|template| {
+            let state = template.state();
+            let parent = parent_dump(&self.db, &self.dumps_root, record.parent, state, true);
+            (process_dump_name(victim.node, state.pid), parent, template)
+        });
+        for (name, parent, template) in sessions.chain(processes) {
             if Dump::exists(&self.dumps_root, &name) {
                 continue;
             }
             let opts = DumpOptions {
                 root: self.dumps_root.clone(),
                 name: name.clone(),
-                parent: self.nearest_dump(record.parent, sid),
-                root_prefix: Some(victim.tree.runtime.root_in_ns(&record.sandbox.to_string())),
+                parent,
+                root_prefix: Some(root_prefix.clone()),
             };
             self.dumping.fetch_add(1, Ordering::Relaxed);
             let written = dump_template(template, &opts);
@@ -455,6 +487,9 @@ impl Shared {
                 for s in &mut updated.sessions {
                     s.template = None;
                 }
+                for p in &mut updated.processes {
+                    p.template = None;
+                }
                 self.db
                     .commit(&[Op::PutNode(updated)])
                     .map_err(|e| e.to_string())
@@ -466,7 +501,7 @@ impl Shared {
             // A restarted daemon then finds the pids gone (or not templates) itself.
             tracing::warn!(node = %victim.node, "recording its eviction: {e}");
         }
-        let count = victim.live().count() as u64;
+        let count = victim.live_all().count() as u64;
         self.evictions.fetch_add(count, Ordering::Relaxed);
         tracing::info!(node = %victim.node, templates = count, "evicted from the template pool");
         match Arc::try_unwrap(victim.templates) {
@@ -476,8 +511,18 @@ impl Shared {
                         tracing::warn!(node = %victim.node, session = %sid, "destroying its template: {e}");
                     }
                 }
-                // Dead ones (a live one keeps its node out of eviction): dropped.
-                drop(templates.processes);
+                for template in templates.processes {
+                    match Arc::try_unwrap(template) {
+                        Ok(template) => {
+                            let pid = template.state().pid;
+                            if let Err(e) = template.destroy() {
+                                tracing::warn!(node = %victim.node, pid, "destroying its template: {e}");
+                            }
+                        }
+                        // Held by a restore (a base): it dies when that lets go.
+                        Err(held) => drop(held),
+                    }
+                }
             }
             // A restore holds them: they die when it lets go.
             Err(held) => drop(held),
@@ -532,8 +577,7 @@ fn measure(candidates: &[Candidate], known: &mut HashMap<NodeId, u64>) -> (u64, 
     let mut count = 0;
     let mut bytes = 0;
     for c in candidates {
-        let live: Vec<&crate::cr::Template> =
-            c.live().map(|(_, t)| t).chain(c.live_processes()).collect();
+        let live: Vec<&crate::cr::Template> = c.live_all().collect();
         count += live.len() as u64;
         bytes += *known.entry(c.node).or_insert_with(|| {
             live.iter()

@@ -58,7 +58,7 @@ impl SandboxManager {
                         .sessions
                         .iter()
                         .map(|(_, _, template)| template)
-                        .chain(&node_templates.processes)
+                        .chain(node_templates.processes.iter().map(|t| &**t))
                         .try_for_each(|template| self.rebind_template(runtime, snapshot, template))
                 });
             match result {

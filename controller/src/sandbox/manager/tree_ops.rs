@@ -25,6 +25,7 @@ use crate::tree::records::{
 };
 
 mod fallback;
+pub(super) mod process_dumps;
 mod proctree;
 
 /// The most sandboxes one branch call makes.
@@ -294,7 +295,7 @@ impl SandboxManager {
         live.record = record;
         let templates = Arc::new(NodeTemplates {
             sessions: templates,
-            processes,
+            processes: processes.into_iter().map(Arc::new).collect(),
         });
         lock(&live.tree.templates).insert(node.id, Arc::clone(&templates));
         let record_ms = ms(t);
@@ -328,8 +329,9 @@ impl SandboxManager {
         Ok((node, templates))
     }
 
-    /// Restores every session of `node` into sandbox `name` of `tree`: forked from its
-    /// template, or rebuilt from its dump when the template is gone.
+    /// Restores every session and other process of `node` into sandbox `name` of
+    /// `tree`: forked from its template, or rebuilt from its dump when the template is
+    /// gone.
     pub(super) fn restore_sessions(
         &self,
         tree: &Tree,
@@ -339,7 +341,8 @@ impl SandboxManager {
         phases: &mut RestoreTimings,
     ) -> Result<Vec<LiveSession>, SandboxError> {
         let runtime = &tree.runtime;
-        proctree::refuse_unrestorable(node, templates)?;
+        // Refuses (nothing started yet) what has neither a live template nor a dump.
+        let others = self.process_sources(tree, node, templates)?;
         // Held until every process has opened its ends.
         let mut pipes = proctree::RestorePipes::make(runtime, node)?;
         let mut opts = RestoreOptions {
@@ -398,9 +401,9 @@ impl SandboxManager {
             });
         }
         if !node.processes.is_empty() {
-            pipes.add_sessions(node, templates, &restored);
+            pipes.add_sessions(node, templates, &restored, &self.dumps_root());
             opts.pipes = pipes.paths.clone();
-            proctree::restore_others(runtime, name, templates, &opts)?;
+            proctree::restore_others(runtime, name, &others, &opts)?;
         }
         drop(pipes);
         Ok(restored)
@@ -428,7 +431,7 @@ impl SandboxManager {
         let restore_files = mode != RollbackMode::ProcessesOnly;
         // Refuse before anything is killed: the node must be restorable.
         if restore_processes {
-            proctree::refuse_unrestorable(&record, templates.as_deref())?;
+            self.refuse_unrestorable(&live.tree, &record, templates.as_deref())?;
             for s in &record.sessions {
                 if !self.restorable(node, s.session, templates.as_deref()) {
                     return Err(SandboxError::NodeNotRestorable {

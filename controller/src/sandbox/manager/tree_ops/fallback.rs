@@ -29,9 +29,10 @@ impl SandboxManager {
         self.cfg.data_dir.join("dumps")
     }
 
-    /// Queues the dumps of a new node's templates (policy `eager`), each incremental
-    /// against the parent node's dump of the same session, then puts the templates in
-    /// the pool (which does not evict them before their dumps are written).
+    /// Queues the dumps of a new node's templates (policy `eager`): each session's
+    /// incremental against the parent node's dump of the same session, each other
+    /// process's against the same process's (`process_dumps.rs`). Then puts the
+    /// templates in the pool (which does not evict them before their dumps are written).
     pub(super) fn dump_node(
         &self,
         node: &NodeRecord,
@@ -47,25 +48,38 @@ impl SandboxManager {
                     parent: node.parent.map(|p| name_of(p, *session)),
                     root_prefix: Some(root_prefix.clone()),
                 };
-                let templates = Arc::clone(templates);
-                self.pool.dump_queued(&opts.name);
-                let pool = self.pool.handle();
-                worker.submit(move || {
-                    let template = &templates.sessions[i].2;
-                    match dump_template(template, &opts) {
-                        Ok(stats) => tracing::info!(
-                            dump = %opts.name, pages = stats.pages, written = stats.written,
-                            ms = stats.ms, "dumped"
-                        ),
-                        Err(e) => tracing::warn!(dump = %opts.name, "not dumped: {e}"),
-                    }
-                    // The job's hold on the templates goes before the pool may evict.
-                    drop(templates);
-                    pool.dump_done(&opts.name);
+                self.submit_dump(&worker, opts, Arc::clone(templates), move |t| {
+                    &t.sessions[i].2
                 });
             }
+            self.queue_process_dumps(&worker, node, templates, &root_prefix);
         }
         self.pool.admit(node.tree, node.id);
+    }
+
+    /// Queues the dump `opts` of the template `pick` chooses among `templates`, which
+    /// the pool does not evict until it is written.
+    pub(super) fn submit_dump(
+        &self,
+        worker: &DumpWorker,
+        opts: DumpOptions,
+        templates: Arc<NodeTemplates>,
+        pick: impl FnOnce(&NodeTemplates) -> &cr::Template + Send + 'static,
+    ) {
+        self.pool.dump_queued(&opts.name);
+        let pool = self.pool.handle();
+        worker.submit(move || {
+            match dump_template(pick(&templates), &opts) {
+                Ok(stats) => tracing::info!(
+                    dump = %opts.name, pages = stats.pages, written = stats.written,
+                    ms = stats.ms, "dumped"
+                ),
+                Err(e) => tracing::warn!(dump = %opts.name, "not dumped: {e}"),
+            }
+            // The job's hold on the templates goes before the pool may evict.
+            drop(templates);
+            pool.dump_done(&opts.name);
+        });
     }
 
     /// Whether `session` has a live template in `templates`.
@@ -96,7 +110,7 @@ impl SandboxManager {
         templates: Option<&NodeTemplates>,
     ) {
         if Self::all_from_dumps(node, templates)
-            && let Err(e) = self.retemplate(live, node)
+            && let Err(e) = self.retemplate(live, node, templates)
         {
             tracing::warn!(node = %node.id, "the node keeps restoring from its dumps: {e}");
         }
@@ -105,8 +119,22 @@ impl SandboxManager {
     /// Makes the sessions of `live`, just restored from `node`'s dumps, the node's
     /// templates again (a checkpoint of each; its files are the node's already), so
     /// that the next restore of the node is a fork. The sessions are idle (each was
-    /// waiting for its next command at the checkpoint, and resumes that wait).
-    pub(super) fn retemplate(&self, live: &Live, node: &NodeRecord) -> Result<(), SandboxError> {
+    /// waiting for its next command at the checkpoint, and resumes that wait). The
+    /// node's other processes' live templates (`templates`) stay its templates; those
+    /// restored from their dumps ran on at once, so they keep restoring from them.
+    pub(super) fn retemplate(
+        &self,
+        live: &Live,
+        node: &NodeRecord,
+        templates: Option<&NodeTemplates>,
+    ) -> Result<(), SandboxError> {
+        let processes: Vec<Arc<cr::Template>> = templates.map_or_else(Vec::new, |t| {
+            t.processes
+                .iter()
+                .filter(|p| p.is_alive())
+                .cloned()
+                .collect()
+        });
         let name = live.name();
         let runtime = &live.tree.runtime;
         let opts = CheckpointOptions {
@@ -116,20 +144,19 @@ impl SandboxManager {
             template_root: Some(live.tree.root_in_ns()?),
             inherited_stdio: false,
         };
-        let mut templates = Vec::with_capacity(live.sessions.len());
+        let mut made = Vec::with_capacity(live.sessions.len());
         for session in live.sessions.values() {
             let template =
                 cr::checkpoint(session.pid, &opts).map_err(|e| SandboxError::Process {
                     sandbox: name.clone(),
                     message: format!("re-making session {}'s template: {e}", session.id),
                 })?;
-            templates.push((session.id, session.kind, template));
+            made.push((session.id, session.kind, template));
         }
         let mut updated = node.clone();
         for s in &mut updated.sessions {
             s.template =
-                templates
-                    .iter()
+                made.iter()
                     .find(|(sid, _, _)| *sid == s.session)
                     .map(|(_, _, template)| TemplateRecord {
                         host_pid: template.pid().as_raw(),
@@ -147,9 +174,8 @@ impl SandboxManager {
         lock(&live.tree.templates).insert(
             node.id,
             Arc::new(NodeTemplates {
-                sessions: templates,
-                // A node restored from its dumps had no other processes, or was refused.
-                processes: Vec::new(),
+                sessions: made,
+                processes,
             }),
         );
         // Its dumps are on disk already (it was restored from them).

@@ -17,6 +17,7 @@ use std::sync::mpsc;
 
 use nix::unistd::Pid;
 
+use super::process_dumps::ProcessSource;
 use crate::cr::fdtable::{self, FdEntry};
 use crate::cr::pipes::{Fresh, PipeFd, PipeState};
 use crate::cr::{self, CheckpointOptions, ProcessState, RestoreOptions, Seizing, Template};
@@ -260,7 +261,7 @@ pub(super) fn records_of(templates: &[Template]) -> Vec<NodeProcess> {
 }
 
 /// `node`'s other processes for the API: a template is `live` while its process is in
-/// its own cgroup (removed with it).
+/// its own cgroup (removed with it), else `dumped` when the process's dump is on disk.
 pub(super) fn infos(node: &NodeRecord) -> Vec<crate::api::sandbox_types::NodeProcessInfo> {
     node.processes
         .iter()
@@ -272,7 +273,14 @@ pub(super) fn infos(node: &NodeRecord) -> Vec<crate::api::sandbox_types::NodePro
             crate::api::sandbox_types::NodeProcessInfo {
                 pid: p.pid,
                 comm: p.comm.clone(),
-                template: if live { "live" } else { "none" }.to_owned(),
+                template: if live {
+                    "live"
+                } else if cr::dump::worker::dumped(&super::process_dumps::name_of(node.id, p.pid)) {
+                    "dumped"
+                } else {
+                    "none"
+                }
+                .to_owned(),
             }
         })
         .collect()
@@ -287,46 +295,14 @@ pub(super) fn pipes_of(node: &NodeRecord) -> Result<Vec<PipeState>, SandboxError
         .map_err(|e| SandboxError::internal(format!("node {}: its pipes", node.id), e))
 }
 
-/// Refuses `node` (`node_not_restorable`) if its other processes cannot be restored:
-/// each needs its live template (they are not dumped yet).
-pub(super) fn refuse_unrestorable(
+/// The fd table a session had at `node`: from its live template, else from the record,
+/// else (its template evicted) from its dump under `dumps`.
+fn session_fds(
     node: &NodeRecord,
+    index: usize,
     templates: Option<&NodeTemplates>,
-) -> Result<(), SandboxError> {
-    match unrestorable(node, templates) {
-        Some(why) => Err(SandboxError::NodeNotRestorable {
-            node: node.id.to_string(),
-            session: "-".to_owned(),
-            why,
-        }),
-        None => Ok(()),
-    }
-}
-
-fn unrestorable(node: &NodeRecord, templates: Option<&NodeTemplates>) -> Option<String> {
-    if node.processes.is_empty() {
-        return None;
-    }
-    let live = templates.map_or(0, |t| {
-        t.processes.iter().filter(|tpl| tpl.is_alive()).count()
-    });
-    if live == node.processes.len() {
-        return None;
-    }
-    let names: Vec<String> = node
-        .processes
-        .iter()
-        .map(|p| format!("{} ({})", p.pid, p.comm))
-        .collect();
-    Some(format!(
-        "the templates of its processes other than sessions ({}) are gone, and those \
-         are not dumped; `--files-only` still restores the files",
-        names.join(", ")
-    ))
-}
-
-/// The fd table a session had at `node`: from its live template, else from the record.
-fn session_fds(node: &NodeRecord, index: usize, templates: Option<&NodeTemplates>) -> Vec<FdEntry> {
+    dumps: &Path,
+) -> Vec<FdEntry> {
     let session = &node.sessions[index];
     if let Some((_, _, template)) = templates.and_then(|t| {
         t.sessions
@@ -342,6 +318,12 @@ fn session_fds(node: &NodeRecord, index: usize, templates: Option<&NodeTemplates
         .map(|s: TemplateState| {
             let ProcessState { fds, .. } = s.process;
             fds
+        })
+        .or_else(|| {
+            let name = cr::dump::dump_name(&node.id.to_string(), &session.session.to_string());
+            cr::dump::Dump::open(dumps, &name)
+                .ok()
+                .map(|d| d.state().fds.clone())
         })
         .unwrap_or_default()
 }
@@ -383,12 +365,14 @@ impl<'a> RestorePipes<'a> {
     }
 
     /// Adds the stdio pipes of the restored `sessions` of `node`: a pipe that was a
-    /// session's fd 0–2 is opened through that fd of the restored session.
+    /// session's fd 0–2 is opened through that fd of the restored session. `dumps`: the
+    /// dumps root (a session whose template is gone has its fd table in its dump).
     pub(super) fn add_sessions(
         &mut self,
         node: &NodeRecord,
         templates: Option<&NodeTemplates>,
         sessions: &[LiveSession],
+        dumps: &Path,
     ) {
         for (i, s) in node.sessions.iter().enumerate() {
             let Some(live) = sessions.iter().find(|l| l.id == s.session) else {
@@ -397,7 +381,7 @@ impl<'a> RestorePipes<'a> {
             let Some(ns_pid) = TreeRuntime::ns_pid_of(live.pid) else {
                 continue;
             };
-            for entry in session_fds(node, i, templates) {
+            for entry in session_fds(node, i, templates, dumps) {
                 if let (0..=2, Some(inode)) = (entry.fd, entry.pipe) {
                     self.paths.entry(inode).or_insert_with(|| {
                         PathBuf::from(format!("/proc/{ns_pid}/fd/{}", entry.fd))
@@ -408,29 +392,26 @@ impl<'a> RestorePipes<'a> {
     }
 }
 
-/// Restores the other processes of a node (their templates all alive: see
-/// [`refuse_unrestorable`]) into sandbox `name` with `opts`, each a session and
-/// process-group leader of its own, and moves each to the sandbox's v1 limit cgroups.
+/// Restores the other processes of a node, each from its `sources` entry (its
+/// template, or its dump: see `process_dumps.rs`), into sandbox `name` with `opts`,
+/// each a session and process-group leader of its own, and moves each to the
+/// sandbox's v1 limit cgroups.
 pub(super) fn restore_others(
     runtime: &TreeRuntime,
     name: &str,
-    templates: Option<&NodeTemplates>,
+    sources: &[ProcessSource],
     opts: &RestoreOptions,
 ) -> Result<(), SandboxError> {
     let failed = |message: String| SandboxError::Process {
         sandbox: name.to_owned(),
         message: format!("restoring its other processes: {message}"),
     };
-    let Some(templates) = templates else {
-        return Err(failed("their templates are gone".to_owned()));
-    };
     // A few at a time: a restore mostly waits on the kernel (ptrace stops, the
     // template cgroup's freeze), like the sessions' checkpoints.
-    let restore_one = |template: &Template| -> Result<(), SandboxError> {
-        let restored = template.restore(opts).map_err(|e| {
-            let state = template.state();
-            failed(format!("process {} ({}): {e}", state.pid, state.comm))
-        })?;
+    let restore_one = |source: &ProcessSource| -> Result<(), SandboxError> {
+        let restored = source
+            .restore(opts)
+            .map_err(|e| failed(format!("process {}: {e}", source.label())))?;
         let pid = restored.pid();
         // It runs at once (a session waits for its next command): it may have exited
         // already (a `sleep 0.05` restored at its end).
@@ -439,7 +420,7 @@ pub(super) fn restore_others(
             _ => Ok(()),
         }
     };
-    let all = &templates.processes;
+    let all = sources;
     if all.len() < 2 {
         return all.iter().try_for_each(restore_one);
     }

@@ -1,0 +1,371 @@
+//! A node's other processes (here a background pipeline `python3 job.py | cat > log` of
+//! a bash session) are dumped like its sessions: a node whose job template was killed
+//! from inside the sandbox, or whose templates the pool evicted, is restored from the
+//! dumps — the job's memory (a random buffer, hashed on every line it prints) is the
+//! checkpoint's, it runs on from its counter, and its pipe to `cat` carries its lines
+//! again. Needs root, cgroups, FUSE, the store.
+
+use std::fs;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use deltabox_tests::daemon::TestDaemon;
+use deltabox_tests::require_root;
+use deltabox_tests::sandbox::{Http, id_of};
+use serde_json::{Value, json};
+
+/// Prints `<counter> <phase> <hash of its 8 MiB random buffer>` every 0.1 s, and its pid
+/// to `/tmp/job.pid`; SIGUSR1 draws a new buffer and bumps the phase.
+const JOB: &str = r#"cat > /tmp/job.py <<'EOF'
+import hashlib, os, signal, time
+buf = bytearray(os.urandom(8 << 20))
+phase = 0
+def turn(*_):
+    global buf, phase
+    buf = bytearray(os.urandom(8 << 20))
+    phase += 1
+signal.signal(signal.SIGUSR1, turn)
+i = 0
+while True:
+    i += 1
+    # Each time: a restored job has another pid.
+    open('/tmp/job.pid', 'w').write(str(os.getpid()))
+    print(i, phase, hashlib.sha256(buf).hexdigest()[:16], flush=True)
+    time.sleep(0.1)
+EOF"#;
+
+/// A sandbox of a test daemon, with its tree and a bash session running the job.
+struct Sb {
+    daemon: TestDaemon,
+    api: Http,
+    id: String,
+    tree: String,
+    sh: String,
+}
+
+/// One line of the job: counter, phase, hash.
+#[derive(Debug, Clone, PartialEq)]
+struct Line {
+    count: u64,
+    phase: u64,
+    hash: String,
+}
+
+impl Sb {
+    fn start(test: &str, flags: &[&str]) -> Self {
+        require_root();
+        let daemon = TestDaemon::start(test, flags);
+        let api = Http::new(daemon.socket());
+        let id = id_of(&api.create(&json!({})));
+        let tree = api.sandbox(&id)["tree"].as_str().unwrap().to_owned();
+        let sh = api.session(&id, "bash");
+        api.sh(&id, JOB);
+        api.run(
+            &id,
+            &sh,
+            "python3 /tmp/job.py 2>/tmp/job.err | cat > /tmp/log &",
+        );
+        let sb = Self {
+            daemon,
+            api,
+            id,
+            tree,
+            sh,
+        };
+        sb.wait_line("the job's first lines", |l| l.count >= 3);
+        sb
+    }
+
+    /// The job's last line in `/tmp/log`, if there is a whole one.
+    fn last(&self) -> Option<Line> {
+        let out = self.api.sh(&self.id, "tail -n 1 /tmp/log");
+        let parts: Vec<&str> = out.split_whitespace().collect();
+        match parts.as_slice() {
+            [count, phase, hash] if out.ends_with('\n') && hash.len() == 16 => Some(Line {
+                count: count.parse().ok()?,
+                phase: phase.parse().ok()?,
+                hash: (*hash).to_owned(),
+            }),
+            _ => None,
+        }
+    }
+
+    /// Polls the log until its last line satisfies `done` (up to 20 s).
+    fn wait_line(&self, what: &str, done: impl Fn(&Line) -> bool) -> Line {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(line) = self.last()
+                && done(&line)
+            {
+                return line;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: the log ends with {:?}; job.err: {}",
+                self.last(),
+                self.api.sh(&self.id, "cat /tmp/job.err")
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Draws the job a new buffer (phase `phase`) and returns its line once it prints it.
+    fn turn(&self, phase: u64) -> Line {
+        self.signal("USR1");
+        self.wait_line("the job's new phase", |l| l.phase == phase)
+    }
+
+    /// Sends the job `sig` (by the pid it wrote last: after a restore, once it wrote its
+    /// new one).
+    fn signal(&self, sig: &str) {
+        self.api.sh(
+            &self.id,
+            &format!(
+                "for i in $(seq 100); do kill -{sig} $(cat /tmp/job.pid) 2>/dev/null && exit 0; \
+                 sleep 0.05; done; exit 1"
+            ),
+        );
+    }
+
+    /// Checkpoints; returns the node and the job's python process as the node records
+    /// it (host pid).
+    fn checkpoint(&self, label: &str) -> (String, i64) {
+        let node = self
+            .api
+            .post(
+                &format!("/v1/sandboxes/{}/checkpoint", self.id),
+                &json!({ "label": label }),
+            )
+            .expect(201, "checkpoint");
+        let processes = node["processes"].as_array().cloned().unwrap_or_default();
+        let python = processes
+            .iter()
+            .find(|p| p["comm"] == "python3")
+            .unwrap_or_else(|| panic!("no python3 among the node's processes: {node}"));
+        assert_eq!(
+            processes.len(),
+            2,
+            "python3 and cat, the pipeline's processes: {node}"
+        );
+        (id_of(&node), python["pid"].as_i64().unwrap())
+    }
+
+    /// Waits until the daemon has written every queued dump (`dump_backlog` 0).
+    fn wait_dumps(&self) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let stats = self.api.get("/v1/stats").expect(200, "stats");
+            if stats["pool"]["dump_backlog"] == 0 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "dumps still queued after 120 s: {stats}"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The node `node` as `tree` lists it.
+    fn listed(&self, node: &str) -> Value {
+        let tree = self
+            .api
+            .get(&format!("/v1/sandboxes/{}/tree", self.id))
+            .expect(200, "tree");
+        tree["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| id_of(n) == node)
+            .cloned()
+            .unwrap_or_else(|| panic!("node {node} in {tree}"))
+    }
+
+    /// The template state `tree` gives node `node`'s process `comm`.
+    fn process_state(&self, node: &str, comm: &str) -> String {
+        let n = self.listed(node);
+        n["processes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["comm"] == comm)
+            .and_then(|p| p["template"].as_str())
+            .unwrap_or_else(|| panic!("no {comm} in {n}"))
+            .to_owned()
+    }
+
+    /// The live templates running the job (host pids), oldest first (their cgroups are
+    /// named `tpl-<pid>-<nanoseconds>-<seq>`).
+    fn job_templates(&self) -> Vec<i32> {
+        let dir = self
+            .daemon
+            .sandbox_cgroup()
+            .join(&self.tree)
+            .join("templates");
+        let mut found: Vec<(u128, i32)> = Vec::new();
+        for e in fs::read_dir(&dir).unwrap().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(nanos) = name
+                .split('-')
+                .nth(2)
+                .and_then(|n| u128::from_str_radix(n, 16).ok())
+            else {
+                continue;
+            };
+            let procs = fs::read_to_string(e.path().join("cgroup.procs")).unwrap_or_default();
+            for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                let cmd = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                if cmd == b"python3\0/tmp/job.py\0" {
+                    found.push((nanos, pid));
+                }
+            }
+        }
+        found.sort_unstable();
+        found.into_iter().map(|(_, pid)| pid).collect()
+    }
+
+    /// After a restore to a node where the job printed `at`: it prints again, with the
+    /// node's phase and hash, counting on from the node's counter.
+    fn assert_job_resumed(&self, at: &Line) {
+        let first = self.wait_line("the restored job's lines", |l| l.count > at.count);
+        thread::sleep(Duration::from_millis(600));
+        let later = self.wait_line("the restored job's later lines", |l| l.count > first.count);
+        assert_eq!(
+            (later.phase, &later.hash),
+            (at.phase, &at.hash),
+            "the job's memory is the node's: {later:?} after {at:?}"
+        );
+        assert!(
+            later.count < at.count + 60,
+            "the job counts on from the node's {}: {later:?}",
+            at.count
+        );
+    }
+}
+
+/// The host pid `pid` as the sandbox's pid namespace numbers it.
+fn ns_pid(pid: i32) -> String {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))
+        .and_then(|l| l.split_whitespace().last())
+        .unwrap()
+        .to_owned()
+}
+
+#[test]
+fn a_job_whose_template_was_killed_inside_the_sandbox_comes_back_from_its_dump() {
+    let sb = Sb::start("jobdump", &[]);
+    let (api, id) = (&sb.api, sb.id.as_str());
+    let (n1, _) = sb.checkpoint("one");
+    let at1 = sb.last().unwrap();
+    let at2_phase = sb.turn(1);
+    let (n2, py2) = sb.checkpoint("two");
+    let at2 = sb.last().unwrap();
+    assert_eq!(at2.phase, 1, "{at2:?} {at2_phase:?}");
+    sb.wait_dumps();
+    let dump = sb
+        .daemon
+        .data_dir()
+        .join("dumps")
+        .join(format!("{n2}-pid{py2}"));
+    assert!(
+        dump.join("manifest.json").is_file(),
+        "no dump {}: {}",
+        dump.display(),
+        sb.daemon.log()
+    );
+    let pages = fs::metadata(dump.join("pages")).unwrap().len();
+    eprintln!("n2's job dump: {} KiB of pages", pages >> 10);
+    assert!(pages >= 8 << 20, "n2's dump holds the new buffer: {pages}");
+
+    // n2's job template (the newer of the two) killed from inside the sandbox: templates
+    // are processes of its pid namespace.
+    let tpls = sb.job_templates();
+    assert_eq!(tpls.len(), 2, "{tpls:?}");
+    api.sh(id, &format!("kill -9 {}", ns_pid(tpls[1])));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sb.process_state(&n2, "python3") != "dumped" {
+        assert!(Instant::now() < deadline, "{}", sb.listed(&n2));
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(sb.process_state(&n2, "cat"), "live");
+
+    // Mutated: a third buffer, a variable.
+    sb.turn(2);
+    api.run(id, &sb.sh, "x=after");
+    api.rollback(id, &n2);
+    assert!(
+        sb.daemon.log().contains("process restored from its dump"),
+        "{}",
+        sb.daemon.log()
+    );
+    sb.assert_job_resumed(&at2);
+    assert_eq!(api.run(id, &sb.sh, "echo ${x:-unset}"), "unset\n");
+    // Again: still from the dump (the job's template is not re-made). The restored
+    // job's phase is n2's, 1.
+    sb.turn(2);
+    api.rollback(id, &n2);
+    sb.assert_job_resumed(&at2);
+    // n1's template is alive: the ordinary fork.
+    api.rollback(id, &n1);
+    sb.assert_job_resumed(&at1);
+    assert_ne!(at1.hash, at2.hash);
+}
+
+/// With `--pool-max-templates 1`, nodes with a background pipeline are evicted once
+/// their dumps are on disk (the newest node keeps the last live templates of each
+/// program run), and a rollback to them restores the job from its dump.
+#[test]
+fn the_pool_evicts_nodes_with_background_jobs_and_they_come_back_from_dumps() {
+    let sb = Sb::start("jobpool", &["--pool-max-templates", "1"]);
+    let (api, id) = (&sb.api, sb.id.as_str());
+    api.run(id, &sb.sh, "n=0");
+    let (n0, _) = sb.checkpoint("n0");
+    let at0 = sb.last().unwrap();
+    sb.turn(1);
+    api.run(id, &sb.sh, "n=1");
+    let (n1, _) = sb.checkpoint("n1");
+    let at1 = sb.last().unwrap();
+    sb.turn(2);
+    let (n2, _) = sb.checkpoint("n2");
+    // The pool works on its own thread: n0 and n1 go, n2 stays.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let stats = api.get("/v1/stats").expect(200, "stats");
+        let evicted = [&n0, &n1]
+            .iter()
+            .all(|n| sb.process_state(n, "python3") == "dumped");
+        if evicted && stats["pool"]["evictions"].as_u64() >= Some(6) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "n0 and n1 not evicted: {stats} {} {}",
+            sb.listed(&n0),
+            sb.daemon.log()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    for n in [&n0, &n1] {
+        let listed = sb.listed(n);
+        assert_eq!(listed["sessions"][0]["template"], "dumped", "{listed}");
+        assert_eq!(sb.process_state(n, "cat"), "dumped", "{listed}");
+    }
+    assert_eq!(sb.process_state(&n2, "python3"), "live");
+
+    sb.signal("TERM");
+    api.run(id, &sb.sh, "n=9");
+    api.rollback(id, &n0);
+    assert!(
+        sb.daemon.log().contains("process restored from its dump"),
+        "{}",
+        sb.daemon.log()
+    );
+    sb.assert_job_resumed(&at0);
+    assert_eq!(api.run(id, &sb.sh, "echo $n"), "0\n");
+    api.rollback(id, &n1);
+    sb.assert_job_resumed(&at1);
+    assert_eq!(api.run(id, &sb.sh, "echo $n"), "1\n");
+}
