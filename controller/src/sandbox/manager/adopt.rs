@@ -6,9 +6,11 @@
 //! restarted daemon re-adopts each tree (reconnects to its init, takes over the
 //! templates it can verify) and revives each sandbox at its head node: a fresh view of
 //! the head's snapshot, a fresh anchor, and its sessions forked again from the head's
-//! templates, each first rebound off the dead views (`rebind.rs`). What cannot be taken
-//! over (a dead init, a template that is gone) is cleaned up and recorded: nodes always
-//! keep their files.
+//! templates, each first rebound off the dead views (`rebind.rs`), or restored from the
+//! head's dumps when its templates are gone. A tree whose init is gone (and with it
+//! every template: killed, or lost with a reboot) is re-created: cleaned up, a new
+//! init, each sandbox revived from its head's dumps into fresh processes (`cr::husk`).
+//! Only when that fails too are its processes removed and its nodes keep their files.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -65,8 +67,11 @@ impl SandboxManager {
         let trees = self.db.trees().map_err(db_err)?;
         for tree in &trees {
             if let Err(e) = self.adopt_tree(tree) {
-                tracing::warn!(tree = %tree.id, "cannot take the tree over, removing its processes: {e}");
-                self.forget_tree(tree)?;
+                tracing::warn!(tree = %tree.id, "cannot take the tree over, re-creating it: {e}");
+                if let Err(e) = self.rebuild_tree(tree) {
+                    tracing::warn!(tree = %tree.id, "cannot re-create the tree, removing its processes: {e}");
+                    self.forget_tree(tree)?;
+                }
             }
         }
         // Sandboxes whose tree has no record: nothing to revive them in.
@@ -108,6 +113,57 @@ impl SandboxManager {
         if !ops.is_empty() {
             self.db.commit(&ops).map_err(db_err)?;
         }
+        Ok(())
+    }
+
+    /// Re-creates tree `record`, whose init is gone (killed, or lost with a reboot) and
+    /// with it every template: what is left of it is cleaned up, its nodes forget their
+    /// dead templates, a new init starts, and each sandbox is revived at its head node
+    /// (its view mounted again, its sessions restored from the head's dumps into fresh
+    /// processes, `cr::husk`, which then become the head's templates again).
+    fn rebuild_tree(&self, record: &TreeRecord) -> Result<(), SandboxError> {
+        let cfg = self.tree_config(&record.id.to_string());
+        leftovers::clean(&cfg.run_dir, &cfg.cgroup).map_err(|e| {
+            SandboxError::internal(format!("cleaning up what is left of tree {}", record.id), e)
+        })?;
+        let mut ops = Vec::new();
+        for mut node in self.db.nodes(&record.id).map_err(db_err)? {
+            let had = node.sessions.iter().any(|s| s.template.is_some())
+                || node.processes.iter().any(|p| p.template.is_some());
+            if had {
+                node.sessions.iter_mut().for_each(|s| s.template = None);
+                node.processes.iter_mut().for_each(|p| p.template = None);
+                ops.push(Op::PutNode(node));
+            }
+        }
+        if !ops.is_empty() {
+            self.db.commit(&ops).map_err(db_err)?;
+        }
+        let base = match &record.rootfs {
+            Some(dir) => dir.clone(),
+            None => self.default_base()?,
+        };
+        let runtime = TreeRuntime::start(cfg)
+            .map_err(|e| SandboxError::internal(format!("re-creating tree {}", record.id), e))?;
+        let tree = Arc::new(Tree {
+            id: record.id,
+            runtime,
+            base,
+            templates: Mutex::new(HashMap::new()),
+            root: std::sync::OnceLock::new(),
+        });
+        lock(&self.trees).insert(record.id, Arc::clone(&tree));
+        for sandbox in self.db.sandboxes().map_err(db_err)? {
+            if sandbox.tree != record.id {
+                continue;
+            }
+            let id = sandbox.id;
+            if let Err(e) = self.revive(&tree, sandbox) {
+                tracing::warn!(sandbox = %id, "cannot revive it, removing it: {e}");
+                let _ = self.db.delete_sandbox(&id);
+            }
+        }
+        tracing::info!(tree = %record.id, "re-created with a new init");
         Ok(())
     }
 

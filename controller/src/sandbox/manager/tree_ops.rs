@@ -354,7 +354,8 @@ impl SandboxManager {
         };
         let mut restored = Vec::new();
         for session in &node.sessions {
-            let (kind, child) = self.restore_session(tree, node, session, templates, &opts)?;
+            let (kind, child) =
+                self.restore_session(tree, name, node, session, templates, &opts)?;
             let child = child.map_err(|e| {
                 let message = format!("restoring session {}: {e}", session.session);
                 if SandboxError::caused_by_errno(&e, libc::EAGAIN) {

@@ -119,6 +119,29 @@ pub(crate) fn anchor(root: &Path, fds: &SandboxFds, status: File) -> ! {
     sys::pause_forever()
 }
 
+/// A husk: joins `work/`, own session, stdio on `/dev/null`, chroot into `root`, drops
+/// capabilities, closes every other fd, then sleeps until DeltaCR makes it a restored
+/// process (or it is killed). It runs no code of the sandbox.
+pub(crate) fn husk(root: &Path, fds: &SandboxFds, status: File) -> ! {
+    sys::reset_signals();
+    let status = rehome(status);
+    let result = (|| {
+        join_all(fds, "work")?;
+        nix::unistd::setsid().map_err(|e| format!("setsid: {e}"))?;
+        let null = nix::fcntl::open("/dev/null", OFlag::O_RDWR, Mode::empty())
+            .map_err(|e| format!("open /dev/null: {e}"))?;
+        for i in 0..3 {
+            sys::dup2(null.as_raw_fd(), i).map_err(|e| format!("dup2 to fd {i}: {e}"))?;
+        }
+        drop(null);
+        chroot(root, Path::new("/"))?;
+        drop_caps()
+    })();
+    report(status, result);
+    let _ = sys::close_from(3);
+    sys::pause_forever()
+}
+
 /// The tree's anchor: no cgroup move (it stays in init's), its own session, no fd but
 /// 0-2, its root left at the tree's root, a sandbox's capabilities; then it sleeps.
 pub(crate) fn tree_anchor(status: File) -> ! {

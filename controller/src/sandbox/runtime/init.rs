@@ -266,6 +266,10 @@ impl Init {
             Request::RemoveSandbox { sandbox } => self.remove_sandbox(&sandbox),
             Request::TreeAnchor => self.tree_anchor(),
             Request::Hold => self.hold(fds),
+            Request::Husk { sandbox } => self.husk(&sandbox).map(|(pid, pidfd)| {
+                reply_fds.push(pidfd);
+                ReplyData::Spawned(pid)
+            }),
             Request::Release { pid } => self.release(pid),
             Request::Spawn {
                 sandbox,
@@ -375,6 +379,26 @@ impl Init {
             .map_err(|e| format!("holder: {e}"))?;
         self.holders.insert(pid);
         Ok(ReplyData::Anchor(pid))
+    }
+
+    fn husk(&mut self, sandbox: &str) -> Result<(i32, OwnedFd), String> {
+        let Some(sfds) = self.sandboxes.get(sandbox) else {
+            return Err(format!("unknown sandbox {sandbox}"));
+        };
+        let root = sandbox_root(sandbox)?;
+        let (status_r, status_w) = status_pipe()?;
+        let pid = match sys::fork().map_err(err("fork a husk"))? {
+            sys::Forked::Child => {
+                drop(status_r);
+                child::husk(&root, sfds, status_w)
+            }
+            sys::Forked::Parent(pid) => pid,
+        };
+        drop(status_w);
+        let pidfd = sys::pidfd_open(pid).map_err(err(format!("pidfd_open {pid}")));
+        self.check_child(pid, status_r)
+            .map_err(|e| format!("husk in sandbox {sandbox}: {e}"))?;
+        Ok((pid, pidfd?))
     }
 
     fn release(&mut self, pid: libc::pid_t) -> Result<ReplyData, String> {

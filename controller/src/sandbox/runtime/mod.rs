@@ -185,6 +185,28 @@ impl TreeRuntime {
         Ok(HeldFiles { runtime: self, pid })
     }
 
+    /// Starts a husk in the sandbox (see [`Request::Husk`]): a sleeping process, in the
+    /// sandbox's cgroups and root, for DeltaCR to restore a dump into. Returns its host
+    /// pid and a pidfd.
+    pub fn husk(&self, sandbox: &str) -> Result<(Pid, OwnedFd), RuntimeError> {
+        if self.anchor_ns_pid(sandbox).is_none() {
+            return Err(self.unknown(sandbox));
+        }
+        let msg = Request::Husk {
+            sandbox: sandbox.to_owned(),
+        };
+        let (data, mut reply_fds, _) = self.request(msg, &[])?;
+        let ReplyData::Spawned(ns_pid) = data else {
+            return Err(self.init_err(format!("unexpected reply to husk: {data:?}")));
+        };
+        let Some(pidfd) = reply_fds.pop() else {
+            return Err(self.init_err(format!("husk {ns_pid}: no pidfd in the reply")));
+        };
+        let host_pid = pid_of_pidfd(&pidfd)
+            .ok_or_else(|| self.init_err(format!("no host pid for husk {ns_pid}")))?;
+        Ok((host_pid, pidfd))
+    }
+
     /// Runs a command in the sandbox; errors before its exec (no such binary, bad cwd)
     /// come back as [`RuntimeError::Init`] naming the file and the sandbox.
     pub fn spawn(&self, sandbox: &str, req: &SpawnRequest) -> Result<Spawned, RuntimeError> {

@@ -62,6 +62,15 @@ pub(crate) enum Request {
     /// holding the attached fds at 3, 4, … so that any process of the tree can open
     /// them as `/proc/<holder>/fd/<n>` (how the daemon hands files to templates).
     Hold,
+    /// Start a *husk* in a sandbox: a process that joins the sandbox's `work/` cgroup
+    /// and limit cgroups, leads its own session, has `/dev/null` as stdio, is chrooted
+    /// into the sandbox's root with a sandbox's capabilities, and sleeps: DeltaCR turns
+    /// it into a process restored from its dump (`cr::husk`). It runs no code of the
+    /// sandbox. Reply: `Spawned`, its pidfd attached.
+    Husk {
+        /// The sandbox name.
+        sandbox: String,
+    },
     /// Kill a holder started by `Hold`.
     Release {
         /// The holder's ns pid.

@@ -2,13 +2,16 @@
 //! background (`cr::dump`), and a session whose template is gone is rebuilt from its
 //! dump by forking another live template of the tree — the nearest ancestor node's of
 //! the same session first, then any of the same kind (which works when it is of the
-//! same program run: same vdso).
+//! same program run: same vdso) — or, when none is left or none works, by restoring
+//! the dump into a fresh process that the tree's init starts in the sandbox
+//! (`cr::husk`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
 use crate::cr::dump::{Dump, DumpOptions, DumpPolicy, DumpWorker, dump_name, dump_template};
+use crate::cr::pidfd::Pidfd;
 use crate::cr::{self, CheckpointOptions, CrError, RestoreOptions, Restored};
 use crate::sandbox::error::SandboxError;
 use crate::sandbox::manager::{Live, NodeTemplates, SandboxManager, Tree, db_err, lock};
@@ -196,12 +199,14 @@ impl SandboxManager {
             || Dump::exists(&self.dumps_root(), &name_of(node, session))
     }
 
-    /// Restores `session` of `node` with `opts`: a fork of its template if alive, else
-    /// the fallback from its dump. The outer error refuses (nothing was started); the
-    /// inner one is DeltaCR's.
+    /// Restores `session` of `node` into sandbox `name` with `opts`: a fork of its
+    /// template if alive, else the fallback from its dump (a fork of another template,
+    /// else a fresh process). The outer error refuses (nothing was started); the inner
+    /// one is DeltaCR's.
     pub(super) fn restore_session(
         &self,
         tree: &Tree,
+        name: &str,
         node: &NodeRecord,
         session: &NodeSession,
         templates: Option<&NodeTemplates>,
@@ -228,8 +233,8 @@ impl SandboxManager {
             .parse()
             .map_err(|e| refuse(format!("its kind {:?}: {e}", session.kind)))?;
         let root = self.dumps_root();
-        let name = name_of(node.id, session.session);
-        if !Dump::exists(&root, &name) {
+        let dumped = name_of(node.id, session.session);
+        if !Dump::exists(&root, &dumped) {
             return Err(refuse(
                 "its template is gone and it has no dump (dumps are written in the background \
                  after each checkpoint, or at eviction: the template died first, or the \
@@ -237,7 +242,7 @@ impl SandboxManager {
                     .to_owned(),
             ));
         }
-        let dump = Dump::open(&root, &name).map_err(|e| refuse(e.to_string()))?;
+        let dump = Dump::open(&root, &dumped).map_err(|e| refuse(e.to_string()))?;
         let mut tried = Vec::new();
         for (base_node, templates, index) in self.bases(tree, node, session, kind)? {
             let (sid, _, template) = &templates.sessions[index];
@@ -263,17 +268,49 @@ impl SandboxManager {
                 }
             }
         }
-        Err(refuse(if tried.is_empty() {
-            format!(
-                "its template is gone; its dump exists, but no live template of a {kind} session \
-                 is left in the tree to rebuild it from"
-            )
-        } else {
-            format!(
-                "its template is gone; rebuilding it from its dump failed: {}",
-                tried.join("; ")
-            )
-        }))
+        // No template of the same program run: a fresh process of the sandbox becomes it.
+        let t = Instant::now();
+        match self.restore_in_husk(tree, name, &dump, opts) {
+            Ok(restored) => {
+                tracing::info!(
+                    node = %node.id, session = %session.session,
+                    ms = t.elapsed().as_secs_f64() * 1e3,
+                    memory_ms = restored.timings.memory.as_secs_f64() * 1e3,
+                    "restored from its dump into a fresh process"
+                );
+                return Ok((kind, Ok(restored)));
+            }
+            Err(e) => {
+                tracing::warn!(node = %node.id, "restore into a fresh process failed: {e}");
+                tried.push(format!("into a fresh process: {e}"));
+            }
+        }
+        Err(refuse(format!(
+            "its template is gone; rebuilding it from its dump failed: {}",
+            tried.join("; ")
+        )))
+    }
+
+    /// Restores `dump` into a husk that the tree's init starts in sandbox `name` (in its
+    /// cgroups and root already: `opts.chroot` is not needed). A husk that could not be
+    /// made the dumped process is killed.
+    fn restore_in_husk(
+        &self,
+        tree: &Tree,
+        name: &str,
+        dump: &Dump,
+        opts: &RestoreOptions,
+    ) -> Result<Restored, String> {
+        let (pid, pidfd) = tree.runtime.husk(name).map_err(|e| e.to_string())?;
+        let opts = RestoreOptions {
+            chroot: None,
+            ..opts.clone()
+        };
+        cr::husk::restore_into_husk(pid, dump, &opts).map_err(|e| {
+            // Killed already once seized; not if refused before.
+            let _ = Pidfd::from_fd(pid, pidfd).kill_and_wait(std::time::Duration::from_secs(5));
+            e.to_string()
+        })
     }
 
     /// Templates to fork for a fallback restore, best first: the nearest ancestor's of

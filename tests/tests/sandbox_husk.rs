@@ -1,0 +1,234 @@
+//! A tree whose init died takes every template with it (as a reboot does): a restarted
+//! daemon re-creates the tree and revives its sandboxes from their head's dumps, in
+//! fresh processes (`cr::husk`), and every node stays restorable.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use deltabox_controller::cr::pidfd::Pidfd;
+use deltabox_tests::daemon::TestDaemon;
+use deltabox_tests::require_root;
+use nix::unistd::Pid;
+use serde_json::Value;
+
+fn json(daemon: &TestDaemon, args: &[&str]) -> Value {
+    let mut full: Vec<&str> = args.to_vec();
+    let at = full.iter().position(|a| *a == "--").unwrap_or(full.len());
+    full.insert(at, "--json");
+    let out = daemon.cli(&full);
+    assert!(
+        out.status.success(),
+        "deltabox {args:?}: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        daemon.log()
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON")
+}
+
+fn run(daemon: &TestDaemon, sb: &str, session: &str, code: &str) -> String {
+    let out = json(daemon, &["session", "run", sb, session, code]);
+    assert_eq!(out["status"], 0, "{out}");
+    out["stdout"].as_str().unwrap().to_owned()
+}
+
+fn id(v: &Value) -> String {
+    v["id"].as_str().unwrap().to_owned()
+}
+
+/// The dump of a node's session, once the daemon has written it.
+fn wait_dump(daemon: &TestDaemon, node: &str, session: &str) -> PathBuf {
+    let dir = daemon
+        .data_dir()
+        .join("dumps")
+        .join(format!("{node}-{session}"));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !dir.join("manifest.json").is_file() {
+        assert!(
+            Instant::now() < deadline,
+            "no dump {} after 120 s: {}",
+            dir.display(),
+            daemon.log()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    dir
+}
+
+/// The pids in the templates' cgroups (`…/templates/tpl-*`) under `dir`.
+fn template_pids(dir: &Path) -> Vec<i32> {
+    let mut pids = Vec::new();
+    let Ok(entries) = fs::read_dir(dir) else {
+        return pids;
+    };
+    for e in entries.flatten() {
+        if !e.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let path = e.path();
+        if e.file_name().to_string_lossy().starts_with("tpl-") {
+            pids.extend(
+                fs::read_to_string(path.join("cgroup.procs"))
+                    .unwrap_or_default()
+                    .lines()
+                    .filter_map(|l| l.parse::<i32>().ok()),
+            );
+        }
+        pids.extend(template_pids(&path));
+    }
+    pids
+}
+
+/// The parent (host pid) of `pid`.
+fn ppid(pid: i64) -> i32 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+const PY_STATE: &str = "import hashlib
+data = bytes(range(256)) * 65536
+digest = hashlib.sha256(data).hexdigest()
+x = 41";
+const PY_SHOW: &str = "print(x, hashlib.sha256(data).hexdigest() == digest, len(data))";
+const SH_SHOW: &str = "echo \"$A $B $(pwd)\"; greet";
+
+#[test]
+fn a_tree_whose_init_died_is_rebuilt_from_its_dumps() {
+    require_root();
+    let mut daemon = TestDaemon::start("husk", &[]);
+    let sb = id(&json(&daemon, &["create"]));
+    let py = id(&json(
+        &daemon,
+        &["session", "start", &sb, "--kind", "python"],
+    ));
+    let sh = id(&json(&daemon, &["session", "start", &sb, "--kind", "bash"]));
+    run(&daemon, &sb, &py, PY_STATE);
+    run(
+        &daemon,
+        &sb,
+        &sh,
+        "A=hello; B=$((6 * 7)); cd /tmp; greet() { echo hi from a function; }",
+    );
+    let n1 = id(&json(&daemon, &["checkpoint", &sb]));
+    run(&daemon, &sb, &py, "x = 42");
+    run(&daemon, &sb, &sh, "A=world; cd /workspace");
+    let n2 = id(&json(&daemon, &["checkpoint", &sb]));
+    for node in [&n1, &n2] {
+        for session in [&py, &sh] {
+            wait_dump(&daemon, node, session);
+        }
+    }
+    assert_eq!(run(&daemon, &sb, &py, PY_SHOW), "42 True 16777216\n");
+
+    // The tree's init is the parent of its sessions (they are its children, spawned or
+    // restored with CLONE_PARENT); held by pidfd from here on.
+    let session_pid = json(&daemon, &["status", &sb])["sessions"][0]["pid"]
+        .as_i64()
+        .unwrap();
+    let init = Pidfd::open(Pid::from_raw(ppid(session_pid))).unwrap();
+    assert_eq!(
+        fs::read_to_string(format!("/proc/{}/status", init.pid()))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("NSpid:"))
+            .and_then(|f| f.split_whitespace().last().map(str::to_owned)),
+        Some("1".to_owned()),
+        "pid {} is not the tree's pid 1",
+        init.pid()
+    );
+
+    // The daemon and the tree's init die: every template and session with the init's pid
+    // namespace.
+    daemon.kill();
+    init.kill_and_wait(Duration::from_secs(10)).unwrap();
+    daemon.restart(&[]);
+
+    let status = json(&daemon, &["status", &sb]);
+    assert_eq!(status["head"], n2.as_str(), "{status}");
+    assert_eq!(
+        status["sessions"].as_array().map(Vec::len),
+        Some(2),
+        "both sessions revived: {status}\n{}",
+        daemon.log()
+    );
+    let log = daemon.log();
+    assert!(
+        log.contains("re-created with a new init")
+            && log
+                .matches("restored from its dump into a fresh process")
+                .count()
+                >= 2,
+        "{log}"
+    );
+    assert_eq!(run(&daemon, &sb, &py, PY_SHOW), "42 True 16777216\n");
+    assert_eq!(
+        run(&daemon, &sb, &sh, SH_SHOW),
+        "world 42 /workspace\nhi from a function\n"
+    );
+    // They keep working.
+    assert_eq!(
+        run(
+            &daemon,
+            &sb,
+            &py,
+            "y = [str(i) for i in range(100000)]; print(len(y))"
+        ),
+        "100000\n"
+    );
+    assert_eq!(
+        run(&daemon, &sb, &sh, "ls / > /dev/null && echo $((B + 1))"),
+        "43\n"
+    );
+
+    // An older node restores (from its dumps too: its templates died with the init).
+    json(&daemon, &["rollback", &sb, &n1]);
+    assert_eq!(run(&daemon, &sb, &py, PY_SHOW), "41 True 16777216\n");
+    assert_eq!(
+        run(&daemon, &sb, &sh, SH_SHOW),
+        "hello 42 /tmp\nhi from a function\n"
+    );
+    // And the head again, now from the templates its revival made.
+    json(&daemon, &["rollback", &sb, &n2]);
+    assert_eq!(run(&daemon, &sb, &py, PY_SHOW), "42 True 16777216\n");
+    let tree = json(&daemon, &["tree", &sb]);
+    for node in tree["nodes"].as_array().unwrap() {
+        for session in node["sessions"].as_array().unwrap() {
+            assert_eq!(session["template"], "live", "{tree}");
+        }
+    }
+
+    // Within a running tree too: every template killed from the host, a rollback
+    // restores from the dumps into fresh processes (no template of python or bash is
+    // left to fork).
+    let templates: Vec<Pidfd> = template_pids(daemon.sandbox_cgroup())
+        .into_iter()
+        .filter_map(|pid| Pidfd::open(Pid::from_raw(pid)).ok())
+        .collect();
+    assert!(templates.len() >= 4, "{} templates", templates.len());
+    for template in &templates {
+        template.kill_and_wait(Duration::from_secs(10)).unwrap();
+    }
+    let before = daemon.log().matches("into a fresh process").count();
+    json(&daemon, &["rollback", &sb, &n1]);
+    assert_eq!(run(&daemon, &sb, &py, PY_SHOW), "41 True 16777216\n");
+    assert_eq!(
+        run(&daemon, &sb, &sh, SH_SHOW),
+        "hello 42 /tmp\nhi from a function\n"
+    );
+    assert_eq!(
+        daemon.log().matches("into a fresh process").count(),
+        before + 2,
+        "{}",
+        daemon.log()
+    );
+
+    let (status, err) = daemon.stop();
+    assert!(status.success(), "{err}");
+}
