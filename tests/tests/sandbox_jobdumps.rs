@@ -1,9 +1,11 @@
 //! A node's other processes (here a background pipeline `python3 job.py | cat > log` of
 //! a bash session) are dumped like its sessions: a node whose job template was killed
-//! from inside the sandbox, or whose templates the pool evicted, is restored from the
-//! dumps — the job's memory (a random buffer, hashed on every line it prints) is the
-//! checkpoint's, it runs on from its counter, and its pipe to `cat` carries its lines
-//! again. Needs root, cgroups, FUSE, the store.
+//! from inside the sandbox, or whose templates the pool evicted, or whose job template
+//! was killed while the daemon was down, is restored from the dumps — the job's memory
+//! (a random buffer, hashed on every line it prints) is the checkpoint's, it runs on
+//! from its counter, and its pipe to `cat` carries its lines again. The writer of a
+//! shared file mapping, restored from its dump, maps the file again, shared with its
+//! reader. Needs root, cgroups, FUSE, the store.
 
 use std::fs;
 use std::thread;
@@ -52,28 +54,34 @@ struct Line {
 }
 
 impl Sb {
+    /// A sandbox with a bash session running the job.
     fn start(test: &str, flags: &[&str]) -> Self {
+        let sb = Self::bare(test, flags);
+        sb.api.sh(&sb.id, JOB);
+        sb.api.run(
+            &sb.id,
+            &sb.sh,
+            "python3 /tmp/job.py 2>/tmp/job.err | cat > /tmp/log &",
+        );
+        sb.wait_line("the job's first lines", |l| l.count >= 3);
+        sb
+    }
+
+    /// A sandbox with an idle bash session.
+    fn bare(test: &str, flags: &[&str]) -> Self {
         require_root();
         let daemon = TestDaemon::start(test, flags);
         let api = Http::new(daemon.socket());
         let id = id_of(&api.create(&json!({})));
         let tree = api.sandbox(&id)["tree"].as_str().unwrap().to_owned();
         let sh = api.session(&id, "bash");
-        api.sh(&id, JOB);
-        api.run(
-            &id,
-            &sh,
-            "python3 /tmp/job.py 2>/tmp/job.err | cat > /tmp/log &",
-        );
-        let sb = Self {
+        Self {
             daemon,
             api,
             id,
             tree,
             sh,
-        };
-        sb.wait_line("the job's first lines", |l| l.count >= 3);
-        sb
+        }
     }
 
     /// The job's last line in `/tmp/log`, if there is a whole one.
@@ -194,9 +202,14 @@ impl Sb {
             .to_owned()
     }
 
-    /// The live templates running the job (host pids), oldest first (their cgroups are
-    /// named `tpl-<pid>-<nanoseconds>-<seq>`).
+    /// The live templates running the job (host pids), oldest first.
     fn job_templates(&self) -> Vec<i32> {
+        self.templates_running(|cmd| cmd == b"python3\0/tmp/job.py\0")
+    }
+
+    /// The live templates whose command line `is` accepts (host pids), oldest first
+    /// (their cgroups are named `tpl-<pid>-<nanoseconds>-<seq>`).
+    fn templates_running(&self, is: impl Fn(&[u8]) -> bool) -> Vec<i32> {
         let dir = self
             .daemon
             .sandbox_cgroup()
@@ -215,7 +228,7 @@ impl Sb {
             let procs = fs::read_to_string(e.path().join("cgroup.procs")).unwrap_or_default();
             for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
                 let cmd = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                if cmd == b"python3\0/tmp/job.py\0" {
+                if is(&cmd) {
                     found.push((nanos, pid));
                 }
             }
@@ -368,4 +381,149 @@ fn the_pool_evicts_nodes_with_background_jobs_and_they_come_back_from_dumps() {
     api.rollback(id, &n1);
     sb.assert_job_resumed(&at1);
     assert_eq!(api.run(id, &sb.sh, "echo $n"), "1\n");
+}
+
+fn kill9(pid: i32) {
+    // SAFETY: kill(2) takes plain integers.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    for _ in 0..1000 {
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        if stat.is_empty() || stat.contains(") Z ") {
+            return;
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+    panic!("template {pid} did not die");
+}
+
+/// The daemon SIGKILLed, then the job's template at the head node: the restarted daemon
+/// revives the sandbox at its head with the job rebuilt from its dump (forking the
+/// adopted template of the parent node).
+#[test]
+fn a_revived_sandbox_gets_its_job_back_from_its_dump() {
+    let mut sb = Sb::start("jobrevive", &[]);
+    let (n1, _) = sb.checkpoint("one");
+    let at1 = sb.last().unwrap();
+    sb.turn(1);
+    let (n2, _) = sb.checkpoint("two");
+    let at2 = sb.last().unwrap();
+    sb.wait_dumps();
+    sb.daemon.kill();
+    let tpls = sb.job_templates();
+    assert_eq!(tpls.len(), 2, "{tpls:?}");
+    kill9(tpls[1]);
+    sb.daemon.restart(&[]);
+    sb.api = Http::new(sb.daemon.socket());
+    assert!(
+        sb.daemon.log().contains("process restored from its dump"),
+        "{}",
+        sb.daemon.log()
+    );
+    sb.assert_job_resumed(&at2);
+    assert_eq!(sb.process_state(&n2, "python3"), "dumped");
+    assert_eq!(sb.process_state(&n1, "python3"), "live");
+    sb.api.rollback(&sb.id, &n1);
+    sb.assert_job_resumed(&at1);
+    sb.api.rollback(&sb.id, &n2);
+    sb.assert_job_resumed(&at2);
+}
+
+/// Two `Popen` children of a python session share a writable `MAP_SHARED` mapping of
+/// one file: the writer counts in it, the reader copies what it sees to another file.
+const SHARED: &str = r#"import mmap, struct, subprocess, sys
+open("/tmp/shared", "wb").write(bytes(4096))
+WRITER = """
+import mmap, struct, time
+f = open("/tmp/shared", "r+b")
+m = mmap.mmap(f.fileno(), 4096)
+n = 0
+while True:
+    n += 1
+    struct.pack_into("Q", m, 0, n)
+    time.sleep(0.05)
+"""
+READER = """
+import mmap, struct, time
+f = open("/tmp/shared", "r+b")
+m = mmap.mmap(f.fileno(), 4096)
+while True:
+    open("/tmp/seen", "w").write(str(struct.unpack_from("Q", m, 0)[0]))
+    time.sleep(0.05)
+"""
+procs = [subprocess.Popen([sys.executable, "-c", c]) for c in (WRITER, READER)]"#;
+
+/// The counter in the shared file, and what the reader last saw.
+fn shared_and_seen(sb: &Sb) -> (u64, u64) {
+    let mut out = String::new();
+    for _ in 0..20 {
+        out = sb.api.sh(
+            &sb.id,
+            "python3 -c 'import struct; print(struct.unpack(\"Q\", open(\"/tmp/shared\", \"rb\").read(8))[0])'; cat /tmp/seen",
+        );
+        let numbers: Vec<u64> = out
+            .split_whitespace()
+            .filter_map(|w| w.parse().ok())
+            .collect();
+        if let [written, seen] = numbers.as_slice() {
+            return (*written, *seen);
+        }
+        // The reader rewrites its file, truncating first.
+        thread::sleep(Duration::from_millis(20));
+    }
+    panic!("the shared counter and the reader's file: {out:?}")
+}
+
+/// The writer of the shared mapping, its template killed after its dump, comes back
+/// from the dump (a fork of the parent node's writer template): it maps the node's file
+/// again, shared, counts on from the node's value, and the reader follows it.
+#[test]
+fn a_writer_of_a_shared_mapping_comes_back_from_its_dump() {
+    let sb = Sb::bare("jobshm", &[]);
+    let py = sb.api.session(&sb.id, "python");
+    sb.api.run(&sb.id, &py, SHARED);
+    thread::sleep(Duration::from_millis(800));
+    // The writer's template here is the base its dump at n2 is applied to.
+    let _n1 = sb.api.checkpoint(&sb.id, "one");
+    thread::sleep(Duration::from_millis(500));
+    let n2 = sb.api.checkpoint(&sb.id, "two");
+    let (at, _) = shared_and_seen(&sb);
+    sb.wait_dumps();
+    let writers =
+        sb.templates_running(|cmd| String::from_utf8_lossy(cmd).contains("struct.pack_into"));
+    assert_eq!(writers.len(), 2, "{writers:?}");
+    kill9(writers[1]);
+    thread::sleep(Duration::from_secs(1));
+    let (later, _) = shared_and_seen(&sb);
+    assert!(later > at + 10, "{at} {later}");
+
+    sb.api.rollback(&sb.id, &n2);
+    assert!(
+        sb.daemon.log().contains("process restored from its dump"),
+        "{}",
+        sb.daemon.log()
+    );
+    thread::sleep(Duration::from_millis(500));
+    let (w1, r1) = shared_and_seen(&sb);
+    thread::sleep(Duration::from_millis(500));
+    let (w2, r2) = shared_and_seen(&sb);
+    assert!(w2 > w1 && r2 > r1, "not running: {w1}/{r1} then {w2}/{r2}");
+    assert!(
+        w1 + 1 >= at && w1 < at + 40 && w1 < later,
+        "the writer at {w1}, resumed from {at} (it was at {later})"
+    );
+    assert!(
+        w2.abs_diff(r2) <= 3,
+        "the reader sees {r2}, the writer wrote {w2}"
+    );
+    // The restored writer maps the file shared and writable (the templates, also in
+    // the sandbox's pid namespace, do not).
+    let writer_maps = sb
+        .api
+        .sh(&sb.id, "grep -l pack_into /proc/[0-9]*/cmdline 2>/dev/null | sed 's,cmdline,maps,' | xargs cat 2>/dev/null; true");
+    assert!(
+        writer_maps
+            .lines()
+            .any(|l| l.contains(" rw-s ") && l.ends_with("/tmp/shared")),
+        "{writer_maps}"
+    );
 }
