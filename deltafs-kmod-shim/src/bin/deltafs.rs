@@ -250,6 +250,19 @@ fn command(
             ))
         }
         ["sync"] => Ok(format!("synced {}", store.flush()?)),
+        ["stats"] => {
+            // One word per request kind: `<kind>=<count>/<mean µs of the timed ones>`.
+            let stats = store.stats();
+            let ops: Vec<String> = stats
+                .ops
+                .iter()
+                .map(|op| {
+                    let mean_us = op.sum_ns as f64 / op.timed.max(1) as f64 / 1000.0;
+                    format!("{}={}/{mean_us:.1}", op.kind.as_str(), op.count)
+                })
+                .collect();
+            Ok(format!("stats {}", ops.join(" ")))
+        }
         ["gc"] => {
             let report = store.gc()?;
             Ok(format!(

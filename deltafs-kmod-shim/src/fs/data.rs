@@ -12,7 +12,7 @@ use nix::unistd::{Whence, lseek as sys_lseek};
 
 use super::DeltaFs;
 use crate::view::open::OpenReply;
-use crate::view::state::{FsResult, IntoErrno, TTL};
+use crate::view::state::{FsResult, IntoErrno};
 
 pub(super) fn reply_open(reply: ReplyOpen, result: FsResult<OpenReply>) {
     match result {
@@ -31,18 +31,21 @@ pub(super) fn reply_open(reply: ReplyOpen, result: FsResult<OpenReply>) {
     }
 }
 
-pub(super) fn reply_create(reply: ReplyCreate, result: FsResult<(fuser::FileAttr, OpenReply)>) {
+/// A created file's attributes, how long the kernel may cache them, and its open.
+pub(super) type Created = (fuser::FileAttr, std::time::Duration, OpenReply);
+
+pub(super) fn reply_create(reply: ReplyCreate, result: FsResult<Created>) {
     match result {
-        Ok((attr, OpenReply::Passthrough { fh, id })) => reply.created_passthrough(
-            &TTL,
+        Ok((attr, ttl, OpenReply::Passthrough { fh, id })) => reply.created_passthrough(
+            &ttl,
             &attr,
             Generation(0),
             FileHandle(fh),
             FopenFlags::empty(),
             &id,
         ),
-        Ok((attr, OpenReply::Daemon { fh, .. })) => reply.created(
-            &TTL,
+        Ok((attr, ttl, OpenReply::Daemon { fh, .. })) => reply.created(
+            &ttl,
             &attr,
             Generation(0),
             FileHandle(fh),
@@ -71,7 +74,17 @@ pub(super) fn read(fs: &DeltaFs, fh: FileHandle, offset: u64, size: u32, reply: 
     reply.data(&buf[..filled]);
 }
 
-pub(super) fn write(fs: &DeltaFs, fh: FileHandle, offset: u64, data: &[u8], reply: ReplyWrite) {
+pub(super) fn write(
+    fs: &DeltaFs,
+    fh: FileHandle,
+    offset: u64,
+    data: &[u8],
+    kill_suidgid: bool,
+    reply: ReplyWrite,
+) {
+    if kill_suidgid && let Some(nid) = fs.with(|s| s.kill_suidgid_for_write(fh.0)) {
+        fs.inval_attrs(nid);
+    }
     let backing = match fs.with(|s| s.handle(fh.0)) {
         Ok((backing, true)) => backing,
         Ok((_, false)) => return reply.error(Errno::EBADF),

@@ -199,16 +199,20 @@ impl Index {
     }
 
     /// What `name` in directory `dir` maps to, reading base listings from the shared
-    /// cache without changing this index (for comparisons between indexes).
-    pub fn peek_entry(&self, dir: Ino, name: &OsStr, base: &BaseTree) -> Option<Ino> {
+    /// cache without changing this index (for comparisons between indexes); `None` when
+    /// this index cannot tell without loading: `dir` is not loaded here (an unchanged
+    /// base directory nothing looked into yet) or its base listing cannot be read. A
+    /// comparison must count that as a difference: taking it for "no such entry" kept a
+    /// negative dentry alive across a switch that brought the name back.
+    pub fn known_entry(&self, dir: Ino, name: &OsStr, base: &BaseTree) -> Option<Option<Ino>> {
         if let Some(entries) = self.dirs.get(&dir) {
-            return entries.get(name).copied();
+            return Some(entries.get(name).copied());
         }
         let node = self.nodes.get(&dir)?;
         let Some(DataRef::Base(rel)) = &node.data else {
-            return None;
+            return Some(None);
         };
-        base.dir(dir, &rel.0).ok()?.entries.get(name).copied()
+        Some(base.dir(dir, &rel.0).ok()?.entries.get(name).copied())
     }
 
     /// Sets or removes a node, recording the change.

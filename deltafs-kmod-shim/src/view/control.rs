@@ -224,7 +224,9 @@ impl ViewShared {
         }
         let base = Arc::clone(&state.base);
         for (dir, name) in &candidates.entries {
-            if old.peek_entry(*dir, name, &base) != state.index.peek_entry(*dir, name, &base) {
+            let before = old.known_entry(*dir, name, &base);
+            let after = state.index.known_entry(*dir, name, &base);
+            if before.is_none() || after.is_none() || before != after {
                 entries.push((state.nids.nid(*dir), name.clone()));
             }
         }

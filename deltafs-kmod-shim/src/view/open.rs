@@ -26,7 +26,7 @@ use super::nodeids::Resolved;
 use super::state::{FsResult, IntoErrno, ViewState};
 use crate::ids::Ino;
 use crate::layer::Layers;
-use crate::node::{DataRef, Kind, Node};
+use crate::node::{DataRef, Kind, Node, Time};
 use crate::sync::{read, write};
 
 /// The backing file an open inode's handles read and write through. Replaced in place by
@@ -139,7 +139,14 @@ impl ViewState {
             self.truncate(ino, 0)?;
         }
         let exec = flags & FMODE_EXEC != 0;
-        self.attach(nid.0, ino, write, exec, None, open_backing)
+        let was_mapped = self.maybe_mapped.contains_key(&ino);
+        let reply = self.attach(nid.0, ino, write, exec, None, open_backing)?;
+        if !was_mapped && self.maybe_mapped.contains_key(&ino) {
+            // The kernel may hold its attributes with the long TTL: a mapping could now
+            // change them unseen.
+            self.inval_attrs.push(nid.0);
+        }
+        Ok(reply)
     }
 
     /// Adds a handle on `ino` (node id `nid`), deciding passthrough or daemon service if
@@ -321,6 +328,30 @@ impl ViewState {
     }
 
     /// The backing file of handle `fh`.
+    /// A daemon-served `WRITE` flagged `FUSE_WRITE_KILL_SUIDGID` (a caller without
+    /// `CAP_FSETID`, `FUSE_HANDLE_KILLPRIV_V2`): clears set-user/group-ID of the handle's
+    /// inode. Returns its node id when that changed the mode (the kernel's copy is then
+    /// stale). A retired handle's node is left alone: nothing shows it but its own `fstat`.
+    pub fn kill_suidgid_for_write(&mut self, fh: u64) -> Option<u64> {
+        let nid = self.handles.get(&fh)?.nid;
+        let Resolved::Live(ino) = self.nids.resolve(nid) else {
+            return None;
+        };
+        let node = self.index.node(ino)?;
+        let perm = super::ops::killed_suidgid(node.perm);
+        if perm == node.perm {
+            return None;
+        }
+        let now = Time::now();
+        self.txn()
+            .update(ino, |node| {
+                node.perm = perm;
+                node.ctime = now;
+            })
+            .ok()?;
+        Some(nid)
+    }
+
     pub fn handle(&self, fh: u64) -> FsResult<(Arc<Backing>, bool)> {
         self.handles
             .get(&fh)

@@ -37,6 +37,42 @@ pub(crate) struct SetAttr {
     pub atime: Option<TimeOrNow>,
     pub mtime: Option<TimeOrNow>,
     pub ctime: Option<SystemTime>,
+    /// Clear set-user-ID, and set-group-ID if group-executable (see [`SetAttr::kills_suidgid`]).
+    pub kill_suidgid: bool,
+}
+
+impl SetAttr {
+    /// Whether this `SETATTR` asks for set-user/group-ID to be cleared. With
+    /// `FUSE_HANDLE_KILLPRIV_V2` the kernel leaves that to the filesystem, but fuser 0.18
+    /// hides the request's `FATTR_KILL_SUIDGID`, so it is inferred from what the kernel
+    /// sends it with: a chown (always, like the kernel's own chown), a `SETATTR` with no
+    /// attribute at all (what `file_remove_privs` sends before a write by a caller
+    /// without `CAP_FSETID`, and a `chown(f, -1, -1)`), a truncate by a non-root caller
+    /// (the kernel flags it when the caller lacks `CAP_FSETID`; uid 0 stands for that).
+    pub fn kills_suidgid(&self, caller_uid: u32) -> bool {
+        let nothing = self.mode.is_none()
+            && self.uid.is_none()
+            && self.gid.is_none()
+            && self.size.is_none()
+            && self.atime.is_none()
+            && self.mtime.is_none()
+            && self.ctime.is_none();
+        self.mode.is_none()
+            && (self.uid.is_some()
+                || self.gid.is_some()
+                || nothing
+                || (self.size.is_some() && caller_uid != 0))
+    }
+}
+
+/// `perm` without set-user-ID, and without set-group-ID when group-executable (without
+/// group execute it marks mandatory locking, which a write keeps): what the kernel clears.
+pub(crate) fn killed_suidgid(perm: u16) -> u16 {
+    let mut perm = u32::from(perm) & !libc::S_ISUID;
+    if perm & (libc::S_ISGID | libc::S_IXGRP) == libc::S_ISGID | libc::S_IXGRP {
+        perm &= !libc::S_ISGID;
+    }
+    perm as u16
 }
 
 fn resolve_time(t: TimeOrNow) -> Time {
@@ -300,6 +336,9 @@ impl ViewState {
                 if let Some(mode) = set.mode {
                     node.perm = (mode & 0o7777) as u16;
                 }
+                if set.kill_suidgid && node.kind != Kind::Dir {
+                    node.perm = killed_suidgid(node.perm);
+                }
                 if let Some(uid) = set.uid {
                     node.uid = uid;
                 }
@@ -335,6 +374,9 @@ impl ViewState {
         let mut node = Node::clone(&retired.node);
         if let Some(mode) = set.mode {
             node.perm = (mode & 0o7777) as u16;
+        }
+        if set.kill_suidgid && node.kind != Kind::Dir {
+            node.perm = killed_suidgid(node.perm);
         }
         if let Some(uid) = set.uid {
             node.uid = uid;

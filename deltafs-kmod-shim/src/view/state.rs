@@ -22,9 +22,18 @@ use crate::layer::LayerError;
 use crate::node::{DataRef, Kind, Node, Time};
 use crate::store::StoreShared;
 
-/// How long the kernel may cache attributes and entries. Every change made through the
-/// mount updates the kernel's copy; a switch invalidates what it changes.
-pub(crate) const TTL: Duration = Duration::from_secs(1);
+/// How long the kernel may cache entries (names, also of missing names: negative
+/// dentries) and attributes. Long: nothing changes them behind the kernel's back. Every
+/// change made through the mount updates or invalidates the kernel's copy, and a switch
+/// invalidates every inode and entry it changes (`View::switch`); the base never changes.
+/// The one exception has [`SHORT_TTL`].
+pub(crate) const TTL: Duration = Duration::from_secs(3600);
+
+/// How long the kernel may cache the attributes of a file that had a writable passthrough
+/// open and may still be mapped `MAP_SHARED` (`maybe_mapped`): writes through such a
+/// mapping change its backing file's mtime and blocks without the kernel's FUSE inode
+/// hearing of it.
+pub(crate) const SHORT_TTL: Duration = Duration::from_secs(1);
 
 /// Result of a FUSE-side operation: the errno is what the caller sees.
 pub(crate) type FsResult<T> = Result<T, Errno>;
@@ -105,6 +114,9 @@ pub(crate) struct ViewState {
     /// Node ids whose FUSE page cache may be stale (their data was changed through
     /// passthrough, which bypasses it).
     pub stale_cache: HashSet<u64>,
+    /// Node ids whose attributes the kernel may hold with the long [`TTL`] and must drop
+    /// before the current request is answered (a file that just became `maybe_mapped`).
+    pub inval_attrs: Vec<u64>,
 }
 
 impl ViewState {
@@ -135,6 +147,7 @@ impl ViewState {
             kept: HashMap::new(),
             janitor,
             stale_cache: HashSet::new(),
+            inval_attrs: Vec::new(),
         }
     }
 
@@ -208,6 +221,15 @@ impl ViewState {
                 let open = retired.open.as_ref().map(|entry| entry.backing.file());
                 self.attr(nid.0, &retired.node, open.as_deref())
             }
+        }
+    }
+
+    /// How long the kernel may cache the attributes of node id `nid` ([`TTL`], or
+    /// [`SHORT_TTL`] for a file that may be mapped, and for a retired id).
+    pub fn attr_ttl(&self, nid: u64) -> Duration {
+        match self.nids.resolve(nid) {
+            Resolved::Live(ino) if !self.maybe_mapped.contains_key(&ino) => TTL,
+            _ => SHORT_TTL,
         }
     }
 
