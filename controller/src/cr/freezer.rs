@@ -59,7 +59,7 @@ fn write(path: &Path, op: &'static str, value: &str) -> Result<(), FreezerError>
 impl TemplateCgroup {
     /// Creates `<parent>/<name>`, `parent` absolute or relative to the cgroup2 mount.
     pub fn create(parent: &Path, name: &str) -> Result<Self, FreezerError> {
-        let parent = CgroupFs::from_mountinfo()?.resolve(parent)?;
+        let parent = CgroupFs::host()?.resolve(parent)?;
         let path = parent.path.join(name);
         fs::create_dir(&path).map_err(|source| FreezerError::Io {
             op: "create cgroup",

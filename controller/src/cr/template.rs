@@ -146,7 +146,7 @@ impl Template {
         scratch: u64,
     ) -> Result<Self, CrError> {
         let raw = pid.as_raw();
-        let cgroup_root = CgroupFs::from_mountinfo()
+        let cgroup_root = CgroupFs::host()
             .map_err(super::freezer::FreezerError::from)?
             .root()
             .to_path_buf();
@@ -296,7 +296,7 @@ impl Seizing {
 /// leader.
 pub fn checkpoint(pid: Pid, opts: &CheckpointOptions) -> Result<Template, CrError> {
     let raw = pid.as_raw();
-    let cgroup_root = CgroupFs::from_mountinfo()
+    let cgroup_root = CgroupFs::host()
         .map_err(super::freezer::FreezerError::from)?
         .root()
         .to_path_buf();
@@ -340,7 +340,7 @@ fn fork_seized(seizing: Seizing, opts: &CheckpointOptions) -> Result<Template, C
     } = seizing;
     let raw = pid.as_raw();
     let comm = procfs::comm(raw)?;
-    let cgroup_root = CgroupFs::from_mountinfo()
+    let cgroup_root = CgroupFs::host()
         .map_err(super::freezer::FreezerError::from)?
         .root()
         .to_path_buf();
