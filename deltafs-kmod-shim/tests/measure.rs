@@ -225,3 +225,109 @@ fn drop_caches() {
     nix::unistd::sync();
     let _ = fs::write("/proc/sys/vm/drop_caches", b"3");
 }
+
+/// The metadata-heavy steps of `cargo xtask bench fs` on their own: `tar -x` of a tree
+/// (`DELTAFS_MEASURE_TREE`, default the CPython standard library the bench uses, else
+/// `/usr/include`), then `find -exec stat` over it, on the store's filesystem directly
+/// and on a DeltaFS view (store on that filesystem), with the FUSE requests per file
+/// that reached the daemon for each step (`Store::stats`).
+#[test]
+#[ignore = "measurement; run explicitly"]
+fn untar_and_find_round_trips() {
+    require_root!();
+    let tree = std::env::var_os("DELTAFS_MEASURE_TREE")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            let out = std::process::Command::new("python3")
+                .args([
+                    "-c",
+                    "import sysconfig; print(sysconfig.get_paths()['stdlib'])",
+                ])
+                .output()
+                .ok()?;
+            let path = std::path::PathBuf::from(String::from_utf8(out.stdout).ok()?.trim());
+            path.is_dir().then_some(path)
+        })
+        .unwrap_or_else(|| "/usr/include".into());
+    let fx = Fixture::new();
+    let run = |cmd: &mut std::process::Command| {
+        let start = Instant::now();
+        let status = cmd.stdout(std::process::Stdio::null()).status().unwrap();
+        assert!(status.success(), "{cmd:?} failed");
+        start.elapsed()
+    };
+    let tarball = fx.store_dir().join("tree.tar");
+    let parent = tree.parent().unwrap();
+    let top = tree.file_name().unwrap();
+    run(std::process::Command::new("tar")
+        .arg("-cf")
+        .arg(&tarball)
+        .arg("--exclude=site-packages")
+        .arg("-C")
+        .arg(parent)
+        .arg(top));
+    let files = String::from_utf8(
+        std::process::Command::new("tar")
+            .arg("-tf")
+            .arg(&tarball)
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap()
+    .lines()
+    .count();
+    let steps = |dir: &std::path::Path| {
+        nix::unistd::sync();
+        let untar = run(std::process::Command::new("tar")
+            .arg("-xf")
+            .arg(&tarball)
+            .arg("-C")
+            .arg(dir));
+        let after_untar = fx.store().stats();
+        nix::unistd::sync();
+        let find = run(std::process::Command::new("find").arg(dir).args([
+            "-exec",
+            "stat",
+            "--format=%s",
+            "{}",
+            "+",
+        ]));
+        (untar, find, after_untar, fx.store().stats())
+    };
+    let raw = fx.store_dir().join("raw");
+    fs::create_dir(&raw).unwrap();
+    let (raw_untar, raw_find, ..) = steps(&raw);
+    let view = fx.mount("live", None);
+    let before = fx.store().stats();
+    let (untar, find, after_untar, after_find) = steps(view.mountpoint());
+    let per_file = |from: &deltafs::StatsSnapshot, to: &deltafs::StatsSnapshot| {
+        let mut total = 0;
+        let kinds: Vec<String> = to
+            .ops
+            .iter()
+            .zip(&from.ops)
+            .filter(|(t, f)| t.count > f.count)
+            .map(|(t, f)| {
+                total += t.count - f.count;
+                format!(
+                    "{} {:.2}",
+                    t.kind.as_str(),
+                    (t.count - f.count) as f64 / files as f64
+                )
+            })
+            .collect();
+        format!("{:.2} ({})", total as f64 / files as f64, kinds.join(", "))
+    };
+    println!(
+        "{files} entries of {}: untar: store fs {raw_untar:?}, DeltaFS {untar:?} ({:.2}x), \
+         requests per entry {}; find + stat: store fs {raw_find:?}, DeltaFS {find:?} \
+         ({:.2}x), requests per entry {}",
+        tree.display(),
+        untar.as_secs_f64() / raw_untar.as_secs_f64(),
+        per_file(&before, &after_untar),
+        find.as_secs_f64() / raw_find.as_secs_f64(),
+        per_file(&after_untar, &after_find),
+    );
+    view.unmount().unwrap();
+}
