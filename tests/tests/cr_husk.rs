@@ -143,3 +143,70 @@ fn a_dump_is_restored_into_a_fresh_process() {
     assert_eq!(r.ask("del g, big; h()"), "None");
     assert_eq!(r.ask("h()"), hash);
 }
+
+/// Measurement (`--ignored`): restores of a python3 process holding 64 MiB of random
+/// bytes from its dump into fresh processes, five rounds.
+///
+/// `cargo test --release -p deltabox-tests --test cr_husk -- --ignored --nocapture`
+#[test]
+#[ignore = "a measurement: run it by hand with --release"]
+fn measure_restores_of_64_mib_into_husks() {
+    require_root();
+    let env = CrEnv::new("husk-64");
+    let scratch = Scratch(scratch_dir("cr-husk-64"));
+    let mut cmd = Command::new("python3");
+    cmd.args(["-u", "-c", PY_REPL]);
+    let mut p: Proc = env.spawn(cmd);
+    p.ask("import hashlib, os");
+    p.ask("buf = bytearray(os.urandom(64 << 20))");
+    let hash = p.ask("hashlib.sha256(buf).hexdigest()");
+    let template = cr::checkpoint(Pid::from_raw(p.pid), &env.checkpoint_opts()).unwrap();
+    env.track(template.pid().as_raw());
+    let stats = dump_template(
+        &template,
+        &DumpOptions {
+            root: scratch.0.clone(),
+            name: "n".to_owned(),
+            parent: None,
+            root_prefix: None,
+        },
+    )
+    .unwrap();
+    let dump = Dump::open(&scratch.0, "n").unwrap();
+    template.destroy().unwrap();
+    // SAFETY: kill(2) takes plain integers.
+    unsafe { libc::kill(p.pid, libc::SIGKILL) };
+    let stored = (stats.pages - stats.zero) * 4096;
+    let mut totals = Vec::new();
+    for round in 0..5 {
+        let mut sleeper = Command::new("sleep");
+        sleeper.arg("1000");
+        let husk = env.spawn(sleeper);
+        let t = Instant::now();
+        let restored =
+            restore_into_husk(Pid::from_raw(husk.pid), &dump, &RestoreOptions::default()).unwrap();
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        eprintln!(
+            "round {round}: {ms:.1} ms (seize {:.2} ms, memory {:.1} ms, fix-up {:.2} ms, \
+             resume {:.2} ms)",
+            restored.timings.fork.as_secs_f64() * 1e3,
+            restored.timings.memory.as_secs_f64() * 1e3,
+            restored.timings.fixup.as_secs_f64() * 1e3,
+            restored.timings.resume.as_secs_f64() * 1e3,
+        );
+        totals.push(ms);
+        let mut r = env.adopt(restored);
+        assert_eq!(r.ask("hashlib.sha256(buf).hexdigest()"), hash);
+        // SAFETY: kill(2) takes plain integers.
+        unsafe { libc::kill(r.pid, libc::SIGKILL) };
+    }
+    totals.sort_by(f64::total_cmp);
+    eprintln!(
+        "restore into a husk of {} MiB of non-zero private pages: median {:.1} ms, min {:.1}, \
+         max {:.1}",
+        stored >> 20,
+        totals[2],
+        totals[0],
+        totals[4]
+    );
+}

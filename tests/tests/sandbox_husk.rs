@@ -80,6 +80,37 @@ fn template_pids(dir: &Path) -> Vec<i32> {
     pids
 }
 
+/// How many processes of the daemon's sandboxes run `sleep 1000` (waiting up to 3 s).
+fn sleepers(daemon: &TestDaemon) -> usize {
+    let count = || {
+        fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                let cg = fs::read_to_string(e.path().join("cgroup")).unwrap_or_default();
+                let cmd = fs::read(e.path().join("cmdline")).unwrap_or_default();
+                cg.contains(
+                    &*daemon
+                        .sandbox_cgroup()
+                        .file_name()
+                        .unwrap()
+                        .to_string_lossy(),
+                ) && cg.contains("/work")
+                    && cmd == b"sleep\x001000\x00"
+            })
+            .count()
+    };
+    let mut n = count();
+    for _ in 0..60 {
+        if n == 1 {
+            break;
+        }
+        thread::sleep(Duration::from_millis(50));
+        n = count();
+    }
+    n
+}
+
 /// The parent (host pid) of `pid`.
 fn ppid(pid: i64) -> i32 {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -118,7 +149,7 @@ fn a_tree_whose_init_died_is_rebuilt_from_its_dumps() {
     );
     let n1 = id(&json(&daemon, &["checkpoint", &sb]));
     run(&daemon, &sb, &py, "x = 42");
-    run(&daemon, &sb, &sh, "A=world; cd /workspace");
+    run(&daemon, &sb, &sh, "A=world; cd /workspace; sleep 1000 &");
     let n2 = id(&json(&daemon, &["checkpoint", &sb]));
     for node in [&n1, &n2] {
         for session in [&py, &sh] {
@@ -172,6 +203,8 @@ fn a_tree_whose_init_died_is_rebuilt_from_its_dumps() {
         run(&daemon, &sb, &sh, SH_SHOW),
         "world 42 /workspace\nhi from a function\n"
     );
+    // The background job too (dumped like the sessions, restored into a fresh process).
+    assert_eq!(sleepers(&daemon), 1, "{}", daemon.log());
     // They keep working.
     assert_eq!(
         run(
@@ -197,6 +230,8 @@ fn a_tree_whose_init_died_is_rebuilt_from_its_dumps() {
     // And the head again, now from the templates its revival made.
     json(&daemon, &["rollback", &sb, &n2]);
     assert_eq!(run(&daemon, &sb, &py, PY_SHOW), "42 True 16777216\n");
+    // Its job from its dump again, its pipe found through the re-made session's dump.
+    assert_eq!(sleepers(&daemon), 1, "{}", daemon.log());
     let tree = json(&daemon, &["tree", &sb]);
     for node in tree["nodes"].as_array().unwrap() {
         for session in node["sessions"].as_array().unwrap() {

@@ -644,11 +644,11 @@ fn measure_checkpoint_and_rollback_with_background_processes() {
 
 /// A node lists its other processes (`processes`, template `live`); once one's
 /// template is killed (from the host, by pid) it says `dumped` (its dump was written
-/// after the checkpoint), but with no other live template of the same program run to
-/// rebuild it from (the node is the only one), a rollback to the node is refused before
-/// anything is killed, naming the process.
+/// after the checkpoint), and with no other live template of the same program run to
+/// rebuild it from (the node is the only one), a rollback to the node restores the
+/// job from its dump into a fresh process (`cr::husk`).
 #[test]
-fn a_node_whose_job_template_is_gone_is_refused_by_name() {
+fn a_node_whose_job_template_is_gone_comes_back_into_a_fresh_process() {
     let sb = Sb::new("ptgone");
     let (api, id) = (&sb.api, sb.id.as_str());
     let sh = api.session(id, "bash");
@@ -705,20 +705,16 @@ fn a_node_whose_job_template_is_gone_is_refused_by_name() {
         &format!("/v1/sandboxes/{id}/rollback"),
         &json!({ "node": node }),
     )
-    .expect_error(
-        422,
-        "node_not_restorable",
-        &[
-            &node,
-            &pid,
-            "sleep",
-            "no live template of the same program run",
-        ],
-        "rollback",
-    );
-    // Nothing was killed.
-    assert_eq!(api.run(id, &sh, "echo $x"), "after\n");
+    .expect(200, "rollback");
+    assert_eq!(api.run(id, &sh, "echo \"[$x]\""), "[]\n");
+    // The job is back (one `sleep 1000`), in a process that never ran it before.
     assert_eq!(sb.count(id, "sleep 1000", 1), 1, "{:?}", sb.procs(id));
+    let log = sb.daemon.log();
+    assert!(
+        log.contains("process restored from its dump into a fresh process")
+            && log.contains(&format!("pid={pid}")),
+        "{log}"
+    );
 }
 
 /// A python session with a writable shared file mapping, restored from its dump (its

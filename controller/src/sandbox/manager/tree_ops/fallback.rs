@@ -15,6 +15,7 @@ use crate::cr::pidfd::Pidfd;
 use crate::cr::{self, CheckpointOptions, CrError, RestoreOptions, Restored};
 use crate::sandbox::error::SandboxError;
 use crate::sandbox::manager::{Live, NodeTemplates, SandboxManager, Tree, db_err, lock};
+use crate::sandbox::runtime::TreeRuntime;
 use crate::sandbox::session::SessionKind;
 use crate::tree::db::Op;
 use crate::tree::ids::{NodeId, SessionId};
@@ -270,7 +271,7 @@ impl SandboxManager {
         }
         // No template of the same program run: a fresh process of the sandbox becomes it.
         let t = Instant::now();
-        match self.restore_in_husk(tree, name, &dump, opts) {
+        match restore_in_husk(&tree.runtime, name, &dump, opts) {
             Ok(restored) => {
                 tracing::info!(
                     node = %node.id, session = %session.session,
@@ -289,28 +290,6 @@ impl SandboxManager {
             "its template is gone; rebuilding it from its dump failed: {}",
             tried.join("; ")
         )))
-    }
-
-    /// Restores `dump` into a husk that the tree's init starts in sandbox `name` (in its
-    /// cgroups and root already: `opts.chroot` is not needed). A husk that could not be
-    /// made the dumped process is killed.
-    fn restore_in_husk(
-        &self,
-        tree: &Tree,
-        name: &str,
-        dump: &Dump,
-        opts: &RestoreOptions,
-    ) -> Result<Restored, String> {
-        let (pid, pidfd) = tree.runtime.husk(name).map_err(|e| e.to_string())?;
-        let opts = RestoreOptions {
-            chroot: None,
-            ..opts.clone()
-        };
-        cr::husk::restore_into_husk(pid, dump, &opts).map_err(|e| {
-            // Killed already once seized; not if refused before.
-            let _ = Pidfd::from_fd(pid, pidfd).kill_and_wait(std::time::Duration::from_secs(5));
-            e.to_string()
-        })
     }
 
     /// Templates to fork for a fallback restore, best first: the nearest ancestor's of
@@ -362,4 +341,25 @@ impl SandboxManager {
         }
         Ok(out)
     }
+}
+
+/// Restores `dump` into a husk that the tree's init (`runtime`) starts in sandbox `name`
+/// (in its cgroups and root already: `opts.chroot` is not needed). A husk that could
+/// not be made the dumped process is killed.
+pub(super) fn restore_in_husk(
+    runtime: &TreeRuntime,
+    name: &str,
+    dump: &Dump,
+    opts: &RestoreOptions,
+) -> Result<Restored, String> {
+    let (pid, pidfd) = runtime.husk(name).map_err(|e| e.to_string())?;
+    let opts = RestoreOptions {
+        chroot: None,
+        ..opts.clone()
+    };
+    cr::husk::restore_into_husk(pid, dump, &opts).map_err(|e| {
+        // Killed already once seized; not if refused before.
+        let _ = Pidfd::from_fd(pid, pidfd).kill_and_wait(std::time::Duration::from_secs(5));
+        e.to_string()
+    })
 }

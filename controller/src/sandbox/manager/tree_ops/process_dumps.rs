@@ -22,6 +22,7 @@ use crate::cr::dump::{Dump, DumpOptions, DumpWorker, dump_name, process_dump_nam
 use crate::cr::{ProcessState, RestoreOptions, Restored, Template};
 use crate::sandbox::error::SandboxError;
 use crate::sandbox::manager::{NodeTemplates, SandboxManager, Tree, db_err, lock};
+use crate::sandbox::runtime::TreeRuntime;
 use crate::tree::db::TreeDb;
 use crate::tree::ids::NodeId;
 use crate::tree::records::{NodeProcess, NodeRecord};
@@ -131,8 +132,15 @@ impl ProcessSource {
         }
     }
 
-    /// Restores the process with `opts`; the error names what was tried.
-    pub(super) fn restore(&self, opts: &RestoreOptions) -> Result<Restored, String> {
+    /// Restores the process into sandbox `name` of `runtime` with `opts`: a fork of its
+    /// template, else its dump applied to a fork of a base, else its dump restored into
+    /// a fresh process (`cr::husk`); the error names what was tried.
+    pub(super) fn restore(
+        &self,
+        runtime: &TreeRuntime,
+        name: &str,
+        opts: &RestoreOptions,
+    ) -> Result<Restored, String> {
         let (process, dump, bases) = match self {
             Self::Template(t) => return t.restore(opts).map_err(|e| e.to_string()),
             Self::Dump {
@@ -168,6 +176,25 @@ impl ProcessSource {
                     tracing::warn!(pid = process.pid, base = %base.node, "fallback restore failed: {e}");
                     tried.push(format!("from node {}'s template: {e}", base.node));
                 }
+            }
+        }
+        let t = Instant::now();
+        match super::fallback::restore_in_husk(runtime, name, dump, opts) {
+            Ok(restored) => {
+                tracing::info!(
+                    pid = process.pid, comm = %process.comm,
+                    ms = t.elapsed().as_secs_f64() * 1e3,
+                    memory_ms = restored.timings.memory.as_secs_f64() * 1e3,
+                    "process restored from its dump into a fresh process"
+                );
+                return Ok(restored);
+            }
+            Err(e) => {
+                tracing::warn!(
+                    pid = process.pid,
+                    "restore into a fresh process failed: {e}"
+                );
+                tried.push(format!("into a fresh process: {e}"));
             }
         }
         Err(format!(
@@ -247,16 +274,8 @@ impl SandboxManager {
                     continue;
                 }
             };
+            // With no base, or none that works, a fresh process becomes it.
             let bases = self.process_bases(tree, node, dump.state())?;
-            if bases.is_empty() {
-                lost.push(format!(
-                    "{} ({}): its template is gone; its dump exists, but no live template \
-                     of the same program run (same vdso: a template of the process at \
-                     another node) is left in the tree to rebuild it from",
-                    p.pid, p.comm
-                ));
-                continue;
-            }
             out.push(ProcessSource::Dump {
                 process: p.clone(),
                 dump: Box::new(dump),

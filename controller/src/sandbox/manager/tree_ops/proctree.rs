@@ -319,13 +319,17 @@ fn session_fds(
             let ProcessState { fds, .. } = s.process;
             fds
         })
-        .or_else(|| {
-            let name = cr::dump::dump_name(&node.id.to_string(), &session.session.to_string());
-            cr::dump::Dump::open(dumps, &name)
-                .ok()
-                .map(|d| d.state().fds.clone())
-        })
+        .or_else(|| dump_fds(node, index, dumps))
         .unwrap_or_default()
+}
+
+/// The fd table a session had at `node` as its dump recorded it.
+fn dump_fds(node: &NodeRecord, index: usize, dumps: &Path) -> Option<Vec<FdEntry>> {
+    let session = &node.sessions[index];
+    let name = cr::dump::dump_name(&node.id.to_string(), &session.session.to_string());
+    cr::dump::Dump::open(dumps, &name)
+        .ok()
+        .map(|d| d.state().fds.clone())
 }
 
 /// Fresh pipes for a restore of a node, handed to a holder process of the tree.
@@ -381,7 +385,13 @@ impl<'a> RestorePipes<'a> {
             let Some(ns_pid) = TreeRuntime::ns_pid_of(live.pid) else {
                 continue;
             };
-            for entry in session_fds(node, i, templates, dumps) {
+            // A template re-made from a session restored from its dump has the restored
+            // session's pipes; the node's other processes were dumped with the first
+            // ones, which the dump names.
+            let fds = session_fds(node, i, templates, dumps)
+                .into_iter()
+                .chain(dump_fds(node, i, dumps).unwrap_or_default());
+            for entry in fds {
                 if let (0..=2, Some(inode)) = (entry.fd, entry.pipe) {
                     self.paths.entry(inode).or_insert_with(|| {
                         PathBuf::from(format!("/proc/{ns_pid}/fd/{}", entry.fd))
@@ -410,7 +420,7 @@ pub(super) fn restore_others(
     // template cgroup's freeze), like the sessions' checkpoints.
     let restore_one = |source: &ProcessSource| -> Result<(), SandboxError> {
         let restored = source
-            .restore(opts)
+            .restore(runtime, name, opts)
             .map_err(|e| failed(format!("process {}: {e}", source.label())))?;
         let pid = restored.pid();
         // It runs at once (a session waits for its next command): it may have exited
