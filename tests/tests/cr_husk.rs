@@ -210,3 +210,59 @@ fn measure_restores_of_64_mib_into_husks() {
         totals[4]
     );
 }
+
+/// A python3 process with two threads (a counter sleeping in a loop, a consumer blocked
+/// in `queue.Queue.get`) comes back into a husk with both threads: they run, answer,
+/// and join.
+#[test]
+fn a_threaded_process_is_restored_into_a_fresh_process() {
+    require_root();
+    let env = CrEnv::new("husk-thr");
+    let scratch = Scratch(scratch_dir("cr-husk-thr"));
+    let mut cmd = Command::new("python3");
+    cmd.args(["-u", "-c", PY_REPL]);
+    let mut p: Proc = env.spawn(cmd);
+    p.ask("import threading, queue, time");
+    p.ask(
+        r#"exec("counts = [0]\nstop = threading.Event()\nq = queue.Queue()\nout = queue.Queue()\ndef counter():\n    while not stop.is_set():\n        counts[0] += 1\n        time.sleep(0.001)\ndef consumer():\n    while True:\n        i = q.get()\n        if i is None:\n            break\n        out.put(i * 2)\nts = [threading.Thread(target=counter), threading.Thread(target=consumer)]\nfor t in ts:\n    t.start()")"#,
+    );
+    assert_eq!(p.ask("threading.active_count()"), "3");
+    let template = cr::checkpoint(Pid::from_raw(p.pid), &env.checkpoint_opts()).unwrap();
+    env.track(template.pid().as_raw());
+    assert_eq!(template.state().threads.len(), 2);
+    dump_template(
+        &template,
+        &DumpOptions {
+            root: scratch.0.clone(),
+            name: "t".to_owned(),
+            parent: None,
+            root_prefix: None,
+        },
+    )
+    .unwrap();
+    let dump = Dump::open(&scratch.0, "t").unwrap();
+    template.destroy().unwrap();
+    // SAFETY: kill(2) takes plain integers.
+    unsafe { libc::kill(p.pid, libc::SIGKILL) };
+
+    let mut sleeper = Command::new("sleep");
+    sleeper.arg("1000");
+    let husk = env.spawn(sleeper);
+    let restored = restore_into_husk(Pid::from_raw(husk.pid), &dump, &RestoreOptions::default())
+        .unwrap_or_else(|e| panic!("restore into husk {}: {e}", husk.pid));
+    let mut r = env.adopt(restored);
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", r.pid))
+        .unwrap()
+        .count();
+    assert_eq!(tasks, 3);
+    r.ask("c = counts[0]");
+    r.ask("time.sleep(0.2)");
+    assert_eq!(r.ask("counts[0] > c"), "True");
+    r.ask("q.put(21)");
+    assert_eq!(r.ask("out.get(timeout=5)"), "42");
+    r.ask("stop.set()");
+    r.ask("q.put(None)");
+    assert_eq!(r.ask("[t.join(5) for t in ts]"), "[None, None]");
+    assert_eq!(r.ask("any(t.is_alive() for t in ts)"), "False");
+    assert_eq!(r.ask("threading.active_count()"), "1");
+}
