@@ -1,7 +1,9 @@
 //! A node's other processes (here a background pipeline `python3 job.py | cat > log` of
 //! a bash session) are dumped like its sessions: a node whose job template was killed
 //! from inside the sandbox, or whose templates the pool evicted, or whose job template
-//! was killed while the daemon was down, is restored from the dumps — the job's memory
+//! was killed while the daemon was down, is restored from the dumps (forking another
+//! template of the job's program run, or into a fresh process, a husk, when none is
+//! left: its only template killed, the tree's init killed) — the job's memory
 //! (a random buffer, hashed on every line it prints) is the checkpoint's, it runs on
 //! from its counter, and its pipe to `cat` carries its lines again. The writer of a
 //! shared file mapping, restored from its dump, maps the file again, shared with its
@@ -11,9 +13,11 @@ use std::fs;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use deltabox_controller::cr::pidfd::Pidfd;
 use deltabox_tests::daemon::TestDaemon;
 use deltabox_tests::require_root;
 use deltabox_tests::sandbox::{Http, id_of};
+use nix::unistd::Pid;
 use serde_json::{Value, json};
 
 /// Prints `<counter> <phase> <hash of its 8 MiB random buffer>` every 0.1 s, and its pid
@@ -526,4 +530,110 @@ fn a_writer_of_a_shared_mapping_comes_back_from_its_dump() {
             .any(|l| l.contains(" rw-s ") && l.ends_with("/tmp/shared")),
         "{writer_maps}"
     );
+}
+
+/// A node with no other template of the job's program run (the only node): its job
+/// template killed from inside the sandbox, the job is restored from its dump into a
+/// fresh process that the tree's init starts in the sandbox, its memory, counter and
+/// pipe back; again at the next rollback (such a process is not made a template).
+#[test]
+fn a_job_with_no_template_of_its_run_left_comes_back_in_a_fresh_process() {
+    let sb = Sb::start("jobhusk", &[]);
+    let (api, id) = (&sb.api, sb.id.as_str());
+    sb.turn(1);
+    let (n1, _) = sb.checkpoint("one");
+    let at1 = sb.last().unwrap();
+    sb.wait_dumps();
+    let tpls = sb.job_templates();
+    assert_eq!(tpls.len(), 1, "{tpls:?}");
+    api.sh(id, &format!("kill -9 {}", ns_pid(tpls[0])));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sb.process_state(&n1, "python3") != "dumped" {
+        assert!(Instant::now() < deadline, "{}", sb.listed(&n1));
+        thread::sleep(Duration::from_millis(50));
+    }
+    sb.turn(2);
+    api.rollback(id, &n1);
+    assert!(
+        sb.daemon
+            .log()
+            .contains("process restored from its dump into a fresh process"),
+        "{}",
+        sb.daemon.log()
+    );
+    sb.assert_job_resumed(&at1);
+    assert_eq!(sb.process_state(&n1, "python3"), "dumped");
+    sb.turn(2);
+    api.rollback(id, &n1);
+    sb.assert_job_resumed(&at1);
+}
+
+/// The daemon and the tree's init SIGKILLed (every template dies with the init's pid
+/// namespace): the restarted daemon re-creates the tree and revives the sandbox at its
+/// head, the job (and `cat`) rebuilt from their dumps into fresh processes.
+#[test]
+fn a_job_comes_back_from_its_dump_after_the_tree_init_died() {
+    let mut sb = Sb::start("jobinit", &[]);
+    sb.turn(1);
+    let (n1, _) = sb.checkpoint("one");
+    let at1 = sb.last().unwrap();
+    sb.wait_dumps();
+    // The tree's init is the parent of the session.
+    let session = sb.api.sandbox(&sb.id)["sessions"][0]["pid"]
+        .as_i64()
+        .unwrap();
+    let stat = fs::read_to_string(format!("/proc/{session}/stat")).unwrap();
+    let ppid: i32 = stat
+        .rsplit(')')
+        .next()
+        .and_then(|rest| rest.split_whitespace().nth(1))
+        .and_then(|p| p.parse().ok())
+        .unwrap();
+    assert_eq!(ns_pid(ppid), "1", "pid {ppid} is not the tree's init");
+    let init = Pidfd::open(Pid::from_raw(ppid)).unwrap();
+    sb.daemon.kill();
+    init.kill_and_wait(Duration::from_secs(10)).unwrap();
+    sb.daemon.restart(&[]);
+    sb.api = Http::new(sb.daemon.socket());
+    let log = sb.daemon.log();
+    assert!(
+        log.matches("process restored from its dump into a fresh process")
+            .count()
+            >= 2,
+        "{log}"
+    );
+    sb.assert_job_resumed(&at1);
+    assert_eq!(sb.api.run(&sb.id, &sb.sh, "echo ok"), "ok\n");
+    assert_eq!(sb.process_state(&n1, "cat"), "dumped");
+}
+
+/// Under `--dump-policy off` nothing is dumped: once the job's template is killed, the
+/// node lists it `none` and a rollback is refused before anything is killed, naming the
+/// job by pid and name; the job runs on.
+#[test]
+fn a_job_with_neither_template_nor_dump_is_refused_by_name() {
+    let sb = Sb::start("jobnodump", &["--dump-policy", "off"]);
+    let (n1, py1) = sb.checkpoint("one");
+    let tpls = sb.job_templates();
+    assert_eq!(tpls.len(), 1, "{tpls:?}");
+    kill9(tpls[0]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sb.process_state(&n1, "python3") != "none" {
+        assert!(Instant::now() < deadline, "{}", sb.listed(&n1));
+        thread::sleep(Duration::from_millis(50));
+    }
+    let before = sb.last().unwrap();
+    sb.api
+        .post(
+            &format!("/v1/sandboxes/{}/rollback", sb.id),
+            &json!({ "node": n1 }),
+        )
+        .expect_error(
+            422,
+            "node_not_restorable",
+            &[&n1, &py1.to_string(), "python3", "no dump"],
+            "rollback",
+        );
+    // Nothing was killed: the job counts on.
+    sb.wait_line("the job after the refusal", |l| l.count > before.count + 2);
 }
