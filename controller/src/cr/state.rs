@@ -97,10 +97,23 @@ pub struct ProcessState {
     #[serde(default)]
     pub shared_maps: Vec<SharedMapping>,
     /// Its signal handlers and the main thread's alternate signal stack, which a fork
-    /// carries and a restore into a fresh process sets ([`super::husk`]). `None`: not
-    /// recorded (an older record).
+    /// carries and a restore into a fresh process sets ([`super::husk`]). Recorded when
+    /// the template's dump is written (`None` in a template's own state, and in dumps of
+    /// older controllers).
     #[serde(default)]
     pub handlers: Option<Handlers>,
+}
+
+impl ProcessState {
+    /// Whether `other` records the same checkpoint: equal but for
+    /// [`ProcessState::handlers`], which a dump adds to its template's state.
+    pub fn same_checkpoint(&self, other: &Self) -> bool {
+        let strip = |s: &Self| Self {
+            handlers: None,
+            ..s.clone()
+        };
+        strip(self) == strip(other)
+    }
 }
 
 /// A thread's alternate signal stack (`sigaltstack(2)`).

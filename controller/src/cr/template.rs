@@ -28,7 +28,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nix::unistd::Pid;
 
-use super::carried::Handlers;
 use super::fdtable;
 use super::freezer::TemplateCgroup;
 use super::inject::{
@@ -403,7 +402,7 @@ fn fork_seized(seizing: Seizing, opts: &CheckpointOptions) -> Result<Template, C
     let paused = paused_at.elapsed();
 
     let pidfd = Pidfd::open(child.pid())?;
-    let handlers = hold(
+    hold(
         &mut child,
         site,
         &regs,
@@ -442,7 +441,9 @@ fn fork_seized(seizing: Seizing, opts: &CheckpointOptions) -> Result<Template, C
         main_thread,
         threads: thread_states,
         shared_maps: shared,
-        handlers: Some(handlers),
+        // Recorded when the dump is written (`Template::record_handlers`), off the
+        // checkpoint's path.
+        handlers: None,
     };
     Ok(Template {
         pidfd,
@@ -458,11 +459,11 @@ fn fork_seized(seizing: Seizing, opts: &CheckpointOptions) -> Result<Template, C
     })
 }
 
-/// Turns the fresh fork `child`, born in `cgroup`, into a template: its signal
-/// handlers recorded (returned), empty fd table, own session, the checkpoint's
-/// registers, group-stop, frozen cgroup; with `root` (a directory), first a `chroot`
-/// there; its writable shared file mappings `shared` replaced by placeholders
-/// ([`super::shared`]). `scratch` is its scratch page. Leaves it in a ptrace-stop.
+/// Turns the fresh fork `child`, born in `cgroup`, into a template: empty fd table, own
+/// session, the checkpoint's registers, group-stop, frozen cgroup; with `root` (a
+/// directory), first a `chroot` there; its writable shared file mappings `shared`
+/// replaced by placeholders ([`super::shared`]). `scratch` is its scratch page. Leaves
+/// it in a ptrace-stop.
 #[allow(clippy::too_many_arguments)]
 fn hold(
     child: &mut Tracee,
@@ -473,12 +474,9 @@ fn hold(
     scratch: u64,
     root: Option<&Path>,
     shared: &[SharedMapping],
-) -> Result<Handlers, CrError> {
-    let handlers = {
+) -> Result<(), CrError> {
+    {
         let mut inj = Injection::begin(child, site)?;
-        // A fork has the process's dispositions; a restore into a fresh process needs
-        // them (a few injected syscalls: the process runs again already).
-        let handlers = super::carried::record_handlers(&mut inj, scratch)?;
         if let Some(root) = root {
             super::restore::chroot(&mut inj, scratch, root)?;
         }
@@ -490,15 +488,14 @@ fn hold(
         )?;
         inj.syscall("setsid", libc::SYS_setsid, &[])?;
         inj.finish_with(&resume_regs(regs))?;
-        handlers
-    };
+    }
     child.set_xstate(xstate)?;
 
     group_stop(child)?;
     cgroup.freeze()?;
     // Signals to a template are not part of the checkpoint.
     child.take_deferred_signals();
-    Ok(handlers)
+    Ok(())
 }
 
 /// Puts the tracee (in a ptrace-stop) in group-stop and leaves it in the group-stop

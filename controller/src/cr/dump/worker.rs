@@ -182,6 +182,24 @@ pub fn dumped(name: &str) -> bool {
     roots.iter().any(|root| Dump::exists(root, name))
 }
 
+/// Runs `f` with the calling thread at normal priority (`SCHED_OTHER`) if it is at
+/// `SCHED_IDLE` (the dump thread), then puts it back: `f` holds something a restore
+/// waits for (a template under ptrace), which must not wait for an idle CPU.
+pub(crate) fn at_normal_priority<T>(f: impl FnOnce() -> T) -> T {
+    // SAFETY: sched_getscheduler(2) takes the calling thread (0) and touches no memory.
+    let idle = unsafe { libc::sched_getscheduler(0) } == libc::SCHED_IDLE;
+    if idle {
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: `param` is a valid sched_param for the call; pid 0 is the calling thread.
+        unsafe { libc::sched_setscheduler(0, libc::SCHED_OTHER, &param) };
+    }
+    let out = f();
+    if idle {
+        lowest_priority();
+    }
+    out
+}
+
 /// Puts the calling thread in `SCHED_IDLE`: it runs only when nothing else wants the
 /// CPU.
 fn lowest_priority() {

@@ -58,6 +58,18 @@ pub fn dump_template(template: &Template, opts: &DumpOptions) -> Result<DumpStat
             None
         }
     };
+    let mut state = template.state().clone();
+    if state.handlers.is_none() {
+        // At normal priority while the template is held: a restore waits for it.
+        match super::worker::at_normal_priority(|| template.record_handlers()) {
+            Ok(handlers) => state.handlers = Some(handlers),
+            Err(e) => tracing::warn!(
+                dump = %opts.name, pid,
+                "the dump records no signal handlers (a restore into a fresh process will \
+                 refuse it): {e}"
+            ),
+        }
+    }
     let scratch = template.scratch();
     let vmas = dump_vmas(
         &maps,
@@ -157,7 +169,7 @@ pub fn dump_template(template: &Template, opts: &DumpOptions) -> Result<DumpStat
             name: opts.name.clone(),
             parent: parent.as_ref().map(|p| p.manifest().name.clone()),
             chain,
-            state: template.state().clone(),
+            state,
             scratch: template.scratch(),
             vdso,
             vdso_hash,

@@ -251,7 +251,7 @@ impl SandboxManager {
             // checkpoint (a template re-made from a restored process is not its dump).
             let base = Dump::open(&root, &name_of(base_node, *sid))
                 .ok()
-                .filter(|b| b.state() == template.state());
+                .filter(|b| b.state().same_checkpoint(template.state()));
             let t = Instant::now();
             match template.restore_from_dump(&dump, base.as_ref(), opts) {
                 Ok(restored) => {

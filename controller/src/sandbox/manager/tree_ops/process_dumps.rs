@@ -160,7 +160,7 @@ impl ProcessSource {
             // A base dump describes the template only if both are of one checkpoint.
             let base_dump = Dump::open(&root, &base.dump)
                 .ok()
-                .filter(|b| b.state() == template.state());
+                .filter(|b| b.state().same_checkpoint(template.state()));
             let t = Instant::now();
             match template.restore_from_dump(dump, base_dump.as_ref(), opts) {
                 Ok(restored) => {
