@@ -266,3 +266,55 @@ fn a_threaded_process_is_restored_into_a_fresh_process() {
     assert_eq!(r.ask("any(t.is_alive() for t in ts)"), "False");
     assert_eq!(r.ask("threading.active_count()"), "1");
 }
+
+/// A dump whose vdso is not this kernel's (its recorded hash differs), or that lacks
+/// the memory layout (an older controller's), is refused with an error that says so,
+/// and the husk is killed, not left half made.
+#[test]
+fn a_dump_of_another_kernel_or_an_older_controller_is_refused() {
+    require_root();
+    let env = CrEnv::new("husk-refuse");
+    let scratch = Scratch(scratch_dir("cr-husk-refuse"));
+    let mut cmd = Command::new("python3");
+    cmd.args(["-u", "-c", PY_REPL]);
+    let p: Proc = env.spawn(cmd);
+    let template = cr::checkpoint(Pid::from_raw(p.pid), &env.checkpoint_opts()).unwrap();
+    env.track(template.pid().as_raw());
+    dump_template(
+        &template,
+        &DumpOptions {
+            root: scratch.0.clone(),
+            name: "d".to_owned(),
+            parent: None,
+            root_prefix: None,
+        },
+    )
+    .unwrap();
+    let manifest = scratch.0.join("d/manifest.json");
+    let original: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    let cases = [
+        ("vdso_hash", serde_json::json!(1), "another [vdso]"),
+        ("mm", serde_json::Value::Null, "records no memory layout"),
+    ];
+    for (field, value, says) in cases {
+        let mut changed = original.clone();
+        changed[field] = value;
+        std::fs::write(&manifest, serde_json::to_vec(&changed).unwrap()).unwrap();
+        let dump = Dump::open(&scratch.0, "d").unwrap();
+        let mut sleeper = Command::new("sleep");
+        sleeper.arg("1000");
+        let husk = env.spawn(sleeper);
+        let pidfd = deltabox_controller::cr::pidfd::Pidfd::open(Pid::from_raw(husk.pid)).unwrap();
+        let err = restore_into_husk(Pid::from_raw(husk.pid), &dump, &RestoreOptions::default())
+            .expect_err("a restore of a changed dump");
+        let text = err.to_string();
+        assert!(text.contains(says), "{field}: {text}");
+        // Seized and refused: killed.
+        assert!(
+            pidfd.wait_exit(std::time::Duration::from_secs(5)).unwrap(),
+            "husk {} left alive",
+            husk.pid
+        );
+    }
+}
