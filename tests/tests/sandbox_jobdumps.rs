@@ -371,6 +371,13 @@ fn the_pool_evicts_nodes_with_background_jobs_and_they_come_back_from_dumps() {
         assert_eq!(sb.process_state(n, "cat"), "dumped", "{listed}");
     }
     assert_eq!(sb.process_state(&n2, "python3"), "live");
+    // The stats count the jobs' templates too: n0 and n1 each a session, python and
+    // cat dumped; n2's three live.
+    let stats = api.get("/v1/stats").expect(200, "stats");
+    assert_eq!(stats["pool"]["templates_dumped"], 6, "{stats}");
+    assert_eq!(stats["state"]["templates_dumped"], 6, "{stats}");
+    assert_eq!(stats["state"]["templates_live"], 3, "{stats}");
+    assert_eq!(stats["state"]["templates_gone"], 0, "{stats}");
 
     sb.signal("TERM");
     api.run(id, &sb.sh, "n=9");

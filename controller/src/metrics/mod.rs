@@ -214,11 +214,15 @@ metrics! {
     /// `deltabox_nodes`: checkpoint nodes in the tree database, of every tree (scrape
     /// time).
     nodes: IntGauge = IntGauge::new("deltabox_nodes", "Checkpoint nodes in the tree database");
-    /// `deltabox_templates{state}`: node session templates, `live` (a frozen process),
+    /// `deltabox_templates{state}`: node templates (sessions' and other processes'),
+    /// `live` (a frozen process),
     /// `dumped` (not live, its dump on disk: restored through the fallback) or `gone`
     /// (neither) (scrape time).
     templates: IntGaugeVec = IntGaugeVec::new(
-        Opts::new("deltabox_templates", "Node session templates, live, dumped or gone"),
+        Opts::new(
+            "deltabox_templates",
+            "Node templates (sessions and other processes), live, dumped or gone",
+        ),
         &["state"],
     );
     /// `deltabox_template_pool_bytes`: bytes the pool's live templates own (anonymous

@@ -9,9 +9,11 @@ use super::{Metrics, gauge_value, sync_counter};
 /// The template pool now.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PoolFigures {
-    /// Live templates in the pool (one per session of a node), as last measured.
+    /// Live templates in the pool (one per session and per other process of a node),
+    /// as last measured.
     pub templates_live: u64,
-    /// Node sessions whose template is not live and whose dump is on disk (evicted,
+    /// Node sessions and other processes whose template is not live and whose dump is
+    /// on disk (evicted,
     /// or lost): restored through the fallback.
     pub templates_dumped: u64,
     /// Bytes the live templates own (anonymous pages no other process maps), as last

@@ -41,13 +41,15 @@ pub struct StateFigures {
     pub trees: u64,
     /// Nodes in the tree database, of every tree.
     pub nodes: u64,
-    /// Session templates of nodes whose process is alive.
+    /// Templates of nodes (sessions' and other processes') whose process is alive.
     pub templates_live: u64,
-    /// Sessions of nodes without a live template whose dump is on disk (evicted from
+    /// Sessions and other processes of nodes without a live template whose dump is on
+    /// disk (evicted from
     /// the template pool, or killed after their dump): restored through the fallback.
     #[serde(default)]
     pub templates_dumped: u64,
-    /// Sessions of nodes with neither a live template nor a dump (lost to a restart, a
+    /// Sessions and other processes of nodes with neither a live template nor a dump
+    /// (lost to a restart, a
     /// kill before their dump, or never made): a rollback to them cannot restore those
     /// processes.
     pub templates_gone: u64,

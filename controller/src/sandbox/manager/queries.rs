@@ -5,6 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use super::tree_ops::process_dumps::name_of as process_dump_name;
 use super::tree_ops::{node_info, serde_name, snapshot_of};
 use super::{NodeTemplates, SandboxManager, Tree, db_err, lock, store_err};
 use crate::api::sandbox_types::{
@@ -205,18 +206,24 @@ impl SandboxManager {
 
 impl StateSource for SandboxManager {
     /// Counts sandboxes, live trees and nodes; reads each live template's
-    /// `smaps_rollup`; walks the store's layers. A template in a tree's map whose
-    /// process is gone (killed from inside its sandbox) counts as gone.
+    /// `smaps_rollup` (sessions' and other processes'); walks the store's layers. A
+    /// template in a tree's map whose process is gone (killed from inside its sandbox)
+    /// counts as dumped or gone.
     fn state_figures(&self) -> Result<StateFigures, SandboxError> {
         let sandboxes = lock(&self.sandboxes).len() as u64;
         let trees: Vec<Arc<Tree>> = lock(&self.trees).values().cloned().collect();
         // Template pids per node and session, copied out so no tree lock is held while
         // reading /proc.
         let mut pids: HashMap<(NodeId, SessionId), i32> = HashMap::new();
+        // The other processes' by node and the pid the node records.
+        let mut process_pids: HashMap<(NodeId, i32), i32> = HashMap::new();
         for tree in &trees {
             for (node, templates) in lock(&tree.templates).iter() {
                 for (sid, _, t) in &templates.sessions {
                     pids.insert((*node, *sid), t.pid().as_raw());
+                }
+                for t in &templates.processes {
+                    process_pids.insert((*node, t.state().pid), t.pid().as_raw());
                 }
             }
         }
@@ -226,29 +233,37 @@ impl StateSource for SandboxManager {
             trees: trees.len() as u64,
             ..StateFigures::default()
         };
+        // One template (or its dump, or neither) of a node.
+        let mut count = |node: NodeId, pid: Option<&i32>, dump: String| {
+            let measured = pid.map(|pid| {
+                private_bytes(*pid).inspect_err(|e| {
+                    tracing::debug!(node = %node, pid, "template not live: {e}");
+                })
+            });
+            if let Some(Ok(bytes)) = measured {
+                figures.templates_live += 1;
+                figures.template_memory_bytes += bytes;
+            } else if Dump::exists(&dumps, &dump) {
+                figures.templates_dumped += 1;
+            } else {
+                figures.templates_gone += 1;
+            }
+        };
+        let mut nodes = 0;
         for tree in self.db.trees().map_err(db_err)? {
             for node in self.db.nodes(&tree.id).map_err(db_err)? {
-                figures.nodes += 1;
+                nodes += 1;
                 for s in &node.sessions {
-                    let measured = pids.get(&(node.id, s.session)).map(|pid| {
-                        private_bytes(*pid).inspect_err(|e| {
-                            tracing::debug!(node = %node.id, pid, "template not live: {e}");
-                        })
-                    });
-                    if let Some(Ok(bytes)) = measured {
-                        figures.templates_live += 1;
-                        figures.template_memory_bytes += bytes;
-                    } else if Dump::exists(
-                        &dumps,
-                        &dump_name(&node.id.to_string(), &s.session.to_string()),
-                    ) {
-                        figures.templates_dumped += 1;
-                    } else {
-                        figures.templates_gone += 1;
-                    }
+                    let dump = dump_name(&node.id.to_string(), &s.session.to_string());
+                    count(node.id, pids.get(&(node.id, s.session)), dump);
+                }
+                for p in &node.processes {
+                    let dump = process_dump_name(node.id, p.pid);
+                    count(node.id, process_pids.get(&(node.id, p.pid)), dump);
                 }
             }
         }
+        figures.nodes = nodes;
         figures.store_bytes = self.store.disk_usage();
         Ok(figures)
     }
@@ -273,12 +288,14 @@ impl StateSource for SandboxManager {
         Some(self.store.stats())
     }
 
-    /// The pool's last measure and counters, and the node sessions restorable only
-    /// from their dumps (a walk of the tree database, one `stat` per such session).
+    /// The pool's last measure and counters, and the node sessions and other processes
+    /// restorable only from their dumps (a walk of the tree database, one `stat` per
+    /// such session or process).
     fn pool_figures(&self) -> Option<PoolFigures> {
         let mut figures = self.pool.figures();
         let trees: Vec<Arc<Tree>> = lock(&self.trees).values().cloned().collect();
         let mut live: HashSet<(NodeId, SessionId)> = HashSet::new();
+        let mut live_processes: HashSet<(NodeId, i32)> = HashSet::new();
         for tree in &trees {
             let map: Vec<(NodeId, Arc<NodeTemplates>)> = lock(&tree.templates)
                 .iter()
@@ -288,6 +305,11 @@ impl StateSource for SandboxManager {
                 for (sid, _, t) in &templates.sessions {
                     if t.is_alive() {
                         live.insert((node, *sid));
+                    }
+                }
+                for t in &templates.processes {
+                    if t.is_alive() {
+                        live_processes.insert((node, t.state().pid));
                     }
                 }
             }
@@ -301,6 +323,13 @@ impl StateSource for SandboxManager {
                             &dumps,
                             &dump_name(&node.id.to_string(), &s.session.to_string()),
                         )
+                    {
+                        figures.templates_dumped += 1;
+                    }
+                }
+                for p in &node.processes {
+                    if !live_processes.contains(&(node.id, p.pid))
+                        && Dump::exists(&dumps, &process_dump_name(node.id, p.pid))
                     {
                         figures.templates_dumped += 1;
                     }
