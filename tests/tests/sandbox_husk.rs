@@ -264,6 +264,19 @@ fn a_tree_whose_init_died_is_rebuilt_from_its_dumps() {
         daemon.log()
     );
 
+    // A clean stop (as at a shutdown before a reboot) ends the tree; the next daemon
+    // re-creates it and the sandbox comes back at its head, n1, from its dumps.
+    let (status, err) = daemon.stop();
+    assert!(status.success(), "{err}");
+    daemon.restart(&[]);
+    let status = json(&daemon, &["status", &sb]);
+    assert_eq!(status["head"], n1.as_str(), "{status}");
+    assert_eq!(run(&daemon, &sb, &py, PY_SHOW), "41 True 16777216\n");
+    assert_eq!(
+        run(&daemon, &sb, &sh, SH_SHOW),
+        "hello 42 /tmp\nhi from a function\n"
+    );
+
     let (status, err) = daemon.stop();
     assert!(status.success(), "{err}");
 }
