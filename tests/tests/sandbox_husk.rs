@@ -264,6 +264,30 @@ fn a_tree_whose_init_died_is_rebuilt_from_its_dumps() {
         daemon.log()
     );
 
+    // A branch of n2 with every template dead again: its sessions and its job come
+    // back in the new sandbox, each in a fresh process of that sandbox.
+    for pid in template_pids(daemon.sandbox_cgroup()) {
+        if let Ok(template) = Pidfd::open(Pid::from_raw(pid)) {
+            template.kill_and_wait(Duration::from_secs(10)).unwrap();
+        }
+    }
+    let before = daemon.log().matches("into a fresh process").count();
+    let branched = json(&daemon, &["branch", &n2]);
+    let branch = id(&branched["sandboxes"][0]);
+    assert_eq!(run(&daemon, &branch, &py, PY_SHOW), "42 True 16777216\n");
+    assert_eq!(
+        run(&daemon, &branch, &sh, SH_SHOW),
+        "world 42 /workspace\nhi from a function\n"
+    );
+    assert_eq!(
+        daemon.log().matches("into a fresh process").count(),
+        before + 3,
+        "{}",
+        daemon.log()
+    );
+    // The original sandbox is untouched by its branch.
+    assert_eq!(run(&daemon, &sb, &py, PY_SHOW), "41 True 16777216\n");
+
     // A clean stop (as at a shutdown before a reboot) ends the tree; the next daemon
     // re-creates it and the sandbox comes back at its head, n1, from its dumps.
     let (status, err) = daemon.stop();
