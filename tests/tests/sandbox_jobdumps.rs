@@ -7,7 +7,8 @@
 //! (a random buffer, hashed on every line it prints) is the checkpoint's, it runs on
 //! from its counter, and its pipe to `cat` carries its lines again. The writer of a
 //! shared file mapping, restored from its dump, maps the file again, shared with its
-//! reader. Needs root, cgroups, FUSE, the store.
+//! reader. Rollback, branch and a daemon's revival all take that path. Needs root,
+//! cgroups, FUSE, the store.
 
 use std::fs;
 use std::thread;
@@ -90,7 +91,12 @@ impl Sb {
 
     /// The job's last line in `/tmp/log`, if there is a whole one.
     fn last(&self) -> Option<Line> {
-        let out = self.api.sh(&self.id, "tail -n 1 /tmp/log");
+        self.last_in(&self.id)
+    }
+
+    /// The same in sandbox `id` (a branch).
+    fn last_in(&self, id: &str) -> Option<Line> {
+        let out = self.api.sh(id, "tail -n 1 /tmp/log");
         let parts: Vec<&str> = out.split_whitespace().collect();
         match parts.as_slice() {
             [count, phase, hash] if out.ends_with('\n') && hash.len() == 16 => Some(Line {
@@ -104,18 +110,23 @@ impl Sb {
 
     /// Polls the log until its last line satisfies `done` (up to 20 s).
     fn wait_line(&self, what: &str, done: impl Fn(&Line) -> bool) -> Line {
+        self.wait_line_in(&self.id, what, done)
+    }
+
+    /// The same in sandbox `id` (a branch).
+    fn wait_line_in(&self, id: &str, what: &str, done: impl Fn(&Line) -> bool) -> Line {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Some(line) = self.last()
+            if let Some(line) = self.last_in(id)
                 && done(&line)
             {
                 return line;
             }
             assert!(
                 Instant::now() < deadline,
-                "{what}: the log ends with {:?}; job.err: {}",
-                self.last(),
-                self.api.sh(&self.id, "cat /tmp/job.err")
+                "{what} in {id}: the log ends with {:?}; job.err: {}",
+                self.last_in(id),
+                self.api.sh(id, "cat /tmp/job.err")
             );
             thread::sleep(Duration::from_millis(50));
         }
@@ -244,9 +255,16 @@ impl Sb {
     /// After a restore to a node where the job printed `at`: it prints again, with the
     /// node's phase and hash, counting on from the node's counter.
     fn assert_job_resumed(&self, at: &Line) {
-        let first = self.wait_line("the restored job's lines", |l| l.count > at.count);
+        self.assert_job_resumed_in(&self.id, at);
+    }
+
+    /// The same in sandbox `id` (a branch).
+    fn assert_job_resumed_in(&self, id: &str, at: &Line) {
+        let first = self.wait_line_in(id, "the restored job's lines", |l| l.count > at.count);
         thread::sleep(Duration::from_millis(600));
-        let later = self.wait_line("the restored job's later lines", |l| l.count > first.count);
+        let later = self.wait_line_in(id, "the restored job's later lines", |l| {
+            l.count > first.count
+        });
         assert_eq!(
             (later.phase, &later.hash),
             (at.phase, &at.hash),
@@ -329,6 +347,16 @@ fn a_job_whose_template_was_killed_inside_the_sandbox_comes_back_from_its_dump()
     api.rollback(id, &n1);
     sb.assert_job_resumed(&at1);
     assert_ne!(at1.hash, at2.hash);
+    // A branch of n2: its job from the dump too, in the branch's own files.
+    let branch = id_of(&api.branch(&n2, 1)[0]);
+    sb.assert_job_resumed_in(&branch, &at2);
+    let log = sb.daemon.log();
+    assert_eq!(
+        log.matches("process restored from its dump").count(),
+        3,
+        "two rollbacks and a branch: {log}"
+    );
+    sb.assert_job_resumed(&at1);
 }
 
 /// With `--pool-max-templates 1`, nodes with a background pipeline are evicted once
