@@ -364,7 +364,33 @@ fn a_job_whose_template_was_killed_inside_the_sandbox_comes_back_from_its_dump()
 /// program run), and a rollback to them restores the job from its dump.
 #[test]
 fn the_pool_evicts_nodes_with_background_jobs_and_they_come_back_from_dumps() {
-    let sb = Sb::start("jobpool", &["--pool-max-templates", "1"]);
+    evict_and_restore("jobpool", &["--pool-max-templates", "1"]);
+}
+
+/// The same under `--dump-policy on-evict`: no dump at the checkpoints; the pool writes
+/// the job's dumps (each incremental against the same process's nearest dump) just
+/// before it evicts their node, and never the newest node's.
+#[test]
+fn on_evict_the_pool_dumps_the_jobs_it_evicts() {
+    let sb = evict_and_restore(
+        "jobevict",
+        &["--pool-max-templates", "1", "--dump-policy", "on-evict"],
+    );
+    let dumps: Vec<String> = fs::read_dir(sb.daemon.data_dir().join("dumps"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    let jobs = dumps.iter().filter(|d| d.contains("-pid")).count();
+    // n0's and n1's python and cat; n2's never (it was not evicted); n0 was evicted
+    // again after its rollback re-made its session's template only.
+    assert_eq!(jobs, 4, "{dumps:?}");
+}
+
+/// Three checkpoints of the job under `flags` (a pool of one template): the two older
+/// nodes are evicted with their job templates, and rollbacks restore them.
+fn evict_and_restore(test: &str, flags: &[&str]) -> Sb {
+    let sb = Sb::start(test, flags);
     let (api, id) = (&sb.api, sb.id.as_str());
     api.run(id, &sb.sh, "n=0");
     let (n0, _) = sb.checkpoint("n0");
@@ -420,6 +446,7 @@ fn the_pool_evicts_nodes_with_background_jobs_and_they_come_back_from_dumps() {
     api.rollback(id, &n1);
     sb.assert_job_resumed(&at1);
     assert_eq!(api.run(id, &sb.sh, "echo $n"), "1\n");
+    sb
 }
 
 fn kill9(pid: i32) {
