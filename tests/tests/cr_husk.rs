@@ -28,6 +28,24 @@ fn comm(pid: i32) -> String {
         .to_owned()
 }
 
+/// A `sleep 1000` in the test's cgroup, once it runs `sleep` (not the test's fork
+/// before its exec).
+fn husk(env: &CrEnv) -> Proc {
+    let mut sleeper = Command::new("sleep");
+    sleeper.arg("1000");
+    let husk = env.spawn(sleeper);
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    while comm(husk.pid) != "sleep" {
+        assert!(
+            Instant::now() < deadline,
+            "pid {} never ran sleep",
+            husk.pid
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    husk
+}
+
 fn cmdline(pid: i32) -> String {
     String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default())
         .replace('\0', " ")
@@ -93,10 +111,7 @@ fn a_dump_is_restored_into_a_fresh_process() {
     unsafe { libc::kill(p.pid, libc::SIGKILL) };
 
     // A process that never ran python.
-    let mut sleeper = Command::new("sleep");
-    sleeper.arg("1000");
-    let husk = env.spawn(sleeper);
-    assert_eq!(comm(husk.pid), "sleep");
+    let husk = husk(&env);
     let t = Instant::now();
     let restored = restore_into_husk(Pid::from_raw(husk.pid), &dump, &RestoreOptions::default())
         .unwrap_or_else(|e| panic!("restore into husk {}: {e}", husk.pid));
@@ -179,9 +194,7 @@ fn measure_restores_of_64_mib_into_husks() {
     let stored = (stats.pages - stats.zero) * 4096;
     let mut totals = Vec::new();
     for round in 0..5 {
-        let mut sleeper = Command::new("sleep");
-        sleeper.arg("1000");
-        let husk = env.spawn(sleeper);
+        let husk = husk(&env);
         let t = Instant::now();
         let restored =
             restore_into_husk(Pid::from_raw(husk.pid), &dump, &RestoreOptions::default()).unwrap();
@@ -245,9 +258,7 @@ fn a_threaded_process_is_restored_into_a_fresh_process() {
     // SAFETY: kill(2) takes plain integers.
     unsafe { libc::kill(p.pid, libc::SIGKILL) };
 
-    let mut sleeper = Command::new("sleep");
-    sleeper.arg("1000");
-    let husk = env.spawn(sleeper);
+    let husk = husk(&env);
     let restored = restore_into_husk(Pid::from_raw(husk.pid), &dump, &RestoreOptions::default())
         .unwrap_or_else(|e| panic!("restore into husk {}: {e}", husk.pid));
     let mut r = env.adopt(restored);
@@ -277,7 +288,10 @@ fn a_dump_of_another_kernel_or_an_older_controller_is_refused() {
     let scratch = Scratch(scratch_dir("cr-husk-refuse"));
     let mut cmd = Command::new("python3");
     cmd.args(["-u", "-c", PY_REPL]);
-    let p: Proc = env.spawn(cmd);
+    let mut p: Proc = env.spawn(cmd);
+    // Started (a process still in its exec or the interpreter's start-up is no
+    // checkpoint to take).
+    assert_eq!(p.ask("1 + 1"), "2");
     let template = cr::checkpoint(Pid::from_raw(p.pid), &env.checkpoint_opts()).unwrap();
     env.track(template.pid().as_raw());
     dump_template(
@@ -302,9 +316,7 @@ fn a_dump_of_another_kernel_or_an_older_controller_is_refused() {
         changed[field] = value;
         std::fs::write(&manifest, serde_json::to_vec(&changed).unwrap()).unwrap();
         let dump = Dump::open(&scratch.0, "d").unwrap();
-        let mut sleeper = Command::new("sleep");
-        sleeper.arg("1000");
-        let husk = env.spawn(sleeper);
+        let husk = husk(&env);
         let pidfd = deltabox_controller::cr::pidfd::Pidfd::open(Pid::from_raw(husk.pid)).unwrap();
         let err = restore_into_husk(Pid::from_raw(husk.pid), &dump, &RestoreOptions::default())
             .expect_err("a restore of a changed dump");
