@@ -327,3 +327,54 @@ mod xattr {
             .collect()
     }
 }
+
+/// The kernel keeps a file's attributes for an hour, but writes through a `MAP_SHARED`
+/// mapping change its mtime behind the kernel's back: `stat` must show the new mtime
+/// within about a second (the janitor's check), both while the mapping and its fd are
+/// open and after both are gone. Fails when replies give the long TTL and nothing
+/// watches mapped files.
+#[test]
+fn mapped_writes_show_in_stat() {
+    require_root!();
+    let fx = Fixture::new();
+    let view = fx.mount("live", None);
+    let path = view.mountpoint().join("mapped");
+    let mtime = |path: &Path| {
+        let meta = fs::metadata(path).unwrap();
+        (meta.mtime(), meta.mtime_nsec())
+    };
+    // Becomes true within 3 s, polling `stat` (which the kernel answers from its cache).
+    let soon = |what: &str, changed: &dyn Fn() -> bool| {
+        let start = std::time::Instant::now();
+        while !changed() {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(3),
+                "{what}: stat still shows the old mtime after 3 s"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    file.set_len(8192).unwrap();
+    file.sync_all().unwrap();
+    let mut map = common::mmap::SharedMap::new(&file, 8192);
+    let before = mtime(&path);
+    std::thread::sleep(std::time::Duration::from_millis(30));
+    map.write(0, b"through the mapping");
+    soon("mapping and fd open", &|| mtime(&path) != before);
+
+    let before = mtime(&path);
+    drop(file);
+    std::thread::sleep(std::time::Duration::from_millis(30));
+    map.write(4096, b"after close");
+    soon("mapping open, fd closed", &|| mtime(&path) != before);
+    drop(map);
+    assert_eq!(&fs::read(&path).unwrap()[4096..4107], b"after close");
+    view.unmount().unwrap();
+}

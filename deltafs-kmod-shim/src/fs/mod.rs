@@ -38,7 +38,7 @@ impl DeltaFs {
 
     /// Runs `f` for an entry's attributes and adds how long the kernel may cache them.
     fn entry(&self, f: impl FnOnce(&mut ViewState) -> FsResult<FileAttr>) -> FsResult<Entry> {
-        self.with(|s| f(s).map(|attr| (attr, s.attr_ttl(attr.ino.0))))
+        self.with(|s| f(s).map(|attr| (attr, s.attr_ttl(&attr))))
     }
 
     /// Tells the kernel to drop its copy of node `nid`'s attributes (not its pages).
@@ -368,7 +368,7 @@ impl Filesystem for DeltaFs {
             let Ok(attr) = state.attr_of_ino(ino) else {
                 continue;
             };
-            let ttl = state.attr_ttl(attr.ino.0);
+            let ttl = state.attr_ttl(&attr);
             if reply.add(attr.ino, i as u64 + 1, name, &ttl, &attr, Generation(0)) {
                 break;
             }
@@ -473,7 +473,7 @@ impl Filesystem for DeltaFs {
         let open_backing = |file: &std::fs::File| reply.open_backing(file);
         let result = self.with(|s| {
             let (attr, opened) = s.create(parent, name, mode, flags, caller(req), &open_backing)?;
-            Ok((attr, s.attr_ttl(attr.ino.0), opened))
+            Ok((attr, s.attr_ttl(&attr), opened))
         });
         data::reply_create(reply, result);
     }

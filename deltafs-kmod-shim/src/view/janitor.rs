@@ -7,6 +7,9 @@
 //! it open any more — unless it was opened for writing again meanwhile (each writable
 //! passthrough open bumps the candidate's generation). A freeze then only has to probe
 //! files closed in the last few milliseconds.
+//!
+//! It also watches the attributes the kernel holds of those candidates (`super::told`):
+//! at each pass, and every [`CHECK_PERIOD`] while there are any.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, Weak};
@@ -20,6 +23,10 @@ use crate::sync::lock;
 /// How long after a release the probe waits: the kernel drops its passthrough backing
 /// file only once our reply to the `RELEASE` is processed.
 const DELAY: Duration = Duration::from_millis(10);
+
+/// How often the attributes the kernel holds of possibly mapped files are compared with
+/// their backing files: how long a write through a mapping may go unseen by `stat`.
+pub(crate) const CHECK_PERIOD: Duration = Duration::from_secs(1);
 
 /// The wake-up signal of a view's janitor thread.
 #[derive(Default)]
@@ -42,17 +49,35 @@ impl Janitor {
         self.poke();
     }
 
-    /// Waits for a poke; false when stopping.
-    fn wait(&self) -> bool {
+    /// Waits for a poke, or at most `timeout`: `Some(poked)`, `None` when stopping.
+    fn wait(&self, timeout: Option<Duration>) -> Option<bool> {
         let mut pending = lock(&self.pending);
+        let deadline = timeout.map(|t| std::time::Instant::now() + t);
         while !*pending {
-            pending = self
-                .wake
-                .wait(pending)
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let left = match deadline {
+                Some(deadline) => {
+                    match deadline.checked_duration_since(std::time::Instant::now()) {
+                        Some(left) if !left.is_zero() => Some(left),
+                        _ => break,
+                    }
+                }
+                None => None,
+            };
+            pending = match left {
+                Some(left) => {
+                    self.wake
+                        .wait_timeout(pending, left)
+                        .unwrap_or_else(|poisoned| poisoned.into_inner())
+                        .0
+                }
+                None => self
+                    .wake
+                    .wait(pending)
+                    .unwrap_or_else(|poisoned| poisoned.into_inner()),
+            };
         }
-        *pending = false;
-        !self.stop.load(Ordering::Relaxed)
+        let poked = std::mem::take(&mut *pending);
+        (!self.stop.load(Ordering::Relaxed)).then_some(poked)
     }
 }
 
@@ -65,23 +90,42 @@ pub(crate) fn spawn(view: Weak<ViewShared>) -> std::io::Result<()> {
     thread::Builder::new()
         .name("deltafs-janitor".to_owned())
         .spawn(move || {
-            while janitor.wait() {
-                thread::sleep(DELAY);
-                match view.upgrade() {
-                    Some(view) => {
-                        if view.prune_mapped() {
-                            // Some were released too recently: another pass.
-                            janitor.poke();
-                        }
-                    }
-                    None => return,
+            let mut timeout = None;
+            while let Some(poked) = janitor.wait(timeout) {
+                if poked {
+                    thread::sleep(DELAY);
                 }
+                let Some(view) = view.upgrade() else {
+                    return;
+                };
+                if poked && view.prune_mapped() {
+                    // Some were released too recently: another pass.
+                    janitor.poke();
+                }
+                timeout = view.check_told().then_some(CHECK_PERIOD);
             }
         })?;
     Ok(())
 }
 
 impl ViewShared {
+    /// Invalidates the kernel's attributes of possibly mapped files that changed since
+    /// they were sent (`super::told`). Returns whether any are still watched.
+    pub(crate) fn check_told(&self) -> bool {
+        let (stale, watching) = {
+            let mut state = lock(&self.state);
+            let stale = state.stale_told();
+            (stale, !state.told.is_empty())
+        };
+        if let Some(notifier) = self.notifier.get() {
+            for nid in stale {
+                // Attributes only; ENOENT: the kernel forgot the inode.
+                let _ = notifier.inval_inode(fuser::INodeNo(nid), -1, 0);
+            }
+        }
+        watching
+    }
+
     /// Probes the candidates released at least [`DELAY`] ago (each once: one still in
     /// use stays a candidate until a freeze probes it again) and drops those that nothing
     /// holds open any more. Returns whether younger ones are left for a later pass.

@@ -7,6 +7,7 @@ mod nodeids;
 pub(crate) mod open;
 mod ops;
 pub(crate) mod state;
+mod told;
 
 use std::io;
 use std::path::{Path, PathBuf};

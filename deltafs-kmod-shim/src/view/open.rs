@@ -327,7 +327,6 @@ impl ViewState {
         }
     }
 
-    /// The backing file of handle `fh`.
     /// A daemon-served `WRITE` flagged `FUSE_WRITE_KILL_SUIDGID` (a caller without
     /// `CAP_FSETID`, `FUSE_HANDLE_KILLPRIV_V2`): clears set-user/group-ID of the handle's
     /// inode. Returns its node id when that changed the mode (the kernel's copy is then
@@ -352,6 +351,7 @@ impl ViewState {
         Some(nid)
     }
 
+    /// The backing file of handle `fh`.
     pub fn handle(&self, fh: u64) -> FsResult<(Arc<Backing>, bool)> {
         self.handles
             .get(&fh)

@@ -24,15 +24,14 @@ use crate::store::StoreShared;
 
 /// How long the kernel may cache entries (names, also of missing names: negative
 /// dentries) and attributes. Long: nothing changes them behind the kernel's back. Every
-/// change made through the mount updates or invalidates the kernel's copy, and a switch
-/// invalidates every inode and entry it changes (`View::switch`); the base never changes.
-/// The one exception has [`SHORT_TTL`].
+/// change made through the mount updates or invalidates the kernel's copy, a switch
+/// invalidates every inode and entry it changes (`View::switch`), the base never changes,
+/// and the one exception — writes through a `MAP_SHARED` mapping — is watched
+/// (`super::told`).
 pub(crate) const TTL: Duration = Duration::from_secs(3600);
 
-/// How long the kernel may cache the attributes of a file that had a writable passthrough
-/// open and may still be mapped `MAP_SHARED` (`maybe_mapped`): writes through such a
-/// mapping change its backing file's mtime and blocks without the kernel's FUSE inode
-/// hearing of it.
+/// How long the kernel may cache the attributes of a retired node id (a file that changed
+/// at a switch while open): old handles keep writing to it, and nothing watches it.
 pub(crate) const SHORT_TTL: Duration = Duration::from_secs(1);
 
 /// Result of a FUSE-side operation: the errno is what the caller sees.
@@ -117,6 +116,8 @@ pub(crate) struct ViewState {
     /// Node ids whose attributes the kernel may hold with the long [`TTL`] and must drop
     /// before the current request is answered (a file that just became `maybe_mapped`).
     pub inval_attrs: Vec<u64>,
+    /// The attributes last sent to the kernel of the `maybe_mapped` files (`super::told`).
+    pub told: HashMap<Ino, super::told::Told>,
 }
 
 impl ViewState {
@@ -148,6 +149,7 @@ impl ViewState {
             janitor,
             stale_cache: HashSet::new(),
             inval_attrs: Vec::new(),
+            told: HashMap::new(),
         }
     }
 
@@ -224,12 +226,16 @@ impl ViewState {
         }
     }
 
-    /// How long the kernel may cache the attributes of node id `nid` ([`TTL`], or
-    /// [`SHORT_TTL`] for a file that may be mapped, and for a retired id).
-    pub fn attr_ttl(&self, nid: u64) -> Duration {
-        match self.nids.resolve(nid) {
-            Resolved::Live(ino) if !self.maybe_mapped.contains_key(&ino) => TTL,
-            _ => SHORT_TTL,
+    /// How long the kernel may cache the attributes of node id `nid` ([`TTL`];
+    /// [`SHORT_TTL`] for a retired id). Also records them if the file may be mapped
+    /// (`super::told`): call it with the attributes about to be sent.
+    pub fn attr_ttl(&mut self, attr: &FileAttr) -> Duration {
+        match self.nids.resolve(attr.ino.0) {
+            Resolved::Live(_) => {
+                self.told(attr);
+                TTL
+            }
+            Resolved::Retired => SHORT_TTL,
         }
     }
 
