@@ -1,5 +1,6 @@
-//! The nodes' dumps on disk (`<data_dir>/dumps/<node>-<session>/`, written by DeltaCR's
-//! dump worker): removed with their nodes, and swept by `gc` when their node is gone.
+//! The nodes' dumps on disk (`<data_dir>/dumps/<node>-<session>/`, and
+//! `<node>-pid<pid>/` for a node's other processes, written by DeltaCR's dump worker):
+//! removed with their nodes, and swept by `gc` when their node is gone.
 //!
 //! A dump may read pages from its parent node's dump, never the other way round, and a
 //! node is only ever removed with its whole subtree: so deleting the dumps of removed
@@ -74,6 +75,10 @@ mod tests {
         let node = NodeId::new().to_string();
         let session = NodeId::new().to_string();
         assert_eq!(node_of(&format!("{node}-{session}")), Some(node.clone()));
+        // A node's other process's dump goes with its node too.
+        let process = crate::cr::dump::process_dump_name(&node, 4242);
+        assert_eq!(process, format!("{node}-pid4242"));
+        assert_eq!(node_of(&process), Some(node.clone()));
         assert_eq!(node_of(&format!(".tmp-{node}-{session}")), None);
         assert_eq!(node_of("short"), None);
         assert_eq!(node_of(&format!("{node}x{session}")), None);
