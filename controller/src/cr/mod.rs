@@ -56,7 +56,7 @@ pub mod warmup;
 use std::time::Duration;
 
 pub use rebind::Rebind;
-pub use restore::{RestoreOptions, RestoreTimings, Restored, rollback};
+pub use restore::{Forked, RestoreOptions, RestoreTimings, Restored, rollback};
 pub use state::ProcessState;
 pub use template::{CheckpointOptions, CheckpointTimings, Seizing, Template, checkpoint, seize};
 

@@ -18,6 +18,7 @@
 use std::collections::HashMap;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::MutexGuard;
 use std::time::{Duration, Instant};
 
 use nix::unistd::Pid;
@@ -133,7 +134,7 @@ impl Template {
     /// Forks the template into a new process that resumes where the checkpoint was
     /// (a branch; [`rollback`] kills the current process first).
     pub fn restore(&self, opts: &RestoreOptions) -> Result<Restored, CrError> {
-        self.restore_as(opts, None)
+        self.fork_child(opts)?.finish_as(opts, None)
     }
 
     /// The fallback restore: forks this template (of an ancestor node, or another of the
@@ -147,18 +148,17 @@ impl Template {
         base: Option<&Dump>,
         opts: &RestoreOptions,
     ) -> Result<Restored, CrError> {
-        self.restore_as(opts, Some((dump, base)))
+        self.fork_child(opts)?.finish_as(opts, Some((dump, base)))
     }
 
-    fn restore_as(
-        &self,
-        opts: &RestoreOptions,
-        from_dump: Option<(&Dump, Option<&Dump>)>,
-    ) -> Result<Restored, CrError> {
+    /// The first half of [`Self::restore`]: forks the template into the cgroup of
+    /// `opts` and holds the child in its attach stop, where it has run nothing. A
+    /// rollback forks while the processes it killed are still exiting, and finishes
+    /// ([`Forked::finish`]) once they are gone and the files are switched. Another
+    /// restore of this template waits until this one is finished or dropped.
+    pub fn fork_child(&self, opts: &RestoreOptions) -> Result<Forked<'_>, CrError> {
         let start = Instant::now();
-        let _one_at_a_time = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        let site = self.state.syscall_site;
-        let state = from_dump.map_or(&self.state, |(dump, _)| dump.state());
+        let one_at_a_time = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         let dest = match &opts.cgroup {
             Some(path) if path.is_absolute() => path.clone(),
             Some(path) => self.cgroup_root.join(path),
@@ -169,10 +169,95 @@ impl Template {
                     .unwrap_or(&self.state.cgroup),
             ),
         };
-
         let dest = opts.cgroup_seen.clone().unwrap_or(dest);
-        let mut child = self.fork_template(&dest)?;
-        let fork = start.elapsed();
+        let child = self.fork_template(&dest)?;
+        Ok(Forked {
+            template: self,
+            _one_at_a_time: one_at_a_time,
+            child,
+            start,
+            fork: start.elapsed(),
+        })
+    }
+
+    /// Injects a fork into the template, under ptrace and thawed only meanwhile, and
+    /// returns the child, born in the cgroup `dest`, in its attach stop.
+    fn fork_template(&self, dest: &Path) -> Result<Tracee, CrError> {
+        self.injected(|inj, scratch| Ok(inj.clone_into_cgroup(scratch, dest)?))
+    }
+
+    /// Runs `f` with syscalls injected into the template (and its scratch page), under
+    /// ptrace and thawed only meanwhile; the template's registers are given back
+    /// unchanged and it is put back in group-stop and frozen, whatever happened. The
+    /// caller holds `self.lock`.
+    pub(super) fn injected<T>(
+        &self,
+        f: impl FnOnce(&mut Injection<'_>, u64) -> Result<T, CrError>,
+    ) -> Result<T, CrError> {
+        let (mut template, first) = Tracee::seize_stopped(self.pid(), cr_options())?;
+        // Killed, not detached, if the controller dies from here to the detach: it is
+        // about to be thawed and to hold injection registers.
+        template.set_exit_kill(true)?;
+        self.cgroup.thaw()?;
+        let done = (|| {
+            let out = {
+                let mut inj = Injection::begin(&mut template, self.state.syscall_site)?;
+                let out = f(&mut inj, self.scratch)?;
+                // The template's registers are the checkpoint's with the fix-up applied
+                // (`orig_rax` -1): given back unchanged.
+                inj.finish(false)?;
+                out
+            };
+            // A SIGCONT (from inside the sandbox, say) ended its group-stop; the frozen
+            // cgroup held it meanwhile. Stop it again before letting it go.
+            if !matches!(first, Stop::Group(_)) {
+                group_stop(&mut template)?;
+            }
+            Ok::<_, CrError>(out)
+        })();
+        // Frozen again before the template is let go, whatever happened.
+        let refrozen = self.cgroup.freeze();
+        template.take_deferred_signals();
+        let detached = template.detach(0);
+        let out = done?;
+        refrozen?;
+        detached?;
+        Ok(out)
+    }
+}
+
+/// A restore half-done by [`Template::fork_child`]: the template forked, the child held
+/// in its attach stop. Dropped unfinished, the child is killed.
+pub struct Forked<'a> {
+    template: &'a Template,
+    _one_at_a_time: MutexGuard<'a, ()>,
+    child: Tracee,
+    start: Instant,
+    fork: Duration,
+}
+
+impl Forked<'_> {
+    /// The second half of [`Template::restore`]: makes the child the checkpointed
+    /// process (root, registers, threads, shared mappings, fd table, signals) and lets
+    /// it run.
+    pub fn finish(self, opts: &RestoreOptions) -> Result<Restored, CrError> {
+        self.finish_as(opts, None)
+    }
+
+    fn finish_as(
+        self,
+        opts: &RestoreOptions,
+        from_dump: Option<(&Dump, Option<&Dump>)>,
+    ) -> Result<Restored, CrError> {
+        let Forked {
+            template,
+            _one_at_a_time,
+            mut child,
+            start,
+            fork,
+        } = self;
+        let site = template.state.syscall_site;
+        let state = from_dump.map_or(&template.state, |(dump, _)| dump.state());
 
         let pidfd = Pidfd::open(child.pid())?;
         let regs = Regs::from(&state.regs);
@@ -184,7 +269,7 @@ impl Template {
         let stdio = {
             let mut inj = Injection::begin(&mut child, site)?;
             if let Some(root) = &opts.chroot {
-                chroot(&mut inj, self.scratch, root)?;
+                chroot(&mut inj, template.scratch, root)?;
             }
             if opts.setsid {
                 inj.syscall("setsid", libc::SYS_setsid, &[])?;
@@ -199,7 +284,7 @@ impl Template {
                     memory = t.elapsed();
                     scratch
                 }
-                None => self.scratch,
+                None => template.scratch,
             };
             threads::restore_leader(&mut inj, &state.main_thread)?;
             // Before the fd table is rebuilt, which unmaps the scratch page; the threads
@@ -253,51 +338,6 @@ impl Template {
                 total: start.elapsed(),
             },
         })
-    }
-
-    /// Injects a fork into the template, under ptrace and thawed only meanwhile, and
-    /// returns the child, born in the cgroup `dest`, in its attach stop.
-    fn fork_template(&self, dest: &Path) -> Result<Tracee, CrError> {
-        self.injected(|inj, scratch| Ok(inj.clone_into_cgroup(scratch, dest)?))
-    }
-
-    /// Runs `f` with syscalls injected into the template (and its scratch page), under
-    /// ptrace and thawed only meanwhile; the template's registers are given back
-    /// unchanged and it is put back in group-stop and frozen, whatever happened. The
-    /// caller holds `self.lock`.
-    pub(super) fn injected<T>(
-        &self,
-        f: impl FnOnce(&mut Injection<'_>, u64) -> Result<T, CrError>,
-    ) -> Result<T, CrError> {
-        let (mut template, first) = Tracee::seize_stopped(self.pid(), cr_options())?;
-        // Killed, not detached, if the controller dies from here to the detach: it is
-        // about to be thawed and to hold injection registers.
-        template.set_exit_kill(true)?;
-        self.cgroup.thaw()?;
-        let done = (|| {
-            let out = {
-                let mut inj = Injection::begin(&mut template, self.state.syscall_site)?;
-                let out = f(&mut inj, self.scratch)?;
-                // The template's registers are the checkpoint's with the fix-up applied
-                // (`orig_rax` -1): given back unchanged.
-                inj.finish(false)?;
-                out
-            };
-            // A SIGCONT (from inside the sandbox, say) ended its group-stop; the frozen
-            // cgroup held it meanwhile. Stop it again before letting it go.
-            if !matches!(first, Stop::Group(_)) {
-                group_stop(&mut template)?;
-            }
-            Ok::<_, CrError>(out)
-        })();
-        // Frozen again before the template is let go, whatever happened.
-        let refrozen = self.cgroup.freeze();
-        template.take_deferred_signals();
-        let detached = template.detach(0);
-        let out = done?;
-        refrozen?;
-        detached?;
-        Ok(out)
     }
 }
 

@@ -352,7 +352,13 @@ pub async fn run(config: ServeConfig) -> Result<(), DaemonError> {
     )
     .await;
     if let Some(manager) = manager {
-        // Tears every sandbox down (processes, views, cgroups): blocking work.
+        // The last reference: its drop tears every sandbox and tree down (processes,
+        // views, cgroups), blocking work. Another holder would drop it later, on a
+        // thread the process's exit may cut short.
+        let others = Arc::strong_count(&manager) - 1;
+        if others > 0 {
+            tracing::warn!(others, "the sandbox manager is still referenced at exit");
+        }
         let _ = tokio::task::spawn_blocking(move || drop(manager)).await;
     }
     if let Some(task) = log_task {

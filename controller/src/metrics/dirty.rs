@@ -50,7 +50,30 @@ pub struct DirtyTracking {
     cow: Option<Arc<CowTracking>>,
     /// Work done after the answer on one long-lived thread (`None` if it could not
     /// start: then it is done inline).
-    later: Option<mpsc::Sender<Later>>,
+    later: Option<LaterThread>,
+}
+
+/// The thread of [`Later`] jobs. It holds the sandbox operations (the manager), so it
+/// is joined when its [`DirtyTracking`] is dropped: the manager's own drop (the clean
+/// stop that ends every tree) then runs on the dropping thread, never on this one
+/// while the daemon's main thread returns and the process exits under it.
+struct LaterThread {
+    jobs: Option<mpsc::Sender<Later>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for DirtyTracking {
+    fn drop(&mut self) {
+        if let Some(later) = &mut self.later {
+            // Closing the channel ends the thread's loop.
+            drop(later.jobs.take());
+            if let Some(thread) = later.thread.take()
+                && thread.join().is_err()
+            {
+                tracing::warn!("the thread of after-answer work panicked");
+            }
+        }
+    }
 }
 
 /// What [`DirtyTracking`] leaves to its thread, off the answer's path.
@@ -149,7 +172,7 @@ impl DirtyTracking {
 
     /// Has `job` done on the thread, or now if it is not running.
     fn later(&self, job: Later) {
-        let job = match &self.later {
+        let job = match self.later.as_ref().and_then(|l| l.jobs.as_ref()) {
             Some(tx) => match tx.send(job) {
                 Ok(()) => return,
                 Err(mpsc::SendError(job)) => job,
@@ -296,7 +319,7 @@ fn start_later(
     inner: Arc<dyn ServedSandboxes>,
     tracker: Arc<dyn WriteTracker>,
     metrics: Metrics,
-) -> Option<mpsc::Sender<Later>> {
+) -> Option<LaterThread> {
     let (tx, rx) = mpsc::channel::<Later>();
     let spawned = std::thread::Builder::new()
         .name("dirty-later".into())
@@ -306,7 +329,10 @@ fn start_later(
             }
         });
     match spawned {
-        Ok(_) => Some(tx),
+        Ok(thread) => Some(LaterThread {
+            jobs: Some(tx),
+            thread: Some(thread),
+        }),
         Err(e) => {
             tracing::warn!("cannot start the thread of after-answer work: {e}");
             None

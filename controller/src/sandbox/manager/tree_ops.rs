@@ -9,10 +9,7 @@ use deltafs::{FreezeOpts, SnapshotId};
 use nix::unistd::Pid;
 
 use super::{Live, LiveSession, NodeTemplates, SandboxManager, Tree, db_err, lock, store_err};
-use crate::api::sandbox_types::{
-    BranchResult, CheckpointTimings, NodeInfo, NodeSessionInfo, RollbackMode, RollbackResult,
-    RollbackTimings,
-};
+use crate::api::sandbox_types::{BranchResult, CheckpointTimings, NodeInfo, NodeSessionInfo};
 use crate::cr::pidfd::Pidfd;
 use crate::cr::{self, CheckpointOptions, RestoreOptions, RestoreTimings, Template};
 use crate::sandbox::error::SandboxError;
@@ -27,6 +24,7 @@ use crate::tree::records::{
 mod fallback;
 pub(super) mod process_dumps;
 mod proctree;
+mod rollback;
 
 /// The most sandboxes one branch call makes.
 const MAX_BRANCHES: u32 = 64;
@@ -107,7 +105,7 @@ pub(super) fn serde_name<T: serde::Serialize>(value: &T) -> String {
     }
 }
 
-fn ms(since: Instant) -> f64 {
+pub(super) fn ms(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1e3
 }
 
@@ -340,6 +338,20 @@ impl SandboxManager {
         templates: Option<&NodeTemplates>,
         phases: &mut RestoreTimings,
     ) -> Result<Vec<LiveSession>, SandboxError> {
+        self.restore_sessions_preforked(tree, name, node, templates, Vec::new(), phases)
+    }
+
+    /// [`Self::restore_sessions`], the sessions of `preforked` finished from their
+    /// children forked ahead instead of forked again.
+    fn restore_sessions_preforked(
+        &self,
+        tree: &Tree,
+        name: &str,
+        node: &NodeRecord,
+        templates: Option<&NodeTemplates>,
+        mut preforked: Vec<rollback::Preforked<'_>>,
+        phases: &mut RestoreTimings,
+    ) -> Result<Vec<LiveSession>, SandboxError> {
         let runtime = &tree.runtime;
         // Refuses (nothing started yet) what has neither a live template nor a dump.
         let others = self.process_sources(tree, node, templates)?;
@@ -354,8 +366,14 @@ impl SandboxManager {
         };
         let mut restored = Vec::new();
         for session in &node.sessions {
-            let (kind, child) =
-                self.restore_session(tree, name, node, session, templates, &opts)?;
+            let ahead = preforked
+                .iter()
+                .position(|(sid, _, _)| *sid == session.session)
+                .map(|i| preforked.swap_remove(i));
+            let (kind, child) = match ahead {
+                Some((_, kind, forked)) => (kind, forked.finish(&opts)),
+                None => self.restore_session(tree, name, node, session, templates, &opts)?,
+            };
             let child = child.map_err(|e| {
                 let message = format!("restoring session {}: {e}", session.session);
                 if SandboxError::caused_by_errno(&e, libc::EAGAIN) {
@@ -408,107 +426,6 @@ impl SandboxManager {
         }
         drop(pipes);
         Ok(restored)
-    }
-
-    /// Rolls `live` (its lock held) back to `node`.
-    pub(super) fn rollback_locked(
-        &self,
-        live: &mut Live,
-        node: NodeId,
-        mode: RollbackMode,
-    ) -> Result<RollbackResult, SandboxError> {
-        let start = Instant::now();
-        let name = live.name();
-        let (record, templates) = self.node_of_tree(node, &live.tree)?;
-        if record.tree != live.record.tree {
-            return Err(SandboxError::NodeOfAnotherTree {
-                node: node.to_string(),
-                node_tree: record.tree.to_string(),
-                sandbox: name,
-                sandbox_tree: live.record.tree.to_string(),
-            });
-        }
-        let restore_processes = mode != RollbackMode::FilesOnly;
-        let restore_files = mode != RollbackMode::ProcessesOnly;
-        // Refuse before anything is killed: the node must be restorable.
-        if restore_processes {
-            self.refuse_unrestorable(&live.tree, &record, templates.as_deref())?;
-            for s in &record.sessions {
-                if !self.restorable(node, s.session, templates.as_deref()) {
-                    return Err(SandboxError::NodeNotRestorable {
-                        node: node.to_string(),
-                        session: s.session.to_string(),
-                        why: "its template is gone and it has no dump; `--files-only` still \
-                              restores the files"
-                            .to_owned(),
-                    });
-                }
-            }
-        }
-        let mut timings = RollbackTimings::default();
-        if restore_processes {
-            let t = Instant::now();
-            live.sessions.clear();
-            live.tree
-                .runtime
-                .kill_work(&name)
-                .map_err(|e| SandboxError::internal(format!("sandbox {name}: killing"), e))?;
-            timings.kill_ms = ms(t);
-        }
-        if restore_files {
-            let t = Instant::now();
-            let Some(view) = live.view.as_ref() else {
-                return Err(SandboxError::internal(
-                    format!("sandbox {name}"),
-                    "no root view",
-                ));
-            };
-            view.switch(snapshot_of(&record)?)
-                .map_err(|e| store_err(format!("sandbox {name}: switching files"), e))?;
-            timings.files_ms = ms(t);
-        }
-        if restore_processes {
-            let t = Instant::now();
-            let mut phases = RestoreTimings::default();
-            let restored = self.restore_sessions(
-                &live.tree,
-                &name,
-                &record,
-                templates.as_deref(),
-                &mut phases,
-            );
-            timings.processes_ms = ms(t);
-            let in_ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
-            timings.fork_ms = in_ms(phases.fork);
-            timings.fallback_ms = in_ms(phases.memory);
-            timings.fixup_ms = in_ms(phases.fixup);
-            timings.resume_ms = in_ms(phases.resume);
-            let restored = match restored {
-                Ok(r) => r,
-                Err(e) => {
-                    live.record.sessions = live.session_records();
-                    let _ = self.db.put_sandbox(&live.record);
-                    return Err(e);
-                }
-            };
-            live.sessions = restored.into_iter().map(|s| (s.id, s)).collect();
-            // Restored from dumps alone: the sessions become the node's templates
-            // again, so that the next restore of the node is a fork.
-            self.retemplate_if_dumped(live, &record, templates.as_deref());
-        }
-        live.record.head = Some(node);
-        live.record.sessions = live.session_records();
-        self.db.put_sandbox(&live.record).map_err(db_err)?;
-        timings.total_ms = ms(start);
-        Ok(RollbackResult {
-            sandbox: name,
-            node: node.to_string(),
-            mode,
-            sessions: live.sessions.values().map(LiveSession::info).collect(),
-            timings,
-            // The warm-up, if any, is started by the caller (metrics::cow).
-            warm_up: false,
-        })
     }
 
     /// Makes `count` new sandboxes at `node`: its files (a view of its snapshot) and its

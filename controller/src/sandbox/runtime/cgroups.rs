@@ -19,6 +19,7 @@ use std::{
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use super::Limits;
+use crate::cr::pidfd::Pidfd;
 
 /// The controllers the limits use.
 const LIMIT_CONTROLLERS: [&str; 3] = ["memory", "cpu", "pids"];
@@ -427,21 +428,64 @@ pub(crate) fn kill(cg: &Path) -> Result<(), CgroupSetupError> {
 }
 
 /// Kills every process of `cg` without `cgroup.kill` (see `TreeRuntime::kill_work`):
-/// freeze, SIGKILL each pid in `cgroup.procs` (a frozen task dies of SIGKILL), thaw,
-/// wait until `populated 0`.
+/// [`kill_frozen_start`], then waits until `populated 0`.
 pub(crate) fn kill_frozen(cg: &Path) -> Result<(), CgroupSetupError> {
+    drop(kill_frozen_start(cg)?);
+    wait_event(cg, "populated", "0")
+}
+
+/// The processes [`kill_frozen_start`] killed, held by pidfd: they may still be exiting.
+pub(crate) struct Killed {
+    cg: PathBuf,
+    pidfds: Vec<Pidfd>,
+}
+
+impl Killed {
+    /// Waits until every killed process has exited (its memory, files and pid given
+    /// back; a pidfd polls readable only then). Processes born in the cgroup since, a
+    /// restore's, are not waited for.
+    pub(crate) fn wait(self) -> Result<(), CgroupSetupError> {
+        let deadline = Instant::now() + SETTLE_TIMEOUT;
+        for pidfd in &self.pidfds {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let exited = pidfd
+                .wait_exit(left)
+                .map_err(|e| io_err("poll a pidfd of", &self.cg)(io::Error::other(e)))?;
+            if !exited {
+                return Err(CgroupSetupError::Timeout {
+                    path: self.cg.clone(),
+                    what: "every killed process gone",
+                    timeout: SETTLE_TIMEOUT,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Freezes `cg` (nothing forks any more), sends SIGKILL to each listed process through a
+/// pidfd opened while it is frozen (so a pid reused since is never hit; a frozen task
+/// dies of SIGKILL), and thaws: the processes exit meanwhile, and [`Killed::wait`] waits
+/// for them.
+pub(crate) fn kill_frozen_start(cg: &Path) -> Result<Killed, CgroupSetupError> {
     set_frozen(cg, true)?;
     let procs = cg.join("cgroup.procs");
     let listed = fs::read_to_string(&procs).map_err(io_err("read", &procs))?;
+    let mut pidfds = Vec::new();
     for pid in listed.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-        // Gone already: fine.
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
+        // Gone already (exited before the freeze completed): fine.
+        let Ok(pidfd) = Pidfd::open(nix::unistd::Pid::from_raw(pid)) else {
+            continue;
+        };
+        if pidfd.send_signal(libc::SIGKILL).is_ok() {
+            pidfds.push(pidfd);
+        }
     }
     set_frozen(cg, false)?;
-    wait_event(cg, "populated", "0")
+    Ok(Killed {
+        cg: cg.to_owned(),
+        pidfds,
+    })
 }
 
 /// Waits until `cgroup.events` says `key want`. The file is re-read each time the kernel
@@ -496,6 +540,54 @@ fn event_value<'a>(text: &'a str, key: &str) -> Option<&'a str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A cgroup of its own under the cgroup2 mount, removed (its process killed first)
+    /// even when the test fails.
+    struct Scratch {
+        cg: PathBuf,
+        child: std::process::Child,
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            // Our own unreaped child: its pid cannot have been reused.
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            let _ = rmdir(&self.cg);
+        }
+    }
+
+    /// Needs root and cgroup2, as every machine of the project has.
+    #[test]
+    fn a_kill_started_is_waited_for_until_the_process_is_gone() {
+        use std::os::unix::process::ExitStatusExt as _;
+        let root = crate::cgroup::CgroupFs::host()
+            .expect("cgroup2 mount")
+            .root()
+            .to_owned();
+        let cg = root.join(format!("deltabox-unit-kill-{}", std::process::id()));
+        fs::create_dir(&cg).expect("mkdir the test cgroup");
+        let child = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .expect("spawn sleep");
+        let mut scratch = Scratch { cg, child };
+        fs::write(
+            scratch.cg.join("cgroup.procs"),
+            scratch.child.id().to_string(),
+        )
+        .expect("move sleep into the test cgroup");
+
+        let killed = kill_frozen_start(&scratch.cg).expect("kill");
+        assert_eq!(killed.pidfds.len(), 1);
+        killed.wait().expect("wait");
+        // Exited (a zombie of ours until reaped) means out of the cgroup.
+        let events = fs::read_to_string(scratch.cg.join("cgroup.events")).expect("events");
+        assert_eq!(event_value(&events, "populated"), Some("0"), "{events}");
+        assert_eq!(event_value(&events, "frozen"), Some("0"), "{events}");
+        let status = scratch.child.wait().expect("reap");
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
+    }
 
     #[test]
     fn event_values_are_read_by_key() {

@@ -361,6 +361,15 @@ impl TreeRuntime {
         cgroups::kill_frozen(&self.work_cgroup(sandbox)).map_err(|e| self.cg_err(e))
     }
 
+    /// Kills every process in `work/` as [`Self::kill_work`] does, without waiting for
+    /// them to exit: a rollback forks the node's templates meanwhile (the exit of a big
+    /// process takes milliseconds) and waits with [`cgroups::Killed::wait`] before anything
+    /// that needs them gone (the switch of the files).
+    pub(crate) fn kill_work_start(&self, sandbox: &str) -> Result<cgroups::Killed, RuntimeError> {
+        self.known(sandbox)?;
+        cgroups::kill_frozen_start(&self.work_cgroup(sandbox)).map_err(|e| self.cg_err(e))
+    }
+
     /// `/sb/<sandbox>`: the sandbox root as seen by init (the prefix of
     /// `/proc/<pid>/{cwd,fd/*}` links of the sandbox's processes read from the host).
     pub fn root_in_ns(&self, sandbox: &str) -> PathBuf {
