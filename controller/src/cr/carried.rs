@@ -167,8 +167,10 @@ fn signals_in(mask: u64) -> impl Iterator<Item = i32> {
 impl Template {
     /// Records the template's [`Handlers`] (a fork's dispositions are its process's):
     /// the template is thawed and under ptrace for a few injected syscalls, as for a
-    /// restore (one at a time with restores). A dump does it, off the checkpoint's path
-    /// (~30 µs per syscall here: 0.1–0.3 ms for a python or bash session).
+    /// restore (one at a time with restores). A checkpoint records them while it holds
+    /// the new template; a dump does it only for a template recorded without them (by
+    /// an older daemon), ~30 µs per syscall here: 0.1–0.3 ms for a python or bash
+    /// session.
     pub fn record_handlers(&self) -> Result<Handlers, CrError> {
         let _one_at_a_time = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         self.injected(record_handlers)
