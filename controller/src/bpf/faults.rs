@@ -17,12 +17,15 @@ use std::{
     sync::{Mutex, MutexGuard},
 };
 
-use aya::maps::{HashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray};
-use deltabox_common::{Counter, FaultKey, FaultPageKey, WatchState, map_names};
+use aya::maps::{HashMap, IterableMap as _, MapData, PerCpuArray};
+use deltabox_common::{Counter, FaultKey, FaultPageKey, map_names};
 use serde::{Deserialize, Serialize};
 
 use super::batch;
 use super::loader::{self, BpfError};
+use super::maps::{
+    EpochRecords, WatchMap, is_not_found, map_err, open_counters, open_hash, sum_counter,
+};
 
 /// The pages one process faulted on in one epoch.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,7 +70,7 @@ pub trait CowFaultCounter: Send + Sync {
 }
 
 struct Maps {
-    watched: HashMap<MapData, u64, WatchState>,
+    watched: WatchMap,
     counts: HashMap<MapData, FaultKey, u64>,
     pages: HashMap<MapData, FaultPageKey, u64>,
     counters: PerCpuArray<MapData, u64>,
@@ -77,28 +80,6 @@ struct Maps {
 /// tracker's programs: [`super::PinnedTracker::load`]).
 pub struct PinnedFaults {
     maps: Mutex<Maps>,
-}
-
-fn map_err(map: &'static str) -> impl FnOnce(MapError) -> BpfError {
-    move |source| BpfError::Map { map, source }
-}
-
-/// Lookups report a missing key as `KeyNotFound`, deletes as a raw ENOENT.
-fn is_not_found(e: &MapError) -> bool {
-    match e {
-        MapError::KeyNotFound => true,
-        MapError::SyscallError(s) => s.io_error.kind() == std::io::ErrorKind::NotFound,
-        _ => false,
-    }
-}
-
-fn open(pin_dir: &Path, name: &'static str) -> Result<Map, BpfError> {
-    let data = MapData::from_pin(loader::maps_dir(pin_dir).join(name)).map_err(map_err(name))?;
-    Ok(if name == map_names::COUNTERS {
-        Map::PerCpuArray(data)
-    } else {
-        Map::HashMap(data)
-    })
 }
 
 impl PinnedFaults {
@@ -111,14 +92,10 @@ impl PinnedFaults {
             });
         }
         let maps = Maps {
-            watched: HashMap::try_from(open(pin_dir, map_names::FAULT_WATCHED)?)
-                .map_err(map_err(map_names::FAULT_WATCHED))?,
-            counts: HashMap::try_from(open(pin_dir, map_names::FAULT_COUNTS)?)
-                .map_err(map_err(map_names::FAULT_COUNTS))?,
-            pages: HashMap::try_from(open(pin_dir, map_names::FAULT_PAGES)?)
-                .map_err(map_err(map_names::FAULT_PAGES))?,
-            counters: PerCpuArray::try_from(open(pin_dir, map_names::COUNTERS)?)
-                .map_err(map_err(map_names::COUNTERS))?,
+            watched: WatchMap::open(pin_dir, map_names::FAULT_WATCHED)?,
+            counts: open_hash(pin_dir, map_names::FAULT_COUNTS)?,
+            pages: open_hash(pin_dir, map_names::FAULT_PAGES)?,
+            counters: open_counters(pin_dir)?,
         };
         Ok(Self {
             maps: Mutex::new(maps),
@@ -132,14 +109,6 @@ impl PinnedFaults {
 }
 
 impl Maps {
-    fn epoch_of(&self, cgroup_id: u64) -> Result<Option<u64>, BpfError> {
-        match self.watched.get(&cgroup_id, 0) {
-            Ok(state) => Ok(Some(state.epoch)),
-            Err(e) if is_not_found(&e) => Ok(None),
-            Err(e) => Err(map_err(map_names::FAULT_WATCHED)(e)),
-        }
-    }
-
     /// Every entry of the pages map, read in batches.
     fn all_pages(&self) -> Result<Vec<(FaultPageKey, u64)>, BpfError> {
         batch::lookup_all(self.pages.map()).map_err(|source| BpfError::Batch {
@@ -148,8 +117,13 @@ impl Maps {
             source,
         })
     }
+}
 
-    /// Removes the records of `cgroup_id` whose epoch is below `keep_from`.
+impl EpochRecords for Maps {
+    fn watch_map(&mut self) -> &mut WatchMap {
+        &mut self.watched
+    }
+
     fn drop_records(&mut self, cgroup_id: u64, keep_from: u64) -> Result<(), BpfError> {
         let stale = |cg: u64, epoch: u64| cg == cgroup_id && epoch < keep_from;
         let counts: Vec<FaultKey> = batch::lookup_all::<FaultKey, u64>(self.counts.map())
@@ -184,39 +158,15 @@ impl Maps {
 
 impl CowFaultCounter for PinnedFaults {
     fn watch(&self, cgroup_id: u64) -> Result<u64, BpfError> {
-        let mut maps = self.lock();
-        if let Some(epoch) = maps.epoch_of(cgroup_id)? {
-            return Ok(epoch);
-        }
-        // Records an earlier watch left (a daemon killed mid-unwatch) are not this one's.
-        maps.drop_records(cgroup_id, u64::MAX)?;
-        maps.watched
-            .insert(cgroup_id, WatchState { epoch: 0 }, 0)
-            .map_err(map_err(map_names::FAULT_WATCHED))?;
-        Ok(0)
+        self.lock().watch(cgroup_id)
     }
 
     fn unwatch(&self, cgroup_id: u64) -> Result<bool, BpfError> {
-        let mut maps = self.lock();
-        let was = match maps.watched.remove(&cgroup_id) {
-            Ok(()) => true,
-            Err(e) if is_not_found(&e) => false,
-            Err(e) => return Err(map_err(map_names::FAULT_WATCHED)(e)),
-        };
-        maps.drop_records(cgroup_id, u64::MAX)?;
-        Ok(was)
+        self.lock().unwatch(cgroup_id)
     }
 
     fn advance_epoch(&self, cgroup_id: u64) -> Result<u64, BpfError> {
-        let mut maps = self.lock();
-        let epoch = maps
-            .epoch_of(cgroup_id)?
-            .ok_or(BpfError::NotWatched { cgroup_id })?
-            + 1;
-        maps.watched
-            .insert(cgroup_id, WatchState { epoch }, 0)
-            .map_err(map_err(map_names::FAULT_WATCHED))?;
-        Ok(epoch)
+        self.lock().advance_epoch(cgroup_id)
     }
 
     fn faults(&self, cgroup_id: u64, epoch: u64) -> Result<u64, BpfError> {
@@ -255,16 +205,9 @@ impl CowFaultCounter for PinnedFaults {
 
     fn totals(&self) -> Result<FaultTotals, BpfError> {
         let maps = self.lock();
-        let sum = |c: Counter| -> Result<u64, BpfError> {
-            let values = maps
-                .counters
-                .get(&(c as u32), 0)
-                .map_err(map_err(map_names::COUNTERS))?;
-            Ok(values.iter().sum())
-        };
         Ok(FaultTotals {
-            cow_faults: sum(Counter::CowFaults)?,
-            pages_full: sum(Counter::FaultPagesFull)?,
+            cow_faults: sum_counter(&maps.counters, Counter::CowFaults)?,
+            pages_full: sum_counter(&maps.counters, Counter::FaultPagesFull)?,
         })
     }
 }

@@ -5,11 +5,13 @@
 //! [`WriteTracker`] is the one point through which the rest of the controller reaches
 //! the kernel's maps, so the API above it is testable without root ([`fake`] in tests).
 //! [`loader`] loads, pins, adopts and unloads the programs with aya; [`offsets`] reads
-//! the kernel struct and tracepoint offsets the programs need from BTF and tracefs.
+//! the kernel struct and tracepoint offsets the programs need from BTF and tracefs;
+//! `maps` holds the watch/epoch logic the tracker and the fault counter share.
 
 mod batch;
 pub mod faults;
 pub mod loader;
+mod maps;
 pub mod offsets;
 mod tracker;
 

@@ -7,20 +7,21 @@ use std::{
 };
 
 use aya::{
-    maps::{HashMap, Map, MapData, MapError, PerCpuArray},
+    maps::{HashMap, MapData, PerCpuArray},
     programs::{ProgramInfo, links::PinnedLink},
 };
-use deltabox_common::{Counter, InodeKey, InodeStats, WatchState, map_names};
+use deltabox_common::{Counter, InodeKey, InodeStats, map_names};
 
 use super::{
     AttachedProgram, GlobalCounters, InodeRecord, WriteTracker,
     loader::{self, ATTACHMENTS, BpfError, LoadOptions},
+    maps::{EpochRecords, WatchMap, is_not_found, map_err, open_counters, open_hash, sum_counter},
 };
 
 pub use deltabox_client::types::Origin;
 
 struct Maps {
-    watched: HashMap<MapData, u64, WatchState>,
+    watched: WatchMap,
     stats: HashMap<MapData, InodeKey, InodeStats>,
     counters: PerCpuArray<MapData, u64>,
 }
@@ -30,23 +31,6 @@ pub struct PinnedTracker {
     pin_dir: PathBuf,
     // One lock for all maps: epoch changes read `watched` and rewrite `stats`.
     maps: Mutex<Maps>,
-}
-
-fn map_err(map: &'static str) -> impl FnOnce(MapError) -> BpfError {
-    move |source| BpfError::Map { map, source }
-}
-
-/// Lookups report a missing key as `KeyNotFound`, deletes as a raw ENOENT.
-fn is_not_found(e: &MapError) -> bool {
-    match e {
-        MapError::KeyNotFound => true,
-        MapError::SyscallError(s) => s.io_error.kind() == std::io::ErrorKind::NotFound,
-        _ => false,
-    }
-}
-
-fn open_map(pin_dir: &Path, name: &'static str) -> Result<MapData, BpfError> {
-    MapData::from_pin(loader::maps_dir(pin_dir).join(name)).map_err(map_err(name))
 }
 
 impl PinnedTracker {
@@ -75,16 +59,10 @@ impl PinnedTracker {
                 missing,
             });
         }
-        let watched = open_map(pin_dir, map_names::WATCHED)?;
-        let stats = open_map(pin_dir, map_names::INODE_STATS)?;
-        let counters = open_map(pin_dir, map_names::COUNTERS)?;
         let maps = Maps {
-            watched: HashMap::try_from(Map::HashMap(watched))
-                .map_err(map_err(map_names::WATCHED))?,
-            stats: HashMap::try_from(Map::HashMap(stats))
-                .map_err(map_err(map_names::INODE_STATS))?,
-            counters: PerCpuArray::try_from(Map::PerCpuArray(counters))
-                .map_err(map_err(map_names::COUNTERS))?,
+            watched: WatchMap::open(pin_dir, map_names::WATCHED)?,
+            stats: open_hash(pin_dir, map_names::INODE_STATS)?,
+            counters: open_counters(pin_dir)?,
         };
         Ok(Self {
             pin_dir: pin_dir.into(),
@@ -136,17 +114,13 @@ impl PinnedTracker {
     }
 }
 
-impl Maps {
-    fn epoch_of(&self, cgroup_id: u64) -> Result<Option<u64>, BpfError> {
-        match self.watched.get(&cgroup_id, 0) {
-            Ok(state) => Ok(Some(state.epoch)),
-            Err(e) if is_not_found(&e) => Ok(None),
-            Err(e) => Err(map_err(map_names::WATCHED)(e)),
-        }
+impl EpochRecords for Maps {
+    fn watch_map(&mut self) -> &mut WatchMap {
+        &mut self.watched
     }
 
     /// Removes the counters of `cgroup_id` whose epoch is below `keep_from`.
-    fn drop_stats(&mut self, cgroup_id: u64, keep_from: u64) -> Result<(), BpfError> {
+    fn drop_records(&mut self, cgroup_id: u64, keep_from: u64) -> Result<(), BpfError> {
         let stale: Vec<InodeKey> = self
             .stats
             .keys()
@@ -190,60 +164,25 @@ impl WriteTracker for PinnedTracker {
     }
 
     fn watch(&self, cgroup_id: u64) -> Result<u64, BpfError> {
-        let mut maps = self.lock();
-        if let Some(epoch) = maps.epoch_of(cgroup_id)? {
-            return Ok(epoch);
-        }
-        // Counters a previous watch left (e.g. a daemon killed mid-unwatch) must not
-        // show up as this watch's.
-        maps.drop_stats(cgroup_id, u64::MAX)?;
-        maps.watched
-            .insert(cgroup_id, WatchState { epoch: 0 }, 0)
-            .map_err(map_err(map_names::WATCHED))?;
-        Ok(0)
+        self.lock().watch(cgroup_id)
     }
 
     fn unwatch(&self, cgroup_id: u64) -> Result<bool, BpfError> {
-        let mut maps = self.lock();
-        let was = match maps.watched.remove(&cgroup_id) {
-            Ok(()) => true,
-            Err(e) if is_not_found(&e) => false,
-            Err(e) => return Err(map_err(map_names::WATCHED)(e)),
-        };
-        maps.drop_stats(cgroup_id, u64::MAX)?;
-        Ok(was)
+        self.lock().unwatch(cgroup_id)
     }
 
     fn watched(&self) -> Result<Vec<(u64, u64)>, BpfError> {
-        let maps = self.lock();
-        let mut out: Vec<(u64, u64)> = maps
-            .watched
-            .iter()
-            .map(|r| r.map(|(id, s)| (id, s.epoch)))
-            .collect::<Result<_, _>>()
-            .map_err(map_err(map_names::WATCHED))?;
+        let mut out = self.lock().watched.all()?;
         out.sort_unstable();
         Ok(out)
     }
 
     fn advance_epoch(&self, cgroup_id: u64) -> Result<u64, BpfError> {
-        let mut maps = self.lock();
-        let epoch = maps
-            .epoch_of(cgroup_id)?
-            .ok_or(BpfError::NotWatched { cgroup_id })?
-            + 1;
-        maps.watched
-            .insert(cgroup_id, WatchState { epoch }, 0)
-            .map_err(map_err(map_names::WATCHED))?;
-        Ok(epoch)
+        self.lock().advance_epoch(cgroup_id)
     }
 
     fn drop_stale_stats(&self, cgroup_id: u64) -> Result<(), BpfError> {
-        let mut maps = self.lock();
-        let Some(epoch) = maps.epoch_of(cgroup_id)? else {
-            return Ok(());
-        };
-        maps.drop_stats(cgroup_id, epoch)
+        self.lock().drop_stale(cgroup_id)
     }
 
     fn inode_stats(&self, cgroup_id: Option<u64>) -> Result<Vec<InodeRecord>, BpfError> {
@@ -251,16 +190,12 @@ impl WriteTracker for PinnedTracker {
         let epochs: StdHashMap<u64, u64> = match cgroup_id {
             Some(id) => {
                 let epoch = maps
+                    .watched
                     .epoch_of(id)?
                     .ok_or(BpfError::NotWatched { cgroup_id: id })?;
                 StdHashMap::from([(id, epoch)])
             }
-            None => maps
-                .watched
-                .iter()
-                .map(|r| r.map(|(id, s)| (id, s.epoch)))
-                .collect::<Result<_, _>>()
-                .map_err(map_err(map_names::WATCHED))?,
+            None => maps.watched.all()?.into_iter().collect(),
         };
         let mut out = Vec::new();
         for entry in maps.stats.iter() {
@@ -289,13 +224,7 @@ impl WriteTracker for PinnedTracker {
 
     fn counters(&self) -> Result<GlobalCounters, BpfError> {
         let maps = self.lock();
-        let sum = |c: Counter| -> Result<u64, BpfError> {
-            let values = maps
-                .counters
-                .get(&(c as u32), 0)
-                .map_err(map_err(map_names::COUNTERS))?;
-            Ok(values.iter().sum())
-        };
+        let sum = |c: Counter| sum_counter(&maps.counters, c);
         Ok(GlobalCounters {
             write_syscalls: sum(Counter::WriteSyscalls)?,
             dirtied_folios: sum(Counter::DirtiedFolios)?,
