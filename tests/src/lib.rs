@@ -7,11 +7,14 @@
 //! message naming it: nothing here skips silently.
 
 pub mod cgroup;
+pub mod cli;
 pub mod cr;
 pub mod daemon;
+pub mod memory;
 pub mod pins;
 pub mod prometheus;
 pub mod sandbox;
+pub mod templates;
 pub mod tree;
 
 use std::path::PathBuf;

@@ -3,14 +3,13 @@
 //! of the daemon — is restored from its dump, its Python objects equal.
 
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Instant;
 
-use deltabox_tests::daemon::TestDaemon;
-use deltabox_tests::require_root;
+use deltabox_tests::memory::PySandbox;
 use deltabox_tests::sandbox::{Http, id_of};
-use serde_json::{Value, json};
+use deltabox_tests::templates::{kill9, ns_pid, session_template_state, templates, wait_dump};
+use serde_json::json;
 
 /// A 64 MiB object graph `g` and `h()`, a hash of it.
 const SETUP: &str = "import hashlib, pickle, os
@@ -18,86 +17,19 @@ h = lambda: hashlib.sha256(pickle.dumps(g)).hexdigest()
 g = [{'i': i, 's': str(i) * 3, 'b': os.urandom(1000), 'l': [i, i + 1]} for i in range(64 * 1024)]
 x = 1";
 
-/// The dump of a node's session, once the daemon has written it.
-fn wait_dump(daemon: &TestDaemon, node: &str, session: &str) -> PathBuf {
-    let dir = daemon
-        .data_dir()
-        .join("dumps")
-        .join(format!("{node}-{session}"));
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !dir.join("manifest.json").is_file() {
-        assert!(
-            Instant::now() < deadline,
-            "no dump {} after 120 s: {}",
-            dir.display(),
-            daemon.log()
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
-    dir
-}
-
-/// The tree's templates (host pids), oldest first (their cgroups are named
-/// `tpl-<pid>-<nanoseconds>-<seq>`).
-fn templates(daemon: &TestDaemon, tree: &str) -> Vec<i32> {
-    let dir = daemon.sandbox_cgroup().join(tree).join("templates");
-    let mut found: Vec<(u128, i32)> = Vec::new();
-    for e in fs::read_dir(&dir).unwrap().flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let parts: Vec<&str> = name.split('-').collect();
-        let Some(nanos) = parts.get(2).and_then(|n| u128::from_str_radix(n, 16).ok()) else {
-            continue;
-        };
-        let procs = fs::read_to_string(e.path().join("cgroup.procs")).unwrap_or_default();
-        for pid in procs.lines().filter_map(|l| l.trim().parse().ok()) {
-            found.push((nanos, pid));
-        }
-    }
-    found.sort_unstable();
-    found.into_iter().map(|(_, pid)| pid).collect()
-}
-
-fn kill9(pid: i32) {
-    // SAFETY: kill(2) takes plain integers.
-    unsafe { libc::kill(pid, libc::SIGKILL) };
-    for _ in 0..1000 {
-        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        if stat.is_empty() || stat.contains(") Z ") {
-            return;
-        }
-        thread::sleep(Duration::from_millis(5));
-    }
-    panic!("template {pid} did not die");
-}
-
 fn own_pages(dump: &Path) -> u64 {
     fs::metadata(dump.join("pages")).unwrap().len()
 }
 
-fn template_state(api: &Http, sandbox: &str, node: &str) -> String {
-    let tree = api
-        .get(&format!("/v1/sandboxes/{sandbox}/tree"))
-        .expect(200, "tree");
-    let nodes = tree["nodes"].as_array().cloned().unwrap_or_default();
-    let n: &Value = nodes
-        .iter()
-        .find(|n| id_of(n) == node)
-        .unwrap_or_else(|| panic!("node {node} in {tree}"));
-    n["sessions"][0]["template"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned()
-}
-
 #[test]
 fn a_node_whose_template_was_killed_is_restored_from_its_dump() {
-    require_root();
-    let mut daemon = TestDaemon::start("sbdump", &[]);
-    let api = Http::new(daemon.socket());
-    let sb = id_of(&api.create(&json!({})));
-    let tree = api.sandbox(&sb)["tree"].as_str().unwrap().to_owned();
-    let py = api.session(&sb, "python");
-    api.run(&sb, &py, SETUP);
+    let PySandbox {
+        mut daemon,
+        api,
+        sandbox: sb,
+        tree,
+        session: py,
+    } = PySandbox::start("sbdump", &[], SETUP);
     let h1 = api.run(&sb, &py, "print(h())");
     let n1 = api.checkpoint(&sb, "one");
     api.run(
@@ -137,7 +69,7 @@ fn a_node_whose_template_was_killed_is_restored_from_its_dump() {
     assert_eq!(api.run(&sb, &py, "print(h())"), h2);
     assert_eq!(api.run(&sb, &py, "print(x, len(g))"), "2 65536\n");
     // The restored session became n2's template again: the next restore is a fork.
-    assert_eq!(template_state(&api, &sb, &n2), "live");
+    assert_eq!(session_template_state(&api, &sb, &n2), "live");
     api.run(&sb, &py, "g3 = [str(i) * 10 for i in range(200000)]");
     assert_eq!(
         api.run(&sb, &py, "print(sum(len(s) for s in g3))"),
@@ -164,9 +96,9 @@ fn a_node_whose_template_was_killed_is_restored_from_its_dump() {
     daemon.restart(&[]);
     let api = Http::new(daemon.socket());
     // Revived from n3's dump, the session became n3's template again.
-    assert_eq!(template_state(&api, &sb, &n3), "live");
-    assert_eq!(template_state(&api, &sb, &n2), "live");
-    assert_eq!(template_state(&api, &sb, &n1), "live");
+    assert_eq!(session_template_state(&api, &sb, &n3), "live");
+    assert_eq!(session_template_state(&api, &sb, &n2), "live");
+    assert_eq!(session_template_state(&api, &sb, &n1), "live");
     assert_eq!(
         api.run(&sb, &py, "print(h(), x)"),
         format!("{} 4\n", h3.trim())
@@ -176,9 +108,9 @@ fn a_node_whose_template_was_killed_is_restored_from_its_dump() {
     let before = templates(&daemon, &tree);
     kill9(*before.last().unwrap());
     // `tree` sees the template's process gone at once.
-    assert_eq!(template_state(&api, &sb, &n3), "dumped");
+    assert_eq!(session_template_state(&api, &sb, &n3), "dumped");
     let branch = id_of(&api.branch(&n3, 1)[0]);
-    assert_eq!(template_state(&api, &sb, &n3), "live");
+    assert_eq!(session_template_state(&api, &sb, &n3), "live");
     assert_eq!(
         templates(&daemon, &tree).len(),
         before.len(),
@@ -192,14 +124,7 @@ fn a_node_whose_template_was_killed_is_restored_from_its_dump() {
     // namespace): n1 has no ancestor, so the other live template of the session (n2's,
     // re-made) is forked and made n1 from n1's dump.
     let n1_template = templates(&daemon, &tree)[0];
-    let status = fs::read_to_string(format!("/proc/{n1_template}/status")).unwrap();
-    let ns_pid = status
-        .lines()
-        .find_map(|l| l.strip_prefix("NSpid:"))
-        .and_then(|l| l.split_whitespace().last())
-        .unwrap()
-        .to_owned();
-    api.sh(&sb, &format!("kill -9 {ns_pid}"));
+    api.sh(&sb, &format!("kill -9 {}", ns_pid(n1_template)));
     let t = Instant::now();
     api.rollback(&sb, &n1);
     eprintln!(
@@ -222,12 +147,13 @@ fn a_node_whose_template_was_killed_is_restored_from_its_dump() {
 /// (and keeps the others), and `gc` sweeps dumps whose node is gone.
 #[test]
 fn removed_nodes_take_their_dumps_and_gc_sweeps_orphans() {
-    require_root();
-    let daemon = TestDaemon::start("dump-rm", &[]);
-    let api = Http::new(daemon.socket());
-    let sandbox = id_of(&api.create(&json!({})));
-    let session = api.session(&sandbox, "python");
-    api.run(&sandbox, &session, "x = 1");
+    let PySandbox {
+        daemon,
+        api,
+        sandbox,
+        session,
+        ..
+    } = PySandbox::start("dump-rm", &[], "x = 1");
     let first = api.checkpoint(&sandbox, "first");
     api.run(&sandbox, &session, "x = 2");
     let second = api.checkpoint(&sandbox, "second");

@@ -3,82 +3,16 @@
 //! fresh processes (`cr::husk`), and every node stays restorable.
 
 use std::fs;
-use std::path::{Path, PathBuf};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use deltabox_controller::cr::pidfd::Pidfd;
+use deltabox_tests::cli::{json, run};
 use deltabox_tests::daemon::TestDaemon;
 use deltabox_tests::require_root;
+use deltabox_tests::sandbox::id_of;
+use deltabox_tests::templates::{template_pids_under, wait_dump};
 use nix::unistd::Pid;
-use serde_json::Value;
-
-fn json(daemon: &TestDaemon, args: &[&str]) -> Value {
-    let mut full: Vec<&str> = args.to_vec();
-    let at = full.iter().position(|a| *a == "--").unwrap_or(full.len());
-    full.insert(at, "--json");
-    let out = daemon.cli(&full);
-    assert!(
-        out.status.success(),
-        "deltabox {args:?}: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        daemon.log()
-    );
-    serde_json::from_slice(&out.stdout).expect("JSON")
-}
-
-fn run(daemon: &TestDaemon, sb: &str, session: &str, code: &str) -> String {
-    let out = json(daemon, &["session", "run", sb, session, code]);
-    assert_eq!(out["status"], 0, "{out}");
-    out["stdout"].as_str().unwrap().to_owned()
-}
-
-fn id(v: &Value) -> String {
-    v["id"].as_str().unwrap().to_owned()
-}
-
-/// The dump of a node's session, once the daemon has written it.
-fn wait_dump(daemon: &TestDaemon, node: &str, session: &str) -> PathBuf {
-    let dir = daemon
-        .data_dir()
-        .join("dumps")
-        .join(format!("{node}-{session}"));
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !dir.join("manifest.json").is_file() {
-        assert!(
-            Instant::now() < deadline,
-            "no dump {} after 120 s: {}",
-            dir.display(),
-            daemon.log()
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
-    dir
-}
-
-/// The pids in the templates' cgroups (`…/templates/tpl-*`) under `dir`.
-fn template_pids(dir: &Path) -> Vec<i32> {
-    let mut pids = Vec::new();
-    let Ok(entries) = fs::read_dir(dir) else {
-        return pids;
-    };
-    for e in entries.flatten() {
-        if !e.file_type().is_ok_and(|t| t.is_dir()) {
-            continue;
-        }
-        let path = e.path();
-        if e.file_name().to_string_lossy().starts_with("tpl-") {
-            pids.extend(
-                fs::read_to_string(path.join("cgroup.procs"))
-                    .unwrap_or_default()
-                    .lines()
-                    .filter_map(|l| l.parse::<i32>().ok()),
-            );
-        }
-        pids.extend(template_pids(&path));
-    }
-    pids
-}
 
 /// How many processes of the daemon's sandboxes run `sleep 1000` (waiting up to 3 s).
 fn sleepers(daemon: &TestDaemon) -> usize {
@@ -134,12 +68,12 @@ const SH_SHOW: &str = "echo \"$A $B $(pwd)\"; greet";
 fn a_tree_whose_init_died_is_rebuilt_from_its_dumps() {
     require_root();
     let mut daemon = TestDaemon::start("husk", &[]);
-    let sb = id(&json(&daemon, &["create"]));
-    let py = id(&json(
+    let sb = id_of(&json(&daemon, &["create"]));
+    let py = id_of(&json(
         &daemon,
         &["session", "start", &sb, "--kind", "python"],
     ));
-    let sh = id(&json(&daemon, &["session", "start", &sb, "--kind", "bash"]));
+    let sh = id_of(&json(&daemon, &["session", "start", &sb, "--kind", "bash"]));
     run(&daemon, &sb, &py, PY_STATE);
     run(
         &daemon,
@@ -147,10 +81,10 @@ fn a_tree_whose_init_died_is_rebuilt_from_its_dumps() {
         &sh,
         "A=hello; B=$((6 * 7)); cd /tmp; greet() { echo hi from a function; }",
     );
-    let n1 = id(&json(&daemon, &["checkpoint", &sb]));
+    let n1 = id_of(&json(&daemon, &["checkpoint", &sb]));
     run(&daemon, &sb, &py, "x = 42");
     run(&daemon, &sb, &sh, "A=world; cd /workspace; sleep 1000 &");
-    let n2 = id(&json(&daemon, &["checkpoint", &sb]));
+    let n2 = id_of(&json(&daemon, &["checkpoint", &sb]));
     for node in [&n1, &n2] {
         for session in [&py, &sh] {
             wait_dump(&daemon, node, session);
@@ -242,7 +176,7 @@ fn a_tree_whose_init_died_is_rebuilt_from_its_dumps() {
     // Within a running tree too: every template killed from the host, a rollback
     // restores from the dumps into fresh processes (no template of python or bash is
     // left to fork).
-    let templates: Vec<Pidfd> = template_pids(daemon.sandbox_cgroup())
+    let templates: Vec<Pidfd> = template_pids_under(daemon.sandbox_cgroup())
         .into_iter()
         .filter_map(|pid| Pidfd::open(Pid::from_raw(pid)).ok())
         .collect();
@@ -266,14 +200,14 @@ fn a_tree_whose_init_died_is_rebuilt_from_its_dumps() {
 
     // A branch of n2 with every template dead again: its sessions and its job come
     // back in the new sandbox, each in a fresh process of that sandbox.
-    for pid in template_pids(daemon.sandbox_cgroup()) {
+    for pid in template_pids_under(daemon.sandbox_cgroup()) {
         if let Ok(template) = Pidfd::open(Pid::from_raw(pid)) {
             template.kill_and_wait(Duration::from_secs(10)).unwrap();
         }
     }
     let before = daemon.log().matches("into a fresh process").count();
     let branched = json(&daemon, &["branch", &n2]);
-    let branch = id(&branched["sandboxes"][0]);
+    let branch = id_of(&branched["sandboxes"][0]);
     assert_eq!(run(&daemon, &branch, &py, PY_SHOW), "42 True 16777216\n");
     assert_eq!(
         run(&daemon, &branch, &sh, SH_SHOW),

@@ -16,8 +16,10 @@ use std::time::{Duration, Instant};
 
 use deltabox_controller::cr::pidfd::Pidfd;
 use deltabox_tests::daemon::TestDaemon;
+use deltabox_tests::memory::SHARED_MAPPING;
 use deltabox_tests::require_root;
 use deltabox_tests::sandbox::{Http, id_of};
+use deltabox_tests::templates::{kill9, ns_pid, templates_running, wait_dump_backlog};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
 
@@ -173,22 +175,6 @@ impl Sb {
         (id_of(&node), python["pid"].as_i64().unwrap())
     }
 
-    /// Waits until the daemon has written every queued dump (`dump_backlog` 0).
-    fn wait_dumps(&self) {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let stats = self.api.get("/v1/stats").expect(200, "stats");
-            if stats["pool"]["dump_backlog"] == 0 {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "dumps still queued after 120 s: {stats}"
-            );
-            thread::sleep(Duration::from_millis(50));
-        }
-    }
-
     /// The node `node` as `tree` lists it.
     fn listed(&self, node: &str) -> Value {
         let tree = self
@@ -219,37 +205,9 @@ impl Sb {
 
     /// The live templates running the job (host pids), oldest first.
     fn job_templates(&self) -> Vec<i32> {
-        self.templates_running(|cmd| cmd == b"python3\0/tmp/job.py\0")
-    }
-
-    /// The live templates whose command line `is` accepts (host pids), oldest first
-    /// (their cgroups are named `tpl-<pid>-<nanoseconds>-<seq>`).
-    fn templates_running(&self, is: impl Fn(&[u8]) -> bool) -> Vec<i32> {
-        let dir = self
-            .daemon
-            .sandbox_cgroup()
-            .join(&self.tree)
-            .join("templates");
-        let mut found: Vec<(u128, i32)> = Vec::new();
-        for e in fs::read_dir(&dir).unwrap().flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let Some(nanos) = name
-                .split('-')
-                .nth(2)
-                .and_then(|n| u128::from_str_radix(n, 16).ok())
-            else {
-                continue;
-            };
-            let procs = fs::read_to_string(e.path().join("cgroup.procs")).unwrap_or_default();
-            for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-                let cmd = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                if is(&cmd) {
-                    found.push((nanos, pid));
-                }
-            }
-        }
-        found.sort_unstable();
-        found.into_iter().map(|(_, pid)| pid).collect()
+        templates_running(&self.daemon, &self.tree, |cmd| {
+            cmd == b"python3\0/tmp/job.py\0"
+        })
     }
 
     /// After a restore to a node where the job printed `at`: it prints again, with the
@@ -278,17 +236,6 @@ impl Sb {
     }
 }
 
-/// The host pid `pid` as the sandbox's pid namespace numbers it.
-fn ns_pid(pid: i32) -> String {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("NSpid:"))
-        .and_then(|l| l.split_whitespace().last())
-        .unwrap()
-        .to_owned()
-}
-
 #[test]
 fn a_job_whose_template_was_killed_inside_the_sandbox_comes_back_from_its_dump() {
     let sb = Sb::start("jobdump", &[]);
@@ -299,7 +246,7 @@ fn a_job_whose_template_was_killed_inside_the_sandbox_comes_back_from_its_dump()
     let (n2, py2) = sb.checkpoint("two");
     let at2 = sb.last().unwrap();
     assert_eq!(at2.phase, 1, "{at2:?} {at2_phase:?}");
-    sb.wait_dumps();
+    wait_dump_backlog(&sb.api);
     let dump = sb
         .daemon
         .data_dir()
@@ -449,19 +396,6 @@ fn evict_and_restore(test: &str, flags: &[&str]) -> Sb {
     sb
 }
 
-fn kill9(pid: i32) {
-    // SAFETY: kill(2) takes plain integers.
-    unsafe { libc::kill(pid, libc::SIGKILL) };
-    for _ in 0..1000 {
-        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        if stat.is_empty() || stat.contains(") Z ") {
-            return;
-        }
-        thread::sleep(Duration::from_millis(5));
-    }
-    panic!("template {pid} did not die");
-}
-
 /// The daemon SIGKILLed, then the job's template at the head node: the restarted daemon
 /// revives the sandbox at its head with the job rebuilt from its dump (forking the
 /// adopted template of the parent node).
@@ -473,7 +407,7 @@ fn a_revived_sandbox_gets_its_job_back_from_its_dump() {
     sb.turn(1);
     let (n2, _) = sb.checkpoint("two");
     let at2 = sb.last().unwrap();
-    sb.wait_dumps();
+    wait_dump_backlog(&sb.api);
     sb.daemon.kill();
     let tpls = sb.job_templates();
     assert_eq!(tpls.len(), 2, "{tpls:?}");
@@ -493,30 +427,6 @@ fn a_revived_sandbox_gets_its_job_back_from_its_dump() {
     sb.api.rollback(&sb.id, &n2);
     sb.assert_job_resumed(&at2);
 }
-
-/// Two `Popen` children of a python session share a writable `MAP_SHARED` mapping of
-/// one file: the writer counts in it, the reader copies what it sees to another file.
-const SHARED: &str = r#"import mmap, struct, subprocess, sys
-open("/tmp/shared", "wb").write(bytes(4096))
-WRITER = """
-import mmap, struct, time
-f = open("/tmp/shared", "r+b")
-m = mmap.mmap(f.fileno(), 4096)
-n = 0
-while True:
-    n += 1
-    struct.pack_into("Q", m, 0, n)
-    time.sleep(0.05)
-"""
-READER = """
-import mmap, struct, time
-f = open("/tmp/shared", "r+b")
-m = mmap.mmap(f.fileno(), 4096)
-while True:
-    open("/tmp/seen", "w").write(str(struct.unpack_from("Q", m, 0)[0]))
-    time.sleep(0.05)
-"""
-procs = [subprocess.Popen([sys.executable, "-c", c]) for c in (WRITER, READER)]"#;
 
 /// The counter in the shared file, and what the reader last saw.
 fn shared_and_seen(sb: &Sb) -> (u64, u64) {
@@ -546,16 +456,17 @@ fn shared_and_seen(sb: &Sb) -> (u64, u64) {
 fn a_writer_of_a_shared_mapping_comes_back_from_its_dump() {
     let sb = Sb::bare("jobshm", &[]);
     let py = sb.api.session(&sb.id, "python");
-    sb.api.run(&sb.id, &py, SHARED);
+    sb.api.run(&sb.id, &py, SHARED_MAPPING);
     thread::sleep(Duration::from_millis(800));
     // The writer's template here is the base its dump at n2 is applied to.
     let _n1 = sb.api.checkpoint(&sb.id, "one");
     thread::sleep(Duration::from_millis(500));
     let n2 = sb.api.checkpoint(&sb.id, "two");
     let (at, _) = shared_and_seen(&sb);
-    sb.wait_dumps();
-    let writers =
-        sb.templates_running(|cmd| String::from_utf8_lossy(cmd).contains("struct.pack_into"));
+    wait_dump_backlog(&sb.api);
+    let writers = templates_running(&sb.daemon, &sb.tree, |cmd| {
+        String::from_utf8_lossy(cmd).contains("struct.pack_into")
+    });
     assert_eq!(writers.len(), 2, "{writers:?}");
     kill9(writers[1]);
     thread::sleep(Duration::from_secs(1));
@@ -605,7 +516,7 @@ fn a_job_with_no_template_of_its_run_left_comes_back_in_a_fresh_process() {
     sb.turn(1);
     let (n1, _) = sb.checkpoint("one");
     let at1 = sb.last().unwrap();
-    sb.wait_dumps();
+    wait_dump_backlog(&sb.api);
     let tpls = sb.job_templates();
     assert_eq!(tpls.len(), 1, "{tpls:?}");
     api.sh(id, &format!("kill -9 {}", ns_pid(tpls[0])));
@@ -639,7 +550,7 @@ fn a_job_comes_back_from_its_dump_after_the_tree_init_died() {
     sb.turn(1);
     let (n1, _) = sb.checkpoint("one");
     let at1 = sb.last().unwrap();
-    sb.wait_dumps();
+    wait_dump_backlog(&sb.api);
     // The tree's init is the parent of the session.
     let session = sb.api.sandbox(&sb.id)["sessions"][0]["pid"]
         .as_i64()

@@ -5,19 +5,14 @@
 //! `on-evict` policy writes a dump only when it evicts, and a template owning more
 //! than the byte bound is evicted. Stats and metrics move with each.
 
-use std::path::PathBuf;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use deltabox_tests::daemon::TestDaemon;
-use deltabox_tests::require_root;
+use deltabox_tests::memory::{PySandbox, random_buffer};
 use deltabox_tests::sandbox::{Http, id_of};
-use serde_json::{Value, json};
-
-/// `b`, 8 MiB of random bytes, and `h()`, their sha256.
-const SETUP: &str = "import hashlib, os
-b = bytearray(os.urandom(8 << 20))
-h = lambda: hashlib.sha256(b).hexdigest()";
+use deltabox_tests::templates::{dump_dir, session_template_state, templates};
+use serde_json::Value;
 
 /// `GET /v1/stats`'s `pool`.
 fn pool(api: &Http) -> Value {
@@ -48,45 +43,6 @@ fn wait_pool(api: &Http, daemon: &TestDaemon, what: &str, done: impl Fn(&Value) 
     }
 }
 
-/// `template` of the node's first session in the tree listing.
-fn template_state(api: &Http, sandbox: &str, node: &str) -> String {
-    let tree = api
-        .get(&format!("/v1/sandboxes/{sandbox}/tree"))
-        .expect(200, "tree");
-    let nodes = tree["nodes"].as_array().cloned().unwrap_or_default();
-    let n = nodes
-        .iter()
-        .find(|n| id_of(n) == node)
-        .unwrap_or_else(|| panic!("node {node} in {tree}"));
-    n["sessions"][0]["template"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned()
-}
-
-fn dump_dir(daemon: &TestDaemon, node: &str, session: &str) -> PathBuf {
-    daemon
-        .data_dir()
-        .join("dumps")
-        .join(format!("{node}-{session}"))
-}
-
-/// Processes in the tree's template cgroups (one cgroup per template).
-fn template_processes(daemon: &TestDaemon, tree: &str) -> usize {
-    let dir = daemon.sandbox_cgroup().join(tree).join("templates");
-    std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .flatten()
-        .filter(|e| e.path().is_dir())
-        .map(|e| {
-            std::fs::read_to_string(e.path().join("cgroup.procs"))
-                .unwrap_or_default()
-                .lines()
-                .count()
-        })
-        .sum()
-}
-
 /// Changes 1 MiB of `b` and checkpoints: returns the node and the hash at it.
 fn step(api: &Http, sb: &str, py: &str, label: &str) -> (String, String) {
     api.run(sb, py, "b[0:1 << 20] = os.urandom(1 << 20)");
@@ -96,12 +52,13 @@ fn step(api: &Http, sb: &str, py: &str, label: &str) -> (String, String) {
 
 #[test]
 fn the_least_recently_used_templates_are_evicted_and_restored_from_their_dumps() {
-    require_root();
-    let daemon = TestDaemon::start("pool-n", &["--pool-max-templates", "2"]);
-    let api = Http::new(daemon.socket());
-    let sb = id_of(&api.create(&json!({})));
-    let py = api.session(&sb, "python");
-    api.run(&sb, &py, SETUP);
+    let PySandbox {
+        daemon,
+        api,
+        sandbox: sb,
+        tree,
+        session: py,
+    } = PySandbox::start("pool-n", &["--pool-max-templates", "2"], &random_buffer(8));
     let start = pool(&api);
     assert_eq!(count(&start, "max_templates"), 2, "{start}");
     assert_eq!(start["dump_policy"], "eager", "{start}");
@@ -121,15 +78,14 @@ fn the_least_recently_used_templates_are_evicted_and_restored_from_their_dumps()
     assert!(count(&p, "bytes_owned") > 0, "{p}");
     let states: Vec<String> = nodes
         .iter()
-        .map(|(n, _)| template_state(&api, &sb, n))
+        .map(|(n, _)| session_template_state(&api, &sb, n))
         .collect();
     assert_eq!(states, ["dumped", "dumped", "live", "live"]);
     for (n, _) in &nodes[..2] {
         assert!(dump_dir(&daemon, n, &py).join("manifest.json").is_file());
     }
     // Eviction destroyed the two templates: their processes and cgroups are gone.
-    let tree = api.sandbox(&sb)["tree"].as_str().unwrap().to_owned();
-    assert_eq!(template_processes(&daemon, &tree), 2);
+    assert_eq!(templates(&daemon, &tree).len(), 2);
     assert_eq!(daemon.metric("deltabox_template_pool_evictions_total"), 2.0);
     assert_eq!(daemon.metric("deltabox_template_pool_templates"), 2.0);
     assert_eq!(daemon.metric("deltabox_template_pool_limit_templates"), 2.0);
@@ -156,8 +112,8 @@ fn the_least_recently_used_templates_are_evicted_and_restored_from_their_dumps()
     wait_pool(&api, &daemon, "a third eviction", |p| {
         count(p, "evictions") >= 3 && count(p, "templates_live") <= 2
     });
-    assert_eq!(template_state(&api, &sb, &nodes[0].0), "live");
-    assert_eq!(template_state(&api, &sb, &nodes[2].0), "dumped");
+    assert_eq!(session_template_state(&api, &sb, &nodes[0].0), "live");
+    assert_eq!(session_template_state(&api, &sb, &nodes[2].0), "dumped");
 
     // Another evicted node, and a branch of one: misses, each with its own memory.
     api.rollback(&sb, &nodes[1].0);
@@ -179,15 +135,17 @@ fn the_least_recently_used_templates_are_evicted_and_restored_from_their_dumps()
 
 #[test]
 fn on_evict_writes_a_dump_only_when_it_evicts() {
-    require_root();
-    let daemon = TestDaemon::start(
+    let PySandbox {
+        daemon,
+        api,
+        sandbox: sb,
+        session: py,
+        ..
+    } = PySandbox::start(
         "pool-oe",
         &["--dump-policy", "on-evict", "--pool-max-templates", "1"],
+        &random_buffer(8),
     );
-    let api = Http::new(daemon.socket());
-    let sb = id_of(&api.create(&json!({})));
-    let py = api.session(&sb, "python");
-    api.run(&sb, &py, SETUP);
     assert_eq!(pool(&api)["dump_policy"], "on-evict");
     let (n1, h1) = step(&api, &sb, &py, "one");
     // One template, the session's only one: kept, and no dump is written.
@@ -212,8 +170,8 @@ fn on_evict_writes_a_dump_only_when_it_evicts() {
         !dump_dir(&daemon, &n2, &py).exists(),
         "n2, not evicted, was dumped"
     );
-    assert_eq!(template_state(&api, &sb, &n1), "dumped");
-    assert_eq!(template_state(&api, &sb, &n2), "live");
+    assert_eq!(session_template_state(&api, &sb, &n1), "dumped");
+    assert_eq!(session_template_state(&api, &sb, &n2), "live");
 
     // Back to n1 through the fallback (n2's template and n1's dump).
     api.run(&sb, &py, "b = bytearray(3)");
@@ -229,16 +187,13 @@ fn on_evict_writes_a_dump_only_when_it_evicts() {
 
 #[test]
 fn a_template_owning_more_than_the_byte_bound_is_evicted() {
-    require_root();
-    let daemon = TestDaemon::start("pool-b", &["--pool-max-bytes", "48M"]);
-    let api = Http::new(daemon.socket());
-    let sb = id_of(&api.create(&json!({})));
-    let py = api.session(&sb, "python");
-    api.run(
-        &sb,
-        &py,
-        "import hashlib, os\nb = bytearray(os.urandom(64 << 20))\nh = lambda: hashlib.sha256(b).hexdigest()",
-    );
+    let PySandbox {
+        daemon,
+        api,
+        sandbox: sb,
+        session: py,
+        ..
+    } = PySandbox::start("pool-b", &["--pool-max-bytes", "48M"], &random_buffer(64));
     let h1 = api.run(&sb, &py, "print(h())");
     let n1 = api.checkpoint(&sb, "one");
     // The eager dump of 64 MiB is queued (it takes well over the time of this call).
@@ -254,8 +209,8 @@ fn a_template_owning_more_than_the_byte_bound_is_evicted() {
         count(p, "evictions") >= 1
     });
     assert_eq!(count(&p, "evictions"), 1, "{p}");
-    assert_eq!(template_state(&api, &sb, &n1), "dumped");
-    assert_eq!(template_state(&api, &sb, &n2), "live");
+    assert_eq!(session_template_state(&api, &sb, &n1), "dumped");
+    assert_eq!(session_template_state(&api, &sb, &n2), "live");
     let p = wait_pool(&api, &daemon, "a measure after the eviction", |p| {
         count(p, "bytes_owned") <= 48 << 20 && count(p, "templates_live") == 1
     });

@@ -13,8 +13,10 @@ use std::thread;
 use std::time::Duration;
 
 use deltabox_tests::daemon::TestDaemon;
+use deltabox_tests::memory::SHARED_MAPPING;
 use deltabox_tests::require_root;
 use deltabox_tests::sandbox::{Http, id_of};
+use deltabox_tests::templates::{templates, wait_dump_backlog};
 use serde_json::json;
 
 /// A sandbox of a test daemon, with its tree.
@@ -78,15 +80,9 @@ impl Sb {
         n
     }
 
-    /// The tree's templates (host pids).
+    /// The tree's templates (host pids), oldest first.
     fn templates(&self) -> Vec<i32> {
-        let dir = self.tree_cgroup().join("templates");
-        let mut out = Vec::new();
-        for e in fs::read_dir(&dir).into_iter().flatten().flatten() {
-            let procs = fs::read_to_string(e.path().join("cgroup.procs")).unwrap_or_default();
-            out.extend(procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
-        }
-        out
+        templates(&self.daemon, &self.tree)
     }
 
     /// The number in file `path` of sandbox `sb` (read again while empty: the
@@ -491,32 +487,6 @@ fn a_background_job_comes_back_after_a_daemon_restart() {
     assert_eq!(sb.api.run(&id, &sh, "echo ok"), "ok\n");
 }
 
-/// Two background processes sharing a writable `MAP_SHARED` mapping of one file: the
-/// writer counts in the mapping (and in its memory), the reader copies what it sees to
-/// another file. After a rollback, and in a branch, both map the node's file again and
-/// share its pages: the reader follows the writer, which resumes from the checkpoint.
-const SHARED: &str = r#"import mmap, struct, subprocess, sys
-open("/tmp/shared", "wb").write(bytes(4096))
-WRITER = """
-import mmap, struct, time
-f = open("/tmp/shared", "r+b")
-m = mmap.mmap(f.fileno(), 4096)
-n = 0
-while True:
-    n += 1
-    struct.pack_into("Q", m, 0, n)
-    time.sleep(0.05)
-"""
-READER = """
-import mmap, struct, time
-f = open("/tmp/shared", "r+b")
-m = mmap.mmap(f.fileno(), 4096)
-while True:
-    open("/tmp/seen", "w").write(str(struct.unpack_from("Q", m, 0)[0]))
-    time.sleep(0.05)
-"""
-procs = [subprocess.Popen([sys.executable, "-c", c]) for c in (WRITER, READER)]"#;
-
 /// The counter in the shared file of `sb`, and what the reader last saw.
 fn shared_and_seen(sb: &Sb, id: &str) -> (u64, u64) {
     let out = sb.api.sh(
@@ -549,12 +519,16 @@ fn assert_shared_follows(sb: &Sb, id: &str, at: u64, later: Option<u64>) {
     }
 }
 
+/// Two background processes sharing a writable `MAP_SHARED` mapping of one file
+/// ([`SHARED_MAPPING`]): after a rollback, and in a branch, both map the node's file
+/// again and share its pages: the reader follows the writer, which resumes from the
+/// checkpoint.
 #[test]
 fn two_processes_sharing_a_file_mapping_share_it_again() {
     let sb = Sb::new("ptshm");
     let (api, id) = (&sb.api, sb.id.as_str());
     let py = api.session(id, "python");
-    api.run(id, &py, SHARED);
+    api.run(id, &py, SHARED_MAPPING);
     thread::sleep(Duration::from_millis(800));
     let node = api.checkpoint(id, "shared");
     let (at, _) = shared_and_seen(&sb, id);
@@ -674,13 +648,7 @@ fn a_node_whose_job_template_is_gone_comes_back_into_a_fresh_process() {
     };
     assert_eq!(listed(api), "live");
     // Its dump written.
-    for _ in 0..600 {
-        let stats = api.get("/v1/stats").expect(200, "stats");
-        if stats["pool"]["dump_backlog"] == 0 {
-            break;
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
+    wait_dump_backlog(api);
 
     // The job's template (the stopped `sleep 1000` in the templates cgroup) is killed.
     let job_template: Vec<i32> = sb

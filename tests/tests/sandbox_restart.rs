@@ -7,32 +7,11 @@ use std::path::Path;
 use std::thread;
 use std::time::Duration;
 
+use deltabox_tests::cli::{json, run};
 use deltabox_tests::daemon::TestDaemon;
 use deltabox_tests::require_root;
-use serde_json::Value;
-
-fn json(daemon: &TestDaemon, args: &[&str]) -> Value {
-    let mut full: Vec<&str> = args.to_vec();
-    let at = full.iter().position(|a| *a == "--").unwrap_or(full.len());
-    full.insert(at, "--json");
-    let out = daemon.cli(&full);
-    assert!(
-        out.status.success(),
-        "deltabox {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("JSON")
-}
-
-fn run(daemon: &TestDaemon, sb: &str, session: &str, code: &str) -> String {
-    let out = json(daemon, &["session", "run", sb, session, code]);
-    assert_eq!(out["status"], 0, "{out}");
-    out["stdout"].as_str().unwrap().to_owned()
-}
-
-fn id(v: &Value) -> String {
-    v["id"].as_str().unwrap().to_owned()
-}
+use deltabox_tests::sandbox::id_of;
+use deltabox_tests::templates::template_pids_under;
 
 fn step(i: u32) -> String {
     format!("x = {i}\nopen('/workspace/f', 'w').write('{i}')")
@@ -76,15 +55,15 @@ fn alive(pid: i64) -> bool {
 fn a_killed_daemon_comes_back_with_every_acknowledged_node() {
     require_root();
     let mut daemon = TestDaemon::start("restart", &[]);
-    let sb = id(&json(&daemon, &["create"]));
-    let py = id(&json(
+    let sb = id_of(&json(&daemon, &["create"]));
+    let py = id_of(&json(
         &daemon,
         &["session", "start", &sb, "--kind", "python"],
     ));
     run(&daemon, &sb, &py, &step(1));
-    let n1 = id(&json(&daemon, &["checkpoint", &sb, "--label", "one"]));
+    let n1 = id_of(&json(&daemon, &["checkpoint", &sb, "--label", "one"]));
     run(&daemon, &sb, &py, &step(2));
-    let n2 = id(&json(&daemon, &["checkpoint", &sb, "--label", "two"]));
+    let n2 = id_of(&json(&daemon, &["checkpoint", &sb, "--label", "two"]));
     // Not acknowledged by any checkpoint: lost with the daemon's view.
     run(&daemon, &sb, &py, &step(3));
     let old_pid = json(&daemon, &["status", &sb])["sessions"][0]["pid"]
@@ -113,7 +92,7 @@ fn a_killed_daemon_comes_back_with_every_acknowledged_node() {
         "the first node restores"
     );
     let branched = json(&daemon, &["branch", &n2]);
-    let branch = id(&branched["sandboxes"][0]);
+    let branch = id_of(&branched["sandboxes"][0]);
     let bpy = json(&daemon, &["status", &branch])["sessions"][0]["id"]
         .as_str()
         .unwrap()
@@ -176,21 +155,6 @@ fn a_killed_daemon_comes_back_with_every_acknowledged_node() {
     assert_eq!(cgroups_under(daemon.sandbox_cgroup()), Vec::<String>::new());
 }
 
-/// The pids in the templates' cgroups (`…/templates/tpl-*`) under `dir`.
-fn template_pids(dir: &Path) -> Vec<i32> {
-    cgroups_under(dir)
-        .iter()
-        .filter(|d| d.rsplit('/').next().is_some_and(|n| n.starts_with("tpl-")))
-        .flat_map(|d| {
-            fs::read_to_string(format!("{d}/cgroup.procs"))
-                .unwrap_or_default()
-                .lines()
-                .filter_map(|l| l.parse().ok())
-                .collect::<Vec<i32>>()
-        })
-        .collect()
-}
-
 /// `st_dev` as `/proc/<pid>/maps` prints it (`major:minor` in hex).
 fn maps_dev(dev: u64) -> String {
     let major = (dev >> 8) & 0xfff;
@@ -207,13 +171,13 @@ fn revived_sessions_outlive_the_page_cache_of_dead_views() {
     require_root();
     use std::os::unix::fs::MetadataExt;
     let mut daemon = TestDaemon::start("rebind", &[]);
-    let sb = id(&json(&daemon, &["create"]));
-    let py = id(&json(
+    let sb = id_of(&json(&daemon, &["create"]));
+    let py = id_of(&json(
         &daemon,
         &["session", "start", &sb, "--kind", "python"],
     ));
     run(&daemon, &sb, &py, "import json, decimal\nx = 41");
-    let node = id(&json(&daemon, &["checkpoint", &sb]));
+    let node = id_of(&json(&daemon, &["checkpoint", &sb]));
     let session_pid = json(&daemon, &["status", &sb])["sessions"][0]["pid"]
         .as_i64()
         .unwrap();
@@ -222,7 +186,7 @@ fn revived_sessions_outlive_the_page_cache_of_dead_views() {
             .unwrap()
             .dev(),
     );
-    let templates = template_pids(daemon.sandbox_cgroup());
+    let templates = template_pids_under(daemon.sandbox_cgroup());
     assert_eq!(templates.len(), 1, "one session, one template");
     let on_view = |pid: i32| -> Vec<String> {
         fs::read_to_string(format!("/proc/{pid}/maps"))

@@ -6,6 +6,7 @@
 //! metrics move.
 
 use deltabox_tests::daemon::TestDaemon;
+use deltabox_tests::memory::PySandbox;
 use deltabox_tests::require_root;
 use deltabox_tests::sandbox::{Http, id_of};
 use serde_json::{Value, json};
@@ -133,14 +134,15 @@ fn warm_up_takes_the_copy_on_write_faults_of_the_next_run_and_changes_no_byte() 
 
 #[test]
 fn the_daemon_default_warms_up_rollbacks_that_do_not_say() {
-    require_root();
-    let daemon = TestDaemon::start("warmdef", &["--warm-up"]);
-    let http = Http::new(daemon.socket());
-    let sandbox = id_of(&http.create(&json!({})));
-    let session = http.session(&sandbox, "python");
-    http.run(
-        &sandbox,
-        &session,
+    let PySandbox {
+        daemon,
+        api: http,
+        sandbox,
+        session,
+        ..
+    } = PySandbox::start(
+        "warmdef",
+        &["--warm-up"],
         "buf = bytearray(b'\\x01') * (256 * 4096)",
     );
     let node = http.checkpoint(&sandbox, "buffer");
