@@ -12,6 +12,7 @@ pub mod cr;
 pub mod daemon;
 pub mod memory;
 pub mod pins;
+pub mod procs;
 pub mod prometheus;
 pub mod sandbox;
 pub mod templates;

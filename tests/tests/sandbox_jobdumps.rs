@@ -5,10 +5,9 @@
 //! template of the job's program run, or into a fresh process, a husk, when none is
 //! left: its only template killed, the tree's init killed) — the job's memory
 //! (a random buffer, hashed on every line it prints) is the checkpoint's, it runs on
-//! from its counter, and its pipe to `cat` carries its lines again. The writer of a
-//! shared file mapping, restored from its dump, maps the file again, shared with its
-//! reader. Rollback, branch and a daemon's revival all take that path. Needs root,
-//! cgroups, FUSE, the store.
+//! from its counter, and its pipe to `cat` carries its lines again (a shared file
+//! mapping restored from its dump: `sandbox_shared_mapping`). Rollback, branch and a
+//! daemon's revival all take that path. Needs root, cgroups, FUSE, the store.
 
 use std::fs;
 use std::thread;
@@ -16,7 +15,6 @@ use std::time::{Duration, Instant};
 
 use deltabox_controller::cr::pidfd::Pidfd;
 use deltabox_tests::daemon::TestDaemon;
-use deltabox_tests::memory::SHARED_MAPPING;
 use deltabox_tests::require_root;
 use deltabox_tests::sandbox::{Http, id_of};
 use deltabox_tests::templates::{kill9, ns_pid, templates_running, wait_dump_backlog};
@@ -426,83 +424,6 @@ fn a_revived_sandbox_gets_its_job_back_from_its_dump() {
     sb.assert_job_resumed(&at1);
     sb.api.rollback(&sb.id, &n2);
     sb.assert_job_resumed(&at2);
-}
-
-/// The counter in the shared file, and what the reader last saw.
-fn shared_and_seen(sb: &Sb) -> (u64, u64) {
-    let mut out = String::new();
-    for _ in 0..20 {
-        out = sb.api.sh(
-            &sb.id,
-            "python3 -c 'import struct; print(struct.unpack(\"Q\", open(\"/tmp/shared\", \"rb\").read(8))[0])'; cat /tmp/seen",
-        );
-        let numbers: Vec<u64> = out
-            .split_whitespace()
-            .filter_map(|w| w.parse().ok())
-            .collect();
-        if let [written, seen] = numbers.as_slice() {
-            return (*written, *seen);
-        }
-        // The reader rewrites its file, truncating first.
-        thread::sleep(Duration::from_millis(20));
-    }
-    panic!("the shared counter and the reader's file: {out:?}")
-}
-
-/// The writer of the shared mapping, its template killed after its dump, comes back
-/// from the dump (a fork of the parent node's writer template): it maps the node's file
-/// again, shared, counts on from the node's value, and the reader follows it.
-#[test]
-fn a_writer_of_a_shared_mapping_comes_back_from_its_dump() {
-    let sb = Sb::bare("jobshm", &[]);
-    let py = sb.api.session(&sb.id, "python");
-    sb.api.run(&sb.id, &py, SHARED_MAPPING);
-    thread::sleep(Duration::from_millis(800));
-    // The writer's template here is the base its dump at n2 is applied to.
-    let _n1 = sb.api.checkpoint(&sb.id, "one");
-    thread::sleep(Duration::from_millis(500));
-    let n2 = sb.api.checkpoint(&sb.id, "two");
-    let (at, _) = shared_and_seen(&sb);
-    wait_dump_backlog(&sb.api);
-    let writers = templates_running(&sb.daemon, &sb.tree, |cmd| {
-        String::from_utf8_lossy(cmd).contains("struct.pack_into")
-    });
-    assert_eq!(writers.len(), 2, "{writers:?}");
-    kill9(writers[1]);
-    thread::sleep(Duration::from_secs(1));
-    let (later, _) = shared_and_seen(&sb);
-    assert!(later > at + 10, "{at} {later}");
-
-    sb.api.rollback(&sb.id, &n2);
-    assert!(
-        sb.daemon.log().contains("process restored from its dump"),
-        "{}",
-        sb.daemon.log()
-    );
-    thread::sleep(Duration::from_millis(500));
-    let (w1, r1) = shared_and_seen(&sb);
-    thread::sleep(Duration::from_millis(500));
-    let (w2, r2) = shared_and_seen(&sb);
-    assert!(w2 > w1 && r2 > r1, "not running: {w1}/{r1} then {w2}/{r2}");
-    assert!(
-        w1 + 1 >= at && w1 < at + 40 && w1 < later,
-        "the writer at {w1}, resumed from {at} (it was at {later})"
-    );
-    assert!(
-        w2.abs_diff(r2) <= 3,
-        "the reader sees {r2}, the writer wrote {w2}"
-    );
-    // The restored writer maps the file shared and writable (the templates, also in
-    // the sandbox's pid namespace, do not).
-    let writer_maps = sb
-        .api
-        .sh(&sb.id, "grep -l pack_into /proc/[0-9]*/cmdline 2>/dev/null | sed 's,cmdline,maps,' | xargs cat 2>/dev/null; true");
-    assert!(
-        writer_maps
-            .lines()
-            .any(|l| l.contains(" rw-s ") && l.ends_with("/tmp/shared")),
-        "{writer_maps}"
-    );
 }
 
 /// A node with no other template of the job's program run (the only node): its job

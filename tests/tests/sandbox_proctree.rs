@@ -8,97 +8,13 @@
 //! template. Needs root, cgroups, FUSE, the store.
 
 use std::fs;
-use std::path::PathBuf;
 use std::thread;
 use std::time::Duration;
 
-use deltabox_tests::daemon::TestDaemon;
-use deltabox_tests::memory::SHARED_MAPPING;
-use deltabox_tests::require_root;
+use deltabox_tests::procs::ProcSandbox;
 use deltabox_tests::sandbox::{Http, id_of};
-use deltabox_tests::templates::{templates, wait_dump_backlog};
+use deltabox_tests::templates::wait_dump_backlog;
 use serde_json::json;
-
-/// A sandbox of a test daemon, with its tree.
-struct Sb {
-    daemon: TestDaemon,
-    api: Http,
-    id: String,
-    tree: String,
-}
-
-impl Sb {
-    fn new(test: &str) -> Self {
-        Self::with_flags(test, &[])
-    }
-
-    /// With the daemon started with `flags`.
-    fn with_flags(test: &str, flags: &[&str]) -> Self {
-        require_root();
-        let daemon = TestDaemon::start(test, flags);
-        let api = Http::new(daemon.socket());
-        let id = id_of(&api.create(&json!({})));
-        let tree = api.sandbox(&id)["tree"].as_str().unwrap().to_owned();
-        Self {
-            daemon,
-            api,
-            id,
-            tree,
-        }
-    }
-
-    fn tree_cgroup(&self) -> PathBuf {
-        self.daemon.sandbox_cgroup().join(&self.tree)
-    }
-
-    /// The processes of sandbox `sb`'s `work/` cgroup: host pid and command line.
-    fn procs(&self, sb: &str) -> Vec<(i32, String)> {
-        let dir = self.tree_cgroup().join(format!("sb-{sb}")).join("work");
-        let listed = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
-        listed
-            .lines()
-            .filter_map(|l| l.trim().parse().ok())
-            .map(|pid: i32| {
-                let cmd = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-                (pid, cmd.trim().to_owned())
-            })
-            .collect()
-    }
-
-    /// How many processes of `sb` run `cmd` (the whole command line), once that is
-    /// `want` or after 3 s (a process just forked may not have exec'd yet).
-    fn count(&self, sb: &str, cmd: &str, want: usize) -> usize {
-        let mut n = 0;
-        for _ in 0..60 {
-            n = self.procs(sb).iter().filter(|(_, c)| c == cmd).count();
-            if n == want {
-                break;
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
-        n
-    }
-
-    /// The tree's templates (host pids), oldest first.
-    fn templates(&self) -> Vec<i32> {
-        templates(&self.daemon, &self.tree)
-    }
-
-    /// The number in file `path` of sandbox `sb` (read again while empty: the
-    /// processes rewrite it, truncating first).
-    fn number(&self, sb: &str, path: &str) -> u64 {
-        let mut out = String::new();
-        for _ in 0..20 {
-            out = self.api.sh(sb, &format!("cat {path}"));
-            if let Ok(n) = out.trim().parse() {
-                return n;
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        panic!("{path} in {sb} holds {out:?}")
-    }
-}
 
 /// A counter kept in a background process's memory, written to `file` every 50 ms.
 fn counter(file: &str) -> String {
@@ -108,7 +24,7 @@ fn counter(file: &str) -> String {
 /// After a rollback or branch to a checkpoint taken when the counter in `file` was
 /// `at` (read right after the checkpoint): it runs again, from there, not from 0 and
 /// not from `later`, where it was before the rollback.
-fn assert_counter_resumed(sb: &Sb, box_id: &str, file: &str, at: u64, later: Option<u64>) {
+fn assert_counter_resumed(sb: &ProcSandbox, box_id: &str, file: &str, at: u64, later: Option<u64>) {
     thread::sleep(Duration::from_millis(500));
     let v1 = sb.number(box_id, file);
     thread::sleep(Duration::from_millis(500));
@@ -131,7 +47,7 @@ fn assert_counter_resumed(sb: &Sb, box_id: &str, file: &str, at: u64, later: Opt
 
 #[test]
 fn a_bash_background_job_comes_back_and_later_ones_are_gone() {
-    let sb = Sb::new("ptbash");
+    let sb = ProcSandbox::new("ptbash");
     let (api, id) = (&sb.api, sb.id.as_str());
     let sh = api.session(id, "bash");
     api.run(id, &sh, &format!("x=42; {}", counter("/tmp/cnt")));
@@ -246,7 +162,7 @@ print(first.decode().split())"#;
 
 #[test]
 fn a_popen_child_and_its_pipe_come_back() {
-    let sb = Sb::new("ptpopen");
+    let sb = ProcSandbox::new("ptpopen");
     let (api, id) = (&sb.api, sb.id.as_str());
     let py = api.session(id, "python");
     let first = api.run(id, &py, POPEN);
@@ -281,7 +197,7 @@ fn a_popen_child_and_its_pipe_come_back() {
 
 #[test]
 fn a_pipeline_of_background_processes_comes_back_and_branches_are_isolated() {
-    let sb = Sb::new("ptpipe");
+    let sb = ProcSandbox::new("ptpipe");
     let (api, id) = (&sb.api, sb.id.as_str());
     let sh = api.session(id, "bash");
     // producer | consumer, both in the background: the consumer writes what it reads.
@@ -326,7 +242,7 @@ fn a_pipeline_of_background_processes_comes_back_and_branches_are_isolated() {
 
 #[test]
 fn a_socket_in_a_background_process_is_refused_by_name() {
-    let sb = Sb::new("ptsock");
+    let sb = ProcSandbox::new("ptsock");
     let (api, id) = (&sb.api, sb.id.as_str());
     let sh = api.session(id, "bash");
     api.run(
@@ -363,7 +279,7 @@ fn a_socket_in_a_background_process_is_refused_by_name() {
 /// template is a `CLONE_PARENT` fork of the job): bash's `wait` must not wait for it.
 #[test]
 fn bash_wait_is_not_held_by_the_template_of_its_job() {
-    let sb = Sb::new("ptwait");
+    let sb = ProcSandbox::new("ptwait");
     let (api, id) = (&sb.api, sb.id.as_str());
     let sh = api.session(id, "bash");
     api.run(id, &sh, "sleep 0.5 &");
@@ -380,7 +296,7 @@ fn bash_wait_is_not_held_by_the_template_of_its_job() {
 /// each program run: over its bound, such nodes stay restorable, processes included.
 #[test]
 fn the_pool_evicts_nodes_with_background_processes_once_dumped() {
-    let sb = Sb::with_flags("ptpool", &["--pool-max-templates", "1"]);
+    let sb = ProcSandbox::with_flags("ptpool", &["--pool-max-templates", "1"]);
     let (api, id) = (&sb.api, sb.id.as_str());
     let sh = api.session(id, "bash");
     api.run(id, &sh, "sleep 1000 &");
@@ -419,7 +335,7 @@ fn the_pool_evicts_nodes_with_background_processes_once_dumped() {
 /// rollback forks it again.
 #[test]
 fn a_background_job_comes_back_after_a_daemon_restart() {
-    let mut sb = Sb::new("ptrestart");
+    let mut sb = ProcSandbox::new("ptrestart");
     let id = sb.id.clone();
     let sh = sb.api.session(&id, "bash");
     // A counter that also runs whatever /tmp/cmd says, once.
@@ -463,7 +379,7 @@ fn a_background_job_comes_back_after_a_daemon_restart() {
     );
     // The session and the job's subshell (a fork of it: the same command line), once
     // (polled: the subshell's fork for `sleep` has that command line until its exec).
-    let shells = |sb: &Sb| {
+    let shells = |sb: &ProcSandbox| {
         let mut n = 0;
         for _ in 0..60 {
             n = sb
@@ -487,79 +403,6 @@ fn a_background_job_comes_back_after_a_daemon_restart() {
     assert_eq!(sb.api.run(&id, &sh, "echo ok"), "ok\n");
 }
 
-/// The counter in the shared file of `sb`, and what the reader last saw.
-fn shared_and_seen(sb: &Sb, id: &str) -> (u64, u64) {
-    let out = sb.api.sh(
-        id,
-        "python3 -c 'import struct; print(struct.unpack(\"Q\", open(\"/tmp/shared\", \"rb\").read(8))[0])'",
-    );
-    let written = out.trim().parse().unwrap_or_else(|_| panic!("{out:?}"));
-    (written, sb.number(id, "/tmp/seen"))
-}
-
-fn assert_shared_follows(sb: &Sb, id: &str, at: u64, later: Option<u64>) {
-    thread::sleep(Duration::from_millis(500));
-    let (w1, r1) = shared_and_seen(sb, id);
-    thread::sleep(Duration::from_millis(500));
-    let (w2, r2) = shared_and_seen(sb, id);
-    assert!(
-        w2 > w1 && r2 > r1,
-        "{id}: not running: {w1}/{r1} then {w2}/{r2}"
-    );
-    assert!(
-        w1 + 1 >= at && w1 < at + 40,
-        "{id}: the writer at {w1}, resumed from {at}"
-    );
-    assert!(
-        w2.abs_diff(r2) <= 3,
-        "{id}: the reader sees {r2}, the writer wrote {w2}"
-    );
-    if let Some(later) = later {
-        assert!(w1 < later, "{id}: {w1}, not back from {later}");
-    }
-}
-
-/// Two background processes sharing a writable `MAP_SHARED` mapping of one file
-/// ([`SHARED_MAPPING`]): after a rollback, and in a branch, both map the node's file
-/// again and share its pages: the reader follows the writer, which resumes from the
-/// checkpoint.
-#[test]
-fn two_processes_sharing_a_file_mapping_share_it_again() {
-    let sb = Sb::new("ptshm");
-    let (api, id) = (&sb.api, sb.id.as_str());
-    let py = api.session(id, "python");
-    api.run(id, &py, SHARED_MAPPING);
-    thread::sleep(Duration::from_millis(800));
-    let node = api.checkpoint(id, "shared");
-    let (at, _) = shared_and_seen(&sb, id);
-    thread::sleep(Duration::from_secs(2));
-    let (later, seen) = shared_and_seen(&sb, id);
-    assert!(
-        later > at + 10 && seen.abs_diff(later) <= 3,
-        "{at} {later} {seen}"
-    );
-
-    api.rollback(id, &node);
-    assert_shared_follows(&sb, id, at, Some(later));
-    // Each maps the file again, shared and writable; the templates hold no page of it.
-    let mapping = |pid: i32| {
-        fs::read_to_string(format!("/proc/{pid}/maps"))
-            .unwrap_or_default()
-            .lines()
-            .any(|l| l.contains(" rw-s ") && l.ends_with("/tmp/shared"))
-    };
-    let mapped = sb.procs(id).iter().filter(|(p, _)| mapping(*p)).count();
-    assert_eq!(mapped, 2, "{:?}", sb.procs(id));
-    assert!(!sb.templates().iter().any(|p| mapping(*p)));
-
-    let branch = id_of(&api.branch(&node, 1)[0]);
-    assert_shared_follows(&sb, &branch, at, None);
-    // Apart: the branch's writer writes its own file.
-    let (mine, _) = shared_and_seen(&sb, id);
-    let (theirs, _) = shared_and_seen(&sb, &branch);
-    assert!(mine > theirs + 5, "the sandbox {mine}, the branch {theirs}");
-}
-
 /// What other processes cost a checkpoint and a rollback: a bash session with 0, 4 and
 /// 16 background `sleep`s (and one pipe between two of them when there are any), 15
 /// checkpoints and rollbacks each; prints the daemon's medians. Not a pass/fail test:
@@ -573,7 +416,7 @@ fn measure_checkpoint_and_rollback_with_background_processes() {
         v[v.len() / 2]
     }
     for jobs in [0usize, 4, 16] {
-        let sb = Sb::new(&format!("ptm{jobs}"));
+        let sb = ProcSandbox::new(&format!("ptm{jobs}"));
         let (api, id) = (&sb.api, sb.id.as_str());
         let sh = api.session(id, "bash");
         if jobs > 0 {
@@ -623,7 +466,7 @@ fn measure_checkpoint_and_rollback_with_background_processes() {
 /// job from its dump into a fresh process (`cr::husk`).
 #[test]
 fn a_node_whose_job_template_is_gone_comes_back_into_a_fresh_process() {
-    let sb = Sb::new("ptgone");
+    let sb = ProcSandbox::new("ptgone");
     let (api, id) = (&sb.api, sb.id.as_str());
     let sh = api.session(id, "bash");
     api.run(id, &sh, "sleep 1000 &");
@@ -685,74 +528,11 @@ fn a_node_whose_job_template_is_gone_comes_back_into_a_fresh_process() {
     );
 }
 
-/// A python session with a writable shared file mapping, restored from its dump (its
-/// template killed): the fallback forks the parent node's template, makes its memory
-/// the dump's and maps the file again, shared.
-#[test]
-fn a_shared_file_mapping_comes_back_from_a_dump() {
-    let sb = Sb::new("ptshmdump");
-    let (api, id) = (&sb.api, sb.id.as_str());
-    let py = api.session(id, "python");
-    api.run(
-        id,
-        &py,
-        "import mmap\nopen('/tmp/m', 'wb').write(b'a' * 4096)\n\
-         f = open('/tmp/m', 'r+b')\nm = mmap.mmap(f.fileno(), 4096)\nm[0:1] = b'1'\nx = 1",
-    );
-    let _n1 = api.checkpoint(id, "one");
-    api.run(id, &py, "m[0:1] = b'2'\nx = 2");
-    let n2 = api.checkpoint(id, "two");
-    // n2's dump on disk, then its template killed (the newest template).
-    let dump = sb
-        .daemon
-        .data_dir()
-        .join("dumps")
-        .join(format!("{n2}-{py}"))
-        .join("manifest.json");
-    for _ in 0..600 {
-        if dump.is_file() {
-            break;
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
-    assert!(dump.is_file(), "no dump {}", dump.display());
-    let newest = sb.templates().into_iter().max().expect("two templates");
-    // SAFETY: kill(2) takes plain integers.
-    unsafe { libc::kill(newest, libc::SIGKILL) };
-    thread::sleep(Duration::from_millis(300));
-    api.run(id, &py, "m[0:1] = b'3'\nx = 3");
-    let tree = api
-        .get(&format!("/v1/sandboxes/{id}/tree"))
-        .expect(200, "tree");
-    let state = tree["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| id_of(n) == n2)
-        .map(|n| n["sessions"][0]["template"].clone());
-    assert_eq!(state, Some(json!("dumped")), "{tree}");
-
-    api.rollback(id, &n2);
-    assert!(
-        sb.daemon.log().contains("restored from its dump"),
-        "{}",
-        sb.daemon.log()
-    );
-    assert_eq!(api.run(id, &py, "print(x, m[0:1])"), "2 b'2'\n");
-    // Shared with the file again: a write through the mapping is in the file.
-    api.run(id, &py, "m[1:2] = b'Z'\nm.flush()");
-    assert_eq!(
-        api.sh(id, "head -c 2 /tmp/m"),
-        "2Z",
-        "the mapping is the file's"
-    );
-}
-
 /// A session holding a copy of its stdout pipe beyond fd 2 is refused at the
 /// checkpoint (naming the fd), not at a later restore.
 #[test]
 fn a_session_holding_its_stdout_beyond_fd_2_is_refused() {
-    let sb = Sb::new("ptdup");
+    let sb = ProcSandbox::new("ptdup");
     let (api, id) = (&sb.api, sb.id.as_str());
     let py = api.session(id, "python");
     api.run(id, &py, "import os\nsaved = os.dup(1)\nprint(saved)");

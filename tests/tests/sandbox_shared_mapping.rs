@@ -1,0 +1,180 @@
+//! Processes sharing a writable `MAP_SHARED` file mapping come back sharing it: after a
+//! rollback and in a branch (forked from their templates), and restored from a dump
+//! (the template killed), each maps the node's file again, shared, so writes through
+//! the mapping reach the file and the other process. Needs root, cgroups, FUSE, the
+//! store.
+
+use std::fs;
+use std::thread;
+use std::time::Duration;
+
+use deltabox_tests::memory::SHARED_MAPPING;
+use deltabox_tests::procs::ProcSandbox;
+use deltabox_tests::sandbox::id_of;
+use deltabox_tests::templates::{
+    kill9, session_template_state, templates_running, wait_dump, wait_dump_backlog,
+};
+
+/// The counter in the shared file of sandbox `id`, and what the reader last saw.
+fn shared_and_seen(sb: &ProcSandbox, id: &str) -> (u64, u64) {
+    let out = sb.api.sh(
+        id,
+        "python3 -c 'import struct; print(struct.unpack(\"Q\", open(\"/tmp/shared\", \"rb\").read(8))[0])'",
+    );
+    let written = out.trim().parse().unwrap_or_else(|_| panic!("{out:?}"));
+    (written, sb.number(id, "/tmp/seen"))
+}
+
+/// After a restore to a node where the writer was at `at` (and before it, at `later`):
+/// both run, the writer counts on from `at`, and the reader follows it.
+fn assert_shared_follows(sb: &ProcSandbox, id: &str, at: u64, later: Option<u64>) {
+    thread::sleep(Duration::from_millis(500));
+    let (w1, r1) = shared_and_seen(sb, id);
+    thread::sleep(Duration::from_millis(500));
+    let (w2, r2) = shared_and_seen(sb, id);
+    assert!(
+        w2 > w1 && r2 > r1,
+        "{id}: not running: {w1}/{r1} then {w2}/{r2}"
+    );
+    assert!(
+        w1 + 1 >= at && w1 < at + 40,
+        "{id}: the writer at {w1}, resumed from {at}"
+    );
+    assert!(
+        w2.abs_diff(r2) <= 3,
+        "{id}: the reader sees {r2}, the writer wrote {w2}"
+    );
+    if let Some(later) = later {
+        assert!(w1 < later, "{id}: {w1}, not back from {later}");
+    }
+}
+
+/// Whether process `pid` maps `/tmp/shared` shared and writable.
+fn maps_shared(pid: i32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/maps"))
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.contains(" rw-s ") && l.ends_with("/tmp/shared"))
+}
+
+/// Two background processes sharing a writable `MAP_SHARED` mapping of one file
+/// ([`SHARED_MAPPING`]): after a rollback, and in a branch, both map the node's file
+/// again and share its pages: the reader follows the writer, which resumes from the
+/// checkpoint.
+#[test]
+fn two_processes_sharing_a_file_mapping_share_it_again() {
+    let sb = ProcSandbox::new("ptshm");
+    let (api, id) = (&sb.api, sb.id.as_str());
+    let py = api.session(id, "python");
+    api.run(id, &py, SHARED_MAPPING);
+    thread::sleep(Duration::from_millis(800));
+    let node = api.checkpoint(id, "shared");
+    let (at, _) = shared_and_seen(&sb, id);
+    thread::sleep(Duration::from_secs(2));
+    let (later, seen) = shared_and_seen(&sb, id);
+    assert!(
+        later > at + 10 && seen.abs_diff(later) <= 3,
+        "{at} {later} {seen}"
+    );
+
+    api.rollback(id, &node);
+    assert_shared_follows(&sb, id, at, Some(later));
+    // Each maps the file again, shared and writable; the templates hold no page of it.
+    let mapped = sb.procs(id).iter().filter(|(p, _)| maps_shared(*p)).count();
+    assert_eq!(mapped, 2, "{:?}", sb.procs(id));
+    assert!(!sb.templates().iter().any(|p| maps_shared(*p)));
+
+    let branch = id_of(&api.branch(&node, 1)[0]);
+    assert_shared_follows(&sb, &branch, at, None);
+    // Apart: the branch's writer writes its own file.
+    let (mine, _) = shared_and_seen(&sb, id);
+    let (theirs, _) = shared_and_seen(&sb, &branch);
+    assert!(mine > theirs + 5, "the sandbox {mine}, the branch {theirs}");
+}
+
+/// The writer of the shared mapping, its template killed after its dump, comes back
+/// from the dump (a fork of the parent node's writer template): it maps the node's file
+/// again, shared, counts on from the node's value, and the reader follows it.
+#[test]
+fn a_writer_of_a_shared_mapping_comes_back_from_its_dump() {
+    let sb = ProcSandbox::new("jobshm");
+    let (api, id) = (&sb.api, sb.id.as_str());
+    let py = api.session(id, "python");
+    api.run(id, &py, SHARED_MAPPING);
+    thread::sleep(Duration::from_millis(800));
+    // The writer's template here is the base its dump at n2 is applied to.
+    let _n1 = api.checkpoint(id, "one");
+    thread::sleep(Duration::from_millis(500));
+    let n2 = api.checkpoint(id, "two");
+    let (at, _) = shared_and_seen(&sb, id);
+    wait_dump_backlog(api);
+    let writers = templates_running(&sb.daemon, &sb.tree, |cmd| {
+        String::from_utf8_lossy(cmd).contains("struct.pack_into")
+    });
+    assert_eq!(writers.len(), 2, "{writers:?}");
+    kill9(writers[1]);
+    thread::sleep(Duration::from_secs(1));
+    let (later, _) = shared_and_seen(&sb, id);
+    assert!(later > at + 10, "{at} {later}");
+
+    api.rollback(id, &n2);
+    assert!(
+        sb.daemon.log().contains("process restored from its dump"),
+        "{}",
+        sb.daemon.log()
+    );
+    assert_shared_follows(&sb, id, at, Some(later));
+    // The restored writer maps the file shared and writable (the templates, also in
+    // the sandbox's pid namespace, do not).
+    let writer_maps = api.sh(
+        id,
+        "grep -l pack_into /proc/[0-9]*/cmdline 2>/dev/null | sed 's,cmdline,maps,' | xargs cat 2>/dev/null; true",
+    );
+    assert!(
+        writer_maps
+            .lines()
+            .any(|l| l.contains(" rw-s ") && l.ends_with("/tmp/shared")),
+        "{writer_maps}"
+    );
+}
+
+/// A python session with a writable shared file mapping, restored from its dump (its
+/// template killed): the fallback forks the parent node's template, makes its memory
+/// the dump's and maps the file again, shared.
+#[test]
+fn a_shared_file_mapping_comes_back_from_a_dump() {
+    let sb = ProcSandbox::new("ptshmdump");
+    let (api, id) = (&sb.api, sb.id.as_str());
+    let py = api.session(id, "python");
+    api.run(
+        id,
+        &py,
+        "import mmap\nopen('/tmp/m', 'wb').write(b'a' * 4096)\n\
+         f = open('/tmp/m', 'r+b')\nm = mmap.mmap(f.fileno(), 4096)\nm[0:1] = b'1'\nx = 1",
+    );
+    let _n1 = api.checkpoint(id, "one");
+    api.run(id, &py, "m[0:1] = b'2'\nx = 2");
+    let n2 = api.checkpoint(id, "two");
+    // n2's dump on disk, then its template killed (the newest template).
+    wait_dump(&sb.daemon, &n2, &py);
+    let newest = sb.templates().into_iter().max().expect("two templates");
+    kill9(newest);
+    thread::sleep(Duration::from_millis(300));
+    api.run(id, &py, "m[0:1] = b'3'\nx = 3");
+    assert_eq!(session_template_state(api, id, &n2), "dumped");
+
+    api.rollback(id, &n2);
+    assert!(
+        sb.daemon.log().contains("restored from its dump"),
+        "{}",
+        sb.daemon.log()
+    );
+    assert_eq!(api.run(id, &py, "print(x, m[0:1])"), "2 b'2'\n");
+    // Shared with the file again: a write through the mapping is in the file.
+    api.run(id, &py, "m[1:2] = b'Z'\nm.flush()");
+    assert_eq!(
+        api.sh(id, "head -c 2 /tmp/m"),
+        "2Z",
+        "the mapping is the file's"
+    );
+}
