@@ -13,6 +13,7 @@
 mod cgroups;
 mod channel;
 mod child;
+mod freezer;
 mod init;
 mod lifecycle;
 mod proto;
@@ -340,13 +341,13 @@ impl TreeRuntime {
     /// Freezes `work/` and waits until the kernel says it is frozen.
     pub fn freeze_work(&self, sandbox: &str) -> Result<(), RuntimeError> {
         self.known(sandbox)?;
-        cgroups::set_frozen(&self.work_cgroup(sandbox), true).map_err(|e| self.cg_err(e))
+        freezer::set_frozen(&self.work_cgroup(sandbox), true).map_err(|e| self.cg_err(e))
     }
 
     /// Thaws `work/`.
     pub fn thaw_work(&self, sandbox: &str) -> Result<(), RuntimeError> {
         self.known(sandbox)?;
-        cgroups::set_frozen(&self.work_cgroup(sandbox), false).map_err(|e| self.cg_err(e))
+        freezer::set_frozen(&self.work_cgroup(sandbox), false).map_err(|e| self.cg_err(e))
     }
 
     /// Kills every process in `work/` and waits until it is empty.
@@ -358,16 +359,16 @@ impl TreeRuntime {
     /// SIGKILL each listed process, thaw, wait until empty.
     pub fn kill_work(&self, sandbox: &str) -> Result<(), RuntimeError> {
         self.known(sandbox)?;
-        cgroups::kill_frozen(&self.work_cgroup(sandbox)).map_err(|e| self.cg_err(e))
+        freezer::kill_frozen(&self.work_cgroup(sandbox)).map_err(|e| self.cg_err(e))
     }
 
     /// Kills every process in `work/` as [`Self::kill_work`] does, without waiting for
     /// them to exit: a rollback forks the node's templates meanwhile (the exit of a big
-    /// process takes milliseconds) and waits with [`cgroups::Killed::wait`] before anything
+    /// process takes milliseconds) and waits with [`freezer::Killed::wait`] before anything
     /// that needs them gone (the switch of the files).
-    pub(crate) fn kill_work_start(&self, sandbox: &str) -> Result<cgroups::Killed, RuntimeError> {
+    pub(crate) fn kill_work_start(&self, sandbox: &str) -> Result<freezer::Killed, RuntimeError> {
         self.known(sandbox)?;
-        cgroups::kill_frozen_start(&self.work_cgroup(sandbox)).map_err(|e| self.cg_err(e))
+        freezer::kill_frozen_start(&self.work_cgroup(sandbox)).map_err(|e| self.cg_err(e))
     }
 
     /// `/sb/<sandbox>`: the sandbox root as seen by init (the prefix of
@@ -413,7 +414,7 @@ impl TreeRuntime {
         let Some(state) = lock(&self.sandboxes).remove(sandbox) else {
             return Err(self.unknown(sandbox));
         };
-        let killed = cgroups::kill(&self.sandbox_cgroup(sandbox)).map_err(|e| self.cg_err(e));
+        let killed = freezer::kill(&self.sandbox_cgroup(sandbox)).map_err(|e| self.cg_err(e));
         let undone = match state.anchor {
             Some(_) => self
                 .request(
