@@ -54,18 +54,7 @@ impl TreeRuntime {
         ] {
             fs::create_dir_all(&dir).map_err(io("mkdir", &dir))?;
         }
-        let cg2 = crate::cgroup::CgroupFs::from_mountinfo().map_err(|e| RuntimeError::Io {
-            tree: tree.clone(),
-            op: "find cgroup2",
-            path: cfg.cgroup.clone(),
-            source: io::Error::other(e.to_string()),
-        })?;
-        let cgroups = cgroups::TreeCgroups::create(cg2.root(), &cfg.cgroup).map_err(|source| {
-            RuntimeError::Cgroup {
-                tree: tree.clone(),
-                source,
-            }
-        })?;
+        let cgroups = tree_cgroups(&cfg)?;
         // From here on a failure must undo: build a half runtime whose Drop cleans up.
         mount(
             Some(&root),
@@ -136,18 +125,7 @@ impl TreeRuntime {
                 tree: tree.clone(),
                 pid: 0,
             })?;
-        let cg2 = crate::cgroup::CgroupFs::from_mountinfo().map_err(|e| RuntimeError::Io {
-            tree: tree.clone(),
-            op: "find cgroup2",
-            path: cfg.cgroup.clone(),
-            source: io::Error::other(e.to_string()),
-        })?;
-        let cgroups = cgroups::TreeCgroups::create(cg2.root(), &cfg.cgroup).map_err(|source| {
-            RuntimeError::Cgroup {
-                tree: tree.clone(),
-                source,
-            }
-        })?;
+        let cgroups = tree_cgroups(&cfg)?;
         let sock = socket(
             AddressFamily::Unix,
             SockType::SeqPacket,
@@ -315,6 +293,21 @@ impl TreeRuntime {
         killed?;
         removed
     }
+}
+
+/// The tree's cgroups under the host's cgroup2 mount ([`cgroups::TreeCgroups::create`]),
+/// for a start and an adoption alike.
+fn tree_cgroups(cfg: &TreeConfig) -> Result<cgroups::TreeCgroups, RuntimeError> {
+    let cg2 = crate::cgroup::CgroupFs::from_mountinfo().map_err(|e| RuntimeError::Io {
+        tree: cfg.id.clone(),
+        op: "find cgroup2",
+        path: cfg.cgroup.clone(),
+        source: io::Error::other(e.to_string()),
+    })?;
+    cgroups::TreeCgroups::create(cg2.root(), &cfg.cgroup).map_err(|source| RuntimeError::Cgroup {
+        tree: cfg.id.clone(),
+        source,
+    })
 }
 
 /// Pid 1 of the tree among the processes of its `init/` cgroup: the one whose
