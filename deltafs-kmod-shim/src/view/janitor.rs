@@ -91,6 +91,7 @@ pub(crate) fn spawn(view: Weak<ViewShared>) -> std::io::Result<()> {
         .name("deltafs-janitor".to_owned())
         .spawn(move || {
             let mut timeout = None;
+            let mut checked_all = std::time::Instant::now();
             while let Some(poked) = janitor.wait(timeout) {
                 if poked {
                     thread::sleep(DELAY);
@@ -102,7 +103,13 @@ pub(crate) fn spawn(view: Weak<ViewShared>) -> std::io::Result<()> {
                     // Some were released too recently: another pass.
                     janitor.poke();
                 }
-                timeout = view.check_told().then_some(CHECK_PERIOD);
+                // Every file once a period (pokes come every few ms under tar), the ones
+                // just dropped from the candidates at every pass.
+                let all = checked_all.elapsed() >= CHECK_PERIOD;
+                if all {
+                    checked_all = std::time::Instant::now();
+                }
+                timeout = view.check_told(all).then_some(CHECK_PERIOD);
             }
         })?;
     Ok(())
@@ -110,11 +117,12 @@ pub(crate) fn spawn(view: Weak<ViewShared>) -> std::io::Result<()> {
 
 impl ViewShared {
     /// Invalidates the kernel's attributes of possibly mapped files that changed since
-    /// they were sent (`super::told`). Returns whether any are still watched.
-    pub(crate) fn check_told(&self) -> bool {
+    /// they were sent (`super::told`): of all of them when `all`, else of those no longer
+    /// candidates. Returns whether any are still watched.
+    pub(crate) fn check_told(&self, all: bool) -> bool {
         let (stale, watching) = {
             let mut state = lock(&self.state);
-            let stale = state.stale_told();
+            let stale = state.stale_told(all);
             (stale, !state.told.is_empty())
         };
         if let Some(notifier) = self.notifier.get() {

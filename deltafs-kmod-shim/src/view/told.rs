@@ -5,8 +5,8 @@
 //! mount updates or invalidates its copy, except writes through a writable mapping of a
 //! passthrough file: they change the backing file's mtime and blocks unseen. So the
 //! attributes a reply hands out for such a candidate are recorded, and the janitor
-//! compares them with what a reply would say now — about every
-//! [`super::janitor::CHECK_PERIOD`] while candidates exist, and a last time when a
+//! compares them with what a reply would say now — every
+//! [`super::janitor::CHECK_PERIOD`] while any are recorded, and a last time when a
 //! candidate stops being one — and invalidates the kernel's copy when they differ. A
 //! file never written through a mapping (tar's, git's) so costs no round trip later,
 //! where a short TTL cost a `LOOKUP` or `GETATTR` per file once it expired.
@@ -59,11 +59,17 @@ impl ViewState {
     }
 
     /// The node ids whose attributes the kernel holds differ from the current ones
-    /// (each then recorded as current: the kernel asks again once invalidated). Records
-    /// of files no longer candidates are checked a last time and dropped.
-    pub fn stale_told(&mut self) -> Vec<u64> {
+    /// (each then recorded as current: the kernel asks again once invalidated): of every
+    /// recorded file when `all`, else only of those no longer candidates. Records of
+    /// files no longer candidates are checked a last time and dropped.
+    pub fn stale_told(&mut self, all: bool) -> Vec<u64> {
         let mut stale = Vec::new();
-        let inos: Vec<Ino> = self.told.keys().copied().collect();
+        let inos: Vec<Ino> = self
+            .told
+            .keys()
+            .copied()
+            .filter(|ino| all || !self.maybe_mapped.contains_key(ino))
+            .collect();
         for ino in inos {
             let Some(&told) = self.told.get(&ino) else {
                 continue;
