@@ -79,17 +79,7 @@ impl Pidfd {
     /// `pidfd_send_signal`. A process that has exited but is not reaped yet accepts
     /// (and ignores) signals; one that is reaped gives `ESRCH`.
     pub fn send_signal(&self, signal: i32) -> Result<(), PidfdError> {
-        // SAFETY: pidfd_send_signal with a null siginfo reads no memory of ours.
-        let ret = unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                self.fd.as_raw_fd(),
-                signal,
-                std::ptr::null::<libc::siginfo_t>(),
-                0,
-            )
-        };
-        check(ret, "pidfd_send_signal", self.pid).map(drop)
+        self.send(signal, 0, "pidfd_send_signal")
     }
 
     /// `pidfd_send_signal(PIDFD_SIGNAL_PROCESS_GROUP)` (Linux 6.9): `signal` to every
@@ -98,6 +88,15 @@ impl Pidfd {
     /// be confused with another: the pidfd names the group's own `struct pid`. `ESRCH`
     /// once no process is left in the group.
     pub fn signal_process_group(&self, signal: i32) -> Result<(), PidfdError> {
+        self.send(
+            signal,
+            libc::PIDFD_SIGNAL_PROCESS_GROUP,
+            "pidfd_send_signal(PIDFD_SIGNAL_PROCESS_GROUP)",
+        )
+    }
+
+    /// `pidfd_send_signal` with `flags` and no siginfo; `op` names it in an error.
+    fn send(&self, signal: i32, flags: libc::c_uint, op: &'static str) -> Result<(), PidfdError> {
         // SAFETY: pidfd_send_signal with a null siginfo reads no memory of ours.
         let ret = unsafe {
             libc::syscall(
@@ -105,15 +104,10 @@ impl Pidfd {
                 self.fd.as_raw_fd(),
                 signal,
                 std::ptr::null::<libc::siginfo_t>(),
-                libc::PIDFD_SIGNAL_PROCESS_GROUP,
+                flags,
             )
         };
-        check(
-            ret,
-            "pidfd_send_signal(PIDFD_SIGNAL_PROCESS_GROUP)",
-            self.pid,
-        )
-        .map(drop)
+        check(ret, op, self.pid).map(drop)
     }
 
     /// `pidfd_getfd`: a duplicate, in this process, of the target's fd `target_fd`

@@ -429,30 +429,29 @@ impl Tracee {
     /// Reads `buf.len()` bytes of the tracee's memory at `addr`.
     pub fn read_memory(&self, addr: u64, buf: &mut [u8]) -> Result<(), PtraceError> {
         let len = buf.len();
-        let err = |source| PtraceError::Memory {
-            op: "process_vm_readv",
-            pid: self.pid.as_raw(),
-            addr,
-            len,
-            source,
-        };
-        let remote = [RemoteIoVec {
-            base: usize::try_from(addr).map_err(|_| err(io::ErrorKind::InvalidInput.into()))?,
-            len,
-        }];
-        let done = process_vm_readv(self.pid, &mut [IoSliceMut::new(buf)], &remote)
-            .map_err(|e| err(e.into()))?;
-        if done != len {
-            return Err(err(io::ErrorKind::UnexpectedEof.into()));
-        }
-        Ok(())
+        self.vm_io("process_vm_readv", addr, len, |remote| {
+            process_vm_readv(self.pid, &mut [IoSliceMut::new(buf)], remote)
+        })
     }
 
     /// Writes `data` into the tracee's memory at `addr` (writable pages only).
     pub fn write_memory(&self, addr: u64, data: &[u8]) -> Result<(), PtraceError> {
-        let len = data.len();
+        self.vm_io("process_vm_writev", addr, data.len(), |remote| {
+            process_vm_writev(self.pid, &[IoSlice::new(data)], remote)
+        })
+    }
+
+    /// One `process_vm_readv`/`writev` (`op`, done by `transfer`) of `len` bytes at `addr`;
+    /// a short transfer (an unmapped page on the way) is an error.
+    fn vm_io(
+        &self,
+        op: &'static str,
+        addr: u64,
+        len: usize,
+        transfer: impl FnOnce(&[RemoteIoVec]) -> nix::Result<usize>,
+    ) -> Result<(), PtraceError> {
         let err = |source| PtraceError::Memory {
-            op: "process_vm_writev",
+            op,
             pid: self.pid.as_raw(),
             addr,
             len,
@@ -462,8 +461,7 @@ impl Tracee {
             base: usize::try_from(addr).map_err(|_| err(io::ErrorKind::InvalidInput.into()))?,
             len,
         }];
-        let done = process_vm_writev(self.pid, &[IoSlice::new(data)], &remote)
-            .map_err(|e| err(e.into()))?;
+        let done = transfer(&remote).map_err(|e| err(e.into()))?;
         if done != len {
             return Err(err(io::ErrorKind::UnexpectedEof.into()));
         }

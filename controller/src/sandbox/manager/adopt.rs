@@ -153,16 +153,7 @@ impl SandboxManager {
             root: std::sync::OnceLock::new(),
         });
         lock(&self.trees).insert(record.id, Arc::clone(&tree));
-        for sandbox in self.db.sandboxes().map_err(db_err)? {
-            if sandbox.tree != record.id {
-                continue;
-            }
-            let id = sandbox.id;
-            if let Err(e) = self.revive(&tree, sandbox) {
-                tracing::warn!(sandbox = %id, "cannot revive it, removing it: {e}");
-                let _ = self.db.delete_sandbox(&id);
-            }
-        }
+        self.revive_all(&tree)?;
         tracing::info!(tree = %record.id, "re-created with a new init");
         Ok(())
     }
@@ -207,16 +198,7 @@ impl SandboxManager {
         for node in adopted {
             self.pool.admit(record.id, node);
         }
-        for sandbox in self.db.sandboxes().map_err(db_err)? {
-            if sandbox.tree != record.id {
-                continue;
-            }
-            let id = sandbox.id;
-            if let Err(e) = self.revive(&tree, sandbox) {
-                tracing::warn!(sandbox = %id, "cannot revive it, removing it: {e}");
-                let _ = self.db.delete_sandbox(&id);
-            }
-        }
+        self.revive_all(&tree)?;
         Ok(())
     }
 
@@ -275,6 +257,21 @@ impl SandboxManager {
             }
         }
         (templates, ops)
+    }
+
+    /// Revives every stored sandbox of `tree`; one that cannot be is removed (logged).
+    fn revive_all(&self, tree: &Arc<Tree>) -> Result<(), SandboxError> {
+        for sandbox in self.db.sandboxes().map_err(db_err)? {
+            if sandbox.tree != tree.id {
+                continue;
+            }
+            let id = sandbox.id;
+            if let Err(e) = self.revive(tree, sandbox) {
+                tracing::warn!(sandbox = %id, "cannot revive it, removing it: {e}");
+                let _ = self.db.delete_sandbox(&id);
+            }
+        }
+        Ok(())
     }
 
     /// Brings sandbox `record` back at its head node (see the module's comment).
