@@ -1,4 +1,4 @@
-"""Bodies shaped as client/src/sandbox_types.rs serialises them, for unit tests."""
+"""Bodies shaped as client/src/sandbox_types/ serialises them, for unit tests."""
 
 from __future__ import annotations
 

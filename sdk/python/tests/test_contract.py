@@ -1,5 +1,5 @@
 """The SDK's routes and bodies against the daemon's contract files (no daemon):
-``controller/api/openapi.yaml`` and ``client/src/sandbox_types.rs``."""
+``controller/api/openapi.yaml`` and ``client/src/sandbox_types/``."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from deltabox.models import Limits
 
 REPO = Path(__file__).resolve().parents[3]
 OPENAPI = REPO / "controller" / "api" / "openapi.yaml"
-TYPES = REPO / "client" / "src" / "sandbox_types.rs"
+TYPES = REPO / "client" / "src" / "sandbox_types"
 
 
 def openapi_routes() -> dict[str, set[str]]:
@@ -65,7 +65,9 @@ def test_every_sdk_route_is_in_the_openapi_contract(call: _api.Call[object]) -> 
 
 
 def rust_fields(struct: str) -> set[str]:
-    text = TYPES.read_text()
+    files = sorted(TYPES.glob("*.rs"))
+    assert files, f"no Rust files in {TYPES}"
+    text = "\n".join(f.read_text() for f in files)
     body = re.search(rf"pub struct {struct} \{{(.*?)\n\}}", text, re.S)
     assert body, f"struct {struct} not found in {TYPES}"
     return set(re.findall(r"pub (\w+):", body.group(1)))

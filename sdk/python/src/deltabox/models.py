@@ -1,6 +1,6 @@
 """The API's bodies as dataclasses, shared by the sync and the asyncio client.
 
-They mirror ``client/src/sandbox_types.rs``. Parsing ignores fields this SDK
+They mirror ``client/src/sandbox_types/``. Parsing ignores fields this SDK
 does not know, so a newer daemon that adds fields keeps working with it; a field this
 SDK needs that is missing raises :class:`~deltabox.errors.ProtocolError`.
 """
