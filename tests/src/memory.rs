@@ -2,11 +2,9 @@
 //! python session holding data with a known hash (a restore must give the same hash
 //! back), and a python workload whose two processes share a file mapping.
 
-use serde_json::json;
-
 use crate::daemon::TestDaemon;
-use crate::require_root;
-use crate::sandbox::{Http, id_of};
+use crate::procs::ProcSandbox;
+use crate::sandbox::Http;
 
 /// Python defining `b`, `mib` MiB of random bytes, and `h()`, their sha256 in hex.
 pub fn random_buffer(mib: u32) -> String {
@@ -33,14 +31,12 @@ impl PySandbox {
     /// Starts a daemon with `flags`, creates a sandbox and a python session in it, and
     /// runs `setup` there (e.g. [`random_buffer`]).
     pub fn start(test: &str, flags: &[&str], setup: &str) -> Self {
-        require_root();
-        let daemon = TestDaemon::start(test, flags);
-        let api = Http::new(daemon.socket());
-        let sandbox = id_of(&api.create(&json!({})));
-        let tree = api.sandbox(&sandbox)["tree"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no tree of sandbox {sandbox}"))
-            .to_owned();
+        let ProcSandbox {
+            daemon,
+            api,
+            id: sandbox,
+            tree,
+        } = ProcSandbox::with_flags(test, flags);
         let session = api.session(&sandbox, "python");
         api.run(&sandbox, &session, setup);
         Self {
