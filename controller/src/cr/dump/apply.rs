@@ -14,29 +14,29 @@
 //!    sandbox's view, which shows the node's files);
 //! 4. in the mappings kept, `madvise(MADV_DONTNEED)` of the private pages the dump does
 //!    not have (they read as zero, or as the file, again), and a write of every dumped
-//!    page whose content differs: known from the base template's own dump's hashes
-//!    when given, else read and hashed; in the new mappings, a write of every dumped
-//!    page except the zero pages of anonymous memory.
+//!    page whose content differs; in the new mappings, a write of every dumped page
+//!    except the zero pages of anonymous memory. With the base template's own dump,
+//!    the child's private pages and their hashes are that dump's: the plan is one walk
+//!    of two sorted page lists, no page map read, no page of the child hashed. Without
+//!    one, the page map says which pages the child has and those the dump has too are
+//!    read and hashed. The pages go in with `process_vm_writev` from the mapped dump
+//!    files ([`super::pages`]).
 //!
 //! Pages written are the child's own copies; pages not written stay shared
 //! copy-on-write with the base template.
 
-use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::ffi::OsStrExt as _;
 use std::os::unix::fs::FileExt as _;
 
+use super::pages::write_pages;
 use super::write::{dump_vmas, spans};
-use super::{
-    Dump, DumpError, DumpVma, PAGE, PageRef, page_hash, page_index, private_pages, read_pages,
-};
+use super::{Dump, DumpError, DumpVma, PAGE, PageRef, page_hash, private_pages};
 use crate::cr::CrError;
 use crate::cr::inject::{Injection, SCRATCH_LEN};
 use crate::cr::procfs::{self, Mapping};
 
-/// Bytes written to the process at once.
-const WRITE_CHUNK: u64 = 1 << 20;
 /// Bytes read from the process at once to compare.
 const READ_CHUNK: u64 = 1 << 20;
 
@@ -179,31 +179,35 @@ pub fn apply_memory(
         .map_err(|e| mem_err(pid, "open /proc/<pid>/mem".into(), e))?;
     let pagemap = File::open(format!("/proc/{pid}/pagemap"))
         .map_err(|e| mem_err(pid, "open /proc/<pid>/pagemap".into(), e))?;
-    let index = dump.page_index();
-    let mut pages: Vec<(u64, PageRef)> = index.iter().map(|(a, p)| (*a, *p)).collect();
-    pages.sort_unstable_by_key(|(a, _)| *a);
-    let base_index = base.map(|b| page_index(&b.manifest().runs));
+    let pages = dump.sorted_pages();
+    // With the base template's own dump, the child's private pages are that dump's
+    // pages (the child is a fork of the frozen template, whose memory the dump
+    // recorded) and their hashes are known: no page map to read, no page to hash.
+    let base_pages = base.map(Dump::sorted_pages);
     let mut writes: Vec<(u64, PageRef)> = Vec::new();
     let mut drop_pages = Vec::new();
     for r in kept.iter().filter(|r| !r.shared) {
-        let private = private_pages(&pagemap, r.start, r.end)
-            .map_err(|e| mem_err(pid, format!("read the page map at {:#x}", r.start), e))?;
-        drop_pages.extend(private.iter().filter(|a| !index.contains_key(a)));
-        let private: HashSet<u64> = private.into_iter().collect();
-        // Pages both have, without a base dump to say what the child's hold: read.
-        let mut compare = Vec::new();
-        for &(addr, p) in in_range(&pages, r.start, r.end) {
-            if private.contains(&addr) {
-                match base_index.as_ref().and_then(|b| b.get(&addr)) {
-                    Some(b) if b.hash == p.hash => {}
-                    Some(_) => writes.push((addr, p)),
-                    None => compare.push((addr, p)),
-                }
-            } else if !(p.at.is_none() && r.anonymous) {
-                writes.push((addr, p));
+        let dumped = in_range(&pages, r.start, r.end);
+        match &base_pages {
+            Some(b) => {
+                let child: Vec<(u64, Option<u64>)> = in_range(b, r.start, r.end)
+                    .iter()
+                    .map(|(a, p)| (*a, Some(p.hash)))
+                    .collect();
+                plan_kept(r, dumped, &child, &mut writes, &mut drop_pages, |_, _| {});
+            }
+            None => {
+                let private = private_pages(&pagemap, r.start, r.end)
+                    .map_err(|e| mem_err(pid, format!("read the page map at {:#x}", r.start), e))?;
+                // Pages both have, without a base dump to say what the child's hold: read.
+                let unknown: Vec<(u64, Option<u64>)> = private.iter().map(|&a| (a, None)).collect();
+                let mut compare = Vec::new();
+                plan_kept(r, dumped, &unknown, &mut writes, &mut drop_pages, |a, p| {
+                    compare.push((a, p));
+                });
+                writes.extend(differing(pid, &mem, &compare)?);
             }
         }
-        writes.extend(differing(pid, &mem, &compare)?);
     }
     for r in fresh.iter().filter(|r| !r.shared) {
         writes.extend(
@@ -233,6 +237,48 @@ struct Region {
     end: u64,
     anonymous: bool,
     shared: bool,
+}
+
+/// Plans the pages of the kept region `r` by one walk of two sorted lists: `dumped`,
+/// the dump's pages in it, and `child`, the child's private pages in it (with their
+/// hashes when known). A child page the dump lacks is dropped; a dumped page the child
+/// lacks is written (unless zero in anonymous memory, which reads zero after the drop
+/// or never had a page); a page both have is written if its hash differs, or handed to
+/// `compare` when the child's hash is unknown.
+fn plan_kept(
+    r: &Region,
+    dumped: &[(u64, PageRef)],
+    child: &[(u64, Option<u64>)],
+    writes: &mut Vec<(u64, PageRef)>,
+    drop_pages: &mut Vec<u64>,
+    mut compare: impl FnMut(u64, PageRef),
+) {
+    let (mut i, mut j) = (0, 0);
+    loop {
+        match (dumped.get(i), child.get(j)) {
+            (None, None) => break,
+            (Some(&(a, p)), c) if c.is_none_or(|c| a < c.0) => {
+                if !(p.at.is_none() && r.anonymous) {
+                    writes.push((a, p));
+                }
+                i += 1;
+            }
+            (d, Some(&(a, _))) if d.is_none_or(|d| a < d.0) => {
+                drop_pages.push(a);
+                j += 1;
+            }
+            (Some(&(a, p)), Some(&(_, hash))) => {
+                match hash {
+                    None => compare(a, p),
+                    Some(h) if h != p.hash => writes.push((a, p)),
+                    Some(_) => {}
+                }
+                i += 1;
+                j += 1;
+            }
+            _ => unreachable!("one of the lists is not empty"),
+        }
+    }
 }
 
 /// Private anonymous memory without a name, or the heap (not the stack, a file): what
@@ -321,65 +367,6 @@ fn differing(
         i = j;
     }
     Ok(out)
-}
-
-/// Writes `writes` (sorted) into the process, contiguous pages at once, reading
-/// contiguous stored pages at once.
-pub(crate) fn write_pages(
-    pid: i32,
-    mem: &File,
-    dump: &Dump,
-    writes: &[(u64, PageRef)],
-) -> Result<(), CrError> {
-    if writes.is_empty() {
-        return Ok(());
-    }
-    let files = dump.chain_files()?;
-    let mut buf: Vec<u8> = Vec::with_capacity(WRITE_CHUNK as usize);
-    let mut i = 0;
-    while i < writes.len() {
-        // One span of contiguous addresses, at most WRITE_CHUNK bytes.
-        let start = writes[i].0;
-        let mut j = i + 1;
-        while j < writes.len()
-            && writes[j].0 == start + (j - i) as u64 * PAGE
-            && ((j - i + 1) as u64) * PAGE <= WRITE_CHUNK
-        {
-            j += 1;
-        }
-        buf.clear();
-        buf.resize((j - i) * PAGE as usize, 0);
-        // Within it, pages stored contiguously in one file are read at once.
-        let mut k = i;
-        while k < j {
-            let Some((src, off)) = writes[k].1.at else {
-                k += 1;
-                continue;
-            };
-            let mut l = k + 1;
-            while l < j && writes[l].1.at == Some((src, off + (l - k) as u64 * PAGE)) {
-                l += 1;
-            }
-            let file = files.get(src as usize).ok_or_else(|| DumpError::Io {
-                dir: dump.dir().to_path_buf(),
-                what: format!("its index names chain file {src}, which it does not list"),
-                source: io::ErrorKind::InvalidData.into(),
-            })?;
-            let at = (k - i) * PAGE as usize;
-            let len = (l - k) * PAGE as usize;
-            let dir = dump
-                .dir()
-                .parent()
-                .unwrap_or(dump.dir())
-                .join(&dump.manifest().chain[src as usize]);
-            read_pages(file, &dir, off, &mut buf[at..at + len])?;
-            k = l;
-        }
-        mem.write_all_at(&buf, start)
-            .map_err(|e| mem_err(pid, format!("write {} pages at {start:#x}", j - i), e))?;
-        i = j;
-    }
-    Ok(())
 }
 
 /// Maps `d` at its address (`MAP_FIXED`): anonymous, or its file reopened by path in

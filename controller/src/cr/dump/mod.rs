@@ -11,9 +11,13 @@
 //! - [`write`]: writing a template's dump ([`write::dump_template`]);
 //! - [`apply`]: the fallback restore, making a fork of another template equal to a
 //!   dump ([`Template::restore_from_dump`](super::Template::restore_from_dump));
+//! - `pages` (over `mapped`, the `mmap` of a pages file): writing dumped pages into a
+//!   process;
 //! - [`worker`]: the background thread that writes dumps off the checkpoint's path.
 
 pub mod apply;
+mod mapped;
+pub(crate) mod pages;
 pub mod worker;
 pub mod write;
 
@@ -301,6 +305,12 @@ impl Dump {
         page_index(&self.manifest.runs)
     }
 
+    /// Every private page, sorted by address (what [`Self::page_index`] holds, without
+    /// a hash table: the restore walks it in order).
+    pub fn sorted_pages(&self) -> Vec<(u64, PageRef)> {
+        sorted_pages(&self.manifest.runs)
+    }
+
     /// Opens the `pages` files of the chain, in chain order.
     pub fn chain_files(&self) -> Result<Vec<File>, DumpError> {
         let root = self.dir.parent().unwrap_or(Path::new("/"));
@@ -342,19 +352,36 @@ pub fn page_index(runs: &[PageRun]) -> HashMap<u64, PageRef> {
     index
 }
 
-/// Reads `buf.len()` bytes at `offset` of a chain file.
-pub(crate) fn read_pages(
-    file: &File,
-    dir: &Path,
-    offset: u64,
-    buf: &mut [u8],
-) -> Result<(), DumpError> {
-    file.read_exact_at(buf, offset)
-        .map_err(|source| DumpError::Io {
-            dir: dir.to_path_buf(),
-            what: format!("reading {} bytes of pages at {offset}", buf.len()),
-            source,
-        })
+/// Every page of `runs` sorted by address (a page listed twice: the last run's, as in
+/// [`page_index`]).
+pub fn sorted_pages(runs: &[PageRun]) -> Vec<(u64, PageRef)> {
+    let mut out: Vec<(u64, PageRef)> =
+        Vec::with_capacity(runs.iter().map(|r| r.hashes.len()).sum());
+    for run in runs {
+        for (i, hash) in run.hashes.iter().enumerate() {
+            let i = i as u64;
+            out.push((
+                run.start + i * PAGE,
+                PageRef {
+                    hash: *hash,
+                    at: run.src.map(|s| (s, run.offset + i * PAGE)),
+                },
+            ));
+        }
+    }
+    // Dumps write their runs in address order: sorting is a check, and stable so that
+    // the last of equal addresses stays last.
+    if !out.is_sorted_by_key(|(a, _)| *a) {
+        out.sort_by_key(|(a, _)| *a);
+    }
+    let mut dedup: Vec<(u64, PageRef)> = Vec::with_capacity(out.len());
+    for (addr, page) in out {
+        match dedup.last_mut() {
+            Some(last) if last.0 == addr => last.1 = page,
+            _ => dedup.push((addr, page)),
+        }
+    }
+    dedup
 }
 
 /// The hash of one page.
@@ -517,5 +544,14 @@ mod tests {
         let index = page_index(&runs);
         assert_eq!(index[&0x2000].at, Some((1, 12288)));
         assert_eq!(index[&0x9000].at, None);
+        let sorted = sorted_pages(&runs);
+        assert_eq!(
+            sorted.iter().map(|(a, _)| *a).collect::<Vec<_>>(),
+            vec![0x1000, 0x2000, 0x9000]
+        );
+        assert!(sorted.iter().all(|(a, p)| index[a] == *p));
+        // Out of order runs are sorted.
+        let reversed: Vec<PageRun> = runs.iter().rev().cloned().collect();
+        assert_eq!(sorted_pages(&reversed), sorted);
     }
 }

@@ -40,9 +40,10 @@ use nix::unistd::Pid;
 
 pub use layout::{Move, free_gap, special_moves, unmap_ranges};
 
-use super::dump::apply::{heap_extent, in_range, map_vma, write_pages};
+use super::dump::apply::{heap_extent, in_range, map_vma};
+use super::dump::pages::write_pages;
 use super::dump::write::vdso_hash;
-use super::dump::{Dump, DumpError, PageRef};
+use super::dump::{Dump, DumpError};
 use super::fdtable::{self, StdioPipes};
 use super::inject::{Injection, SCRATCH_LEN, SyscallSite, resume_regs};
 use super::pidfd::Pidfd;
@@ -307,8 +308,7 @@ fn make_dumped(
     for vma in &m.vmas {
         map_vma(&mut inj, scratch, vma)?;
     }
-    let mut pages: Vec<(u64, PageRef)> = dump.page_index().into_iter().collect();
-    pages.sort_unstable_by_key(|(a, _)| *a);
+    let pages = dump.sorted_pages();
     let mut writes = Vec::with_capacity(pages.len());
     for vma in m.vmas.iter().filter(|v| !v.is_shared()) {
         writes.extend(

@@ -58,6 +58,18 @@ pub struct Options {
     /// Do not rewrite the figures in docs/benchmarks.md
     #[arg(long)]
     pub no_doc: bool,
+    /// Measure only this part (`fallback`: the fallback restore from dumps, with
+    /// --quick its 4 and 16 MiB deltas); the figures are printed, docs/benchmarks.md is
+    /// left alone (its section is a whole run's)
+    #[arg(long, value_enum)]
+    pub only: Option<Part>,
+}
+
+/// A part of `bench cr` that `--only` runs alone.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// The fallback restore from dumps.
+    Fallback,
 }
 
 const DEFAULT_SIZES: [u64; 4] = [64, 256, 1024, 4096];
@@ -74,6 +86,7 @@ impl Default for Options {
             hot_mib: 0,
             realtime: false,
             no_doc: false,
+            only: None,
         }
     }
 }
@@ -104,6 +117,9 @@ impl Options {
         }
         if self.no_doc {
             args.push("--no-doc".to_owned());
+        }
+        if let Some(Part::Fallback) = self.only {
+            args.extend(["--only".to_owned(), "fallback".to_owned()]);
         }
         args
     }
@@ -216,7 +232,12 @@ pub fn run(options: &Options) -> Result<()> {
     let load_start = load();
     let measured = (|| {
         let mut configs = Vec::new();
-        for &mib in &plan.sizes {
+        let sizes = if options.only.is_some() {
+            &[][..]
+        } else {
+            &plan.sizes[..]
+        };
+        for &mib in sizes {
             for thp in [false, true] {
                 configs.push(measure::config(&env, &plan, mib, thp)?);
             }
@@ -251,9 +272,12 @@ pub fn run(options: &Options) -> Result<()> {
         store: format!("`{}` ({fstype})", base.display()),
         realtime: options.realtime,
     };
-    step("bench cr: figures");
+    step(format!(
+        "bench cr: figures (load average {} at the start, {} at the end)",
+        report.load.0, report.load.1
+    ));
     print!("{}", report.text());
-    if !options.no_doc {
+    if !options.no_doc && options.only.is_none() {
         let doc = workspace_root().join("docs/benchmarks.md");
         report.write_doc(&doc)?;
         step(format!("wrote the figures into {}", doc.display()));
@@ -299,11 +323,13 @@ mod tests {
             gap_ms: 10,
             hot_mib: 4,
             realtime: true,
+            only: Some(Part::Fallback),
             ..Options::default()
         };
         assert_eq!(
             custom.command_line(),
-            "cargo xtask bench cr --ops 50 --sizes 64,128 --gap-ms 10 --hot-mib 4 --realtime"
+            "cargo xtask bench cr --ops 50 --sizes 64,128 --gap-ms 10 --hot-mib 4 --realtime \
+             --only fallback"
         );
     }
 }
