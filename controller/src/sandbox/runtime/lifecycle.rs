@@ -36,15 +36,7 @@ impl TreeRuntime {
     /// Creates the tree's root mount and cgroups and starts its init in new namespaces.
     pub fn start(cfg: TreeConfig) -> Result<Self, RuntimeError> {
         let tree = cfg.id.clone();
-        let io = |op: &'static str, path: &Path| {
-            let (tree, path) = (tree.clone(), path.to_owned());
-            move |source| RuntimeError::Io {
-                tree,
-                op,
-                path,
-                source,
-            }
-        };
+        let io = |op: &'static str, path: &Path| io_err(&tree, op, path);
         let root = cfg.run_dir.join("root");
         for dir in [
             root.clone(),
@@ -111,15 +103,7 @@ impl TreeRuntime {
     pub fn adopt(cfg: TreeConfig) -> Result<Self, RuntimeError> {
         let tree = cfg.id.clone();
         let sock_path = cfg.run_dir.join("init.sock");
-        let io = |op: &'static str, path: &Path| {
-            let (tree, path) = (tree.clone(), path.to_owned());
-            move |source| RuntimeError::Io {
-                tree,
-                op,
-                path,
-                source,
-            }
-        };
+        let io = |op: &'static str, path: &Path| io_err(&tree, op, path);
         let init_pid =
             find_init(&cfg.cgroup.join("init")).ok_or_else(|| RuntimeError::InitGone {
                 tree: tree.clone(),
@@ -292,6 +276,21 @@ impl TreeRuntime {
             .map_err(|e| self.io_err("rmdir", &self.cfg.run_dir, e));
         killed?;
         removed
+    }
+}
+
+/// The error of `op` on `path` for tree `tree`, before a runtime exists to give it.
+fn io_err(
+    tree: &str,
+    op: &'static str,
+    path: &Path,
+) -> impl FnOnce(io::Error) -> RuntimeError + use<> {
+    let (tree, path) = (tree.to_owned(), path.to_owned());
+    move |source| RuntimeError::Io {
+        tree,
+        op,
+        path,
+        source,
     }
 }
 
