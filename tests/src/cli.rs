@@ -4,6 +4,7 @@
 use serde_json::Value;
 
 use crate::daemon::TestDaemon;
+use crate::sandbox::id_of;
 
 /// `deltabox --json ARGS` (the flag goes before a `--`), parsed; fails unless it
 /// succeeded.
@@ -31,4 +32,12 @@ pub fn run(daemon: &TestDaemon, sandbox: &str, session: &str, code: &str) -> Str
         .as_str()
         .unwrap_or_else(|| panic!("no stdout in {out}"))
         .to_owned()
+}
+
+/// `deltabox session start SANDBOX --kind KIND`: the new session's id.
+pub fn session(daemon: &TestDaemon, sandbox: &str, kind: &str) -> String {
+    id_of(&json(
+        daemon,
+        &["session", "start", sandbox, "--kind", kind],
+    ))
 }

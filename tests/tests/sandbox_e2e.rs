@@ -9,6 +9,7 @@ use deltabox_client::sandbox_types::{
     BranchRequest, CheckpointRequest, CreateSandbox, ExecRequest, ExecResult, RollbackMode,
     RollbackRequest, SessionRun, SessionRunResult, SessionStart,
 };
+use deltabox_tests::cli;
 use deltabox_tests::daemon::TestDaemon;
 use deltabox_tests::require_root;
 use serde_json::Value;
@@ -30,17 +31,7 @@ struct Cli<'a>(&'a TestDaemon);
 
 impl Cli<'_> {
     fn json(&self, args: &[&str]) -> Value {
-        // Before a `--`: what follows it is the command's.
-        let mut full: Vec<&str> = args.to_vec();
-        let at = full.iter().position(|a| *a == "--").unwrap_or(full.len());
-        full.insert(at, "--json");
-        let out = self.0.cli(&full);
-        assert!(
-            out.status.success(),
-            "deltabox {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).expect("deltabox --json prints JSON")
+        cli::json(self.0, args)
     }
 }
 
@@ -49,10 +40,7 @@ impl Driver for Cli<'_> {
         self.json(&["create"])["id"].as_str().unwrap().to_owned()
     }
     fn session(&self, sandbox: &str, kind: &str) -> String {
-        self.json(&["session", "start", sandbox, "--kind", kind])["id"]
-            .as_str()
-            .unwrap()
-            .to_owned()
+        cli::session(self.0, sandbox, kind)
     }
     fn run(&self, sandbox: &str, session: &str, code: &str) -> SessionRunResult {
         serde_json::from_value(self.json(&["session", "run", sandbox, session, code])).unwrap()

@@ -7,7 +7,7 @@ use std::thread;
 use std::time::Duration;
 
 use deltabox_controller::cr::pidfd::Pidfd;
-use deltabox_tests::cli::{json, run};
+use deltabox_tests::cli::{json, run, session};
 use deltabox_tests::daemon::TestDaemon;
 use deltabox_tests::require_root;
 use deltabox_tests::sandbox::id_of;
@@ -69,11 +69,8 @@ fn a_tree_whose_init_died_is_rebuilt_from_its_dumps() {
     require_root();
     let mut daemon = TestDaemon::start("husk", &[]);
     let sb = id_of(&json(&daemon, &["create"]));
-    let py = id_of(&json(
-        &daemon,
-        &["session", "start", &sb, "--kind", "python"],
-    ));
-    let sh = id_of(&json(&daemon, &["session", "start", &sb, "--kind", "bash"]));
+    let py = session(&daemon, &sb, "python");
+    let sh = session(&daemon, &sb, "bash");
     run(&daemon, &sb, &py, PY_STATE);
     run(
         &daemon,

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::thread;
 use std::time::Duration;
 
-use deltabox_tests::cli::{json, run};
+use deltabox_tests::cli::{json, run, session};
 use deltabox_tests::daemon::TestDaemon;
 use deltabox_tests::require_root;
 use deltabox_tests::sandbox::id_of;
@@ -56,10 +56,7 @@ fn a_killed_daemon_comes_back_with_every_acknowledged_node() {
     require_root();
     let mut daemon = TestDaemon::start("restart", &[]);
     let sb = id_of(&json(&daemon, &["create"]));
-    let py = id_of(&json(
-        &daemon,
-        &["session", "start", &sb, "--kind", "python"],
-    ));
+    let py = session(&daemon, &sb, "python");
     run(&daemon, &sb, &py, &step(1));
     let n1 = id_of(&json(&daemon, &["checkpoint", &sb, "--label", "one"]));
     run(&daemon, &sb, &py, &step(2));
@@ -172,10 +169,7 @@ fn revived_sessions_outlive_the_page_cache_of_dead_views() {
     use std::os::unix::fs::MetadataExt;
     let mut daemon = TestDaemon::start("rebind", &[]);
     let sb = id_of(&json(&daemon, &["create"]));
-    let py = id_of(&json(
-        &daemon,
-        &["session", "start", &sb, "--kind", "python"],
-    ));
+    let py = session(&daemon, &sb, "python");
     run(&daemon, &sb, &py, "import json, decimal\nx = 41");
     let node = id_of(&json(&daemon, &["checkpoint", &sb]));
     let session_pid = json(&daemon, &["status", &sb])["sessions"][0]["pid"]
