@@ -378,3 +378,55 @@ fn mapped_writes_show_in_stat() {
     assert_eq!(&fs::read(&path).unwrap()[4096..4107], b"after close");
     view.unmount().unwrap();
 }
+
+/// Set-user-ID and set-group-ID are cleared as ext4 clears them, by the daemon
+/// (`FUSE_HANDLE_KILLPRIV_V2`): a write or a truncate by an unprivileged caller, any
+/// chown; not a write by root. Fails when the daemon ignores the kernel's requests to
+/// clear them (every mode stays 6777).
+#[test]
+fn set_id_bits_are_cleared_like_ext4() {
+    use std::os::unix::process::CommandExt;
+    require_root!();
+    let fx = Fixture::new();
+    let view = fx.mount("live", None);
+    let m = view.mountpoint();
+    fs::set_permissions(m, fs::Permissions::from_mode(0o777)).unwrap();
+    let fresh = |name: &str, mode: u32| {
+        let path = m.join(name);
+        fs::write(&path, b"x").unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+        path
+    };
+    let mode = |path: &Path| fs::metadata(path).unwrap().permissions().mode() & 0o7777;
+    let as_nobody = |script: &str| {
+        let status = std::process::Command::new("/bin/sh")
+            .args(["-c", script])
+            .uid(65534)
+            .gid(65534)
+            .status()
+            .unwrap();
+        assert!(status.success(), "{script} failed as nobody");
+    };
+
+    let written = fresh("written", 0o6777);
+    as_nobody(&format!("echo y >> {}", written.display()));
+    assert_eq!(mode(&written), 0o777, "a write by nobody");
+
+    let truncated = fresh("truncated", 0o6777);
+    as_nobody(&format!("truncate -s 0 {}", truncated.display()));
+    assert_eq!(mode(&truncated), 0o777, "a truncate by nobody");
+
+    let chowned = fresh("chowned", 0o6777);
+    std::os::unix::fs::chown(&chowned, Some(1), None).unwrap();
+    assert_eq!(mode(&chowned), 0o777, "a chown by root");
+
+    let by_root = fresh("by-root", 0o6777);
+    OpenOptions::new()
+        .append(true)
+        .open(&by_root)
+        .unwrap()
+        .write_all(b"y")
+        .unwrap();
+    assert_eq!(mode(&by_root), 0o6777, "a write by root keeps them");
+    view.unmount().unwrap();
+}
