@@ -108,6 +108,25 @@ fn the_stdin_protocol_and_sigterm() {
     );
     assert_eq!(fs::read(branch.join("f")).unwrap(), b"one");
     assert!(d.send("sync").starts_with("synced "));
+    // One `<kind>=<count>/<mean µs>` per request kind; the writes above created `f`.
+    let stats = d.send("stats");
+    let kinds: Vec<&str> = stats
+        .strip_prefix("stats ")
+        .expect(&stats)
+        .split(' ')
+        .collect();
+    assert_eq!(kinds.len(), deltafs::OpKind::ALL.len(), "{stats}");
+    let create = kinds
+        .iter()
+        .find(|k| k.starts_with("create="))
+        .expect(&stats);
+    let count: u64 = create["create=".len()..]
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(count >= 1, "{stats}");
     assert_eq!(d.send("quit"), "unmounted");
     assert!(d.child.wait().unwrap().success());
     assert!(!is_mounted(&mnt) && !is_mounted(&branch));
