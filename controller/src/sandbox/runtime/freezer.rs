@@ -9,15 +9,22 @@ use std::{
     time::{Duration, Instant},
 };
 
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::poll::{PollFd, PollFlags, ppoll};
+use nix::sys::time::TimeSpec;
 
 use super::cgroups::{CgroupSetupError, io_err, write};
 use crate::cr::pidfd::Pidfd;
 
 /// How long freeze and kill wait for the kernel to confirm.
 pub(super) const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
-/// The longest `wait_event` sleeps between two reads of `cgroup.events`.
-const POLL_TICK: Duration = Duration::from_millis(20);
+/// The first and the longest sleep of `wait_event` between two reads of
+/// `cgroup.events` without a notification: the kernel rate-limits a cgroup file's
+/// notifications to one per 10 ms (`CGROUP_FILE_NOTIFY_MIN_INTV`) and delays the next
+/// one meanwhile, so a state reached right after another change is seen by reading,
+/// not by the notification (waiting on it alone made a rollback's freeze 2-19 ms in
+/// `cargo xtask bench sandbox`).
+const FIRST_TICK: Duration = Duration::from_micros(50);
+const LAST_TICK: Duration = Duration::from_millis(1);
 
 /// Writes `cgroup.freeze` and waits for `cgroup.events` to say `frozen <want>`.
 pub(crate) fn set_frozen(cg: &Path, frozen: bool) -> Result<(), CgroupSetupError> {
@@ -93,15 +100,16 @@ pub(crate) fn kill_frozen_start(cg: &Path) -> Result<Killed, CgroupSetupError> {
     })
 }
 
-/// Waits until `cgroup.events` says `key want`. The file is re-read each time the kernel
-/// signals a change (kernfs notifies every change of `cgroup.events` to `poll` as
-/// `POLLPRI`), so the wait ends when the state is reached, not at the next tick of a
-/// back-off.
+/// Waits until `cgroup.events` says `key want`. The file is re-read when the kernel
+/// signals a change (kernfs notifies changes of `cgroup.events` to `poll` as `POLLPRI`)
+/// and at least every [`LAST_TICK`] (notifications are rate-limited: see
+/// [`FIRST_TICK`]), so the wait ends within a tick of the state being reached.
 fn wait_event(cg: &Path, key: &'static str, want: &str) -> Result<(), CgroupSetupError> {
     let events = cg.join("cgroup.events");
     let mut file = fs::File::open(&events).map_err(io_err("open", &events))?;
     let deadline = Instant::now() + SETTLE_TIMEOUT;
     let mut text = String::new();
+    let mut tick = FIRST_TICK;
     loop {
         text.clear();
         // Reading also tells kernfs which change we have seen (a later one wakes poll).
@@ -123,11 +131,11 @@ fn wait_event(cg: &Path, key: &'static str, want: &str) -> Result<(), CgroupSetu
                 timeout: SETTLE_TIMEOUT,
             });
         }
-        // Capped so that a missed notification costs at most one tick, never the timeout.
-        let tick = left.min(POLL_TICK);
-        let timeout = PollTimeout::try_from(tick).unwrap_or(PollTimeout::MAX);
+        // Woken by the notification, or after the tick (doubling up to LAST_TICK).
         let mut fds = [PollFd::new(file.as_fd(), PollFlags::POLLPRI)];
-        match poll(&mut fds, timeout) {
+        let timeout = TimeSpec::from_duration(left.min(tick));
+        tick = (tick * 2).min(LAST_TICK);
+        match ppoll(&mut fds, Some(timeout), None) {
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}
             Err(e) => return Err(io_err("poll", &events)(e.into())),
         }
