@@ -24,6 +24,7 @@ pub(super) const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
 /// not by the notification (waiting on it alone made a rollback's freeze 2-19 ms in
 /// `cargo xtask bench sandbox`).
 const FIRST_TICK: Duration = Duration::from_micros(50);
+/// The longest: each sleep doubles the one before, up to this.
 const LAST_TICK: Duration = Duration::from_millis(1);
 
 /// Writes `cgroup.freeze` and waits for `cgroup.events` to say `frozen <want>`.
