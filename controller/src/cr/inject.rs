@@ -412,6 +412,19 @@ impl<'t> Injection<'t> {
         self.syscall("mmap", libc::SYS_mmap, &[0, len, prot, flags, u64::MAX, 0])
     }
 
+    /// Maps `len` bytes of private anonymous read-write memory in the tracee at `addr`,
+    /// which must be free (`MAP_FIXED_NOREPLACE`: `EEXIST` otherwise, nothing replaced).
+    pub fn mmap_scratch_at(&mut self, addr: u64, len: u64) -> Result<(), InjectError> {
+        let prot = (libc::PROT_READ | libc::PROT_WRITE) as u64;
+        let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE) as u64;
+        self.syscall(
+            "mmap",
+            libc::SYS_mmap,
+            &[addr, len, prot, flags, u64::MAX, 0],
+        )
+        .map(drop)
+    }
+
     /// Gives the tracee its saved registers back, ready to resume where it stopped.
     ///
     /// With `signals_follow` false, an interrupted syscall is set up for restart here

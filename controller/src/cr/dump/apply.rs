@@ -83,18 +83,7 @@ pub fn apply_memory(
     }
     let mut stats = ApplyStats::default();
     let scratch = free_range(&maps, &m.vmas).ok_or(DumpError::NoScratchRoom { pid })?;
-    inj.syscall(
-        "mmap",
-        libc::SYS_mmap,
-        &[
-            scratch,
-            SCRATCH_LEN,
-            (libc::PROT_READ | libc::PROT_WRITE) as u64,
-            (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE) as u64,
-            u64::MAX,
-            0,
-        ],
-    )?;
+    inj.mmap_scratch_at(scratch, SCRATCH_LEN)?;
 
     // 2. What the dump lacks goes; the heap is moved with brk (mm->brk must follow).
     // Plain anonymous memory is compared by range, not by mapping: mappings merge and

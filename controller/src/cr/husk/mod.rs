@@ -258,18 +258,7 @@ fn make_dumped(
         pid,
         len: SCRATCH_LEN,
     })?;
-    inj.syscall(
-        "mmap",
-        libc::SYS_mmap,
-        &[
-            scratch,
-            SCRATCH_LEN,
-            (libc::PROT_READ | libc::PROT_WRITE) as u64,
-            (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE) as u64,
-            u64::MAX,
-            0,
-        ],
-    )?;
+    inj.mmap_scratch_at(scratch, SCRATCH_LEN)?;
     if let Some(root) = &opts.chroot {
         super::restore::chroot(&mut inj, scratch, root)?;
     }
