@@ -103,6 +103,15 @@ pub(crate) struct NodeTemplates {
     processes: Vec<Arc<Template>>,
 }
 
+impl NodeTemplates {
+    /// Session `session`'s template at this node, if it is alive.
+    fn live_session(&self, session: SessionId) -> Option<&(SessionId, SessionKind, Template)> {
+        self.sessions
+            .iter()
+            .find(|(sid, _, tpl)| *sid == session && tpl.is_alive())
+    }
+}
+
 /// A session running in a sandbox.
 pub(crate) struct LiveSession {
     id: SessionId,

@@ -88,11 +88,7 @@ impl SandboxManager {
 
     /// Whether `session` has a live template in `templates`.
     pub(super) fn has_live_template(session: SessionId, templates: Option<&NodeTemplates>) -> bool {
-        templates.is_some_and(|t| {
-            t.sessions
-                .iter()
-                .any(|(sid, _, tpl)| *sid == session && tpl.is_alive())
-        })
+        templates.is_some_and(|t| t.live_session(session).is_some())
     }
 
     /// Whether every session of `node` has to come from its dump (none has a live
@@ -213,11 +209,7 @@ impl SandboxManager {
         templates: Option<&NodeTemplates>,
         opts: &RestoreOptions,
     ) -> Result<(SessionKind, Result<Restored, CrError>), SandboxError> {
-        let own = templates.and_then(|t| {
-            t.sessions
-                .iter()
-                .find(|(sid, _, tpl)| *sid == session.session && tpl.is_alive())
-        });
+        let own = templates.and_then(|t| t.live_session(session.session));
         if let Some((_, kind, template)) = own {
             self.pool.hit();
             self.pool.touch(node.id);

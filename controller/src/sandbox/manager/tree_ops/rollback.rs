@@ -162,11 +162,7 @@ impl SandboxManager {
         };
         let mut forked = Vec::new();
         for session in &node.sessions {
-            let own = templates
-                .sessions
-                .iter()
-                .find(|(sid, _, tpl)| *sid == session.session && tpl.is_alive());
-            let Some((sid, kind, template)) = own else {
+            let Some((sid, kind, template)) = templates.live_session(session.session) else {
                 continue;
             };
             match template.fork_child(&opts) {
