@@ -207,6 +207,54 @@ fn copy_up_under_an_open_reader_and_old_readers_after_switch() {
     view.unmount().unwrap();
 }
 
+/// A `MAP_SHARED` mapping of a daemon-served file (opened for writing while a reader had
+/// it open, so copied up and served by the daemon, not passthrough): its pages live in
+/// the FUSE page cache until the kernel writes them back to the daemon. Written, then a
+/// freeze without `msync` or `munmap`: the checkpoint has the bytes, and later writes
+/// through the mapping stay out of it. Fails when the freeze does not make the kernel
+/// write those pages back first.
+#[test]
+fn dirty_pages_of_a_daemon_served_mapping_are_in_the_checkpoint() {
+    require_root!();
+    let fx = Fixture::new();
+    let view = fx.mount("live", None);
+    let m = view.mountpoint().to_owned();
+    fs::write(m.join("shared"), vec![b'.'; PAGE]).unwrap();
+    freeze(&view); // now a frozen layer's file
+
+    let reader = fs::File::open(m.join("shared")).unwrap();
+    let writer = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.join("shared"))
+        .unwrap();
+    let mut map = SharedMap::new(&writer, PAGE);
+    drop(writer); // the mapping outlives its fd
+    map.write(0, b"AAAA");
+    map.write(PAGE - 4, b"ZZZZ");
+    let checkpoint = freeze(&view).id;
+    map.write(0, b"BBBB");
+    map.sync();
+    assert_eq!(&fs::read(m.join("shared")).unwrap()[..4], b"BBBB");
+
+    let expect_checkpoint = |dir: &std::path::Path| {
+        let data = fs::read(dir.join("shared")).unwrap();
+        assert_eq!(&data[..4], b"AAAA", "the mapping's bytes before the freeze");
+        assert_eq!(&data[PAGE - 4..], b"ZZZZ");
+    };
+    let branch = fx.mount("branch", Some(checkpoint));
+    expect_checkpoint(branch.mountpoint());
+    view.switch(checkpoint).unwrap();
+    expect_checkpoint(&m);
+    map.write(0, b"CCCC");
+    map.sync();
+    expect_checkpoint(&m);
+    expect_checkpoint(branch.mountpoint());
+    drop((map, reader));
+    branch.unmount().unwrap();
+    view.unmount().unwrap();
+}
+
 /// Two views over one snapshot never see each other's writes (invariant 2).
 #[test]
 fn branches_never_see_each_other() {

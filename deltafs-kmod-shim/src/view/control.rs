@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use fuser::INodeNo;
 
+use super::open::Mode;
 use super::{FreezeOpts, FreezeReport, MappedFiles, SwitchReport, ViewError, ViewShared};
 use crate::ids::{Ino, LayerId, SnapshotId};
 use crate::index::Delta;
@@ -29,6 +30,7 @@ impl ViewShared {
             MappedFiles::Pids(pids) => Some(maps::shared_writable(pids.iter().copied())?),
             MappedFiles::AllProcesses => Some(maps::shared_writable_all()),
         };
+        self.write_back_daemon_served()?;
         let layers = &self.store.layers;
         let mut store = lock(&self.store.state);
         let mut state = lock(&self.state);
@@ -149,6 +151,38 @@ impl ViewShared {
             changes,
             elapsed: start.elapsed(),
         })
+    }
+
+    /// Makes the kernel write back to the daemon the dirty pages it holds of this mount's
+    /// files, so that the freeze's clone of a kept file has them. Only a daemon-served
+    /// handle open for writing can leave such pages: a `MAP_SHARED` writable mapping made
+    /// through it dirties the FUSE page cache (fuser's writes are write-through, with no
+    /// writeback cache), whereas a passthrough file's mapping dirties the backing file's
+    /// page cache, which the clone reads anyway. Without this, those pages reached the
+    /// daemon after the freeze and landed in the live file only. `syncfs` on the mount
+    /// waits for the `WRITE`s, which the daemon's session threads answer: so it runs
+    /// before the state lock is taken. Cost: none unless such a handle is open; then two
+    /// round trips (`OPENDIR`, `RELEASEDIR`) and O(dirty inodes of the mount).
+    fn write_back_daemon_served(&self) -> Result<(), ViewError> {
+        let needed = {
+            let state = lock(&self.state);
+            state.handles.values().any(|handle| {
+                handle.write
+                    && state.opens.values().any(|entry| {
+                        matches!(entry.mode, Mode::Daemon)
+                            && Arc::ptr_eq(&entry.backing, &handle.backing)
+                    })
+            })
+        };
+        if !needed {
+            return Ok(());
+        }
+        let failed = |source| ViewError::WriteBack {
+            mountpoint: self.mountpoint.clone(),
+            source,
+        };
+        let root = std::fs::File::open(&self.mountpoint).map_err(failed)?;
+        nix::unistd::syncfs(&root).map_err(|e| failed(e.into()))
     }
 
     pub(crate) fn switch(&self, to: SnapshotId) -> Result<SwitchReport, ViewError> {

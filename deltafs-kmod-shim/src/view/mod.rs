@@ -45,6 +45,16 @@ pub enum ViewError {
     /// Reading the mappings of the named processes failed.
     #[error(transparent)]
     Maps(#[from] MapsError),
+    /// Making the kernel write back the dirty pages of daemon-served files (`syncfs` on
+    /// the mount) before a freeze failed: a write-back to the daemon failed (its error).
+    #[error("cannot write back the dirty pages of {mountpoint} before a freeze")]
+    WriteBack {
+        /// The mount point.
+        mountpoint: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
     /// Unmounting failed.
     #[error("cannot unmount {mountpoint}")]
     Unmount {

@@ -28,6 +28,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ),
     ("e2fsprogs", "mkfs.ext4, for ext4 loop images in tests"),
     (
+        "acl",
+        "setfacl and getfacl, for the POSIX ACL tests of DeltaFS (compared with ext4's)",
+    ),
+    (
         "gcc",
         "the C compiler and linker driver rustc links host binaries with",
     ),
