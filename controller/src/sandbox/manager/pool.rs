@@ -8,10 +8,11 @@
 //! "Used" is the checkpoint that made a node's templates, or a restore (rollback,
 //! branch) that forked them. Never evicted:
 //!
-//! - a node whose dump is queued (policy `eager`: skipped until written) or cannot be
-//!   written: a node's dump must be complete on disk before its templates go, so an
-//!   acknowledged node never loses its only copy; under `on-evict` the pool writes the
-//!   dump itself, then evicts; under `off` nothing is ever evicted;
+//! - a node whose dump is queued (policy `eager`: the pool waits until it is written,
+//!   and evicts no more recently used node meanwhile) or cannot be written: a node's
+//!   dump must be complete on disk before its templates go, so an acknowledged node
+//!   never loses its only copy; under `on-evict` the pool writes the dump itself, then
+//!   evicts; under `off` nothing is ever evicted;
 //! - the last live template of a session: the fallback rebuilds a session from its
 //!   dump by forking *a live template of the same program run* (same vdso), so each
 //!   session keeps one;
@@ -402,9 +403,13 @@ impl Shared {
     }
 
     /// The least recently used node whose templates may go: not skipped, none of its
-    /// dumps queued, none of its live session templates the last of its session, and
-    /// none of its other processes' live templates the last of their program run (the
-    /// other nodes with a live template of the same run, sessions' included).
+    /// live session templates the last of its session, and none of its other processes'
+    /// live templates the last of their program run (the other nodes with a live
+    /// template of the same run, sessions' included). `None` while that node's dumps are
+    /// still queued: the pool waits for them ([`PoolHandle::dump_done`] wakes it) rather
+    /// than evict a more recently used node, which would break the LRU order for as long
+    /// as the dump backlog lasts (a node just restored by the fallback, whose dump is
+    /// already on disk, would go at once).
     fn victim(&self, candidates: &[Candidate], skipped: &HashSet<NodeId>) -> Option<usize> {
         let mut per_session: HashMap<SessionId, usize> = HashMap::new();
         let mut per_run: HashMap<(TreeId, u64), HashSet<NodeId>> = HashMap::new();
@@ -419,21 +424,28 @@ impl Shared {
                     .insert(c.node);
             }
         }
-        let pending = lock(&self.state).pending.clone();
-        candidates.iter().position(|c| {
-            let live: Vec<SessionId> = c.live().map(|(sid, _)| sid).collect();
+        let i = candidates.iter().position(|c| {
             c.live_all().next().is_some()
                 && !skipped.contains(&c.node)
-                && live.iter().all(|sid| {
-                    per_session.get(sid).copied().unwrap_or(0) > 1
-                        && !pending.contains(&dump_name(&c.node.to_string(), &sid.to_string()))
-                })
+                && c.live()
+                    .all(|(sid, _)| per_session.get(&sid).copied().unwrap_or(0) > 1)
                 && c.live_processes().all(|t| {
                     let run = (c.tree.id, t.state().syscall_site.0);
                     per_run.get(&run).is_some_and(|nodes| nodes.len() > 1)
-                        && !pending.contains(&process_dump_name(c.node, t.state().pid))
                 })
-        })
+        })?;
+        let c = &candidates[i];
+        let pending = lock(&self.state).pending.clone();
+        let queued = c
+            .live()
+            .any(|(sid, _)| pending.contains(&dump_name(&c.node.to_string(), &sid.to_string())))
+            || c.live_processes()
+                .any(|t| pending.contains(&process_dump_name(c.node, t.state().pid)));
+        if queued {
+            tracing::debug!(node = %c.node, "least recently used node waits for its dumps");
+            return None;
+        }
+        Some(i)
     }
 
     /// Makes sure every live template of `victim` has its dump on disk (writing it
