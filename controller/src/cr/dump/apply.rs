@@ -19,8 +19,8 @@
 //!    the child's private pages and their hashes are that dump's: the plan is one walk
 //!    of two sorted page lists, no page map read, no page of the child hashed. Without
 //!    one, the page map says which pages the child has and those the dump has too are
-//!    read and hashed. The pages go in with `process_vm_writev` from the mapped dump
-//!    files ([`super::pages`]).
+//!    read and hashed. The pages go in with `process_vm_writev`, many runs a call
+//!    ([`super::pages`]).
 //!
 //! Pages written are the child's own copies; pages not written stay shared
 //! copy-on-write with the base template.

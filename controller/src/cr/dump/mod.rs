@@ -11,12 +11,10 @@
 //! - [`write`]: writing a template's dump ([`write::dump_template`]);
 //! - [`apply`]: the fallback restore, making a fork of another template equal to a
 //!   dump ([`Template::restore_from_dump`](super::Template::restore_from_dump));
-//! - `pages` (over `mapped`, the `mmap` of a pages file): writing dumped pages into a
-//!   process;
+//! - `pages`: writing dumped pages into a process (`process_vm_writev`);
 //! - [`worker`]: the background thread that writes dumps off the checkpoint's path.
 
 pub mod apply;
-mod mapped;
 pub(crate) mod pages;
 pub mod worker;
 pub mod write;

@@ -1,11 +1,15 @@
 //! Writing dumped pages into a process: the last step of a fallback restore and of a
 //! restore into a husk.
 //!
-//! The chain's `pages` files are mapped ([`MappedFile`]) and the pages go to the
-//! process with `process_vm_writev`, up to [`IOV_MAX`] contiguous address spans and as
-//! many contiguous stored spans per call: one copy, from the page cache into the
-//! process's pages, and a few syscalls for thousands of pages. `process_vm_writev`
-//! honours the process's page protections, so a page it refuses (a private copy in a
+//! The pages go in batches of up to [`BATCH_BYTES`]: the batch's stored pages are read
+//! from the chain's `pages` files into one buffer, a `pread` per run of pages stored
+//! contiguously, and written with one `process_vm_writev` whose remote side is the
+//! batch's runs of contiguous addresses (up to [`IOV_MAX`]). A few syscalls for
+//! thousands of pages, and the buffer stays in the CPU's cache. (Mapping the `pages`
+//! files and handing the mapping to `process_vm_writev` instead, one copy less, was
+//! 10-20 % faster for a fallback restore but 1.3-1.7x slower for a restore into a husk,
+//! and needs an `unsafe` mapping type: see docs/deltacr.md.) `process_vm_writev`
+//! honours the process's page protections, so a run it refuses (a private copy in a
 //! read-only mapping: relocations, a patched text page) is written through
 //! `/proc/<pid>/mem` instead, which may write there (`FOLL_FORCE`).
 
@@ -17,15 +21,13 @@ use nix::errno::Errno;
 use nix::sys::uio::{RemoteIoVec, process_vm_writev};
 use nix::unistd::Pid;
 
-use super::mapped::MappedFile;
 use super::{Dump, DumpError, PAGE, PageRef};
 use crate::cr::CrError;
 
-/// Most iovecs one `process_vm_writev` takes (each side).
+/// Most remote iovecs one `process_vm_writev` takes.
 const IOV_MAX: usize = 1024;
-
-/// An all-zero page, the source of the zero pages written.
-static ZERO: [u8; PAGE as usize] = [0; PAGE as usize];
+/// Bytes written per batch (the buffer's size).
+const BATCH_BYTES: usize = 1 << 20;
 
 /// Writes `writes` (sorted by address) into the process `pid`, whose `/proc/<pid>/mem`
 /// is `mem` (opened for writing).
@@ -40,136 +42,90 @@ pub(crate) fn write_pages(
     }
     let root = dump.dir().parent().unwrap_or(dump.dir());
     let chain = &dump.manifest().chain;
-    let maps = dump
-        .chain_files()?
-        .iter()
-        .enumerate()
-        .map(|(i, f)| {
-            MappedFile::map(f).map_err(|source| DumpError::Io {
-                dir: root.join(&chain[i]),
-                what: "mapping its pages file".to_owned(),
-                source,
-            })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let bytes: Vec<&[u8]> = maps.iter().map(MappedFile::bytes).collect();
-    let mut batch = Batch::default();
-    for &(addr, p) in writes {
-        if let Some((src, off)) = p.at
-            && bytes
-                .get(src as usize)
-                .is_none_or(|b| (b.len() as u64) < off + PAGE)
-        {
-            return Err(DumpError::Io {
+    let files = dump.chain_files()?;
+    let mut buf = vec![0u8; BATCH_BYTES];
+    let mut rest = writes;
+    while !rest.is_empty() {
+        // The batch: as many pages as fit the buffer and the remote iovecs.
+        let mut remote: Vec<RemoteIoVec> = Vec::new();
+        let mut taken = 0;
+        for &(addr, _) in rest {
+            if taken * PAGE as usize == BATCH_BYTES {
+                break;
+            }
+            let full = remote.len() == IOV_MAX;
+            match remote.last_mut() {
+                Some(r) if r.base as u64 + r.len as u64 == addr => r.len += PAGE as usize,
+                _ if full => break,
+                _ => remote.push(RemoteIoVec {
+                    base: addr as usize,
+                    len: PAGE as usize,
+                }),
+            }
+            taken += 1;
+        }
+        let batch = &rest[..taken];
+        let bytes = &mut buf[..taken * PAGE as usize];
+        // Its pages, runs stored contiguously in one file read at once.
+        let mut k = 0;
+        while k < taken {
+            let at = k * PAGE as usize;
+            let Some((src, off)) = batch[k].1.at else {
+                bytes[at..at + PAGE as usize].fill(0);
+                k += 1;
+                continue;
+            };
+            let mut l = k + 1;
+            while l < taken && batch[l].1.at == Some((src, off + (l - k) as u64 * PAGE)) {
+                l += 1;
+            }
+            let name = chain.get(src as usize);
+            let file = files.get(src as usize).ok_or_else(|| DumpError::Io {
                 dir: dump.dir().to_path_buf(),
-                what: format!(
-                    "its page at {addr:#x} is at {off} of chain file {src}, which is shorter \
-                     or not listed"
-                ),
+                what: format!("its index names chain file {src}, which it does not list"),
                 source: std::io::ErrorKind::InvalidData.into(),
-            }
-            .into());
+            })?;
+            let len = (l - k) * PAGE as usize;
+            file.read_exact_at(&mut bytes[at..at + len], off)
+                .map_err(|source| DumpError::Io {
+                    dir: root.join(name.map_or("", String::as_str)),
+                    what: format!("reading {len} bytes of pages at {off}"),
+                    source,
+                })?;
+            k = l;
         }
-        if !batch.push(addr, p.at) {
-            batch.flush(pid, mem, &bytes)?;
-            let pushed = batch.push(addr, p.at);
-            debug_assert!(pushed, "an empty batch takes a page");
-        }
-    }
-    batch.flush(pid, mem, &bytes)
-}
-
-/// Pages for one `process_vm_writev`: the stored spans (chain file, offset, length;
-/// `None`: a zero page) and the address spans, each merged where contiguous, and the
-/// pages one by one for the fallback.
-#[derive(Default)]
-struct Batch {
-    local: Vec<(Option<u32>, u64, usize)>,
-    remote: Vec<RemoteIoVec>,
-    pages: Vec<(u64, Option<(u32, u64)>)>,
-}
-
-impl Batch {
-    /// Adds a page; `false` if the batch is full (a new span would be one too many).
-    fn push(&mut self, addr: u64, at: Option<(u32, u64)>) -> bool {
-        let joins_local = match (self.local.last(), at) {
-            (Some(&(Some(s), off, len)), Some((src, o))) => s == src && off + len as u64 == o,
-            // Zero pages never join: the one zero page is repeated.
-            _ => false,
-        };
-        let joins_remote = self
-            .remote
-            .last()
-            .is_some_and(|r| r.base as u64 + r.len as u64 == addr);
-        if (!joins_local && self.local.len() == IOV_MAX)
-            || (!joins_remote && self.remote.len() == IOV_MAX)
-        {
-            return false;
-        }
-        match self.local.last_mut() {
-            Some(l) if joins_local => l.2 += PAGE as usize,
-            _ => self
-                .local
-                .push((at.map(|(s, _)| s), at.map_or(0, |(_, o)| o), PAGE as usize)),
-        }
-        match self.remote.last_mut() {
-            Some(r) if joins_remote => r.len += PAGE as usize,
-            _ => self.remote.push(RemoteIoVec {
-                base: addr as usize,
-                len: PAGE as usize,
-            }),
-        }
-        self.pages.push((addr, at));
-        true
-    }
-
-    /// Writes the batch and empties it; `bytes` are the chain's mapped files (checked
-    /// to hold every page pushed).
-    fn flush(&mut self, pid: i32, mem: &File, bytes: &[&[u8]]) -> Result<(), CrError> {
-        if self.pages.is_empty() {
-            return Ok(());
-        }
-        let slice = |src: Option<u32>, off: u64, len: usize| -> &[u8] {
-            match src {
-                Some(s) => &bytes[s as usize][off as usize..off as usize + len],
-                None => &ZERO,
-            }
-        };
-        let local: Vec<IoSlice<'_>> = self
-            .local
-            .iter()
-            .map(|&(src, off, len)| IoSlice::new(slice(src, off, len)))
-            .collect();
-        let done = match process_vm_writev(Pid::from_raw(pid), &local, &self.remote) {
-            Ok(n) => n,
-            // The first span refused (a read-only mapping): all through /proc/<pid>/mem.
+        let done = match process_vm_writev(Pid::from_raw(pid), &[IoSlice::new(bytes)], &remote) {
+            Ok(n) => n / PAGE as usize,
+            // The first run refused.
             Err(Errno::EFAULT) => 0,
             Err(e) => {
                 return Err(DumpError::Memory {
                     pid,
-                    what: format!(
-                        "process_vm_writev of {} pages from {:#x}",
-                        self.pages.len(),
-                        self.pages[0].0
-                    ),
+                    what: format!("process_vm_writev of {taken} pages from {:#x}", rest[0].0),
                     source: e.into(),
                 }
                 .into());
             }
         };
-        // A short write stops at a span boundary, so at a page boundary.
-        for &(addr, at) in &self.pages[done / PAGE as usize..] {
-            let page = slice(at.map(|(s, _)| s), at.map_or(0, |(_, o)| o), PAGE as usize);
-            mem.write_all_at(page, addr)
-                .map_err(|source| DumpError::Memory {
-                    pid,
-                    what: format!("write the page at {addr:#x}"),
-                    source,
-                })?;
+        if done >= taken {
+            rest = &rest[taken..];
+            continue;
         }
-        self.local.clear();
-        self.remote.clear();
-        self.pages.clear();
-        Ok(())
+        // Refused at page `done` (runs are whole pages: a short write stops at a page
+        // boundary): the rest of its run of addresses through /proc/<pid>/mem, then
+        // process_vm_writev again from the next page.
+        let mut end = done + 1;
+        while end < taken && batch[end].0 == batch[end - 1].0 + PAGE {
+            end += 1;
+        }
+        let (from, to) = (done * PAGE as usize, end * PAGE as usize);
+        mem.write_all_at(&bytes[from..to], batch[done].0)
+            .map_err(|source| DumpError::Memory {
+                pid,
+                what: format!("write {} pages at {:#x}", end - done, batch[done].0),
+                source,
+            })?;
+        rest = &rest[end..];
     }
+    Ok(())
 }
