@@ -17,6 +17,7 @@
 //! - [`stats`]: what the views did (requests, copy-ups, freezes), read by [`Store::stats`];
 //! - [`probe`]: the check that this kernel's FUSE passthrough works as DeltaFS needs.
 
+pub mod acl;
 pub mod backing;
 pub mod base;
 pub mod diff;

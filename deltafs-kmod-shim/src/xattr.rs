@@ -10,9 +10,10 @@ use std::path::Path;
 
 use crate::node::Bytes;
 
-/// The extended attributes of `path` (not following a symlink), but for `system.*` (POSIX
-/// ACLs, which DeltaFS does not serve). Empty where the filesystem has none or does not
-/// support them.
+/// The extended attributes of `path` (not following a symlink): `user.*`, `security.*`,
+/// `trusted.*` and of `system.*` only the POSIX ACLs (`system.posix_acl_access`,
+/// `system.posix_acl_default`, which DeltaFS serves as ext4 does; other `system.*` names
+/// are a filesystem's own). Empty where the filesystem has none or does not support them.
 pub fn read_all(path: &Path) -> io::Result<BTreeMap<Bytes, Bytes>> {
     let c_path = CString::new(path.as_os_str().as_bytes())
         .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
@@ -27,7 +28,8 @@ pub fn read_all(path: &Path) -> io::Result<BTreeMap<Bytes, Bytes>> {
     };
     let mut xattrs = BTreeMap::new();
     for name in names.split(|&b| b == 0).filter(|n| !n.is_empty()) {
-        if name.starts_with(b"system.") {
+        if name.starts_with(b"system.") && name != crate::acl::ACCESS && name != crate::acl::DEFAULT
+        {
             continue;
         }
         let c_name = CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))?;

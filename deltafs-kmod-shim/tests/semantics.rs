@@ -1,7 +1,10 @@
 //! POSIX semantics through a mounted view: files, directories, symlinks, hard links,
 //! renames (with `RENAME_NOREPLACE` / `RENAME_EXCHANGE`), special files, attributes,
-//! xattrs, unlink while open, readdir, and the base staying untouched. Needs root.
+//! xattrs, POSIX ACLs (module `acl`), unlink while open, readdir, and the base staying
+//! untouched. Needs root.
 
+#[path = "semantics/acl.rs"]
+mod acl;
 mod common;
 
 use std::ffi::CString;

@@ -3,6 +3,7 @@
 //! outside the lock on the handle's backing file.
 
 mod data;
+mod init;
 
 use std::ffi::OsStr;
 use std::io;
@@ -12,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     AccessFlags, BsdFileFlags, Errno, FileAttr, FileHandle, Filesystem, FopenFlags, Generation,
-    INodeNo, InitFlags, KernelConfig, OpenFlags, RenameFlags, ReplyAttr, ReplyData, ReplyDirectory,
+    INodeNo, KernelConfig, OpenFlags, RenameFlags, ReplyAttr, ReplyData, ReplyDirectory,
     ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
     TimeOrNow,
 };
@@ -20,7 +21,7 @@ use fuser::{
 use crate::stats::OpKind;
 use crate::sync::lock;
 use crate::view::state::{FsResult, TTL, ViewState, file_type};
-use crate::view::{Caller, SetAttr, ViewShared};
+use crate::view::{Caller, NewNode, SetAttr, ViewShared};
 
 /// The FUSE filesystem of one view.
 pub(crate) struct DeltaFs {
@@ -54,6 +55,16 @@ fn caller(req: &Request) -> Caller {
     Caller {
         uid: req.uid(),
         gid: req.gid(),
+        pid: req.pid(),
+    }
+}
+
+/// What a `MKDIR`, `MKNOD` or `CREATE` asks for.
+fn new_node(mode: u32, umask: u32, req: &Request) -> NewNode {
+    NewNode {
+        mode,
+        umask,
+        caller: caller(req),
     }
 }
 
@@ -110,33 +121,7 @@ fn reply_xattr(reply: ReplyXattr, size: u32, result: FsResult<Vec<u8>>) {
 
 impl Filesystem for DeltaFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
-        config
-            .add_capabilities(InitFlags::FUSE_PASSTHROUGH)
-            .map_err(|_| {
-                io::Error::new(
-                    io::ErrorKind::Unsupported,
-                    "the kernel does not offer FUSE passthrough",
-                )
-            })?;
-        config
-            .set_max_stack_depth(1)
-            .map_err(|max| io::Error::other(format!("max_stack_depth 1 refused (max {max})")))?;
-        // Optional: each is used when the kernel offers it.
-        for flag in [
-            InitFlags::FUSE_ATOMIC_O_TRUNC,
-            InitFlags::FUSE_DO_READDIRPLUS,
-            InitFlags::FUSE_READDIRPLUS_AUTO,
-            InitFlags::FUSE_CACHE_SYMLINKS,
-            InitFlags::FUSE_PARALLEL_DIROPS,
-            // Clearing set-user/group-ID is ours (`SetAttr::kills_suidgid`), which lets
-            // the kernel mark inodes `S_NOSEC`: a write then asks for
-            // `security.capability` once per inode, not once per `write` (tar: ~5
-            // round trips per file), and a chown skips its `GETATTR`.
-            InitFlags::FUSE_HANDLE_KILLPRIV_V2,
-        ] {
-            let _ = config.add_capabilities(flag);
-        }
-        Ok(())
+        init::negotiate(config)
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
@@ -213,15 +198,13 @@ impl Filesystem for DeltaFs {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         rdev: u32,
         reply: ReplyEntry,
     ) {
         let _op = self.view.store.stats.op(OpKind::Create);
-        reply_entry(
-            reply,
-            self.entry(|s| s.mknod(parent, name, mode, rdev, caller(req))),
-        );
+        let new = new_node(mode, umask, req);
+        reply_entry(reply, self.entry(|s| s.mknod(parent, name, new, rdev)));
     }
 
     fn mkdir(
@@ -230,14 +213,12 @@ impl Filesystem for DeltaFs {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         reply: ReplyEntry,
     ) {
         let _op = self.view.store.stats.op(OpKind::Create);
-        reply_entry(
-            reply,
-            self.entry(|s| s.mkdir(parent, name, mode, caller(req))),
-        );
+        let new = new_node(mode, umask, req);
+        reply_entry(reply, self.entry(|s| s.mkdir(parent, name, new)));
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -426,7 +407,7 @@ impl Filesystem for DeltaFs {
 
     fn setxattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
@@ -435,7 +416,8 @@ impl Filesystem for DeltaFs {
         reply: ReplyEmpty,
     ) {
         let _op = self.view.store.stats.op(OpKind::Other);
-        reply_empty(reply, self.with(|s| s.setxattr(ino, name, value, flags)));
+        let result = self.with(|s| s.setxattr(ino, name, value, flags, caller(req)));
+        reply_empty(reply, result);
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
@@ -465,14 +447,15 @@ impl Filesystem for DeltaFs {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         flags: i32,
         reply: fuser::ReplyCreate,
     ) {
         let _op = self.view.store.stats.op(OpKind::Create);
         let open_backing = |file: &std::fs::File| reply.open_backing(file);
+        let new = new_node(mode, umask, req);
         let result = self.with(|s| {
-            let (attr, opened) = s.create(parent, name, mode, flags, caller(req), &open_backing)?;
+            let (attr, opened) = s.create(parent, name, new, flags, &open_backing)?;
             Ok((attr, s.attr_ttl(&attr), opened))
         });
         data::reply_create(reply, result);

@@ -1,6 +1,7 @@
 //! A view: one mount of DeltaFS, its index and writable layer, and its control
 //! operations ([`View::freeze`], [`View::switch`], [`View::unmount`]).
 
+mod acl;
 mod control;
 mod janitor;
 mod nodeids;
@@ -28,7 +29,7 @@ use crate::persist::PersistError;
 use crate::store::{StoreError, StoreShared};
 use crate::sync::lock;
 
-pub(crate) use self::ops::{Caller, SetAttr};
+pub(crate) use self::ops::{Caller, NewNode, SetAttr};
 
 /// Failures of control operations on a view.
 #[derive(Debug, thiserror::Error)]

@@ -24,7 +24,19 @@ use crate::node::{Bytes, DataRef, Kind, Node, Time};
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Caller {
     pub uid: u32,
+    /// The file-system group id.
     pub gid: u32,
+    /// As the daemon sees it (0 when the kernel sent none).
+    pub pid: u32,
+}
+
+/// What a `MKDIR`, `MKNOD` or `CREATE` asks for: the mode (not masked: the umask is the
+/// daemon's, see [`super::acl::inherit`]), the caller's umask, and the caller.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct NewNode {
+    pub mode: u32,
+    pub umask: u32,
+    pub caller: Caller,
 }
 
 /// The attribute changes of a `SETATTR`.
@@ -111,17 +123,20 @@ impl ViewState {
         Ok(self.entry(parent, name, attr))
     }
 
-    /// A new node of `kind` made by `caller` in directory `parent` (setgid directories
-    /// give their group, and their setgid bit to subdirectories).
-    fn new_node(&self, parent: Ino, kind: Kind, mode: u32, caller: Caller) -> FsResult<Node> {
+    /// A new node of `kind` made in directory `parent` (setgid directories give their
+    /// group, and their setgid bit to subdirectories; the directory's default ACL, or
+    /// else the umask, limits the mode).
+    fn new_node(&self, parent: Ino, kind: Kind, new: NewNode) -> FsResult<Node> {
         let dir = self.node(parent)?;
-        let mut node = Node::new(kind, (mode & 0o7777) as u16, caller.uid, caller.gid);
+        let (uid, gid) = (new.caller.uid, new.caller.gid);
+        let mut node = Node::new(kind, (new.mode & 0o7777) as u16, uid, gid);
         if u32::from(dir.perm) & libc::S_ISGID != 0 {
             node.gid = dir.gid;
             if kind == Kind::Dir {
                 node.perm |= libc::S_ISGID as u16;
             }
         }
+        super::acl::inherit(&dir, &mut node, new.umask);
         Ok(node)
     }
 
@@ -156,15 +171,9 @@ impl ViewState {
     }
 
     /// `MKDIR`.
-    pub fn mkdir(
-        &mut self,
-        parent: INodeNo,
-        name: &OsStr,
-        mode: u32,
-        caller: Caller,
-    ) -> FsResult<FileAttr> {
+    pub fn mkdir(&mut self, parent: INodeNo, name: &OsStr, new: NewNode) -> FsResult<FileAttr> {
         let dir = self.live(parent)?;
-        let node = self.new_node(dir, Kind::Dir, mode, caller)?;
+        let node = self.new_node(dir, Kind::Dir, new)?;
         Ok(self.insert(parent, name, node)?.1)
     }
 
@@ -173,16 +182,15 @@ impl ViewState {
         &mut self,
         parent: INodeNo,
         name: &OsStr,
-        mode: u32,
+        new: NewNode,
         rdev: u32,
-        caller: Caller,
     ) -> FsResult<FileAttr> {
-        let kind = Kind::from_mode(mode).ok_or(Errno::EINVAL)?;
+        let kind = Kind::from_mode(new.mode).ok_or(Errno::EINVAL)?;
         if kind == Kind::Dir {
             return Err(Errno::EINVAL);
         }
         let dir = self.live(parent)?;
-        let mut node = self.new_node(dir, kind, mode, caller)?;
+        let mut node = self.new_node(dir, kind, new)?;
         node.rdev = rdev.into();
         if kind == Kind::File {
             self.txn().lookup(dir, name).err().ok_or(Errno::EEXIST)?;
@@ -203,8 +211,12 @@ impl ViewState {
             return Err(Errno::ENAMETOOLONG);
         }
         let dir = self.live(parent)?;
-        let mut node = self.new_node(dir, Kind::Symlink, 0o777, caller)?;
-        node.perm = 0o777;
+        // No ACL or umask applies to a symlink: its node is made here, not by `new_node`.
+        let mut node = Node::new(Kind::Symlink, 0o777, caller.uid, caller.gid);
+        let parent_node = self.node(dir)?;
+        if u32::from(parent_node.perm) & libc::S_ISGID != 0 {
+            node.gid = parent_node.gid;
+        }
         node.size = target.len() as u64;
         node.target = Some(Bytes(target.as_bytes().to_vec()));
         Ok(self.insert(parent, name, node)?.1)
@@ -282,9 +294,8 @@ impl ViewState {
         &mut self,
         parent: INodeNo,
         name: &OsStr,
-        mode: u32,
+        new: NewNode,
         flags: i32,
-        caller: Caller,
         open_backing: OpenBacking<'_>,
     ) -> FsResult<(FileAttr, OpenReply)> {
         let dir = self.live(parent)?;
@@ -293,7 +304,7 @@ impl ViewState {
             Err(crate::index::IndexError::NotFound) => {}
             Err(e) => return Err(e.errno()),
         }
-        let mut node = self.new_node(dir, Kind::File, mode, caller)?;
+        let mut node = self.new_node(dir, Kind::File, new)?;
         let (data, file) = self.new_backing()?;
         node.data = Some(data);
         let (ino, attr) = self.insert(parent, name, node)?;
@@ -335,6 +346,7 @@ impl ViewState {
             .update(ino, |node| {
                 if let Some(mode) = set.mode {
                     node.perm = (mode & 0o7777) as u16;
+                    super::acl::chmod(node);
                 }
                 if set.kill_suidgid && node.kind != Kind::Dir {
                     node.perm = killed_suidgid(node.perm);
@@ -374,6 +386,7 @@ impl ViewState {
         let mut node = Node::clone(&retired.node);
         if let Some(mode) = set.mode {
             node.perm = (mode & 0o7777) as u16;
+            super::acl::chmod(&mut node);
         }
         if set.kill_suidgid && node.kind != Kind::Dir {
             node.perm = killed_suidgid(node.perm);
@@ -460,15 +473,20 @@ impl ViewState {
         Ok(list)
     }
 
-    /// `SETXATTR` with `XATTR_CREATE` / `XATTR_REPLACE`. POSIX ACLs are not supported.
+    /// `SETXATTR` with `XATTR_CREATE` / `XATTR_REPLACE`; POSIX ACLs (`system.posix_acl_*`)
+    /// as ext4 keeps them, other `system.*` names are not supported.
     pub fn setxattr(
         &mut self,
         nid: INodeNo,
         name: &OsStr,
         value: &[u8],
         flags: i32,
+        caller: Caller,
     ) -> FsResult<()> {
         let ino = self.live(nid)?;
+        if super::acl::is_acl(name.as_bytes()) {
+            return self.set_acl(ino, name.as_bytes(), value, caller);
+        }
         if name.as_bytes().starts_with(b"system.") {
             return Err(Errno::EOPNOTSUPP);
         }
@@ -495,7 +513,11 @@ impl ViewState {
         let ino = self.live(nid)?;
         let key = Bytes(name.as_bytes().to_vec());
         if !self.node(ino)?.xattrs.contains_key(&key) {
-            return Err(Errno::NO_XATTR);
+            // Removing an ACL that is not there succeeds, as on ext4.
+            return match super::acl::is_acl(name.as_bytes()) {
+                true => Ok(()),
+                false => Err(Errno::NO_XATTR),
+            };
         }
         let now = Time::now();
         self.txn()
