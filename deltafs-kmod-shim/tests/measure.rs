@@ -331,3 +331,53 @@ fn untar_and_find_round_trips() {
     );
     view.unmount().unwrap();
 }
+
+/// What the freeze's write-back of daemon-served files costs: freezes with one file kept
+/// live (so cloned) each time, opened for writing (1) passthrough, (2) daemon-served
+/// (copied up under an open reader) and mapped, nothing dirty, (3) the same with one page
+/// dirtied through the mapping before each freeze. (2) and (3) call `syncfs` on the mount.
+#[test]
+#[ignore = "measurement; run explicitly"]
+fn freeze_with_a_daemon_served_mapping() {
+    use std::os::unix::fs::FileExt;
+    require_root!();
+    let fx = Fixture::new();
+    let view = fx.mount("live", None);
+    let m = view.mountpoint().to_owned();
+    let rounds = |label: &str, dirty: &mut dyn FnMut(usize)| {
+        let mut times = Vec::new();
+        for round in 0..21 {
+            dirty(round);
+            times.push(view.freeze(&FreezeOpts::default()).unwrap().elapsed);
+        }
+        let max = times.iter().max().copied().unwrap();
+        println!("{label}: median {:?}, max {max:?}", median(times));
+    };
+
+    let plain = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(m.join("plain"))
+        .unwrap();
+    plain.write_all_at(&[1u8; 4096], 0).unwrap();
+    rounds("passthrough writer open", &mut |_| {});
+    drop(plain);
+
+    fs::write(m.join("shared"), vec![0u8; 4096]).unwrap();
+    view.freeze(&FreezeOpts::default()).unwrap();
+    let reader = File::open(m.join("shared")).unwrap();
+    let writer = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.join("shared"))
+        .unwrap();
+    let mut map = common::mmap::SharedMap::new(&writer, 4096);
+    rounds("daemon-served writer, mapped, clean", &mut |_| {});
+    rounds("daemon-served writer, one dirty page", &mut |round| {
+        map.write(0, &[round as u8; 8])
+    });
+    drop((map, writer, reader));
+    view.unmount().unwrap();
+}
