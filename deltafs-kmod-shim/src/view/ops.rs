@@ -451,10 +451,20 @@ impl ViewState {
         Ok((ino, parent, entries))
     }
 
+    /// The node whose xattrs node id `nid` shows: a retired id's own (the kernel asks for
+    /// `security.capability` and ACLs through handles opened before a switch too).
+    fn xattr_node(&mut self, nid: INodeNo) -> FsResult<Arc<Node>> {
+        if matches!(self.nids.resolve(nid.0), Resolved::Retired) {
+            let retired = self.nids.retired.get(&nid.0).ok_or(Errno::ESTALE)?;
+            return Ok(Arc::clone(&retired.node));
+        }
+        let ino = self.live(nid)?;
+        self.node(ino)
+    }
+
     /// `GETXATTR`.
     pub fn getxattr(&mut self, nid: INodeNo, name: &OsStr) -> FsResult<Vec<u8>> {
-        let ino = self.live(nid)?;
-        let node = self.node(ino)?;
+        let node = self.xattr_node(nid)?;
         node.xattrs
             .get(&Bytes(name.as_bytes().to_vec()))
             .map(|v| v.0.clone())
@@ -463,8 +473,7 @@ impl ViewState {
 
     /// `LISTXATTR`: the names, each NUL-terminated.
     pub fn listxattr(&mut self, nid: INodeNo) -> FsResult<Vec<u8>> {
-        let ino = self.live(nid)?;
-        let node = self.node(ino)?;
+        let node = self.xattr_node(nid)?;
         let mut list = Vec::new();
         for name in node.xattrs.keys() {
             list.extend_from_slice(&name.0);

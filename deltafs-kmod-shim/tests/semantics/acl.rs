@@ -284,6 +284,36 @@ fn acls_follow_freeze_switch_and_restart() {
     restarted.unmount().unwrap();
 }
 
+/// A handle opened before a switch that changed its file keeps the state it was opened
+/// in (a retired node id): the kernel asks that node for its ACL too, and gets it (not
+/// `ESTALE`). Read through `/proc/<pid>/fd/<fd>` (followed: it is a link), which resolves
+/// to that inode.
+#[test]
+fn a_handle_from_before_a_switch_keeps_its_acl() {
+    use std::os::fd::AsRawFd;
+    require_root!();
+    require_acl_tools();
+    let fx = Fixture::new();
+    let view = fx.mount("live", None);
+    let m = view.mountpoint().to_owned();
+    sh(&m, "echo a > f && setfacl -m u:nobody:r f");
+    let id = view.freeze(&Default::default()).unwrap().id;
+    let old = fs::File::open(m.join("f")).unwrap();
+    sh(&m, "setfacl -m u:daemon:rw f");
+    let report = view.switch(id).unwrap();
+    assert_eq!(report.retired, 1, "{report:?}");
+    let through_fd = format!("/proc/{}/fd/{}", std::process::id(), old.as_raw_fd());
+    let acl = sh(&m, &format!("getfacl {through_fd}"));
+    assert!(acl.contains("user:daemon:rw-"), "{acl}");
+    let now = getfacl(&m, &["f"]);
+    assert!(
+        now.contains("user:nobody:r--") && !now.contains("daemon"),
+        "{now}"
+    );
+    drop(old);
+    view.unmount().unwrap();
+}
+
 /// A base file's ACL (read from the base with its other xattrs) shows through, stays
 /// after a copy-up, follows a chmod in the view, and never changes the base.
 #[test]
