@@ -224,6 +224,7 @@ fn node_from_meta(meta: &fs::Metadata, rel: Vec<u8>, target: Option<Bytes>) -> N
         target,
         xattrs: Default::default(),
         data,
+        partial: None,
     }
 }
 

@@ -1,5 +1,6 @@
-//! `FICLONE`: the one raw kernel interface DeltaFS calls itself (everything else goes
-//! through `std`, `nix` or `fuser`).
+//! `FICLONE`: one of the two raw kernel interfaces DeltaFS calls itself (the other is
+//! `sync_file_range`, [`crate::writeback`]; everything else goes through `std`, `nix` or
+//! `fuser`).
 
 use std::fs::File;
 use std::io;

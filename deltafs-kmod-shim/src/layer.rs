@@ -11,6 +11,7 @@ use nix::sys::stat::futimens;
 use nix::sys::time::TimeSpec;
 use nix::unistd::{Whence, lseek};
 
+use crate::chunks::ChunkPolicy;
 use crate::ids::LayerId;
 use crate::ioctl::ficlone;
 
@@ -88,6 +89,9 @@ pub struct CopyStats {
     pub cloned: u64,
     /// Bytes copied because the filesystem cannot clone.
     pub bytes_copied: u64,
+    /// Files copied up chunk by chunk ([`crate::chunks`]): `bytes_copied` is what the
+    /// copy-up itself wrote (0 unless a chain was flattened); writes copy chunks later.
+    pub chunked: u64,
 }
 
 impl CopyStats {
@@ -95,6 +99,7 @@ impl CopyStats {
     pub fn add(&mut self, other: CopyStats) {
         self.cloned += other.cloned;
         self.bytes_copied += other.bytes_copied;
+        self.chunked += other.chunked;
     }
 }
 
@@ -103,17 +108,36 @@ impl CopyStats {
 pub struct Layers {
     root: PathBuf,
     reflink: bool,
+    policy: ChunkPolicy,
 }
 
 impl Layers {
     /// Opens (creating) `root` and probes once whether its filesystem can `FICLONE`.
     pub fn open(root: PathBuf) -> Result<Self, LayerError> {
+        Self::open_with(root, ChunkPolicy::default())
+    }
+
+    /// [`Layers::open`] with chunk-granular copy-ups made as `policy` says.
+    pub fn open_with(root: PathBuf, policy: ChunkPolicy) -> Result<Self, LayerError> {
         fs::create_dir_all(&root).map_err(|source| LayerError::Create {
             path: root.clone(),
             source,
         })?;
         let reflink = probe_reflink(&root);
-        Ok(Self { root, reflink })
+        let policy = ChunkPolicy {
+            chunk: policy.chunk.max(1),
+            ..policy
+        };
+        Ok(Self {
+            root,
+            reflink,
+            policy,
+        })
+    }
+
+    /// How copy-ups that cannot clone are made chunk by chunk.
+    pub fn policy(&self) -> ChunkPolicy {
+        self.policy
     }
 
     /// Whether copies are reflinks (xfs, btrfs) rather than full copies.
@@ -195,7 +219,7 @@ impl Layers {
                 Ok(()) => {
                     return Ok(CopyStats {
                         cloned: 1,
-                        bytes_copied: 0,
+                        ..CopyStats::default()
                     });
                 }
                 Err(e)
@@ -206,10 +230,18 @@ impl Layers {
                 Err(e) => return Err(e),
             }
         }
+        // Write back `src`'s dirty pages first, as FICLONE does: that write-protects
+        // the pages of its shared mappings, so the next write through one faults and
+        // bumps the file's times, which a switch relies on to tell a file kept live at
+        // a freeze changed since (`View::switch`). Without it a mapped write after the
+        // freeze went unseen on stores without reflink, and a rollback kept the file
+        // connected with the write in it (`tests/invariants.rs`,
+        // `old_handles_never_write_into_a_checkpoint`, with `DELTAFS_TEST_STORE=plain`).
+        crate::writeback::write_back(src)?;
         let bytes_copied = sparse_copy(src, dest)?;
         Ok(CopyStats {
-            cloned: 0,
             bytes_copied,
+            ..CopyStats::default()
         })
     }
 
@@ -270,7 +302,7 @@ impl Layers {
 
 /// Creates `path` (never an existing file), and its directory if that is missing: a
 /// layer's directory is made on its first file, without a `mkdir` per file.
-fn create_at(path: &Path) -> Result<File, LayerError> {
+pub(crate) fn create_at(path: &Path) -> Result<File, LayerError> {
     let open = || {
         OpenOptions::new()
             .read(true)
@@ -298,7 +330,7 @@ fn create_at(path: &Path) -> Result<File, LayerError> {
 }
 
 /// Gives `dest` the access and modification times of `src`.
-fn copy_times(src: &File, dest: &File) -> io::Result<()> {
+pub(crate) fn copy_times(src: &File, dest: &File) -> io::Result<()> {
     let meta = src.metadata()?;
     let atime = TimeSpec::new(meta.atime(), meta.atime_nsec());
     let mtime = TimeSpec::new(meta.mtime(), meta.mtime_nsec());
@@ -307,7 +339,7 @@ fn copy_times(src: &File, dest: &File) -> io::Result<()> {
 
 /// Copies the data extents of `src` into `dest` with `copy_file_range`, leaving holes;
 /// returns the bytes copied.
-fn sparse_copy(src: &File, dest: &File) -> io::Result<u64> {
+pub(crate) fn sparse_copy(src: &File, dest: &File) -> io::Result<u64> {
     let len = src.metadata()?.len() as i64;
     let mut copied = 0u64;
     let mut pos = 0i64;

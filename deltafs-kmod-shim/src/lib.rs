@@ -12,6 +12,7 @@
 //! - [`index`]: the namespace in persistent maps (O(1) snapshots, no per-layer scan);
 //! - [`base`]: the read-only base tree, read lazily;
 //! - [`layer`], [`persist`]: layer directories and their on-disk metadata;
+//! - [`chunks`]: chunk-granular copy-up where the store cannot reflink;
 //! - [`squash`]: merging chains of dropped snapshots;
 //! - [`store`], [`view`]: the control interface;
 //! - [`stats`]: what the views did (requests, copy-ups, freezes), read by [`Store::stats`];
@@ -20,6 +21,7 @@
 pub mod acl;
 pub mod backing;
 pub mod base;
+pub mod chunks;
 pub mod diff;
 mod fs;
 pub mod ids;
@@ -36,10 +38,12 @@ pub mod stats;
 pub mod store;
 mod sync;
 pub mod view;
+pub mod writeback;
 mod writer;
 pub mod xattr;
 
 pub use crate::backing::{BackingError, BackingFile};
+pub use crate::chunks::ChunkPolicy;
 pub use crate::diff::{Change, ChangeKind, Changed, DiffError, FileType};
 pub use crate::ids::{LayerId, SnapshotId};
 pub use crate::squash::SquashReport;

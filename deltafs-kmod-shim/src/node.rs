@@ -3,10 +3,12 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::chunks::Partial;
 use crate::ids::{Ino, LayerId};
 
 /// The type of a file.
@@ -202,6 +204,10 @@ pub struct Node {
     /// A regular file's backing file, or a base directory's base listing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data: Option<DataRef>,
+    /// A regular file copied up chunk by chunk: where the bytes its backing file does not
+    /// hold come from ([`crate::chunks`]). Never in version-1 (JSON) metadata.
+    #[serde(skip)]
+    pub partial: Option<Arc<Partial>>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -229,6 +235,7 @@ impl Node {
             target: None,
             xattrs: BTreeMap::new(),
             data: None,
+            partial: None,
         }
     }
 

@@ -122,10 +122,16 @@ impl Store {
             delta.extend(&*state.delta_of(layers, *ancestor)?);
         }
         let record = DeltaRecord::capture(&delta, &index);
+        // A chunk-granular copy uses the files of its chain too.
         let used: HashSet<(LayerId, u64)> = record
             .nodes
             .iter()
-            .filter_map(|(_, node)| match node.as_ref()?.data.as_ref()? {
+            .filter_map(|(_, node)| node.as_ref())
+            .flat_map(|node| {
+                let chain = node.partial.iter().flat_map(|p| p.files());
+                node.data.iter().chain(chain)
+            })
+            .filter_map(|data| match data {
                 DataRef::Layer { layer, file } => Some((*layer, *file)),
                 DataRef::Base(_) => None,
             })

@@ -164,8 +164,11 @@ pub struct Stats {
     ops: [OpCounters; 12],
     copy_ups_reflink: AtomicU64,
     copy_ups_copy: AtomicU64,
+    copy_ups_chunked: AtomicU64,
     copy_ups_empty: AtomicU64,
     copy_up_bytes: AtomicU64,
+    chunk_copy_bytes: AtomicU64,
+    completions: AtomicU64,
     copy_up_cloned_bytes: AtomicU64,
     freezes: AtomicU64,
     freeze_copy_bytes: AtomicU64,
@@ -225,6 +228,9 @@ impl Stats {
                     self.copy_up_cloned_bytes.fetch_add(len, Ordering::Relaxed);
                 } else {
                     self.copy_ups_copy.fetch_add(1, Ordering::Relaxed);
+                    if stats.chunked > 0 {
+                        self.copy_ups_chunked.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
                 self.copy_up_bytes
                     .fetch_add(stats.bytes_copied, Ordering::Relaxed);
@@ -235,6 +241,18 @@ impl Stats {
         let epoch = epochs.entry(layer).or_default();
         epoch.0 += 1;
         epoch.1 += bytes;
+    }
+
+    /// Counts `bytes` a write into a partial file of writable layer `layer` copied up
+    /// from below before writing (chunks it did not cover whole), `completed` when that
+    /// completed the file. Part of the epoch's copy-up bytes.
+    pub fn chunks_copied(&self, layer: LayerId, bytes: u64, completed: bool) {
+        self.copy_up_bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.chunk_copy_bytes.fetch_add(bytes, Ordering::Relaxed);
+        if completed {
+            self.completions.fetch_add(1, Ordering::Relaxed);
+        }
+        lock(&self.epochs).entry(layer).or_default().1 += bytes;
     }
 
     /// Counts a freeze of writable layer `layer` into snapshot `id`, whose kept-live
@@ -291,8 +309,11 @@ impl Stats {
                 .collect(),
             copy_ups_reflink: get(&self.copy_ups_reflink),
             copy_ups_copy: get(&self.copy_ups_copy),
+            copy_ups_chunked: get(&self.copy_ups_chunked),
             copy_ups_empty: get(&self.copy_ups_empty),
             copy_up_bytes: get(&self.copy_up_bytes),
+            chunk_copy_bytes: get(&self.chunk_copy_bytes),
+            partial_completions: get(&self.completions),
             copy_up_cloned_bytes: get(&self.copy_up_cloned_bytes),
             freezes: get(&self.freezes),
             freeze_copy_bytes: get(&self.freeze_copy_bytes),
@@ -326,12 +347,22 @@ pub struct StatsSnapshot {
     pub ops: Vec<OpStats>,
     /// Copy-ups made by a reflink (`FICLONE`): no data written.
     pub copy_ups_reflink: u64,
-    /// Copy-ups made by copying data (the store cannot clone).
+    /// Copy-ups made by copying data (the store cannot clone), chunked ones included.
     pub copy_ups_copy: u64,
+    /// Of `copy_ups_copy`, those made chunk by chunk ([`crate::chunks`]): the copy-up
+    /// copied nothing, writes copy the chunks they touch.
+    pub copy_ups_chunked: u64,
     /// Copy-ups of a file about to be truncated to 0 (`O_TRUNC`): nothing copied.
     pub copy_ups_empty: u64,
-    /// Bytes copy-ups wrote (reflinks write none).
+    /// Bytes copy-ups wrote (reflinks write none), the chunks copied by writes into
+    /// chunk-granular copies included.
     pub copy_up_bytes: u64,
+    /// Of `copy_up_bytes`, those writes into chunk-granular copies copied from below
+    /// (chunks they did not cover whole, and completions).
+    pub chunk_copy_bytes: u64,
+    /// Chunk-granular copies completed (the rest copied, served passthrough from their
+    /// next first open).
+    pub partial_completions: u64,
     /// Bytes reflink copy-ups shared instead of writing (the cloned files' sizes).
     pub copy_up_cloned_bytes: u64,
     /// Freezes.
@@ -439,8 +470,8 @@ mod tests {
         let file = File::create(dir.path().join("f")).unwrap();
         file.set_len(1 << 20).unwrap();
         let copied = CopyStats {
-            cloned: 0,
             bytes_copied: 1 << 20,
+            ..CopyStats::default()
         };
         stats.copied_up(a, Some((&copied, &file)));
         stats.copied_up(a, None);

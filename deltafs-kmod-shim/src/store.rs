@@ -17,6 +17,7 @@ use nix::fcntl::{Flock, FlockArg};
 
 use crate::backing::{BackingError, BackingFile};
 use crate::base::{BaseError, BaseTree};
+use crate::chunks::ChunkPolicy;
 use crate::diff::{Change, DiffError, Plan};
 use crate::ids::{LayerId, ROOT_INO, SnapshotId};
 use crate::index::{Delta, Index, IndexError};
@@ -157,6 +158,12 @@ impl Store {
     /// Opens (creating) the store at `root`, taking its lock, and loads the snapshots
     /// found on disk (their indexes are rebuilt when first used).
     pub fn open(root: impl AsRef<Path>) -> Result<Self, StoreError> {
+        Self::open_with(root, ChunkPolicy::default())
+    }
+
+    /// [`Store::open`], copying files up chunk by chunk as `policy` says where the store
+    /// cannot clone them (the chunk records on disk do not depend on it).
+    pub fn open_with(root: impl AsRef<Path>, policy: ChunkPolicy) -> Result<Self, StoreError> {
         let root = root.as_ref();
         let open_err = |source| StoreError::Open {
             path: root.to_owned(),
@@ -170,7 +177,7 @@ impl Store {
         })?;
         let lock_file = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock)
             .map_err(|_| StoreError::Locked { path: root.clone() })?;
-        let layers = Layers::open(root.join("layers"))?;
+        let layers = Layers::open_with(root.join("layers"), policy)?;
         let mut snapshots = HashMap::new();
         let mut next_ino = ROOT_INO + 1;
         for layer in layers.list()? {
@@ -220,6 +227,11 @@ impl Store {
     /// Whether copy-ups and freeze clones are reflinks (`FICLONE`) on this store.
     pub fn reflink(&self) -> bool {
         self.shared.layers.reflink()
+    }
+
+    /// How copy-ups that cannot clone are made chunk by chunk.
+    pub fn chunk_policy(&self) -> ChunkPolicy {
+        self.shared.layers.policy()
     }
 
     /// Mounts a view of `base` at `mountpoint`: the state of snapshot `from` (or the bare

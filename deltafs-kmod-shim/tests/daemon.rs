@@ -186,7 +186,12 @@ fn enospc_during_a_copy_up_reaches_the_writer_and_spares_the_checkpoint() {
         }
     }
     let _guard = Unmount(small.path());
-    let store = deltafs::Store::open(small.path().join("store")).unwrap();
+    // Whole copies (a chunk-granular one would fit: see the test below).
+    let whole = deltafs::ChunkPolicy {
+        min_size: u64::MAX,
+        ..deltafs::ChunkPolicy::default()
+    };
+    let store = deltafs::Store::open_with(small.path().join("store"), whole).unwrap();
     let mnt = fx.mountpoint("small");
     let view = store.mount(&fx.base, &mnt, None).unwrap();
     // `big` (1 MiB, in the base) cannot be copied up into 512 KiB.
@@ -202,6 +207,52 @@ fn enospc_during_a_copy_up_reaches_the_writer_and_spares_the_checkpoint() {
     fs::write(mnt.join("small"), b"still fits").unwrap();
     view.switch(id).unwrap();
     assert_eq!(fs::read(mnt.join("small")).unwrap(), b"fits");
+    std::thread::sleep(Duration::from_millis(10));
+    view.unmount().unwrap();
+}
+
+/// On a store too small for the whole file, a chunk-granular copy-up opens (it copies
+/// nothing), a small write copies one chunk, and writing the whole file fails with
+/// `ENOSPC` in the writer; the file below and the checkpoint are intact.
+#[test]
+fn a_chunked_copy_up_fits_where_a_whole_copy_does_not() {
+    require_root!();
+    let fx = Fixture::new();
+    let small = TempDir::new_in(&std::env::temp_dir(), "deltafs-small-");
+    mount(
+        Some("tmpfs"),
+        small.path(),
+        Some("tmpfs"),
+        MsFlags::empty(),
+        Some("size=512k"),
+    )
+    .unwrap();
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = umount2(self.0, MntFlags::MNT_DETACH);
+        }
+    }
+    let _guard = Unmount(small.path());
+    let store = deltafs::Store::open(small.path().join("store")).unwrap();
+    assert!(!store.reflink());
+    let mnt = fx.mountpoint("small");
+    let view = store.mount(&fx.base, &mnt, None).unwrap();
+    let id = view.freeze(&deltafs::FreezeOpts::default()).unwrap().id;
+    let big = fs::OpenOptions::new()
+        .write(true)
+        .open(mnt.join("big"))
+        .unwrap();
+    use std::os::unix::fs::FileExt;
+    big.write_all_at(b"x", 300_000).unwrap();
+    let mut want = vec![7u8; 1 << 20];
+    want[300_000] = b'x';
+    assert_eq!(fs::read(mnt.join("big")).unwrap(), want);
+    let err = big.write_all_at(&vec![1u8; 1 << 20], 0).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    drop(big);
+    view.switch(id).unwrap();
+    assert_eq!(fs::read(mnt.join("big")).unwrap(), vec![7u8; 1 << 20]);
     std::thread::sleep(Duration::from_millis(10));
     view.unmount().unwrap();
 }

@@ -402,7 +402,7 @@ fn a_small_write_into_a_large_frozen_file_copies_nothing() {
     require_root!();
     let fx = Fixture::new();
     if !fx.store().reflink() {
-        eprintln!("skipped: the store's filesystem cannot reflink (chunk copy-up not built)");
+        eprintln!("skipped: the store cannot reflink (tests/chunks.rs covers copy-ups there)");
         return;
     }
     let view = fx.mount("live", None);

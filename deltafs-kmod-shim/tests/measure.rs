@@ -381,3 +381,69 @@ fn freeze_with_a_daemon_served_mapping() {
     drop((map, writer, reader));
     view.unmount().unwrap();
 }
+
+/// A 1-byte write into a frozen 1 GiB file (real data, no holes) on each kind of store:
+/// the xfs store (reflink), a plain ext4 store with chunk-granular copy-up (the default),
+/// and the same plain store copying whole files (the behaviour before chunking). Prints
+/// the time of `open(O_WRONLY)` + `pwrite` of 1 byte + `close`, the bytes the copy-up
+/// stats count, and how much the store's filesystem grew.
+#[test]
+#[ignore = "measurement; run explicitly"]
+fn one_byte_write_into_a_frozen_gib_per_store_kind() {
+    require_root!();
+    use std::os::unix::fs::FileExt;
+    let whole = deltafs::ChunkPolicy {
+        min_size: u64::MAX,
+        ..deltafs::ChunkPolicy::default()
+    };
+    let kinds: [(&str, Option<deltafs::ChunkPolicy>); 3] = [
+        ("xfs, reflink", None),
+        ("ext4, chunked", Some(deltafs::ChunkPolicy::default())),
+        ("ext4, whole copy", Some(whole)),
+    ];
+    for (name, plain) in kinds {
+        let fx = match plain {
+            Some(policy) => Fixture::plain(policy),
+            None => Fixture::new(),
+        };
+        if plain.is_none() && !fx.store().reflink() {
+            println!("{name}: no reflink store here, skipped");
+            continue;
+        }
+        let view = fx.mount("live", None);
+        let m = view.mountpoint().to_owned();
+        let block: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+        let mut f = File::create(m.join("gib")).unwrap();
+        for _ in 0..1024 {
+            f.write_all(&block).unwrap();
+        }
+        drop(f);
+        settle();
+        while view.freeze(&FreezeOpts::default()).unwrap().kept_live > 0 {
+            settle();
+        }
+        fx.store().flush().unwrap();
+        nix::unistd::sync();
+        // Free space of the store's filesystem (st_blocks counts reflinked extents in
+        // every file that shares them).
+        let used = || {
+            let st = nix::sys::statvfs::statvfs(fx.store_dir()).unwrap();
+            (st.blocks() - st.blocks_free()) * st.fragment_size()
+        };
+        let (before, disk) = (fx.store().stats(), used());
+        let start = Instant::now();
+        let f = OpenOptions::new().write(true).open(m.join("gib")).unwrap();
+        f.write_all_at(b"!", 700_000_001).unwrap();
+        drop(f);
+        let elapsed = start.elapsed();
+        nix::unistd::sync();
+        let after = fx.store().stats();
+        println!(
+            "{name}: 1-byte write into a frozen 1 GiB file: {elapsed:?}, copy-up bytes {}, \
+             store's filesystem grew {} KiB",
+            after.copy_up_bytes - before.copy_up_bytes,
+            used().saturating_sub(disk) >> 10
+        );
+        view.unmount().unwrap();
+    }
+}

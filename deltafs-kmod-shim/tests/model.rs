@@ -11,7 +11,10 @@
 //! when the rollback goes to the latest checkpoint and the file did not change since it
 //! (ctime): then it stays connected to the view (as DeltaFS does, see `docs/deltafs.md`).
 //!
-//! `PROPTEST_CASES` sets the number of cases (default 24).
+//! `PROPTEST_CASES` sets the number of cases (default 24). The same model runs on the
+//! default store and on a plain store without reflink whose copy-ups are chunk-granular
+//! with 8-byte chunks and no completion at half (so the model's small files span many
+//! chunks and stay partial: held ranges, chains and flattening all happen).
 
 mod common;
 
@@ -428,7 +431,19 @@ impl Run<'_> {
 }
 
 fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
-    let fx = Fixture::new();
+    run_on(Fixture::new(), ops)
+}
+
+/// The chunk policy of the plain-store variant.
+fn tiny_chunks() -> deltafs::ChunkPolicy {
+    deltafs::ChunkPolicy {
+        chunk: 8,
+        min_size: 0,
+        complete_at_half: false,
+    }
+}
+
+fn run_on(fx: Fixture, ops: Vec<Op>) -> Result<(), TestCaseError> {
     let scratch = TempDir::new_in(&std::env::temp_dir(), "deltafs-model-");
     let reference = scratch.path().join("ref0");
     fs::create_dir(&reference).unwrap();
@@ -469,6 +484,17 @@ proptest! {
             return Ok(());
         }
         run(ops)?;
+    }
+
+    #[test]
+    fn chunk_granular_copies_behave_like_plain_directories_too(
+        ops in proptest::collection::vec(op(), 1..40)
+    ) {
+        if let Some(why) = common::skip_reason() {
+            eprintln!("skipped: {why}");
+            return Ok(());
+        }
+        run_on(Fixture::plain(tiny_chunks()), ops)?;
     }
 }
 
@@ -527,5 +553,7 @@ fn a_held_file_across_a_rollback_to_the_last_checkpoint() {
         ],
     ] {
         run(ops.clone()).unwrap_or_else(|e| panic!("{ops:?}: {e}"));
+        run_on(Fixture::plain(tiny_chunks()), ops.clone())
+            .unwrap_or_else(|e| panic!("chunked: {ops:?}: {e}"));
     }
 }

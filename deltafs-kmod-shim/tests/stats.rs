@@ -83,8 +83,8 @@ fn each_request_is_counted_once() {
 }
 
 /// N writes through a daemon-served handle are N `WRITE` requests; the open for writing
-/// of a frozen 1 MiB file is one copy-up (by reflink when the store clones, else a copy of
-/// the whole MiB: chunked copy-up is not built).
+/// of a frozen 1 MiB file is one copy-up (by reflink when the store clones, else chunk by
+/// chunk: nothing copied at the open, the writes copy at most the chunk they touch).
 #[test]
 fn n_daemon_served_writes_are_n_write_requests_after_one_copy_up() {
     require_root!();
@@ -125,7 +125,8 @@ fn n_daemon_served_writes_are_n_write_requests_after_one_copy_up() {
         );
     } else {
         assert_eq!(after_open.copy_ups_copy - before.copy_ups_copy, 1);
-        assert_eq!(after_open.copy_up_bytes - before.copy_up_bytes, 1 << 20);
+        assert_eq!(after_open.copy_ups_chunked - before.copy_ups_chunked, 1);
+        assert_eq!(after_open.copy_up_bytes, before.copy_up_bytes);
     }
 
     const N: u64 = 17;
@@ -146,7 +147,17 @@ fn n_daemon_served_writes_are_n_write_requests_after_one_copy_up() {
     let report = view.freeze(&FreezeOpts::default()).unwrap();
     let written = store.written_by_snapshot(report.id).unwrap().unwrap();
     assert_eq!(written.copy_ups, 1);
-    let copied = if store.reflink() { 0 } else { 1 << 20 };
+    // The writes cover [0, 17 pages): they copied at most the one chunk they cut into.
+    let copied = after_writes.copy_up_bytes - before.copy_up_bytes;
+    assert_eq!(
+        copied,
+        after_writes.chunk_copy_bytes - before.chunk_copy_bytes
+    );
+    if store.reflink() {
+        assert_eq!(copied, 0);
+    } else {
+        assert!(copied <= store.chunk_policy().chunk, "{copied} bytes");
+    }
     assert_eq!(written.copy_up_bytes, copied);
     assert!(written.metadata_bytes > 0, "{written:?}");
     assert!(

@@ -11,6 +11,7 @@ use nix::fcntl::FallocateFlags;
 use nix::unistd::{Whence, lseek as sys_lseek};
 
 use super::DeltaFs;
+use crate::chunks;
 use crate::view::open::OpenReply;
 use crate::view::state::{FsResult, IntoErrno};
 
@@ -56,11 +57,24 @@ pub(super) fn reply_create(reply: ReplyCreate, result: FsResult<Created>) {
 }
 
 pub(super) fn read(fs: &DeltaFs, fh: FileHandle, offset: u64, size: u32, reply: ReplyData) {
-    let backing = match fs.with(|s| s.handle(fh.0)) {
-        Ok((backing, _)) => backing,
+    let plan = match fs.with(|s| s.read_plan(fh.0)) {
+        Ok(plan) => plan,
         Err(e) => return reply.error(e),
     };
-    let file = backing.file();
+    let file = plan.file;
+    if let Some((partial, paths)) = plan.partial {
+        // A chunk-granular copy: bytes it does not hold come from the files below.
+        let len = match file.metadata() {
+            Ok(meta) => meta.len(),
+            Err(e) => return reply.error(e.errno()),
+        };
+        let n = len.saturating_sub(offset).min(size.into()) as usize;
+        let mut buf = vec![0; n];
+        return match chunks::fill(&file, Some(&partial), &|d| paths.path(d), &mut buf, offset) {
+            Ok(()) => reply.data(&buf),
+            Err(e) => reply.error(e.errno()),
+        };
+    }
     let mut buf = vec![0; size as usize];
     let mut filled = 0;
     while filled < buf.len() {
@@ -85,9 +99,9 @@ pub(super) fn write(
     if kill_suidgid && let Some(nid) = fs.with(|s| s.kill_suidgid_for_write(fh.0)) {
         fs.inval_attrs(nid);
     }
-    let backing = match fs.with(|s| s.handle(fh.0)) {
-        Ok((backing, true)) => backing,
-        Ok((_, false)) => return reply.error(Errno::EBADF),
+    let end = offset.saturating_add(data.len() as u64);
+    let backing = match fs.with(|s| s.prepare_write(fh.0, offset, end, true)) {
+        Ok(backing) => backing,
         Err(e) => return reply.error(e),
     };
     // Held so that a copy-up or a freeze clone does not run mid-write.
@@ -123,28 +137,55 @@ pub(super) fn fallocate(
     mode: i32,
     reply: ReplyEmpty,
 ) {
-    let backing = match fs.with(|s| s.handle(fh.0)) {
-        Ok((backing, true)) => backing,
-        Ok((_, false)) => return reply.error(Errno::EBADF),
+    let flags = FallocateFlags::from_bits_retain(mode);
+    let end = offset.saturating_add(length);
+    // On a chunk-granular copy: punching or zeroing copies the chunks the range cuts
+    // into; moving data (collapse, insert) completes the file first; allocating changes
+    // no byte.
+    let prepared = fs.with(|s| {
+        if flags.intersects(
+            FallocateFlags::FALLOC_FL_COLLAPSE_RANGE | FallocateFlags::FALLOC_FL_INSERT_RANGE,
+        ) {
+            s.complete_for(fh.0)
+        } else if flags
+            .intersects(FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_ZERO_RANGE)
+        {
+            s.prepare_write(fh.0, offset, end, true)
+        } else {
+            s.prepare_write(fh.0, offset, offset, true)
+        }
+    });
+    let backing = match prepared {
+        Ok(backing) => backing,
         Err(e) => return reply.error(e),
     };
     let file = backing.hold();
-    match nix::fcntl::fallocate(
-        &**file,
-        FallocateFlags::from_bits_retain(mode),
-        offset as i64,
-        length as i64,
-    ) {
+    match nix::fcntl::fallocate(&**file, flags, offset as i64, length as i64) {
         Ok(()) => reply.ok(),
         Err(e) => reply.error(e.errno()),
     }
 }
 
 pub(super) fn lseek(fs: &DeltaFs, fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
-    let backing = match fs.with(|s| s.handle(fh.0)) {
-        Ok((backing, _)) => backing,
+    let plan = match fs.with(|s| s.read_plan(fh.0)) {
+        Ok(plan) => plan,
         Err(e) => return reply.error(e),
     };
+    let file = plan.file;
+    if plan.partial.is_some() && matches!(whence, libc::SEEK_DATA | libc::SEEK_HOLE) {
+        // A chunk-granular copy reports no holes (as a filesystem without them does):
+        // its backing file's holes are not the file's.
+        let len = match file.metadata() {
+            Ok(meta) => meta.len() as i64,
+            Err(e) => return reply.error(e.errno()),
+        };
+        return match (offset, whence) {
+            (off, _) if off < 0 => reply.error(Errno::EINVAL),
+            (off, _) if off >= len => reply.error(Errno::ENXIO),
+            (off, libc::SEEK_DATA) => reply.offset(off),
+            _ => reply.offset(len),
+        };
+    }
     let whence = match whence {
         libc::SEEK_DATA => Whence::SeekData,
         libc::SEEK_HOLE => Whence::SeekHole,
@@ -152,7 +193,6 @@ pub(super) fn lseek(fs: &DeltaFs, fh: FileHandle, offset: i64, whence: i32, repl
         libc::SEEK_END => Whence::SeekEnd,
         _ => return reply.error(Errno::EINVAL),
     };
-    let file = backing.file();
     match sys_lseek(&*file, offset, whence) {
         Ok(pos) => reply.offset(pos),
         Err(e) => reply.error(e.errno()),

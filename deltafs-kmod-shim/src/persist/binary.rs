@@ -1,4 +1,4 @@
-//! Format versions 2 and 3: one file, `layer.bin`, holding a frozen layer's manifest and then
+//! Format versions 2 to 4: one file, `layer.bin`, holding a frozen layer's manifest and then
 //! its delta, in a compact binary encoding (version 1 was two JSON files at ~290 bytes per
 //! changed node; this is ~20). A checkpoint's write amplification is this file.
 //!
@@ -9,7 +9,9 @@
 //! delta    = layers:varint [id:[16]]*  nodes:varint node*  groups:varint group*
 //! node     = ino:varint-ino tag:u8 (tag != 0: flags:u8 perm uid gid nlink:varint
 //!            ctime [mtime] [atime] [rdev] [size] [parent:varint-ino] [target:bytes]
-//!            [xattrs: count:varint (bytes bytes)*] [data])
+//!            [xattrs: count:varint (bytes bytes)*] [data] [partial])
+//! partial  = count:varint (gap:varint len:varint)* ref has_lower:u8 [partial]
+//! ref      = 1 bytes | 2 file:varint | 3 layer:varint file:varint   (as `data`)
 //! group    = dir:varint-ino count:varint (name:bytes target:varint-ino-or-0)*
 //! time     = sec: zigzag varint, the difference from the previous time's seconds in
 //!            the file (0 before the first) ; nsec: u32 little-endian
@@ -21,13 +23,17 @@
 //! own device costs what a small number does. `tag`: 0 for a removed node, else the kind
 //! (1–7) in bits 0–2, `mtime_from_data` in bit 3, the data reference in bits 4–5 (0 none,
 //! 1 a base path `bytes`, 2 a file of this layer `file:varint`, 3 a file of another
-//! layer `layer:varint` (index in the table) `file:varint`). `flags`: bit 0 mtime equals
+//! layer `layer:varint` (index in the table) `file:varint`), bit 6 (version 4) a
+//! chunk-granular copy-up's record follows ([`crate::chunks::Partial`]: its held ranges,
+//! each as the gap from the previous range's end and its length, 0 for "to the end";
+//! the file below; that file's own record if it has one). `flags`: bit 0 mtime equals
 //! ctime (not written), bit 1 atime equals ctime, bit 2 atime equals mtime, bits 3–7 which
 //! of rdev, size, parent, target, xattrs follow. Entries are sorted by directory then
 //! name and grouped by directory. The file must be consumed exactly.
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use super::{DeltaRecord, Manifest, PersistError};
 use crate::ids::{Ino, LayerId};
@@ -36,8 +42,8 @@ use crate::node::{Bytes, DataRef, Kind, Node, Time};
 /// The file's first bytes.
 pub(super) const MAGIC: &[u8; 4] = b"DFSL";
 
-/// The version byte this module writes.
-pub(super) const VERSION: u8 = 3;
+/// The version byte this module writes (4: nodes may carry a chunk record).
+pub(super) const VERSION: u8 = 4;
 
 /// The oldest version byte this module reads.
 const OLDEST: u8 = 2;
@@ -71,6 +77,9 @@ const DATA_BASE: u8 = 1;
 const DATA_OWN: u8 = 2;
 const DATA_OTHER: u8 = 3;
 
+/// Tag bit: a chunk record follows the data reference (version 4).
+const HAS_PARTIAL: u8 = 1 << 6;
+
 /// Encodes a frozen layer's metadata file.
 pub(super) fn encode(manifest: &Manifest, record: &DeltaRecord) -> Vec<u8> {
     encode_version(manifest, record, VERSION)
@@ -101,11 +110,15 @@ fn encode_version(manifest: &Manifest, record: &DeltaRecord, version: u8) -> Vec
     // Other layers the nodes' data lives in, by first use.
     let mut layers: Vec<LayerId> = Vec::new();
     for (_, node) in &record.nodes {
-        if let Some(DataRef::Layer { layer, .. }) = node.as_ref().and_then(|n| n.data.as_ref())
-            && *layer != manifest.id
-            && !layers.contains(layer)
-        {
-            layers.push(*layer);
+        let Some(node) = node else { continue };
+        let chain = node.partial.iter().flat_map(|p| p.files());
+        for data in node.data.iter().chain(chain) {
+            if let DataRef::Layer { layer, .. } = data
+                && *layer != manifest.id
+                && !layers.contains(layer)
+            {
+                layers.push(*layer);
+            }
         }
     }
     out.varint(layers.len() as u64);
@@ -155,7 +168,7 @@ pub(super) fn decode(path: &Path, data: &[u8]) -> Result<(Manifest, DeltaRecord)
     let mut nodes = Vec::with_capacity(node_count);
     for _ in 0..node_count {
         let ino = input.ino()?;
-        let node = input.node(manifest.id, &layers)?;
+        let node = input.node(manifest.id, &layers, version)?;
         nodes.push((ino, node));
     }
     let group_count = input.count()?;
@@ -216,14 +229,14 @@ impl Encoder {
 
     fn node(&mut self, node: &Node, own: LayerId, layers: &[LayerId]) {
         let kind = KINDS.iter().position(|k| *k == node.kind).unwrap_or(0) as u8 + 1;
-        let data = match &node.data {
-            None => DATA_NONE,
-            Some(DataRef::Base(_)) => DATA_BASE,
-            Some(DataRef::Layer { layer, .. }) if *layer == own => DATA_OWN,
-            Some(DataRef::Layer { .. }) => DATA_OTHER,
+        let data = node.data.as_ref().map_or(DATA_NONE, |d| data_kind(d, own));
+        let partial = if node.partial.is_some() {
+            HAS_PARTIAL
+        } else {
+            0
         };
         self.buf
-            .push(kind | (u8::from(node.mtime_from_data) << 3) | (data << 4));
+            .push(kind | (u8::from(node.mtime_from_data) << 3) | (data << 4) | partial);
         let mut flags = 0;
         if node.mtime == node.ctime {
             flags |= MTIME_IS_CTIME;
@@ -275,10 +288,19 @@ impl Encoder {
                 self.bytes(&value.0);
             }
         }
-        match &node.data {
-            None => {}
-            Some(DataRef::Base(path)) => self.bytes(&path.0),
-            Some(DataRef::Layer { layer, file }) => {
+        if let Some(data) = &node.data {
+            self.data_ref(data, own, layers);
+        }
+        if let Some(partial) = &node.partial {
+            self.partial(partial, own, layers);
+        }
+    }
+
+    /// A data reference's payload (its kind is written by the caller).
+    fn data_ref(&mut self, data: &DataRef, own: LayerId, layers: &[LayerId]) {
+        match data {
+            DataRef::Base(path) => self.bytes(&path.0),
+            DataRef::Layer { layer, file } => {
                 if *layer != own {
                     let index = layers.iter().position(|l| l == layer).unwrap_or(0);
                     self.varint(index as u64);
@@ -286,6 +308,15 @@ impl Encoder {
                 self.varint(*file);
             }
         }
+    }
+}
+
+/// The two-bit kind of a data reference (`DATA_*`).
+fn data_kind(data: &DataRef, own: LayerId) -> u8 {
+    match data {
+        DataRef::Base(_) => DATA_BASE,
+        DataRef::Layer { layer, .. } if *layer == own => DATA_OWN,
+        DataRef::Layer { .. } => DATA_OTHER,
     }
 }
 
@@ -431,7 +462,12 @@ impl<'a> Decoder<'a> {
         })
     }
 
-    fn node(&mut self, own: LayerId, layers: &[LayerId]) -> Result<Option<Node>, PersistError> {
+    fn node(
+        &mut self,
+        own: LayerId,
+        layers: &[LayerId],
+        version: u8,
+    ) -> Result<Option<Node>, PersistError> {
         let tag = self.byte()?;
         if tag == 0 {
             return Ok(None);
@@ -486,26 +522,19 @@ impl<'a> Decoder<'a> {
         }
         let data = match (tag >> 4) & 3 {
             DATA_NONE => None,
-            DATA_BASE => Some(DataRef::Base(Bytes(self.bytes()?))),
-            DATA_OWN => Some(DataRef::Layer {
-                layer: own,
-                file: self.varint()?,
-            }),
-            DATA_OTHER => {
-                let index: usize = self.small("layer index out of range")?;
-                let layer = *layers
-                    .get(index)
-                    .ok_or_else(|| self.error("layer index out of range"))?;
-                Some(DataRef::Layer {
-                    layer,
-                    file: self.varint()?,
-                })
-            }
-            _ => unreachable!("two bits"),
+            kind => Some(self.data_ref(kind, own, layers)?),
         };
-        if tag & 0xc0 != 0 {
+        if tag & 0x80 != 0 || (tag & HAS_PARTIAL != 0 && version < 4) {
             return Err(self.error("unknown bits in a node's tag"));
         }
+        let partial = if tag & HAS_PARTIAL != 0 {
+            if kind != Kind::File {
+                return Err(self.error("a chunk record on a node that is no regular file"));
+            }
+            Some(Arc::new(self.partial(own, layers, 0)?))
+        } else {
+            None
+        };
         Ok(Some(Node {
             kind,
             perm,
@@ -522,9 +551,40 @@ impl<'a> Decoder<'a> {
             target,
             xattrs,
             data,
+            partial,
         }))
     }
+
+    /// A data reference of kind `kind` (`DATA_BASE`, `DATA_OWN` or `DATA_OTHER`).
+    fn data_ref(
+        &mut self,
+        kind: u8,
+        own: LayerId,
+        layers: &[LayerId],
+    ) -> Result<DataRef, PersistError> {
+        Ok(match kind {
+            DATA_BASE => DataRef::Base(Bytes(self.bytes()?)),
+            DATA_OWN => DataRef::Layer {
+                layer: own,
+                file: self.varint()?,
+            },
+            DATA_OTHER => {
+                let index: usize = self.small("layer index out of range")?;
+                let layer = *layers
+                    .get(index)
+                    .ok_or_else(|| self.error("layer index out of range"))?;
+                DataRef::Layer {
+                    layer,
+                    file: self.varint()?,
+                }
+            }
+            _ => return Err(self.error("bad data reference kind")),
+        })
+    }
 }
+
+#[path = "binary_partial.rs"]
+mod partial;
 
 #[cfg(test)]
 #[path = "binary_tests.rs"]

@@ -167,3 +167,83 @@ fn a_hundred_changed_files_take_under_4_kib() {
     assert!(data.len() <= 4096, "{} bytes", data.len());
     eprintln!("100 changed files: {} bytes", data.len());
 }
+
+/// A node copied up chunk by chunk keeps its whole chain: held ranges (one to the end
+/// of the file included), files below in this layer, another layer and the base.
+#[test]
+fn chunk_records_round_trip() {
+    let own = LayerId::generate();
+    let other = LayerId::generate();
+    let third = LayerId::generate();
+    let manifest = Manifest {
+        version: super::super::FORMAT_VERSION,
+        id: own,
+        parent: Some(SnapshotId::of_layer(other)),
+        base: Bytes(b"/base".to_vec()),
+        next_ino: 99,
+        absorbed: Vec::new(),
+    };
+    let bottom = crate::chunks::Partial {
+        below: DataRef::Base(Bytes(b"big".to_vec())),
+        lower: None,
+        held: vec![(0, 1), (1 << 40, u64::MAX)],
+    };
+    let middle = crate::chunks::Partial {
+        below: DataRef::Layer {
+            layer: third,
+            file: 7,
+        },
+        lower: Some(std::sync::Arc::new(bottom)),
+        held: vec![(128 << 10, 256 << 10)],
+    };
+    let top = crate::chunks::Partial {
+        below: DataRef::Layer {
+            layer: other,
+            file: 3,
+        },
+        lower: Some(std::sync::Arc::new(middle)),
+        held: Vec::new(),
+    };
+    let mut node = Node::new(Kind::File, 0o644, 0, 0);
+    node.data = Some(DataRef::Layer {
+        layer: own,
+        file: 4,
+    });
+    node.partial = Some(std::sync::Arc::new(top));
+    let mut own_below = Node::new(Kind::File, 0o600, 1, 1);
+    own_below.data = Some(DataRef::Layer {
+        layer: own,
+        file: 5,
+    });
+    own_below.partial = Some(std::sync::Arc::new(crate::chunks::Partial {
+        below: DataRef::Layer {
+            layer: own,
+            file: 2,
+        },
+        lower: None,
+        held: vec![(5, 10)],
+    }));
+    let record = DeltaRecord {
+        version: super::super::FORMAT_VERSION,
+        nodes: vec![(10, Some(node)), (11, Some(own_below))],
+        entries: Vec::new(),
+    };
+    let data = encode(&manifest, &record);
+    let path = Path::new("layer.bin");
+    assert_eq!(
+        decode(path, &data).unwrap(),
+        (manifest.clone(), record.clone())
+    );
+    for len in 0..data.len() {
+        assert!(decode(path, &data[..len]).is_err(), "prefix of {len} bytes");
+    }
+    for i in 0..data.len() {
+        let mut flipped = data.clone();
+        flipped[i] ^= 0xa5;
+        let _ = decode(path, &flipped);
+    }
+    // A version-3 file cannot carry a record.
+    let mut old = data.clone();
+    old[4] = 3;
+    assert!(decode(path, &old).is_err());
+}

@@ -24,9 +24,10 @@ use crate::ids::{Ino, LayerId, SnapshotId};
 use crate::index::{Delta, EntryChanges, Index, NodeChanges};
 use crate::node::{Bytes, Node};
 
-/// Version of the layer metadata this build writes (it reads 1, 2 and 3; 3 is 2 plus the
-/// manifest's `absorbed` layers).
-pub const FORMAT_VERSION: u32 = 3;
+/// Version of the layer metadata this build writes (it reads 1 to 4; 3 is 2 plus the
+/// manifest's `absorbed` layers, 4 is 3 plus the chunk records of nodes copied up chunk
+/// by chunk).
+pub const FORMAT_VERSION: u32 = 4;
 
 /// The metadata file of version 2.
 pub const LAYER_FILE: &str = "layer.bin";

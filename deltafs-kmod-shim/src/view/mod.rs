@@ -7,6 +7,7 @@ mod janitor;
 mod nodeids;
 pub(crate) mod open;
 mod ops;
+mod partial;
 pub(crate) mod state;
 mod told;
 

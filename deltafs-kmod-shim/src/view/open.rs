@@ -171,7 +171,9 @@ impl ViewState {
                     Layers::open_file(&self.data_path(data), writable).map_err(IntoErrno::errno)?
                 }
             };
-            let mode = if writable {
+            // A chunk-granular copy is served by the daemon: the kernel would read the
+            // holes of its backing file where the file below holds the bytes.
+            let mode = if writable && node.partial.is_none() {
                 match open_backing(&file) {
                     Ok(id) => Mode::Passthrough(Arc::new(id)),
                     Err(e) => {
@@ -240,12 +242,12 @@ impl ViewState {
         let file = self.alloc_file();
         let layers = &self.store.layers;
         let dest = layers.file(self.writable, file);
-        let new_file = if empty {
+        let (new_file, partial) = if empty {
             let created = layers
                 .create(self.writable, file)
                 .map_err(IntoErrno::errno)?;
             self.store.stats.copied_up(self.writable, None);
-            created
+            (created, None)
         } else {
             let src = match self.opens.get(&ino) {
                 Some(entry) => entry.backing.file(),
@@ -253,11 +255,14 @@ impl ViewState {
                     Layers::open_file(&self.data_path(&data), false).map_err(IntoErrno::errno)?,
                 ),
             };
-            let (new_file, copied) = layers.copy_to(&src, &dest).map_err(IntoErrno::errno)?;
+            let resolve = |d: &DataRef| self.data_path(d);
+            let (new_file, partial, copied) = layers
+                .copy_up(&src, &data, node.partial.as_ref(), &resolve, &dest)
+                .map_err(IntoErrno::errno)?;
             self.store
                 .stats
                 .copied_up(self.writable, Some((&copied, &new_file)));
-            new_file
+            (new_file, partial)
         };
         if !node.mtime_from_data {
             let atime = TimeSpec::new(node.atime.sec, node.atime.nsec.into());
@@ -272,6 +277,7 @@ impl ViewState {
                     layer: writable,
                     file,
                 });
+                node.partial = partial;
                 node.mtime_from_data = true;
             })
             .map_err(IntoErrno::errno)?;
@@ -291,6 +297,11 @@ impl ViewState {
                 Arc::new(Layers::open_file(&self.data_path(data), true).map_err(IntoErrno::errno)?)
             }
         };
+        if let Some(partial) = super::partial::cut(node.partial.as_ref(), &file, size)? {
+            self.txn()
+                .update(ino, |node| node.partial = Some(partial))
+                .map_err(IntoErrno::errno)?;
+        }
         file.set_len(size).map_err(IntoErrno::errno)
     }
 

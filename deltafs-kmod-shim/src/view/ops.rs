@@ -379,11 +379,14 @@ impl ViewState {
     fn setattr_retired(&mut self, nid: INodeNo, set: SetAttr) -> FsResult<FileAttr> {
         let retired = self.nids.retired.get_mut(&nid.0).ok_or(Errno::ESTALE)?;
         let file = retired.open.as_ref().map(|entry| entry.backing.file());
+        let mut node = Node::clone(&retired.node);
         if let Some(size) = set.size {
             let file = file.as_ref().ok_or(Errno::ESTALE)?;
+            if let Some(partial) = super::partial::cut(node.partial.as_ref(), file, size)? {
+                node.partial = Some(partial);
+            }
             file.set_len(size).map_err(IntoErrno::errno)?;
         }
-        let mut node = Node::clone(&retired.node);
         if let Some(mode) = set.mode {
             node.perm = (mode & 0o7777) as u16;
             super::acl::chmod(&mut node);

@@ -198,9 +198,15 @@ impl ViewState {
 
     /// The path of a backing file or base object.
     pub fn data_path(&self, data: &DataRef) -> PathBuf {
-        match data {
-            DataRef::Base(rel) => self.base.path(&rel.0),
-            DataRef::Layer { layer, file } => self.store.layers.file(*layer, *file),
+        data_path(&self.base, &self.store, data)
+    }
+
+    /// What finds backing files and base objects without the view's lock (reads through
+    /// a chunk-granular copy's chain).
+    pub fn paths(&self) -> Paths {
+        Paths {
+            base: Arc::clone(&self.base),
+            store: Arc::clone(&self.store),
         }
     }
 
@@ -308,6 +314,26 @@ impl ViewState {
             // The file may still be mapped; unlinking it is harmless then.
             let _ = fs::remove_file(self.data_path(data));
         }
+    }
+}
+
+/// Finds backing files and base objects (see [`ViewState::paths`]).
+pub(crate) struct Paths {
+    base: Arc<BaseTree>,
+    store: Arc<StoreShared>,
+}
+
+impl Paths {
+    /// The path of a backing file or base object.
+    pub fn path(&self, data: &DataRef) -> PathBuf {
+        data_path(&self.base, &self.store, data)
+    }
+}
+
+fn data_path(base: &BaseTree, store: &StoreShared, data: &DataRef) -> PathBuf {
+    match data {
+        DataRef::Base(rel) => base.path(&rel.0),
+        DataRef::Layer { layer, file } => store.layers.file(*layer, *file),
     }
 }
 

@@ -1,6 +1,10 @@
 //! Shared fixture of the DeltaFS root tests: a store (on the xfs store set-up provides at
 //! `/var/lib/deltabox/store` when it exists, else in a temporary directory), a base tree,
 //! mount points, and guards that unmount and remove everything even when a test fails.
+//!
+//! `DELTAFS_TEST_STORE=plain` puts every fixture's store in the temporary directory
+//! instead (ext4 here: no `FICLONE`) with [`small_chunks`]: every copy-up is then chunk
+//! by chunk, so the tests run against chunk-granular copy-up.
 
 #![allow(dead_code)]
 
@@ -9,7 +13,7 @@ pub mod mmap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use deltafs::{SnapshotId, Store, View};
+use deltafs::{ChunkPolicy, SnapshotId, Store, View};
 use nix::mount::{MntFlags, umount2};
 
 /// Where set-up puts the xfs (reflink) store, if it did.
@@ -68,9 +72,28 @@ impl Drop for TempDir {
     }
 }
 
+/// The chunk policy of the plain-store fixtures: 4 KiB chunks, every copy-up chunk by
+/// chunk however small the file, and no completion at half, so small test files stay
+/// chunked copies of several chunks.
+pub fn small_chunks() -> ChunkPolicy {
+    ChunkPolicy {
+        chunk: 4096,
+        min_size: 0,
+        complete_at_half: false,
+    }
+}
+
+/// Whether `DELTAFS_TEST_STORE=plain` asks for plain-store fixtures.
+pub fn plain_requested() -> bool {
+    std::env::var("DELTAFS_TEST_STORE").is_ok_and(|v| v == "plain")
+}
+
 /// A store, a base tree and a scratch directory for mount points.
 pub struct Fixture {
     store: Option<Store>,
+    /// `Some`: the store is a plain directory of the scratch filesystem, opened with this
+    /// policy.
+    plain: Option<ChunkPolicy>,
     pub base: PathBuf,
     // Dropped after `store` (fields drop in order): views hold nothing of these.
     scratch: TempDir,
@@ -78,10 +101,27 @@ pub struct Fixture {
 }
 
 impl Fixture {
-    /// A fresh store and a base holding `etc/hostname`, `usr/bin/tool` and `big`.
+    /// A fresh store and a base holding `etc/hostname`, `usr/bin/tool` and `big` (a plain
+    /// store when `DELTAFS_TEST_STORE=plain`).
     pub fn new() -> Self {
+        Self::with_plain(plain_requested().then(small_chunks))
+    }
+
+    /// A fresh fixture whose store is a plain directory of the scratch filesystem (which
+    /// must not clone: checked), opened with `policy`.
+    pub fn plain(policy: ChunkPolicy) -> Self {
+        let fixture = Self::with_plain(Some(policy));
+        assert!(
+            !fixture.store().reflink(),
+            "the scratch filesystem under {} clones: no plain store here",
+            std::env::temp_dir().display()
+        );
+        fixture
+    }
+
+    fn with_plain(plain: Option<ChunkPolicy>) -> Self {
         let scratch = TempDir::new_in(&std::env::temp_dir(), "deltafs-test-");
-        let store_parent = if Path::new(XFS_STORE).is_dir() {
+        let store_parent = if plain.is_none() && Path::new(XFS_STORE).is_dir() {
             PathBuf::from(XFS_STORE)
         } else {
             scratch.path().join("stores")
@@ -93,9 +133,10 @@ impl Fixture {
         fs::write(base.join("etc/hostname"), b"base-host\n").unwrap();
         fs::write(base.join("usr/bin/tool"), b"#!/bin/sh\necho tool\n").unwrap();
         fs::write(base.join("big"), vec![7u8; 1 << 20]).unwrap();
-        let store = Some(Store::open(store_dir.path()).unwrap());
+        let store = Some(open_store(store_dir.path(), plain));
         Self {
             store,
+            plain,
             base,
             scratch,
             store_dir,
@@ -128,6 +169,13 @@ impl Fixture {
     pub fn reopen(&mut self) {
         // Release the lock before taking it again.
         self.store = None;
-        self.store = Some(Store::open(self.store_dir.path()).unwrap());
+        self.store = Some(open_store(self.store_dir.path(), self.plain));
+    }
+}
+
+fn open_store(dir: &Path, plain: Option<ChunkPolicy>) -> Store {
+    match plain {
+        Some(policy) => Store::open_with(dir, policy).unwrap(),
+        None => Store::open(dir).unwrap(),
     }
 }
