@@ -1,12 +1,13 @@
 //! DeltaCR dumps: a template's state written to disk, incrementally against its
 //! parent's dump, and the fallback restore that rebuilds a checkpoint from its dump
-//! when its template is gone, by forking an older template.
+//! when its template is gone, by forking an older template; a dump made against the
+//! parent's live template reads only the pages written since.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use deltabox_controller::cr::dump::{Dump, DumpOptions, dump_template};
+use deltabox_controller::cr::dump::{Dump, DumpOptions, dump_template, dump_template_against};
 use deltabox_controller::cr::{self, Template};
 use deltabox_tests::cr::{CrEnv, PY_REPL, Proc};
 use deltabox_tests::{require_root, scratch_dir};
@@ -188,4 +189,82 @@ fn a_dump_restores_an_older_node_from_a_newer_template() {
     assert_eq!(r.ask("h()"), h1);
     assert_eq!(r.ask("z = [x['i'] for x in g][-1]"), "None");
     assert_eq!(r.ask("z"), "65535");
+}
+
+#[test]
+fn a_dump_against_the_parent_template_skips_unwritten_pages_and_equals_a_full_read() {
+    require_root();
+    let env = CrEnv::new("dump-frames");
+    let dumps = Dumps(scratch_dir("cr-dump-frames"));
+    let mut p = python(&env);
+    assert_eq!(p.ask(GRAPH), "None");
+    let t1 = cr::checkpoint(Pid::from_raw(p.pid), &env.checkpoint_opts()).unwrap();
+    env.track(t1.pid().as_raw());
+    let d1 = dump(&t1, &dumps.0, "f1", None);
+
+    // 1 MiB rewritten in place, 8 MiB new; the rest of the 64 MiB graph untouched
+    // (no h() before the checkpoint: pickling it would write every refcount).
+    assert_eq!(
+        p.ask("for i in range(0, 65536, 64): g[i]['b'] = os.urandom(1000)"),
+        "None"
+    );
+    assert_eq!(
+        p.ask("g2 = [os.urandom(4000) for _ in range(2048)]"),
+        "None"
+    );
+    let t2 = cr::checkpoint(Pid::from_raw(p.pid), &env.checkpoint_opts()).unwrap();
+    env.track(t2.pid().as_raw());
+    let h2 = p.ask("h()");
+    let opts = |name: &str| DumpOptions {
+        root: dumps.0.clone(),
+        name: name.to_owned(),
+        parent: Some("f1".to_owned()),
+        root_prefix: None,
+    };
+    let full = dump(&t2, &dumps.0, "f2-read", Some("f1"));
+    let stats = dump_template_against(&t2, &opts("f2-frames"), Some(&t1)).unwrap();
+    eprintln!(
+        "dump against the parent template: {} private pages, {} unchanged (unread), {} written, {:.1} ms",
+        stats.pages, stats.unchanged, stats.written, stats.ms
+    );
+    let framed = Dump::open(&dumps.0, "f2-frames").unwrap();
+
+    // Most of the graph was not read, and the dump says the same as one that read it.
+    let read = full.manifest().stats.clone();
+    assert_eq!(read.unchanged, 0, "{read:?}");
+    assert!(
+        stats.unchanged > stats.pages / 2,
+        "pages known by their frame: {stats:?}"
+    );
+    assert_eq!((stats.pages, stats.written), (read.pages, read.written));
+    let hashes = |d: &Dump| -> Vec<(u64, u64)> {
+        d.sorted_pages()
+            .into_iter()
+            .map(|(at, r)| (at, r.hash))
+            .collect()
+    };
+    assert_eq!(hashes(&framed), hashes(&full));
+
+    // A base that is not the parent dump's template shares no frame with t2 where the
+    // parent dump has a page: a fresh process's template changes nothing.
+    let mut other = python(&env);
+    assert_eq!(other.ask("x = 1"), "None");
+    let t3 = cr::checkpoint(Pid::from_raw(other.pid), &env.checkpoint_opts()).unwrap();
+    env.track(t3.pid().as_raw());
+    let stats3 = dump_template_against(&t2, &opts("f2-other"), Some(&t3)).unwrap();
+    assert_eq!(stats3.unchanged, 0, "{stats3:?}");
+    assert_eq!(
+        hashes(&Dump::open(&dumps.0, "f2-other").unwrap()),
+        hashes(&full)
+    );
+
+    // The fallback restores the node from the dump made against the frames.
+    // SAFETY: kill(2) takes plain integers.
+    unsafe { libc::kill(p.pid, libc::SIGKILL) };
+    let mut r = env.adopt(
+        t1.restore_from_dump(&framed, Some(&d1), &env.restore_opts())
+            .unwrap_or_else(|e| panic!("fallback restore from f2-frames: {e}")),
+    );
+    assert_eq!(r.ask("h()"), h2);
+    assert_eq!(r.ask("len(g2)"), "2048");
 }

@@ -15,6 +15,7 @@
 //! - [`worker`]: the background thread that writes dumps off the checkpoint's path.
 
 pub mod apply;
+mod frames;
 pub(crate) mod pages;
 pub mod worker;
 pub mod write;
@@ -32,7 +33,7 @@ use super::ProcessState;
 use super::carried::MmLayout;
 
 pub use worker::{DumpPolicy, DumpWorker};
-pub use write::{DumpOptions, dump_template};
+pub use write::{DumpOptions, dump_template, dump_template_against};
 
 /// Version of the manifest's format.
 pub const DUMP_VERSION: u32 = 1;
@@ -196,6 +197,10 @@ pub struct DumpStats {
     pub written: u64,
     /// Of them, all zero (not stored).
     pub zero: u64,
+    /// Of them, known to be the parent's by their page frame ([`dump_template_against`]):
+    /// taken from the parent dump without being read.
+    #[serde(default)]
+    pub unchanged: u64,
     /// Milliseconds the dump took.
     pub ms: f64,
 }

@@ -4,7 +4,11 @@
 //! change while it is read (`/proc/<pid>/mem`, which needs no ptrace stop). Its private
 //! pages are found in `/proc/<pid>/pagemap` (present and not a file's page, or
 //! swapped), hashed, and compared with the parent dump's page at the same address:
-//! only new or changed pages go into this dump's `pages` file. The dump is written in
+//! only new or changed pages go into this dump's `pages` file. Given the parent
+//! node's live template (the one the parent dump was made from), a page whose frame
+//! is that template's at the same address is the parent's page: its entry is taken
+//! from the parent dump, unread and unhashed ([`super::frames`]), so a dump reads
+//! only the pages written since the parent checkpoint. The dump is written in
 //! a temporary directory and renamed into place once complete, so a dump that has a
 //! manifest is whole.
 
@@ -15,6 +19,7 @@ use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use super::frames::{BaseFrames, read_frames};
 use super::{
     DUMP_VERSION, Dump, DumpError, DumpStats, DumpVma, MANIFEST, Manifest, PAGE, PAGES, PageRef,
     PageRun, file_in_root, is_special, is_zero, page_hash, private_pages,
@@ -40,8 +45,39 @@ pub struct DumpOptions {
 /// Pages read from the template at once.
 const READ_PAGES: u64 = 256;
 
-/// Writes the dump of `template` (see the module's comment). Returns what it cost.
+/// Writes the dump of `template` (see the module's comment), reading all its pages.
+/// Returns what it cost.
 pub fn dump_template(template: &Template, opts: &DumpOptions) -> Result<DumpStats, CrError> {
+    dump_template_against(template, opts, None)
+}
+
+/// [`dump_template`], given `base`: the live template the parent dump
+/// (`opts.parent`) was made from. Pages `template` shares with it are taken from the
+/// parent dump without being read. If `base` dies during the dump, the dump is made
+/// again reading every page (its frames could since belong to other pages).
+pub fn dump_template_against(
+    template: &Template,
+    opts: &DumpOptions,
+    base: Option<&Template>,
+) -> Result<DumpStats, CrError> {
+    let base = base
+        .filter(|_| opts.parent.is_some())
+        .and_then(BaseFrames::open);
+    let stats = write_dump(template, opts, base.as_ref())?;
+    match base {
+        Some(b) if !b.still_alive() => {
+            tracing::debug!(dump = %opts.name, "the base template died during the dump: again, reading every page");
+            write_dump(template, opts, None)
+        }
+        _ => Ok(stats),
+    }
+}
+
+fn write_dump(
+    template: &Template,
+    opts: &DumpOptions,
+    base: Option<&BaseFrames<'_>>,
+) -> Result<DumpStats, CrError> {
     let start = Instant::now();
     let pid = template.pid().as_raw();
     let maps = procfs::maps(pid)?;
@@ -104,6 +140,7 @@ pub fn dump_template(template: &Template, opts: &DumpOptions) -> Result<DumpStat
         let mut stats = DumpStats::default();
         let mut own_offset = 0u64;
         let mut buf = vec![0u8; (READ_PAGES * PAGE) as usize];
+        let parent_chain = parent.as_ref().map(|p| p.manifest().chain.as_slice());
         for vma in vmas.iter().filter(|v| !v.is_shared()) {
             let private = private_pages(&pagemap, vma.start, vma.end).map_err(|source| {
                 mem_err(
@@ -112,12 +149,40 @@ pub fn dump_template(template: &Template, opts: &DumpOptions) -> Result<DumpStat
                     source,
                 )
             })?;
-            for span in spans(&private) {
-                let (first, count) = span;
+            for (first, count) in spans(&private) {
+                let same = base.map_or_else(Vec::new, |b| same_frames(&pagemap, b, first, count));
+                let unchanged = |i: u64| same.get(i as usize).copied().unwrap_or(false);
                 let mut done = 0;
                 while done < count {
-                    let n = (count - done).min(READ_PAGES);
                     let addr = first + done * PAGE;
+                    if unchanged(done)
+                        && let Some(entry) = parent_index.get(&addr)
+                    {
+                        // The parent's own page: its entry, unread.
+                        stats.pages += 1;
+                        stats.unchanged += 1;
+                        match entry.at {
+                            None => {
+                                stats.zero += 1;
+                                builder.push(addr, entry.hash, None);
+                            }
+                            Some((src, off)) => {
+                                let name = parent_chain
+                                    .and_then(|c| c.get(src as usize))
+                                    .cloned()
+                                    .unwrap_or_default();
+                                let idx = builder.chain_index(&name);
+                                builder.push(addr, entry.hash, Some((idx, off)));
+                            }
+                        }
+                        done += 1;
+                        continue;
+                    }
+                    // A run of pages to read: up to the next unchanged one.
+                    let mut n = 1;
+                    while done + n < count && n < READ_PAGES && !unchanged(done + n) {
+                        n += 1;
+                    }
                     let chunk = &mut buf[..(n * PAGE) as usize];
                     mem.read_exact_at(chunk, addr).map_err(|source| {
                         mem_err(pid, &format!("read {n} pages at {addr:#x}"), source)
@@ -136,9 +201,8 @@ pub fn dump_template(template: &Template, opts: &DumpOptions) -> Result<DumpStat
                                 hash: h,
                                 at: Some((src, off)),
                             }) if *h == hash => {
-                                let parent = parent.as_ref().map(Dump::manifest);
-                                let name = parent
-                                    .and_then(|p| p.chain.get(*src as usize))
+                                let name = parent_chain
+                                    .and_then(|c| c.get(*src as usize))
                                     .cloned()
                                     .unwrap_or_default();
                                 let idx = builder.chain_index(&name);
@@ -191,6 +255,22 @@ pub fn dump_template(template: &Template, opts: &DumpOptions) -> Result<DumpStat
         let _ = fs::remove_dir_all(&tmp);
     }
     written
+}
+
+/// For each of `count` pages from `first`: whether the template's frame there is
+/// `base`'s (both present, private, known). Empty (nothing known) if either page map
+/// cannot be read.
+fn same_frames(pagemap: &File, base: &BaseFrames<'_>, first: u64, count: u64) -> Vec<bool> {
+    let (Ok(mine), Some(theirs)) = (
+        read_frames(pagemap, first, count),
+        base.frames(first, count),
+    ) else {
+        return Vec::new();
+    };
+    mine.iter()
+        .zip(&theirs)
+        .map(|(a, b)| a.is_some() && a == b)
+        .collect()
 }
 
 /// The hash of the bytes of the `[vdso]` at `start..end` of `pid` (`None` if unreadable).

@@ -295,10 +295,19 @@ impl SandboxManager {
             sessions: templates,
             processes: processes.into_iter().map(Arc::new).collect(),
         });
-        lock(&live.tree.templates).insert(node.id, Arc::clone(&templates));
+        let parent = {
+            let mut map = lock(&live.tree.templates);
+            map.insert(node.id, Arc::clone(&templates));
+            node.parent.and_then(|p| map.get(&p).cloned())
+        };
         let record_ms = ms(t);
         // Off the critical path: the dump thread reads the frozen templates.
-        self.dump_node(&node, &templates, live.tree.runtime.root_in_ns(&name));
+        self.dump_node(
+            &node,
+            &templates,
+            parent,
+            live.tree.runtime.root_in_ns(&name),
+        );
         Ok(node_info(
             &node,
             &|_| true,

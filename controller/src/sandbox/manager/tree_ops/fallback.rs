@@ -10,7 +10,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::cr::dump::{Dump, DumpOptions, DumpPolicy, DumpWorker, dump_name, dump_template};
+use crate::cr::dump::{
+    Dump, DumpOptions, DumpPolicy, DumpWorker, dump_name, dump_template_against,
+};
 use crate::cr::pidfd::Pidfd;
 use crate::cr::{self, CheckpointOptions, CrError, RestoreOptions, Restored};
 use crate::sandbox::error::SandboxError;
@@ -21,6 +23,24 @@ use crate::tree::db::Op;
 use crate::tree::ids::{NodeId, SessionId};
 use crate::tree::records::TemplateRecord;
 use crate::tree::records::{NodeRecord, NodeSession};
+
+/// Which template of a node's [`NodeTemplates`].
+#[derive(Clone, Copy, Debug)]
+pub(super) enum TemplateAt {
+    /// The `i`th session's.
+    Session(usize),
+    /// The `i`th other process's.
+    Process(usize),
+}
+
+impl TemplateAt {
+    fn of(self, templates: &NodeTemplates) -> &cr::Template {
+        match self {
+            Self::Session(i) => &templates.sessions[i].2,
+            Self::Process(i) => &templates.processes[i],
+        }
+    }
+}
 
 /// The dump of `session` at `node`.
 fn name_of(node: NodeId, session: SessionId) -> String {
@@ -35,12 +55,15 @@ impl SandboxManager {
 
     /// Queues the dumps of a new node's templates (policy `eager`): each session's
     /// incremental against the parent node's dump of the same session, each other
-    /// process's against the same process's (`process_dumps.rs`). Then puts the
+    /// process's against the same process's (`process_dumps.rs`). `parent` is the
+    /// parent node's templates, if any: the dumps are compared with them frame by frame
+    /// (a page still shared with the parent's template is not read). Then puts the
     /// templates in the pool (which does not evict them before their dumps are written).
     pub(super) fn dump_node(
         &self,
         node: &NodeRecord,
         templates: &Arc<NodeTemplates>,
+        parent: Option<Arc<NodeTemplates>>,
         root_prefix: PathBuf,
     ) {
         if self.pool.config().dump_policy == DumpPolicy::Eager {
@@ -52,36 +75,51 @@ impl SandboxManager {
                     parent: node.parent.map(|p| name_of(p, *session)),
                     root_prefix: Some(root_prefix.clone()),
                 };
-                self.submit_dump(&worker, opts, Arc::clone(templates), move |t| {
-                    &t.sessions[i].2
+                let base = parent.as_ref().and_then(|p| {
+                    let at = p
+                        .sessions
+                        .iter()
+                        .position(|(sid, _, t)| sid == session && t.is_alive())?;
+                    Some((Arc::clone(p), TemplateAt::Session(at)))
                 });
+                self.submit_dump(
+                    &worker,
+                    opts,
+                    Arc::clone(templates),
+                    TemplateAt::Session(i),
+                    base,
+                );
             }
-            self.queue_process_dumps(&worker, node, templates, &root_prefix);
+            self.queue_process_dumps(&worker, node, templates, parent.as_ref(), &root_prefix);
         }
         self.pool.admit(node.tree, node.id);
     }
 
-    /// Queues the dump `opts` of the template `pick` chooses among `templates`, which
-    /// the pool does not evict until it is written.
+    /// Queues the dump `opts` of the template at `at` among `templates`, which the pool
+    /// does not evict until it is written; `base` is the template the parent dump was
+    /// made from, if live (see [`dump_template_against`]), held until the dump is done.
     pub(super) fn submit_dump(
         &self,
         worker: &DumpWorker,
         opts: DumpOptions,
         templates: Arc<NodeTemplates>,
-        pick: impl FnOnce(&NodeTemplates) -> &cr::Template + Send + 'static,
+        at: TemplateAt,
+        base: Option<(Arc<NodeTemplates>, TemplateAt)>,
     ) {
         self.pool.dump_queued(&opts.name);
         let pool = self.pool.handle();
         worker.submit(move || {
-            match dump_template(pick(&templates), &opts) {
+            let base_template = base.as_ref().map(|(t, at)| at.of(t));
+            match dump_template_against(at.of(&templates), &opts, base_template) {
                 Ok(stats) => tracing::info!(
                     dump = %opts.name, pages = stats.pages, written = stats.written,
-                    ms = stats.ms, "dumped"
+                    unchanged = stats.unchanged, ms = stats.ms, "dumped"
                 ),
                 Err(e) => tracing::warn!(dump = %opts.name, "not dumped: {e}"),
             }
             // The job's hold on the templates goes before the pool may evict.
             drop(templates);
+            drop(base);
             pool.dump_done(&opts.name);
         });
     }

@@ -18,6 +18,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::fallback::TemplateAt;
 use crate::cr::dump::{Dump, DumpOptions, DumpWorker, dump_name, process_dump_name};
 use crate::cr::{ProcessState, RestoreOptions, Restored, Template};
 use crate::sandbox::error::SandboxError;
@@ -213,6 +214,7 @@ impl SandboxManager {
         worker: &DumpWorker,
         node: &NodeRecord,
         templates: &Arc<NodeTemplates>,
+        parent: Option<&Arc<NodeTemplates>>,
         root_prefix: &Path,
     ) {
         for (i, template) in templates.processes.iter().enumerate() {
@@ -223,9 +225,22 @@ impl SandboxManager {
                 parent: parent_dump(&self.db, worker.root(), node.parent, state, false),
                 root_prefix: Some(root_prefix.to_path_buf()),
             };
-            self.submit_dump(worker, opts, Arc::clone(templates), move |t| {
-                &t.processes[i]
+            // The parent node's live template the parent dump was made from, if the
+            // parent dump is the parent node's (not a further ancestor's).
+            let base = node.parent.zip(parent).and_then(|(id, p)| {
+                let at = p.processes.iter().position(|t| {
+                    opts.parent.as_deref() == Some(name_of(id, t.state().pid).as_str())
+                        && t.is_alive()
+                })?;
+                Some((Arc::clone(p), TemplateAt::Process(at)))
             });
+            self.submit_dump(
+                worker,
+                opts,
+                Arc::clone(templates),
+                TemplateAt::Process(i),
+                base,
+            );
         }
     }
 
