@@ -50,6 +50,19 @@ pub enum BackingError {
         /// The path looked up.
         path: PathBuf,
     },
+    /// The file is a chunk-granular copy ([`crate::chunks`]): its backing file holds only
+    /// the chunks written since, the rest is in the files below, so no one file holds
+    /// its data.
+    #[error(
+        "{} in snapshot {id} is a chunk-granular copy: no single backing file holds its data",
+        path.display()
+    )]
+    Chunked {
+        /// The snapshot.
+        id: SnapshotId,
+        /// The path looked up.
+        path: PathBuf,
+    },
 }
 
 /// Resolves `path` (relative to the view's root; a leading `/` is allowed) in snapshot
@@ -99,6 +112,12 @@ pub(crate) fn resolve(
             });
         }
     };
+    if node.partial.is_some() {
+        return Err(BackingError::Chunked {
+            id,
+            path: path.to_owned(),
+        });
+    }
     let path = match data {
         DataRef::Base(rel) => base.path(&rel.0),
         DataRef::Layer { layer, file } => shared.layers.file(*layer, *file),

@@ -94,3 +94,24 @@ fn backing_file_errors_name_the_path() {
         "{through_file:?}"
     );
 }
+
+/// A chunk-granular copy has no single backing file: `Chunked`, naming the path (the
+/// controller then leaves such a mapping on the view).
+#[test]
+fn a_chunk_granular_copy_has_no_backing_file() {
+    require_root!();
+    let fx = Fixture::plain(common::small_chunks());
+    let view = fx.mount("m", None);
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(view.mountpoint().join("big"))
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, b"x", 5).unwrap();
+    drop(f);
+    let s1 = freeze(&view);
+    let err = fx.store().backing_file(s1, Path::new("big")).unwrap_err();
+    assert!(matches!(err, BackingError::Chunked { .. }), "{err:?}");
+    assert!(err.to_string().contains("big"), "{err}");
+    // An unchanged base file still resolves to the base's own.
+    assert_eq!(content(&fx, s1, "usr/bin/tool"), b"#!/bin/sh\necho tool\n");
+}

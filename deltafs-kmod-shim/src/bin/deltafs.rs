@@ -2,7 +2,11 @@
 //!
 //! ```text
 //! deltafs mount --store DIR --base DIR MOUNTPOINT [--from SNAPSHOT]
+//!               [--chunk BYTES] [--chunked-min BYTES] [--no-complete-at-half]
 //! ```
+//!
+//! The chunk options set how copy-ups that cannot clone are made (`deltafs::ChunkPolicy`;
+//! defaults 131072, 131073, completion at half).
 //!
 //! Mounts a view in the foreground, prints `mounted <MOUNTPOINT>` when it is ready, then
 //! reads one command per line on stdin and answers one line each:
@@ -16,6 +20,7 @@
 //! | `drop <id>` | `dropped <id>` |
 //! | `squash <id>` | `squashed <id> merged <n> files <n>`: ancestors merged into it, superseded backing files removed |
 //! | `sync` | `synced <bytes>`: snapshot metadata is on disk; bytes written since the last `sync` |
+//! | `copyups` | `copyups reflink=<n> copy=<n> chunked=<n> empty=<n> bytes=<n> chunk_bytes=<n> completions=<n>` |
 //! | `gc` | `gc removed <n> kept <n>` |
 //! | `quit` | unmounts everything, prints `unmounted`, exits 0 |
 //!
@@ -62,6 +67,17 @@ enum Command {
         from: Option<SnapshotId>,
         /// Where to mount.
         mountpoint: PathBuf,
+        /// Chunk size of chunk-granular copy-ups (bytes).
+        #[arg(long, default_value_t = deltafs::chunks::CHUNK)]
+        chunk: u64,
+        /// Files of this size or more are copied up chunk by chunk where the store
+        /// cannot clone (smaller ones whole).
+        #[arg(long, default_value_t = deltafs::chunks::CHUNKED_MIN)]
+        chunked_min: u64,
+        /// Keep chunk-granular copies partial until they exceed the range limit (do not
+        /// complete them once they hold half of their bytes).
+        #[arg(long)]
+        no_complete_at_half: bool,
     },
 }
 
@@ -93,7 +109,18 @@ fn run(cli: Cli) -> Result<()> {
         base,
         from,
         mountpoint,
+        chunk,
+        chunked_min,
+        no_complete_at_half,
     } = cli.command;
+    if chunk == 0 {
+        bail!("--chunk must be at least 1 byte");
+    }
+    let policy = deltafs::ChunkPolicy {
+        chunk,
+        min_size: chunked_min,
+        complete_at_half: !no_complete_at_half,
+    };
     // Signals are taken synchronously by one thread; block them before any thread starts
     // so that every thread inherits the mask.
     let mut signals = SigSet::empty();
@@ -103,8 +130,8 @@ fn run(cli: Cli) -> Result<()> {
     signals.thread_block().context("cannot block signals")?;
     init_log();
 
-    let store =
-        Store::open(&store).with_context(|| format!("cannot open store {}", store.display()))?;
+    let store = Store::open_with(&store, policy)
+        .with_context(|| format!("cannot open store {}", store.display()))?;
     let view = store
         .mount(&base, &mountpoint, from)
         .with_context(|| format!("cannot mount {}", mountpoint.display()))?;
@@ -250,6 +277,20 @@ fn command(
             ))
         }
         ["sync"] => Ok(format!("synced {}", store.flush()?)),
+        ["copyups"] => {
+            let s = store.stats();
+            Ok(format!(
+                "copyups reflink={} copy={} chunked={} empty={} bytes={} chunk_bytes={} \
+                 completions={}",
+                s.copy_ups_reflink,
+                s.copy_ups_copy,
+                s.copy_ups_chunked,
+                s.copy_ups_empty,
+                s.copy_up_bytes,
+                s.chunk_copy_bytes,
+                s.partial_completions
+            ))
+        }
         ["stats"] => {
             // One word per request kind: `<kind>=<count>/<mean µs of the timed ones>`.
             let stats = store.stats();

@@ -47,18 +47,16 @@ pub(crate) fn cut(
 }
 
 impl ViewState {
-    /// The node whose data handle `fh` reads and writes: its live inode's, or the node
-    /// its retired id keeps.
-    fn handle_node(&self, nid: u64) -> FsResult<Arc<Node>> {
-        match self.nids.resolve(nid) {
-            Resolved::Live(ino) => self.node(ino),
-            Resolved::Retired => self
-                .nids
-                .retired
-                .get(&nid)
-                .map(|retired| Arc::clone(&retired.node))
-                .ok_or(Errno::ESTALE),
-        }
+    /// The chunk record of the node whose data handle id `nid` reads and writes: its
+    /// live inode's, or the node its retired id keeps. `None` also when the node is not
+    /// at hand (an inode the index has not loaded is no chunk-granular copy: those are
+    /// made by copy-ups, which load it).
+    fn handle_partial(&self, nid: u64) -> Option<Arc<Partial>> {
+        let node = match self.nids.resolve(nid) {
+            Resolved::Live(ino) => self.index.node(ino)?,
+            Resolved::Retired => &self.nids.retired.get(&nid)?.node,
+        };
+        node.partial.clone()
     }
 
     /// Sets the record of the node handle id `nid` names (live: recorded in the delta).
@@ -83,10 +81,9 @@ impl ViewState {
     pub fn read_plan(&self, fh: u64) -> FsResult<ReadPlan> {
         let handle = self.handles.get(&fh).ok_or(Errno::EBADF)?;
         let file = handle.backing.file();
-        let partial = match &self.handle_node(handle.nid)?.partial {
-            Some(partial) => Some((Arc::clone(partial), self.paths())),
-            None => None,
-        };
+        let partial = self
+            .handle_partial(handle.nid)
+            .map(|partial| (partial, self.paths()));
         Ok(ReadPlan { file, partial })
     }
 
@@ -107,7 +104,7 @@ impl ViewState {
             return Err(Errno::EBADF);
         }
         let (nid, backing) = (handle.nid, Arc::clone(&handle.backing));
-        let Some(partial) = self.handle_node(nid)?.partial.clone() else {
+        let Some(partial) = self.handle_partial(nid) else {
             return Ok(backing);
         };
         let file = backing.file();
@@ -140,7 +137,7 @@ impl ViewState {
             return Err(Errno::EBADF);
         }
         let (nid, backing) = (handle.nid, Arc::clone(&handle.backing));
-        let Some(partial) = self.handle_node(nid)?.partial.clone() else {
+        let Some(partial) = self.handle_partial(nid) else {
             return Ok(backing);
         };
         let paths = self.paths();
