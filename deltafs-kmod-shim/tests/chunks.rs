@@ -132,6 +132,11 @@ fn a_one_byte_write_into_a_frozen_gib_copies_one_chunk() {
 
     // Freeze, write again on top (a chain of two), roll back, roll forward.
     let one = view.freeze(&FreezeOpts::default()).unwrap().id;
+    // The diff sees the chunk-granular copy as a content change, and nothing else.
+    let changes = fx.store().diff(Some(frozen), one).unwrap();
+    assert_eq!(changes.len(), 1, "{changes:?}");
+    assert_eq!(changes[0].path, Path::new("/gib"));
+    assert!(changes[0].changed.content, "{changes:?}");
     let at2 = 3;
     let f = OpenOptions::new().write(true).open(m.join("gib")).unwrap();
     f.write_all_at(b"#", at2).unwrap();
@@ -365,5 +370,35 @@ fn a_base_file_on_another_filesystem_is_copied_by_chunks() {
     want[777_777] = b'x';
     assert_eq!(fs::read(m.join("big")).unwrap(), want);
     assert_eq!(fs::read(fx.base.join("big")).unwrap(), vec![7u8; 1 << 20]);
+    view.unmount().unwrap();
+}
+
+/// Truncating a chunk-granular copy to 0 leaves nothing below to read: its record goes,
+/// and its next open is passthrough.
+#[test]
+fn a_chunk_granular_copy_truncated_to_zero_goes_passthrough() {
+    require_root!();
+    let fx = Fixture::plain(ChunkPolicy {
+        chunk: 4096,
+        min_size: 0,
+        complete_at_half: false,
+    });
+    let view = fx.mount("live", None);
+    let m = view.mountpoint().to_owned();
+    let f = OpenOptions::new().write(true).open(m.join("big")).unwrap();
+    f.write_all_at(b"x", 10).unwrap();
+    f.set_len(0).unwrap();
+    f.write_all_at(b"tail", 100).unwrap();
+    drop(f);
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let reads = fx.store().stats().op(OpKind::Read).count;
+    let mut want = vec![0u8; 104];
+    want[100..].copy_from_slice(b"tail");
+    assert_eq!(fs::read(m.join("big")).unwrap(), want);
+    assert_eq!(
+        fx.store().stats().op(OpKind::Read).count,
+        reads,
+        "read through passthrough"
+    );
     view.unmount().unwrap();
 }

@@ -299,7 +299,7 @@ impl ViewState {
         };
         if let Some(partial) = super::partial::cut(node.partial.as_ref(), &file, size)? {
             self.txn()
-                .update(ino, |node| node.partial = Some(partial))
+                .update(ino, |node| node.partial = partial)
                 .map_err(IntoErrno::errno)?;
         }
         file.set_len(size).map_err(IntoErrno::errno)

@@ -383,7 +383,7 @@ impl ViewState {
         if let Some(size) = set.size {
             let file = file.as_ref().ok_or(Errno::ESTALE)?;
             if let Some(partial) = super::partial::cut(node.partial.as_ref(), file, size)? {
-                node.partial = Some(partial);
+                node.partial = partial;
             }
             file.set_len(size).map_err(IntoErrno::errno)?;
         }

@@ -26,14 +26,15 @@ pub(crate) struct ReadPlan {
     pub partial: Option<(Arc<Partial>, Paths)>,
 }
 
-/// The record a truncate of `file` (record `partial`) to `size` leaves, if it changes:
+/// What a truncate of `file` (record `partial`) to `size` does to the record, if anything:
 /// a shrink holds everything from `size` on (the backing file reads zeros there, which a
-/// later extension must show), so it copies nothing.
+/// later extension must show), so it copies nothing; a record that then holds the whole
+/// file is dropped (`Some(None)`), so the file can be passthrough again.
 pub(crate) fn cut(
     partial: Option<&Arc<Partial>>,
     file: &File,
     size: u64,
-) -> FsResult<Option<Arc<Partial>>> {
+) -> FsResult<Option<Option<Arc<Partial>>>> {
     let Some(partial) = partial else {
         return Ok(None);
     };
@@ -43,7 +44,10 @@ pub(crate) fn cut(
     }
     let mut cut = Partial::clone(partial);
     cut.hold(size, u64::MAX);
-    Ok(Some(Arc::new(cut)))
+    if cut.holds(0, u64::MAX) {
+        return Ok(Some(None));
+    }
+    Ok(Some(Some(Arc::new(cut))))
 }
 
 impl ViewState {
