@@ -116,6 +116,13 @@ fn a_one_byte_write_into_a_frozen_gib_copies_one_chunk() {
     assert!(grown <= chunk + 64 * 1024, "the store grew {grown} bytes");
     eprintln!("1-byte write into a frozen 1 GiB file: {bytes} bytes copied, store grew {grown}");
     check_gib(&m.join("gib"), &[(at, b'!')]);
+    // `st_blocks` counts the data below too (3 MiB), not only the chunk this layer holds.
+    let blocks = std::os::unix::fs::MetadataExt::blocks(&fs::metadata(m.join("gib")).unwrap());
+    assert!(blocks * 512 >= 3 * MIB, "{blocks} blocks");
+    assert!(
+        blocks * 512 <= 3 * MIB + 2 * chunk + 64 * 1024,
+        "{blocks} blocks"
+    );
 
     // Invariant 1: the snapshot is unchanged; invariant 2: a branch does not see it.
     let branch = fx.mount("branch", Some(frozen));

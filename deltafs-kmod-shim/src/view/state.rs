@@ -267,6 +267,17 @@ impl ViewState {
             .map_err(IntoErrno::errno)?;
             size = meta.size();
             blocks = meta.blocks();
+            if let Some(partial) = &node.partial {
+                // What the chain holds too (a chunk-granular copy's own file holds only
+                // what was written since; 0 blocks for a file with data reads as all
+                // holes to some tools), at most what the whole file could take.
+                let below: u64 = partial
+                    .files()
+                    .filter_map(|data| fs::metadata(self.data_path(data)).ok())
+                    .map(|m| m.blocks())
+                    .sum();
+                blocks = (blocks + below).min(size.div_ceil(4096) * 8);
+            }
             if node.mtime_from_data {
                 mtime = Time {
                     sec: meta.mtime(),
