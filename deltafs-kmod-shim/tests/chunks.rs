@@ -188,8 +188,9 @@ fn a_one_byte_write_into_a_frozen_gib_copies_one_chunk() {
 }
 
 /// A chunk-granular file written through every path the daemon serves (writes, a
-/// `MAP_SHARED` mapping, truncate down and up, punch hole, `SEEK_DATA`/`SEEK_HOLE`)
-/// reads like the same steps on a plain file, and its checkpoints keep their bytes.
+/// `MAP_SHARED` mapping, truncate down and up, punch hole) reads like the same steps on a
+/// plain file, `SEEK_DATA`/`SEEK_HOLE` answer as on it, and its checkpoints keep their
+/// bytes.
 #[test]
 fn partial_files_read_like_plain_ones_through_every_path() {
     require_root!();
@@ -249,14 +250,27 @@ fn partial_files_read_like_plain_ones_through_every_path() {
         let mut f = f;
         f.write_all(b"head").unwrap();
     });
-    // SEEK_DATA/SEEK_HOLE: a chunked file reports no holes, which is correct (a file
-    // system may); data is found at any offset below the size, none at or past it.
+    // SEEK_DATA/SEEK_HOLE find what the plain file shows: data where bytes were written
+    // (here or below), the hole the truncate down and up left, none past the end.
     let f = File::open(m.join("f")).unwrap();
+    let r = File::open(&reference).unwrap();
     use nix::unistd::{Whence, lseek};
-    assert_eq!(lseek(&f, 100, Whence::SeekData).unwrap(), 100);
-    assert_eq!(lseek(&f, 100, Whence::SeekHole).unwrap(), 50_000);
+    for (off, whence) in [
+        (100, Whence::SeekData),
+        (100, Whence::SeekHole),
+        (31_000, Whence::SeekHole),
+        (40_000, Whence::SeekData),
+        (40_000, Whence::SeekHole),
+        (50_000, Whence::SeekData),
+    ] {
+        assert_eq!(
+            lseek(&f, off, whence),
+            lseek(&r, off, whence),
+            "{whence:?} from {off}"
+        );
+    }
     assert_eq!(
-        lseek(&f, 50_000, Whence::SeekData),
+        lseek(&f, 40_000, Whence::SeekData),
         Err(nix::errno::Errno::ENXIO)
     );
     drop(f);

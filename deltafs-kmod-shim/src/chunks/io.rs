@@ -44,6 +44,53 @@ pub(crate) fn fill(
     Ok(())
 }
 
+/// `SEEK_DATA` (`hole` false) or `SEEK_HOLE` (`hole` true) within `[offset, end)` of the
+/// file whose backing file is `top` and whose record is `partial`: the first offset there
+/// that is in data (in a hole), or `None`. Held ranges ask `top`, the others the files
+/// below; past the end of any file of the chain is a hole.
+pub(crate) fn seek(
+    top: &File,
+    partial: Option<&Partial>,
+    resolve: Resolve<'_>,
+    offset: u64,
+    end: u64,
+    hole: bool,
+) -> io::Result<Option<u64>> {
+    if offset >= end {
+        return Ok(None);
+    }
+    let Some(partial) = partial else {
+        let whence = if hole {
+            nix::unistd::Whence::SeekHole
+        } else {
+            nix::unistd::Whence::SeekData
+        };
+        let found = match nix::unistd::lseek(top, offset as i64, whence) {
+            Ok(pos) => pos as u64,
+            // Past the end of this file: all hole.
+            Err(nix::errno::Errno::ENXIO) => return Ok(hole.then_some(offset)),
+            Err(e) => return Err(e.into()),
+        };
+        return Ok((found < end).then_some(found));
+    };
+    let mut lower: Option<File> = None;
+    for (from, to, held) in partial.segments(offset, end) {
+        let found = if held {
+            seek(top, None, resolve, from, to, hole)?
+        } else {
+            let below = match &lower {
+                Some(file) => file,
+                None => lower.insert(File::open(resolve(&partial.below))?),
+            };
+            seek(below, partial.lower.as_deref(), resolve, from, to, hole)?
+        };
+        if found.is_some() {
+            return Ok(found);
+        }
+    }
+    Ok(None)
+}
+
 /// Reads all of `buf` at `offset`, zeros past the end of the file.
 fn read_full(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
     let mut done = 0;
@@ -250,6 +297,56 @@ mod tests {
         let all = read(&top, Some(&p), &resolve, 400, 200);
         assert_eq!(&all[..100], &want[400..500]);
         assert!(all[100..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn seeks_find_data_and_holes_through_the_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_owned();
+        let resolve = move |d: &DataRef| match d {
+            DataRef::Base(rel) => root.join(std::str::from_utf8(&rel.0).unwrap()),
+            DataRef::Layer { .. } => unreachable!(),
+        };
+        // Below: 1 MiB, data only in [256 KiB, 320 KiB).
+        let below = sparse(dir.path(), "b", 1 << 20);
+        below.write_all_at(&[5; 64 << 10], 256 << 10).unwrap();
+        let below_ref = DataRef::Base(Bytes(b"b".to_vec()));
+        // Top: a write at 600 KiB (one 64 KiB chunk held, data), and the chunk at
+        // [256 KiB, 320 KiB) held without data (as a punch makes it).
+        let top = sparse(dir.path(), "t", 1 << 20);
+        let mut p = Partial::over(below_ref, None);
+        own(
+            &top,
+            &mut p,
+            &resolve,
+            600 << 10,
+            (600 << 10) + 1,
+            true,
+            64 << 10,
+        )
+        .unwrap();
+        top.write_all_at(&[1], 600 << 10).unwrap();
+        p.hold(256 << 10, 320 << 10);
+        let size = 1 << 20;
+        let data = |off| seek(&top, Some(&p), &resolve, off, size, false).unwrap();
+        let hole = |off| seek(&top, Some(&p), &resolve, off, size, true).unwrap();
+        // The only data is the written chunk (the copy of [576 KiB, 640 KiB) from below
+        // was zeros, left a hole, so the chunk's data is the written page).
+        assert_eq!(data(0), Some(600 << 10));
+        assert_eq!(hole(0), Some(0));
+        assert_eq!(hole(600 << 10), Some((600 << 10) + 4096));
+        assert_eq!(data((600 << 10) + 4096), None);
+        // Without the hold over [256, 320) KiB, the data below shows.
+        let mut q = Partial::over(DataRef::Base(Bytes(b"b".to_vec())), None);
+        q.hold(576 << 10, 640 << 10);
+        assert_eq!(
+            seek(&top, Some(&q), &resolve, 0, size, false).unwrap(),
+            Some(256 << 10)
+        );
+        assert_eq!(
+            seek(&top, Some(&q), &resolve, 256 << 10, size, true).unwrap(),
+            Some(320 << 10)
+        );
     }
 
     #[test]

@@ -28,7 +28,7 @@ mod io;
 
 use std::sync::Arc;
 
-pub(crate) use self::io::{Resolve, complete, fill, flatten, materialize, own};
+pub(crate) use self::io::{Resolve, complete, fill, flatten, materialize, own, seek};
 use crate::node::DataRef;
 
 /// The chunk size of copy-ups: 128 KiB. A 1-byte write into a frozen file copies one

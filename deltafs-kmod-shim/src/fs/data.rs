@@ -172,18 +172,28 @@ pub(super) fn lseek(fs: &DeltaFs, fh: FileHandle, offset: i64, whence: i32, repl
         Err(e) => return reply.error(e),
     };
     let file = plan.file;
-    if plan.partial.is_some() && matches!(whence, libc::SEEK_DATA | libc::SEEK_HOLE) {
-        // A chunk-granular copy reports no holes (as a filesystem without them does):
-        // its backing file's holes are not the file's.
+    if let Some((partial, paths)) = &plan.partial
+        && matches!(whence, libc::SEEK_DATA | libc::SEEK_HOLE)
+    {
+        // A chunk-granular copy: held ranges answer from its backing file, the others
+        // from the files below (its backing file's holes there are not the file's).
         let len = match file.metadata() {
-            Ok(meta) => meta.len() as i64,
+            Ok(meta) => meta.len(),
             Err(e) => return reply.error(e.errno()),
         };
-        return match (offset, whence) {
-            (off, _) if off < 0 => reply.error(Errno::EINVAL),
-            (off, _) if off >= len => reply.error(Errno::ENXIO),
-            (off, libc::SEEK_DATA) => reply.offset(off),
-            _ => reply.offset(len),
+        let Ok(off) = u64::try_from(offset) else {
+            return reply.error(Errno::EINVAL);
+        };
+        if off >= len {
+            return reply.error(Errno::ENXIO);
+        }
+        let hole = whence == libc::SEEK_HOLE;
+        return match chunks::seek(&file, Some(partial), &|d| paths.path(d), off, len, hole) {
+            Ok(Some(pos)) => reply.offset(pos as i64),
+            // No data after `off`; a hole at the end of the file for SEEK_HOLE.
+            Ok(None) if hole => reply.offset(len as i64),
+            Ok(None) => reply.error(Errno::ENXIO),
+            Err(e) => reply.error(e.errno()),
         };
     }
     let whence = match whence {
