@@ -264,3 +264,33 @@ fn a_branch_of_a_removed_sandbox_keeps_its_limits() {
     let got = forks_allowed(&http, &b);
     assert!(got < 32, "branch {b}: a process got {got} children");
 }
+
+/// Two sessions (a rollback forks each on a thread of its own) come back with their
+/// state from a sandbox whose pids limit a fork bomb holds full: the forks ahead of the
+/// rollback may be refused while the bomb's processes exit, and the sessions are then
+/// restored after them.
+#[test]
+fn a_rollback_out_of_a_fork_bomb_restores_every_session() {
+    require_root();
+    let daemon = TestDaemon::start("l-pids2", &[]);
+    let http = Http::new(daemon.socket());
+    let sb = id_of(&http.create(&json!({"limits": {"pids": 32}})));
+    let sh = http.session(&sb, "bash");
+    let py = http.session(&sb, "python");
+    assert_eq!(http.run(&sb, &sh, "X=41; cd /tmp; echo $X"), "41\n");
+    assert_eq!(http.run(&sb, &py, "y = [7] * 3; print(len(y))"), "3\n");
+    let before = http.checkpoint(&sb, "two sessions");
+    assert_eq!(http.run(&sb, &sh, "X=0; cd /"), "");
+    assert_eq!(http.run(&sb, &py, "y = None"), "");
+    let _ = http.exec(&sb, &["bash", "-c", ":(){ :|:& };:"], Some(5_000));
+    thread::sleep(Duration::from_millis(500));
+
+    http.rollback(&sb, &before);
+    assert_eq!(http.run(&sb, &sh, "echo $((X+1)) $PWD"), "42 /tmp\n");
+    assert_eq!(http.run(&sb, &py, "print(y)"), "[7, 7, 7]\n");
+    // And again, with nothing in the way of the forks.
+    assert_eq!(http.run(&sb, &py, "y = 1"), "");
+    http.rollback(&sb, &before);
+    assert_eq!(http.run(&sb, &py, "print(sum(y))"), "21\n");
+    assert_eq!(http.run(&sb, &sh, "echo $X"), "41\n");
+}

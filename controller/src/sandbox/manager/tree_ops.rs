@@ -373,14 +373,25 @@ impl SandboxManager {
             setsid: true,
             pipes: pipes.paths.clone(),
         };
+        // The sessions forked on threads of their own are fixed up at once.
+        for p in &mut preforked {
+            p.start(&opts);
+        }
         let mut restored = Vec::new();
         for session in &node.sessions {
             let ahead = preforked
                 .iter()
-                .position(|(sid, _, _)| *sid == session.session)
+                .position(|p| p.session() == session.session)
                 .map(|i| preforked.swap_remove(i));
             let (kind, child) = match ahead {
-                Some((_, kind, forked)) => (kind, forked.finish(&opts)),
+                Some(p) => {
+                    let kind = p.kind();
+                    let child = p.finish(&opts).map_err(|message| SandboxError::Process {
+                        sandbox: name.to_owned(),
+                        message,
+                    })?;
+                    (kind, child)
+                }
                 None => self.restore_session(tree, name, node, session, templates, &opts)?,
             };
             let child = child.map_err(|e| {

@@ -5,13 +5,17 @@
 //! ([`SandboxManager::prefork_sessions`]); the switch of the files and every restored
 //! process's fix-up wait until they are gone, so that nothing a dying process flushes
 //! on its way out (the dirty pages of a shared file mapping, written back when its
-//! files close) lands in the restored state.
+//! files close) lands in the restored state. With several sessions, each is forked and
+//! finished on a thread of its own (ptrace binds the child to the thread that forked
+//! it), so that a big session's fork and fix-up do not wait for another's.
 
+use std::sync::mpsc;
+use std::thread::Scope;
 use std::time::Instant;
 
 use super::{SandboxManager, ms, snapshot_of};
 use crate::api::sandbox_types::{RollbackMode, RollbackResult, RollbackTimings};
-use crate::cr::{Forked, RestoreOptions, RestoreTimings};
+use crate::cr::{CrError, Forked, RestoreOptions, RestoreTimings, Restored, Template};
 use crate::sandbox::error::SandboxError;
 use crate::sandbox::manager::{Live, LiveSession, NodeTemplates, db_err, store_err};
 use crate::sandbox::runtime::TreeRuntime;
@@ -19,8 +23,101 @@ use crate::sandbox::session::SessionKind;
 use crate::tree::ids::{NodeId, SessionId};
 use crate::tree::records::NodeRecord;
 
-/// A session's template forked ahead of the rest of its restore.
-pub(super) type Preforked<'a> = (SessionId, SessionKind, Forked<'a>);
+/// A session's template forked ahead of the rest of its restore: here, or on the
+/// thread that forked it, which then finishes it.
+pub(super) enum Preforked<'a> {
+    Here(SessionId, SessionKind, Forked<'a>),
+    Worker(SessionId, SessionKind, Finisher),
+}
+
+/// The way to a worker thread holding a forked child: the options of its fix-up go
+/// in, the restored process comes out.
+pub(super) struct Finisher {
+    go: Option<mpsc::Sender<RestoreOptions>>,
+    done: mpsc::Receiver<Report>,
+}
+
+/// What a worker thread says: its fork, then its fix-up.
+enum Report {
+    Forked(Result<(), String>),
+    Finished(Result<Restored, CrError>),
+}
+
+impl Preforked<'_> {
+    /// The session it restores.
+    pub(super) fn session(&self) -> SessionId {
+        match self {
+            Self::Here(sid, _, _) | Self::Worker(sid, _, _) => *sid,
+        }
+    }
+
+    /// The session's kind.
+    pub(super) fn kind(&self) -> SessionKind {
+        match self {
+            Self::Here(_, kind, _) | Self::Worker(_, kind, _) => *kind,
+        }
+    }
+
+    /// Starts the rest of the restore on its worker thread (nothing for one forked
+    /// here), so that several sessions' fix-ups run at once; [`Self::finish`] then
+    /// waits for it.
+    pub(super) fn start(&mut self, opts: &RestoreOptions) {
+        if let Self::Worker(_, _, w) = self
+            && let Some(go) = w.go.take()
+        {
+            // A worker gone is reported by `finish`.
+            let _ = go.send(opts.clone());
+        }
+    }
+
+    /// The rest of the restore ([`Forked::finish`]), where the fork was made (started
+    /// with `opts` unless [`Self::start`]ed already). `Err` if its worker thread is
+    /// gone (it panicked).
+    pub(super) fn finish(
+        mut self,
+        opts: &RestoreOptions,
+    ) -> Result<Result<Restored, CrError>, String> {
+        self.start(opts);
+        match self {
+            Self::Here(_, _, forked) => Ok(forked.finish(opts)),
+            Self::Worker(sid, _, w) => match w.done.recv() {
+                Ok(Report::Finished(r)) => Ok(r),
+                _ => Err(format!("the thread restoring session {sid} is gone")),
+            },
+        }
+    }
+}
+
+/// Forks `template` on a new thread of `scope`, which then waits for the options of
+/// the child's fix-up and finishes it there. Dropping the [`Finisher`] unused drops
+/// the child (killed) on that thread.
+fn fork_on_worker<'scope>(
+    scope: &'scope Scope<'scope, '_>,
+    template: &'scope Template,
+    opts: RestoreOptions,
+) -> Finisher {
+    let (go_tx, go_rx) = mpsc::channel::<RestoreOptions>();
+    let (done_tx, done_rx) = mpsc::channel();
+    scope.spawn(move || {
+        let forked = match template.fork_child(&opts) {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = done_tx.send(Report::Forked(Err(e.to_string())));
+                return;
+            }
+        };
+        if done_tx.send(Report::Forked(Ok(()))).is_err() {
+            return;
+        }
+        if let Ok(opts) = go_rx.recv() {
+            let _ = done_tx.send(Report::Finished(forked.finish(&opts)));
+        }
+    });
+    Finisher {
+        go: Some(go_tx),
+        done: done_rx,
+    }
+}
 
 impl SandboxManager {
     /// Rolls `live` (its lock held) back to `node`.
@@ -59,6 +156,41 @@ impl SandboxManager {
             }
         }
         let mut timings = RollbackTimings::default();
+        std::thread::scope(|scope| {
+            self.rollback_in(
+                scope,
+                live,
+                (&record, templates.as_deref()),
+                (restore_processes, restore_files),
+                &mut timings,
+            )
+        })?;
+        live.record.head = Some(node);
+        live.record.sessions = live.session_records();
+        self.db.put_sandbox(&live.record).map_err(db_err)?;
+        timings.total_ms = ms(start);
+        Ok(RollbackResult {
+            sandbox: name,
+            node: node.to_string(),
+            mode,
+            sessions: live.sessions.values().map(LiveSession::info).collect(),
+            timings,
+            // The warm-up, if any, is started by the caller (metrics::cow).
+            warm_up: false,
+        })
+    }
+
+    /// The kill, the files' switch and the processes' restore of [`Self::rollback_locked`],
+    /// in `scope` (the threads that fork and finish the sessions, if several).
+    fn rollback_in<'scope>(
+        &self,
+        scope: &'scope Scope<'scope, '_>,
+        live: &mut Live,
+        (record, templates): (&NodeRecord, Option<&'scope NodeTemplates>),
+        (restore_processes, restore_files): (bool, bool),
+        timings: &mut RollbackTimings,
+    ) -> Result<(), SandboxError> {
+        let name = live.name();
         let mut preforked = Vec::new();
         let mut prefork_ms = 0.0;
         if restore_processes {
@@ -76,13 +208,17 @@ impl SandboxManager {
             // attach stop, and nothing that needs the old processes gone (the files'
             // switch, the children's fix-up) happens before `wait`.
             let t = Instant::now();
-            preforked = self.prefork_sessions(runtime, &name, &record, templates.as_deref());
+            let forking = self.prefork_sessions(scope, runtime, &name, record, templates);
             prefork_ms = ms(t);
             let t = Instant::now();
             killed
                 .wait()
                 .map_err(|e| SandboxError::internal(format!("sandbox {name}: killing"), e))?;
             timings.kill_ms += ms(t);
+            // The forks on worker threads ran meanwhile: what is left of them counts.
+            let t = Instant::now();
+            preforked = self.forked(forking, record.id);
+            prefork_ms += ms(t);
         }
         if restore_files {
             let t = Instant::now();
@@ -92,7 +228,7 @@ impl SandboxManager {
                     "no root view",
                 ));
             };
-            view.switch(snapshot_of(&record)?)
+            view.switch(snapshot_of(record)?)
                 .map_err(|e| store_err(format!("sandbox {name}: switching files"), e))?;
             timings.files_ms = ms(t);
         }
@@ -102,8 +238,8 @@ impl SandboxManager {
             let restored = self.restore_sessions_preforked(
                 &live.tree,
                 &name,
-                &record,
-                templates.as_deref(),
+                record,
+                templates,
                 preforked,
                 &mut phases,
             );
@@ -124,34 +260,25 @@ impl SandboxManager {
             live.sessions = restored.into_iter().map(|s| (s.id, s)).collect();
             // Restored from dumps alone: the sessions become the node's templates
             // again, so that the next restore of the node is a fork.
-            self.retemplate_if_dumped(live, &record, templates.as_deref());
+            self.retemplate_if_dumped(live, record, templates);
         }
-        live.record.head = Some(node);
-        live.record.sessions = live.session_records();
-        self.db.put_sandbox(&live.record).map_err(db_err)?;
-        timings.total_ms = ms(start);
-        Ok(RollbackResult {
-            sandbox: name,
-            node: node.to_string(),
-            mode,
-            sessions: live.sessions.values().map(LiveSession::info).collect(),
-            timings,
-            // The warm-up, if any, is started by the caller (metrics::cow).
-            warm_up: false,
-        })
+        Ok(())
     }
 
     /// Forks each session of `node` whose own template is live, into sandbox `name`'s
-    /// `work/` cgroup: the first half of its restore ([`Forked::finish`] is the rest).
-    /// A fork that fails is left to the full restore (after the killed processes are
-    /// gone: a fork refused for the pids limit they still hold then succeeds).
-    fn prefork_sessions<'a>(
+    /// `work/` cgroup: the first half of its restore ([`Preforked::finish`] is the rest).
+    /// One session is forked here; several each on a thread of `scope`, whose forks
+    /// [`Self::forked`] collects. A fork that fails is left to the full restore (after
+    /// the killed processes are gone: a fork refused for the pids limit they still hold
+    /// then succeeds).
+    fn prefork_sessions<'scope>(
         &self,
+        scope: &'scope Scope<'scope, '_>,
         runtime: &TreeRuntime,
         name: &str,
         node: &NodeRecord,
-        templates: Option<&'a NodeTemplates>,
-    ) -> Vec<Preforked<'a>> {
+        templates: Option<&'scope NodeTemplates>,
+    ) -> Vec<Preforked<'scope>> {
         let Some(templates) = templates else {
             return Vec::new();
         };
@@ -160,23 +287,58 @@ impl SandboxManager {
             cgroup_seen: runtime.work_cgroup_in_ns(name),
             ..RestoreOptions::default()
         };
+        let live: Vec<_> = node
+            .sessions
+            .iter()
+            .filter_map(|s| templates.live_session(s.session))
+            .collect();
+        if live.len() > 1 {
+            return live
+                .into_iter()
+                .map(|(sid, kind, template)| {
+                    Preforked::Worker(*sid, *kind, fork_on_worker(scope, template, opts.clone()))
+                })
+                .collect();
+        }
         let mut forked = Vec::new();
-        for session in &node.sessions {
-            let Some((sid, kind, template)) = templates.live_session(session.session) else {
-                continue;
-            };
+        for (sid, kind, template) in live {
             match template.fork_child(&opts) {
-                Ok(child) => {
-                    self.pool.hit();
-                    forked.push((*sid, *kind, child));
-                }
+                Ok(child) => forked.push(Preforked::Here(*sid, *kind, child)),
                 Err(e) => {
                     tracing::debug!(session = %sid, "fork ahead of the rollback failed: {e}");
                 }
             }
         }
+        forked
+    }
+
+    /// The sessions [`Self::prefork_sessions`] forked, once each worker thread has
+    /// forked (or failed to: that session is left to the full restore); counts the
+    /// pool's hits and the node's use.
+    fn forked<'a>(&self, forking: Vec<Preforked<'a>>, node: NodeId) -> Vec<Preforked<'a>> {
+        let mut forked = Vec::with_capacity(forking.len());
+        for p in forking {
+            let ok = match &p {
+                Preforked::Here(..) => true,
+                Preforked::Worker(sid, _, w) => match w.done.recv() {
+                    Ok(Report::Forked(Ok(()))) => true,
+                    Ok(Report::Forked(Err(e))) => {
+                        tracing::debug!(session = %sid, "fork ahead of the rollback failed: {e}");
+                        false
+                    }
+                    _ => {
+                        tracing::warn!(session = %sid, "the thread forking the session is gone");
+                        false
+                    }
+                },
+            };
+            if ok {
+                self.pool.hit();
+                forked.push(p);
+            }
+        }
         if !forked.is_empty() {
-            self.pool.touch(node.id);
+            self.pool.touch(node);
         }
         forked
     }
