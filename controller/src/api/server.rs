@@ -11,6 +11,7 @@ use axum::extract::rejection::{BytesRejection, JsonRejection, PathRejection, Que
 use axum::extract::{DefaultBodyLimit, MatchedPath, Query, Request, State};
 use axum::http::{Method, StatusCode, Uri, header};
 use axum::middleware::{self, Next};
+use tokio::runtime::RuntimeFlavor;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, post};
 use http_body_util::BodyExt as _;
@@ -150,12 +151,19 @@ fn route_table() -> RouteTable {
     super::sandbox_server::add_routes(table)
 }
 
-/// Runs a service call on the blocking pool.
+/// Runs a blocking service call. On the daemon's multi-threaded runtime it runs right
+/// here (`block_in_place`: the worker's other tasks move to another thread), so the
+/// request reaches the operation and its answer the socket without two thread
+/// hand-offs, each a wake-up that a loaded 2-CPU machine can delay by milliseconds;
+/// elsewhere (a single-threaded test runtime) on the blocking pool.
 pub(super) async fn blocking<T, F>(service: Svc, call: F) -> Result<Json<T>, ApiError>
 where
     T: Send + 'static,
     F: FnOnce(&ApiService) -> Result<T, ApiError> + Send + 'static,
 {
+    if tokio::runtime::Handle::current().runtime_flavor() == RuntimeFlavor::MultiThread {
+        return tokio::task::block_in_place(move || call(&service)).map(Json);
+    }
     tokio::task::spawn_blocking(move || call(&service))
         .await
         .map_err(|err| ApiError::Internal {
