@@ -11,10 +11,10 @@ use axum::extract::rejection::{BytesRejection, JsonRejection, PathRejection, Que
 use axum::extract::{DefaultBodyLimit, MatchedPath, Query, Request, State};
 use axum::http::{Method, StatusCode, Uri, header};
 use axum::middleware::{self, Next};
-use tokio::runtime::RuntimeFlavor;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, post};
 use http_body_util::BodyExt as _;
+use tokio::runtime::RuntimeFlavor;
 
 use super::service::ApiService;
 use super::types::{CgroupRequest, ErrorBody, InodeStatsQuery};
