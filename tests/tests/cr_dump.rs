@@ -52,6 +52,18 @@ fn dump(template: &Template, root: &Path, name: &str, parent: Option<&str>) -> D
     Dump::open(root, name).unwrap()
 }
 
+/// A template of `p`, killed with the test.
+fn template(env: &CrEnv, p: &Proc) -> Template {
+    let t = cr::checkpoint(Pid::from_raw(p.pid), &env.checkpoint_opts()).unwrap();
+    env.track(t.pid().as_raw());
+    t
+}
+
+/// 1 MiB of the graph rewritten in place.
+const REWRITE: &str = "for i in range(0, 65536, 64): g[i]['b'] = os.urandom(1000)";
+/// 8 MiB of new objects.
+const GROW: &str = "g2 = [os.urandom(4000) for _ in range(2048)]";
+
 fn python(env: &CrEnv) -> Proc {
     let mut cmd = Command::new("python3");
     cmd.args(["-c", PY_REPL]);
@@ -68,25 +80,17 @@ fn a_killed_template_is_restored_from_its_incremental_dump() {
     let mut p = python(&env);
     assert_eq!(p.ask(GRAPH), "None");
     let h1 = p.ask("h()");
-    let t1 = cr::checkpoint(Pid::from_raw(p.pid), &env.checkpoint_opts()).unwrap();
-    env.track(t1.pid().as_raw());
+    let t1 = template(&env, &p);
     let d1 = dump(&t1, &dumps.0, "n1", None);
 
     // A small change, a new 8 MiB of objects, some garbage freed.
-    assert_eq!(
-        p.ask("for i in range(0, 65536, 64): g[i]['b'] = os.urandom(1000)"),
-        "None"
-    );
-    assert_eq!(
-        p.ask("g2 = [os.urandom(4000) for _ in range(2048)]"),
-        "None"
-    );
+    assert_eq!(p.ask(REWRITE), "None");
+    assert_eq!(p.ask(GROW), "None");
     assert_eq!(p.ask("del g[60000:]"), "None");
     assert_eq!(p.ask("x = 7"), "None");
     let h2 = p.ask("h()");
     assert_ne!(h1, h2);
-    let t2 = cr::checkpoint(Pid::from_raw(p.pid), &env.checkpoint_opts()).unwrap();
-    env.track(t2.pid().as_raw());
+    let t2 = template(&env, &p);
     let d2 = dump(&t2, &dumps.0, "n2", Some("n1"));
 
     // Incremental: the second dump stores only what changed.
@@ -162,8 +166,7 @@ fn a_dump_restores_an_older_node_from_a_newer_template() {
     assert_eq!(p.ask(GRAPH), "None");
     assert_eq!(p.ask("y = 1"), "None");
     let h1 = p.ask("h()");
-    let t1 = cr::checkpoint(Pid::from_raw(p.pid), &env.checkpoint_opts()).unwrap();
-    env.track(t1.pid().as_raw());
+    let t1 = template(&env, &p);
     let d1 = dump(&t1, &dumps.0, "m1", None);
     t1.destroy().unwrap();
 
@@ -174,8 +177,7 @@ fn a_dump_restores_an_older_node_from_a_newer_template() {
     );
     assert_eq!(p.ask("g = g[:1000]"), "None");
     assert_eq!(p.ask("y = 2"), "None");
-    let t2 = cr::checkpoint(Pid::from_raw(p.pid), &env.checkpoint_opts()).unwrap();
-    env.track(t2.pid().as_raw());
+    let t2 = template(&env, &p);
     // SAFETY: kill(2) takes plain integers.
     unsafe { libc::kill(p.pid, libc::SIGKILL) };
     let mut r = env.adopt(
@@ -198,22 +200,14 @@ fn a_dump_against_the_parent_template_skips_unwritten_pages_and_equals_a_full_re
     let dumps = Dumps(scratch_dir("cr-dump-frames"));
     let mut p = python(&env);
     assert_eq!(p.ask(GRAPH), "None");
-    let t1 = cr::checkpoint(Pid::from_raw(p.pid), &env.checkpoint_opts()).unwrap();
-    env.track(t1.pid().as_raw());
+    let t1 = template(&env, &p);
     let d1 = dump(&t1, &dumps.0, "f1", None);
 
     // 1 MiB rewritten in place, 8 MiB new; the rest of the 64 MiB graph untouched
     // (no h() before the checkpoint: pickling it would write every refcount).
-    assert_eq!(
-        p.ask("for i in range(0, 65536, 64): g[i]['b'] = os.urandom(1000)"),
-        "None"
-    );
-    assert_eq!(
-        p.ask("g2 = [os.urandom(4000) for _ in range(2048)]"),
-        "None"
-    );
-    let t2 = cr::checkpoint(Pid::from_raw(p.pid), &env.checkpoint_opts()).unwrap();
-    env.track(t2.pid().as_raw());
+    assert_eq!(p.ask(REWRITE), "None");
+    assert_eq!(p.ask(GROW), "None");
+    let t2 = template(&env, &p);
     let h2 = p.ask("h()");
     let opts = |name: &str| DumpOptions {
         root: dumps.0.clone(),
@@ -249,8 +243,7 @@ fn a_dump_against_the_parent_template_skips_unwritten_pages_and_equals_a_full_re
     // parent dump has a page: a fresh process's template changes nothing.
     let mut other = python(&env);
     assert_eq!(other.ask("x = 1"), "None");
-    let t3 = cr::checkpoint(Pid::from_raw(other.pid), &env.checkpoint_opts()).unwrap();
-    env.track(t3.pid().as_raw());
+    let t3 = template(&env, &other);
     let stats3 = dump_template_against(&t2, &opts("f2-other"), Some(&t3)).unwrap();
     assert_eq!(stats3.unchanged, 0, "{stats3:?}");
     assert_eq!(
