@@ -62,7 +62,10 @@ impl Sb {
     /// A sandbox with a bash session running the job.
     fn start(test: &str, flags: &[&str]) -> Self {
         let sb = Self::bare(test, flags);
-        sb.api.sh(&sb.id, JOB);
+        // The log exists before the job starts: `run` returns once bash has forked the
+        // background pipeline, maybe before `cat` has opened (created) `/tmp/log`, and
+        // the first `tail` would find no file (seen under load with two tests at once).
+        sb.api.sh(&sb.id, &format!("{JOB}\ntouch /tmp/log"));
         sb.api.run(
             &sb.id,
             &sb.sh,
