@@ -115,6 +115,12 @@ impl super::Metrics {
             sync_counter(&self.deltafs_copy_ups_total.with_label_values(&[method]), n);
         }
         sync_counter(&self.deltafs_copy_up_bytes_total, s.copy_up_bytes);
+        sync_counter(&self.deltafs_copy_ups_chunked_total, s.copy_ups_chunked);
+        sync_counter(&self.deltafs_chunk_copy_bytes_total, s.chunk_copy_bytes);
+        sync_counter(
+            &self.deltafs_partial_completions_total,
+            s.partial_completions,
+        );
         sync_counter(&self.deltafs_freezes_total, s.freezes);
         sync_counter(&self.deltafs_switches_total, s.switches);
         self.deltafs_layers.set(gauge_value(
@@ -132,12 +138,23 @@ pub struct DeltaFsFigures {
     pub ops: Vec<OpCount>,
     /// Copy-ups by reflink (no data written).
     pub copy_ups_reflink: u64,
-    /// Copy-ups by copying the data.
+    /// Copy-ups by copying the data (chunk-granular ones included).
     pub copy_ups_copy: u64,
+    /// Of `copy_ups_copy`, those made chunk by chunk (stores without reflink): writes
+    /// copy the chunks they touch.
+    #[serde(default)]
+    pub copy_ups_chunked: u64,
     /// Copy-ups of files opened with `O_TRUNC` (nothing copied).
     pub copy_ups_empty: u64,
-    /// Bytes copy-ups wrote.
+    /// Bytes copy-ups wrote (chunks copied into chunk-granular copies included).
     pub copy_up_bytes: u64,
+    /// Of `copy_up_bytes`, the chunks writes into chunk-granular copies copied from
+    /// below, and their completions.
+    #[serde(default)]
+    pub chunk_copy_bytes: u64,
+    /// Chunk-granular copies completed (then served passthrough).
+    #[serde(default)]
+    pub partial_completions: u64,
     /// Freezes (checkpoints' file halves).
     pub freezes: u64,
     /// Switches (rollbacks' file halves).
@@ -174,8 +191,11 @@ impl DeltaFsFigures {
                 .collect(),
             copy_ups_reflink: s.copy_ups_reflink,
             copy_ups_copy: s.copy_ups_copy,
+            copy_ups_chunked: s.copy_ups_chunked,
             copy_ups_empty: s.copy_ups_empty,
             copy_up_bytes: s.copy_up_bytes,
+            chunk_copy_bytes: s.chunk_copy_bytes,
+            partial_completions: s.partial_completions,
             freezes: s.freezes,
             switches: s.switches,
             max_layers: s.view_layers.iter().copied().max().unwrap_or(0),

@@ -291,6 +291,24 @@ metrics! {
     deltafs_copy_up_bytes_total: IntCounter = IntCounter::new(
         "deltabox_deltafs_copy_up_bytes_total", "Bytes DeltaFS copy-ups wrote",
     );
+    /// `deltabox_deltafs_copy_ups_chunked_total`: of the `copy` copy-ups, those made
+    /// chunk by chunk (nothing copied at the copy-up; writes copy the chunks they touch).
+    deltafs_copy_ups_chunked_total: IntCounter = IntCounter::new(
+        "deltabox_deltafs_copy_ups_chunked_total",
+        "DeltaFS copy-ups made chunk by chunk (stores without reflink)",
+    );
+    /// `deltabox_deltafs_chunk_copy_bytes_total`: of the copy-up bytes, those writes into
+    /// chunk-granular copies copied from below (and their completions).
+    deltafs_chunk_copy_bytes_total: IntCounter = IntCounter::new(
+        "deltabox_deltafs_chunk_copy_bytes_total",
+        "Bytes DeltaFS copied into chunk-granular copies",
+    );
+    /// `deltabox_deltafs_partial_completions_total`: chunk-granular copies completed (the
+    /// rest copied; passthrough from their next first open).
+    deltafs_partial_completions_total: IntCounter = IntCounter::new(
+        "deltabox_deltafs_partial_completions_total",
+        "DeltaFS chunk-granular copies completed",
+    );
     /// `deltabox_deltafs_freezes_total`: DeltaFS freezes (the file half of checkpoints).
     deltafs_freezes_total: IntCounter = IntCounter::new(
         "deltabox_deltafs_freezes_total", "DeltaFS freezes",

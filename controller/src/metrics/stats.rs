@@ -109,11 +109,14 @@ pub fn stats_text(stats: &StatsResponse) -> String {
         );
         let _ = writeln!(
             out,
-            "deltafs copy-ups {} reflink, {} copied ({}), {} empty  freezes {}  switches {}  \
-             longest chain {} layers",
+            "deltafs copy-ups {} reflink, {} copied ({}; {} by chunks, {} of chunks, {} \
+             completed), {} empty  freezes {}  switches {}  longest chain {} layers",
             fs.copy_ups_reflink,
             fs.copy_ups_copy,
             size(fs.copy_up_bytes),
+            fs.copy_ups_chunked,
+            size(fs.chunk_copy_bytes),
+            fs.partial_completions,
             fs.copy_ups_empty,
             fs.freezes,
             fs.switches,

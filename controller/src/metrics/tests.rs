@@ -165,7 +165,11 @@ fn deltafs_counters_follow_the_store_and_every_kind_has_a_series() {
             })
             .collect(),
         copy_ups_reflink: 2,
+        copy_ups_copy: 3,
+        copy_ups_chunked: 2,
         copy_up_bytes: 4096,
+        chunk_copy_bytes: 1024,
+        partial_completions: 1,
         freezes: 3,
         view_layers: vec![2, 4],
         ..Default::default()
@@ -177,8 +181,11 @@ fn deltafs_counters_follow_the_store_and_every_kind_has_a_series() {
     for line in [
         "deltabox_deltafs_ops_total{op=\"write\"} 5",
         "deltabox_deltafs_copy_ups_total{method=\"reflink\"} 2",
-        "deltabox_deltafs_copy_ups_total{method=\"copy\"} 0",
+        "deltabox_deltafs_copy_ups_total{method=\"copy\"} 3",
         "deltabox_deltafs_copy_up_bytes_total 4096",
+        "deltabox_deltafs_copy_ups_chunked_total 2",
+        "deltabox_deltafs_chunk_copy_bytes_total 1024",
+        "deltabox_deltafs_partial_completions_total 1",
         "deltabox_deltafs_freezes_total 7",
         "deltabox_deltafs_layers 4",
         "deltabox_deltafs_op_seconds_bucket{op=\"lookup\",le=\"0.0000025\"} 5",

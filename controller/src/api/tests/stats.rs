@@ -75,7 +75,11 @@ impl StateSource for FakeSandboxes {
         Some(deltafs::StatsSnapshot {
             ops,
             copy_ups_empty: nodes,
+            copy_ups_copy: nodes,
+            copy_ups_chunked: nodes,
             copy_up_bytes: nodes * 4096,
+            chunk_copy_bytes: nodes * 4096,
+            partial_completions: nodes,
             freezes: nodes,
             switches: nodes,
             view_layers: vec![1 + nodes],
