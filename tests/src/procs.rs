@@ -5,13 +5,25 @@
 use std::fs;
 use std::path::PathBuf;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 
 use crate::daemon::TestDaemon;
 use crate::require_root;
 use crate::sandbox::{Http, id_of};
+
+/// Where a counter kept by a sandbox's process was at a checkpoint: read just before and
+/// just after it. The node's own value lies between the two; the counter runs on while
+/// they are read, by as much as a read takes under load, so only `before` is a lower
+/// bound of where a restored counter resumes.
+#[derive(Clone, Copy, Debug)]
+pub struct At {
+    /// Read just before the checkpoint.
+    pub before: u64,
+    /// Read just after it.
+    pub after: u64,
+}
 
 /// A sandbox of a test daemon, with its tree.
 pub struct ProcSandbox {
@@ -101,5 +113,51 @@ impl ProcSandbox {
             thread::sleep(Duration::from_millis(20));
         }
         panic!("{path} in {sb} holds {out:?}")
+    }
+
+    /// Checkpoints sandbox `sb` once the counter `read` returns (`None` while its
+    /// process has not written it yet) has counted to `min` (waited for, up to 30 s:
+    /// the process was just started in the background); returns the node and where the
+    /// counter was.
+    pub fn checkpoint_counter(
+        &self,
+        sb: &str,
+        label: &str,
+        min: u64,
+        read: impl Fn() -> Option<u64>,
+    ) -> (String, At) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let value = read();
+            if value.is_some_and(|n| n >= min) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{sb}: the counter is at {value:?} after 30 s, not {min}"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+        // Read again while `None`: its file may be being rewritten (truncated first).
+        let read_some = || {
+            for _ in 0..20 {
+                if let Some(n) = read() {
+                    return n;
+                }
+                thread::sleep(Duration::from_millis(50));
+            }
+            panic!("{sb}: the counter is gone")
+        };
+        let before = read_some();
+        let node = self.api.checkpoint(sb, label);
+        let after = read_some();
+        (node, At { before, after })
+    }
+
+    /// The number in file `path` of sandbox `sb`, `None` while the file is missing or
+    /// holds no number (not written yet, or being rewritten).
+    pub fn number_if_any(&self, sb: &str, path: &str) -> Option<u64> {
+        let out = self.api.sh(sb, &format!("cat {path} 2>/dev/null; true"));
+        out.trim().parse().ok()
     }
 }
