@@ -105,7 +105,9 @@ pub(crate) struct ViewState {
     pub mapped_generation: u64,
     /// Files the last freeze kept with the live view: the snapshot and the live backing
     /// file's ctime right after the freeze moved it. A switch back to that snapshot while
-    /// the ctime is unchanged finds the file still equal to the snapshot's copy.
+    /// the ctime is unchanged finds the file still equal to the snapshot's copy. An open
+    /// for writing since the freeze removes the file: its handles do not all predate the
+    /// checkpoint (see `ViewState::attach`).
     pub kept: HashMap<Ino, (SnapshotId, Time)>,
     /// Candidates whose last handle was released since the janitor's last pass, and when.
     pub released: Vec<(Ino, std::time::Instant)>,
