@@ -213,6 +213,46 @@ fn copy_up_under_an_open_reader_and_old_readers_after_switch() {
 /// freeze without `msync` or `munmap`: the checkpoint has the bytes, and later writes
 /// through the mapping stay out of it. Fails when the freeze does not make the kernel
 /// write those pages back first.
+/// A held file that the other side of a `RENAME_EXCHANGE` moved, changed after a
+/// checkpoint, then rolled back: its new name shows the checkpoint, to `stat` too. Fails
+/// when the exchange does not record the kernel's entry for that name (the switch then
+/// left it on the retired node id: `stat` gave the held write's size and old `st_ino`).
+#[test]
+fn a_rollback_drops_the_entry_an_exchange_gave_a_held_file() {
+    use std::os::unix::fs::MetadataExt;
+    require_root!();
+    let fx = Fixture::new();
+    let view = fx.mount("live", None);
+    let m = view.mountpoint().to_owned();
+    fs::write(m.join("a"), b"aaaa").unwrap();
+    fs::write(m.join("b"), b"bbbb").unwrap();
+    let held = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.join("a"))
+        .unwrap();
+    // `b` onto `a`: the held file is the destination, and now named `b`.
+    nix::fcntl::renameat2(
+        nix::fcntl::AT_FDCWD,
+        &m.join("b"),
+        nix::fcntl::AT_FDCWD,
+        &m.join("a"),
+        nix::fcntl::RenameFlags::RENAME_EXCHANGE,
+    )
+    .unwrap();
+    let id = freeze(&view).id;
+    held.write_all_at(b"XYZW", 2).unwrap();
+    view.switch(id).unwrap();
+    // No listing first: a `READDIRPLUS` would refresh the kernel's entries.
+    let meta = fs::metadata(m.join("b")).unwrap();
+    assert_eq!(meta.len(), 4, "stat of b after the rollback");
+    assert_ne!(meta.ino(), held.metadata().unwrap().ino());
+    assert_eq!(fs::read(m.join("b")).unwrap(), b"aaaa");
+    assert_eq!(fs::read(m.join("a")).unwrap(), b"bbbb");
+    drop(held);
+    view.unmount().unwrap();
+}
+
 #[test]
 fn dirty_pages_of_a_daemon_served_mapping_are_in_the_checkpoint() {
     require_root!();

@@ -151,6 +151,8 @@ enum Entry {
     File {
         mode: u32,
         nlink: u64,
+        /// `st_size`, which a stale kernel entry can get wrong while reads are right.
+        size: u64,
         data: Vec<u8>,
     },
     Symlink {
@@ -198,6 +200,7 @@ fn read_tree(root: &Path) -> Tree {
                 Entry::File {
                     mode,
                     nlink,
+                    size: meta.len(),
                     data: fs::read(&path).unwrap(),
                 }
             };
@@ -222,8 +225,13 @@ fn read_tree(root: &Path) -> Tree {
 /// offset that differs: the base's 1 MiB file would flood the output).
 fn differences(left: &Tree, right: &Tree) -> String {
     let brief = |entry: Option<&Entry>| match entry {
-        Some(Entry::File { mode, nlink, data }) => format!(
-            "File {{ mode: {mode:o}, nlink: {nlink}, {} bytes: {:?} }}",
+        Some(Entry::File {
+            mode,
+            nlink,
+            size,
+            data,
+        }) => format!(
+            "File {{ mode: {mode:o}, nlink: {nlink}, size: {size}, {} bytes: {:?} }}",
             data.len(),
             String::from_utf8_lossy(&data[..data.len().min(64)])
         ),

@@ -274,14 +274,28 @@ impl ViewState {
         };
         let (dir, new_dir) = (self.live(parent)?, self.live(new_parent)?);
         let moved = self.txn().lookup(dir, name).map_err(IntoErrno::errno)?;
+        // An exchange moves the other file too: the kernel's dentry of the old name now
+        // names it (without this, a switch that retired it left `stat` of that name
+        // answering from the retired state: the old size, the old `st_ino`).
+        let exchanged = if mode.exchange {
+            self.txn().lookup(new_dir, new_name).ok()
+        } else {
+            None
+        };
         let replaced = self
             .txn()
             .rename(dir, name, new_dir, new_name, mode)
             .map_err(IntoErrno::errno)?;
-        if self.node(moved)?.kind == Kind::File {
-            let nid = self.nids.nid(moved);
-            self.nids
-                .record_name(nid, new_parent.0, &new_name.to_owned());
+        for (ino, dir_nid, entry) in [
+            (Some(moved), new_parent, new_name),
+            (exchanged, parent, name),
+        ] {
+            if let Some(ino) = ino
+                && self.node(ino)?.kind == Kind::File
+            {
+                let nid = self.nids.nid(ino);
+                self.nids.record_name(nid, dir_nid.0, &entry.to_owned());
+            }
         }
         if let Some((ino, _)) = replaced {
             self.reap(ino);
