@@ -221,6 +221,23 @@ fn read_tree(root: &Path) -> Tree {
     tree
 }
 
+/// `lstat` of each of [`PATHS`] under `root`: the file type and mode, and for a
+/// non-directory its size and link count (a directory's vary by filesystem), or the errno.
+fn stat_paths(root: &Path) -> Vec<Result<(u32, u64, u64), i32>> {
+    PATHS
+        .iter()
+        .map(|path| {
+            let meta = fs::symlink_metadata(root.join(path))
+                .map_err(|e| e.raw_os_error().unwrap_or(-1))?;
+            Ok(if meta.is_dir() {
+                (meta.mode(), 0, 0)
+            } else {
+                (meta.mode(), meta.len(), meta.nlink())
+            })
+        })
+        .collect()
+}
+
 /// What differs between two trees, briefly (a file's data as its length and the first
 /// offset that differs: the base's 1 MiB file would flood the output).
 fn differences(left: &Tree, right: &Tree) -> String {
@@ -513,6 +530,11 @@ impl Run<'_> {
                 }
             }
         }
+        // Each name by path first, before a listing refreshes the kernel's entries
+        // (`READDIRPLUS`): a stale entry shows only so.
+        let real = stat_paths(self.view.mountpoint());
+        let expected = stat_paths(&self.reference);
+        prop_assert_eq!(real, expected, "lstat of each name after {:?}", op);
         let real = read_tree(self.view.mountpoint());
         let expected = read_tree(&self.reference);
         prop_assert!(
