@@ -564,6 +564,15 @@ fn run_on(fx: Fixture, ops: Vec<Op>) -> Result<(), TestCaseError> {
     let scratch = TempDir::new_in(&std::env::temp_dir(), "deltafs-model-");
     let reference = scratch.path().join("ref0");
     fs::create_dir(&reference).unwrap();
+    // Hard links and a FIFO the base has (one base inode under two names: the view keeps
+    // them one inode through copy-up, freeze and switch).
+    fs::hard_link(fx.base.join("etc/hostname"), fx.base.join("etc/hosts")).unwrap();
+    nix::unistd::mkfifo(
+        &fx.base.join("usr/pipe"),
+        nix::sys::stat::Mode::from_bits_truncate(0o644),
+    )
+    .unwrap();
+    fs::hard_link(fx.base.join("usr/pipe"), fx.base.join("usr/bin/pipe")).unwrap();
     write_tree(&read_tree(&fx.base), &reference);
     let mut run = Run {
         view: fx.mount("live", None),
