@@ -151,36 +151,29 @@ fn write_dump(
             })?;
             for (first, count) in spans(&private) {
                 let same = base.map_or_else(Vec::new, |b| same_frames(&pagemap, b, first, count));
-                let unchanged = |i: u64| same.get(i as usize).copied().unwrap_or(false);
+                // The parent dump's entry of the `i`th page, if that page is the parent's.
+                let unchanged = |i: u64| {
+                    (same.get(i as usize) == Some(&true))
+                        .then(|| parent_index.get(&(first + i * PAGE)))
+                        .flatten()
+                };
                 let mut done = 0;
                 while done < count {
                     let addr = first + done * PAGE;
-                    if unchanged(done)
-                        && let Some(entry) = parent_index.get(&addr)
-                    {
+                    if let Some(entry) = unchanged(done) {
                         // The parent's own page: its entry, unread.
                         stats.pages += 1;
                         stats.unchanged += 1;
-                        match entry.at {
-                            None => {
-                                stats.zero += 1;
-                                builder.push(addr, entry.hash, None);
-                            }
-                            Some((src, off)) => {
-                                let name = parent_chain
-                                    .and_then(|c| c.get(src as usize))
-                                    .cloned()
-                                    .unwrap_or_default();
-                                let idx = builder.chain_index(&name);
-                                builder.push(addr, entry.hash, Some((idx, off)));
-                            }
+                        if entry.at.is_none() {
+                            stats.zero += 1;
                         }
+                        builder.push_parent(addr, entry, parent_chain);
                         done += 1;
                         continue;
                     }
                     // A run of pages to read: up to the next unchanged one.
                     let mut n = 1;
-                    while done + n < count && n < READ_PAGES && !unchanged(done + n) {
+                    while done + n < count && n < READ_PAGES && unchanged(done + n).is_none() {
                         n += 1;
                     }
                     let chunk = &mut buf[..(n * PAGE) as usize];
@@ -197,16 +190,8 @@ fn write_dump(
                         }
                         let hash = page_hash(page);
                         match parent_index.get(&at) {
-                            Some(PageRef {
-                                hash: h,
-                                at: Some((src, off)),
-                            }) if *h == hash => {
-                                let name = parent_chain
-                                    .and_then(|c| c.get(*src as usize))
-                                    .cloned()
-                                    .unwrap_or_default();
-                                let idx = builder.chain_index(&name);
-                                builder.push(at, hash, Some((idx, *off)));
+                            Some(entry @ PageRef { at: Some(_), .. }) if entry.hash == hash => {
+                                builder.push_parent(at, entry, parent_chain);
                             }
                             _ => {
                                 out.write_all(page)
@@ -379,6 +364,19 @@ impl RunBuilder {
         self.chain.push(name.to_owned());
         self.chain_at.insert(name.to_owned(), i);
         i
+    }
+
+    /// Pushes the page at `addr` as the parent dump's `entry` (whose `src` indexes the
+    /// parent's `chain`): where the parent's own page lives, or a zero page.
+    fn push_parent(&mut self, addr: u64, entry: &PageRef, parent_chain: Option<&[String]>) {
+        let at = entry.at.map(|(src, off)| {
+            let name = parent_chain
+                .and_then(|c| c.get(src as usize))
+                .cloned()
+                .unwrap_or_default();
+            (self.chain_index(&name), off)
+        });
+        self.push(addr, entry.hash, at);
     }
 
     fn push(&mut self, addr: u64, hash: u64, at: Option<(u32, u64)>) {
