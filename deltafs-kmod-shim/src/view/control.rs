@@ -132,6 +132,7 @@ impl ViewShared {
         state.writable = next;
         let kept: HashSet<Ino> = moved.iter().map(|(ino, _)| *ino).collect();
         state.maybe_mapped.retain(|ino, _| kept.contains(ino));
+        state.renew_mapped_generations();
         state.kept.clear();
         for (ino, file) in &moved {
             let file = *file;
@@ -291,6 +292,7 @@ impl ViewShared {
         state.parent = Some(to);
         let still: HashSet<Ino> = unchanged.iter().map(|(ino, _)| *ino).collect();
         state.maybe_mapped.retain(|ino, _| still.contains(ino));
+        state.renew_mapped_generations();
         state.released.clear();
         state.kept.clear();
         let next = state.writable;
@@ -351,6 +353,19 @@ fn ctime(meta: &std::fs::Metadata) -> crate::node::Time {
 }
 
 impl super::state::ViewState {
+    /// Gives every mapping candidate a new generation, after a freeze or a switch moved
+    /// their backing files: a janitor pass that read a candidate's path before the move
+    /// probes whatever is at that path now (after a freeze, the frozen copy, which nothing
+    /// holds), and must not drop the candidate on that verdict.
+    fn renew_mapped_generations(&mut self) {
+        let mut generation = self.mapped_generation;
+        for g in self.maybe_mapped.values_mut() {
+            generation += 1;
+            *g = generation;
+        }
+        self.mapped_generation = generation;
+    }
+
     /// For a switch to `to`: if file `ino` was kept live by the freeze that made
     /// `to`, and neither its node (but for where its data lives) nor its backing file
     /// (ctime) changed since, returns its backing file's number in the writable layer.
