@@ -139,3 +139,73 @@ fn a_store_of_format_version_1_still_mounts() {
     );
     mixed.unmount().unwrap();
 }
+
+/// Hard links of every kind — a file, a FIFO, a symlink made in the view, a file and a
+/// FIFO linked in the base (one copied up, the other linked again and chmodded in the
+/// view) — stay one inode each, with their link counts and modes, in a branch from the
+/// checkpoint and after a restart.
+#[test]
+fn hard_links_of_every_kind_survive_a_branch_and_a_restart() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    require_root!();
+    let mut fx = Fixture::new();
+    let fifo = |path: &std::path::Path, mode| {
+        nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(mode)).unwrap()
+    };
+    fs::hard_link(fx.base.join("etc/hostname"), fx.base.join("etc/hosts")).unwrap();
+    fifo(&fx.base.join("bp"), 0o644);
+    fs::hard_link(fx.base.join("bp"), fx.base.join("bq")).unwrap();
+    let view = fx.mount("live", None);
+    let m = view.mountpoint().to_owned();
+    fs::write(m.join("a"), b"hello").unwrap();
+    fs::hard_link(m.join("a"), m.join("b")).unwrap();
+    fifo(&m.join("f"), 0o640);
+    fs::hard_link(m.join("f"), m.join("g")).unwrap();
+    std::os::unix::fs::symlink("a", m.join("s")).unwrap();
+    fs::hard_link(m.join("s"), m.join("t")).unwrap();
+    fs::write(m.join("etc/hostname"), b"changed\n").unwrap();
+    fs::hard_link(m.join("bp"), m.join("c")).unwrap();
+    fs::set_permissions(m.join("bq"), fs::Permissions::from_mode(0o600)).unwrap();
+    // (names, nlink, mode) of each inode.
+    let groups: [(&[&str], u64, u32); 5] = [
+        (&["a", "b"], 2, 0o100644),
+        (&["f", "g"], 2, 0o10640),
+        (&["s", "t"], 2, 0o120777),
+        (&["etc/hostname", "etc/hosts"], 2, 0o100644),
+        (&["bp", "bq", "c"], 3, 0o10600),
+    ];
+    let check = |root: &std::path::Path, what: &str| {
+        for (names, nlink, mode) in groups {
+            let metas: Vec<_> = names
+                .iter()
+                .map(|n| fs::symlink_metadata(root.join(n)).unwrap())
+                .collect();
+            for (name, meta) in names.iter().zip(&metas) {
+                assert_eq!(
+                    meta.ino(),
+                    metas[0].ino(),
+                    "{what}: {name} and {}",
+                    names[0]
+                );
+                assert_eq!((meta.nlink(), meta.mode()), (nlink, mode), "{what}: {name}");
+            }
+        }
+        assert_eq!(
+            fs::read(root.join("etc/hosts")).unwrap(),
+            b"changed\n",
+            "{what}"
+        );
+        assert_eq!(fs::read(root.join("t")).unwrap(), b"hello", "{what}");
+    };
+    check(&m, "live");
+    let id = view.freeze(&FreezeOpts::default()).unwrap().id;
+    fx.store().flush().unwrap();
+    let branch = fx.mount("branch", Some(id));
+    check(branch.mountpoint(), "branch");
+    branch.unmount().unwrap();
+    view.unmount().unwrap();
+    fx.reopen();
+    let again = fx.mount("again", Some(id));
+    check(again.mountpoint(), "after a restart");
+    again.unmount().unwrap();
+}
