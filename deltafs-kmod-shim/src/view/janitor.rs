@@ -5,7 +5,9 @@
 //! that can happen. Shortly after such a file's last handle is released, this thread
 //! probes it once ([`crate::lease::in_use`]) and drops it from the candidates if nothing holds
 //! it open any more — unless it was opened for writing again meanwhile (each writable
-//! passthrough open bumps the candidate's generation). A freeze then only has to probe
+//! passthrough open bumps the candidate's generation), or a freeze or switch moved its
+//! backing file while it probed the old path (they renew every generation). A freeze
+//! then only has to probe
 //! files closed in the last few milliseconds.
 //!
 //! It also watches the attributes the kernel holds of those candidates (`super::told`):
