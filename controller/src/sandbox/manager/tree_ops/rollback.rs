@@ -37,6 +37,19 @@ pub(super) struct Finisher {
     done: mpsc::Receiver<Report>,
 }
 
+impl Drop for Finisher {
+    /// A worker started but never finished (the rollback failed on another session):
+    /// the process it restored is no session of the sandbox, so it is killed. One never
+    /// started kills its forked child itself when `go` goes.
+    fn drop(&mut self) {
+        if self.go.is_none()
+            && let Ok(Report::Finished(Ok(restored))) = self.done.recv()
+        {
+            let _ = restored.kill();
+        }
+    }
+}
+
 /// What a worker thread says: its fork, then its fix-up.
 enum Report {
     Forked(Result<(), String>),
