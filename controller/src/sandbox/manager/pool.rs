@@ -13,6 +13,9 @@
 //!   dump must be complete on disk before its templates go, so an acknowledged node
 //!   never loses its only copy; under `on-evict` the pool writes the dump itself, then
 //!   evicts; under `off` nothing is ever evicted;
+//! - likewise a node whose templates are the base of a queued dump (a child node's,
+//!   compared with them frame by frame): the job holds them, so evicted they would
+//!   live on, uncounted, until it is done;
 //! - the last live template of a session: the fallback rebuilds a session from its
 //!   dump by forking *a live template of the same program run* (same vdso), so each
 //!   session keeps one;
@@ -117,8 +120,9 @@ struct State {
     /// The nodes whose templates are in the pool, with when they were last used.
     used: HashMap<NodeId, (TreeId, u64)>,
     clock: u64,
-    /// Dumps queued on the dump worker (`<node>-<session>`), not yet on disk.
-    pending: HashSet<String>,
+    /// Dumps queued on the dump worker (`<node>-<session>`), not yet on disk, each with
+    /// the address of the node templates it is compared with (its base), if any.
+    pending: HashMap<String, Option<usize>>,
     woken: bool,
     stop: bool,
 }
@@ -225,9 +229,14 @@ impl Pool {
         self.shared.misses.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Dump `name` is queued: its node is not evicted until [`Pool::dump_done`].
-    pub(super) fn dump_queued(&self, name: &str) {
-        lock(&self.shared.state).pending.insert(name.to_owned());
+    /// Dump `name` is queued: its node is not evicted until [`Pool::dump_done`], nor the
+    /// node whose templates are its `base` (the job holds them: evicted, they would
+    /// live on uncounted until it is done).
+    pub(super) fn dump_queued(&self, name: &str, base: Option<&Arc<NodeTemplates>>) {
+        let base = base.map(|t| Arc::as_ptr(t) as usize);
+        lock(&self.shared.state)
+            .pending
+            .insert(name.to_owned(), base);
     }
 
     /// A handle for the dump jobs, which outlive the call that queued them.
@@ -405,8 +414,8 @@ impl Shared {
     /// The least recently used node whose templates may go: not skipped, none of its
     /// live session templates the last of its session, and none of its other processes'
     /// live templates the last of their program run (the other nodes with a live
-    /// template of the same run, sessions' included). `None` while that node's dumps are
-    /// still queued: the pool waits for them ([`PoolHandle::dump_done`] wakes it) rather
+    /// template of the same run, sessions' included). `None` while that node's dumps, or
+    /// dumps compared with its templates, are still queued: the pool waits for them ([`PoolHandle::dump_done`] wakes it) rather
     /// than evict a more recently used node, which would break the LRU order for as long
     /// as the dump backlog lasts (a node just restored by the fallback, whose dump is
     /// already on disk, would go at once).
@@ -436,11 +445,14 @@ impl Shared {
         })?;
         let c = &candidates[i];
         let pending = lock(&self.state).pending.clone();
-        let queued = c
-            .live()
-            .any(|(sid, _)| pending.contains(&dump_name(&c.node.to_string(), &sid.to_string())))
-            || c.live_processes()
-                .any(|t| pending.contains(&process_dump_name(c.node, t.state().pid)));
+        let queued = c.live().any(|(sid, _)| {
+            pending.contains_key(&dump_name(&c.node.to_string(), &sid.to_string()))
+        }) || c
+            .live_processes()
+            .any(|t| pending.contains_key(&process_dump_name(c.node, t.state().pid)))
+            || pending
+                .values()
+                .any(|base| *base == Some(Arc::as_ptr(&c.templates) as usize));
         if queued {
             tracing::debug!(node = %c.node, "least recently used node waits for its dumps");
             return None;

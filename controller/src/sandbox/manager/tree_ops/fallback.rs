@@ -106,7 +106,8 @@ impl SandboxManager {
         at: TemplateAt,
         base: Option<(Arc<NodeTemplates>, TemplateAt)>,
     ) {
-        self.pool.dump_queued(&opts.name);
+        self.pool
+            .dump_queued(&opts.name, base.as_ref().map(|(t, _)| t));
         let pool = self.pool.handle();
         worker.submit(move || {
             let base_template = base.as_ref().map(|(t, at)| at.of(t));
