@@ -194,21 +194,11 @@ impl Layers {
     /// modification time; returns it open for reading and writing. On failure `dest` is
     /// removed, so a full store leaves no partial file behind.
     pub fn copy_to(&self, src: &File, dest: &Path) -> Result<(File, CopyStats), LayerError> {
-        let file = create_at(dest)?;
-        let copied = self
-            .clone_into(src, &file)
-            .and_then(|stats| copy_times(src, &file).map(|()| stats));
-        match copied {
-            Ok(stats) => Ok((file, stats)),
-            Err(source) => {
-                drop(file);
-                let _ = fs::remove_file(dest);
-                Err(LayerError::Copy {
-                    path: dest.to_owned(),
-                    source,
-                })
-            }
-        }
+        create_filled(dest, |file| {
+            let stats = self.clone_into(src, file)?;
+            copy_times(src, file)?;
+            Ok(stats)
+        })
     }
 
     /// Copies all of `src` into the empty `dest`: `FICLONE` when the store can, else a
@@ -327,6 +317,26 @@ pub(crate) fn create_at(path: &Path) -> Result<File, LayerError> {
         path: path.to_owned(),
         source,
     })
+}
+
+/// Creates `dest` ([`create_at`]) and has `fill` write it; if `fill` fails, `dest` is
+/// removed, so a full store leaves no partial file behind.
+pub(crate) fn create_filled<T>(
+    dest: &Path,
+    fill: impl FnOnce(&File) -> io::Result<T>,
+) -> Result<(File, T), LayerError> {
+    let file = create_at(dest)?;
+    match fill(&file) {
+        Ok(made) => Ok((file, made)),
+        Err(source) => {
+            drop(file);
+            let _ = fs::remove_file(dest);
+            Err(LayerError::Copy {
+                path: dest.to_owned(),
+                source,
+            })
+        }
+    }
 }
 
 /// Gives `dest` the access and modification times of `src`.

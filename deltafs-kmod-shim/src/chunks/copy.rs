@@ -1,14 +1,14 @@
 //! The copy-up of a frozen file: a clone where the store can, else chunk by chunk (large
 //! files) or whole (small ones).
 
-use std::fs::{self, File};
+use std::fs::File;
 use std::io;
 use std::path::Path;
 use std::sync::Arc;
 
 use super::{MAX_DEPTH, Partial, Resolve, flatten, materialize};
 use crate::ioctl::ficlone;
-use crate::layer::{CopyStats, LayerError, Layers, copy_times, create_at, sparse_copy};
+use crate::layer::{CopyStats, LayerError, Layers, copy_times, create_filled, sparse_copy};
 use crate::node::DataRef;
 
 /// A copy-up's new backing file, the record it needs (`None`: it holds everything), and
@@ -33,21 +33,12 @@ impl Layers {
         resolve: Resolve<'_>,
         dest: &Path,
     ) -> Result<CopiedUp, LayerError> {
-        let file = create_at(dest)?;
-        let made = self
-            .fill_copy(src, src_data, src_partial, resolve, &file)
-            .and_then(|made| copy_times(src, &file).map(|()| made));
-        match made {
-            Ok((partial, stats)) => Ok((file, partial, stats)),
-            Err(source) => {
-                drop(file);
-                let _ = fs::remove_file(dest);
-                Err(LayerError::Copy {
-                    path: dest.to_owned(),
-                    source,
-                })
-            }
-        }
+        let (file, (partial, stats)) = create_filled(dest, |file| {
+            let made = self.fill_copy(src, src_data, src_partial, resolve, file)?;
+            copy_times(src, file)?;
+            Ok(made)
+        })?;
+        Ok((file, partial, stats))
     }
 
     fn fill_copy(

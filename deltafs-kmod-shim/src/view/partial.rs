@@ -50,6 +50,9 @@ pub(crate) fn cut(
     Ok(Some(Some(Arc::new(cut))))
 }
 
+/// A handle's backing file, with its node id and record if its file is partial.
+type WrittenPartial = (Arc<Backing>, Option<(u64, Arc<Partial>)>);
+
 impl ViewState {
     /// The chunk record of the node whose data handle id `nid` reads and writes: its
     /// live inode's, or the node its retired id keeps. `None` also when the node is not
@@ -61,6 +64,17 @@ impl ViewState {
             Resolved::Retired => &self.nids.retired.get(&nid)?.node,
         };
         node.partial.clone()
+    }
+
+    /// Handle `fh`'s backing file and, if its file is partial, the handle's node id and
+    /// the record; `EBADF` for a handle not open for writing.
+    fn written_partial(&self, fh: u64) -> FsResult<WrittenPartial> {
+        let handle = self.handles.get(&fh).ok_or(Errno::EBADF)?;
+        if !handle.write {
+            return Err(Errno::EBADF);
+        }
+        let partial = self.handle_partial(handle.nid).map(|p| (handle.nid, p));
+        Ok((Arc::clone(&handle.backing), partial))
     }
 
     /// Sets the record of the node handle id `nid` names (live: recorded in the delta).
@@ -103,12 +117,8 @@ impl ViewState {
         end: u64,
         covered: bool,
     ) -> FsResult<Arc<Backing>> {
-        let handle = self.handles.get(&fh).ok_or(Errno::EBADF)?;
-        if !handle.write {
-            return Err(Errno::EBADF);
-        }
-        let (nid, backing) = (handle.nid, Arc::clone(&handle.backing));
-        let Some(partial) = self.handle_partial(nid) else {
+        let (backing, partial) = self.written_partial(fh)?;
+        let Some((nid, partial)) = partial else {
             return Ok(backing);
         };
         let file = backing.file();
@@ -136,12 +146,8 @@ impl ViewState {
     /// Before an operation that moves data within handle `fh`'s file (collapse or insert
     /// range): completes it if it is partial. Returns the handle's backing file.
     pub fn complete_for(&mut self, fh: u64) -> FsResult<Arc<Backing>> {
-        let handle = self.handles.get(&fh).ok_or(Errno::EBADF)?;
-        if !handle.write {
-            return Err(Errno::EBADF);
-        }
-        let (nid, backing) = (handle.nid, Arc::clone(&handle.backing));
-        let Some(partial) = self.handle_partial(nid) else {
+        let (backing, partial) = self.written_partial(fh)?;
+        let Some((nid, partial)) = partial else {
             return Ok(backing);
         };
         let paths = self.paths();
