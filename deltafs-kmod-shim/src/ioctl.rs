@@ -11,6 +11,27 @@ use std::os::fd::AsRawFd;
 /// through any path (write, passthrough, a shared mapping). Fails with `EOPNOTSUPP`,
 /// `EXDEV` or `EINVAL` where the filesystem cannot clone.
 pub fn ficlone(dest: &File, src: &File) -> io::Result<()> {
+    ficlone_raw(dest, src)
+}
+
+/// [`ficlone`] where a filesystem that cannot clone is an answer, not an error:
+/// `Ok(false)` for `EOPNOTSUPP`, `EXDEV` or `EINVAL` (the caller copies instead).
+pub fn try_ficlone(dest: &File, src: &File) -> io::Result<bool> {
+    match ficlone_raw(dest, src) {
+        Ok(()) => Ok(true),
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EOPNOTSUPP | libc::EXDEV | libc::EINVAL)
+            ) =>
+        {
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn ficlone_raw(dest: &File, src: &File) -> io::Result<()> {
     // SAFETY: FICLONE takes the source fd as its integer argument and reads nothing from
     // our memory; both fds are open for the whole call because `dest` and `src` are
     // borrowed.

@@ -13,7 +13,7 @@ use nix::unistd::{Whence, lseek};
 
 use crate::chunks::ChunkPolicy;
 use crate::ids::LayerId;
-use crate::ioctl::ficlone;
+use crate::ioctl::{ficlone, try_ficlone};
 
 /// Failures on layer directories and backing files. Each keeps the errno a FUSE caller
 /// should see (`ENOSPC` on a full store stays `ENOSPC`).
@@ -204,21 +204,11 @@ impl Layers {
     /// Copies all of `src` into the empty `dest`: `FICLONE` when the store can, else a
     /// sparse-aware copy (holes stay holes).
     pub fn clone_into(&self, src: &File, dest: &File) -> io::Result<CopyStats> {
-        if self.reflink {
-            match ficlone(dest, src) {
-                Ok(()) => {
-                    return Ok(CopyStats {
-                        cloned: 1,
-                        ..CopyStats::default()
-                    });
-                }
-                Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::EOPNOTSUPP | libc::EXDEV | libc::EINVAL)
-                    ) => {}
-                Err(e) => return Err(e),
-            }
+        if self.reflink && try_ficlone(dest, src)? {
+            return Ok(CopyStats {
+                cloned: 1,
+                ..CopyStats::default()
+            });
         }
         // Write back `src`'s dirty pages first, as FICLONE does: that write-protects
         // the pages of its shared mappings, so the next write through one faults and

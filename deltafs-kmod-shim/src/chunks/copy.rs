@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::{MAX_DEPTH, Partial, Resolve, flatten, materialize};
-use crate::ioctl::ficlone;
+use crate::ioctl::try_ficlone;
 use crate::layer::{CopyStats, LayerError, Layers, copy_times, create_filled, sparse_copy};
 use crate::node::DataRef;
 
@@ -49,22 +49,12 @@ impl Layers {
         resolve: Resolve<'_>,
         dest: &File,
     ) -> io::Result<(Option<Arc<Partial>>, CopyStats)> {
-        if self.reflink() {
-            match ficlone(dest, src) {
-                Ok(()) => {
-                    let stats = CopyStats {
-                        cloned: 1,
-                        ..CopyStats::default()
-                    };
-                    return Ok((src_partial.cloned(), stats));
-                }
-                Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::EOPNOTSUPP | libc::EXDEV | libc::EINVAL)
-                    ) => {}
-                Err(e) => return Err(e),
-            }
+        if self.reflink() && try_ficlone(dest, src)? {
+            let stats = CopyStats {
+                cloned: 1,
+                ..CopyStats::default()
+            };
+            return Ok((src_partial.cloned(), stats));
         }
         let size = src.metadata()?.len();
         if size >= self.policy().min_size {
