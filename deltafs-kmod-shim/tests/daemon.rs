@@ -164,28 +164,41 @@ fn a_killed_daemon_leaves_enotconn_and_a_restart_remounts_its_snapshots() {
     drop(d);
 }
 
+/// A 512 KiB tmpfs in a temporary directory, unmounted (then removed) when dropped.
+struct SmallTmpfs(TempDir);
+
+impl SmallTmpfs {
+    fn mount() -> Self {
+        let dir = TempDir::new_in(&std::env::temp_dir(), "deltafs-small-");
+        mount(
+            Some("tmpfs"),
+            dir.path(),
+            Some("tmpfs"),
+            MsFlags::empty(),
+            Some("size=512k"),
+        )
+        .unwrap();
+        Self(dir)
+    }
+
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl Drop for SmallTmpfs {
+    fn drop(&mut self) {
+        let _ = umount2(self.0.path(), MntFlags::MNT_DETACH);
+    }
+}
+
 /// A store too small for a copy-up: the writer gets ENOSPC, the partial copy is gone,
 /// the frozen data and the checkpoint are intact.
 #[test]
 fn enospc_during_a_copy_up_reaches_the_writer_and_spares_the_checkpoint() {
     require_root!();
     let fx = Fixture::new();
-    let small = TempDir::new_in(&std::env::temp_dir(), "deltafs-small-");
-    mount(
-        Some("tmpfs"),
-        small.path(),
-        Some("tmpfs"),
-        MsFlags::empty(),
-        Some("size=512k"),
-    )
-    .unwrap();
-    struct Unmount<'a>(&'a Path);
-    impl Drop for Unmount<'_> {
-        fn drop(&mut self) {
-            let _ = umount2(self.0, MntFlags::MNT_DETACH);
-        }
-    }
-    let _guard = Unmount(small.path());
+    let small = SmallTmpfs::mount();
     // Whole copies (a chunk-granular one would fit: see the test below).
     let whole = deltafs::ChunkPolicy {
         min_size: u64::MAX,
@@ -218,22 +231,7 @@ fn enospc_during_a_copy_up_reaches_the_writer_and_spares_the_checkpoint() {
 fn a_chunked_copy_up_fits_where_a_whole_copy_does_not() {
     require_root!();
     let fx = Fixture::new();
-    let small = TempDir::new_in(&std::env::temp_dir(), "deltafs-small-");
-    mount(
-        Some("tmpfs"),
-        small.path(),
-        Some("tmpfs"),
-        MsFlags::empty(),
-        Some("size=512k"),
-    )
-    .unwrap();
-    struct Unmount<'a>(&'a Path);
-    impl Drop for Unmount<'_> {
-        fn drop(&mut self) {
-            let _ = umount2(self.0, MntFlags::MNT_DETACH);
-        }
-    }
-    let _guard = Unmount(small.path());
+    let small = SmallTmpfs::mount();
     let store = deltafs::Store::open(small.path().join("store")).unwrap();
     assert!(!store.reflink());
     let mnt = fx.mountpoint("small");
