@@ -18,7 +18,7 @@ use deltabox_controller::cr::pidfd::Pidfd;
 use deltabox_controller::cr::{CheckpointOptions, RestoreOptions, Restored};
 use nix::unistd::Pid;
 
-use crate::cgroup::cgroup2_root;
+use crate::cgroup::{cgroup2_root, remove_tree};
 use crate::unique;
 
 /// How long a test waits for one line of output.
@@ -146,9 +146,7 @@ impl CrEnv {
     /// Creates the tree for test `name`.
     pub fn new(name: &str) -> Self {
         let root = cgroup2_root().join(unique(&format!("cr-{name}")));
-        if root.exists() {
-            remove_tree(&root);
-        }
+        remove_tree(&root);
         for dir in [&root, &root.join("session"), &root.join("templates")] {
             fs::create_dir(dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
         }
@@ -253,26 +251,6 @@ impl Drop for CrEnv {
             pidfd.try_reap();
         }
     }
-}
-
-/// `cgroup.kill` on `dir` (recursive), then removes its cgroups depth first.
-pub fn remove_tree(dir: &Path) {
-    let _ = fs::write(dir.join("cgroup.kill"), "1");
-    if let Ok(entries) = fs::read_dir(dir) {
-        for e in entries.flatten() {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                remove_tree(&e.path());
-            }
-        }
-    }
-    for _ in 0..500 {
-        match fs::remove_dir(dir) {
-            Ok(()) => return,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return,
-            Err(_) => thread::sleep(Duration::from_millis(2)),
-        }
-    }
-    eprintln!("warning: could not remove cgroup {}", dir.display());
 }
 
 /// Waits (up to [`LINE_TIMEOUT`]) until `pid` is blocked in syscall `nr`.

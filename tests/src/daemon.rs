@@ -319,6 +319,15 @@ impl Drop for TestDaemon {
         if let Err(e) = leftovers::clean(&self.dir.join("run"), &self.sandbox_cgroup) {
             eprintln!("cleaning up after {}: {e}", self.dir.display());
         }
+        // The daemon's clean-up gives up on a cgroup the kernel is slow to let go of;
+        // the test guard's waits longer and says so if it fails too.
+        if self.sandbox_cgroup.exists() {
+            eprintln!(
+                "{} survived the daemon's clean-up: removing it",
+                self.sandbox_cgroup.display()
+            );
+            crate::cgroup::remove_tree(&self.sandbox_cgroup);
+        }
         let _ = fs::remove_dir_all(&self.dir);
         let _ = fs::remove_dir_all(&self.data_dir);
         let _ = deltabox_controller::bpf::unload(&self.pin_dir);

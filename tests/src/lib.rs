@@ -18,7 +18,11 @@ pub mod sandbox;
 pub mod templates;
 pub mod tree;
 
-use std::path::PathBuf;
+use std::{
+    path::PathBuf,
+    thread,
+    time::{Duration, Instant},
+};
 
 /// A directory for the test's files on the disk-backed filesystem of `target/`
 /// (page-cache dirtying is what the tests count; tmpfs has no writeback).
@@ -42,4 +46,20 @@ pub fn require_root() {
 /// A unique name for test objects: the test's name and this process's pid.
 pub fn unique(test: &str) -> String {
     format!("deltabox-test-{test}-{}", std::process::id())
+}
+
+/// Polls `cond` every 10 ms until it holds (true) or `timeout` has passed (false): what
+/// a test waits for, instead of a fixed sleep that is too short on a loaded machine and
+/// too long on an idle one. The caller asserts on the result with its own message.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
 }

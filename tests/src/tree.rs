@@ -10,6 +10,7 @@ use std::{
 };
 
 use deltabox_controller::sandbox::{
+    manager::leftovers,
     rootfs,
     runtime::{ExitStatus, Limits, SpawnRequest, TreeConfig, TreeRuntime},
 };
@@ -141,6 +142,15 @@ impl Drop for Tree {
         }
         if let Some(rt) = self.rt.take() {
             let _ = rt.shutdown();
+        }
+        // A shutdown that failed (or a test that took the runtime) leaves the tree's
+        // processes and cgroups: clean them up as after a dead daemon, and then with
+        // the test guard's longer wait, which reports what it cannot remove.
+        if self.cfg.cgroup.exists() {
+            if let Err(e) = leftovers::clean(&self.cfg.run_dir, &self.cfg.cgroup) {
+                eprintln!("cleaning up tree {}: {e}", self.cfg.id);
+            }
+            crate::cgroup::remove_tree(&self.cfg.cgroup);
         }
         self.store.take();
         if rootfs::release_default_base(&self.base).is_ok() {

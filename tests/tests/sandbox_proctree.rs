@@ -14,7 +14,34 @@ use std::time::Duration;
 use deltabox_tests::procs::{At, ProcSandbox};
 use deltabox_tests::sandbox::{Http, id_of};
 use deltabox_tests::templates::wait_dump_backlog;
+use deltabox_tests::wait_until;
 use serde_json::json;
+
+/// Waits (up to 10 s) until the counter in `file` of `box_id` is past `from`: it runs.
+fn assert_counter_runs(sb: &ProcSandbox, box_id: &str, file: &str, from: u64) {
+    let mut now = from;
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            now = sb.number(box_id, file);
+            now > from
+        }),
+        "{file} in {box_id}: the counter does not run (still {now} 10 s after {from})"
+    );
+}
+
+/// Waits (up to 30 s) until the counter in `file` of `box_id` has run `steps` past
+/// `at` (a rollback must then take it back by at least that much); returns its value.
+fn counter_run_on(sb: &ProcSandbox, box_id: &str, file: &str, at: At, steps: u64) -> u64 {
+    let mut now = 0;
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            now = sb.number(box_id, file);
+            now >= at.after + steps
+        }),
+        "{file} in {box_id}: the counter is at {now} 30 s after {at:?}"
+    );
+    now
+}
 
 /// A counter kept in a background process's memory, written to `file` every 50 ms.
 fn counter(file: &str) -> String {
@@ -31,14 +58,10 @@ fn checkpoint_counter(sb: &ProcSandbox, box_id: &str, file: &str, label: &str) -
 /// `at`: it runs again, from there, not from 0 and not from `later`, where it was
 /// before the rollback.
 fn assert_counter_resumed(sb: &ProcSandbox, box_id: &str, file: &str, at: At, later: Option<u64>) {
+    // Half a second of running: the bounds below are made for it.
     thread::sleep(Duration::from_millis(500));
     let v1 = sb.number(box_id, file);
-    thread::sleep(Duration::from_millis(500));
-    let v2 = sb.number(box_id, file);
-    assert!(
-        v2 > v1,
-        "{file} in {box_id}: the counter does not run ({v1}, {v2})"
-    );
+    assert_counter_runs(sb, box_id, file, v1);
     // Not below the value read before the checkpoint: the counter only grows, and the
     // restored file and memory hold the node's value (the value read after the
     // checkpoint is no lower bound: under load that read can take longer than the
@@ -62,7 +85,7 @@ fn a_bash_background_job_comes_back_and_later_ones_are_gone() {
     let sh = api.session(id, "bash");
     api.run(id, &sh, &format!("x=42; {}", counter("/tmp/cnt")));
     api.run(id, &sh, "sleep 1000 &");
-    thread::sleep(Duration::from_millis(300));
+    assert_eq!(sb.count(id, "sleep 1000", 1), 1, "{:?}", sb.procs(id));
     let (node, at) = checkpoint_counter(&sb, id, "/tmp/cnt", "jobs");
     // The job and the counter are templates of the node, with the session.
     // (and the counter's `sleep 0.05`, if it was running)
@@ -80,8 +103,8 @@ fn a_bash_background_job_comes_back_and_later_ones_are_gone() {
         &["sh", "-c", "sleep 1235 >/dev/null 2>&1 &"],
         Some(10_000),
     );
-    thread::sleep(Duration::from_secs(2));
-    let later = sb.number(id, "/tmp/cnt");
+    // Two seconds' worth of counting.
+    let later = counter_run_on(&sb, id, "/tmp/cnt", at, 40);
     assert!(
         later > at.after + 10,
         "the counter ran: {at:?} then {later}"
@@ -184,8 +207,7 @@ fn a_popen_child_and_its_pipe_come_back() {
     // Read more after the checkpoint, then go back: the bytes read are unread again.
     let more = api.run(id, &py, "print(len(os.read(fd, 300)))");
     assert_eq!(more, "300\n");
-    thread::sleep(Duration::from_secs(1));
-    let later = sb.number(id, "/tmp/child");
+    let later = counter_run_on(&sb, id, "/tmp/child", at, 20);
     api.run(id, &py, "late = subprocess.Popen(['sleep', '1236'])");
     assert_eq!(sb.count(id, "sleep 1236", 1), 1, "{:?}", sb.procs(id));
 
@@ -218,8 +240,7 @@ fn a_pipeline_of_background_processes_comes_back_and_branches_are_isolated() {
          ( while read v; do echo $v > /tmp/last; done ) >/dev/null 2>&1 &",
     );
     let (node, at) = checkpoint_counter(&sb, id, "/tmp/last", "pipeline");
-    thread::sleep(Duration::from_secs(2));
-    let later = sb.number(id, "/tmp/last");
+    let later = counter_run_on(&sb, id, "/tmp/last", at, 40);
     assert!(later > at.after + 10, "{at:?} then {later}");
 
     api.rollback(id, &node);
@@ -244,8 +265,7 @@ fn a_pipeline_of_background_processes_comes_back_and_branches_are_isolated() {
     api.delete(&format!("/v1/sandboxes/{branch}"))
         .expect(200, "remove the branch");
     let a = sb.number(id, "/tmp/last");
-    thread::sleep(Duration::from_millis(300));
-    assert!(sb.number(id, "/tmp/last") > a, "the pipeline stopped");
+    assert_counter_runs(&sb, id, "/tmp/last", a);
 }
 
 #[test]
@@ -259,7 +279,18 @@ fn a_socket_in_a_background_process_is_refused_by_name() {
         "python3 -c 'import socket, time; s = socket.socket(); time.sleep(1000)' \
          >/dev/null 2>&1 & echo $!",
     );
-    thread::sleep(Duration::from_millis(500));
+    // Until the python process holds its socket (fd 3).
+    let has_socket = || {
+        sb.procs(id).iter().any(|(pid, _)| {
+            fs::read_link(format!("/proc/{pid}/fd/3"))
+                .is_ok_and(|l| l.to_string_lossy().starts_with("socket:["))
+        })
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), has_socket),
+        "no socket in {:?}",
+        sb.procs(id)
+    );
     let reply = api.post(
         &format!("/v1/sandboxes/{id}/checkpoint"),
         &json!({ "label": "sock" }),
@@ -368,7 +399,14 @@ fn a_background_job_comes_back_after_a_daemon_restart() {
         &id,
         "echo 'compgen -b > /tmp/out; help read >> /tmp/out; printf -v y \"%(%Y)T\" -1' > /tmp/cmd",
     );
-    thread::sleep(Duration::from_secs(1));
+    // The job runs /tmp/cmd, then removes it.
+    assert!(
+        wait_until(Duration::from_secs(10), || sb
+            .api
+            .sh(&id, "test -e /tmp/cmd || echo done")
+            .contains("done")),
+        "/tmp/cmd not run within 10 s"
+    );
     let out = sb
         .api
         .sh(&id, "cat /tmp/out 2>&1; test ! -e /tmp/cmd && echo done");
@@ -377,12 +415,9 @@ fn a_background_job_comes_back_after_a_daemon_restart() {
         "{out}"
     );
     assert!(out.ends_with("done\n"), "{out}");
+    // Still counting after drop_caches.
     let a = sb.number(&id, "/tmp/cnt");
-    thread::sleep(Duration::from_millis(500));
-    assert!(
-        sb.number(&id, "/tmp/cnt") > a,
-        "the job died after drop_caches"
-    );
+    assert_counter_runs(&sb, &id, "/tmp/cnt", a);
     // The session and the job's subshell (a fork of it: the same command line), once
     // (polled: the subshell's fork for `sleep` has that command line until its exec).
     let shells = |sb: &ProcSandbox| {
@@ -431,7 +466,11 @@ fn measure_checkpoint_and_rollback_with_background_processes() {
                 api.run(id, &sh, &format!("sleep {} &", 1000 + i));
             }
         }
-        thread::sleep(Duration::from_millis(300));
+        assert!(
+            wait_until(Duration::from_secs(10), || sb.procs(id).len() == jobs + 1),
+            "{:?}",
+            sb.procs(id)
+        );
         let (mut total, mut quiesce, mut procs, mut record, mut rb_total, mut rb_procs) =
             (vec![], vec![], vec![], vec![], vec![], vec![]);
         for i in 0..15 {

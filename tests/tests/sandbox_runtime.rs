@@ -16,7 +16,7 @@ use deltabox_controller::sandbox::{
     runtime::{ExitStatus, Limits, RuntimeError, TreeRuntime},
 };
 use deltabox_tests::tree::{Tree, request, run_in};
-use deltabox_tests::{require_root, unique};
+use deltabox_tests::{require_root, unique, wait_until};
 
 /// The capability mask of Docker's default set.
 fn docker_caps_mask() -> u64 {
@@ -233,14 +233,20 @@ fn init_reaps_orphans() {
     tree.add("a", &Limits::default());
     let (st, _, _) = tree.run("a", &["sh", "-c", "sleep 0.2 & exit 0"]);
     assert_eq!(st, ExitStatus::Code(0));
-    thread::sleep(Duration::from_millis(800));
+    // The orphaned `sleep 0.2` is init's child until it exits and init reaps it.
     let init = tree.rt().init_pid();
-    let children = fs::read_to_string(format!("/proc/{init}/task/{init}/children")).unwrap();
-    let children: Vec<&str> = children.split_whitespace().collect();
-    assert_eq!(
-        children.len(),
-        1,
-        "init's children: {children:?} (only the anchor expected)"
+    let read_children = || {
+        fs::read_to_string(format!("/proc/{init}/task/{init}/children"))
+            .unwrap()
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    let reaped = wait_until(Duration::from_secs(10), || read_children().len() == 1);
+    let children = read_children();
+    assert!(
+        reaped,
+        "init's children 10 s after the orphan's exit: {children:?} (only the anchor expected)"
     );
     let state = fs::read_to_string(format!("/proc/{}/stat", children[0])).unwrap();
     assert!(!state.contains(") Z "), "zombie: {state}");
@@ -408,7 +414,16 @@ fn a_restarted_daemon_adopts_the_tree() {
         .expect("spawn");
     // The daemon goes away; the command exits while nobody is connected.
     tree.rt.take().unwrap().detach();
-    thread::sleep(Duration::from_millis(1000));
+    // Init reaps it (its /proc entry goes) with no daemon attached.
+    assert!(
+        wait_until(Duration::from_secs(10), || !Path::new(&format!(
+            "/proc/{}",
+            sp.host_pid
+        ))
+        .exists()),
+        "pid {} not reaped 10 s after its exit was due",
+        sp.host_pid
+    );
     assert!(
         Path::new(&format!("/proc/{init}")).exists(),
         "init died with the daemon"
