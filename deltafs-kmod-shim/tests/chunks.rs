@@ -35,14 +35,7 @@ fn frozen_gib(view: &View, name: &str) -> SnapshotId {
     }
     f.set_len(GIB).unwrap();
     drop(f);
-    for _ in 0..50 {
-        let report = view.freeze(&FreezeOpts::default()).unwrap();
-        if report.kept_live == 0 {
-            return report.id;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    panic!("{name} stays open in the daemon");
+    common::freeze_closed(view).id
 }
 
 /// The bytes `[at, at + len)` of `path`.
@@ -96,17 +89,14 @@ fn a_one_byte_write_into_a_frozen_gib_copies_one_chunk() {
     require_root!();
     let mut fx = Fixture::plain(ChunkPolicy::default());
     let chunk = fx.store().chunk_policy().chunk;
-    let view = fx.mount("live", None);
-    let m = view.mountpoint().to_owned();
+    let (view, m) = fx.live();
     let frozen = frozen_gib(&view, "gib");
     fx.store().flush().unwrap();
     let disk_before = fx.store().disk_usage();
 
     let before = fx.store().stats();
     let at = 512 * MIB + 300_001;
-    let f = OpenOptions::new().write(true).open(m.join("gib")).unwrap();
-    f.write_all_at(b"!", at).unwrap();
-    drop(f);
+    common::write_at(&m.join("gib"), at, b"!");
     let after = fx.store().stats();
     let (copies, chunked, bytes) = stats_delta(&before, &after);
     assert_eq!((copies, chunked), (1, 1), "{after:?}");
@@ -128,12 +118,7 @@ fn a_one_byte_write_into_a_frozen_gib_copies_one_chunk() {
     let branch = fx.mount("branch", Some(frozen));
     check_gib(&branch.mountpoint().join("gib"), &[]);
     // A write in the branch stays there.
-    let g = OpenOptions::new()
-        .write(true)
-        .open(branch.mountpoint().join("gib"))
-        .unwrap();
-    g.write_all_at(b"?", at).unwrap();
-    drop(g);
+    common::write_at(&branch.mountpoint().join("gib"), at, b"?");
     check_gib(&branch.mountpoint().join("gib"), &[(at, b'?')]);
     check_gib(&m.join("gib"), &[(at, b'!')]);
 
@@ -145,9 +130,7 @@ fn a_one_byte_write_into_a_frozen_gib_copies_one_chunk() {
     assert_eq!(changes[0].path, Path::new("/gib"));
     assert!(changes[0].changed.content, "{changes:?}");
     let at2 = 3;
-    let f = OpenOptions::new().write(true).open(m.join("gib")).unwrap();
-    f.write_all_at(b"#", at2).unwrap();
-    drop(f);
+    common::write_at(&m.join("gib"), at2, b"#");
     check_gib(&m.join("gib"), &[(at, b'!'), (at2, b'#')]);
     let two = view.freeze(&FreezeOpts::default()).unwrap().id;
     view.switch(one).unwrap();
@@ -194,21 +177,15 @@ fn a_one_byte_write_into_a_frozen_gib_copies_one_chunk() {
 #[test]
 fn partial_files_read_like_plain_ones_through_every_path() {
     require_root!();
-    let fx = Fixture::plain(ChunkPolicy {
-        chunk: 4096,
-        min_size: 0,
-        complete_at_half: false,
-    });
-    let view = fx.mount("live", None);
-    let m = view.mountpoint().to_owned();
+    let fx = Fixture::plain(common::small_chunks());
+    let (view, m) = fx.live();
     let reference = fx.mountpoint("reference-dir").join("f");
     let original = pattern(0, 64 * 1024 + 100);
     fs::write(m.join("f"), &original).unwrap();
     fs::write(&reference, &original).unwrap();
+    // Kept live (the kernel's RELEASE comes after `close` returns), then frozen.
     let first = view.freeze(&FreezeOpts::default()).unwrap().id;
-    // Let the file's RELEASE arrive, then freeze again: the file is frozen.
-    std::thread::sleep(std::time::Duration::from_millis(50));
-    let frozen = view.freeze(&FreezeOpts::default()).unwrap().id;
+    let frozen = common::freeze_closed(&view).id;
 
     let both = |f: &dyn Fn(&File)| {
         for path in [&m.join("f"), &reference] {
@@ -293,12 +270,10 @@ fn a_mostly_rewritten_file_is_completed_and_goes_passthrough() {
         min_size: 0,
         ..ChunkPolicy::default()
     });
-    let view = fx.mount("live", None);
-    let m = view.mountpoint().to_owned();
+    let (view, m) = fx.live();
     let original = pattern(0, 256 * 1024);
     fs::write(m.join("f"), &original).unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(50));
-    let frozen = view.freeze(&FreezeOpts::default()).unwrap().id;
+    let frozen = common::freeze_closed(&view).id;
 
     let f = OpenOptions::new().write(true).open(m.join("f")).unwrap();
     f.write_all_at(&[1; 4096], 0).unwrap();
@@ -326,31 +301,16 @@ fn a_mostly_rewritten_file_is_completed_and_goes_passthrough() {
 #[test]
 fn long_chains_are_flattened_and_stay_right() {
     require_root!();
-    let mut fx = Fixture::plain(ChunkPolicy {
-        chunk: 4096,
-        min_size: 0,
-        complete_at_half: false,
-    });
-    let view = fx.mount("live", None);
-    let m = view.mountpoint().to_owned();
+    let mut fx = Fixture::plain(common::small_chunks());
+    let (view, m) = fx.live();
     let mut want = pattern(0, 1 << 20);
     fs::write(m.join("f"), &want).unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(50));
-    let mut snapshots = vec![(
-        view.freeze(&FreezeOpts::default()).unwrap().id,
-        want.clone(),
-    )];
+    let mut snapshots = vec![(common::freeze_closed(&view).id, want.clone())];
     for i in 0..12u64 {
         let at = i * 70_001 % (1 << 20);
-        let f = OpenOptions::new().write(true).open(m.join("f")).unwrap();
-        f.write_all_at(&[i as u8 + 100; 10], at).unwrap();
-        drop(f);
+        common::write_at(&m.join("f"), at, &[i as u8 + 100; 10]);
         want[at as usize..at as usize + 10].fill(i as u8 + 100);
-        std::thread::sleep(std::time::Duration::from_millis(20));
-        snapshots.push((
-            view.freeze(&FreezeOpts::default()).unwrap().id,
-            want.clone(),
-        ));
+        snapshots.push((common::freeze_closed(&view).id, want.clone()));
     }
     assert_eq!(fs::read(m.join("f")).unwrap(), want);
     view.unmount().unwrap();
@@ -374,12 +334,9 @@ fn a_base_file_on_another_filesystem_is_copied_by_chunks() {
         eprintln!("skipped: the base and the store share a filesystem that clones");
         return;
     }
-    let view = fx.mount("live", None);
-    let m = view.mountpoint().to_owned();
+    let (view, m) = fx.live();
     let before = fx.store().stats();
-    let f = OpenOptions::new().write(true).open(m.join("big")).unwrap();
-    f.write_all_at(b"x", 777_777).unwrap();
-    drop(f);
+    common::write_at(&m.join("big"), 777_777, b"x");
     let after = fx.store().stats();
     let (copies, chunked, bytes) = stats_delta(&before, &after);
     assert_eq!((copies, chunked), (1, 1), "{after:?}");
@@ -399,13 +356,8 @@ fn a_base_file_on_another_filesystem_is_copied_by_chunks() {
 #[test]
 fn a_chunk_granular_copy_truncated_to_zero_goes_passthrough() {
     require_root!();
-    let fx = Fixture::plain(ChunkPolicy {
-        chunk: 4096,
-        min_size: 0,
-        complete_at_half: false,
-    });
-    let view = fx.mount("live", None);
-    let m = view.mountpoint().to_owned();
+    let fx = Fixture::plain(common::small_chunks());
+    let (view, m) = fx.live();
     let f = OpenOptions::new().write(true).open(m.join("big")).unwrap();
     f.write_all_at(b"x", 10).unwrap();
     f.set_len(0).unwrap();

@@ -26,16 +26,9 @@ fn freeze(view: &deltafs::View) -> deltafs::FreezeReport {
 fn old_handles_never_write_into_a_checkpoint() {
     require_root!();
     let fx = Fixture::new();
-    let view = fx.mount("live", None);
-    let m = view.mountpoint().to_owned();
+    let (view, m) = fx.live();
 
-    let plain = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(m.join("plain"))
-        .unwrap();
+    let plain = common::create_rw(&m.join("plain"));
     plain.write_all_at(b"AAAA", 0).unwrap();
     let mut append = OpenOptions::new()
         .append(true)
@@ -43,25 +36,13 @@ fn old_handles_never_write_into_a_checkpoint() {
         .open(m.join("append"))
         .unwrap();
     append.write_all(b"AAAA").unwrap();
-    let mapped_fd = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(m.join("mapped"))
-        .unwrap();
+    let mapped_fd = common::create_rw(&m.join("mapped"));
     mapped_fd.set_len(PAGE as u64).unwrap();
     let mut mapped = SharedMap::new(&mapped_fd, PAGE);
     mapped.write(0, b"AAAA");
     mapped.sync();
     drop(mapped_fd); // the mapping outlives its fd
-    let dirty_fd = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(m.join("dirty"))
-        .unwrap();
+    let dirty_fd = common::create_rw(&m.join("dirty"));
     dirty_fd.set_len(PAGE as u64).unwrap();
     let mut dirty = SharedMap::new(&dirty_fd, PAGE);
     dirty.write(0, b"AAAA"); // no msync: dirty in the page cache at the freeze
@@ -141,17 +122,8 @@ fn old_handles_never_write_into_a_checkpoint() {
 fn a_rollback_to_the_last_checkpoint_keeps_unchanged_open_files_connected() {
     require_root!();
     let fx = Fixture::new();
-    let view = fx.mount("live", None);
-    let m = view.mountpoint().to_owned();
-    let open = |name: &str| {
-        OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(m.join(name))
-            .unwrap()
-    };
+    let (view, m) = fx.live();
+    let open = |name: &str| common::create_rw(&m.join(name));
     let (quiet, busy) = (open("quiet"), open("busy"));
     quiet.write_all_at(b"AAAA", 0).unwrap();
     busy.write_all_at(b"AAAA", 0).unwrap();
@@ -184,8 +156,7 @@ fn a_rollback_to_the_last_checkpoint_keeps_unchanged_open_files_connected() {
 fn copy_up_under_an_open_reader_and_old_readers_after_switch() {
     require_root!();
     let fx = Fixture::new();
-    let view = fx.mount("live", None);
-    let m = view.mountpoint().to_owned();
+    let (view, m) = fx.live();
     let checkpoint = freeze(&view).id;
 
     let reader = fs::File::open(m.join("etc/hostname")).unwrap();
@@ -207,12 +178,6 @@ fn copy_up_under_an_open_reader_and_old_readers_after_switch() {
     view.unmount().unwrap();
 }
 
-/// A `MAP_SHARED` mapping of a daemon-served file (opened for writing while a reader had
-/// it open, so copied up and served by the daemon, not passthrough): its pages live in
-/// the FUSE page cache until the kernel writes them back to the daemon. Written, then a
-/// freeze without `msync` or `munmap`: the checkpoint has the bytes, and later writes
-/// through the mapping stay out of it. Fails when the freeze does not make the kernel
-/// write those pages back first.
 /// A held file that the other side of a `RENAME_EXCHANGE` moved, changed after a
 /// checkpoint, then rolled back: its new name shows the checkpoint, to `stat` too. Fails
 /// when the exchange does not record the kernel's entry for that name (the switch then
@@ -222,8 +187,7 @@ fn a_rollback_drops_the_entry_an_exchange_gave_a_held_file() {
     use std::os::unix::fs::MetadataExt;
     require_root!();
     let fx = Fixture::new();
-    let view = fx.mount("live", None);
-    let m = view.mountpoint().to_owned();
+    let (view, m) = fx.live();
     fs::write(m.join("a"), b"aaaa").unwrap();
     fs::write(m.join("b"), b"bbbb").unwrap();
     let held = OpenOptions::new()
@@ -253,21 +217,18 @@ fn a_rollback_drops_the_entry_an_exchange_gave_a_held_file() {
     view.unmount().unwrap();
 }
 
+/// A `MAP_SHARED` mapping of a daemon-served file (opened for writing while a reader had
+/// it open, so copied up and served by the daemon, not passthrough): its pages live in
+/// the FUSE page cache until the kernel writes them back to the daemon. Written, then a
+/// freeze without `msync` or `munmap`: the checkpoint has the bytes, and later writes
+/// through the mapping stay out of it. Fails when the freeze does not make the kernel
+/// write those pages back first.
 #[test]
 fn dirty_pages_of_a_daemon_served_mapping_are_in_the_checkpoint() {
     require_root!();
     let fx = Fixture::new();
-    let view = fx.mount("live", None);
-    let m = view.mountpoint().to_owned();
-    fs::write(m.join("shared"), vec![b'.'; PAGE]).unwrap();
-    freeze(&view); // now a frozen layer's file
-
-    let reader = fs::File::open(m.join("shared")).unwrap();
-    let writer = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(m.join("shared"))
-        .unwrap();
+    let (view, m) = fx.live();
+    let (reader, writer) = common::daemon_served(&view, &m.join("shared"), &[b'.'; PAGE]);
     let mut map = SharedMap::new(&writer, PAGE);
     drop(writer); // the mapping outlives its fd
     map.write(0, b"AAAA");
@@ -333,8 +294,7 @@ fn branches_never_see_each_other() {
 fn snapshots_survive_a_restart() {
     require_root!();
     let mut fx = Fixture::new();
-    let view = fx.mount("live", None);
-    let m = view.mountpoint().to_owned();
+    let (view, m) = fx.live();
     fs::create_dir_all(m.join("proj/src")).unwrap();
     fs::write(m.join("proj/src/lib.rs"), b"v1").unwrap();
     fs::write(m.join("etc/hostname"), b"changed\n").unwrap();
@@ -367,8 +327,7 @@ fn gc_removes_what_nothing_references() {
     require_root!();
     let fx = Fixture::new();
     let before = fx.store().disk_usage();
-    let view = fx.mount("live", None);
-    let m = view.mountpoint().to_owned();
+    let (view, m) = fx.live();
     let mut ids = Vec::new();
     for i in 0..5 {
         fs::write(m.join(format!("f{i}")), vec![i as u8; 64 << 10]).unwrap();
@@ -398,8 +357,7 @@ fn gc_removes_what_nothing_references() {
 fn freeze_writes_little_whatever_the_state_size() {
     require_root!();
     let fx = Fixture::new();
-    let view = fx.mount("live", None);
-    let m = view.mountpoint().to_owned();
+    let (view, m) = fx.live();
     fs::create_dir(m.join("tree")).unwrap();
     for i in 0..2000 {
         fs::write(m.join(format!("tree/f{i}")), b"x").unwrap();
@@ -445,8 +403,7 @@ fn a_small_write_into_a_large_frozen_file_copies_nothing() {
         eprintln!("skipped: the store cannot reflink (tests/chunks.rs covers copy-ups there)");
         return;
     }
-    let view = fx.mount("live", None);
-    let m = view.mountpoint().to_owned();
+    let (view, m) = fx.live();
     let chunk = vec![0xa5u8; 1 << 20];
     let mut f = fs::File::create(m.join("large")).unwrap();
     for _ in 0..256 {
@@ -454,8 +411,7 @@ fn a_small_write_into_a_large_frozen_file_copies_nothing() {
     }
     f.sync_all().unwrap();
     drop(f);
-    std::thread::sleep(std::time::Duration::from_millis(50));
-    let checkpoint = freeze(&view).id;
+    let checkpoint = common::freeze_closed(&view).id;
     fx.store().flush().unwrap();
     nix::unistd::sync();
     // Free space of the store's filesystem: `st_blocks` counts shared (reflinked) extents

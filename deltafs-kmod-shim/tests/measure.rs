@@ -30,8 +30,7 @@ fn settle() {
 fn freeze_and_switch_on_10k_files_100_changed() {
     require_root!();
     let fx = Fixture::new();
-    let view = fx.mount("live", None);
-    let m = view.mountpoint().to_owned();
+    let (view, m) = fx.live();
     for d in 0..100 {
         fs::create_dir(m.join(format!("d{d}"))).unwrap();
         for f in 0..100 {
@@ -342,8 +341,7 @@ fn freeze_with_a_daemon_served_mapping() {
     use std::os::unix::fs::FileExt;
     require_root!();
     let fx = Fixture::new();
-    let view = fx.mount("live", None);
-    let m = view.mountpoint().to_owned();
+    let (view, m) = fx.live();
     let rounds = |label: &str, dirty: &mut dyn FnMut(usize)| {
         let mut times = Vec::new();
         for round in 0..21 {
@@ -354,25 +352,12 @@ fn freeze_with_a_daemon_served_mapping() {
         println!("{label}: median {:?}, max {max:?}", median(times));
     };
 
-    let plain = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(m.join("plain"))
-        .unwrap();
+    let plain = common::create_rw(&m.join("plain"));
     plain.write_all_at(&[1u8; 4096], 0).unwrap();
     rounds("passthrough writer open", &mut |_| {});
     drop(plain);
 
-    fs::write(m.join("shared"), vec![0u8; 4096]).unwrap();
-    view.freeze(&FreezeOpts::default()).unwrap();
-    let reader = File::open(m.join("shared")).unwrap();
-    let writer = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(m.join("shared"))
-        .unwrap();
+    let (reader, writer) = common::daemon_served(&view, &m.join("shared"), &[0u8; 4096]);
     let mut map = common::mmap::SharedMap::new(&writer, 4096);
     rounds("daemon-served writer, mapped, clean", &mut |_| {});
     rounds("daemon-served writer, one dirty page", &mut |round| {
@@ -410,8 +395,7 @@ fn one_byte_write_into_a_frozen_gib_per_store_kind() {
             println!("{name}: no reflink store here, skipped");
             continue;
         }
-        let view = fx.mount("live", None);
-        let m = view.mountpoint().to_owned();
+        let (view, m) = fx.live();
         let block: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
         let mut f = File::create(m.join("gib")).unwrap();
         for _ in 0..1024 {

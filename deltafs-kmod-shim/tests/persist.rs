@@ -31,8 +31,7 @@ fn metadata_size(fx: &Fixture, id: SnapshotId) -> u64 {
 fn a_freeze_of_100_changed_files_writes_at_most_4_kib() {
     require_root!();
     let mut fx = Fixture::new();
-    let view = fx.mount("live", None);
-    let m = view.mountpoint().to_owned();
+    let (view, m) = fx.live();
     for d in 0..30 {
         fs::create_dir(m.join(format!("d{d}"))).unwrap();
         for f in 0..100 {
@@ -89,8 +88,7 @@ fn a_freeze_of_100_changed_files_writes_at_most_4_kib() {
 fn a_store_of_format_version_1_still_mounts() {
     require_root!();
     let mut fx = Fixture::new();
-    let view = fx.mount("live", None);
-    let m = view.mountpoint().to_owned();
+    let (view, m) = fx.live();
     fs::create_dir_all(m.join("proj/src")).unwrap();
     fs::write(m.join("proj/src/lib.rs"), b"v1").unwrap();
     fs::write(m.join("etc/hostname"), b"changed\n").unwrap();
@@ -155,8 +153,7 @@ fn hard_links_of_every_kind_survive_a_branch_and_a_restart() {
     fs::hard_link(fx.base.join("etc/hostname"), fx.base.join("etc/hosts")).unwrap();
     fifo(&fx.base.join("bp"), 0o644);
     fs::hard_link(fx.base.join("bp"), fx.base.join("bq")).unwrap();
-    let view = fx.mount("live", None);
-    let m = view.mountpoint().to_owned();
+    let (view, m) = fx.live();
     fs::write(m.join("a"), b"hello").unwrap();
     fs::hard_link(m.join("a"), m.join("b")).unwrap();
     fifo(&m.join("f"), 0o640);

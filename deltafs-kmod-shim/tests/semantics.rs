@@ -192,13 +192,7 @@ fn hard_links_renames_and_unlink_while_open() {
     );
 
     // Unlink while open: the data stays readable and writable through the fd.
-    let mut f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(m.join("tmp"))
-        .unwrap();
+    let mut f = common::create_rw(&m.join("tmp"));
     f.write_all(b"still here").unwrap();
     fs::remove_file(m.join("tmp")).unwrap();
     assert!(!m.join("tmp").exists());
@@ -357,13 +351,7 @@ fn mapped_writes_show_in_stat() {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
     };
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .unwrap();
+    let file = common::create_rw(&path);
     file.set_len(8192).unwrap();
     file.sync_all().unwrap();
     let mut map = common::mmap::SharedMap::new(&file, 8192);

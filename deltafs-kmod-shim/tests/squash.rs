@@ -271,8 +271,7 @@ fn run_seed(seed: u64) {
 fn squash_removes_superseded_files_and_shortens_the_chain() {
     require_root!();
     let mut fx = Fixture::new();
-    let view = fx.mount("live", None);
-    let m = view.mountpoint().to_owned();
+    let (view, m) = fx.live();
     fs::write(m.join("keep"), b"kept from the first epoch").unwrap();
     let mut ids = Vec::new();
     for epoch in 0..6 {

@@ -28,17 +28,19 @@ pub(crate) fn fill(
         return read_full(top, buf, offset);
     };
     let end = offset + buf.len() as u64;
-    let mut lower: Option<File> = None;
+    let mut below = Below::new(partial, resolve);
     for (from, to, held) in partial.segments(offset, end) {
         let piece = &mut buf[(from - offset) as usize..(to - offset) as usize];
         if held {
             read_full(top, piece, from)?;
         } else {
-            let below = match &lower {
-                Some(file) => file,
-                None => lower.insert(File::open(resolve(&partial.below))?),
-            };
-            fill(below, partial.lower.as_deref(), resolve, piece, from)?;
+            fill(
+                below.file()?,
+                partial.lower.as_deref(),
+                resolve,
+                piece,
+                from,
+            )?;
         }
     }
     Ok(())
@@ -73,22 +75,66 @@ pub(crate) fn seek(
         };
         return Ok((found < end).then_some(found));
     };
-    let mut lower: Option<File> = None;
+    let mut below = Below::new(partial, resolve);
     for (from, to, held) in partial.segments(offset, end) {
         let found = if held {
             seek(top, None, resolve, from, to, hole)?
         } else {
-            let below = match &lower {
-                Some(file) => file,
-                None => lower.insert(File::open(resolve(&partial.below))?),
-            };
-            seek(below, partial.lower.as_deref(), resolve, from, to, hole)?
+            let lower = partial.lower.as_deref();
+            seek(below.file()?, lower, resolve, from, to, hole)?
         };
         if found.is_some() {
             return Ok(found);
         }
     }
     Ok(None)
+}
+
+/// The file right below a partial file's record, opened on first use: a read or seek
+/// within held ranges never opens it.
+struct Below<'a> {
+    partial: &'a Partial,
+    resolve: Resolve<'a>,
+    file: Option<File>,
+}
+
+impl<'a> Below<'a> {
+    fn new(partial: &'a Partial, resolve: Resolve<'a>) -> Self {
+        Self {
+            partial,
+            resolve,
+            file: None,
+        }
+    }
+
+    fn file(&mut self) -> io::Result<&File> {
+        match self.file {
+            Some(ref file) => Ok(file),
+            None => Ok(self
+                .file
+                .insert(File::open((self.resolve)(&self.partial.below))?)),
+        }
+    }
+}
+
+/// Copies into `top` what of `[start, end)` `partial` does not hold, from the files
+/// below it; returns the bytes written.
+fn copy_unheld(
+    top: &File,
+    partial: &Partial,
+    resolve: Resolve<'_>,
+    start: u64,
+    end: u64,
+) -> io::Result<u64> {
+    let mut below = Below::new(partial, resolve);
+    let lower = partial.lower.as_deref();
+    let mut written = 0;
+    for (from, to, held) in partial.segments(start, end) {
+        if !held {
+            written += copy_through(below.file()?, lower, resolve, top, from, to)?;
+        }
+    }
+    Ok(written)
 }
 
 /// Reads all of `buf` at `offset`, zeros past the end of the file.
@@ -155,13 +201,7 @@ pub(crate) fn own(
         let ce = cs.saturating_add(chunk);
         if !partial.holds(cs, ce) {
             if !(covered && start <= cs && ce <= end) {
-                let lower = partial.lower.clone();
-                let below = File::open(resolve(&partial.below))?;
-                for (from, to, held) in partial.segments(cs, ce.min(size)) {
-                    if !held {
-                        written += copy_through(&below, lower.as_deref(), resolve, top, from, to)?;
-                    }
-                }
+                written += copy_unheld(top, partial, resolve, cs, ce.min(size))?;
             }
             partial.hold(cs, ce);
         }
@@ -174,14 +214,7 @@ pub(crate) fn own(
 /// holds the whole file and needs no record. Returns the bytes written.
 pub(crate) fn complete(top: &File, partial: &Partial, resolve: Resolve<'_>) -> io::Result<u64> {
     let size = top.metadata()?.len();
-    let below = File::open(resolve(&partial.below))?;
-    let mut written = 0;
-    for (from, to, held) in partial.segments(0, size) {
-        if !held {
-            written += copy_through(&below, partial.lower.as_deref(), resolve, top, from, to)?;
-        }
-    }
-    Ok(written)
+    copy_unheld(top, partial, resolve, 0, size)
 }
 
 /// A copy-up of a file whose chain is too deep: `dest` (empty, sparse, of `src`'s size)
@@ -246,6 +279,15 @@ mod tests {
         DataRef::Base(Bytes(name.as_bytes().to_vec()))
     }
 
+    /// Resolves base references to files of `dir` (the unit tests' chains have no layers).
+    fn base_resolver(dir: &std::path::Path) -> impl Fn(&DataRef) -> PathBuf + use<> {
+        let root = dir.to_owned();
+        move |d: &DataRef| match d {
+            DataRef::Base(rel) => root.join(std::str::from_utf8(&rel.0).unwrap()),
+            DataRef::Layer { .. } => unreachable!("a layer in a base-only chain"),
+        }
+    }
+
     fn sparse(dir: &std::path::Path, name: &str, len: u64) -> File {
         let f = std::fs::OpenOptions::new()
             .read(true)
@@ -272,11 +314,7 @@ mod tests {
     #[test]
     fn a_small_write_copies_one_chunk_and_reads_merge() {
         let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().to_owned();
-        let resolve = move |d: &DataRef| match d {
-            DataRef::Base(rel) => root.join(std::str::from_utf8(&rel.0).unwrap()),
-            DataRef::Layer { .. } => unreachable!(),
-        };
+        let resolve = base_resolver(dir.path());
         let below = base(dir.path(), "b", 1000, 7);
         let top = sparse(dir.path(), "t", 1000);
         let mut p = Partial::over(below, None);
@@ -302,11 +340,7 @@ mod tests {
     #[test]
     fn seeks_find_data_and_holes_through_the_chain() {
         let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().to_owned();
-        let resolve = move |d: &DataRef| match d {
-            DataRef::Base(rel) => root.join(std::str::from_utf8(&rel.0).unwrap()),
-            DataRef::Layer { .. } => unreachable!(),
-        };
+        let resolve = base_resolver(dir.path());
         // Below: 1 MiB, data only in [256 KiB, 320 KiB).
         let below = sparse(dir.path(), "b", 1 << 20);
         below.write_all_at(&[5; 64 << 10], 256 << 10).unwrap();
@@ -352,11 +386,7 @@ mod tests {
     #[test]
     fn chains_complete_flatten_and_materialize_to_the_same_bytes() {
         let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().to_owned();
-        let resolve = move |d: &DataRef| match d {
-            DataRef::Base(rel) => root.join(std::str::from_utf8(&rel.0).unwrap()),
-            DataRef::Layer { .. } => unreachable!(),
-        };
+        let resolve = base_resolver(dir.path());
         let bottom = base(dir.path(), "b", 4096, 3);
         // Link 1 over the base: writes 9 at 100.
         let mid = sparse(dir.path(), "m", 4096);

@@ -10,10 +10,12 @@
 
 pub mod mmap;
 
-use std::fs;
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
-use deltafs::{ChunkPolicy, SnapshotId, Store, View};
+use deltafs::{ChunkPolicy, FreezeOpts, FreezeReport, SnapshotId, Store, View};
 use nix::mount::{MntFlags, umount2};
 
 /// Where set-up puts the xfs (reflink) store, if it did.
@@ -154,6 +156,13 @@ impl Fixture {
         self.store.as_ref().unwrap()
     }
 
+    /// Mounts the tests' usual view, `live`, of the base; returns it and its mount point.
+    pub fn live(&self) -> (View, PathBuf) {
+        let view = self.mount("live", None);
+        let m = view.mountpoint().to_owned();
+        (view, m)
+    }
+
     /// Mounts a view at `name` from `from`.
     pub fn mount(&self, name: &str, from: Option<SnapshotId>) -> View {
         self.store()
@@ -178,4 +187,67 @@ fn open_store(dir: &Path, plain: Option<ChunkPolicy>) -> Store {
         Some(policy) => Store::open_with(dir, policy).unwrap(),
         None => Store::open(dir).unwrap(),
     }
+}
+
+/// Opens `path` for reading and writing, created empty (truncated if it was there).
+pub fn create_rw(path: &Path) -> File {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("create {}: {e}", path.display()))
+}
+
+/// Writes `bytes` at `at` into the existing file `path` through a fd of its own, closed
+/// before returning.
+pub fn write_at(path: &Path, at: u64, bytes: &[u8]) {
+    let f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {} for writing: {e}", path.display()));
+    f.write_all_at(bytes, at).unwrap_or_else(|e| {
+        panic!(
+            "write {} bytes at {at} of {}: {e}",
+            bytes.len(),
+            path.display()
+        )
+    });
+}
+
+/// Freezes `view` until it keeps no file live, and returns that freeze's report: the
+/// kernel's `RELEASE` of a file just closed reaches the daemon after `close` returns, and
+/// a freeze keeps a file it still sees open live (not frozen). Polled, up to 5 s, for
+/// the tests that need their closed files frozen.
+pub fn freeze_closed(view: &View) -> FreezeReport {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let report = view.freeze(&FreezeOpts::default()).unwrap();
+        if report.kept_live == 0 {
+            return report;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} still keeps {} closed files live after 5 s",
+            view.mountpoint().display(),
+            report.kept_live
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A file of `view` (at `path`, holding `content`) that the daemon serves rather than
+/// passthrough: written and frozen, then opened for writing while a reader has it open
+/// (the copy-up under an open reader). Returns the reader and the writer.
+pub fn daemon_served(view: &View, path: &Path, content: &[u8]) -> (File, File) {
+    fs::write(path, content).unwrap();
+    view.freeze(&FreezeOpts::default()).unwrap(); // now a frozen layer's file
+    let reader = File::open(path).unwrap();
+    let writer = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    (reader, writer)
 }

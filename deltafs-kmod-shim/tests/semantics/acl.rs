@@ -62,6 +62,20 @@ fn require_acl_tools() {
     }
 }
 
+fn chmod(path: &Path, mode: u32) {
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .unwrap_or_else(|e| panic!("chmod {mode:o} {}: {e}", path.display()));
+}
+
+/// The fixture's `live` view, its mount point and the scratch directory holding it
+/// traversable by others (the tests run commands as `nobody` and `daemon` in it).
+fn live_for_others(fx: &Fixture) -> (deltafs::View, PathBuf) {
+    let (view, m) = fx.live();
+    chmod(m.parent().unwrap(), 0o755);
+    chmod(&m, 0o755);
+    (view, m)
+}
+
 /// A directory on ext4: in the temporary directory when that is ext4 (as here), else on
 /// a loop-mounted 32 MiB ext4 image. The scratch guard detaches the mount (which frees
 /// the loop device) and removes everything on drop, also when the test fails.
@@ -126,6 +140,12 @@ const PATHS: &[&str] = &[
     "link",
 ];
 
+/// Runs [`SEQUENCE`] in `dir`; returns its [`listing`].
+fn listing_after_sequence(dir: &Path) -> String {
+    sh(dir, SEQUENCE);
+    listing(dir)
+}
+
 /// What the sequence leaves, as `getfacl` and `stat` print it.
 fn listing(dir: &Path) -> String {
     let modes = sh(dir, &format!("stat -c '%A %U %G %n' {}", PATHS.join(" ")));
@@ -137,14 +157,11 @@ fn getfacl_prints_what_ext4_prints() {
     require_root!();
     require_acl_tools();
     let ext4 = Ext4::new();
-    sh(&ext4.dir, SEQUENCE);
-    let expected = listing(&ext4.dir);
+    let expected = listing_after_sequence(&ext4.dir);
 
     let fx = Fixture::new();
-    let view = fx.mount("live", None);
-    let m = view.mountpoint().to_owned();
-    sh(&m, SEQUENCE);
-    assert_eq!(listing(&m), expected);
+    let (view, m) = fx.live();
+    assert_eq!(listing_after_sequence(&m), expected);
     // The inheritance happened (not two identical failures).
     let deep = getfacl(&m, &["d/sub/deep"]);
     assert!(deep.contains("user:nobody:rwx"), "{deep}");
@@ -175,14 +192,10 @@ fn the_kernel_enforces_acls() {
     require_root!();
     require_acl_tools();
     let fx = Fixture::new();
-    let view = fx.mount("live", None);
-    let m = view.mountpoint().to_owned();
-    // The scratch directory holding the mount point must be traversable by others.
-    fs::set_permissions(m.parent().unwrap(), fs::Permissions::from_mode(0o755)).unwrap();
-    fs::set_permissions(&m, fs::Permissions::from_mode(0o755)).unwrap();
+    let (view, m) = live_for_others(&fx);
     let f = m.join("f");
     fs::write(&f, b"root\n").unwrap();
-    fs::set_permissions(&f, fs::Permissions::from_mode(0o644)).unwrap();
+    chmod(&f, 0o644);
     let append = format!("echo more >> {}", f.display());
     assert!(!succeeds_as(NOBODY, &append), "nobody wrote before the ACL");
     sh(&m, "setfacl -m u:nobody:rw f");
@@ -213,13 +226,12 @@ fn an_acl_set_by_a_non_member_clears_set_group_id() {
     require_acl_tools();
     let ext4 = Ext4::new();
     let fx = Fixture::new();
-    let view = fx.mount("live", None);
-    let m = view.mountpoint().to_owned();
-    fs::set_permissions(m.parent().unwrap(), fs::Permissions::from_mode(0o755)).unwrap();
+    let (view, m) = fx.live();
     let mut modes = Vec::new();
     for dir in [ext4.dir.as_path(), m.as_path()] {
-        fs::set_permissions(dir, fs::Permissions::from_mode(0o777)).unwrap();
-        fs::set_permissions(dir.parent().unwrap(), fs::Permissions::from_mode(0o755)).unwrap();
+        chmod(dir, 0o777);
+        // Its parent must be traversable by others.
+        chmod(dir.parent().unwrap(), 0o755);
         sh(
             dir,
             "touch g r && chown nobody:daemon g r && chmod 2775 g r",
@@ -242,10 +254,7 @@ fn acls_follow_freeze_switch_and_restart() {
     require_root!();
     require_acl_tools();
     let mut fx = Fixture::new();
-    let view = fx.mount("live", None);
-    let m = view.mountpoint().to_owned();
-    fs::set_permissions(m.parent().unwrap(), fs::Permissions::from_mode(0o755)).unwrap();
-    fs::set_permissions(&m, fs::Permissions::from_mode(0o755)).unwrap();
+    let (view, m) = live_for_others(&fx);
     sh(&m, "umask 022 && echo a > f && mkdir d");
     let before = view.freeze(&Default::default()).unwrap().id;
     let append = format!("echo n >> {}", m.join("f").display());
@@ -294,8 +303,7 @@ fn a_handle_from_before_a_switch_keeps_its_acl() {
     require_root!();
     require_acl_tools();
     let fx = Fixture::new();
-    let view = fx.mount("live", None);
-    let m = view.mountpoint().to_owned();
+    let (view, m) = fx.live();
     sh(&m, "echo a > f && setfacl -m u:nobody:r f");
     let id = view.freeze(&Default::default()).unwrap().id;
     let old = fs::File::open(m.join("f")).unwrap();
@@ -326,8 +334,7 @@ fn base_acls_show_through_and_copy_up() {
         "setfacl -m u:nobody:rw etc/hostname && setfacl -d -m u:daemon:r usr",
     );
     let in_base = getfacl(&fx.base, &["etc/hostname", "usr"]);
-    let view = fx.mount("live", None);
-    let m = view.mountpoint().to_owned();
+    let (view, m) = fx.live();
     assert_eq!(getfacl(&m, &["etc/hostname", "usr"]), in_base);
     let before = view.freeze(&Default::default()).unwrap().id;
 
