@@ -150,6 +150,11 @@ pub fn remove_tree(dir: &Path) -> bool {
     }
 }
 
+/// Every pid in the cgroup tree at `dir` (none if it is missing).
+pub fn pids_under(dir: &Path) -> Vec<i32> {
+    pids_in_tree(dir).into_iter().map(|(_, pid)| pid).collect()
+}
+
 /// SIGKILL to everything in the tree: `cgroup.kill` where the kernel has it, and by
 /// pid, which also reaches a task that forked just as the tree was killed.
 fn kill_all(dir: &Path) {

@@ -7,11 +7,12 @@ use std::path::Path;
 use std::thread;
 use std::time::Duration;
 
+use deltabox_tests::cgroup::pids_under;
 use deltabox_tests::cli::{json, run, session};
 use deltabox_tests::daemon::TestDaemon;
-use deltabox_tests::require_root;
 use deltabox_tests::sandbox::id_of;
 use deltabox_tests::templates::template_pids_under;
+use deltabox_tests::{require_root, wait_until};
 
 fn step(i: u32) -> String {
     format!("x = {i}\nopen('/workspace/f', 'w').write('{i}')")
@@ -106,7 +107,16 @@ fn a_killed_daemon_comes_back_with_every_acknowledged_node() {
     let long = thread::spawn(move || {
         deltabox_tests::daemon::cli(&socket, &["exec", &sb2, "--", "sleep", "5"])
     });
-    thread::sleep(Duration::from_millis(500));
+    // Killed once the command runs in the sandbox.
+    let running = || {
+        pids_under(daemon.sandbox_cgroup()).into_iter().any(|pid| {
+            fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == b"sleep\x005\x00")
+        })
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), running),
+        "`sleep 5` never ran in {sb}"
+    );
     daemon.kill();
     let _ = long.join();
     daemon.restart(&[]);

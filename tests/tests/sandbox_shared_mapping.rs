@@ -14,6 +14,7 @@ use deltabox_tests::sandbox::id_of;
 use deltabox_tests::templates::{
     kill9, session_template_state, templates_running, wait_dump, wait_dump_backlog,
 };
+use deltabox_tests::wait_until;
 
 /// The counter in the shared file of sandbox `id`, and what the reader last saw, read
 /// by one process one right after the other (two execs would be apart by as long as an
@@ -51,16 +52,33 @@ fn checkpoint_writer(sb: &ProcSandbox, id: &str, label: &str, min: u64) -> (Stri
     })
 }
 
+/// Waits (up to 30 s) until the writer of `id` has counted `steps` past `at`; returns
+/// the counter and what the reader saw.
+fn writer_run_on(sb: &ProcSandbox, id: &str, at: At, steps: u64) -> (u64, u64) {
+    let mut both = (0, 0);
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            both = shared_and_seen(sb, id);
+            both.0 >= at.after + steps
+        }),
+        "{id}: the writer is at {both:?} 30 s after {at:?}"
+    );
+    both
+}
+
 /// After a restore to a node where the writer was at `at` (and before it, at `later`):
 /// both run, the writer counts on from the node's value, and the reader follows it.
 fn assert_shared_follows(sb: &ProcSandbox, id: &str, at: At, later: Option<u64>) {
+    // Half a second of running: the bounds below are made for it.
     thread::sleep(Duration::from_millis(500));
     let (w1, r1) = shared_and_seen(sb, id);
-    thread::sleep(Duration::from_millis(500));
-    let (w2, r2) = shared_and_seen(sb, id);
+    let (mut w2, mut r2) = (w1, r1);
     assert!(
-        w2 > w1 && r2 > r1,
-        "{id}: not running: {w1}/{r1} then {w2}/{r2}"
+        wait_until(Duration::from_secs(10), || {
+            (w2, r2) = shared_and_seen(sb, id);
+            w2 > w1 && r2 > r1
+        }),
+        "{id}: not running: {w1}/{r1} then {w2}/{r2} 10 s later"
     );
     // Not below the value read before the checkpoint (the one read after it is no lower
     // bound: under load that read can take longer than the restored writer gets to run
@@ -97,8 +115,8 @@ fn two_processes_sharing_a_file_mapping_share_it_again() {
     let py = api.session(id, "python");
     api.run(id, &py, SHARED_MAPPING);
     let (node, at) = checkpoint_writer(&sb, id, "shared", 20);
-    thread::sleep(Duration::from_secs(2));
-    let (later, seen) = shared_and_seen(&sb, id);
+    // Two seconds' worth of counting.
+    let (later, seen) = writer_run_on(&sb, id, at, 40);
     assert!(
         later > at.after + 10 && seen.abs_diff(later) <= 3,
         "{at:?} {later} {seen}"
@@ -138,8 +156,8 @@ fn a_writer_of_a_shared_mapping_comes_back_from_its_dump() {
     });
     assert_eq!(writers.len(), 2, "{writers:?}");
     kill9(writers[1]);
-    thread::sleep(Duration::from_secs(1));
-    let (later, _) = shared_and_seen(&sb, id);
+    // The live writer goes on: a second's worth of counting.
+    let (later, _) = writer_run_on(&sb, id, at, 20);
     assert!(later > at.after + 10, "{at:?} {later}");
 
     api.rollback(id, &n2);
@@ -184,7 +202,14 @@ fn a_shared_file_mapping_comes_back_from_a_dump() {
     wait_dump(&sb.daemon, &n2, &py);
     let newest = sb.templates().into_iter().max().expect("two templates");
     kill9(newest);
-    thread::sleep(Duration::from_millis(300));
+    // Until the daemon has seen the template go.
+    assert!(
+        wait_until(Duration::from_secs(10), || session_template_state(
+            api, id, &n2
+        ) == "dumped"),
+        "{n2}: still {} 10 s after its template was killed",
+        session_template_state(api, id, &n2)
+    );
     api.run(id, &py, "m[0:1] = b'3'\nx = 3");
     assert_eq!(session_template_state(api, id, &n2), "dumped");
 
