@@ -3,9 +3,11 @@
 //! An [`Injection`] saves the tracee's registers, then for each syscall sets `rax` (and
 //! `orig_rax = -1`, so the kernel applies no restart logic of its own), the arguments,
 //! and `rip` = a `syscall` instruction (`0f 05`) found in the tracee's `[vdso]`
-//! ([`SyscallSite`]); `PTRACE_SYSCALL` runs the tracee to the entry stop, then (through
-//! a `PTRACE_EVENT_CLONE` for `clone3`) to the exit stop, where `rax` is the result. Only
-//! the one `syscall` instruction runs in user mode. [`Injection::finish`] gives the
+//! ([`SyscallSite`]); `PTRACE_SINGLESTEP` runs that one instruction — the whole syscall,
+//! through a `PTRACE_EVENT_CLONE` for `clone3` — and the kernel reports the step with a
+//! `SIGTRAP` at the syscall's exit, where `rax` is the result: one stop per syscall (the
+//! step's `SIGTRAP` is never delivered). Only the one `syscall` instruction runs in user
+//! mode. [`Injection::finish`] gives the
 //! registers back with the restart fix-up of [`resume_regs`] when the tracee had been
 //! stopped inside a syscall.
 //!
@@ -22,6 +24,7 @@ use std::path::Path;
 
 use nix::unistd::Pid;
 
+use super::affinity::PinnedToTracee;
 use super::ptrace::{PtraceError, Regs, Resume, Stop, Tracee};
 
 /// `-ERESTARTSYS` and friends (`include/linux/errno.h`): a syscall interrupted by a
@@ -106,15 +109,26 @@ pub enum InjectError {
         #[source]
         source: io::Error,
     },
-    /// The tracee entered another syscall than the one injected.
-    #[error("pid {pid} entered syscall {seen} instead of the injected {expected}")]
+    /// The tracee ran another syscall than the one injected (or stopped elsewhere).
+    #[error("pid {pid} ran syscall {seen} instead of the injected {expected}")]
     WrongEntry {
         /// The tracee.
         pid: i32,
         /// The injected syscall number.
         expected: i64,
-        /// What `orig_rax` said at the entry stop.
+        /// What `orig_rax` said when the step stopped.
         seen: i64,
+    },
+    /// The single-step of an injected syscall stopped neither before nor right after
+    /// the `syscall` instruction.
+    #[error("pid {pid} stopped at {rip:#x} stepping the syscall instruction at {site:#x}")]
+    Strayed {
+        /// The tracee.
+        pid: i32,
+        /// Where it stopped.
+        rip: u64,
+        /// The `syscall` instruction.
+        site: u64,
     },
     /// A path does not fit in the scratch page.
     #[error("path {path:?} is too long to pass to pid {pid}")]
@@ -185,6 +199,9 @@ pub fn interrupted_syscall(saved: &Regs) -> Option<i64> {
     .then_some(nr)
 }
 
+/// Length of the `syscall` instruction: where the step after it stops.
+const SYSCALL_INSN_LEN: u64 = 2;
+
 /// Offset of the first `syscall` instruction (`0f 05`) in `code`.
 pub fn find_syscall_instruction(code: &[u8]) -> Option<usize> {
     code.windows(2).position(|w| w == [0x0f, 0x05])
@@ -227,6 +244,8 @@ pub struct Injection<'t> {
     saved: Regs,
     /// The tracee holds injection registers that must be replaced before it runs.
     dirty: bool,
+    /// This thread runs on the tracee's CPU meanwhile: each syscall is two wake-ups.
+    _pinned: PinnedToTracee,
 }
 
 impl<'t> Injection<'t> {
@@ -243,11 +262,13 @@ impl<'t> Injection<'t> {
             });
         }
         tracee.set_exit_kill(true)?;
+        let pinned = PinnedToTracee::pin(tracee.pid());
         Ok(Self {
             tracee,
             site,
             saved,
             dirty: false,
+            _pinned: pinned,
         })
     }
 
@@ -285,32 +306,50 @@ impl<'t> Injection<'t> {
             (a[0], a[1], a[2], a[3], a[4], a[5]);
         self.tracee.set_regs(&regs)?;
         self.dirty = true;
-        let mut entered = false;
+        // One stop per syscall: single-stepping the `syscall` instruction runs the
+        // whole syscall and reports a kernel SIGTRAP at its exit (PTRACE_SYSCALL
+        // would stop at the entry and at the exit: twice the round trips).
         let mut child = None;
-        self.tracee.resume(Resume::Syscall, 0)?;
-        loop {
+        self.tracee.resume(Resume::Step, 0)?;
+        let done = loop {
             match self.tracee.wait()? {
-                Stop::Syscall if !entered => {
-                    let seen = self.tracee.regs()?.orig_rax as i64;
-                    if seen != nr {
-                        return Err(InjectError::WrongEntry {
+                Stop::Signal(libc::SIGTRAP) => {
+                    // The step's trap, or a SIGTRAP sent by a process (which may stand
+                    // for both: the kernel does not queue a second SIGTRAP for a
+                    // thread while one is pending). Where the tracee stands says
+                    // whether the syscall ran.
+                    let now = self.tracee.regs()?;
+                    let user = self.tracee.signal_code()? <= 0;
+                    if user {
+                        self.tracee.defer_signal(libc::SIGTRAP);
+                    }
+                    if now.rip == self.site.0 + SYSCALL_INSN_LEN {
+                        if now.orig_rax as i64 != nr {
+                            return Err(InjectError::WrongEntry {
+                                pid: self.tracee.pid().as_raw(),
+                                expected: nr,
+                                seen: now.orig_rax as i64,
+                            });
+                        }
+                        break now;
+                    }
+                    if !user || now.rip != self.site.0 {
+                        return Err(InjectError::Strayed {
                             pid: self.tracee.pid().as_raw(),
-                            expected: nr,
-                            seen,
+                            rip: now.rip,
+                            site: self.site.0,
                         });
                     }
-                    entered = true;
                 }
-                Stop::Syscall => break,
                 Stop::NewChild { child: c, .. } => child = Some(c),
                 Stop::Signal(sig) => self.tracee.defer_signal(sig),
-                // A stale interrupt or group-stop report, or an event we did not ask for:
-                // the tracee is still headed for the syscall.
-                Stop::Interrupt | Stop::Group(_) | Stop::Event(_) => {}
+                // A stale interrupt or group-stop report, or an event we did not ask
+                // for: the tracee is still headed for the syscall.
+                Stop::Syscall | Stop::Interrupt | Stop::Group(_) | Stop::Event(_) => {}
             }
-            self.tracee.resume(Resume::Syscall, 0)?;
-        }
-        Ok((self.tracee.regs()?.rax as i64, child))
+            self.tracee.resume(Resume::Step, 0)?;
+        };
+        Ok((done.rax as i64, child))
     }
 
     /// Runs syscall `nr` (`name` for errors) and returns its non-negative result.

@@ -144,6 +144,9 @@ pub enum Resume {
     Cont,
     /// `PTRACE_SYSCALL`: run until the next syscall entry or exit (or signal/event).
     Syscall,
+    /// `PTRACE_SINGLESTEP`: run one instruction (a `syscall` instruction: the whole
+    /// syscall), then stop with a kernel `SIGTRAP` (or earlier at a signal/event).
+    Step,
 }
 
 /// One traced task, attached until [`Tracee::detach`] (or drop, which detaches).
@@ -327,11 +330,12 @@ impl Tracee {
         let (request, name) = match how {
             Resume::Cont => (libc::PTRACE_CONT, "PTRACE_CONT"),
             Resume::Syscall => (libc::PTRACE_SYSCALL, "PTRACE_SYSCALL"),
+            Resume::Step => (libc::PTRACE_SINGLESTEP, "PTRACE_SINGLESTEP"),
         };
         // The signal is a plain integer (real-time signals included), which nix's
         // `Signal` enum cannot carry: raw request.
         let data = usize::try_from(signal).unwrap_or(0);
-        // SAFETY: PTRACE_CONT and PTRACE_SYSCALL read no memory of ours: addr is ignored
+        // SAFETY: PTRACE_CONT, PTRACE_SYSCALL and PTRACE_SINGLESTEP read no memory of ours: addr is ignored
         // and data is a signal number passed by value.
         let ret = unsafe {
             libc::ptrace(
@@ -416,6 +420,15 @@ impl Tracee {
             });
         }
         Ok(iov.iov_len)
+    }
+
+    /// `PTRACE_GETSIGINFO`'s `si_code` for the signal of the current
+    /// signal-delivery-stop: positive when the kernel raised it (a trap), zero or
+    /// negative when a process sent it (`kill`, `tgkill`, `sigqueue`).
+    pub fn signal_code(&self) -> Result<i32, PtraceError> {
+        let info = nix_ptrace::getsiginfo(self.pid)
+            .map_err(request_error("PTRACE_GETSIGINFO", self.pid))?;
+        Ok(info.si_code)
     }
 
     /// `PTRACE_GETEVENTMSG`: after a fork event, the child's pid.
