@@ -39,10 +39,15 @@ pub(crate) struct Janitor {
 }
 
 impl Janitor {
-    /// Asks for a pass (a candidate's last handle was released).
+    /// Asks for a pass (a candidate's last handle was released). Only the poke that
+    /// sets the flag wakes the thread: under `tar` one comes with every file's
+    /// `RELEASE`, and each `notify_one` is a `futex` system call even with no waiter.
     pub fn poke(&self) {
-        *lock(&self.pending) = true;
-        self.wake.notify_one();
+        let mut pending = lock(&self.pending);
+        if !*pending {
+            *pending = true;
+            self.wake.notify_one();
+        }
     }
 
     /// Ends the thread.

@@ -170,6 +170,18 @@ impl ViewShared {
     }
 }
 
+/// Threads reading and answering the view's FUSE requests. One: the kernel hands each
+/// request to the reader that has waited longest, so with two the thread answering
+/// alternated at every request of a sequential caller (`tar`, `git`), and each answer
+/// woke a thread that had been asleep for a whole round trip instead of the one that had
+/// just replied. With one, an untar of the bench's tree took 1.3–1.4 s instead of
+/// 1.8–2.5 s and 0.7 s of the daemon's CPU instead of 0.9–1.2 s (docs/deltafs.md,
+/// "Measured"). Nothing a handler does waits for another request: metadata work runs
+/// under the view's lock anyway, the kernel notifications sent from handlers are
+/// attribute-only (no page write-back), and the freeze's `syncfs` and the switch's
+/// invalidations run on the caller's thread, outside the view's lock.
+const SESSION_THREADS: usize = 1;
+
 /// A mounted DeltaFS view. Dropping it unmounts (lazily if busy).
 pub struct View {
     shared: Arc<ViewShared>,
@@ -189,7 +201,7 @@ impl View {
             MountOption::Suid,
         ];
         config.acl = SessionACL::All;
-        config.n_threads = Some(2);
+        config.n_threads = Some(SESSION_THREADS);
         let fs = DeltaFs::new(Arc::clone(&shared));
         let session = fuser::Session::new(fs, &shared.mountpoint, &config)?;
         let _ = shared.notifier.set(session.notifier());
