@@ -172,11 +172,11 @@ impl ViewShared {
 
 /// Threads reading and answering the view's FUSE requests. One: the kernel hands each
 /// request to the reader that has waited longest, so with two the thread answering
-/// alternated at every request of a sequential caller (`tar`, `git`), and each answer
+/// alternated at every request of a sequential caller (`tar`, `git`), and each request
 /// woke a thread that had been asleep for a whole round trip instead of the one that had
-/// just replied. With one, an untar of the bench's tree took 1.3–1.4 s instead of
-/// 1.8–2.5 s and 0.7 s of the daemon's CPU instead of 0.9–1.2 s (docs/deltafs.md,
-/// "Measured"). Nothing a handler does waits for another request: metadata work runs
+/// just replied. With one, an untar of the bench's tree took 1.7 s instead of 2.8 s and
+/// 0.8 s of the daemon's CPU instead of 1.3 s (docs/deltafs.md, "Measured"), with the
+/// same request count. Nothing a handler does waits for another request: metadata work runs
 /// under the view's lock anyway, the kernel notifications sent from handlers are
 /// attribute-only (no page write-back), and the freeze's `syncfs` and the switch's
 /// invalidations run on the caller's thread, outside the view's lock.
