@@ -174,9 +174,10 @@ impl ViewShared {
 /// request to the reader that has waited longest, so with two the thread answering
 /// alternated at every request of a sequential caller (`tar`, `git`), and each request
 /// woke a thread that had been asleep for a whole round trip instead of the one that had
-/// just replied. With one, an untar of the bench's tree took 1.7 s instead of 2.8 s and
-/// 0.8 s of the daemon's CPU instead of 1.3 s (docs/deltafs.md, "Measured"), with the
-/// same request count. Nothing a handler does waits for another request: metadata work runs
+/// just replied, possibly on the other CPU. With one, an untar of the bench's tree with
+/// both on one CPU took 1.30 s instead of 1.46 s, and with another task busy on the other
+/// CPU 2.1 s instead of 4.9 s (docs/deltafs.md, "One session thread" and "Measured"), with
+/// the same request count. Nothing a handler does waits for another request: metadata work runs
 /// under the view's lock anyway, the kernel notifications sent from handlers are
 /// attribute-only (no page write-back), and the freeze's `syncfs` and the switch's
 /// invalidations run on the caller's thread, outside the view's lock.
