@@ -17,7 +17,7 @@ use serde::de::DeserializeOwned;
 use super::error::TreeDbError;
 use super::file::{DbFile, OpenError};
 use super::ids::{self, NodeId, PrefixMatch, SandboxId, TreeId};
-use super::records::{self, NodeRecord, RecordError, SandboxRecord, TreeRecord};
+use super::records::{self, NodePlace, NodeRecord, RecordError, SandboxRecord, TreeRecord};
 
 /// The layout of tables and indexes this build reads and writes (records carry their
 /// own version, see [`records::RECORD_VERSION`]).
@@ -339,7 +339,7 @@ impl TreeDb {
                         return Err(TreeDbError::SelfParent { node: n.id });
                     }
                     let key = n.id.to_string();
-                    let old: Option<NodeRecord> = self.get(&nodes, "nodes", &key)?;
+                    let old: Option<NodePlace> = self.get(&nodes, "nodes", &key)?;
                     match old {
                         Some(old) if old.parent != n.parent || old.tree != n.tree => {
                             return Err(TreeDbError::NodeMoved {
@@ -370,7 +370,7 @@ impl TreeDb {
                 }
                 Op::DeleteNode(id) => {
                     let key = id.to_string();
-                    let old: Option<NodeRecord> = self.get(&nodes, "nodes", &key)?;
+                    let old: Option<NodePlace> = self.get(&nodes, "nodes", &key)?;
                     if let Some(old) = old {
                         nodes
                             .remove(key.as_str())
@@ -392,11 +392,11 @@ impl TreeDb {
         }
         // Check the batch's end state: parents and heads must exist, in the same tree.
         for id in new_nodes {
-            let Some(n) = self.get::<NodeRecord>(&nodes, "nodes", &id.to_string())? else {
+            let Some(n) = self.get::<NodePlace>(&nodes, "nodes", &id.to_string())? else {
                 continue; // deleted later in the batch
             };
             let Some(parent) = n.parent else { continue };
-            match self.get::<NodeRecord>(&nodes, "nodes", &parent.to_string())? {
+            match self.get::<NodePlace>(&nodes, "nodes", &parent.to_string())? {
                 None => return Err(TreeDbError::UnknownParent { node: id, parent }),
                 Some(p) if p.tree != n.tree => {
                     return Err(TreeDbError::ParentInOtherTree {
@@ -415,7 +415,7 @@ impl TreeDb {
                 continue;
             };
             let Some(head) = s.head else { continue };
-            match self.get::<NodeRecord>(&nodes, "nodes", &head.to_string())? {
+            match self.get::<NodePlace>(&nodes, "nodes", &head.to_string())? {
                 None => return Err(TreeDbError::UnknownHead { sandbox: id, head }),
                 Some(h) if h.tree != s.tree => {
                     return Err(TreeDbError::HeadInOtherTree {

@@ -65,6 +65,16 @@ pub struct SessionRecord {
     pub started_ms: u64,
 }
 
+/// Where a node stands: the two fields of a [`NodeRecord`] the database's checks read,
+/// decoded without the rest (its sessions' register state is most of a record).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct NodePlace {
+    /// The tree it belongs to.
+    pub tree: TreeId,
+    /// Its parent.
+    pub parent: Option<NodeId>,
+}
+
 /// A checkpoint: a node of a tree.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeRecord {
@@ -180,10 +190,17 @@ struct EnvelopeOut<'a, T> {
     record: &'a T,
 }
 
+/// The envelope's version alone (the record is skipped unparsed).
 #[derive(Deserialize)]
-struct EnvelopeIn {
+struct EnvelopeVersion {
     version: u32,
-    record: serde_json::Value,
+}
+
+/// A version 1 envelope, its record parsed straight into `T` (no `Value` tree: a node
+/// holds thousands of numbers of register state).
+#[derive(Deserialize)]
+struct EnvelopeV1<T> {
+    record: T,
 }
 
 /// Encodes a record in the current version's envelope.
@@ -197,9 +214,11 @@ pub fn encode<T: Serialize>(record: &T) -> Result<String, serde_json::Error> {
 /// Decodes a record from its envelope. A future version 2 adds its migration from 1
 /// here, so callers always see the current shape.
 pub fn decode<T: DeserializeOwned>(stored: &str) -> Result<T, RecordError> {
-    let env: EnvelopeIn = serde_json::from_str(stored).map_err(RecordError::Malformed)?;
+    let env: EnvelopeVersion = serde_json::from_str(stored).map_err(RecordError::Malformed)?;
     match env.version {
-        1 => serde_json::from_value(env.record).map_err(RecordError::Malformed),
+        1 => serde_json::from_str::<EnvelopeV1<T>>(stored)
+            .map(|env| env.record)
+            .map_err(RecordError::Malformed),
         found if found > RECORD_VERSION => Err(RecordError::TooNew { found }),
         found => Err(RecordError::Unknown { found }),
     }

@@ -18,16 +18,17 @@ use std::marker::PhantomData;
 use nix::sys::ptrace as nix_ptrace;
 use nix::sys::uio::{RemoteIoVec, process_vm_readv, process_vm_writev};
 use nix::unistd::Pid;
-use serde::{Deserialize, Serialize};
 
 pub use nix::sys::ptrace::Options;
 pub use stop::{Stop, WaitReport, decode_status};
 pub use task::{RobustList, RseqConfig};
+pub use xstate::XState;
 
 use stop::classify;
 
 mod stop;
 mod task;
+mod xstate;
 
 /// The general-purpose registers, as `PTRACE_GETREGS` returns them.
 pub type Regs = libc::user_regs_struct;
@@ -131,11 +132,6 @@ impl PtraceError {
         }
     }
 }
-
-/// The XSAVE area of a task (x87, SSE, AVX, … state), as `PTRACE_GETREGSET
-/// NT_X86_XSTATE` returns it: opaque bytes given back whole to `PTRACE_SETREGSET`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct XState(pub Vec<u8>);
 
 /// How to resume a tracee.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
