@@ -24,7 +24,6 @@ use std::path::Path;
 
 use nix::unistd::Pid;
 
-use super::affinity::PinnedToTracee;
 use super::ptrace::{PtraceError, Regs, Resume, Stop, Tracee};
 
 /// `-ERESTARTSYS` and friends (`include/linux/errno.h`): a syscall interrupted by a
@@ -244,8 +243,6 @@ pub struct Injection<'t> {
     saved: Regs,
     /// The tracee holds injection registers that must be replaced before it runs.
     dirty: bool,
-    /// This thread runs on the tracee's CPU meanwhile: each syscall is two wake-ups.
-    _pinned: PinnedToTracee,
 }
 
 impl<'t> Injection<'t> {
@@ -262,13 +259,11 @@ impl<'t> Injection<'t> {
             });
         }
         tracee.set_exit_kill(true)?;
-        let pinned = PinnedToTracee::pin(tracee.pid());
         Ok(Self {
             tracee,
             site,
             saved,
             dirty: false,
-            _pinned: pinned,
         })
     }
 

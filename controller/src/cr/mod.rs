@@ -34,7 +34,6 @@
 #[cfg(not(target_arch = "x86_64"))]
 compile_error!("DeltaCR (controller/src/cr) supports x86_64 only");
 
-pub mod affinity;
 pub mod carried;
 pub mod dump;
 pub mod fdtable;

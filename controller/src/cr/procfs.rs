@@ -191,8 +191,6 @@ pub struct Stat {
     pub utime: u64,
     /// Kernel-mode CPU time, in clock ticks.
     pub stime: u64,
-    /// The CPU it last ran on.
-    pub processor: usize,
 }
 
 /// Reads `/proc/<pid>/stat`.
@@ -209,14 +207,13 @@ pub fn stat(pid: i32) -> Result<Stat, ProcError> {
 pub fn parse_stat(text: &str) -> Option<Stat> {
     let rest = &text[text.rfind(')')? + 1..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    // rest[0] is field 3 (state); utime is field 14, stime 15, processor 39.
+    // rest[0] is field 3 (state); utime is field 14, stime 15.
     Some(Stat {
         state: fields.first()?.chars().next()?,
         pgrp: fields.get(2)?.parse().ok()?,
         session: fields.get(3)?.parse().ok()?,
         utime: fields.get(11)?.parse().ok()?,
         stime: fields.get(12)?.parse().ok()?,
-        processor: fields.get(36)?.parse().ok()?,
     })
 }
 
@@ -456,12 +453,8 @@ SigBlk:\t0000000000010000\nSigIgn:\t0000000001001000\nSigCgt:\t0000000180000002\
 
     #[test]
     fn parses_stat_with_odd_comm() {
-        // A whole line of Linux 6.18 (52 fields), comm "a) b (c".
-        let text = "42 (a) b (c) T 1 42 42 0 -1 4194560 1 0 0 0 7 3 0 0 20 0 1 0 5 8704000 219 18446744073709551615 \
-                    0 0 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0 0 \
-                    0 0 0 0 0 0 0";
+        let text = "42 (a) b (c) T 1 42 42 0 -1 4194560 1 0 0 0 7 3 0 0 20 0 1 0 5 0 0";
         let st = parse_stat(text).unwrap();
-        assert_eq!(st.processor, 1);
         assert_eq!(st.state, 'T');
         assert_eq!(st.pgrp, 42);
         assert_eq!(st.session, 42);
