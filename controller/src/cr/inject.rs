@@ -7,9 +7,8 @@
 //! through a `PTRACE_EVENT_CLONE` for `clone3` — and the kernel reports the step with a
 //! `SIGTRAP` at the syscall's exit, where `rax` is the result: one stop per syscall (the
 //! step's `SIGTRAP` is never delivered). Only the one `syscall` instruction runs in user
-//! mode. [`Injection::finish`] gives the
-//! registers back with the restart fix-up of [`resume_regs`] when the tracee had been
-//! stopped inside a syscall.
+//! mode. [`Injection::finish`] gives the registers back with the restart fix-up of
+//! [`resume_regs`] when the tracee had been stopped inside a syscall.
 //!
 //! Signals that arrive meanwhile are suppressed and deferred on the [`Tracee`]; whoever
 //! owns the tracee re-sends them ([`requeue_signals`]) or, for templates, drops them.
