@@ -270,6 +270,9 @@ impl TreeDb {
 
     /// The sandbox whose id is `prefix` or starts with it (see [`ids::match_prefix`]).
     pub fn resolve_sandbox(&self, prefix: &str) -> Result<SandboxId> {
+        if let Some(id) = self.whole_id(SANDBOXES, prefix)? {
+            return Ok(id);
+        }
         let mut all: Vec<SandboxId> = self.keys(SANDBOXES, "sandboxes")?;
         all.sort();
         resolve(SandboxId::KIND, prefix, all)
@@ -277,6 +280,9 @@ impl TreeDb {
 
     /// The node whose id is `prefix` or starts with it (see [`ids::match_prefix`]).
     pub fn resolve_node(&self, prefix: &str) -> Result<NodeId> {
+        if let Some(id) = self.whole_id(NODES, prefix)? {
+            return Ok(id);
+        }
         let mut all: Vec<NodeId> = self.keys(NODES, "nodes")?;
         all.sort();
         resolve(NodeId::KIND, prefix, all)
@@ -478,6 +484,30 @@ impl TreeDb {
             );
         }
         Ok(out)
+    }
+
+    /// `prefix` as an id of table `def` when it is a whole id (32 hex digits, hyphens
+    /// and case aside) stored there: one lookup instead of a scan of every key (a
+    /// rollback names its node by its whole id, and a tree may hold thousands). A whole
+    /// id matches no other id's short form (those are shorter), so the answer is the
+    /// scan's.
+    fn whole_id<T>(&self, def: TableDefinition<&str, &str>, prefix: &str) -> Result<Option<T>>
+    where
+        T: std::str::FromStr + std::fmt::Display,
+    {
+        let Some(p) = ids::normalise_prefix(prefix) else {
+            return Ok(None);
+        };
+        let Some(id) = (p.len() == 32).then(|| p.parse::<T>().ok()).flatten() else {
+            return Ok(None);
+        };
+        let txn = self.db.begin_read().map_err(self.err("begin read"))?;
+        let t = txn.open_table(def).map_err(self.err("open table"))?;
+        let stored = t
+            .get(id.to_string().as_str())
+            .map_err(self.err("read"))?
+            .is_some();
+        Ok(stored.then_some(id))
     }
 
     fn keys<T: std::str::FromStr<Err = ids::ParseIdError>>(

@@ -398,6 +398,12 @@ fn prefixes_resolve_uniquely_or_say_why_not() {
         }
         e => panic!("expected ambiguous, got {e}"),
     }
+    // A whole id in its simple form (no hyphens) is a whole id too.
+    let simple: String = nodes[1].id.to_string().replace('-', "");
+    assert_eq!(db.resolve_node(&simple).unwrap(), nodes[1].id);
+    // A whole node id is not a sandbox's.
+    let e = db.resolve_sandbox(&nodes[1].id.to_string()).unwrap_err();
+    assert!(matches!(e, TreeDbError::UnknownId { .. }), "{e}");
     let unknown = NodeId::new().to_string();
     let e = db.resolve_node(&unknown).unwrap_err();
     assert!(
@@ -407,6 +413,36 @@ fn prefixes_resolve_uniquely_or_say_why_not() {
     let e = db.resolve_sandbox("sb-1").unwrap_err();
     assert!(matches!(e, TreeDbError::BadPrefix { .. }), "{e}");
     assert!(e.to_string().contains("\"sb-1\""), "{e}");
+}
+
+/// A whole id is looked up, not matched against every key: with thousands of nodes
+/// (a tree search) the scan a prefix needs costs milliseconds per call.
+#[test]
+fn a_whole_id_resolves_by_lookup_among_thousands_of_nodes() {
+    let (_dir, path) = tmp();
+    let db = TreeDb::open(&path).unwrap();
+    let t = tree(&db);
+    let sb = sandbox(t.id, None);
+    let mut parent = None;
+    let mut ops = vec![Op::PutSandbox(sb.clone())];
+    let mut made = Vec::new();
+    for i in 0..3000 {
+        let n = node(t.id, sb.id, parent, i);
+        parent = Some(n.id);
+        made.push(n.id);
+        ops.push(Op::PutNode(n));
+    }
+    db.commit(&ops).unwrap();
+    let timed = |f: &dyn Fn(&NodeId) -> NodeId| {
+        let start = std::time::Instant::now();
+        for id in made.iter().step_by(30) {
+            assert_eq!(f(id), *id);
+        }
+        start.elapsed() / 100
+    };
+    let whole = timed(&|id| db.resolve_node(&id.to_string()).unwrap());
+    let prefix = timed(&|id| db.resolve_node(&id.to_string()[..35]).unwrap());
+    eprintln!("resolve_node among 3000 nodes: whole id {whole:?}, 35-character prefix {prefix:?}");
 }
 
 #[test]
