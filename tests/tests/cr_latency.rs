@@ -81,3 +81,63 @@ fn checkpoint_and_rollback_latency_256_mib() {
     measure(256, false);
     measure(256, true);
 }
+
+/// Checkpoint and rollback of one process over `generations` rollbacks, each rollback
+/// the restored process's own (the next process is a fork of a template of the one
+/// before): medians of the first and the last ten. `keep`: every template stays alive
+/// (a tree whose nodes all keep their templates), else each is destroyed once the next
+/// one exists.
+fn measure_generations(generations: usize, keep: bool) {
+    let env = CrEnv::new(if keep { "gen-keep" } else { "gen-drop" });
+    let mut current = env.spawn_target(&["serve", "--alloc", "64"]);
+    let sum = current.ask("sum");
+    let mut kept = Vec::new();
+    let mut previous: Option<cr::Template> = None;
+    let mut rows = Vec::new();
+    for _ in 0..generations {
+        std::thread::sleep(GAP / 5);
+        current.wait_blocked_in(libc::SYS_read);
+        let template = cr::checkpoint(Pid::from_raw(current.pid), &env.checkpoint_opts()).unwrap();
+        env.track(template.pid().as_raw());
+        let restored =
+            cr::rollback(&template, Pid::from_raw(current.pid), &env.restore_opts()).unwrap();
+        rows.push((ms(template.timings().total), ms(restored.timings.fork)));
+        current = env.adopt(restored);
+        assert_eq!(current.ask("sum"), sum);
+        if keep {
+            kept.push(template);
+        } else if let Some(old) = previous.replace(template) {
+            old.destroy().unwrap();
+        }
+    }
+    let first = &rows[..10];
+    let last = &rows[rows.len() - 10..];
+    let med = |s: &[(f64, f64)], f: fn(&(f64, f64)) -> f64| median(s.iter().map(f).collect());
+    println!(
+        "64 MiB, {generations} generations, templates {}: checkpoint {:.2} -> {:.2} ms, \
+         template fork {:.2} -> {:.2} ms (medians of the first and the last ten)",
+        if keep {
+            "all kept"
+        } else {
+            "each dropped after the next"
+        },
+        med(first, |r| r.0),
+        med(last, |r| r.0),
+        med(first, |r| r.1),
+        med(last, |r| r.1),
+    );
+    for t in kept {
+        t.destroy().unwrap();
+    }
+}
+
+/// Each rollback makes the session a fork of a fork: the kernel links a fork's
+/// memory areas to every anon_vma of its ancestry, so the fork cost grows with the
+/// number of generations while their templates live.
+#[test]
+#[ignore = "a measurement: run with --ignored --nocapture, in release mode"]
+fn checkpoint_and_rollback_over_generations() {
+    require_root();
+    measure_generations(80, true);
+    measure_generations(80, false);
+}
