@@ -9,25 +9,31 @@ use std::time::Duration;
 use deltabox_controller::cr::inject::{Injection, SyscallSite};
 use deltabox_controller::cr::procfs;
 use deltabox_controller::cr::ptrace::{Tracee, cr_options};
-use deltabox_tests::cr::CrEnv;
+use deltabox_tests::cr::{CrEnv, Proc};
 use deltabox_tests::require_root;
 use nix::unistd::Pid;
 
 /// x86 `EFLAGS.TF`: single-step.
 const TRAP_FLAG: u64 = 0x100;
 
+/// A `cr-target serve` of `env` that answered once, seized (stopped), and the
+/// `syscall` instruction of its vdso.
+fn seized_target(env: &CrEnv) -> (Proc, Tracee, SyscallSite) {
+    let mut p = env.spawn_target(&["serve"]);
+    assert_eq!(p.ask("inc"), "n=1");
+    let (tracee, _) = Tracee::seize_stopped(Pid::from_raw(p.pid), cr_options()).expect("seize");
+    let maps = procfs::maps(p.pid).expect("maps");
+    let site = SyscallSite::find(&tracee, procfs::vdso(&maps)).expect("syscall site");
+    (p, tracee, site)
+}
+
 #[test]
 fn injected_syscalls_under_a_signal_storm_return_their_results_and_defer_the_signals() {
     require_root();
     let env = CrEnv::new("inject");
-    let mut p = env.spawn_target(&["serve"]);
-    assert_eq!(p.ask("inc"), "n=1");
+    let (mut p, mut tracee, site) = seized_target(&env);
     let pid = Pid::from_raw(p.pid);
     let ppid = procfs::status(p.pid).expect("status").ppid;
-
-    let (mut tracee, _) = Tracee::seize_stopped(pid, cr_options()).expect("seize");
-    let maps = procfs::maps(p.pid).expect("maps");
-    let site = SyscallSite::find(&tracee, procfs::vdso(&maps)).expect("syscall site");
     let stop = AtomicBool::new(false);
     let sent = std::thread::scope(|scope| {
         // Signals sent while the injections run: a user SIGTRAP (not the step's
@@ -82,12 +88,7 @@ fn injected_syscalls_under_a_signal_storm_return_their_results_and_defer_the_sig
 fn measure_one_injected_syscall() {
     require_root();
     let env = CrEnv::new("inject-measure");
-    let mut p = env.spawn_target(&["serve"]);
-    assert_eq!(p.ask("inc"), "n=1");
-    let pid = Pid::from_raw(p.pid);
-    let (mut tracee, _) = Tracee::seize_stopped(pid, cr_options()).expect("seize");
-    let maps = procfs::maps(p.pid).expect("maps");
-    let site = SyscallSite::find(&tracee, procfs::vdso(&maps)).expect("syscall site");
+    let (_p, mut tracee, site) = seized_target(&env);
     let mut inj = Injection::begin(&mut tracee, site).expect("begin");
     let mut rounds = Vec::new();
     for _ in 0..9 {
