@@ -605,29 +605,30 @@ proptest! {
     fn a_view_behaves_like_plain_directories_copied_at_each_checkpoint(
         ops in proptest::collection::vec(op(), 1..40)
     ) {
-        if let Some(why) = common::skip_reason() {
-            eprintln!("skipped: {why}");
-            return Ok(());
-        }
-        logged(&ops, run(ops.clone()))?;
+        logged(&ops, || run(ops.clone()))?;
     }
 
     #[test]
     fn chunk_granular_copies_behave_like_plain_directories_too(
         ops in proptest::collection::vec(op(), 1..40)
     ) {
-        if let Some(why) = common::skip_reason() {
-            eprintln!("skipped: {why}");
-            return Ok(());
-        }
-        logged(&ops, run_on(Fixture::plain(tiny_chunks()), ops.clone()))?;
+        logged(&ops, || run_on(Fixture::plain(tiny_chunks()), ops.clone()))?;
     }
 }
 
-/// Appends a failing case (the whole sequence, before any shrinking, and the failure) to
-/// the file `DELTAFS_MODEL_LOG` names, if set: a rare failure stays on record even when
+/// Runs one case of `ops` (unless the test cannot run here: it says why) and appends a
+/// failing case (the whole sequence, before any shrinking, and the failure) to the file
+/// `DELTAFS_MODEL_LOG` names, if set: a rare failure stays on record even when
 /// shrinking does not reproduce it.
-fn logged(ops: &[Op], result: Result<(), TestCaseError>) -> Result<(), TestCaseError> {
+fn logged(
+    ops: &[Op],
+    run: impl FnOnce() -> Result<(), TestCaseError>,
+) -> Result<(), TestCaseError> {
+    if let Some(why) = common::skip_reason() {
+        eprintln!("skipped: {why}");
+        return Ok(());
+    }
+    let result = run();
     if let (Err(e), Ok(log)) = (&result, std::env::var("DELTAFS_MODEL_LOG")) {
         let mut file = OpenOptions::new()
             .create(true)
