@@ -643,10 +643,7 @@ fn logged(
 /// The sequences the generator rarely produces, run as they are.
 #[test]
 fn a_held_file_across_a_rollback_to_the_last_checkpoint() {
-    if let Some(why) = common::skip_reason() {
-        eprintln!("skipped: {why}");
-        return;
-    }
+    require_root!();
     let write = |data: &[u8]| Op::Write {
         path: 0,
         offset: 0,
