@@ -88,13 +88,13 @@ impl Janitor {
     }
 }
 
-/// Starts the janitor thread of `view`.
-pub(crate) fn spawn(view: Weak<ViewShared>) -> std::io::Result<()> {
+/// Starts the janitor thread of `view`; it ends once [`Janitor::stop`] is called.
+pub(crate) fn spawn(view: Weak<ViewShared>) -> std::io::Result<Option<thread::JoinHandle<()>>> {
     let janitor = match view.upgrade() {
         Some(view) => std::sync::Arc::clone(&view.janitor),
-        None => return Ok(()),
+        None => return Ok(None),
     };
-    thread::Builder::new()
+    let thread = thread::Builder::new()
         .name("deltafs-janitor".to_owned())
         .spawn(move || {
             let mut timeout = None;
@@ -119,7 +119,7 @@ pub(crate) fn spawn(view: Weak<ViewShared>) -> std::io::Result<()> {
                 timeout = view.check_told(all).then_some(CHECK_PERIOD);
             }
         })?;
-    Ok(())
+    Ok(Some(thread))
 }
 
 impl ViewShared {

@@ -187,6 +187,9 @@ const SESSION_THREADS: usize = 1;
 pub struct View {
     shared: Arc<ViewShared>,
     session: Option<BackgroundSession>,
+    /// Joined at unmount: a pass in progress holds the view's state, and a `Store::gc`
+    /// right after the unmount would keep its layers.
+    janitor: Option<std::thread::JoinHandle<()>>,
 }
 
 impl View {
@@ -207,10 +210,11 @@ impl View {
         let session = fuser::Session::new(fs, &shared.mountpoint, &config)?;
         let _ = shared.notifier.set(session.notifier());
         let session = session.spawn()?;
-        janitor::spawn(Arc::downgrade(&shared))?;
+        let janitor = janitor::spawn(Arc::downgrade(&shared))?;
         Ok(Self {
             shared,
             session: Some(session),
+            janitor,
         })
     }
 
@@ -267,11 +271,15 @@ impl View {
             }
         });
         let janitor = Arc::clone(&self.shared.janitor);
+        let janitor_thread = self.janitor.take();
         let served = std::thread::Builder::new()
             .name("deltafs-detached".to_owned())
             .spawn(move || {
                 let _ = session.join();
                 janitor.stop();
+                if let Some(thread) = janitor_thread {
+                    let _ = thread.join();
+                }
             });
         if let Err(e) = served {
             log::warn!("deltafs: cannot wait for a detached view in the background: {e}");
@@ -290,7 +298,12 @@ impl View {
             log::error!("deltafs: {e}");
         }
         nix::unistd::sync();
-        match session.umount_and_join() {
+        let unmounted = session.umount_and_join();
+        // After the session: a pass's attribute notifications then fail at once.
+        if let Some(thread) = self.janitor.take() {
+            let _ = thread.join();
+        }
+        match unmounted {
             Ok(()) => Ok(()),
             Err(source) => {
                 let detached = umount2(&self.shared.mountpoint, MntFlags::MNT_DETACH);
