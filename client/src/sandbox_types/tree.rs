@@ -23,6 +23,10 @@ pub struct NodeSessionInfo {
     /// `live` (a template process holds it), `dumped` (its template is gone, its dump
     /// restores it, more slowly) or `none`.
     pub template: String,
+    /// A live template's generation: how many forks separate it from a fresh process
+    /// (each rollback adds two; deep templates are re-rooted in the background).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u32>,
 }
 
 /// A process of the sandbox other than its sessions (a background job, a session's

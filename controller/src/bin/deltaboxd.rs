@@ -59,7 +59,7 @@ enum Command {
     /// Loads and pins the eBPF programs, or adopts those already pinned. At exit the
     /// socket is removed and the programs stay pinned (counting goes on) unless
     /// --unload-on-exit is given.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Load, attach and pin the eBPF programs, print them, and exit.
     ///
     /// Replaces any deltabox pins already in the pin directory. Do not run it under a
@@ -137,6 +137,12 @@ struct ServeArgs {
     /// pages the sessions wrote after the node last time (docs/deltacr.md, "Warm-up").
     #[arg(long)]
     warm_up: bool,
+    /// Re-root a checkpoint's templates once they are this many forks from a fresh
+    /// process (each rollback adds two, and forks cost more the deeper they are): in the
+    /// background, after its dump, from the dump through a shallow template of the tree
+    /// or into a fresh process (docs/deltacr.md, "Re-rooting deep lineages"). 0: never.
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    reroot_generations: u32,
 }
 
 const DEFAULT_DATA_DIR: &str = "/var/lib/deltabox/store/deltaboxd";
@@ -177,6 +183,7 @@ fn sandbox_config(args: &ServeArgs) -> anyhow::Result<Option<ManagerConfig>> {
             max_bytes: args.pool_max_bytes.unwrap_or_else(default_max_bytes),
             dump_policy: args.dump_policy,
         },
+        reroot_generations: args.reroot_generations,
     }))
 }
 
@@ -207,8 +214,8 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command.unwrap_or(Command::Serve(cli.serve)) {
-        Command::Serve(args) => serve(args),
+    match cli.command.unwrap_or(Command::Serve(Box::new(cli.serve))) {
+        Command::Serve(args) => serve(*args),
         Command::Load(args) => {
             let programs = daemon::load(&args.pin_dir)
                 .with_context(|| format!("cannot load under {}", args.pin_dir.display()))?;

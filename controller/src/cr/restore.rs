@@ -98,14 +98,23 @@ pub struct Restored {
     pub stdio: StdioPipes,
     /// How long the restore took.
     pub timings: RestoreTimings,
+    /// Its generation: the forked template's plus one, 0 in a husk (its memory is new).
+    /// Pass it on as [`super::CheckpointOptions::generation`].
+    pub generation: u32,
 }
 
 impl Restored {
-    pub(super) fn new(pidfd: Pidfd, stdio: StdioPipes, timings: RestoreTimings) -> Self {
+    pub(super) fn new(
+        pidfd: Pidfd,
+        stdio: StdioPipes,
+        timings: RestoreTimings,
+        generation: u32,
+    ) -> Self {
         Self {
             pidfd,
             stdio,
             timings,
+            generation,
         }
     }
 
@@ -337,6 +346,7 @@ impl Forked<'_> {
                 resume: resuming.elapsed(),
                 total: start.elapsed(),
             },
+            generation: template.generation.saturating_add(1),
         })
     }
 }

@@ -68,6 +68,9 @@ pub struct CheckpointOptions {
     /// background job's stdout is the session's stdout pipe, restored as that pipe),
     /// not as the controller's stdio pipes.
     pub inherited_stdio: bool,
+    /// The process's generation ([`Template::generation`]): 0 for a process DeltaCR did
+    /// not restore, else its [`super::Restored::generation`]. The template is one more.
+    pub generation: u32,
 }
 
 /// How long a checkpoint took.
@@ -91,6 +94,8 @@ pub struct Template {
     /// passes `struct clone_args` and a cgroup path; restored processes unmap it.
     pub(super) scratch: u64,
     pub(super) timings: CheckpointTimings,
+    /// Forks between the template and a process that shares no memory with older ones.
+    pub(super) generation: u32,
     /// One restore at a time: ptrace allows one tracer.
     pub(super) lock: Mutex<()>,
 }
@@ -128,6 +133,15 @@ impl Template {
         self.timings
     }
 
+    /// How many forks separate the template from a process that shares no memory with
+    /// older ones (a fresh program, or one restored into a husk): its checkpointed
+    /// process's generation plus one. The kernel links each fork's memory areas to every
+    /// ancestor's `anon_vma` while their templates live, so forking a template costs more
+    /// the higher this is (docs/deltacr.md, "Re-rooting deep lineages").
+    pub fn generation(&self) -> u32 {
+        self.generation
+    }
+
     /// The address of the template's scratch page (kept with the state, so that a
     /// restarted controller can [`Template::adopt`] it).
     pub fn scratch(&self) -> u64 {
@@ -135,7 +149,8 @@ impl Template {
     }
 
     /// Takes over a template a previous controller made: process `pid`, held in the
-    /// frozen cgroup `cgroup` (absolute), with the recorded `state` and `scratch` page.
+    /// frozen cgroup `cgroup` (absolute), with the recorded `state`, `scratch` page and
+    /// `generation`.
     /// Refused unless `pid` is a stopped process in exactly that cgroup (a pid reused
     /// by another process after the template died is not taken for it).
     pub fn adopt(
@@ -143,6 +158,7 @@ impl Template {
         cgroup: PathBuf,
         state: ProcessState,
         scratch: u64,
+        generation: u32,
     ) -> Result<Self, CrError> {
         let raw = pid.as_raw();
         let cgroup_root = CgroupFs::host()
@@ -176,6 +192,7 @@ impl Template {
             state,
             scratch,
             timings: CheckpointTimings::default(),
+            generation,
             lock: Mutex::new(()),
         })
     }
@@ -453,6 +470,7 @@ fn fork_seized(seizing: Seizing, opts: &CheckpointOptions) -> Result<Template, C
             paused,
             total: start.elapsed(),
         },
+        generation: opts.generation.saturating_add(1),
         lock: Mutex::new(()),
     })
 }

@@ -321,7 +321,11 @@ pub async fn run(config: ServeConfig) -> Result<(), DaemonError> {
                 })?;
             let manager = opened.map_err(|source| DaemonError::Sandboxes { data_dir, source })?;
             tracing::info!(data_dir = %manager.config().data_dir.display(), "sandboxes ready");
-            Some(Arc::new(manager))
+            let manager = Arc::new(manager);
+            if let Err(e) = manager.start_rerooting() {
+                tracing::warn!("deep lineages will not be re-rooted: {e}");
+            }
+            Some(manager)
         }
         None => None,
     };

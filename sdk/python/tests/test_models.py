@@ -157,3 +157,14 @@ def test_ids_are_path_encoded() -> None:
     assert _api.get_sandbox("a/b").path == "/v1/sandboxes/a%2Fb"
     with pytest.raises(ValueError):
         _api.get_sandbox("")
+
+
+def test_a_node_session_s_generation_is_read_when_live() -> None:
+    node = samples.node()
+    node["sessions"] = [
+        {"session": "s1", "kind": "python", "template": "live", "generation": 3},
+        {"session": "s2", "kind": "bash", "template": "dumped"},
+    ]
+    live, dumped = NodeInfo.from_json(node).sessions
+    assert (live.template, live.generation) == ("live", 3)
+    assert (dumped.template, dumped.generation) == ("dumped", None)

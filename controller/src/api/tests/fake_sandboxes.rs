@@ -121,6 +121,7 @@ impl State {
                     session: x.id.clone(),
                     kind: x.kind.clone(),
                     template: "live".into(),
+                    generation: Some(1),
                 })
                 .collect(),
             processes: Vec::new(),

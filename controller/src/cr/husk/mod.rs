@@ -163,6 +163,8 @@ pub fn restore_into_husk(
                     resume: resuming.elapsed(),
                     total: start.elapsed(),
                 },
+                // Every mapping is new: no memory shared with any older process.
+                0,
             ))
         }
         Err(e) => {

@@ -35,6 +35,23 @@ pub(super) struct TemplateState {
     pub process: ProcessState,
     /// The template's scratch page.
     pub scratch: u64,
+    /// [`Template::generation`] (absent from records of older daemons: 0).
+    #[serde(default)]
+    pub generation: u32,
+}
+
+/// What a node records of `template`.
+pub(super) fn template_record(template: &Template) -> TemplateRecord {
+    TemplateRecord {
+        host_pid: template.pid().as_raw(),
+        cgroup: template.cgroup_path().to_path_buf(),
+        state: serde_json::to_value(TemplateState {
+            process: template.state().clone(),
+            scratch: template.scratch(),
+            generation: template.generation(),
+        })
+        .unwrap_or_default(),
+    }
 }
 
 fn adopt_template(record: &TemplateRecord) -> Result<Template, String> {
@@ -45,6 +62,7 @@ fn adopt_template(record: &TemplateRecord) -> Result<Template, String> {
         record.cgroup.clone(),
         state.process,
         state.scratch,
+        state.generation,
     )
     .map_err(|e| e.to_string())
 }

@@ -281,6 +281,7 @@ pub(super) fn start_session(live: &Live, kind: SessionKind) -> Result<LiveSessio
             stderr: spawned.stderr,
         },
         started_ms: unix_ms_now(),
+        generation: 0,
     };
     session::wait_ready(&mut session.io, kind, SESSION_START).map_err(|e| {
         SandboxError::Session {

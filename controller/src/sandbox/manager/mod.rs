@@ -65,6 +65,10 @@ pub struct ManagerConfig {
     pub busy_wait: std::time::Duration,
     /// The template pool's bounds and the dump policy.
     pub pool: pool::PoolConfig,
+    /// A node whose session template is this many forks deep or more
+    /// ([`Template::generation`]) is re-rooted in the background once dumped
+    /// (`tree_ops/reroot.rs`); 0: never.
+    pub reroot_generations: u32,
 }
 
 /// A live tree: its namespaces and init, and the templates of its nodes.
@@ -124,6 +128,9 @@ pub(crate) struct LiveSession {
     group: Option<Pidfd>,
     io: SessionIo,
     started_ms: u64,
+    /// Forks since a fresh process ([`crate::cr::Template::generation`]): 0 for a
+    /// session started or restored into a husk, the template's plus one for a fork.
+    generation: u32,
 }
 
 /// A live sandbox, behind its own mutex.
@@ -147,6 +154,8 @@ pub struct SandboxManager {
     sandboxes: Mutex<HashMap<SandboxId, Arc<Mutex<Live>>>>,
     /// The operation holding each sandbox ([`busy`]).
     busy: busy::BusyTable,
+    /// Re-root requests (`tree_ops/reroot.rs`), once that thread is started.
+    reroots: std::sync::OnceLock<std::sync::mpsc::Sender<(TreeId, NodeId)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -256,6 +265,7 @@ impl SandboxManager {
             pool,
             sandboxes: Mutex::new(HashMap::new()),
             busy: busy::BusyTable::new(cfg_busy_wait),
+            reroots: std::sync::OnceLock::new(),
         };
         manager.recover()?;
         Ok(manager)

@@ -16,7 +16,7 @@ use crate::metrics::pool::PoolFigures;
 use crate::metrics::state::{StateFigures, StateSource, private_bytes};
 use crate::sandbox::error::SandboxError;
 use crate::tree::ids::{NodeId, SandboxId, SessionId, TreeId};
-use crate::tree::records::{SandboxRecord, unix_ms_now};
+use crate::tree::records::{SandboxRecord, SandboxState, unix_ms_now};
 use crate::tree::render::{RenderNode, render_tree};
 
 impl SandboxManager {
@@ -28,11 +28,14 @@ impl SandboxManager {
             .sandboxes()
             .map_err(db_err)?
             .into_iter()
-            .filter(|s| s.tree == tree)
+            // Not the scratch sandboxes of re-roots (`tree_ops/reroot.rs`), nor sandboxes
+            // not made yet.
+            .filter(|s| s.tree == tree && s.state != SandboxState::Creating)
             .collect();
         // Alive by their process (a template can be killed behind the manager's back),
         // not by their presence in the map.
-        let live_templates: HashSet<(NodeId, SessionId)> = self
+        // With each one's generation.
+        let live_templates: HashMap<(NodeId, SessionId), u32> = self
             .live_tree(&tree)
             .map(|t| {
                 let map: Vec<(NodeId, Arc<NodeTemplates>)> = lock(&t.templates)
@@ -44,7 +47,7 @@ impl SandboxManager {
                         t.sessions
                             .iter()
                             .filter(|(_, _, tpl)| tpl.is_alive())
-                            .map(move |(sid, _, _)| (*id, *sid))
+                            .map(move |(sid, _, tpl)| ((*id, *sid), tpl.generation()))
                     })
                     .collect()
             })
@@ -56,7 +59,7 @@ impl SandboxManager {
                 template_live: !n.sessions.is_empty()
                     && n.sessions
                         .iter()
-                        .all(|s| live_templates.contains(&(n.id, s.session))),
+                        .all(|s| live_templates.contains_key(&(n.id, s.session))),
                 here: sandboxes
                     .iter()
                     .filter(|s| s.head == Some(n.id))
@@ -72,7 +75,7 @@ impl SandboxManager {
                 .map(|n| {
                     node_info(
                         n,
-                        &|session| live_templates.contains(&(n.id, session)),
+                        &|session| live_templates.get(&(n.id, session)).copied(),
                         CheckpointTimings {
                             total_ms: n.checkpoint_ms,
                             ..CheckpointTimings::default()

@@ -17,14 +17,15 @@ use crate::sandbox::runtime::Limits;
 use crate::sandbox::session::{SessionIo, SessionKind};
 use crate::tree::db::Op;
 use crate::tree::ids::{NodeId, SandboxId, SessionId};
-use crate::tree::records::{
-    NodeRecord, NodeSession, SandboxRecord, SandboxState, TemplateRecord, unix_ms_now,
-};
+use crate::tree::records::{NodeRecord, NodeSession, SandboxRecord, SandboxState, unix_ms_now};
 
 mod fallback;
 pub(super) mod process_dumps;
 mod proctree;
+mod reroot;
 mod rollback;
+
+use fallback::Source;
 
 /// The most sandboxes one branch call makes.
 const MAX_BRANCHES: u32 = 64;
@@ -42,14 +43,18 @@ pub(super) fn snapshot_of(node: &NodeRecord) -> Result<SnapshotId, SandboxError>
 /// Each thread seizes, injects and detaches its own process (ptrace allows no hand-over
 /// between threads mid-way).
 fn checkpoint_all(
-    sessions: &[(SessionId, SessionKind, Pid)],
+    sessions: &[(SessionId, SessionKind, Pid, u32)],
     opts: &CheckpointOptions,
 ) -> Vec<(SessionId, SessionKind, Result<Template, String>)> {
-    let one = |&(id, kind, pid): &(SessionId, SessionKind, Pid)| {
+    let one = |&(id, kind, pid, generation): &(SessionId, SessionKind, Pid, u32)| {
+        let opts = CheckpointOptions {
+            generation,
+            ..opts.clone()
+        };
         (
             id,
             kind,
-            cr::checkpoint(pid, opts).map_err(|e| e.to_string()),
+            cr::checkpoint(pid, &opts).map_err(|e| e.to_string()),
         )
     };
     if sessions.len() < 2 {
@@ -62,7 +67,7 @@ fn checkpoint_all(
             .collect();
         running
             .into_iter()
-            .map(|(&(id, kind, _), handle)| {
+            .map(|(&(id, kind, _, _), handle)| {
                 handle.join().unwrap_or_else(|_| {
                     (id, kind, Err("its checkpoint thread panicked".to_owned()))
                 })
@@ -109,10 +114,11 @@ pub(super) fn ms(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1e3
 }
 
-/// `node` for the API; `live(session)` says whether the session's template is alive.
+/// `node` for the API; `live(session)` is the generation of the session's template if
+/// it is alive.
 pub(super) fn node_info(
     node: &NodeRecord,
-    live: &dyn Fn(SessionId) -> bool,
+    live: &dyn Fn(SessionId) -> Option<u32>,
     timings: CheckpointTimings,
 ) -> NodeInfo {
     NodeInfo {
@@ -129,7 +135,7 @@ pub(super) fn node_info(
             .map(|s| NodeSessionInfo {
                 session: s.session.to_string(),
                 kind: s.kind.clone(),
-                template: if s.template.is_some() && live(s.session) {
+                template: if s.template.is_some() && live(s.session).is_some() {
                     "live"
                 } else if crate::cr::dump::worker::dumped(&crate::cr::dump::dump_name(
                     &node.id.to_string(),
@@ -141,6 +147,7 @@ pub(super) fn node_info(
                     "none"
                 }
                 .to_owned(),
+                generation: s.template.as_ref().and(live(s.session)),
             })
             .collect(),
         processes: proctree::infos(node),
@@ -179,6 +186,7 @@ impl SandboxManager {
             root_prefix: Some(runtime.root_in_ns(&name)),
             template_root: Some(live.tree.root_in_ns()?),
             inherited_stdio: false,
+            generation: 0,
         };
         let extra_opts = CheckpointOptions {
             inherited_stdio: true,
@@ -187,7 +195,7 @@ impl SandboxManager {
         let sessions: Vec<_> = live
             .sessions
             .values()
-            .map(|s| (s.id, s.kind, s.pid))
+            .map(|s| (s.id, s.kind, s.pid, s.generation))
             .collect();
         let session_pids: Vec<Pid> = sessions.iter().map(|s| s.2).collect();
 
@@ -254,15 +262,7 @@ impl SandboxManager {
                 .map(|(sid, kind, template)| NodeSession {
                     session: *sid,
                     kind: kind.to_string(),
-                    template: Some(TemplateRecord {
-                        host_pid: template.pid().as_raw(),
-                        cgroup: template.cgroup_path().to_path_buf(),
-                        state: serde_json::to_value(super::adopt::TemplateState {
-                            process: template.state().clone(),
-                            scratch: template.scratch(),
-                        })
-                        .unwrap_or_default(),
-                    }),
+                    template: Some(super::adopt::template_record(template)),
                 })
                 .collect(),
             bytes: self.store.snapshot_bytes(report.id).unwrap_or(0),
@@ -308,9 +308,16 @@ impl SandboxManager {
             parent,
             live.tree.runtime.root_in_ns(&name),
         );
+        self.queue_reroot(&node, &templates);
         Ok(node_info(
             &node,
-            &|_| true,
+            &|session| {
+                templates
+                    .sessions
+                    .iter()
+                    .find(|(sid, _, _)| *sid == session)
+                    .map(|(_, _, t)| t.generation())
+            },
             CheckpointTimings {
                 total_ms: ms(start),
                 quiesce_ms,
@@ -347,7 +354,14 @@ impl SandboxManager {
         templates: Option<&NodeTemplates>,
         phases: &mut RestoreTimings,
     ) -> Result<Vec<LiveSession>, SandboxError> {
-        self.restore_sessions_preforked(tree, name, node, templates, Vec::new(), phases)
+        self.restore_sessions_preforked(
+            tree,
+            name,
+            node,
+            Source::Nearest(templates),
+            Vec::new(),
+            phases,
+        )
     }
 
     /// [`Self::restore_sessions`], the sessions of `preforked` finished from their
@@ -357,12 +371,13 @@ impl SandboxManager {
         tree: &Tree,
         name: &str,
         node: &NodeRecord,
-        templates: Option<&NodeTemplates>,
+        source: Source<'_>,
         mut preforked: Vec<rollback::Preforked<'_>>,
         phases: &mut RestoreTimings,
     ) -> Result<Vec<LiveSession>, SandboxError> {
         let runtime = &tree.runtime;
         // Refuses (nothing started yet) what has neither a live template nor a dump.
+        let templates = source.templates();
         let others = self.process_sources(tree, node, templates)?;
         // Held until every process has opened its ends.
         let mut pipes = proctree::RestorePipes::make(runtime, node)?;
@@ -392,7 +407,7 @@ impl SandboxManager {
                     })?;
                     (kind, child)
                 }
-                None => self.restore_session(tree, name, node, session, templates, &opts)?,
+                None => self.restore_session(tree, name, node, session, source, &opts)?,
             };
             let child = child.map_err(|e| {
                 let message = format!("restoring session {}: {e}", session.session);
@@ -413,6 +428,7 @@ impl SandboxManager {
             })?;
             phases.add(&child.timings);
             let pid = child.pid();
+            let generation = child.generation;
             join_limit_cgroups(runtime, name, pid)?;
             let stdio = child.stdio;
             let (Some(stdin), Some(stdout), Some(stderr)) =
@@ -437,6 +453,7 @@ impl SandboxManager {
                     stderr,
                 },
                 started_ms: unix_ms_now(),
+                generation,
             });
         }
         if !node.processes.is_empty() {

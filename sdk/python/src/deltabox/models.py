@@ -200,16 +200,24 @@ class SandboxInfo:
 
 @dataclass(frozen=True)
 class NodeSessionInfo:
-    """A session's part of a node: ``template`` is ``live`` while a template holds it."""
+    """A session's part of a node: ``template`` is ``live`` while a template holds it;
+    ``generation`` (while live) counts the forks between that template and a fresh
+    process (each rollback adds two; the daemon re-roots deep ones)."""
 
     session: str
     kind: str
     template: str
+    generation: int | None = None
 
     @classmethod
     def from_json(cls, obj: Json) -> NodeSessionInfo:
         """Parses the API's ``NodeSessionInfo``."""
-        return cls(**_required(obj, "node session", "session", "kind"), template=obj.get("template", "none"))
+        generation = obj.get("generation")
+        return cls(
+            **_required(obj, "node session", "session", "kind"),
+            template=obj.get("template", "none"),
+            generation=generation if isinstance(generation, int) else None,
+        )
 
 
 @dataclass(frozen=True)

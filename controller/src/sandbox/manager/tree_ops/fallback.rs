@@ -16,12 +16,12 @@ use crate::cr::dump::{
 use crate::cr::pidfd::Pidfd;
 use crate::cr::{self, CheckpointOptions, CrError, RestoreOptions, Restored};
 use crate::sandbox::error::SandboxError;
+use crate::sandbox::manager::adopt::template_record;
 use crate::sandbox::manager::{Live, NodeTemplates, SandboxManager, Tree, db_err, lock};
 use crate::sandbox::runtime::TreeRuntime;
 use crate::sandbox::session::SessionKind;
 use crate::tree::db::Op;
 use crate::tree::ids::{NodeId, SessionId};
-use crate::tree::records::TemplateRecord;
 use crate::tree::records::{NodeRecord, NodeSession};
 
 /// Which template of a node's [`NodeTemplates`].
@@ -38,6 +38,31 @@ impl TemplateAt {
         match self {
             Self::Session(i) => &templates.sessions[i].2,
             Self::Process(i) => &templates.processes[i],
+        }
+    }
+}
+
+/// Where a restore takes a node's sessions from.
+#[derive(Clone, Copy)]
+pub(in crate::sandbox::manager) enum Source<'a> {
+    /// Its templates (the node's, if any) if alive, else its dumps through the nearest
+    /// live template.
+    Nearest(Option<&'a NodeTemplates>),
+    /// Its dump, through the live template of the same kind with the lowest generation
+    /// below `below` (the same session's first), else into a husk: a process whose
+    /// lineage is shorter than its node's template's (`super::reroot`).
+    Shallow {
+        /// Templates of this generation or more are not forked.
+        below: u32,
+    },
+}
+
+impl<'a> Source<'a> {
+    /// The node's templates, if they are to be forked.
+    pub(in crate::sandbox::manager) fn templates(self) -> Option<&'a NodeTemplates> {
+        match self {
+            Self::Nearest(templates) => templates,
+            Self::Shallow { .. } => None,
         }
     }
 }
@@ -167,54 +192,15 @@ impl SandboxManager {
         node: &NodeRecord,
         templates: Option<&NodeTemplates>,
     ) -> Result<(), SandboxError> {
-        let processes: Vec<Arc<cr::Template>> = templates.map_or_else(Vec::new, |t| {
-            t.processes
-                .iter()
-                .filter(|p| p.is_alive())
-                .cloned()
-                .collect()
-        });
-        let name = live.name();
-        let runtime = &live.tree.runtime;
-        let opts = CheckpointOptions {
-            template_cgroups: runtime.templates_cgroup(),
-            template_cgroups_seen: runtime.templates_cgroup_in_ns(&name),
-            root_prefix: Some(runtime.root_in_ns(&name)),
-            template_root: Some(live.tree.root_in_ns()?),
-            inherited_stdio: false,
-        };
-        let mut made = Vec::with_capacity(live.sessions.len());
-        for session in live.sessions.values() {
-            let template =
-                cr::checkpoint(session.pid, &opts).map_err(|e| SandboxError::Process {
-                    sandbox: name.clone(),
-                    message: format!("re-making session {}'s template: {e}", session.id),
-                })?;
-            made.push((session.id, session.kind, template));
-        }
-        let mut updated = node.clone();
-        for s in &mut updated.sessions {
-            s.template =
-                made.iter()
-                    .find(|(sid, _, _)| *sid == s.session)
-                    .map(|(_, _, template)| TemplateRecord {
-                        host_pid: template.pid().as_raw(),
-                        cgroup: template.cgroup_path().to_path_buf(),
-                        state: serde_json::to_value(
-                            crate::sandbox::manager::adopt::TemplateState {
-                                process: template.state().clone(),
-                                scratch: template.scratch(),
-                            },
-                        )
-                        .unwrap_or_default(),
-                    });
-        }
-        self.db.commit(&[Op::PutNode(updated)]).map_err(db_err)?;
+        let made = template_sessions(live)?;
+        self.db
+            .commit(&[Op::PutNode(with_templates(node, &made))])
+            .map_err(db_err)?;
         lock(&live.tree.templates).insert(
             node.id,
             Arc::new(NodeTemplates {
                 sessions: made,
-                processes,
+                processes: live_processes(templates),
             }),
         );
         // Its dumps are on disk already (it was restored from them).
@@ -245,10 +231,12 @@ impl SandboxManager {
         name: &str,
         node: &NodeRecord,
         session: &NodeSession,
-        templates: Option<&NodeTemplates>,
+        source: Source<'_>,
         opts: &RestoreOptions,
     ) -> Result<(SessionKind, Result<Restored, CrError>), SandboxError> {
-        let own = templates.and_then(|t| t.live_session(session.session));
+        let own = source
+            .templates()
+            .and_then(|t| t.live_session(session.session));
         if let Some((_, kind, template)) = own {
             self.pool.hit();
             self.pool.touch(node.id);
@@ -276,7 +264,11 @@ impl SandboxManager {
         }
         let dump = Dump::open(&root, &dumped).map_err(|e| refuse(e.to_string()))?;
         let mut tried = Vec::new();
-        for (base_node, templates, index) in self.bases(tree, node, session, kind)? {
+        let bases = match source {
+            Source::Nearest(_) => self.bases(tree, node, session, kind)?,
+            Source::Shallow { below } => shallow_bases(tree, session, kind, below),
+        };
+        for (base_node, templates, index) in bases {
             let (sid, _, template) = &templates.sessions[index];
             // A base dump describes the template only if both are of the same
             // checkpoint (a template re-made from a restored process is not its dump).
@@ -374,6 +366,31 @@ impl SandboxManager {
     }
 }
 
+/// The live templates of `tree` of `kind` whose generation is below `below`, `session`'s
+/// first, then by generation: bases of a restore that shortens a lineage.
+fn shallow_bases(
+    tree: &Tree,
+    session: &NodeSession,
+    kind: SessionKind,
+    below: u32,
+) -> Vec<(NodeId, Arc<NodeTemplates>, usize)> {
+    let all: Vec<(NodeId, Arc<NodeTemplates>)> = lock(&tree.templates)
+        .iter()
+        .map(|(id, t)| (*id, Arc::clone(t)))
+        .collect();
+    let mut out: Vec<(bool, u32, NodeId, Arc<NodeTemplates>, usize)> = Vec::new();
+    for (id, t) in &all {
+        for (i, (sid, k, tpl)) in t.sessions.iter().enumerate() {
+            if *k == kind && tpl.generation() < below && tpl.is_alive() {
+                let other = *sid != session.session;
+                out.push((other, tpl.generation(), *id, Arc::clone(t), i));
+            }
+        }
+    }
+    out.sort_by_key(|(other, generation, id, _, _)| (*other, *generation, *id));
+    out.into_iter().map(|(_, _, id, t, i)| (id, t, i)).collect()
+}
+
 /// Restores `dump` into a husk that the tree's init (`runtime`) starts in sandbox `name`
 /// (in its cgroups and root already: `opts.chroot` is not needed). A husk that could
 /// not be made the dumped process is killed.
@@ -392,5 +409,61 @@ pub(super) fn restore_in_husk(
         // Killed already once seized; not if refused before.
         let _ = Pidfd::from_fd(pid, pidfd).kill_and_wait(std::time::Duration::from_secs(5));
         e.to_string()
+    })
+}
+
+/// Checkpoints every session of `live`, each idle (back in the wait for its next
+/// command it was in at its node's checkpoint), into a new template.
+pub(super) fn template_sessions(
+    live: &Live,
+) -> Result<Vec<(SessionId, SessionKind, cr::Template)>, SandboxError> {
+    let name = live.name();
+    let runtime = &live.tree.runtime;
+    let opts = CheckpointOptions {
+        template_cgroups: runtime.templates_cgroup(),
+        template_cgroups_seen: runtime.templates_cgroup_in_ns(&name),
+        root_prefix: Some(runtime.root_in_ns(&name)),
+        template_root: Some(live.tree.root_in_ns()?),
+        inherited_stdio: false,
+        generation: 0,
+    };
+    let mut made = Vec::with_capacity(live.sessions.len());
+    for session in live.sessions.values() {
+        let opts = CheckpointOptions {
+            generation: session.generation,
+            ..opts.clone()
+        };
+        let template = cr::checkpoint(session.pid, &opts).map_err(|e| SandboxError::Process {
+            sandbox: name.clone(),
+            message: format!("re-making session {}'s template: {e}", session.id),
+        })?;
+        made.push((session.id, session.kind, template));
+    }
+    Ok(made)
+}
+
+/// `node` with `made` as its sessions' templates.
+pub(super) fn with_templates(
+    node: &NodeRecord,
+    made: &[(SessionId, SessionKind, cr::Template)],
+) -> NodeRecord {
+    let mut updated = node.clone();
+    for s in &mut updated.sessions {
+        s.template = made
+            .iter()
+            .find(|(sid, _, _)| *sid == s.session)
+            .map(|(_, _, template)| template_record(template));
+    }
+    updated
+}
+
+/// The live templates of the other processes among `templates`.
+pub(super) fn live_processes(templates: Option<&NodeTemplates>) -> Vec<Arc<cr::Template>> {
+    templates.map_or_else(Vec::new, |t| {
+        t.processes
+            .iter()
+            .filter(|p| p.is_alive())
+            .cloned()
+            .collect()
     })
 }

@@ -25,7 +25,7 @@ use crate::sandbox::error::SandboxError;
 use crate::sandbox::manager::adopt::TemplateState;
 use crate::sandbox::manager::{LiveSession, NodeTemplates};
 use crate::sandbox::runtime::TreeRuntime;
-use crate::tree::records::{NodeProcess, NodeRecord, TemplateRecord};
+use crate::tree::records::{NodeProcess, NodeRecord};
 
 /// How many threads restore a node's other processes.
 const RESTORE_THREADS: usize = 4;
@@ -247,15 +247,7 @@ pub(super) fn records_of(templates: &[Template]) -> Vec<NodeProcess> {
         .map(|t| NodeProcess {
             pid: t.state().pid,
             comm: t.state().comm.clone(),
-            template: Some(TemplateRecord {
-                host_pid: t.pid().as_raw(),
-                cgroup: t.cgroup_path().to_path_buf(),
-                state: serde_json::to_value(TemplateState {
-                    process: t.state().clone(),
-                    scratch: t.scratch(),
-                })
-                .unwrap_or_default(),
-            }),
+            template: Some(crate::sandbox::manager::adopt::template_record(t)),
         })
         .collect()
 }

@@ -252,7 +252,7 @@ impl SandboxManager {
                 &live.tree,
                 &name,
                 record,
-                templates,
+                super::Source::Nearest(templates),
                 preforked,
                 &mut phases,
             );
