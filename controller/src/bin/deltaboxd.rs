@@ -141,7 +141,13 @@ struct ServeArgs {
     /// process (each rollback adds two, and forks cost more the deeper they are): in the
     /// background, after its dump, from the dump through a shallow template of the tree
     /// or into a fresh process (docs/deltacr.md, "Re-rooting deep lineages"). 0: never.
-    #[arg(long, value_name = "N", default_value_t = 8)]
+    /// The environment variable is read when the flag is not given.
+    #[arg(
+        long,
+        value_name = "N",
+        env = "DELTABOX_REROOT_GENERATIONS",
+        default_value_t = 8
+    )]
     reroot_generations: u32,
 }
 
