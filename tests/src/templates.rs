@@ -127,18 +127,22 @@ pub fn kill9(pid: i32) {
     panic!("template {pid} did not die");
 }
 
-/// The template state (`live`, `dumped`, …) the tree listing of `sandbox` gives the
-/// first session of `node`.
-pub fn session_template_state(api: &Http, sandbox: &str, node: &str) -> String {
+/// `node` as the tree listing of `sandbox` gives it.
+pub fn tree_node(api: &Http, sandbox: &str, node: &str) -> Value {
     let tree = api
         .get(&format!("/v1/sandboxes/{sandbox}/tree"))
         .expect(200, "tree");
     let nodes = tree["nodes"].as_array().cloned().unwrap_or_default();
-    let n: &Value = nodes
-        .iter()
+    nodes
+        .into_iter()
         .find(|n| id_of(n) == node)
-        .unwrap_or_else(|| panic!("node {node} in {tree}"));
-    n["sessions"][0]["template"]
+        .unwrap_or_else(|| panic!("node {node} in {tree}"))
+}
+
+/// The template state (`live`, `dumped`, …) the tree listing of `sandbox` gives the
+/// first session of `node`.
+pub fn session_template_state(api: &Http, sandbox: &str, node: &str) -> String {
+    tree_node(api, sandbox, node)["sessions"][0]["template"]
         .as_str()
         .unwrap_or_default()
         .to_owned()

@@ -8,9 +8,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use deltabox_tests::memory::{PySandbox, random_buffer};
-use deltabox_tests::sandbox::{Http, id_of};
-use deltabox_tests::templates::templates;
-use serde_json::Value;
+use deltabox_tests::sandbox::Http;
+use deltabox_tests::templates::{templates, tree_node};
 
 /// What a node holds: the python buffer's hash and `x`, bash's `$Y`, a file.
 #[derive(Debug, PartialEq, Eq)]
@@ -41,15 +40,7 @@ fn step(api: &Http, sb: &str, py: &str, sh: &str, i: u32) {
 
 /// The generations of `node`'s live session templates, as `tree` gives them.
 fn generations(api: &Http, sb: &str, node: &str) -> Vec<Option<u64>> {
-    let tree = api
-        .get(&format!("/v1/sandboxes/{sb}/tree"))
-        .expect(200, "tree");
-    let nodes = tree["nodes"].as_array().cloned().unwrap_or_default();
-    let n: &Value = nodes
-        .iter()
-        .find(|n| id_of(n) == node)
-        .unwrap_or_else(|| panic!("node {node} in {tree}"));
-    n["sessions"]
+    tree_node(api, sb, node)["sessions"]
         .as_array()
         .map(|s| s.iter().map(|s| s["generation"].as_u64()).collect())
         .unwrap_or_default()

@@ -76,6 +76,21 @@ fn checkpoint_all(
     })
 }
 
+/// Where `live`'s templates go and how its processes name things (generation 0: each
+/// session's is set apart).
+pub(super) fn checkpoint_options(live: &Live) -> Result<CheckpointOptions, SandboxError> {
+    let name = live.name();
+    let runtime = &live.tree.runtime;
+    Ok(CheckpointOptions {
+        template_cgroups: runtime.templates_cgroup(),
+        template_cgroups_seen: runtime.templates_cgroup_in_ns(&name),
+        root_prefix: Some(runtime.root_in_ns(&name)),
+        template_root: Some(live.tree.root_in_ns()?),
+        inherited_stdio: false,
+        generation: 0,
+    })
+}
+
 /// Moves `pid` into the sandbox's cgroup v1 limit directories (this host keeps memory,
 /// cpu and pids on cgroup v1) unless it is in them already: a process restored from a
 /// template taken in the same sandbox is (fork keeps cgroups), a branch is not. A v1
@@ -180,14 +195,7 @@ impl SandboxManager {
             ));
         };
 
-        let opts = CheckpointOptions {
-            template_cgroups: runtime.templates_cgroup(),
-            template_cgroups_seen: runtime.templates_cgroup_in_ns(&name),
-            root_prefix: Some(runtime.root_in_ns(&name)),
-            template_root: Some(live.tree.root_in_ns()?),
-            inherited_stdio: false,
-            generation: 0,
-        };
+        let opts = checkpoint_options(live)?;
         let extra_opts = CheckpointOptions {
             inherited_stdio: true,
             ..opts.clone()

@@ -418,15 +418,7 @@ pub(super) fn template_sessions(
     live: &Live,
 ) -> Result<Vec<(SessionId, SessionKind, cr::Template)>, SandboxError> {
     let name = live.name();
-    let runtime = &live.tree.runtime;
-    let opts = CheckpointOptions {
-        template_cgroups: runtime.templates_cgroup(),
-        template_cgroups_seen: runtime.templates_cgroup_in_ns(&name),
-        root_prefix: Some(runtime.root_in_ns(&name)),
-        template_root: Some(live.tree.root_in_ns()?),
-        inherited_stdio: false,
-        generation: 0,
-    };
+    let opts = super::checkpoint_options(live)?;
     let mut made = Vec::with_capacity(live.sessions.len());
     for session in live.sessions.values() {
         let opts = CheckpointOptions {
