@@ -242,7 +242,10 @@ impl SandboxManager {
             self.pool.touch(node.id);
             return Ok((*kind, template.restore(opts)));
         }
-        self.pool.miss();
+        // A re-root's restore is no request for the node: not a miss of the pool.
+        if let Source::Nearest(_) = source {
+            self.pool.miss();
+        }
         let refuse = |why: String| SandboxError::NodeNotRestorable {
             node: node.id.to_string(),
             session: session.session.to_string(),

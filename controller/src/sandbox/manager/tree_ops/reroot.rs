@@ -29,6 +29,11 @@ use crate::tree::db::Op;
 use crate::tree::ids::{NodeId, SandboxId, SessionId, TreeId};
 use crate::tree::records::{NodeRecord, SandboxRecord, SandboxState, unix_ms_now};
 
+/// The most re-root requests kept waiting: beyond, the oldest are dropped (their nodes
+/// stay deep: slower to fork, not wrong), so that a sandbox checkpointing faster than
+/// its nodes are re-rooted does not pile up background work.
+const BACKLOG: usize = 8;
+
 /// What a re-root request came to.
 #[derive(Debug)]
 enum Outcome {
@@ -54,19 +59,28 @@ impl SandboxManager {
         std::thread::Builder::new()
             .name("deltabox-reroot".to_owned())
             .spawn(move || {
-                while let Ok((tree, node)) = rx.recv() {
-                    let Some(manager) = manager.upgrade() else {
-                        return;
-                    };
-                    let t = Instant::now();
-                    match manager.reroot(tree, node) {
-                        Ok(Outcome::Rerooted { from, to }) => {
-                            tracing::info!(%node, from, to, ms = ms(t), "re-rooted its lineage");
+                while let Ok(first) = rx.recv() {
+                    let mut waiting = vec![first];
+                    waiting.extend(rx.try_iter());
+                    let dropped = waiting.len().saturating_sub(BACKLOG);
+                    if dropped > 0 {
+                        tracing::info!(dropped, "re-roots dropped: checkpoints come faster than they are re-rooted");
+                    }
+                    // The newest first: the likeliest to be restored again.
+                    for (tree, node) in waiting.into_iter().rev().take(BACKLOG) {
+                        let Some(manager) = manager.upgrade() else {
+                            return;
+                        };
+                        let t = Instant::now();
+                        match manager.reroot(tree, node) {
+                            Ok(Outcome::Rerooted { from, to }) => {
+                                tracing::info!(%node, from, to, ms = ms(t), "re-rooted its lineage");
+                            }
+                            Ok(Outcome::Skipped(why)) => {
+                                tracing::debug!(%node, "not re-rooted: {why}");
+                            }
+                            Err(e) => tracing::warn!(%node, "not re-rooted: {e}"),
                         }
-                        Ok(Outcome::Skipped(why)) => {
-                            tracing::debug!(%node, "not re-rooted: {why}");
-                        }
-                        Err(e) => tracing::warn!(%node, "not re-rooted: {e}"),
                     }
                 }
             })?;
