@@ -164,3 +164,63 @@ fn a_deep_node_with_no_shallow_template_is_re_rooted_into_fresh_processes() {
     api.rollback(&sb, &n2);
     assert_eq!(state(&api, &sb, &py, &sh), at_n2);
 }
+
+/// Median of `values` (sorted in place).
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// Measurement, not a check (`cargo test --release -p deltabox-tests --test
+/// sandbox_reroot -- --ignored --nocapture`): a python session with 32 MiB written, 80
+/// cycles of a run, a checkpoint, a run and a rollback to that checkpoint, with
+/// re-rooting off and at 8; prints the checkpoint's `processes_ms` and the rollback's
+/// `fork_ms` (medians over cycles 0–10, 30–40, 70–80).
+#[test]
+#[ignore = "measurement"]
+fn measure_cycles_of_checkpoint_and_rollback_with_and_without_re_rooting() {
+    for reroot_at in ["0", "8"] {
+        let PySandbox {
+            daemon: _daemon,
+            api,
+            sandbox: sb,
+            tree: _,
+            session: py,
+        } = PySandbox::start(
+            "rerootm",
+            &["--reroot-generations", reroot_at],
+            "buf = bytearray(32 << 20)\nfor i in range(0, len(buf), 4096): buf[i] = 1\nx = 1",
+        );
+        let mut rows = Vec::new();
+        for _ in 0..80 {
+            api.run(
+                &sb,
+                &py,
+                "for i in range(0, 2 << 20, 4096): buf[i] = 2\nx += 1",
+            );
+            let node = api
+                .post(
+                    &format!("/v1/sandboxes/{sb}/checkpoint"),
+                    &serde_json::json!({}),
+                )
+                .expect(201, "checkpoint");
+            api.run(&sb, &py, "x += 1");
+            let id = node["id"].as_str().unwrap_or_default();
+            let rolled = api.rollback(&sb, id);
+            rows.push((
+                node["timings"]["processes_ms"].as_f64().unwrap_or(f64::NAN),
+                rolled["timings"]["fork_ms"].as_f64().unwrap_or(f64::NAN),
+            ));
+            thread::sleep(Duration::from_millis(30));
+        }
+        for (from, to) in [(0, 10), (30, 40), (70, 80)] {
+            let mut checkpoint: Vec<f64> = rows[from..to].iter().map(|r| r.0).collect();
+            let mut fork: Vec<f64> = rows[from..to].iter().map(|r| r.1).collect();
+            println!(
+                "re-rooting at {reroot_at}, cycles {from}-{to}: checkpoint processes_ms {:.2}, rollback fork_ms {:.2}",
+                median(&mut checkpoint),
+                median(&mut fork)
+            );
+        }
+    }
+}
