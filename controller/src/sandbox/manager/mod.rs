@@ -84,6 +84,15 @@ pub(crate) struct Tree {
 }
 
 impl Tree {
+    /// Every node's templates, copied out of the map under its lock: checking them
+    /// (pidfds, generations) then holds up no checkpoint or rollback of the tree.
+    fn all_templates(&self) -> Vec<(NodeId, Arc<NodeTemplates>)> {
+        lock(&self.templates)
+            .iter()
+            .map(|(id, t)| (*id, Arc::clone(t)))
+            .collect()
+    }
+
     /// `/proc/<tree anchor>/root`, where DeltaCR puts templates.
     fn root_in_ns(&self) -> Result<PathBuf, SandboxError> {
         if let Some(root) = self.root.get() {

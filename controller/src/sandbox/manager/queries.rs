@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use super::tree_ops::process_dumps::name_of as process_dump_name;
 use super::tree_ops::{node_info, serde_name, snapshot_of};
-use super::{NodeTemplates, SandboxManager, Tree, db_err, lock, store_err};
+use super::{SandboxManager, Tree, db_err, lock, store_err};
 use crate::api::sandbox_types::{
     CheckpointTimings, DiffEntry, DiffResult, GcResult, Removed, SandboxHead, TreeView,
 };
@@ -38,10 +38,7 @@ impl SandboxManager {
         let live_templates: HashMap<(NodeId, SessionId), u32> = self
             .live_tree(&tree)
             .map(|t| {
-                let map: Vec<(NodeId, Arc<NodeTemplates>)> = lock(&t.templates)
-                    .iter()
-                    .map(|(id, t)| (*id, Arc::clone(t)))
-                    .collect();
+                let map = t.all_templates();
                 map.iter()
                     .flat_map(|(id, t)| {
                         t.sessions
@@ -300,10 +297,7 @@ impl StateSource for SandboxManager {
         let mut live: HashSet<(NodeId, SessionId)> = HashSet::new();
         let mut live_processes: HashSet<(NodeId, i32)> = HashSet::new();
         for tree in &trees {
-            let map: Vec<(NodeId, Arc<NodeTemplates>)> = lock(&tree.templates)
-                .iter()
-                .map(|(id, t)| (*id, Arc::clone(t)))
-                .collect();
+            let map = tree.all_templates();
             for (node, templates) in map {
                 for (sid, _, t) in &templates.sessions {
                     if t.is_alive() {

@@ -327,10 +327,7 @@ impl SandboxManager {
         session: &NodeSession,
         kind: SessionKind,
     ) -> Result<Vec<(NodeId, Arc<NodeTemplates>, usize)>, SandboxError> {
-        let all: Vec<(NodeId, Arc<NodeTemplates>)> = lock(&tree.templates)
-            .iter()
-            .map(|(id, t)| (*id, Arc::clone(t)))
-            .collect();
+        let all = tree.all_templates();
         let mut out: Vec<(NodeId, Arc<NodeTemplates>, usize)> = Vec::new();
         let mut parent = node.parent;
         let mut hops = 0;
@@ -377,10 +374,7 @@ fn shallow_bases(
     kind: SessionKind,
     below: u32,
 ) -> Vec<(NodeId, Arc<NodeTemplates>, usize)> {
-    let all: Vec<(NodeId, Arc<NodeTemplates>)> = lock(&tree.templates)
-        .iter()
-        .map(|(id, t)| (*id, Arc::clone(t)))
-        .collect();
+    let all = tree.all_templates();
     let mut out: Vec<(bool, u32, NodeId, Arc<NodeTemplates>, usize)> = Vec::new();
     for (id, t) in &all {
         for (i, (sid, k, tpl)) in t.sessions.iter().enumerate() {

@@ -22,7 +22,7 @@ use super::fallback::TemplateAt;
 use crate::cr::dump::{Dump, DumpOptions, DumpWorker, dump_name, process_dump_name};
 use crate::cr::{ProcessState, RestoreOptions, Restored, Template};
 use crate::sandbox::error::SandboxError;
-use crate::sandbox::manager::{NodeTemplates, SandboxManager, Tree, db_err, lock};
+use crate::sandbox::manager::{NodeTemplates, SandboxManager, Tree, db_err};
 use crate::sandbox::runtime::TreeRuntime;
 use crate::tree::db::TreeDb;
 use crate::tree::ids::NodeId;
@@ -320,10 +320,7 @@ impl SandboxManager {
         node: &NodeRecord,
         dumped: &ProcessState,
     ) -> Result<Vec<Base>, SandboxError> {
-        let all: Vec<(NodeId, Arc<NodeTemplates>)> = lock(&tree.templates)
-            .iter()
-            .map(|(id, t)| (*id, Arc::clone(t)))
-            .collect();
+        let all = tree.all_templates();
         let of_run = |id: NodeId, t: &Arc<NodeTemplates>| -> Vec<Base> {
             let sessions = t
                 .sessions

@@ -93,10 +93,7 @@ impl SandboxManager {
         let Some(tx) = self.reroots.get() else {
             return;
         };
-        let deep = templates
-            .sessions
-            .iter()
-            .any(|(_, _, t)| t.generation() >= self.cfg.reroot_generations);
+        let deep = deepest(templates) >= self.cfg.reroot_generations;
         // A node's other processes are restored with pipes to its sessions: not done.
         let simple = node.processes.is_empty() && templates.processes.is_empty();
         if !deep || !simple || self.pool.config().dump_policy != DumpPolicy::Eager {
@@ -171,7 +168,7 @@ impl SandboxManager {
         &self,
         tree: &Arc<Tree>,
         node: &NodeRecord,
-        source: Source,
+        source: Source<'_>,
     ) -> Result<Vec<(SessionId, SessionKind, Template)>, SandboxError> {
         let id = SandboxId::new();
         let limits: Limits = serde_json::from_value(node.limits.clone()).unwrap_or_default();
