@@ -155,6 +155,11 @@ pub struct RollbackResult {
     pub sessions: Vec<SessionInfo>,
     /// How long it took.
     pub timings: RollbackTimings,
+    /// How many sessions came from standby forks: forked from their templates ahead of
+    /// the rollback (after the checkpoint of the node, or a rollback to it), so that the
+    /// rollback only moved and finished them (docs/deltacr.md, "Standby forks").
+    #[serde(default)]
+    pub standby_sessions: u32,
     /// Whether a warm-up of its sessions was started (it runs after this answer; the
     /// sandbox's next operation waits for it).
     #[serde(default)]

@@ -228,6 +228,7 @@ impl ApiError {
                 }
                 CgroupError::MountInfo { .. }
                 | CgroupError::NoCgroup2Mount { .. }
+                | CgroupError::Reconfigure { .. }
                 | CgroupError::Io { .. } => {
                     (ErrorKind::CgroupIo, StatusCode::INTERNAL_SERVER_ERROR)
                 }

@@ -149,6 +149,25 @@ struct ServeArgs {
         default_value_t = 8
     )]
     reroot_generations: u32,
+    /// Leave the host's cgroup2 mount as it is. By default the daemon turns on its
+    /// `favordynmods` option, with which moving a process between cgroups (a branch
+    /// joining its sandbox's limits, a standby joining its sandbox) costs 0.3 ms instead
+    /// of an RCU grace period (8 ms here); on kernel 6.18 it stays on until reboot
+    /// (docs/sandboxes.md, "Moving processes between cgroups").
+    #[arg(long)]
+    no_favordynmods: bool,
+    /// Keep standby forks for each sandbox's N most recent nodes (checkpointed or
+    /// rolled back to): their sessions forked from the templates in the background, so
+    /// that a rollback to one of them skips the fork (docs/deltacr.md, "Standby forks").
+    /// Each costs a process per session and a copy of its page tables. 0: none. The
+    /// environment variable is read when the flag is not given.
+    #[arg(
+        long,
+        value_name = "N",
+        env = "DELTABOX_STANDBY_NODES",
+        default_value_t = 3
+    )]
+    standby_nodes: usize,
 }
 
 const DEFAULT_DATA_DIR: &str = "/var/lib/deltabox/store/deltaboxd";
@@ -190,6 +209,8 @@ fn sandbox_config(args: &ServeArgs) -> anyhow::Result<Option<ManagerConfig>> {
             dump_policy: args.dump_policy,
         },
         reroot_generations: args.reroot_generations,
+        favor_dynmods: !args.no_favordynmods,
+        standby_nodes: args.standby_nodes,
     }))
 }
 

@@ -24,6 +24,9 @@ use super::procfs::{self, ProcError};
 /// `/proc/<pid>/pagemap`: the page is mapped by this process only.
 const PM_MMAP_EXCLUSIVE: u64 = 1 << 56;
 
+/// Bits 0–54 of a pagemap entry: the page frame number of a present page.
+const PM_PFN: u64 = (1 << 55) - 1;
+
 /// Page-map entries read at once (256 KiB).
 const CHUNK: u64 = 32 * 1024;
 
@@ -46,8 +49,13 @@ pub enum OwnedError {
     },
 }
 
-/// Bytes of anonymous memory only process `pid` maps (see the module's comment).
-pub fn owned_bytes(pid: i32) -> Result<u64, OwnedError> {
+/// Bytes of anonymous memory only process `pid` maps (see the module's comment), or
+/// only it and `forks` processes forked from it that never ran: a template's standby
+/// forks (`sandbox/manager/standby.rs`) map every page it does, so a page mapped
+/// `1 + forks` times is one the template and its standbys alone hold, which dropping
+/// them frees. Those counts come from `/proc/kpagecount` (read by frame, which needs
+/// `CAP_SYS_ADMIN`: a frame of 0 counts as shared).
+pub fn owned_bytes(pid: i32, forks: usize) -> Result<u64, OwnedError> {
     let maps = procfs::maps(pid)?;
     let path = PathBuf::from(format!("/proc/{pid}/pagemap"));
     let pagemap_err = |source| OwnedError::Pagemap {
@@ -57,6 +65,8 @@ pub fn owned_bytes(pid: i32) -> Result<u64, OwnedError> {
     };
     let pagemap = File::open(&path).map_err(pagemap_err)?;
     let mut pages = 0u64;
+    // The frames of the pages shared with someone: maybe only with the forks.
+    let mut shared = Vec::new();
     let mut raw = Vec::new();
     for m in &maps {
         let private = m.perms[3] == b'p';
@@ -71,26 +81,67 @@ pub fn owned_bytes(pid: i32) -> Result<u64, OwnedError> {
             raw.resize((n * 8) as usize, 0);
             match pagemap.read_exact_at(&mut raw, (m.start / PAGE + first) * 8) {
                 Ok(()) => {}
-                // The mapping went away meanwhile (it cannot in a frozen template, but
-                // the caller may measure any process).
+                // The mapping shrank meanwhile.
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break,
                 Err(e) => return Err(pagemap_err(e)),
             }
-            pages += raw
-                .chunks_exact(8)
-                .filter(|entry| {
-                    let mut b = [0u8; 8];
-                    b.copy_from_slice(entry);
-                    is_owned(u64::from_ne_bytes(b))
-                })
-                .count() as u64;
+            for entry in raw.chunks_exact(8) {
+                let entry = u64::from_ne_bytes(entry.try_into().expect("8 bytes"));
+                if is_owned(entry) {
+                    pages += 1;
+                } else if forks > 0 && entry & (PM_PRESENT | PM_FILE) == PM_PRESENT {
+                    shared.push(entry & PM_PFN);
+                }
+            }
             first += n;
         }
+    }
+    if !shared.is_empty() {
+        let kpagecount = PathBuf::from("/proc/kpagecount");
+        pages += mapped_at_most(&mut shared, 1 + forks as u64).map_err(|source| {
+            OwnedError::Pagemap {
+                pid,
+                path: kpagecount,
+                source,
+            }
+        })?;
     }
     Ok(pages * PAGE)
 }
 
-/// Whether a page-map entry is an anonymous page mapped by this process alone.
+/// How many of `frames` (sorted here) `/proc/kpagecount` says are mapped at most `max`
+/// times; a frame of 0 (unknown) is not counted. Read in windows of 512 frames: a
+/// process's pages sit in runs of nearby frames.
+fn mapped_at_most(frames: &mut [u64], max: u64) -> io::Result<u64> {
+    const WINDOW: u64 = 512;
+    frames.sort_unstable();
+    let counts = File::open("/proc/kpagecount")?;
+    let mut buf = vec![0u8; (WINDOW * 8) as usize];
+    let mut owned = 0;
+    let mut i = 0;
+    while i < frames.len() {
+        let start = frames[i];
+        if start == 0 {
+            i += 1;
+            continue;
+        }
+        let read = counts.read_at(&mut buf, start * 8)?;
+        let end = start + (read / 8) as u64;
+        if end == start {
+            break;
+        }
+        while i < frames.len() && frames[i] < end {
+            let at = ((frames[i] - start) * 8) as usize;
+            let count = u64::from_ne_bytes(buf[at..at + 8].try_into().expect("8 bytes"));
+            if count <= max {
+                owned += 1;
+            }
+            i += 1;
+        }
+    }
+    Ok(owned)
+}
+
 fn is_owned(entry: u64) -> bool {
     entry & (PM_PRESENT | PM_FILE | PM_MMAP_EXCLUSIVE) == PM_PRESENT | PM_MMAP_EXCLUSIVE
 }
@@ -112,10 +163,10 @@ mod tests {
         // This process's own heap: 8 MiB written, then measured.
         let block = vec![7u8; 8 << 20];
         let me = i32::try_from(std::process::id()).unwrap();
-        let mine = owned_bytes(me).unwrap();
+        let mine = owned_bytes(me, 0).unwrap();
         assert!(mine >= 8 << 20, "owned {mine} bytes");
         drop(block);
-        let err = owned_bytes(i32::MAX).unwrap_err();
+        let err = owned_bytes(i32::MAX, 0).unwrap_err();
         assert!(err.to_string().contains(&i32::MAX.to_string()), "{err}");
     }
 }

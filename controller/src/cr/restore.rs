@@ -18,7 +18,6 @@
 use std::collections::HashMap;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::MutexGuard;
 use std::time::{Duration, Instant};
 
 use nix::unistd::Pid;
@@ -164,7 +163,9 @@ impl Template {
     /// `opts` and holds the child in its attach stop, where it has run nothing. A
     /// rollback forks while the processes it killed are still exiting, and finishes
     /// ([`Forked::finish`]) once they are gone and the files are switched. Another
-    /// restore of this template waits until this one is finished or dropped.
+    /// restore of this template waits only for this one's fork (ptrace allows one
+    /// tracer): the child is a process of its own from then on, which a standby fork
+    /// (held until a rollback wants it) relies on.
     pub fn fork_child(&self, opts: &RestoreOptions) -> Result<Forked<'_>, CrError> {
         let start = Instant::now();
         let one_at_a_time = self.lock.lock().unwrap_or_else(|p| p.into_inner());
@@ -180,9 +181,9 @@ impl Template {
         };
         let dest = opts.cgroup_seen.clone().unwrap_or(dest);
         let child = self.fork_template(&dest)?;
+        drop(one_at_a_time);
         Ok(Forked {
             template: self,
-            _one_at_a_time: one_at_a_time,
             child,
             start,
             fork: start.elapsed(),
@@ -239,13 +240,18 @@ impl Template {
 /// in its attach stop. Dropped unfinished, the child is killed.
 pub struct Forked<'a> {
     template: &'a Template,
-    _one_at_a_time: MutexGuard<'a, ()>,
     child: Tracee,
     start: Instant,
     fork: Duration,
 }
 
 impl Forked<'_> {
+    /// The child (host pid), stopped: it may be moved to another cgroup before
+    /// [`Self::finish`].
+    pub fn pid(&self) -> Pid {
+        self.child.pid()
+    }
+
     /// The second half of [`Template::restore`]: makes the child the checkpointed
     /// process (root, registers, threads, shared mappings, fd table, signals) and lets
     /// it run.
@@ -260,7 +266,6 @@ impl Forked<'_> {
     ) -> Result<Restored, CrError> {
         let Forked {
             template,
-            _one_at_a_time,
             mut child,
             start,
             fork,

@@ -96,7 +96,7 @@ pub struct Template {
     pub(super) timings: CheckpointTimings,
     /// Forks between the template and a process that shares no memory with older ones.
     pub(super) generation: u32,
-    /// One restore at a time: ptrace allows one tracer.
+    /// One fork (or other injection) at a time: ptrace allows one tracer.
     pub(super) lock: Mutex<()>,
 }
 
@@ -122,10 +122,11 @@ impl Template {
         !self.pidfd.wait_exit(Duration::ZERO).unwrap_or(true)
     }
 
-    /// Bytes of memory only this template maps: what destroying it frees
-    /// ([`super::owned`]). Walks its page map: call it off the answer path.
-    pub fn owned_bytes(&self) -> Result<u64, super::owned::OwnedError> {
-        super::owned::owned_bytes(self.pid().as_raw())
+    /// Bytes of memory only this template (and `forks` standby forks of it, which
+    /// never ran) maps: what destroying them frees ([`super::owned`]). Walks its page
+    /// map: call it off the answer path.
+    pub fn owned_bytes(&self, forks: usize) -> Result<u64, super::owned::OwnedError> {
+        super::owned::owned_bytes(self.pid().as_raw(), forks)
     }
 
     /// How long the checkpoint took.

@@ -120,6 +120,11 @@ def test_diff_and_rollback() -> None:
         {"sandbox": "sb", "node": "n1", "mode": "files_only", "sessions": [samples.session()], "timings": {}}
     )
     assert rb.mode == "files_only" and rb.sessions[0].id == "s1"
+    assert rb.standby_sessions == 0
+    rb = RollbackResult.from_json(
+        {"sandbox": "sb", "node": "n1", "mode": "all", "sessions": [], "timings": {}, "standby_sessions": 2}
+    )
+    assert rb.standby_sessions == 2
 
 
 def test_argv_of() -> None:

@@ -388,6 +388,7 @@ impl SandboxOps for FakeSandboxes {
                 fixup_ms: 0.3,
                 resume_ms: 0.1,
             },
+            standby_sessions: 0,
             warm_up: false,
         })
     }

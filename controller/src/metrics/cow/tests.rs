@@ -12,6 +12,7 @@ fn rolled(mode: RollbackMode) -> RollbackResult {
         mode,
         sessions: Vec::new(),
         timings: RollbackTimings::default(),
+        standby_sessions: 0,
         warm_up: false,
     }
 }

@@ -169,6 +169,7 @@ impl SandboxManager {
             base,
             templates: Mutex::new(HashMap::new()),
             root: std::sync::OnceLock::new(),
+            standbys: super::standby::Standbys::default(),
         });
         lock(&self.trees).insert(record.id, Arc::clone(&tree));
         self.revive_all(&tree)?;
@@ -211,6 +212,7 @@ impl SandboxManager {
             base,
             templates: Mutex::new(templates),
             root: std::sync::OnceLock::new(),
+            standbys: super::standby::Standbys::default(),
         });
         lock(&self.trees).insert(record.id, Arc::clone(&tree));
         for node in adopted {

@@ -507,6 +507,7 @@ impl Shared {
             }
             map.remove(&victim.node);
         }
+        victim.tree.standbys.forget_node(victim.node);
         lock(&self.state).used.remove(&victim.node);
         // Read again: the record may have changed while the dumps were written.
         let recorded = match self.db.node(&victim.node) {

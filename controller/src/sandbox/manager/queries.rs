@@ -156,6 +156,7 @@ impl SandboxManager {
             let mut templates = lock(&live.templates);
             for id in &list {
                 templates.remove(id);
+                live.standbys.forget_node(*id);
             }
         }
         for n in &subtree {
@@ -206,25 +207,31 @@ impl SandboxManager {
 
 impl StateSource for SandboxManager {
     /// Counts sandboxes, live trees and nodes; reads each live template's
-    /// `smaps_rollup` (sessions' and other processes'); walks the store's layers. A
-    /// template in a tree's map whose process is gone (killed from inside its sandbox)
-    /// counts as dumped or gone.
+    /// `smaps_rollup` (sessions' and other processes'), or, for a session template with
+    /// standby forks, which share its pages, the anonymous pages it and they alone map
+    /// ([`crate::cr::owned`]); walks the store's layers. A template in a tree's map
+    /// whose process is gone (killed from inside its sandbox) counts as dumped or gone.
     fn state_figures(&self) -> Result<StateFigures, SandboxError> {
         let sandboxes = lock(&self.sandboxes).len() as u64;
         let trees: Vec<Arc<Tree>> = lock(&self.trees).values().cloned().collect();
         // Template pids per node and session, copied out so no tree lock is held while
         // reading /proc.
-        let mut pids: HashMap<(NodeId, SessionId), i32> = HashMap::new();
+        let mut pids: HashMap<(NodeId, SessionId), (i32, usize)> = HashMap::new();
         // The other processes' by node and the pid the node records.
         let mut process_pids: HashMap<(NodeId, i32), i32> = HashMap::new();
         for tree in &trees {
             for (node, templates) in lock(&tree.templates).iter() {
                 for (sid, _, t) in &templates.sessions {
-                    pids.insert((*node, *sid), t.pid().as_raw());
+                    pids.insert((*node, *sid), (t.pid().as_raw(), 0));
                 }
                 for t in &templates.processes {
                     process_pids.insert((*node, t.state().pid), t.pid().as_raw());
                 }
+            }
+        }
+        for tree in &trees {
+            for ((node, sid), (_, forks)) in pids.iter_mut() {
+                *forks += tree.standbys.forks_of(*node, *sid);
             }
         }
         let dumps = self.dumps_root();
@@ -234,9 +241,14 @@ impl StateSource for SandboxManager {
             ..StateFigures::default()
         };
         // One template (or its dump, or neither) of a node.
-        let mut count = |node: NodeId, pid: Option<&i32>, dump: String| {
-            let measured = pid.map(|pid| {
-                private_bytes(*pid).inspect_err(|e| {
+        let mut count = |node: NodeId, pid: Option<(i32, usize)>, dump: String| {
+            let measured = pid.map(|(pid, forks)| {
+                let bytes = if forks == 0 {
+                    private_bytes(pid).map_err(|e| e.to_string())
+                } else {
+                    crate::cr::owned::owned_bytes(pid, forks).map_err(|e| e.to_string())
+                };
+                bytes.inspect_err(|e| {
                     tracing::debug!(node = %node, pid, "template not live: {e}");
                 })
             });
@@ -255,11 +267,15 @@ impl StateSource for SandboxManager {
                 nodes += 1;
                 for s in &node.sessions {
                     let dump = dump_name(&node.id.to_string(), &s.session.to_string());
-                    count(node.id, pids.get(&(node.id, s.session)), dump);
+                    count(node.id, pids.get(&(node.id, s.session)).copied(), dump);
                 }
                 for p in &node.processes {
                     let dump = process_dump_name(node.id, p.pid);
-                    count(node.id, process_pids.get(&(node.id, p.pid)), dump);
+                    count(
+                        node.id,
+                        process_pids.get(&(node.id, p.pid)).map(|&pid| (pid, 0)),
+                        dump,
+                    );
                 }
             }
         }

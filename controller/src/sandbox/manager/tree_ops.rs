@@ -23,7 +23,7 @@ mod fallback;
 pub(super) mod process_dumps;
 mod proctree;
 mod reroot;
-mod rollback;
+pub(super) mod rollback;
 
 use fallback::Source;
 
@@ -317,6 +317,8 @@ impl SandboxManager {
             live.tree.runtime.root_in_ns(&name),
         );
         self.queue_reroot(&node, &templates);
+        // The likeliest rollback target is the node just taken.
+        self.prepare_standbys(live, node.id);
         Ok(node_info(
             &node,
             &|session| {

@@ -1,7 +1,8 @@
 //! A tree's cgroups: the cgroup v2 layout (ids for eBPF) and the limits; freezing and
 //! killing one is [`super::freezer`]'s.
 //!
-//! Layout (v2): `<tree>/init`, `<tree>/templates`, `<tree>/sb-<sandbox>/{anchor,work}`.
+//! Layout (v2): `<tree>/init`, `<tree>/templates`,
+//! `<tree>/sb-<sandbox>/{anchor,work,standby}`.
 //! Limits go in `sb-<sandbox>` through cgroup v2 files when cgroup2 has the controller;
 //! on hosts where the memory, cpu or pids controller is bound to a cgroup v1 hierarchy
 //! (this machine: cgroup2 offers only hugetlb), the limit lives in that hierarchy at
@@ -154,12 +155,13 @@ impl TreeCgroups {
             .sum()
     }
 
-    /// Creates `sb-<sandbox>/{anchor,work}` and writes the limits.
+    /// Creates `sb-<sandbox>/{anchor,work,standby}` and writes the limits.
     pub fn create_sandbox(&self, sandbox: &str, limits: &Limits) -> Result<(), CgroupSetupError> {
         let sb = self.sandbox(sandbox);
         mkdir(&sb)?;
         mkdir(&sb.join("anchor"))?;
         mkdir(&sb.join("work"))?;
+        mkdir(&sb.join("standby"))?;
         for (controller, dir) in &self.v1 {
             let dir = dir.join(format!("sb-{sandbox}"));
             mkdir(&dir)?;
@@ -187,7 +189,7 @@ impl TreeCgroups {
         let sb = self.sandbox(sandbox);
         if sb.exists() {
             kill(&sb)?;
-            for child in ["work", "anchor"] {
+            for child in ["work", "standby", "anchor"] {
                 rmdir(&sb.join(child))?;
             }
             rmdir(&sb)?;

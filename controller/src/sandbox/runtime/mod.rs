@@ -326,6 +326,12 @@ impl TreeRuntime {
         self.sandbox_cgroup(sandbox).join("work")
     }
 
+    /// Host path of the sandbox's `standby/` cgroup, where standby forks wait
+    /// (`sandbox/manager/standby.rs`): beside `work/`, so a kill of `work/` spares them.
+    pub fn standby_cgroup(&self, sandbox: &str) -> PathBuf {
+        self.sandbox_cgroup(sandbox).join("standby")
+    }
+
     /// Host path of the tree's `templates/` cgroup.
     pub fn templates_cgroup(&self) -> PathBuf {
         self.cgroups.tree.join("templates")
@@ -390,6 +396,12 @@ impl TreeRuntime {
     /// The sandbox's work cgroup for any process of the tree: `/proc/<anchor>/fd/3/work`.
     pub fn work_cgroup_in_ns(&self, sandbox: &str) -> Option<PathBuf> {
         Some(format!("/proc/{}/fd/3/work", self.anchor_ns_pid(sandbox)?).into())
+    }
+
+    /// The sandbox's standby cgroup for any process of the tree:
+    /// `/proc/<anchor>/fd/3/standby`.
+    pub fn standby_cgroup_in_ns(&self, sandbox: &str) -> Option<PathBuf> {
+        Some(format!("/proc/{}/fd/3/standby", self.anchor_ns_pid(sandbox)?).into())
     }
 
     /// The tree's templates cgroup for any process of the tree: `/proc/<anchor>/fd/4`.

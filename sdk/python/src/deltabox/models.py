@@ -384,6 +384,8 @@ class RollbackResult:
     timings: RollbackTimings
     #: Whether a warm-up of the sessions was started (it runs after the answer).
     warm_up: bool = False
+    #: How many sessions came from standby forks (forked ahead of the rollback).
+    standby_sessions: int = 0
 
     @classmethod
     def from_json(cls, obj: Json) -> RollbackResult:
@@ -394,6 +396,7 @@ class RollbackResult:
             sessions=_list(SessionInfo.from_json, obj, "sessions"),
             timings=RollbackTimings.from_json(obj.get("timings") or {}),
             warm_up=bool(obj.get("warm_up", False)),
+            standby_sessions=int(obj.get("standby_sessions", 0)),
         )
 
 

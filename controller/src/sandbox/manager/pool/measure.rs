@@ -33,12 +33,15 @@ pub(super) fn measure(candidates: &[Candidate], known: &mut HashMap<NodeId, u64>
     let mut count = 0;
     let mut bytes = 0;
     for c in candidates {
-        let live: Vec<&crate::cr::Template> = c.live_all().collect();
-        count += live.len() as u64;
+        count += c.live_all().count() as u64;
         bytes += *known.entry(c.node).or_insert_with(|| {
-            live.iter()
-                .map(|t| {
-                    t.owned_bytes().unwrap_or_else(|e| {
+            // A session template's standby forks share all its pages.
+            let standbys = &c.tree.standbys;
+            let sessions = c.live().map(|(sid, t)| (t, standbys.forks_of(c.node, sid)));
+            sessions
+                .chain(c.live_processes().map(|t| (t, 0)))
+                .map(|(t, forks)| {
+                    t.owned_bytes(forks).unwrap_or_else(|e| {
                         tracing::debug!(node = %c.node, "template not measured: {e}");
                         0
                     })

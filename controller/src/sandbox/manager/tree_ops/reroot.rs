@@ -22,6 +22,7 @@ use super::{ms, snapshot_of};
 use crate::cr::dump::{Dump, DumpPolicy, DumpWorker, dump_name};
 use crate::cr::{RestoreTimings, Template};
 use crate::sandbox::error::SandboxError;
+use crate::sandbox::manager::standby::standby_options;
 use crate::sandbox::manager::{Live, NodeTemplates, SandboxManager, Tree, db_err, lock};
 use crate::sandbox::runtime::Limits;
 use crate::sandbox::session::SessionKind;
@@ -153,8 +154,13 @@ impl SandboxManager {
             self.db
                 .commit(&[Op::PutNode(with_templates(&current, &new.sessions))])
                 .map_err(db_err)?;
-            map.insert(node, new);
+            map.insert(node, Arc::clone(&new));
         }
+        // Standbys forked from the deep templates would restore deep processes (and
+        // hold the old templates): forked again from the new ones.
+        let runtime = &tree.runtime;
+        tree.standbys
+            .refork(node, &new, |sandbox| standby_options(runtime, sandbox));
         // The old templates die with the last hold on them (a restore or a dump may
         // still have one).
         drop(old);

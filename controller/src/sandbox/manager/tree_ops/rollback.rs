@@ -9,9 +9,12 @@
 //! finished on a thread of its own (ptrace binds the child to the thread that forked
 //! it), so that a big session's fork and fix-up do not wait for another's.
 
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::mpsc;
 use std::thread::Scope;
 use std::time::Instant;
+
+use nix::unistd::Pid;
 
 use super::{SandboxManager, ms, snapshot_of};
 use crate::api::sandbox_types::{RollbackMode, RollbackResult, RollbackTimings};
@@ -25,16 +28,47 @@ use crate::tree::records::NodeRecord;
 
 /// A session's template forked ahead of the rest of its restore: here, or on the
 /// thread that forked it, which then finishes it.
-pub(super) enum Preforked<'a> {
+pub(in crate::sandbox::manager) enum Preforked<'a> {
     Here(SessionId, SessionKind, Forked<'a>),
     Worker(SessionId, SessionKind, Finisher),
 }
 
 /// The way to a worker thread holding a forked child: the options of its fix-up go
 /// in, the restored process comes out.
-pub(super) struct Finisher {
+pub(in crate::sandbox::manager) struct Finisher {
     go: Option<mpsc::Sender<RestoreOptions>>,
     done: mpsc::Receiver<Report>,
+    /// The child, once the thread said it forked.
+    child: Option<Pid>,
+}
+
+impl Finisher {
+    /// The handle of a thread running [`worker`] with the other ends.
+    pub(in crate::sandbox::manager) fn new(
+        go: mpsc::Sender<RestoreOptions>,
+        done: mpsc::Receiver<Report>,
+    ) -> Self {
+        Self {
+            go: Some(go),
+            done,
+            child: None,
+        }
+    }
+
+    /// Waits until the thread has forked: the child, or why there is none.
+    pub(in crate::sandbox::manager) fn forked(&mut self) -> Result<Pid, String> {
+        if let Some(pid) = self.child {
+            return Ok(pid);
+        }
+        match self.done.recv() {
+            Ok(Report::Forked(Ok(pid))) => {
+                self.child = Some(pid);
+                Ok(pid)
+            }
+            Ok(Report::Forked(Err(e))) => Err(e),
+            _ => Err("the thread forking the session is gone".to_owned()),
+        }
+    }
 }
 
 impl Drop for Finisher {
@@ -50,10 +84,39 @@ impl Drop for Finisher {
     }
 }
 
-/// What a worker thread says: its fork, then its fix-up.
-enum Report {
-    Forked(Result<(), String>),
+/// What a worker thread says: its fork (the child), then its fix-up.
+pub(in crate::sandbox::manager) enum Report {
+    Forked(Result<Pid, String>),
     Finished(Result<Restored, CrError>),
+}
+
+/// A worker thread's work: forks `template` into the cgroup of `opts`, says so (in
+/// `child` too, if given, until the child is finished or dropped), waits for the
+/// options of the child's fix-up and finishes it. With `go` closed first, the child is
+/// dropped (killed).
+pub(in crate::sandbox::manager) fn worker(
+    template: &Template,
+    opts: &RestoreOptions,
+    (go, done): (&mpsc::Receiver<RestoreOptions>, &mpsc::Sender<Report>),
+    child: Option<&AtomicI32>,
+) {
+    let forked = match template.fork_child(opts) {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = done.send(Report::Forked(Err(e.to_string())));
+            return;
+        }
+    };
+    let _forgotten = child.map(|c| {
+        c.store(forked.pid().as_raw(), Ordering::Relaxed);
+        Cleared(c)
+    });
+    if done.send(Report::Forked(Ok(forked.pid()))).is_err() {
+        return;
+    }
+    if let Ok(opts) = go.recv() {
+        let _ = done.send(Report::Finished(forked.finish(&opts)));
+    }
 }
 
 impl Preforked<'_> {
@@ -101,9 +164,18 @@ impl Preforked<'_> {
     }
 }
 
+/// Sets its pid back to 0 when dropped: the child is no longer held.
+struct Cleared<'a>(&'a AtomicI32);
+
+impl Drop for Cleared<'_> {
+    fn drop(&mut self) {
+        self.0.store(0, Ordering::Relaxed);
+    }
+}
+
 /// Forks `template` on a new thread of `scope`, which then waits for the options of
-/// the child's fix-up and finishes it there. Dropping the [`Finisher`] unused drops
-/// the child (killed) on that thread.
+/// the child's fix-up and finishes it there ([`worker`]). Dropping the [`Finisher`]
+/// unused drops the child (killed) on that thread.
 fn fork_on_worker<'scope>(
     scope: &'scope Scope<'scope, '_>,
     template: &'scope Template,
@@ -111,25 +183,8 @@ fn fork_on_worker<'scope>(
 ) -> Finisher {
     let (go_tx, go_rx) = mpsc::channel::<RestoreOptions>();
     let (done_tx, done_rx) = mpsc::channel();
-    scope.spawn(move || {
-        let forked = match template.fork_child(&opts) {
-            Ok(f) => f,
-            Err(e) => {
-                let _ = done_tx.send(Report::Forked(Err(e.to_string())));
-                return;
-            }
-        };
-        if done_tx.send(Report::Forked(Ok(()))).is_err() {
-            return;
-        }
-        if let Ok(opts) = go_rx.recv() {
-            let _ = done_tx.send(Report::Finished(forked.finish(&opts)));
-        }
-    });
-    Finisher {
-        go: Some(go_tx),
-        done: done_rx,
-    }
+    scope.spawn(move || worker(template, &opts, (&go_rx, &done_tx), None));
+    Finisher::new(go_tx, done_rx)
 }
 
 impl SandboxManager {
@@ -169,7 +224,7 @@ impl SandboxManager {
             }
         }
         let mut timings = RollbackTimings::default();
-        std::thread::scope(|scope| {
+        let standby_sessions = std::thread::scope(|scope| {
             self.rollback_in(
                 scope,
                 live,
@@ -181,6 +236,10 @@ impl SandboxManager {
         live.record.head = Some(node);
         live.record.sessions = live.session_records();
         self.db.put_sandbox(&live.record).map_err(db_err)?;
+        if restore_processes {
+            // The next rollback here finds its sessions forked already.
+            self.prepare_standbys(live, node);
+        }
         timings.total_ms = ms(start);
         Ok(RollbackResult {
             sandbox: name,
@@ -188,13 +247,15 @@ impl SandboxManager {
             mode,
             sessions: live.sessions.values().map(LiveSession::info).collect(),
             timings,
+            standby_sessions,
             // The warm-up, if any, is started by the caller (metrics::cow).
             warm_up: false,
         })
     }
 
     /// The kill, the files' switch and the processes' restore of [`Self::rollback_locked`],
-    /// in `scope` (the threads that fork and finish the sessions, if several).
+    /// in `scope` (the threads that fork and finish the sessions, if several). How many
+    /// sessions were standby forks.
     fn rollback_in<'scope>(
         &self,
         scope: &'scope Scope<'scope, '_>,
@@ -202,13 +263,15 @@ impl SandboxManager {
         (record, templates): (&NodeRecord, Option<&'scope NodeTemplates>),
         (restore_processes, restore_files): (bool, bool),
         timings: &mut RollbackTimings,
-    ) -> Result<(), SandboxError> {
+    ) -> Result<u32, SandboxError> {
         let name = live.name();
         let mut preforked = Vec::new();
         let mut prefork_ms = 0.0;
+        let mut from_standby = 0;
         if restore_processes {
             let t = Instant::now();
             let runtime = &live.tree.runtime;
+            let standbys = live.tree.standbys.take(&name, record.id);
             // Frozen and killed before the sessions' handles go (dropping one kills its
             // process group, whose exit a freeze would then wait for).
             let killed = runtime
@@ -217,11 +280,15 @@ impl SandboxManager {
             live.sessions.clear();
             timings.kill_ms = ms(t);
             // While the killed processes exit (milliseconds for a big one, on another
-            // CPU), the sessions' templates are forked; the children wait in their
-            // attach stop, and nothing that needs the old processes gone (the files'
-            // switch, the children's fix-up) happens before `wait`.
+            // CPU), the sessions without a standby fork are forked from their templates;
+            // the children wait in their attach stop, and nothing that needs the old
+            // processes gone (the files' switch, the children's fix-up) happens before
+            // `wait`. The standbys join `work/` now: the kill has listed its processes.
             let t = Instant::now();
-            let forking = self.prefork_sessions(scope, runtime, &name, record, templates);
+            let ready = self.standbys_in_work(runtime, &name, (record.id, templates), standbys);
+            from_standby = ready.len() as u32;
+            let skip: Vec<SessionId> = ready.iter().map(Preforked::session).collect();
+            let forking = self.prefork_sessions(scope, runtime, &name, record, templates, &skip);
             prefork_ms = ms(t);
             let t = Instant::now();
             killed
@@ -231,6 +298,7 @@ impl SandboxManager {
             // The forks on worker threads ran meanwhile: what is left of them counts.
             let t = Instant::now();
             preforked = self.forked(forking, record.id);
+            preforked.extend(ready);
             prefork_ms += ms(t);
         }
         if restore_files {
@@ -275,7 +343,7 @@ impl SandboxManager {
             // again, so that the next restore of the node is a fork.
             self.retemplate_if_dumped(live, record, templates);
         }
-        Ok(())
+        Ok(from_standby)
     }
 
     /// Forks each session of `node` whose own template is live, into sandbox `name`'s
@@ -291,6 +359,7 @@ impl SandboxManager {
         name: &str,
         node: &NodeRecord,
         templates: Option<&'scope NodeTemplates>,
+        skip: &[SessionId],
     ) -> Vec<Preforked<'scope>> {
         let Some(templates) = templates else {
             return Vec::new();
@@ -303,6 +372,7 @@ impl SandboxManager {
         let live: Vec<_> = node
             .sessions
             .iter()
+            .filter(|s| !skip.contains(&s.session))
             .filter_map(|s| templates.live_session(s.session))
             .collect();
         if live.len() > 1 {
@@ -331,16 +401,13 @@ impl SandboxManager {
     fn forked<'a>(&self, forking: Vec<Preforked<'a>>, node: NodeId) -> Vec<Preforked<'a>> {
         let mut forked = Vec::with_capacity(forking.len());
         for p in forking {
-            let ok = match &p {
+            let mut p = p;
+            let ok = match &mut p {
                 Preforked::Here(..) => true,
-                Preforked::Worker(sid, _, w) => match w.done.recv() {
-                    Ok(Report::Forked(Ok(()))) => true,
-                    Ok(Report::Forked(Err(e))) => {
+                Preforked::Worker(sid, _, w) => match w.forked() {
+                    Ok(_) => true,
+                    Err(e) => {
                         tracing::debug!(session = %sid, "fork ahead of the rollback failed: {e}");
-                        false
-                    }
-                    _ => {
-                        tracing::warn!(session = %sid, "the thread forking the session is gone");
                         false
                     }
                 },

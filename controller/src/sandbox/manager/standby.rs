@@ -1,0 +1,272 @@
+//! Standby forks: a node's sessions forked from their templates ahead of a rollback to
+//! it, so that the rollback finishes children that exist already instead of forking.
+//!
+//! The fork of a template copies the page tables of its memory: the biggest part of a
+//! rollback of a big session (docs/deltacr.md, "Standby forks"). After a checkpoint,
+//! and after a rollback, each of the node's live session templates is forked on a thread
+//! of its own (`deltabox-standby`: ptrace binds the child to the thread that forked
+//! it) into the sandbox's `standby/` cgroup, beside `work/`, so that the rollback's
+//! kill of `work/` spares it; the child waits in its attach stop, where it has run
+//! nothing. A rollback to the node takes the node's standbys, moves each child into
+//! `work/` once the killed processes are listed, and has its thread finish it as a
+//! fork made during the rollback would be finished.
+//!
+//! Each sandbox keeps standbys for its `standby_nodes` most recent nodes (checkpointed
+//! or rolled back to); older ones are dropped, which kills their children. A standby
+//! holds its node's templates, so the pool's eviction and a node's removal drop the
+//! node's standbys ([`Standbys::forget_node`]), and a sandbox's removal its own.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+
+use nix::unistd::Pid;
+
+use super::tree_ops::rollback::{Finisher, Preforked, worker};
+use super::{Live, NodeTemplates, SandboxManager, lock};
+use crate::cr::RestoreOptions;
+use crate::sandbox::runtime::TreeRuntime;
+use crate::sandbox::session::SessionKind;
+use crate::tree::ids::{NodeId, SessionId};
+
+/// One session's standby: the thread holding its forked child.
+pub(super) struct Standby {
+    pub session: SessionId,
+    pub kind: SessionKind,
+    pub finisher: Finisher,
+    /// The child's pid once forked, while its thread holds it (0 otherwise).
+    child: Arc<AtomicI32>,
+}
+
+impl Standby {
+    /// Waits for the fork (done long ago unless the rollback follows its node at once):
+    /// the child's pid, or why there is none.
+    pub fn forked(&mut self) -> Result<Pid, String> {
+        self.finisher.forked()
+    }
+}
+
+/// The standbys of one node for one sandbox.
+struct NodeStandby {
+    node: NodeId,
+    sessions: Vec<Standby>,
+}
+
+/// Every standby of a tree, per sandbox, most recent node first.
+#[derive(Default)]
+pub(crate) struct Standbys {
+    per_sandbox: Mutex<HashMap<String, VecDeque<NodeStandby>>>,
+}
+
+impl Standbys {
+    /// Forks standbys of `node`'s live session templates for `sandbox` (nothing if it
+    /// has them already: they become its most recent), into the cgroup of `opts`, and
+    /// drops the sandbox's standbys beyond the `keep` most recent nodes. `keep` 0: none.
+    pub fn prepare(
+        &self,
+        sandbox: &str,
+        node: NodeId,
+        templates: &Arc<NodeTemplates>,
+        opts: &RestoreOptions,
+        keep: usize,
+    ) {
+        if keep == 0 {
+            return;
+        }
+        let mut map = lock(&self.per_sandbox);
+        let queue = map.entry(sandbox.to_owned()).or_default();
+        let entry = match queue.iter().position(|s| s.node == node) {
+            Some(i) => queue.remove(i),
+            None => None,
+        };
+        let entry = entry.unwrap_or_else(|| NodeStandby {
+            node,
+            sessions: spawn_all(templates, opts),
+        });
+        queue.push_front(entry);
+        // Dropped outside the lock: each drop kills a child and joins nothing, but the
+        // map is the rollbacks' way in.
+        let old: Vec<_> = queue.drain(keep.min(queue.len())..).collect();
+        drop(map);
+        drop(old);
+    }
+
+    /// Replaces every standby of `node` with forks of `templates` (the node's new ones,
+    /// after a re-root), each into the cgroup `opts_of` its sandbox gives, keeping the
+    /// sandboxes' orders.
+    pub fn refork(
+        &self,
+        node: NodeId,
+        templates: &Arc<NodeTemplates>,
+        opts_of: impl Fn(&str) -> RestoreOptions,
+    ) {
+        let mut gone = Vec::new();
+        let mut map = lock(&self.per_sandbox);
+        for (sandbox, queue) in map.iter_mut() {
+            for entry in queue.iter_mut().filter(|s| s.node == node) {
+                let fresh = spawn_all(templates, &opts_of(sandbox));
+                gone.push(std::mem::replace(&mut entry.sessions, fresh));
+            }
+        }
+        drop(map);
+        drop(gone);
+    }
+
+    /// Takes `sandbox`'s standbys of `node`, if any.
+    pub fn take(&self, sandbox: &str, node: NodeId) -> Vec<Standby> {
+        let mut map = lock(&self.per_sandbox);
+        let Some(queue) = map.get_mut(sandbox) else {
+            return Vec::new();
+        };
+        match queue.iter().position(|s| s.node == node) {
+            Some(i) => queue.remove(i).map(|s| s.sessions).unwrap_or_default(),
+            None => Vec::new(),
+        }
+    }
+
+    /// Drops every standby of `node` (its templates are evicted or removed).
+    pub fn forget_node(&self, node: NodeId) {
+        let mut gone = Vec::new();
+        let mut map = lock(&self.per_sandbox);
+        for queue in map.values_mut() {
+            while let Some(i) = queue.iter().position(|s| s.node == node) {
+                gone.extend(queue.remove(i));
+            }
+        }
+        drop(map);
+        drop(gone);
+    }
+
+    /// Drops every standby of `sandbox` (removed, or its processes are no longer its
+    /// nodes').
+    pub fn forget_sandbox(&self, sandbox: &str) {
+        let gone = lock(&self.per_sandbox).remove(sandbox);
+        drop(gone);
+    }
+
+    /// How many standby children of `node`'s template of `session` are forked and held:
+    /// each shares every page of the template (they never ran).
+    pub fn forks_of(&self, node: NodeId, session: SessionId) -> usize {
+        lock(&self.per_sandbox)
+            .values()
+            .flatten()
+            .filter(|s| s.node == node)
+            .flat_map(|s| &s.sessions)
+            .filter(|s| s.session == session && s.child.load(Ordering::Relaxed) != 0)
+            .count()
+    }
+
+    /// Drops every standby (the daemon stops).
+    pub fn forget_all(&self) {
+        let gone = std::mem::take(&mut *lock(&self.per_sandbox));
+        drop(gone);
+    }
+}
+
+/// A standby for each live session template of `templates`, each forked on a thread of
+/// its own. A thread that cannot be started leaves its session to the rollback's fork.
+fn spawn_all(templates: &Arc<NodeTemplates>, opts: &RestoreOptions) -> Vec<Standby> {
+    let mut standbys = Vec::new();
+    for (index, (session, kind, template)) in templates.sessions.iter().enumerate() {
+        if !template.is_alive() {
+            continue;
+        }
+        let (go_tx, go_rx) = mpsc::channel::<RestoreOptions>();
+        let (done_tx, done_rx) = mpsc::channel();
+        let held = Arc::clone(templates);
+        let opts = opts.clone();
+        let child = Arc::new(AtomicI32::new(0));
+        let seen = Arc::clone(&child);
+        let spawned = std::thread::Builder::new()
+            .name("deltabox-standby".to_owned())
+            .spawn(move || {
+                let template = &held.sessions[index].2;
+                worker(template, &opts, (&go_rx, &done_tx), Some(&seen));
+            });
+        match spawned {
+            Ok(_) => standbys.push(Standby {
+                session: *session,
+                kind: *kind,
+                finisher: Finisher::new(go_tx, done_rx),
+                child,
+            }),
+            Err(e) => tracing::debug!(session = %session, "no standby fork: {e}"),
+        }
+    }
+    standbys
+}
+
+/// Where standby forks of sandbox `sandbox` are born: its `standby/` cgroup.
+pub(super) fn standby_options(runtime: &TreeRuntime, sandbox: &str) -> RestoreOptions {
+    RestoreOptions {
+        cgroup: Some(runtime.standby_cgroup(sandbox)),
+        cgroup_seen: runtime.standby_cgroup_in_ns(sandbox),
+        ..RestoreOptions::default()
+    }
+}
+
+impl SandboxManager {
+    /// Standby forks of `node`'s sessions for `live` (after its checkpoint of the node,
+    /// or its rollback to it), unless standbys are off.
+    pub(super) fn prepare_standbys(&self, live: &Live, node: NodeId) {
+        if self.cfg.standby_nodes == 0 {
+            return;
+        }
+        let Some(templates) = lock(&live.tree.templates).get(&node).cloned() else {
+            return;
+        };
+        let name = live.name();
+        let opts = standby_options(&live.tree.runtime, &name);
+        live.tree
+            .standbys
+            .prepare(&name, node, &templates, &opts, self.cfg.standby_nodes);
+    }
+
+    /// The `standbys` whose fork succeeded, each moved into sandbox `name`'s `work/`
+    /// cgroup (after the rollback's kill listed the processes there: they are not
+    /// killed), counted as pool hits of `node`. One that failed is dropped and its
+    /// session left to the rollback's own fork, and so is one whose template is no
+    /// longer the node's live one (`templates`, as the rollback found them): killed
+    /// or evicted, the node is restored as without standbys, from its dump, and gets
+    /// its templates back.
+    pub(super) fn standbys_in_work<'a>(
+        &self,
+        runtime: &TreeRuntime,
+        name: &str,
+        (node, templates): (NodeId, Option<&NodeTemplates>),
+        standbys: Vec<Standby>,
+    ) -> Vec<Preforked<'a>> {
+        let procs = runtime.work_cgroup(name).join("cgroup.procs");
+        let mut ready = Vec::new();
+        for mut standby in standbys {
+            if templates
+                .and_then(|t| t.live_session(standby.session))
+                .is_none()
+            {
+                tracing::debug!(session = %standby.session, "standby fork of a dead template dropped");
+                continue;
+            }
+            let moved = standby.forked().and_then(|pid| {
+                std::fs::write(&procs, pid.as_raw().to_string())
+                    .map_err(|e| format!("moving pid {pid} to {}: {e}", procs.display()))
+            });
+            match moved {
+                Ok(()) => {
+                    self.pool.hit();
+                    ready.push(Preforked::Worker(
+                        standby.session,
+                        standby.kind,
+                        standby.finisher,
+                    ));
+                }
+                Err(e) => {
+                    tracing::debug!(session = %standby.session, "standby fork not used: {e}");
+                }
+            }
+        }
+        if !ready.is_empty() {
+            self.pool.touch(node);
+        }
+        ready
+    }
+}
