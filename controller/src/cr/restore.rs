@@ -252,6 +252,13 @@ impl Forked<'_> {
         self.child.pid()
     }
 
+    /// Marks the fork as made ahead of the restore it serves (a standby fork): the
+    /// timings of [`Self::finish`] then start now and count no fork.
+    pub fn made_ahead(&mut self) {
+        self.start = Instant::now();
+        self.fork = Duration::ZERO;
+    }
+
     /// The second half of [`Template::restore`]: makes the child the checkpointed
     /// process (root, registers, threads, shared mappings, fd table, signals) and lets
     /// it run.

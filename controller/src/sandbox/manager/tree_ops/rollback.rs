@@ -93,14 +93,20 @@ pub(in crate::sandbox::manager) enum Report {
 /// A worker thread's work: forks `template` into the cgroup of `opts`, says so (in
 /// `child` too, if given, until the child is finished or dropped), waits for the
 /// options of the child's fix-up and finishes it. With `go` closed first, the child is
-/// dropped (killed).
+/// dropped (killed). A standby (`child` given) forks at the lowest CPU priority, so
+/// that the answer it follows and the sandbox's own work go first, and its fork is
+/// not counted in the timings of the restore it later serves.
 pub(in crate::sandbox::manager) fn worker(
     template: &Template,
     opts: &RestoreOptions,
     (go, done): (&mpsc::Receiver<RestoreOptions>, &mpsc::Sender<Report>),
     child: Option<&AtomicI32>,
 ) {
-    let forked = match template.fork_child(opts) {
+    let standby = child.is_some();
+    if standby {
+        nice(19);
+    }
+    let mut forked = match template.fork_child(opts) {
         Ok(f) => f,
         Err(e) => {
             let _ = done.send(Report::Forked(Err(e.to_string())));
@@ -115,7 +121,21 @@ pub(in crate::sandbox::manager) fn worker(
         return;
     }
     if let Ok(opts) = go.recv() {
+        if standby {
+            // The fix-up is on a rollback's path.
+            nice(0);
+            forked.made_ahead();
+        }
         let _ = done.send(Report::Finished(forked.finish(&opts)));
+    }
+}
+
+/// Sets the calling thread's nice value (per thread on Linux); a failure only costs
+/// priority.
+fn nice(value: i32) {
+    let me = rustix::thread::gettid();
+    if let Err(e) = rustix::process::setpriority_process(Some(me), value) {
+        tracing::debug!("nice {value}: {e}");
     }
 }
 
