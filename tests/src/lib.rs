@@ -11,6 +11,7 @@ pub mod cli;
 pub mod cr;
 pub mod daemon;
 pub mod memory;
+pub mod nodestate;
 pub mod pins;
 pub mod procs;
 pub mod prometheus;

@@ -8,35 +8,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use deltabox_tests::memory::{PySandbox, random_buffer};
+use deltabox_tests::nodestate::{state, step};
 use deltabox_tests::sandbox::Http;
 use deltabox_tests::templates::{templates, tree_node};
-
-/// What a node holds: the python buffer's hash and `x`, bash's `$Y`, a file.
-#[derive(Debug, PartialEq, Eq)]
-struct State {
-    python: String,
-    bash: String,
-    file: String,
-}
-
-fn state(api: &Http, sb: &str, py: &str, sh: &str) -> State {
-    State {
-        python: api.run(sb, py, "print(h(), x)"),
-        bash: api.run(sb, sh, "echo \"$Y\""),
-        file: api.sh(sb, "cat /workspace/step"),
-    }
-}
-
-/// Step `i`: every part of the state changes.
-fn step(api: &Http, sb: &str, py: &str, sh: &str, i: u32) {
-    api.run(
-        sb,
-        py,
-        &format!("b[{i}:{i} + 64] = os.urandom(64)\nx = {i}"),
-    );
-    api.run(sb, sh, &format!("Y=bash-{i}"));
-    api.sh(sb, &format!("echo step-{i} > /workspace/step"));
-}
 
 /// The generations of `node`'s live session templates, as `tree` gives them.
 fn generations(api: &Http, sb: &str, node: &str) -> Vec<Option<u64>> {

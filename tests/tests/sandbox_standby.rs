@@ -11,38 +11,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use deltabox_tests::memory::{PySandbox, random_buffer};
-use deltabox_tests::sandbox::Http;
-
-/// What a node holds: the python buffer's hash and `x`, bash's `$Y` and cwd, a file.
-#[derive(Debug, PartialEq, Eq)]
-struct State {
-    python: String,
-    bash: String,
-    file: String,
-}
-
-fn state(api: &Http, sb: &str, py: &str, sh: &str) -> State {
-    State {
-        python: api.run(sb, py, "print(h(), x)"),
-        bash: api.run(sb, sh, "echo \"$Y\" \"$PWD\""),
-        file: api.sh(sb, "cat /workspace/step"),
-    }
-}
-
-/// Step `i`: every part of the state changes.
-fn step(api: &Http, sb: &str, py: &str, sh: &str, i: u32) {
-    api.run(
-        sb,
-        py,
-        &format!("b[{i}:{i} + 64] = os.urandom(64)\nx = {i}"),
-    );
-    api.run(
-        sb,
-        sh,
-        &format!("Y=bash-{i}; mkdir -p /tmp/d{i}; cd /tmp/d{i}"),
-    );
-    api.sh(sb, &format!("echo step-{i} > /workspace/step"));
-}
+use deltabox_tests::nodestate::{checkpointed_steps, state, step};
 
 /// A sandbox with a python session (8 MiB of random bytes) and a bash session, of a
 /// daemon started with `flags`.
@@ -104,13 +73,7 @@ fn from_standby(reply: &serde_json::Value) -> u64 {
 fn rollbacks_finish_standby_forks_into_the_nodes_exact_state() {
     let (sb, sh) = start("standby", &[]);
     let (api, id, py) = (&sb.api, sb.sandbox.as_str(), sb.session.as_str());
-    let mut nodes = Vec::new();
-    let mut states = Vec::new();
-    for i in 1..=3 {
-        step(api, id, py, &sh, i);
-        states.push(state(api, id, py, &sh));
-        nodes.push(api.checkpoint(id, &format!("n{i}")));
-    }
+    let (nodes, states) = checkpointed_steps(api, id, py, &sh, 3);
     // Three nodes, two sessions each (the default keeps three nodes).
     wait_standbys(&sb, 6);
     step(api, id, py, &sh, 9);
@@ -144,13 +107,7 @@ fn rollbacks_finish_standby_forks_into_the_nodes_exact_state() {
 fn standbys_are_bounded_and_go_with_their_node_and_sandbox() {
     let (sb, sh) = start("standbyb", &["--standby-nodes", "2"]);
     let (api, id, py) = (&sb.api, sb.sandbox.as_str(), sb.session.as_str());
-    let mut nodes = Vec::new();
-    let mut states = Vec::new();
-    for i in 1..=3 {
-        step(api, id, py, &sh, i);
-        states.push(state(api, id, py, &sh));
-        nodes.push(api.checkpoint(id, &format!("n{i}")));
-    }
+    let (nodes, states) = checkpointed_steps(api, id, py, &sh, 3);
     wait_standbys(&sb, 4);
     // n1 is the third most recent: no standby.
     let reply = api.rollback(id, &nodes[0]);

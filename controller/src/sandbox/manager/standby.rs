@@ -84,8 +84,8 @@ impl Standbys {
             sessions: spawn_all(templates, opts),
         });
         queue.push_front(entry);
-        // Dropped outside the lock: each drop kills a child and joins nothing, but the
-        // map is the rollbacks' way in.
+        // Dropped outside the lock (each drop only closes a channel; the thread then
+        // kills its child): the map is the rollbacks' way in.
         let old: Vec<_> = queue.drain(keep.min(queue.len())..).collect();
         drop(map);
         drop(old);
