@@ -94,8 +94,9 @@ pub(in crate::sandbox::manager) enum Report {
 /// `child` too, if given, until the child is finished or dropped), waits for the
 /// options of the child's fix-up and finishes it. With `go` closed first, the child is
 /// dropped (killed). A standby's fork (`child` given) is not counted in the timings of
-/// the restore it later serves. (Forking standbys at nice 19 was tried: the SWE bench's
-/// rollbacks got slower, fix-up 2.7 -> 6.7 ms median, one run each.)
+/// the restore it later serves. (Forking standbys at nice 19 was tried and did not
+/// make the SWE bench's rollbacks faster: fix-up 6.65 ms median, against 2.73 and
+/// 5.85 ms without, one run each.)
 pub(in crate::sandbox::manager) fn worker(
     template: &Template,
     opts: &RestoreOptions,
