@@ -17,14 +17,17 @@
 //! node's standbys ([`Standbys::forget_node`]), and a sandbox's removal its own.
 
 use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
 
 use nix::unistd::Pid;
 
 use super::tree_ops::rollback::{Finisher, Preforked, worker};
 use super::{Live, NodeTemplates, SandboxManager, lock};
 use crate::cr::RestoreOptions;
+use crate::cr::dump::{Dump, DumpPolicy, dump_name};
 use crate::sandbox::runtime::TreeRuntime;
 use crate::sandbox::session::SessionKind;
 use crate::tree::ids::{NodeId, SessionId};
@@ -67,7 +70,7 @@ impl Standbys {
         sandbox: &str,
         node: NodeId,
         templates: &Arc<NodeTemplates>,
-        opts: &RestoreOptions,
+        (opts, dumps): (&RestoreOptions, &Dumps),
         keep: usize,
     ) {
         if keep == 0 {
@@ -81,7 +84,7 @@ impl Standbys {
         };
         let entry = entry.unwrap_or_else(|| NodeStandby {
             node,
-            sessions: spawn_all(templates, opts),
+            sessions: spawn_all(templates, opts, dumps),
         });
         queue.push_front(entry);
         // Dropped outside the lock (each drop only closes a channel; the thread then
@@ -104,7 +107,8 @@ impl Standbys {
         let mut map = lock(&self.per_sandbox);
         for (sandbox, queue) in map.iter_mut() {
             for entry in queue.iter_mut().filter(|s| s.node == node) {
-                let fresh = spawn_all(templates, &opts_of(sandbox));
+                // A re-root starts from the node's dumps: they are written.
+                let fresh = spawn_all(templates, &opts_of(sandbox), &None);
                 gone.push(std::mem::replace(&mut entry.sessions, fresh));
             }
         }
@@ -163,9 +167,42 @@ impl Standbys {
     }
 }
 
+/// The dumps a standby waits for before it forks: the dumps directory and the names.
+pub(super) type Dumps = Option<(PathBuf, Vec<String>)>;
+
+/// How long a standby waits for its node's dumps before it gives up.
+const DUMP_WAIT: Duration = Duration::from_secs(60);
+
+/// Waits until every dump of `dumps` is written; `false` if the standby was dropped
+/// meanwhile (`go` closed) or they did not come within [`DUMP_WAIT`].
+///
+/// An injection into a template is killed with the daemon (`PTRACE_O_EXITKILL`: a
+/// template left thawed with injected registers could run sandbox code), so a daemon
+/// killed during a fork loses the template. Until the node's dumps are written the
+/// template is its only copy: standbys fork only then (a rollback's own fork cannot
+/// wait).
+fn dumps_written(dumps: &Dumps, go: &mpsc::Receiver<RestoreOptions>) -> bool {
+    let Some((root, names)) = dumps else {
+        return true;
+    };
+    let start = Instant::now();
+    loop {
+        if names.iter().all(|name| Dump::exists(root, name)) {
+            return true;
+        }
+        if matches!(go.try_recv(), Err(mpsc::TryRecvError::Disconnected))
+            || start.elapsed() > DUMP_WAIT
+        {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// A standby for each live session template of `templates`, each forked on a thread of
-/// its own. A thread that cannot be started leaves its session to the rollback's fork.
-fn spawn_all(templates: &Arc<NodeTemplates>, opts: &RestoreOptions) -> Vec<Standby> {
+/// its own once `dumps` are written. A thread that cannot be started leaves its
+/// session to the rollback's fork.
+fn spawn_all(templates: &Arc<NodeTemplates>, opts: &RestoreOptions, dumps: &Dumps) -> Vec<Standby> {
     let mut standbys = Vec::new();
     for (index, (session, kind, template)) in templates.sessions.iter().enumerate() {
         if !template.is_alive() {
@@ -177,9 +214,13 @@ fn spawn_all(templates: &Arc<NodeTemplates>, opts: &RestoreOptions) -> Vec<Stand
         let opts = opts.clone();
         let child = Arc::new(AtomicI32::new(0));
         let seen = Arc::clone(&child);
+        let dumps = dumps.clone();
         let spawned = std::thread::Builder::new()
             .name("deltabox-standby".to_owned())
             .spawn(move || {
+                if !dumps_written(&dumps, &go_rx) {
+                    return;
+                }
                 let template = &held.sessions[index].2;
                 worker(template, &opts, (&go_rx, &done_tx), Some(&seen));
             });
@@ -217,9 +258,21 @@ impl SandboxManager {
         };
         let name = live.name();
         let opts = standby_options(&live.tree.runtime, &name);
-        live.tree
-            .standbys
-            .prepare(&name, node, &templates, &opts, self.cfg.standby_nodes);
+        let dumps = (self.cfg.pool.dump_policy == DumpPolicy::Eager).then(|| {
+            let names = templates
+                .sessions
+                .iter()
+                .map(|(sid, _, _)| dump_name(&node.to_string(), &sid.to_string()))
+                .collect();
+            (self.dumps_root(), names)
+        });
+        live.tree.standbys.prepare(
+            &name,
+            node,
+            &templates,
+            (&opts, &dumps),
+            self.cfg.standby_nodes,
+        );
     }
 
     /// The `standbys` whose fork succeeded, each moved into sandbox `name`'s `work/`
@@ -244,6 +297,11 @@ impl SandboxManager {
                 .is_none()
             {
                 tracing::debug!(session = %standby.session, "standby fork of a dead template dropped");
+                continue;
+            }
+            if standby.child.load(Ordering::Relaxed) == 0 {
+                // Not forked yet (its node's dumps are being written): the rollback
+                // forks, rather than wait.
                 continue;
             }
             let moved = standby.forked().and_then(|pid| {
