@@ -6,8 +6,8 @@
 //! and after a rollback, each of the node's live session templates is forked on a thread
 //! of its own (`deltabox-standby`: ptrace binds the child to the thread that forked
 //! it) into the sandbox's `standby/` cgroup, beside `work/`, so that the rollback's
-//! kill of `work/` spares it; the child waits in its attach stop, where it has run
-//! nothing. A rollback to the node takes the node's standbys, moves each child into
+//! kill of `work/` spares it — once the node's dumps are written ([`dumps_written`]);
+//! the child waits in its attach stop, where it has run nothing. A rollback to the node takes the node's standbys, moves each child into
 //! `work/` once the killed processes are listed, and has its thread finish it as a
 //! fork made during the rollback would be finished.
 //!
@@ -42,8 +42,8 @@ pub(super) struct Standby {
 }
 
 impl Standby {
-    /// Waits for the fork (done long ago unless the rollback follows its node at once):
-    /// the child's pid, or why there is none.
+    /// The child's pid, or why there is none (waits for the thread's report: called
+    /// once `child` says the fork is done).
     pub fn forked(&mut self) -> Result<Pid, String> {
         self.finisher.forked()
     }
