@@ -120,13 +120,7 @@ impl CgroupFs {
 
     /// The cgroup2 mount this process sees, from `/proc/self/mountinfo`.
     pub fn from_mountinfo() -> Result<Self, CgroupError> {
-        let path = PathBuf::from(MOUNTINFO);
-        let text = fs::read_to_string(&path).map_err(|source| CgroupError::MountInfo {
-            path: path.clone(),
-            source,
-        })?;
-        let root = cgroup2_mount_point(&text).ok_or(CgroupError::NoCgroup2Mount { path })?;
-        Self::at(&root)
+        Self::at(&host_cgroup2_mount()?.0)
     }
 
     /// The cgroup2 filesystem mounted at `root` (tests pass a temporary directory).
@@ -249,6 +243,17 @@ pub fn cgroup2_mount_point(mountinfo: &str) -> Option<PathBuf> {
     cgroup2_mount(mountinfo).map(|(mount_point, _)| mount_point)
 }
 
+/// The mount point and superblock options of the cgroup2 mount this process sees
+/// (`/proc/self/mountinfo`).
+fn host_cgroup2_mount() -> Result<(PathBuf, Vec<String>), CgroupError> {
+    let path = PathBuf::from(MOUNTINFO);
+    let text = fs::read_to_string(&path).map_err(|source| CgroupError::MountInfo {
+        path: path.clone(),
+        source,
+    })?;
+    cgroup2_mount(&text).ok_or(CgroupError::NoCgroup2Mount { path })
+}
+
 /// The mount point and the superblock options (`rw,nsdelegate,...`) of the first
 /// cgroup2 filesystem listed in mountinfo text.
 fn cgroup2_mount(mountinfo: &str) -> Option<(PathBuf, Vec<String>)> {
@@ -299,13 +304,7 @@ const FAVOR_DYNMODS: &str = "favordynmods";
 /// little more. The superblock is reconfigured through `fspick`/`fsconfig`, which
 /// leaves the mount's own flags (nosuid, nodev, noexec) alone.
 pub fn favor_dynamic_moves() -> Result<bool, CgroupError> {
-    let path = PathBuf::from(MOUNTINFO);
-    let text = fs::read_to_string(&path).map_err(|source| CgroupError::MountInfo {
-        path: path.clone(),
-        source,
-    })?;
-    let (mount_point, current) =
-        cgroup2_mount(&text).ok_or(CgroupError::NoCgroup2Mount { path })?;
+    let (mount_point, current) = host_cgroup2_mount()?;
     let Some(options) = options_with_favordynmods(&current) else {
         return Ok(false);
     };
