@@ -219,19 +219,16 @@ impl StateSource for SandboxManager {
         let mut pids: HashMap<(NodeId, SessionId), (i32, usize)> = HashMap::new();
         // The other processes' by node and the pid the node records.
         let mut process_pids: HashMap<(NodeId, i32), i32> = HashMap::new();
+        // With each session template's standby forks (its tree's).
         for tree in &trees {
-            for (node, templates) in lock(&tree.templates).iter() {
+            for (node, templates) in tree.all_templates() {
                 for (sid, _, t) in &templates.sessions {
-                    pids.insert((*node, *sid), (t.pid().as_raw(), 0));
+                    let forks = tree.standbys.forks_of(node, *sid);
+                    pids.insert((node, *sid), (t.pid().as_raw(), forks));
                 }
                 for t in &templates.processes {
-                    process_pids.insert((*node, t.state().pid), t.pid().as_raw());
+                    process_pids.insert((node, t.state().pid), t.pid().as_raw());
                 }
-            }
-        }
-        for tree in &trees {
-            for ((node, sid), (_, forks)) in pids.iter_mut() {
-                *forks += tree.standbys.forks_of(*node, *sid);
             }
         }
         let dumps = self.dumps_root();

@@ -78,11 +78,7 @@ impl Standbys {
         }
         let mut map = lock(&self.per_sandbox);
         let queue = map.entry(sandbox.to_owned()).or_default();
-        let entry = match queue.iter().position(|s| s.node == node) {
-            Some(i) => queue.remove(i),
-            None => None,
-        };
-        let entry = entry.unwrap_or_else(|| NodeStandby {
+        let entry = remove(queue, node).unwrap_or_else(|| NodeStandby {
             node,
             sessions: spawn_all(templates, opts, dumps),
         });
@@ -119,13 +115,10 @@ impl Standbys {
     /// Takes `sandbox`'s standbys of `node`, if any.
     pub fn take(&self, sandbox: &str, node: NodeId) -> Vec<Standby> {
         let mut map = lock(&self.per_sandbox);
-        let Some(queue) = map.get_mut(sandbox) else {
-            return Vec::new();
-        };
-        match queue.iter().position(|s| s.node == node) {
-            Some(i) => queue.remove(i).map(|s| s.sessions).unwrap_or_default(),
-            None => Vec::new(),
-        }
+        map.get_mut(sandbox)
+            .and_then(|queue| remove(queue, node))
+            .map(|s| s.sessions)
+            .unwrap_or_default()
     }
 
     /// Drops every standby of `node` (its templates are evicted or removed).
@@ -133,8 +126,8 @@ impl Standbys {
         let mut gone = Vec::new();
         let mut map = lock(&self.per_sandbox);
         for queue in map.values_mut() {
-            while let Some(i) = queue.iter().position(|s| s.node == node) {
-                gone.extend(queue.remove(i));
+            while let Some(entry) = remove(queue, node) {
+                gone.push(entry);
             }
         }
         drop(map);
@@ -165,6 +158,12 @@ impl Standbys {
         let gone = std::mem::take(&mut *lock(&self.per_sandbox));
         drop(gone);
     }
+}
+
+/// Takes `node`'s entry out of a sandbox's queue.
+fn remove(queue: &mut VecDeque<NodeStandby>, node: NodeId) -> Option<NodeStandby> {
+    let i = queue.iter().position(|s| s.node == node)?;
+    queue.remove(i)
 }
 
 /// The dumps a standby waits for before it forks: the dumps directory and the names.
