@@ -6,7 +6,7 @@
 //! and after a rollback, each of the node's live session templates is forked on a thread
 //! of its own (`deltabox-standby`: ptrace binds the child to the thread that forked
 //! it) into the sandbox's `standby/` cgroup, beside `work/`, so that the rollback's
-//! kill of `work/` spares it — once the node's dumps are written ([`dumps_written`]);
+//! kill of `work/` spares it — once the node's dumps are written ([`on_disk`]);
 //! the child waits in its attach stop, where it has run nothing. A rollback to the node takes the node's standbys, moves each child into
 //! `work/` once the killed processes are listed, and has its thread finish it as a
 //! fork made during the rollback would be finished.
@@ -20,14 +20,13 @@ use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
-use std::time::{Duration, Instant};
 
 use nix::unistd::Pid;
 
 use super::tree_ops::rollback::{Finisher, Preforked, worker};
 use super::{Live, NodeTemplates, SandboxManager, lock};
 use crate::cr::RestoreOptions;
-use crate::cr::dump::{Dump, DumpPolicy, dump_name};
+use crate::cr::dump::{Dump, DumpPolicy, DumpWorker, dump_name};
 use crate::sandbox::runtime::TreeRuntime;
 use crate::sandbox::session::SessionKind;
 use crate::tree::ids::{NodeId, SessionId};
@@ -169,39 +168,27 @@ fn remove(queue: &mut VecDeque<NodeStandby>, node: NodeId) -> Option<NodeStandby
 /// The dumps a standby waits for before it forks: the dumps directory and the names.
 pub(super) type Dumps = Option<(PathBuf, Vec<String>)>;
 
-/// How long a standby waits for its node's dumps before it gives up.
-const DUMP_WAIT: Duration = Duration::from_secs(60);
-
-/// Waits until every dump of `dumps` is written; `false` if the standby was dropped
-/// meanwhile (`go` closed) or they did not come within [`DUMP_WAIT`].
+/// Whether every dump of `dumps` is on disk.
 ///
 /// An injection into a template is killed with the daemon (`PTRACE_O_EXITKILL`: a
 /// template left thawed with injected registers could run sandbox code), so a daemon
 /// killed during a fork loses the template. Until the node's dumps are written the
 /// template is its only copy: standbys fork only then (a rollback's own fork cannot
 /// wait).
-fn dumps_written(dumps: &Dumps, go: &mpsc::Receiver<RestoreOptions>) -> bool {
-    let Some((root, names)) = dumps else {
-        return true;
-    };
-    let start = Instant::now();
-    loop {
-        if names.iter().all(|name| Dump::exists(root, name)) {
-            return true;
-        }
-        if matches!(go.try_recv(), Err(mpsc::TryRecvError::Disconnected))
-            || start.elapsed() > DUMP_WAIT
-        {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+fn on_disk(dumps: &Dumps) -> bool {
+    dumps
+        .as_ref()
+        .is_none_or(|(root, names)| names.iter().all(|name| Dump::exists(root, name)))
 }
 
 /// A standby for each live session template of `templates`, each forked on a thread of
-/// its own once `dumps` are written. A thread that cannot be started leaves its
-/// session to the rollback's fork.
+/// its own once `dumps` are written ([`on_disk`]). Dumps not written yet are waited for
+/// as `queue_reroot` waits for them: a job queued behind them on the dump thread, which
+/// runs jobs in order, says when (and, dropped unrun, lets the threads go). A thread
+/// that cannot be started leaves its session to the rollback's fork.
 fn spawn_all(templates: &Arc<NodeTemplates>, opts: &RestoreOptions, dumps: &Dumps) -> Vec<Standby> {
+    let pending = dumps.as_ref().filter(|_| !on_disk(dumps));
+    let mut written = Vec::new();
     let mut standbys = Vec::new();
     for (index, (session, kind, template)) in templates.sessions.iter().enumerate() {
         if !template.is_alive() {
@@ -214,10 +201,20 @@ fn spawn_all(templates: &Arc<NodeTemplates>, opts: &RestoreOptions, dumps: &Dump
         let child = Arc::new(AtomicI32::new(0));
         let seen = Arc::clone(&child);
         let dumps = dumps.clone();
+        let ready = pending.map(|_| {
+            let (tx, rx) = mpsc::channel::<()>();
+            written.push(tx);
+            rx
+        });
         let spawned = std::thread::Builder::new()
             .name("deltabox-standby".to_owned())
             .spawn(move || {
-                if !dumps_written(&dumps, &go_rx) {
+                if let Some(ready) = ready {
+                    let _ = ready.recv();
+                }
+                // Dropped meanwhile, or a dump failed: no fork.
+                let dropped = matches!(go_rx.try_recv(), Err(mpsc::TryRecvError::Disconnected));
+                if dropped || !on_disk(&dumps) {
                     return;
                 }
                 let template = &held.sessions[index].2;
@@ -232,6 +229,13 @@ fn spawn_all(templates: &Arc<NodeTemplates>, opts: &RestoreOptions, dumps: &Dump
             }),
             Err(e) => tracing::debug!(session = %session, "no standby fork: {e}"),
         }
+    }
+    if let Some((root, _)) = pending {
+        DumpWorker::for_root(root).submit(move || {
+            for tx in written {
+                let _ = tx.send(());
+            }
+        });
     }
     standbys
 }
