@@ -6,6 +6,7 @@
 //! - [`cr`]: DeltaCR, process checkpoint and rollback by template fork.
 //! - [`api`]: the HTTP/JSON API: types, server, client.
 //! - [`daemon`]: the daemon's configuration and run loop.
+//! - [`foreground`]: state operations first, background threads wait for them.
 //! - [`metrics`]: the Prometheus metrics.
 //! - [`sandbox`]: sandboxes: namespaces, cgroups, DeltaFS roots, commands, sessions.
 //! - [`tree`]: the checkpoint tree's records in an embedded database.
@@ -15,6 +16,7 @@ pub mod bpf;
 pub mod cgroup;
 pub mod cr;
 pub mod daemon;
+pub mod foreground;
 pub mod metrics;
 pub mod sandbox;
 pub mod tree;

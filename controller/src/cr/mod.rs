@@ -27,6 +27,7 @@
 //!   memory layout).
 //! - [`owned`] — the memory a template alone owns (the template pool's byte bound).
 //! - [`warmup`] — pre-faulting a restored process's expected writes.
+//! - [`sched`] — scheduling policies: background work at `SCHED_IDLE`.
 //!
 //! x86_64 only (registers, syscall numbers, the `syscall` instruction). Every thread of
 //! a process is checkpointed and recreated; threads get new tids.
@@ -47,6 +48,7 @@ pub mod procfs;
 pub mod ptrace;
 pub mod rebind;
 pub mod restore;
+pub mod sched;
 pub mod shared;
 pub mod state;
 pub mod template;

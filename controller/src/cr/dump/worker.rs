@@ -4,9 +4,10 @@
 //! (a registry, so that the dumps a tree listing reports can be found by name). Jobs
 //! run one at a time in submission order, so a node's dump finds its parent's
 //! complete. The thread runs at the lowest CPU priority (`SCHED_IDLE`): on a busy
-//! machine the checkpoints and commands of sandboxes go first. A job starts no sooner
-//! than [`ANSWER_FIRST`] after it was queued, so that the checkpoint that queued it
-//! gets its answer to the client first.
+//! machine the checkpoints and commands of sandboxes go first. A job starts, and each
+//! of its reads of a template's memory goes on, only once no checkpoint, rollback or
+//! branch is running or has just ended ([`crate::foreground`]): the checkpoint that
+//! queued it gets its answer first, and a rollback right after it runs alone.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -15,6 +16,8 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::Dump;
+use crate::cr::sched::Policy;
+use crate::foreground;
 
 /// When dumps are written (`deltaboxd --dump-policy`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -58,15 +61,7 @@ impl std::str::FromStr for DumpPolicy {
     }
 }
 
-/// How long after its checkpoint queued it a dump may start. A dump starts by seizing
-/// its template at normal priority ([`at_normal_priority`]) and then reads the
-/// template's memory; begun at once, it delayed the checkpoint's HTTP answer on this
-/// 2-vCPU machine: client time minus the daemon's `total_ms`, median of 30 checkpoints
-/// of a small python session, 1.51 / 1.71 ms starting at once, 1.13 / 0.96 ms after
-/// 5 ms, 0.96 / 0.96 ms after 20 ms (two interleaved runs, a probe over the API).
-pub const ANSWER_FIRST: Duration = Duration::from_millis(5);
-
-type Job = (Instant, Box<dyn FnOnce() + Send>);
+type Job = Box<dyn FnOnce() + Send>;
 
 /// A dump-writing thread and its backlog.
 pub struct DumpWorker {
@@ -112,11 +107,8 @@ impl DumpWorker {
             .name("deltacr-dump".to_owned())
             .spawn(move || {
                 lowest_priority();
-                for (queued, job) in rx {
-                    let early = ANSWER_FIRST.saturating_sub(queued.elapsed());
-                    if !early.is_zero() {
-                        std::thread::sleep(early);
-                    }
+                for job in rx {
+                    foreground::yield_to_operations(foreground::BACKGROUND_WAIT);
                     job();
                     let (count, cv) = &*counter;
                     let mut n = count.lock().unwrap_or_else(PoisonError::into_inner);
@@ -149,7 +141,7 @@ impl DumpWorker {
             .tx
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .send((Instant::now(), Box::new(job)));
+            .send(Box::new(job));
         if sent.is_err() {
             let mut n = count.lock().unwrap_or_else(PoisonError::into_inner);
             *n = n.saturating_sub(1);
@@ -200,12 +192,9 @@ pub fn dumped(name: &str) -> bool {
 /// `SCHED_IDLE` (the dump thread), then puts it back: `f` holds something a restore
 /// waits for (a template under ptrace), which must not wait for an idle CPU.
 pub(crate) fn at_normal_priority<T>(f: impl FnOnce() -> T) -> T {
-    // SAFETY: sched_getscheduler(2) takes the calling thread (0) and touches no memory.
-    let idle = unsafe { libc::sched_getscheduler(0) } == libc::SCHED_IDLE;
+    let idle = Policy::of(0).is_ok_and(Policy::is_idle);
     if idle {
-        let param = libc::sched_param { sched_priority: 0 };
-        // SAFETY: `param` is a valid sched_param for the call; pid 0 is the calling thread.
-        unsafe { libc::sched_setscheduler(0, libc::SCHED_OTHER, &param) };
+        let _ = Policy::NORMAL.set(0);
     }
     let out = f();
     if idle {
@@ -214,17 +203,11 @@ pub(crate) fn at_normal_priority<T>(f: impl FnOnce() -> T) -> T {
     out
 }
 
-/// Puts the calling thread in `SCHED_IDLE`: it runs only when nothing else wants the
-/// CPU.
+/// Puts the calling thread in `SCHED_IDLE`: the tasks of its cgroup (the daemon's) go
+/// first; those of other cgroups need [`foreground`] too.
 fn lowest_priority() {
-    let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: `param` is a valid sched_param for the call; pid 0 is the calling thread.
-    let ret = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
-    if ret != 0 {
-        tracing::debug!(
-            "dump thread: SCHED_IDLE refused: {}",
-            std::io::Error::last_os_error()
-        );
+    if let Err(e) = Policy::IDLE.set(0) {
+        tracing::debug!("dump thread: SCHED_IDLE refused: {e}");
     }
 }
 
@@ -245,6 +228,28 @@ mod tests {
         assert!(worker.wait_idle(Duration::from_secs(10)));
         assert_eq!(worker.backlog(), 0);
         assert_eq!(*seen.lock().unwrap(), vec![0, 1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn a_job_waits_for_the_state_operation_running() {
+        let dir = tempfile::tempdir().unwrap();
+        let worker = DumpWorker::for_root(dir.path());
+        let ran = Arc::new(Mutex::new(None));
+        let operation = foreground::begin();
+        let held = Instant::now();
+        let seen = Arc::clone(&ran);
+        worker.submit(move || *seen.lock().unwrap() = Some(Instant::now()));
+        std::thread::sleep(Duration::from_millis(30));
+        drop(operation);
+        let ended = Instant::now();
+        assert!(worker.wait_idle(Duration::from_secs(10)));
+        let at = ran.lock().unwrap().expect("the job ran");
+        // After the operation, or (a slow machine) once it had waited its longest.
+        assert!(
+            at >= ended || at - held >= foreground::BACKGROUND_WAIT,
+            "ran {:?} into the operation",
+            at - held
+        );
         assert!(!dumped("no-such-dump"));
     }
 

@@ -171,6 +171,9 @@ fn write_dump(
                         done += 1;
                         continue;
                     }
+                    // Each read waits for the state operations running (a restore of
+                    // another template, say): they go first.
+                    crate::foreground::yield_to_operations(crate::foreground::BACKGROUND_WAIT);
                     // A run of pages to read: up to the next unchanged one.
                     let mut n = 1;
                     while done + n < count && n < READ_PAGES && unchanged(done + n).is_none() {

@@ -124,7 +124,10 @@ impl Shared {
             Job::Barrier(done) => {
                 let _ = done.send(());
             }
-            Job::Harvest { period, next_epoch } => self.harvest(period, next_epoch),
+            Job::Harvest { period, next_epoch } => {
+                crate::foreground::yield_to_operations(crate::foreground::BACKGROUND_WAIT);
+                self.harvest(period, next_epoch)
+            }
             Job::WarmUp {
                 sandbox,
                 epoch,

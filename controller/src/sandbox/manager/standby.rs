@@ -217,6 +217,7 @@ fn spawn_all(templates: &Arc<NodeTemplates>, opts: &RestoreOptions, dumps: &Dump
                 if dropped || !on_disk(&dumps) {
                     return;
                 }
+                crate::foreground::yield_to_running(crate::foreground::BACKGROUND_WAIT);
                 let template = &held.sessions[index].2;
                 worker(template, &opts, (&go_rx, &done_tx), Some(&seen));
             });

@@ -185,6 +185,7 @@ impl SandboxManager {
         live: &mut Live,
         label: Option<String>,
     ) -> Result<NodeInfo, SandboxError> {
+        let _first = crate::foreground::begin();
         let start = Instant::now();
         let name = live.name();
         let runtime = &live.tree.runtime;
@@ -482,6 +483,7 @@ impl SandboxManager {
         node: NodeId,
         count: u32,
     ) -> Result<BranchResult, SandboxError> {
+        let _first = crate::foreground::begin();
         if count == 0 || count > MAX_BRANCHES {
             return Err(SandboxError::Invalid {
                 message: format!("count {count} must be between 1 and {MAX_BRANCHES}"),

@@ -35,6 +35,7 @@ pub(super) fn measure(candidates: &[Candidate], known: &mut HashMap<NodeId, u64>
     for c in candidates {
         count += c.live_all().count() as u64;
         bytes += *known.entry(c.node).or_insert_with(|| {
+            crate::foreground::yield_to_operations(crate::foreground::BACKGROUND_WAIT);
             // A session template's standby forks share all its pages.
             let standbys = &c.tree.standbys;
             let sessions = c.live().map(|(sid, t)| (t, standbys.forks_of(c.node, sid)));

@@ -69,6 +69,7 @@ impl SandboxManager {
                     }
                     // The newest first: the likeliest to be restored again.
                     for (tree, node) in waiting.into_iter().rev().take(BACKLOG) {
+                        crate::foreground::yield_to_operations(crate::foreground::BACKGROUND_WAIT);
                         let Some(manager) = manager.upgrade() else {
                             return;
                         };

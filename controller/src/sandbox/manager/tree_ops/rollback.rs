@@ -94,9 +94,9 @@ pub(in crate::sandbox::manager) enum Report {
 /// `child` too, if given, until the child is finished or dropped), waits for the
 /// options of the child's fix-up and finishes it. With `go` closed first, the child is
 /// dropped (killed). A standby's fork (`child` given) is not counted in the timings of
-/// the restore it later serves. (Forking standbys at nice 19 was tried and did not
-/// make the SWE bench's rollbacks faster: fix-up 6.65 ms median, against 2.73 and
-/// 5.85 ms without, one run each.)
+/// the restore it later serves. A standby forks only while no state operation runs
+/// ([`crate::foreground`]); lowering its priority (nice 19) did not make the SWE
+/// bench's rollbacks faster.
 pub(in crate::sandbox::manager) fn worker(
     template: &Template,
     opts: &RestoreOptions,
@@ -202,6 +202,7 @@ impl SandboxManager {
         node: NodeId,
         mode: RollbackMode,
     ) -> Result<RollbackResult, SandboxError> {
+        let _first = crate::foreground::begin();
         let start = Instant::now();
         let name = live.name();
         let (record, templates) = self.node_of_tree(node, &live.tree)?;
