@@ -10,7 +10,7 @@
 //! eligibility first, and the sandbox's cgroup, busy a moment before, was not eligible;
 //! with `preempt=none` nothing cut the background thread's kernel work short.
 //!
-//! Each background step is short (a read of 64 pages, a template's measure), so an
+//! Each background step is short (a read of 256 pages, a template's measure), so an
 //! operation that starts in the middle of one waits for at most that step. A background
 //! thread never waits more than its `max` at a time: under a stream of operations with
 //! no gap it still makes progress.
