@@ -108,11 +108,19 @@ mod tests {
         assert!(!quiet());
         let waited = yield_to_operations(Duration::from_millis(20));
         assert!(waited >= Duration::from_millis(20), "{waited:?}");
-        let other = std::thread::spawn(|| yield_to_operations(Duration::from_secs(10)));
+        let other = std::thread::spawn(|| {
+            let waited = yield_to_operations(Duration::from_secs(10));
+            (waited, Instant::now())
+        });
         std::thread::sleep(Duration::from_millis(30));
+        let dropped = Instant::now();
         drop(op);
-        let waited = other.join().unwrap();
-        assert!(waited >= Duration::from_millis(30) + GRACE, "{waited:?}");
+        let (waited, returned) = other.join().unwrap();
+        assert!(
+            returned >= dropped + GRACE,
+            "returned {:?} after the end",
+            returned - dropped
+        );
         assert!(waited < Duration::from_secs(10), "{waited:?}");
     }
 }
