@@ -13,10 +13,21 @@ use std::time::{Duration, Instant};
 use deltabox_tests::memory::{PySandbox, random_buffer};
 use deltabox_tests::nodestate::{checkpointed_steps, state, step};
 
-/// A sandbox with a python session (8 MiB of random bytes) and a bash session, of a
-/// daemon started with `flags`.
+/// A thread of the python session that counts, so that a restore must bring back a
+/// second thread that runs (a standby recreates its threads ahead of the rollback).
+const TICKER: &str = "import threading, time
+ticks = [0]
+def tick():
+    while True:
+        ticks[0] += 1
+        time.sleep(0.002)
+threading.Thread(target=tick, daemon=True).start()";
+
+/// A sandbox with a python session (8 MiB of random bytes, a counting thread) and a
+/// bash session, of a daemon started with `flags`.
 fn start(test: &str, flags: &[&str]) -> (PySandbox, String) {
-    let sb = PySandbox::start(test, flags, &format!("{}\nx = 0", random_buffer(8)));
+    let setup = format!("{}\nx = 0\n{TICKER}", random_buffer(8));
+    let sb = PySandbox::start(test, flags, &setup);
     let sh = sb.api.session(&sb.sandbox, "bash");
     step(&sb.api, &sb.sandbox, &sb.session, &sh, 0);
     (sb, sh)
@@ -84,6 +95,17 @@ fn rollbacks_finish_standby_forks_into_the_nodes_exact_state() {
             state(api, id, py, &sh),
             states[i],
             "after the rollback to n{}",
+            i + 1
+        );
+        let ticking = api.run(
+            id,
+            py,
+            "a = ticks[0]\ntime.sleep(0.05)\nprint(threading.active_count(), ticks[0] > a)",
+        );
+        assert_eq!(
+            ticking.trim(),
+            "2 True",
+            "the thread after the rollback to n{}",
             i + 1
         );
         // The standbys are not the sandbox's processes: the kill of `work/` spared

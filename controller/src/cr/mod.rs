@@ -68,6 +68,16 @@ pub(crate) const KILL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Errors of checkpoint and restore.
 #[derive(Debug, thiserror::Error)]
 pub enum CrError {
+    /// A restore's fix-up was prepared ahead ([`Forked::prepare`]) for another root or
+    /// session than the restore asks for.
+    #[error(
+        "pid {pid}: its fix-up was prepared for another root or session than this \
+         restore's"
+    )]
+    PreparedForOther {
+        /// The forked child.
+        pid: i32,
+    },
     /// The thread-group leader has exited while other threads run: the fork is
     /// injected into the leader.
     #[error(

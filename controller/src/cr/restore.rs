@@ -187,6 +187,7 @@ impl Template {
             child,
             start,
             fork: start.elapsed(),
+            ahead: None,
         })
     }
 
@@ -243,6 +244,16 @@ pub struct Forked<'a> {
     child: Tracee,
     start: Instant,
     fork: Duration,
+    /// What [`Forked::prepare`] did, if it ran.
+    ahead: Option<Ahead>,
+}
+
+/// The part of a fix-up done ahead ([`Forked::prepare`]): for which root and session,
+/// and the threads it recreated (stopped until the fix-up ends).
+struct Ahead {
+    chroot: Option<PathBuf>,
+    setsid: bool,
+    threads: Vec<Tracee>,
 }
 
 impl Forked<'_> {
@@ -257,6 +268,38 @@ impl Forked<'_> {
     pub fn made_ahead(&mut self) {
         self.start = Instant::now();
         self.fork = Duration::ZERO;
+    }
+
+    /// Does, ahead of [`Self::finish`], the part of the fix-up that depends neither on
+    /// the files nor on the processes the restore replaces: the root (`chroot`, if
+    /// given), a session of its own (`setsid`), the main thread's kernel-held addresses
+    /// and the other threads (recreated, stopped until the finish). For a standby fork,
+    /// so that the rollback it serves does only the rest. [`Self::finish`] then refuses
+    /// options with another root or session.
+    pub fn prepare(&mut self, chroot: Option<&Path>, setsid: bool) -> Result<(), CrError> {
+        let state = &self.template.state;
+        let mut inj = Injection::begin(&mut self.child, state.syscall_site)?;
+        if let Some(root) = chroot {
+            self::chroot(&mut inj, self.template.scratch, root)?;
+        }
+        if setsid {
+            inj.syscall("setsid", libc::SYS_setsid, &[])?;
+        }
+        threads::restore_leader(&mut inj, &state.main_thread)?;
+        let threads = threads::recreate(
+            &mut inj,
+            &state.threads,
+            state.syscall_site,
+            self.template.scratch,
+        )?;
+        // The child's registers are still the template's: given back.
+        inj.finish(false)?;
+        self.ahead = Some(Ahead {
+            chroot: chroot.map(Path::to_path_buf),
+            setsid,
+            threads,
+        });
+        Ok(())
     }
 
     /// The second half of [`Template::restore`]: makes the child the checkpointed
@@ -276,7 +319,15 @@ impl Forked<'_> {
             mut child,
             start,
             fork,
+            ahead,
         } = self;
+        if let Some(a) = &ahead
+            && (from_dump.is_some() || a.chroot != opts.chroot || a.setsid != opts.setsid)
+        {
+            return Err(CrError::PreparedForOther {
+                pid: child.pid().as_raw(),
+            });
+        }
         let site = template.state.syscall_site;
         let state = from_dump.map_or(&template.state, |(dump, _)| dump.state());
 
@@ -289,11 +340,13 @@ impl Forked<'_> {
         let fixing = Instant::now();
         let stdio = {
             let mut inj = Injection::begin(&mut child, site)?;
-            if let Some(root) = &opts.chroot {
-                chroot(&mut inj, template.scratch, root)?;
-            }
-            if opts.setsid {
-                inj.syscall("setsid", libc::SYS_setsid, &[])?;
+            if ahead.is_none() {
+                if let Some(root) = &opts.chroot {
+                    chroot(&mut inj, template.scratch, root)?;
+                }
+                if opts.setsid {
+                    inj.syscall("setsid", libc::SYS_setsid, &[])?;
+                }
             }
             let scratch = match from_dump {
                 Some((dump, base)) => {
@@ -307,11 +360,16 @@ impl Forked<'_> {
                 }
                 None => template.scratch,
             };
-            threads::restore_leader(&mut inj, &state.main_thread)?;
-            // Before the fd table is rebuilt, which unmaps the scratch page; the threads
-            // share the table (CLONE_FILES) and the root (CLONE_FS) and stay stopped
-            // until the end.
-            new_threads = threads::recreate(&mut inj, &state.threads, site, scratch)?;
+            new_threads = match ahead {
+                Some(a) => a.threads,
+                None => {
+                    threads::restore_leader(&mut inj, &state.main_thread)?;
+                    // Before the fd table is rebuilt, which unmaps the scratch page; the
+                    // threads share the table (CLONE_FILES) and the root (CLONE_FS) and
+                    // stay stopped until the end.
+                    threads::recreate(&mut inj, &state.threads, site, scratch)?
+                }
+            };
             // The root is set (chroot above): each file is this view's.
             super::shared::map_again(&mut inj, &state.shared_maps, scratch)?;
             let stdio = fdtable::install(

@@ -241,11 +241,16 @@ fn spawn_all(templates: &Arc<NodeTemplates>, opts: &RestoreOptions, dumps: &Dump
     standbys
 }
 
-/// Where standby forks of sandbox `sandbox` are born: its `standby/` cgroup.
+/// Where standby forks of sandbox `sandbox` are born (its `standby/` cgroup), and the
+/// root and session their fix-up is prepared for.
 pub(super) fn standby_options(runtime: &TreeRuntime, sandbox: &str) -> RestoreOptions {
     RestoreOptions {
         cgroup: Some(runtime.standby_cgroup(sandbox)),
         cgroup_seen: runtime.standby_cgroup_in_ns(sandbox),
+        // The root and session of the rollback's restore (`restore_sessions_preforked`):
+        // the standby's fix-up is done that far ahead.
+        chroot: runtime.chroot_path(sandbox),
+        setsid: true,
         ..RestoreOptions::default()
     }
 }

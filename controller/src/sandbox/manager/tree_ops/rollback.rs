@@ -94,9 +94,11 @@ pub(in crate::sandbox::manager) enum Report {
 /// `child` too, if given, until the child is finished or dropped), waits for the
 /// options of the child's fix-up and finishes it. With `go` closed first, the child is
 /// dropped (killed). A standby's fork (`child` given) is not counted in the timings of
-/// the restore it later serves. A standby forks only while no state operation runs
-/// ([`crate::foreground`]); lowering its priority (nice 19) did not make the SWE
-/// bench's rollbacks faster.
+/// the restore it later serves, and the part of its fix-up that needs neither the
+/// files nor the killed processes is done at once, for the root and session `opts`
+/// names ([`Forked::prepare`]). A standby forks only while no
+/// state operation runs ([`crate::foreground`]); lowering its priority (nice 19) did
+/// not make the SWE bench's rollbacks faster.
 pub(in crate::sandbox::manager) fn worker(
     template: &Template,
     opts: &RestoreOptions,
@@ -104,7 +106,13 @@ pub(in crate::sandbox::manager) fn worker(
     child: Option<&AtomicI32>,
 ) {
     let standby = child.is_some();
-    let mut forked = match template.fork_child(opts) {
+    let forked = template.fork_child(opts).and_then(|mut forked| {
+        if standby {
+            forked.prepare(opts.chroot.as_deref(), opts.setsid)?;
+        }
+        Ok(forked)
+    });
+    let mut forked = match forked {
         Ok(f) => f,
         Err(e) => {
             let _ = done.send(Report::Forked(Err(e.to_string())));
