@@ -18,14 +18,12 @@ use std::io;
 use std::os::unix::fs::FileExt as _;
 use std::path::PathBuf;
 
+use super::dump::frames::frame;
 use super::dump::{PAGE, PM_FILE, PM_PRESENT, is_special};
 use super::procfs::{self, ProcError};
 
 /// `/proc/<pid>/pagemap`: the page is mapped by this process only.
 const PM_MMAP_EXCLUSIVE: u64 = 1 << 56;
-
-/// Bits 0–54 of a pagemap entry: the page frame number of a present page.
-const PM_PFN: u64 = (1 << 55) - 1;
 
 /// Page-map entries read at once (256 KiB).
 const CHUNK: u64 = 32 * 1024;
@@ -89,8 +87,10 @@ pub fn owned_bytes(pid: i32, forks: usize) -> Result<u64, OwnedError> {
                 let entry = u64::from_ne_bytes(entry.try_into().expect("8 bytes"));
                 if is_owned(entry) {
                     pages += 1;
-                } else if forks > 0 && entry & (PM_PRESENT | PM_FILE) == PM_PRESENT {
-                    shared.push(entry & PM_PFN);
+                } else if forks > 0
+                    && let Some(frame) = frame(entry)
+                {
+                    shared.push(frame);
                 }
             }
             first += n;
@@ -109,9 +109,9 @@ pub fn owned_bytes(pid: i32, forks: usize) -> Result<u64, OwnedError> {
     Ok(pages * PAGE)
 }
 
-/// How many of `frames` (sorted here) `/proc/kpagecount` says are mapped at most `max`
-/// times; a frame of 0 (unknown) is not counted. Read in windows of 512 frames: a
-/// process's pages sit in runs of nearby frames.
+/// How many of `frames` (known, non-zero; sorted here) `/proc/kpagecount` says are
+/// mapped at most `max` times. Read in windows of 512 frames: a process's pages sit in
+/// runs of nearby frames.
 fn mapped_at_most(frames: &mut [u64], max: u64) -> io::Result<u64> {
     const WINDOW: u64 = 512;
     frames.sort_unstable();
@@ -121,10 +121,6 @@ fn mapped_at_most(frames: &mut [u64], max: u64) -> io::Result<u64> {
     let mut i = 0;
     while i < frames.len() {
         let start = frames[i];
-        if start == 0 {
-            i += 1;
-            continue;
-        }
         let read = counts.read_at(&mut buf, start * 8)?;
         let end = start + (read / 8) as u64;
         if end == start {

@@ -60,7 +60,7 @@ pub(crate) fn read_frames(pagemap: &File, first: u64, count: u64) -> io::Result<
 }
 
 /// The frame of one pagemap entry, if present, private and known.
-fn frame(entry: u64) -> Option<u64> {
+pub(crate) fn frame(entry: u64) -> Option<u64> {
     let private = entry & (PM_PRESENT | PM_FILE | PM_SWAPPED) == PM_PRESENT;
     let pfn = entry & PM_PFN;
     (private && pfn != 0).then_some(pfn)

@@ -15,7 +15,7 @@
 //! - [`worker`]: the background thread that writes dumps off the checkpoint's path.
 
 pub mod apply;
-mod frames;
+pub(crate) mod frames;
 pub(crate) mod pages;
 pub mod worker;
 pub mod write;
