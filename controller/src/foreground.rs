@@ -70,15 +70,11 @@ impl Drop for Operation {
 /// Waits until no state operation runs (ended ones are not waited for), or `max` at
 /// most. How long it waited.
 pub fn yield_to_running(max: Duration) -> Duration {
-    let start = Instant::now();
-    while ACTIVE.load(Ordering::SeqCst) > 0 && start.elapsed() < max {
-        std::thread::sleep(POLL);
-    }
-    start.elapsed()
+    wait_while(|| ACTIVE.load(Ordering::SeqCst) > 0, max)
 }
 
 /// Whether no state operation runs and none ended within [`GRACE`].
-pub fn quiet() -> bool {
+fn quiet() -> bool {
     if ACTIVE.load(Ordering::SeqCst) > 0 {
         return false;
     }
@@ -89,8 +85,13 @@ pub fn quiet() -> bool {
 /// For background work, before its next step: waits until [`quiet`], or `max` at
 /// most. How long it waited.
 pub fn yield_to_operations(max: Duration) -> Duration {
+    wait_while(|| !quiet(), max)
+}
+
+/// Polls `busy` every [`POLL`] while it holds, `max` at most. How long it waited.
+fn wait_while(busy: impl Fn() -> bool, max: Duration) -> Duration {
     let start = Instant::now();
-    while !quiet() && start.elapsed() < max {
+    while busy() && start.elapsed() < max {
         std::thread::sleep(POLL);
     }
     start.elapsed()
