@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex, mpsc};
 use nix::unistd::Pid;
 
 use super::tree_ops::rollback::{Finisher, Preforked, worker};
+use super::tree_ops::session_options;
 use super::{Live, NodeTemplates, SandboxManager, lock};
 use crate::cr::RestoreOptions;
 use crate::cr::dump::{Dump, DumpPolicy, DumpWorker, dump_name};
@@ -244,15 +245,11 @@ fn spawn_all(templates: &Arc<NodeTemplates>, opts: &RestoreOptions, dumps: &Dump
 /// Where standby forks of sandbox `sandbox` are born (its `standby/` cgroup), and the
 /// root and session their fix-up is prepared for.
 pub(super) fn standby_options(runtime: &TreeRuntime, sandbox: &str) -> RestoreOptions {
-    RestoreOptions {
-        cgroup: Some(runtime.standby_cgroup(sandbox)),
-        cgroup_seen: runtime.standby_cgroup_in_ns(sandbox),
-        // The root and session of the rollback's restore (`restore_sessions_preforked`):
-        // the standby's fix-up is done that far ahead.
-        chroot: runtime.chroot_path(sandbox),
-        setsid: true,
-        ..RestoreOptions::default()
-    }
+    let standby = (
+        runtime.standby_cgroup(sandbox),
+        runtime.standby_cgroup_in_ns(sandbox),
+    );
+    session_options(runtime, sandbox, standby)
 }
 
 impl SandboxManager {

@@ -2,6 +2,7 @@
 //! rollback, branch.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -13,7 +14,7 @@ use crate::api::sandbox_types::{BranchResult, CheckpointTimings, NodeInfo, NodeS
 use crate::cr::pidfd::Pidfd;
 use crate::cr::{self, CheckpointOptions, RestoreOptions, RestoreTimings, Template};
 use crate::sandbox::error::SandboxError;
-use crate::sandbox::runtime::Limits;
+use crate::sandbox::runtime::{Limits, TreeRuntime};
 use crate::sandbox::session::{SessionIo, SessionKind};
 use crate::tree::db::Op;
 use crate::tree::ids::{NodeId, SandboxId, SessionId};
@@ -118,6 +119,23 @@ fn join_limit_cgroups(
 }
 
 /// The name serde gives a unit variant (`"added"`, `"file"`).
+/// How a session of sandbox `name` is restored into `cgroup` (the host's path, and the
+/// template's): in the sandbox's root, a session of its own. A standby's fix-up is done
+/// ahead for exactly these ([`cr::Forked::prepare`]).
+pub(super) fn session_options(
+    runtime: &TreeRuntime,
+    name: &str,
+    (cgroup, cgroup_seen): (PathBuf, Option<PathBuf>),
+) -> RestoreOptions {
+    RestoreOptions {
+        cgroup: Some(cgroup),
+        cgroup_seen,
+        chroot: runtime.chroot_path(name),
+        setsid: true,
+        ..RestoreOptions::default()
+    }
+}
+
 pub(super) fn serde_name<T: serde::Serialize>(value: &T) -> String {
     match serde_json::to_value(value) {
         Ok(serde_json::Value::String(s)) => s,
@@ -392,12 +410,10 @@ impl SandboxManager {
         let others = self.process_sources(tree, node, templates)?;
         // Held until every process has opened its ends.
         let mut pipes = proctree::RestorePipes::make(runtime, node)?;
+        let work = (runtime.work_cgroup(name), runtime.work_cgroup_in_ns(name));
         let mut opts = RestoreOptions {
-            cgroup: Some(runtime.work_cgroup(name)),
-            cgroup_seen: runtime.work_cgroup_in_ns(name),
-            chroot: runtime.chroot_path(name),
-            setsid: true,
             pipes: pipes.paths.clone(),
+            ..session_options(runtime, name, work)
         };
         // The sessions forked on threads of their own are fixed up at once.
         for p in &mut preforked {
