@@ -279,12 +279,7 @@ impl Forked<'_> {
     pub fn prepare(&mut self, chroot: Option<&Path>, setsid: bool) -> Result<(), CrError> {
         let state = &self.template.state;
         let mut inj = Injection::begin(&mut self.child, state.syscall_site)?;
-        if let Some(root) = chroot {
-            self::chroot(&mut inj, self.template.scratch, root)?;
-        }
-        if setsid {
-            inj.syscall("setsid", libc::SYS_setsid, &[])?;
-        }
+        root_and_session(&mut inj, self.template.scratch, chroot, setsid)?;
         threads::restore_leader(&mut inj, &state.main_thread)?;
         let threads = threads::recreate(
             &mut inj,
@@ -341,12 +336,8 @@ impl Forked<'_> {
         let stdio = {
             let mut inj = Injection::begin(&mut child, site)?;
             if ahead.is_none() {
-                if let Some(root) = &opts.chroot {
-                    chroot(&mut inj, template.scratch, root)?;
-                }
-                if opts.setsid {
-                    inj.syscall("setsid", libc::SYS_setsid, &[])?;
-                }
+                let root = opts.chroot.as_deref();
+                root_and_session(&mut inj, template.scratch, root, opts.setsid)?;
             }
             let scratch = match from_dump {
                 Some((dump, base)) => {
@@ -419,6 +410,23 @@ impl Forked<'_> {
             generation: template.generation.saturating_add(1),
         })
     }
+}
+
+/// Puts the stopped tracee of `inj` in `root` ([`chroot`]), if given, and a session of
+/// its own (`setsid`), if asked.
+fn root_and_session(
+    inj: &mut Injection<'_>,
+    scratch: u64,
+    root: Option<&Path>,
+    setsid: bool,
+) -> Result<(), CrError> {
+    if let Some(root) = root {
+        chroot(inj, scratch, root)?;
+    }
+    if setsid {
+        inj.syscall("setsid", libc::SYS_setsid, &[])?;
+    }
+    Ok(())
 }
 
 /// Injects `chroot(root)` (the scratch page holds the path) and `chdir("/")`.
