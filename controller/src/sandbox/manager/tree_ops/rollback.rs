@@ -96,9 +96,9 @@ pub(in crate::sandbox::manager) enum Report {
 /// dropped (killed). A standby's fork (`child` given) is not counted in the timings of
 /// the restore it later serves, and the part of its fix-up that needs neither the
 /// files nor the killed processes is done at once, for the root and session `opts`
-/// names ([`Forked::prepare`]). A standby forks only while no
-/// state operation runs ([`crate::foreground`]); lowering its priority (nice 19) did
-/// not make the SWE bench's rollbacks faster.
+/// names ([`Forked::prepare`]). A standby forks only while no state operation runs
+/// ([`crate::foreground`]); lowering its priority (nice 19) did not make the SWE
+/// bench's rollbacks faster.
 pub(in crate::sandbox::manager) fn worker(
     template: &Template,
     opts: &RestoreOptions,
@@ -416,8 +416,7 @@ impl SandboxManager {
     /// pool's hits and the node's use.
     fn forked<'a>(&self, forking: Vec<Preforked<'a>>, node: NodeId) -> Vec<Preforked<'a>> {
         let mut forked = Vec::with_capacity(forking.len());
-        for p in forking {
-            let mut p = p;
+        for mut p in forking {
             let ok = match &mut p {
                 Preforked::Here(..) => true,
                 Preforked::Worker(sid, _, w) => match w.forked() {
