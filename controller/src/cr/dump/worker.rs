@@ -16,7 +16,7 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::Dump;
-use crate::cr::sched::Policy;
+use crate::cr::sched;
 use crate::foreground;
 
 /// When dumps are written (`deltaboxd --dump-policy`).
@@ -192,9 +192,9 @@ pub fn dumped(name: &str) -> bool {
 /// `SCHED_IDLE` (the dump thread), then puts it back: `f` holds something a restore
 /// waits for (a template under ptrace), which must not wait for an idle CPU.
 pub(crate) fn at_normal_priority<T>(f: impl FnOnce() -> T) -> T {
-    let idle = Policy::of(0).is_ok_and(Policy::is_idle);
+    let idle = sched::is_idle();
     if idle {
-        let _ = Policy::NORMAL.set(0);
+        let _ = sched::set_idle(false);
     }
     let out = f();
     if idle {
@@ -206,7 +206,7 @@ pub(crate) fn at_normal_priority<T>(f: impl FnOnce() -> T) -> T {
 /// Puts the calling thread in `SCHED_IDLE`: the tasks of its cgroup (the daemon's) go
 /// first; those of other cgroups need [`foreground`] too.
 fn lowest_priority() {
-    if let Err(e) = Policy::IDLE.set(0) {
+    if let Err(e) = sched::set_idle(true) {
         tracing::debug!("dump thread: SCHED_IDLE refused: {e}");
     }
 }
