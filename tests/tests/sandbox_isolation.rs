@@ -1,6 +1,7 @@
 //! Isolation of sandboxes on the real kernel: no network but loopback, no host home
 //! directories, pids and memory limits that stop a fork bomb and a memory hog inside
-//! the sandbox while another tree keeps working, and no mounting (no CAP_SYS_ADMIN).
+//! the sandbox while another tree keeps working, no mounting (no CAP_SYS_ADMIN), and of
+//! the host's sysfs only the transparent huge page settings, read-only.
 //! Needs root, cgroup v2 (and the v1 limit hierarchies on this host), FUSE, the store.
 
 use std::fs;
@@ -54,6 +55,31 @@ fn host_homes_are_not_visible() {
     let (st, out, err) = tree.run("a", &["sh", "-c", &script]);
     assert_eq!(st, ExitStatus::Code(0), "{err}");
     assert_eq!(out, "/home:\n\n/root:\n", "host homes show through: {out}");
+}
+
+#[test]
+fn sys_shows_only_the_huge_page_settings_read_only() {
+    let mut tree = Tree::new("iso-sys");
+    tree.add("a", &Limits::default());
+    let thp = "/sys/kernel/mm/transparent_hugepage";
+    let host_mode = fs::read_to_string(format!("{thp}/enabled")).expect("host THP settings");
+    let script = format!(
+        "find /sys -maxdepth 3 -type d | sort; cat {thp}/enabled; \
+         echo never > {thp}/enabled && echo WROTE; touch /sys/x && echo TOUCHED; true"
+    );
+    let (st, out, err) = tree.run("a", &["sh", "-c", &script]);
+    assert_eq!(st, ExitStatus::Code(0), "{err}");
+    assert_eq!(
+        out,
+        format!("/sys\n/sys/kernel\n/sys/kernel/mm\n{thp}\n{host_mode}"),
+        "the sandbox's /sys: {out}"
+    );
+    assert_eq!(err.matches("Read-only file system").count(), 2, "{err}");
+    assert_eq!(
+        fs::read_to_string(format!("{thp}/enabled")).unwrap(),
+        host_mode,
+        "the sandbox changed the host's THP mode"
+    );
 }
 
 #[test]

@@ -25,6 +25,12 @@ const SESSION_START: Duration = Duration::from_secs(30);
 /// How long output is still read after a timed-out command was killed.
 const KILL_GRACE: Duration = Duration::from_secs(2);
 
+/// glibc's malloc asks for transparent huge pages (`madvise(MADV_HUGEPAGE)`) on the
+/// memory it maps and on its heap: a checkpoint forks a process, and the fork copies a
+/// page table entry per 4 KiB page but one entry per 2 MiB huge page (docs/deltacr.md,
+/// "Huge pages"). The host's THP mode is often `madvise`, where nothing else would.
+pub const HUGE_PAGES_TUNABLE: (&str, &str) = ("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1");
+
 /// The environment every command starts with (the request's entries override it).
 fn default_env() -> Vec<(String, String)> {
     [
@@ -36,6 +42,7 @@ fn default_env() -> Vec<(String, String)> {
         ("LANG", "C.UTF-8"),
         ("TERM", "dumb"),
         ("USER", "root"),
+        (HUGE_PAGES_TUNABLE.0, HUGE_PAGES_TUNABLE.1),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v.to_owned()))

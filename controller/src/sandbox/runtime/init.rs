@@ -141,6 +141,7 @@ impl Init {
         // /dev: a small tmpfs with the host's device nodes bound in (before the pivot,
         // while the host's /dev is still reachable).
         make_dev(&root.join("dev"), Path::new("/dev"))?;
+        make_sys(&root.join("sys"), Path::new(THP_SYSFS))?;
         nix::unistd::chdir(&root).map_err(err(format!("chdir {}", root.display())))?;
         nix::unistd::pivot_root(".", ".").map_err(err(format!("pivot_root {}", root.display())))?;
         umount2(".", MntFlags::MNT_DETACH).map_err(err("detach the old root"))?;
@@ -533,6 +534,7 @@ fn setup_sandbox_root(root: &Path) -> Result<(), String> {
     )
     .map_err(err(format!("mount proc on {}", proc_dir.display())))?;
     make_dev(&root.join("dev"), Path::new("/dev"))?;
+    make_sys(&root.join("sys"), Path::new(THP_SYSFS))?;
     let shm = root.join("dev/shm");
     fs::create_dir(&shm).map_err(err(format!("mkdir {}", shm.display())))?;
     mount(
@@ -548,13 +550,67 @@ fn setup_sandbox_root(root: &Path) -> Result<(), String> {
 
 /// Undoes [`setup_sandbox_root`] (lazily: nothing there may still be busy).
 fn unmount_sandbox_root(root: &Path) {
-    for sub in ["dev/shm", "dev", "proc"] {
+    for sub in [
+        "dev/shm",
+        "dev",
+        "proc",
+        THP_SYSFS.trim_start_matches('/'),
+        "sys",
+    ] {
         let _ = umount2(&root.join(sub), MntFlags::MNT_DETACH);
     }
     // The root itself too: when the daemon that served it died, the host's unmount of
     // the dead view does not reach this copy, and a new view propagated here would be
     // tucked beneath it. (After a normal removal the daemon's unmount finds it gone.)
     let _ = umount2(root, MntFlags::MNT_DETACH);
+}
+
+/// Where the kernel shows its transparent huge page settings. glibc's malloc reads
+/// `enabled` there before it asks for huge pages (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`,
+/// which every sandbox command gets): without it, a sandbox's memory stays in 4 KiB pages.
+const THP_SYSFS: &str = "/sys/kernel/mm/transparent_hugepage";
+
+/// A read-only tmpfs at `sys` holding only `from` (the kernel's THP settings, see
+/// [`THP_SYSFS`]), bound read-only at the same path: a sandbox reads the settings but
+/// sees nothing else of the host's sysfs and changes nothing (it has no
+/// `CAP_SYS_ADMIN` to remount). Nothing when the kernel has no THP (`from` missing).
+fn make_sys(sys: &Path, from: &Path) -> Result<(), String> {
+    if !from.is_dir() {
+        return Ok(());
+    }
+    if !sys.exists() {
+        fs::create_dir(sys).map_err(err(format!("mkdir {}", sys.display())))?;
+        fs::set_permissions(sys, fs::Permissions::from_mode(0o555))
+            .map_err(err(format!("chmod {}", sys.display())))?;
+    }
+    let ro = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    mount(
+        Some("sysfs-thp"),
+        sys,
+        Some("tmpfs"),
+        ro,
+        Some("mode=555,size=64k"),
+    )
+    .map_err(err(format!("mount tmpfs on {}", sys.display())))?;
+    let target = sys.join(THP_SYSFS.trim_start_matches("/sys/"));
+    fs::create_dir_all(&target).map_err(err(format!("mkdir {}", target.display())))?;
+    let bind_err = || format!("bind {} on {}", from.display(), target.display());
+    mount(
+        Some(from),
+        &target,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(err(bind_err()))?;
+    // A bind mount's read-only flag is its own (MS_BIND with MS_REMOUNT); the tmpfs's is
+    // the superblock's.
+    let remount = MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | ro;
+    for (at, flags) in [(&*target, remount | MsFlags::MS_BIND), (sys, remount)] {
+        mount(None::<&str>, at, None::<&str>, flags, None::<&str>)
+            .map_err(err(format!("remount {} read-only", at.display())))?;
+    }
+    Ok(())
 }
 
 /// A tmpfs at `dev` with the device nodes of `from` bound onto empty files, and the
