@@ -43,6 +43,7 @@ impl TreeRuntime {
             root.join("sb"),
             root.join("proc"),
             root.join("dev"),
+            root.join("sys"),
         ] {
             fs::create_dir_all(&dir).map_err(io("mkdir", &dir))?;
         }
@@ -260,7 +261,7 @@ impl TreeRuntime {
                 let _ = fs::remove_dir(e.path());
             }
         }
-        for dir in ["sb", "proc", "dev"] {
+        for dir in ["sb", "proc", "dev", "sys"] {
             let _ = fs::remove_dir(root.join(dir));
         }
         let _ = fs::remove_file(self.cfg.run_dir.join("init.sock"));
