@@ -29,7 +29,7 @@ const KILL_GRACE: Duration = Duration::from_secs(2);
 /// memory it maps and on its heap: a checkpoint forks a process, and the fork copies a
 /// page table entry per 4 KiB page but one entry per 2 MiB huge page (docs/deltacr.md,
 /// "Huge pages"). The host's THP mode is often `madvise`, where nothing else would.
-pub const HUGE_PAGES_TUNABLE: (&str, &str) = ("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1");
+const HUGE_PAGES_TUNABLE: (&str, &str) = ("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1");
 
 /// The environment every command starts with (the request's entries override it).
 fn default_env() -> Vec<(String, String)> {

@@ -7,6 +7,7 @@
 //! - `init`: the tree's pid 1 (`deltabox-init`);
 //! - `child`: what init's forked children do before they run (cgroups, chroot, caps);
 //! - `lifecycle`: start, adopt, detach, shutdown of a tree;
+//! - `mounts`: init's `/dev` and `/sys`, and each sandbox's `proc`, `dev`, `sys`;
 //! - `cgroups`: the cgroup layout and the limits; `proto`: the control messages;
 //!   `channel`: the daemon's end of the control socket; `sys`: the raw kernel calls.
 
@@ -16,6 +17,7 @@ mod child;
 mod freezer;
 mod init;
 mod lifecycle;
+mod mounts;
 mod proto;
 mod sys;
 mod types;
