@@ -118,7 +118,6 @@ fn join_limit_cgroups(
     Ok(())
 }
 
-/// The name serde gives a unit variant (`"added"`, `"file"`).
 /// How a session of sandbox `name` is restored into `cgroup` (the host's path, and the
 /// template's): in the sandbox's root, a session of its own. A standby's fix-up is done
 /// ahead for exactly these ([`cr::Forked::prepare`]).
@@ -136,6 +135,7 @@ pub(super) fn session_options(
     }
 }
 
+/// The name serde gives a unit variant (`"added"`, `"file"`).
 pub(super) fn serde_name<T: serde::Serialize>(value: &T) -> String {
     match serde_json::to_value(value) {
         Ok(serde_json::Value::String(s)) => s,

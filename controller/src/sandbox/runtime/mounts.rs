@@ -100,7 +100,6 @@ pub(super) fn make_sys(sys: &Path, from: &Path) -> Result<(), String> {
     .map_err(err(format!("mount tmpfs on {}", sys.display())))?;
     let target = sys.join(THP_SYSFS.trim_start_matches("/sys/"));
     fs::create_dir_all(&target).map_err(err(format!("mkdir {}", target.display())))?;
-    let bind_err = || format!("bind {} on {}", from.display(), target.display());
     mount(
         Some(from),
         &target,
@@ -108,7 +107,11 @@ pub(super) fn make_sys(sys: &Path, from: &Path) -> Result<(), String> {
         MsFlags::MS_BIND,
         None::<&str>,
     )
-    .map_err(err(bind_err()))?;
+    .map_err(err(format!(
+        "bind {} on {}",
+        from.display(),
+        target.display()
+    )))?;
     // A bind mount's read-only flag is its own (MS_BIND with MS_REMOUNT); the tmpfs's is
     // the superblock's.
     let remount = MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | ro;
