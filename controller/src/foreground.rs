@@ -1,7 +1,8 @@
 //! State operations first: while a checkpoint, rollback or branch runs (and for
 //! [`GRACE`] after, while its answer goes out and the client's next request comes in),
 //! the daemon's background threads — dump writing, the template pool's measures, the
-//! copy-on-write harvest, standby forks, re-roots — wait at their next step.
+//! copy-on-write harvest, standby forks, re-roots, the write tracker's clean-up of old
+//! epochs — wait at their next step.
 //!
 //! A lower CPU priority is not enough on this kernel: with `SCHED_IDLE` threads the SWE
 //! bench's rollbacks still waited 3–9 ms for a CPU (sched_switch traces: the restored

@@ -325,6 +325,9 @@ fn start_later(
         .name("dirty-later".into())
         .spawn(move || {
             for job in rx {
+                // After the operation's answer (and the client's next request): a
+                // stale-counter drop walks the whole stats map in the kernel (~0.8 ms).
+                crate::foreground::yield_to_operations(crate::foreground::BACKGROUND_WAIT);
                 run_later(inner.as_ref(), tracker.as_ref(), &metrics, job);
             }
         });
