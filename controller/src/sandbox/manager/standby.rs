@@ -18,7 +18,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 
 use nix::unistd::Pid;
@@ -39,14 +39,49 @@ pub(super) struct Standby {
     pub finisher: Finisher,
     /// The child's pid once forked, while its thread holds it (0 otherwise).
     child: Arc<AtomicI32>,
+    /// [`WAITING`], [`FORKING`] or [`ABANDONED`]: who goes first, the thread's fork or
+    /// a rollback that finds it not forked yet.
+    fork: Arc<AtomicU8>,
 }
+
+/// The thread has not started its fork (it waits for the node's dumps, or for a state
+/// operation to end).
+const WAITING: u8 = 0;
+/// The thread is forking (and holds the template's lock until the fork is done).
+const FORKING: u8 = 1;
+/// A rollback came first: the thread forks nothing.
+const ABANDONED: u8 = 2;
 
 impl Standby {
     /// The child's pid, or why there is none (waits for the thread's report: called
-    /// once `child` says the fork is done).
+    /// once the fork is done or under way).
     pub fn forked(&mut self) -> Result<Pid, String> {
         self.finisher.forked()
     }
+
+    /// For a rollback: whether the child is forked or being forked (then
+    /// [`Self::forked`] waits for it: a fork of its own would wait for the template's
+    /// lock, which the thread holds, and fork again), rather than not started (then
+    /// the thread is told to fork nothing).
+    pub fn claim(&self) -> bool {
+        if self.child.load(Ordering::SeqCst) != 0 {
+            return true;
+        }
+        match self
+            .fork
+            .compare_exchange(WAITING, ABANDONED, Ordering::SeqCst, Ordering::SeqCst)
+        {
+            Ok(_) => false,
+            Err(state) => state == FORKING,
+        }
+    }
+}
+
+/// For a standby's thread, past its waits: whether it may fork (no rollback claimed the
+/// standby first); from then on a rollback waits for the fork.
+fn start_fork(fork: &AtomicU8) -> bool {
+    fork.compare_exchange(WAITING, FORKING, Ordering::SeqCst, Ordering::SeqCst)
+        .is_ok()
 }
 
 /// The standbys of one node for one sandbox.
@@ -201,6 +236,8 @@ fn spawn_all(templates: &Arc<NodeTemplates>, opts: &RestoreOptions, dumps: &Dump
         let opts = opts.clone();
         let child = Arc::new(AtomicI32::new(0));
         let seen = Arc::clone(&child);
+        let fork = Arc::new(AtomicU8::new(WAITING));
+        let starting = Arc::clone(&fork);
         let dumps = dumps.clone();
         let ready = pending.map(|_| {
             let (tx, rx) = mpsc::channel::<()>();
@@ -219,6 +256,10 @@ fn spawn_all(templates: &Arc<NodeTemplates>, opts: &RestoreOptions, dumps: &Dump
                     return;
                 }
                 crate::foreground::yield_to_running(crate::foreground::BACKGROUND_WAIT);
+                if !start_fork(&starting) {
+                    // A rollback to the node came first and forked for itself.
+                    return;
+                }
                 let template = &held.sessions[index].2;
                 worker(template, &opts, (&go_rx, &done_tx), Some(&seen));
             });
@@ -228,6 +269,7 @@ fn spawn_all(templates: &Arc<NodeTemplates>, opts: &RestoreOptions, dumps: &Dump
                 kind: *kind,
                 finisher: Finisher::new(go_tx, done_rx),
                 child,
+                fork,
             }),
             Err(e) => tracing::debug!(session = %session, "no standby fork: {e}"),
         }
@@ -305,9 +347,9 @@ impl SandboxManager {
                 tracing::debug!(session = %standby.session, "standby fork of a dead template dropped");
                 continue;
             }
-            if standby.child.load(Ordering::Relaxed) == 0 {
-                // Not forked yet (its node's dumps are being written): the rollback
-                // forks, rather than wait.
+            if !standby.claim() {
+                // Not forking yet (its node's dumps are being written, say): the
+                // rollback forks, rather than wait.
                 continue;
             }
             let moved = standby.forked().and_then(|pid| {
@@ -332,5 +374,43 @@ impl SandboxManager {
             self.pool.touch(node);
         }
         ready
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn standby(child: i32, fork: u8) -> Standby {
+        let (go, _) = mpsc::channel();
+        let (_, done) = mpsc::channel();
+        Standby {
+            session: SessionId::new(),
+            kind: SessionKind::Python,
+            finisher: Finisher::new(go, done),
+            child: Arc::new(AtomicI32::new(child)),
+            fork: Arc::new(AtomicU8::new(fork)),
+        }
+    }
+
+    #[test]
+    fn a_rollback_takes_a_standby_forked_or_forking_and_stops_one_not_started() {
+        assert!(standby(42, FORKING).claim(), "forked");
+        let forking = standby(0, FORKING);
+        assert!(forking.claim(), "being forked: waited for");
+        assert_eq!(forking.fork.load(Ordering::SeqCst), FORKING);
+
+        let waiting = standby(0, WAITING);
+        assert!(!waiting.claim(), "not started: the rollback forks");
+        // The thread, past its waits, then finds it abandoned and forks nothing.
+        assert!(!start_fork(&waiting.fork));
+        assert!(!waiting.claim(), "claimed once only");
+
+        let fresh = standby(0, WAITING);
+        assert!(
+            start_fork(&fresh.fork),
+            "nothing claimed it: the thread forks"
+        );
+        assert!(fresh.claim(), "then a rollback waits for that fork");
     }
 }
