@@ -28,7 +28,7 @@ use nix::{
 use super::{
     ExitStatus,
     child::{self, SandboxFds},
-    mounts::{THP_SYSFS, make_dev, make_sys, setup_sandbox_root, unmount_sandbox_root},
+    mounts::{THP_SYSFS, err, make_dev, make_sys, setup_sandbox_root, unmount_sandbox_root},
     proto::{self, FromInit, ReplyData, Request, RequestMsg},
     sys,
 };
@@ -84,10 +84,6 @@ struct Init {
     holders: HashSet<libc::pid_t>,
     pending_exits: VecDeque<FromInit>,
     buf: Vec<u8>,
-}
-
-fn err<E: std::fmt::Display>(what: impl std::fmt::Display) -> impl FnOnce(E) -> String {
-    move |e| format!("{what}: {e}")
 }
 
 impl Init {

@@ -13,8 +13,25 @@ use nix::mount::{MntFlags, MsFlags, mount, umount2};
 /// The device nodes every tree and sandbox `/dev` gets (bind mounts of the host's).
 const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
 
-fn err<E: std::fmt::Display>(what: impl std::fmt::Display) -> impl FnOnce(E) -> String {
+/// A `map_err` that says what failed: `"{what}: {error}"`.
+pub(super) fn err<E: std::fmt::Display>(what: impl std::fmt::Display) -> impl FnOnce(E) -> String {
     move |e| format!("{what}: {e}")
+}
+
+/// Bind-mounts `from` on `target`.
+fn bind(from: &Path, target: &Path) -> Result<(), String> {
+    mount(
+        Some(from),
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(err(format!(
+        "bind {} on {}",
+        from.display(),
+        target.display()
+    )))
 }
 
 /// proc, a /dev with device nodes and /dev/shm in the sandbox's mounted view.
@@ -100,18 +117,7 @@ pub(super) fn make_sys(sys: &Path, from: &Path) -> Result<(), String> {
     .map_err(err(format!("mount tmpfs on {}", sys.display())))?;
     let target = sys.join(THP_SYSFS.trim_start_matches("/sys/"));
     fs::create_dir_all(&target).map_err(err(format!("mkdir {}", target.display())))?;
-    mount(
-        Some(from),
-        &target,
-        None::<&str>,
-        MsFlags::MS_BIND,
-        None::<&str>,
-    )
-    .map_err(err(format!(
-        "bind {} on {}",
-        from.display(),
-        target.display()
-    )))?;
+    bind(from, &target)?;
     // A bind mount's read-only flag is its own (MS_BIND with MS_REMOUNT); the tmpfs's is
     // the superblock's.
     let remount = MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | ro;
@@ -136,18 +142,7 @@ pub(super) fn make_dev(dev: &Path, from: &Path) -> Result<(), String> {
     for name in DEVICES {
         let target = dev.join(name);
         File::create(&target).map_err(err(format!("create {}", target.display())))?;
-        mount(
-            Some(&from.join(name)),
-            &target,
-            None::<&str>,
-            MsFlags::MS_BIND,
-            None::<&str>,
-        )
-        .map_err(err(format!(
-            "bind {} on {}",
-            from.join(name).display(),
-            target.display()
-        )))?;
+        bind(&from.join(name), &target)?;
     }
     for (name, target) in [
         ("fd", "/proc/self/fd"),
