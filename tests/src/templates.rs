@@ -56,6 +56,24 @@ pub fn wait_dump_backlog(api: &Http) {
     }
 }
 
+/// Waits until no standby fork is still to come (`GET /v1/stats`'s
+/// `pool.standbys_pending` is 0): a daemon killed during a standby's fork loses the
+/// template it forks (docs/deltacr.md, "Standby forks"). Fails after 120 s.
+pub fn wait_standbys_forked(api: &Http) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let stats = api.get("/v1/stats").expect(200, "stats");
+        if stats["pool"]["standbys_pending"] == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "standby forks still to come after 120 s: {stats}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The live templates of `tree` whose command line (`/proc/<pid>/cmdline`, NUL
 /// separated) `is` accepts, as host pids, oldest first (none if the tree's templates
 /// cgroup is gone: the tree was removed).

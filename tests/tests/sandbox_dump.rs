@@ -8,7 +8,9 @@ use std::time::Instant;
 
 use deltabox_tests::memory::PySandbox;
 use deltabox_tests::sandbox::{Http, id_of};
-use deltabox_tests::templates::{kill9, ns_pid, session_template_state, templates, wait_dump};
+use deltabox_tests::templates::{
+    kill9, ns_pid, session_template_state, templates, wait_dump, wait_standbys_forked,
+};
 use serde_json::json;
 
 /// A 64 MiB object graph `g` and `h()`, a hash of it.
@@ -88,6 +90,8 @@ fn a_node_whose_template_was_killed_is_restored_from_its_dump() {
     let h3 = api.run(&sb, &py, "print(h())");
     let n3 = api.checkpoint(&sb, "three");
     wait_dump(&daemon, &n3, &py);
+    // Not during a standby's fork, which the daemon's death would kill with its template.
+    wait_standbys_forked(&api);
     daemon.kill();
     // Live templates: n1's, n2's re-made one and n3's.
     let tpls = templates(&daemon, &tree);

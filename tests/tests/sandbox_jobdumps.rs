@@ -17,7 +17,9 @@ use deltabox_controller::cr::pidfd::Pidfd;
 use deltabox_tests::daemon::TestDaemon;
 use deltabox_tests::require_root;
 use deltabox_tests::sandbox::{Http, id_of};
-use deltabox_tests::templates::{kill9, ns_pid, templates_running, wait_dump_backlog};
+use deltabox_tests::templates::{
+    kill9, ns_pid, templates_running, wait_dump_backlog, wait_standbys_forked,
+};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
 
@@ -409,6 +411,8 @@ fn a_revived_sandbox_gets_its_job_back_from_its_dump() {
     let (n2, _) = sb.checkpoint("two");
     let at2 = sb.last().unwrap();
     wait_dump_backlog(&sb.api);
+    // Not during a standby's fork, which the daemon's death would kill with its template.
+    wait_standbys_forked(&sb.api);
     sb.daemon.kill();
     let tpls = sb.job_templates();
     assert_eq!(tpls.len(), 2, "{tpls:?}");

@@ -10,8 +10,8 @@ use std::time::Duration;
 use deltabox_tests::cgroup::pids_under;
 use deltabox_tests::cli::{json, run, session};
 use deltabox_tests::daemon::TestDaemon;
-use deltabox_tests::sandbox::id_of;
-use deltabox_tests::templates::template_pids_under;
+use deltabox_tests::sandbox::{Http, id_of};
+use deltabox_tests::templates::{template_pids_under, wait_standbys_forked};
 use deltabox_tests::{require_root, wait_until};
 
 fn step(i: u32) -> String {
@@ -205,6 +205,8 @@ fn revived_sessions_outlive_the_page_cache_of_dead_views() {
         "the template maps its libraries through the view ({view_dev})"
     );
 
+    // Not during a standby's fork, which the daemon's death would kill with the template.
+    wait_standbys_forked(&Http::new(daemon.socket()));
     daemon.kill();
     daemon.restart(&[]);
     assert_eq!(

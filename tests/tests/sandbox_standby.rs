@@ -51,17 +51,31 @@ fn standby_procs(sb: &PySandbox) -> Vec<i32> {
         .collect()
 }
 
-/// Waits until the standby cgroup holds `want` processes; returns them.
+/// `GET /v1/stats`'s standby figures: forks held ready, and forks still to come.
+fn standby_stats(sb: &PySandbox) -> (u64, u64) {
+    let stats = sb.api.get("/v1/stats").expect(200, "stats");
+    let pool = &stats["pool"];
+    let figure = |key: &str| {
+        pool[key]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no pool.{key} in {stats}"))
+    };
+    (figure("standbys_ready"), figure("standbys_pending"))
+}
+
+/// Waits until the standby cgroup holds `want` processes and the daemon's stats say as
+/// much (`want` ready, none to come); returns them.
 fn wait_standbys(sb: &PySandbox, want: usize) -> Vec<i32> {
     let start = Instant::now();
     loop {
         let procs = standby_procs(sb);
-        if procs.len() == want {
+        let stats = standby_stats(sb);
+        if procs.len() == want && stats == (want as u64, 0) {
             return procs;
         }
         assert!(
             start.elapsed() < Duration::from_secs(30),
-            "{} standby processes, not {want}: {procs:?}\n{}",
+            "{} standby processes, not {want}: {procs:?}; stats (ready, to come): {stats:?}\n{}",
             procs.len(),
             sb.daemon.log()
         );
@@ -182,6 +196,7 @@ fn no_standbys_when_turned_off() {
     step(api, id, py, &sh, 2);
     thread::sleep(Duration::from_millis(300));
     assert!(standby_procs(&sb).is_empty(), "{:?}", standby_procs(&sb));
+    assert_eq!(standby_stats(&sb), (0, 0));
     let reply = api.rollback(id, &n1);
     assert_eq!(from_standby(&reply), 0, "{reply}");
     assert_eq!(state(api, id, py, &sh), before);

@@ -258,6 +258,14 @@ metrics! {
     );
     /// `deltabox_dump_backlog`: dumps queued or being written.
     dump_backlog: IntGauge = IntGauge::new("deltabox_dump_backlog", "Dumps queued or being written");
+    /// `deltabox_standbys_ready`: standby forks held ready for a rollback.
+    standbys_ready: IntGauge = IntGauge::new(
+        "deltabox_standbys_ready", "Standby forks held ready for a rollback",
+    );
+    /// `deltabox_standbys_pending`: standby forks still to come.
+    standbys_pending: IntGauge = IntGauge::new(
+        "deltabox_standbys_pending", "Standby forks waiting for their node's dumps or forking",
+    );
     /// `deltabox_template_memory_bytes`: memory the live templates own, the sum of
     /// `Private_Clean + Private_Dirty` of their `/proc/<pid>/smaps_rollup` (scrape time).
     template_memory_bytes: IntGauge = IntGauge::new(

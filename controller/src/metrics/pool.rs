@@ -35,6 +35,13 @@ pub struct PoolFigures {
     pub dump_backlog: u64,
     /// When dumps are written: `eager`, `on-evict` or `off`.
     pub dump_policy: String,
+    /// Standby forks held ready for a rollback (docs/deltacr.md, "Standby forks").
+    #[serde(default)]
+    pub standbys_ready: u64,
+    /// Standby forks still to come: waiting for their node's dumps or for state
+    /// operations to end, or forking.
+    #[serde(default)]
+    pub standbys_pending: u64,
 }
 
 impl Metrics {
@@ -50,6 +57,8 @@ impl Metrics {
         sync_counter(&self.template_pool_misses_total, p.misses);
         sync_counter(&self.template_pool_evictions_total, p.evictions);
         self.dump_backlog.set(gauge_value(p.dump_backlog));
+        self.standbys_ready.set(gauge_value(p.standbys_ready));
+        self.standbys_pending.set(gauge_value(p.standbys_pending));
     }
 }
 
@@ -58,7 +67,8 @@ pub fn pool_text(p: &PoolFigures) -> String {
     use crate::api::sandbox_render::size;
     format!(
         "template pool: {} live of {} max, {} of {} max owned, {} dumped; \
-         hits {}  misses {}  evictions {}  dump backlog {} (policy {})\n",
+         hits {}  misses {}  evictions {}  dump backlog {} (policy {}); \
+         standby forks: {} ready, {} to come\n",
         p.templates_live,
         p.max_templates,
         size(p.bytes_owned),
@@ -68,7 +78,9 @@ pub fn pool_text(p: &PoolFigures) -> String {
         p.misses,
         p.evictions,
         p.dump_backlog,
-        p.dump_policy
+        p.dump_policy,
+        p.standbys_ready,
+        p.standbys_pending
     )
 }
 
@@ -88,6 +100,8 @@ mod tests {
             misses: 2,
             evictions: 1,
             dump_backlog: 4,
+            standbys_ready: 6,
+            standbys_pending: 1,
             ..PoolFigures::default()
         };
         m.set_pool(&p);
@@ -103,9 +117,13 @@ mod tests {
             "deltabox_template_pool_misses_total 2",
             "deltabox_template_pool_evictions_total 1",
             "deltabox_dump_backlog 4",
+            "deltabox_standbys_ready 6",
+            "deltabox_standbys_pending 1",
         ] {
             assert!(text.lines().any(|l| l == line), "{line}: {text}");
         }
-        assert!(pool_text(&p).contains("hits 7  misses 2  evictions 1"));
+        let text = pool_text(&p);
+        assert!(text.contains("hits 7  misses 2  evictions 1"), "{text}");
+        assert!(text.contains("standby forks: 6 ready, 1 to come"), "{text}");
     }
 }

@@ -104,6 +104,8 @@ impl StateSource for FakeSandboxes {
             evictions: any,
             dump_backlog: any,
             dump_policy: "eager".to_owned(),
+            standbys_ready: any,
+            standbys_pending: any,
         })
     }
 

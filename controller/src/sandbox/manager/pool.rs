@@ -244,8 +244,8 @@ impl Pool {
         PoolHandle(Arc::clone(&self.shared))
     }
 
-    /// The pool's figures; `templates_dumped` is the caller's to fill (it walks the
-    /// tree database).
+    /// The pool's figures; `templates_dumped` (a walk of the tree database) and the
+    /// standbys (the trees') are the caller's to fill.
     pub(super) fn figures(&self) -> PoolFigures {
         let s = &self.shared;
         let (templates, bytes) = *lock(&s.measured);
@@ -261,6 +261,8 @@ impl Pool {
             evictions: s.evictions.load(Ordering::Relaxed),
             dump_backlog: worker + s.dumping.load(Ordering::Relaxed),
             dump_policy: s.cfg.dump_policy.to_string(),
+            standbys_ready: 0,
+            standbys_pending: 0,
         }
     }
 

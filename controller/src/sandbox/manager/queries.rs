@@ -301,15 +301,18 @@ impl StateSource for SandboxManager {
         Some(self.store.stats())
     }
 
-    /// The pool's last measure and counters, and the node sessions and other processes
+    /// The pool's last measure and counters, the node sessions and other processes
     /// restorable only from their dumps (a walk of the tree database, one `stat` per
-    /// such session or process).
+    /// such session or process), and the trees' standby forks.
     fn pool_figures(&self) -> Option<PoolFigures> {
         let mut figures = self.pool.figures();
         let trees: Vec<Arc<Tree>> = lock(&self.trees).values().cloned().collect();
         let mut live: HashSet<(NodeId, SessionId)> = HashSet::new();
         let mut live_processes: HashSet<(NodeId, i32)> = HashSet::new();
         for tree in &trees {
+            let standbys = tree.standbys.counts();
+            figures.standbys_ready += standbys.ready;
+            figures.standbys_pending += standbys.pending;
             let map = tree.all_templates();
             for (node, templates) in map {
                 for (sid, _, t) in &templates.sessions {

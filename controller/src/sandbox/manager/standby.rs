@@ -39,8 +39,9 @@ pub(super) struct Standby {
     pub finisher: Finisher,
     /// The child's pid once forked, while its thread holds it (0 otherwise).
     child: Arc<AtomicI32>,
-    /// [`WAITING`], [`FORKING`] or [`ABANDONED`]: who goes first, the thread's fork or
-    /// a rollback that finds it not forked yet.
+    /// [`WAITING`], [`FORKING`], [`ABANDONED`] or [`ENDED`]: who goes first, the
+    /// thread's fork or a rollback that finds it not forked yet; and whether the thread
+    /// is still there.
     fork: Arc<AtomicU8>,
 }
 
@@ -51,6 +52,9 @@ const WAITING: u8 = 0;
 const FORKING: u8 = 1;
 /// A rollback came first: the thread forks nothing.
 const ABANDONED: u8 = 2;
+/// The thread is gone: it forked nothing (dropped, a dump failed, the fork failed) or
+/// its child was used or killed.
+const ENDED: u8 = 3;
 
 impl Standby {
     /// The child's pid, or why there is none (waits for the thread's report: called
@@ -74,6 +78,32 @@ impl Standby {
             Ok(_) => false,
             Err(state) => state == FORKING,
         }
+    }
+
+    /// Whether its fork is still to come: the thread waits (for the node's dumps, or
+    /// for state operations to end) or forks now.
+    fn pending(&self) -> bool {
+        match self.fork.load(Ordering::SeqCst) {
+            WAITING => true,
+            FORKING => self.child.load(Ordering::SeqCst) == 0,
+            _ => false,
+        }
+    }
+}
+
+/// What `GET /v1/stats` says of the standbys: forked and held, and still to fork.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct StandbyCounts {
+    pub ready: u64,
+    pub pending: u64,
+}
+
+/// Marks its standby's thread [`ENDED`] when the thread leaves, however it leaves.
+struct Ends(Arc<AtomicU8>);
+
+impl Drop for Ends {
+    fn drop(&mut self) {
+        self.0.store(ENDED, Ordering::SeqCst);
     }
 }
 
@@ -188,6 +218,20 @@ impl Standbys {
             .count()
     }
 
+    /// How many standby children are held, and how many standbys are still to fork.
+    pub fn counts(&self) -> StandbyCounts {
+        let map = lock(&self.per_sandbox);
+        let mut counts = StandbyCounts::default();
+        for s in map.values().flatten().flat_map(|s| &s.sessions) {
+            if s.child.load(Ordering::SeqCst) != 0 {
+                counts.ready += 1;
+            } else if s.pending() {
+                counts.pending += 1;
+            }
+        }
+        counts
+    }
+
     /// Drops every standby (the daemon stops).
     pub fn forget_all(&self) {
         let gone = std::mem::take(&mut *lock(&self.per_sandbox));
@@ -247,6 +291,7 @@ fn spawn_all(templates: &Arc<NodeTemplates>, opts: &RestoreOptions, dumps: &Dump
         let spawned = std::thread::Builder::new()
             .name("deltabox-standby".to_owned())
             .spawn(move || {
+                let _ends = Ends(Arc::clone(&starting));
                 if let Some(ready) = ready {
                     let _ = ready.recv();
                 }
@@ -412,5 +457,37 @@ mod tests {
             "nothing claimed it: the thread forks"
         );
         assert!(fresh.claim(), "then a rollback waits for that fork");
+    }
+
+    #[test]
+    fn a_standby_is_pending_until_forked_or_its_thread_ends() {
+        assert!(standby(0, WAITING).pending(), "waiting for the dumps");
+        assert!(standby(0, FORKING).pending(), "forking");
+        assert!(!standby(42, FORKING).pending(), "forked");
+        assert!(
+            !standby(0, ABANDONED).pending(),
+            "a rollback forked instead"
+        );
+        let failed = standby(0, FORKING);
+        drop(Ends(Arc::clone(&failed.fork)));
+        assert!(!failed.pending(), "the thread left without a child");
+        assert!(!failed.claim(), "its rollback forks for itself");
+
+        let standbys = Standbys::default();
+        let node = NodeId::new();
+        lock(&standbys.per_sandbox)
+            .entry("sb".to_owned())
+            .or_default()
+            .push_back(NodeStandby {
+                node,
+                sessions: vec![standby(42, FORKING), standby(0, WAITING), standby(0, ENDED)],
+            });
+        assert_eq!(
+            standbys.counts(),
+            StandbyCounts {
+                ready: 1,
+                pending: 1
+            }
+        );
     }
 }
