@@ -1,8 +1,9 @@
 //! What a fork carries from a template and a restore into a fresh process
 //! ([`super::husk`]) must set: signal handlers and the main thread's alternate signal
-//! stack ([`Handlers`], recorded by injection into the template when its dump is
-//! written, into the dump's [`ProcessState`]: at the checkpoint it would cost 0.1–0.3
-//! ms of each template's making), and the memory layout fields of `mm_struct`
+//! stack ([`Handlers`], recorded by injection into the new template as it is held, in
+//! the same batch as the rest of its hold, into its [`ProcessState`]; by the dump, one
+//! call at a time, for a template an older daemon made without them), and the memory
+//! layout fields of `mm_struct`
 //! ([`MmLayout`]: code, data, heap, stack, argv/environ bounds, the auxiliary vector;
 //! read from `/proc` when a dump is written).
 //!
@@ -10,7 +11,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::inject::{InjectError, Injection};
+use super::inject::{Batch, InjectError, Injection};
 use super::procfs::{self, ProcError};
 use super::state::AltStack;
 use super::threads::{decode_altstack, encode_altstack};
@@ -18,6 +19,8 @@ use super::{CrError, Template};
 
 /// `struct kernel_sigaction` on x86_64: handler, flags, restorer, mask.
 const SIGACTION_LEN: usize = 32;
+/// `stack_t` on x86_64.
+const ALTSTACK_LEN: usize = 24;
 /// Where the recorded `sigaction`s and `stack_t` go in the template's scratch page
 /// (after the restore's `struct clone_args`, clear of nothing else in use).
 const AT_SIGACTION: u64 = 0;
@@ -179,35 +182,55 @@ impl Template {
 
 /// Records the [`Handlers`] of the stopped tracee of `inj` (a template, whose
 /// dispositions are its process's) by injected `rt_sigaction` of each signal it catches
-/// or ignores and `sigaltstack`; `scratch` is a writable page of it.
+/// or ignores and `sigaltstack`, one at a time; `scratch` is a writable page of it (an
+/// older daemon's template: not executable).
 pub fn record_handlers(inj: &mut Injection<'_>, scratch: u64) -> Result<Handlers, CrError> {
-    let st = procfs::status(inj.tracee().pid().as_raw())?;
-    let mut actions = Vec::new();
-    for signal in signals_in(st.caught | st.ignored) {
-        inj.syscall(
-            "rt_sigaction",
-            libc::SYS_rt_sigaction,
-            &[signal as u64, 0, scratch + AT_SIGACTION, 8],
-        )?;
-        let mut raw = [0u8; SIGACTION_LEN];
-        inj.tracee()
-            .read_memory(scratch + AT_SIGACTION, &mut raw)
-            .map_err(InjectError::from)?;
-        actions.push(SigAction::decode(signal, &raw));
+    let mut batch = Batch::new(scratch);
+    let slots = queue_handlers(&mut batch, inj.tracee().pid().as_raw())?;
+    let (_, data) = inj.run_each(&batch)?;
+    Ok(slots.read(&batch, &data))
+}
+
+/// Where the calls [`queue_handlers`] adds leave the dispositions.
+pub struct HandlerSlots {
+    actions: Vec<(i32, u64)>,
+    altstack: u64,
+}
+
+/// Adds to `batch` the calls that record the [`Handlers`] of process `pid` (stopped):
+/// `rt_sigaction` of each signal it catches or ignores (`/proc/<pid>/status`), and
+/// `sigaltstack`.
+pub fn queue_handlers(batch: &mut Batch, pid: i32) -> Result<HandlerSlots, CrError> {
+    let st = procfs::status(pid)?;
+    let actions = signals_in(st.caught | st.ignored)
+        .map(|signal| {
+            let out = batch.space(SIGACTION_LEN);
+            batch.call(
+                "rt_sigaction",
+                libc::SYS_rt_sigaction,
+                &[signal as u64, 0, out, 8],
+            );
+            (signal, out)
+        })
+        .collect();
+    let altstack = batch.space(ALTSTACK_LEN);
+    batch.call("sigaltstack", libc::SYS_sigaltstack, &[0, altstack]);
+    Ok(HandlerSlots { actions, altstack })
+}
+
+impl HandlerSlots {
+    /// The handlers, from `data`, the data area of `batch` once its calls ran.
+    pub fn read(&self, batch: &Batch, data: &[u8]) -> Handlers {
+        let at = |addr: u64, len: usize| &data[batch.offset(addr)..][..len];
+        Handlers {
+            actions: self
+                .actions
+                .iter()
+                .map(|&(signal, out)| SigAction::decode(signal, at(out, SIGACTION_LEN)))
+                .collect(),
+            altstack: decode_altstack(at(self.altstack, ALTSTACK_LEN)),
+        }
     }
-    inj.syscall(
-        "sigaltstack",
-        libc::SYS_sigaltstack,
-        &[0, scratch + AT_ALTSTACK],
-    )?;
-    let mut raw = [0u8; 24];
-    inj.tracee()
-        .read_memory(scratch + AT_ALTSTACK, &mut raw)
-        .map_err(InjectError::from)?;
-    Ok(Handlers {
-        actions,
-        altstack: decode_altstack(&raw),
-    })
 }
 
 /// Sets `handlers` in the stopped tracee of `inj` (a fresh process; `scratch` is a

@@ -24,7 +24,7 @@ use nix::unistd::Pid;
 
 use super::dump::Dump;
 use super::fdtable::{self, StdioPipes};
-use super::inject::{InjectError, Injection, SCRATCH_LEN, resume_regs};
+use super::inject::{Batch, InjectError, Injection, SCRATCH_LEN, resume_regs};
 use super::pidfd::{Pidfd, PidfdError};
 use super::ptrace::{Regs, Stop, Tracee, cr_options};
 use super::template::{Template, group_stop};
@@ -429,25 +429,30 @@ fn root_and_session(
     Ok(())
 }
 
-/// Injects `chroot(root)` (the scratch page holds the path) and `chdir("/")`.
+/// Injects `chroot(root)` (the scratch page holds the path) and `chdir("/")`, one
+/// syscall at a time (the scratch page need not be executable).
 pub(super) fn chroot(inj: &mut Injection<'_>, scratch: u64, root: &Path) -> Result<(), CrError> {
-    let pid = inj.tracee().pid().as_raw();
+    let mut batch = Batch::new(scratch);
+    queue_chroot(&mut batch, inj.tracee().pid().as_raw(), root)?;
+    inj.run_each(&batch)?;
+    Ok(())
+}
+
+/// Adds `chroot(root)` and `chdir("/")` to `batch` (for pid `pid`).
+pub(super) fn queue_chroot(batch: &mut Batch, pid: i32, root: &Path) -> Result<(), CrError> {
     let mut path = root.as_os_str().as_bytes().to_vec();
     path.push(0);
-    path.extend_from_slice(b"/\0");
-    if path.len() as u64 > SCRATCH_LEN {
+    if path.len() as u64 + 8 > SCRATCH_LEN {
         return Err(InjectError::PathTooLong {
             pid,
             path: root.to_path_buf(),
         }
         .into());
     }
-    inj.tracee()
-        .write_memory(scratch, &path)
-        .map_err(InjectError::from)?;
-    inj.syscall("chroot", libc::SYS_chroot, &[scratch])?;
-    let slash = scratch + root.as_os_str().len() as u64 + 1;
-    inj.syscall("chdir", libc::SYS_chdir, &[slash])?;
+    let root = batch.data(&path);
+    let slash = batch.data(b"/\0");
+    batch.call("chroot", libc::SYS_chroot, &[root]);
+    batch.call("chdir", libc::SYS_chdir, &[slash]);
     Ok(())
 }
 

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::CrError;
-use super::inject::{InjectError, Injection, SCRATCH_LEN};
+use super::inject::{Batch, InjectError, Injection, SCRATCH_LEN};
 use super::procfs::{self, Mapping};
 
 /// One writable shared file mapping at a checkpoint.
@@ -81,15 +81,15 @@ pub fn record(
     Ok(out)
 }
 
-/// In a new template: replaces each mapping of `shared` by an inaccessible private
+/// For a new template: adds to `batch` the calls that replace each mapping of `shared` by an inaccessible private
 /// anonymous placeholder of the same range, so that the template holds no page of the
 /// file and the range stays reserved for the restores' `MAP_FIXED`.
-pub(super) fn unmap(inj: &mut Injection<'_>, shared: &[SharedMapping]) -> Result<(), CrError> {
+pub(super) fn queue_unmap(batch: &mut Batch, shared: &[SharedMapping]) {
     for m in shared {
         let flags =
             (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE)
                 as u64;
-        inj.syscall(
+        batch.call(
             "mmap",
             libc::SYS_mmap,
             &[
@@ -100,9 +100,8 @@ pub(super) fn unmap(inj: &mut Injection<'_>, shared: &[SharedMapping]) -> Result
                 u64::MAX,
                 0,
             ],
-        )?;
+        );
     }
-    Ok(())
 }
 
 /// In a restored process (its root set): opens each file of `shared` by path and maps

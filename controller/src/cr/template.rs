@@ -31,7 +31,7 @@ use nix::unistd::Pid;
 use super::fdtable;
 use super::freezer::TemplateCgroup;
 use super::inject::{
-    Injection, SCRATCH_LEN, SyscallSite, interrupted_syscall, requeue_signals, resume_regs,
+    Batch, Injection, SCRATCH_LEN, SyscallSite, interrupted_syscall, requeue_signals, resume_regs,
 };
 use super::pidfd::Pidfd;
 use super::procfs;
@@ -382,7 +382,7 @@ fn fork_seized(seizing: Seizing, opts: &CheckpointOptions) -> Result<Template, C
         // The template is born in its own cgroup; the scratch page (struct clone_args,
         // the cgroup's path; the other threads' records) is the process's only for the
         // call, the template keeps it for the clone3 of every restore.
-        let scratch = inj.mmap_scratch(SCRATCH_LEN)?;
+        let scratch = inj.mmap_scratch_exec(SCRATCH_LEN)?;
         let recorded = (|| {
             let main_thread = threads::record_leader(&mut inj, scratch)?;
             let states = others
@@ -493,25 +493,30 @@ fn hold(
     shared: &[SharedMapping],
 ) -> Result<super::carried::Handlers, CrError> {
     let handlers = {
+        let pid = child.pid().as_raw();
         let mut inj = Injection::begin(child, site)?;
         // A fork carries the process's dispositions; a restore into a fresh process
         // needs them. Recorded here, before the checkpoint is acknowledged: recorded
-        // later (by the dump, ~10 injected syscalls, 0.1-0.3 ms), the template would
-        // be thawed under ptrace with PTRACE_O_EXITKILL after the answer, and a
-        // controller killed meanwhile would take an acknowledged node's template
-        // with it (sandbox_restart's revived_sessions_outlive_the_page_cache_of_dead_views
-        // saw it about once in ten runs).
-        let handlers = super::carried::record_handlers(&mut inj, scratch)?;
+        // later (by the dump), the template would be thawed under ptrace with
+        // PTRACE_O_EXITKILL after the answer, and a controller killed meanwhile would
+        // take an acknowledged node's template with it (sandbox_restart's
+        // revived_sessions_outlive_the_page_cache_of_dead_views saw it about once in
+        // ten runs). All of it is one batch: one stop instead of one per syscall
+        // (~10 for python, ~20 for bash).
+        let mut batch = Batch::new(scratch);
+        let slots = super::carried::queue_handlers(&mut batch, pid)?;
         if let Some(root) = root {
-            super::restore::chroot(&mut inj, scratch, root)?;
+            super::restore::queue_chroot(&mut batch, pid, root)?;
         }
-        super::shared::unmap(&mut inj, shared)?;
-        inj.syscall(
+        super::shared::queue_unmap(&mut batch, shared);
+        batch.call(
             "close_range",
             libc::SYS_close_range,
             &[0, u64::from(u32::MAX), 0],
-        )?;
-        inj.syscall("setsid", libc::SYS_setsid, &[])?;
+        );
+        batch.call("setsid", libc::SYS_setsid, &[]);
+        let (_, data) = inj.run_batch(&batch)?;
+        let handlers = slots.read(&batch, &data);
         inj.finish_with(&resume_regs(regs))?;
         handlers
     };

@@ -8,7 +8,9 @@
 //! `SIGTRAP` at the syscall's exit, where `rax` is the result: one stop per syscall (the
 //! step's `SIGTRAP` is never delivered). Only the one `syscall` instruction runs in user
 //! mode. [`Injection::finish`] gives the registers back with the restart fix-up of
-//! [`resume_regs`] when the tracee had been stopped inside a syscall.
+//! [`resume_regs`] when the tracee had been stopped inside a syscall. Calls that need
+//! no result of one another between them can go as a [`Batch`] instead: a few
+//! instructions in an executable scratch page run them all for one stop ([`batch`]).
 //!
 //! Signals that arrive meanwhile are suppressed and deferred on the [`Tracee`]; whoever
 //! owns the tracee re-sends them ([`requeue_signals`]) or, for templates, drops them.
@@ -24,6 +26,10 @@ use std::path::Path;
 use nix::unistd::Pid;
 
 use super::ptrace::{PtraceError, Regs, Resume, Stop, Tracee};
+
+mod batch;
+
+pub use batch::{Batch, Call};
 
 /// `-ERESTARTSYS` and friends (`include/linux/errno.h`): a syscall interrupted by a
 /// signal or a ptrace stop returns one of these to the kernel's exit path, which then
@@ -127,6 +133,22 @@ pub enum InjectError {
         rip: u64,
         /// The `syscall` instruction.
         site: u64,
+    },
+    /// A batch's data leaves no room in the scratch page for its table.
+    #[error("{data} bytes of batch data leave no room for the call table in the scratch page")]
+    BatchTooBig {
+        /// Bytes of data.
+        data: usize,
+    },
+    /// The loop of a batch faulted.
+    #[error("the injected syscall loop faulted in pid {pid}: signal {signal} at {rip:#x}")]
+    BatchFault {
+        /// The tracee.
+        pid: i32,
+        /// The signal.
+        signal: i32,
+        /// Where.
+        rip: u64,
     },
     /// A path does not fit in the scratch page.
     #[error("path {path:?} is too long to pass to pid {pid}")]
@@ -441,6 +463,14 @@ impl<'t> Injection<'t> {
     /// Maps `len` bytes of private anonymous read-write memory in the tracee.
     pub fn mmap_scratch(&mut self, len: u64) -> Result<u64, InjectError> {
         let prot = (libc::PROT_READ | libc::PROT_WRITE) as u64;
+        let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
+        self.syscall("mmap", libc::SYS_mmap, &[0, len, prot, flags, u64::MAX, 0])
+    }
+
+    /// Maps `len` bytes of private anonymous memory in the tracee that it can also
+    /// execute: a scratch page that runs batches ([`Batch`]).
+    pub fn mmap_scratch_exec(&mut self, len: u64) -> Result<u64, InjectError> {
+        let prot = (libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC) as u64;
         let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
         self.syscall("mmap", libc::SYS_mmap, &[0, len, prot, flags, u64::MAX, 0])
     }
