@@ -81,9 +81,10 @@ pub fn record(
     Ok(out)
 }
 
-/// For a new template: adds to `batch` the calls that replace each mapping of `shared` by an inaccessible private
-/// anonymous placeholder of the same range, so that the template holds no page of the
-/// file and the range stays reserved for the restores' `MAP_FIXED`.
+/// For a new template: adds to `batch` the calls that replace each mapping of `shared`
+/// by an inaccessible private anonymous placeholder of the same range, so that the
+/// template holds no page of the file and the range stays reserved for the restores'
+/// `MAP_FIXED`.
 pub(super) fn queue_unmap(batch: &mut Batch, shared: &[SharedMapping]) {
     for m in shared {
         let flags =

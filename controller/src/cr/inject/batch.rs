@@ -49,9 +49,11 @@ const ENTRY_LEN: u64 = 64;
 /// One syscall of a batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Call {
-    /// For errors.
+    /// Its name, for errors.
     pub name: &'static str,
+    /// The syscall number.
     pub nr: i64,
+    /// The arguments (unused ones 0).
     pub args: [u64; 6],
 }
 
