@@ -25,11 +25,13 @@ use std::path::Path;
 
 use nix::unistd::Pid;
 
-use super::ptrace::{PtraceError, Regs, Resume, Stop, Tracee};
+use super::ptrace::{Regs, Resume, Stop, Tracee};
 
 mod batch;
+mod error;
 
 pub use batch::{Batch, Call};
+pub use error::InjectError;
 
 /// `-ERESTARTSYS` and friends (`include/linux/errno.h`): a syscall interrupted by a
 /// signal or a ptrace stop returns one of these to the kernel's exit path, which then
@@ -75,108 +77,6 @@ pub const SCRATCH_LEN: u64 = 4096;
 
 /// Where the path goes in the scratch page.
 const SCRATCH_PATH_AT: u64 = 128;
-
-/// Errors of syscall injection.
-#[derive(Debug, thiserror::Error)]
-pub enum InjectError {
-    /// A ptrace request or wait failed.
-    #[error(transparent)]
-    Ptrace(#[from] PtraceError),
-    /// The tracee has no `[vdso]` mapping.
-    #[error("pid {pid} has no [vdso] mapping to run injected syscalls from")]
-    NoVdso {
-        /// The tracee.
-        pid: i32,
-    },
-    /// The tracee's `[vdso]` holds no `syscall` instruction.
-    #[error("no syscall instruction in the [vdso] of pid {pid}")]
-    NoSyscallInstruction {
-        /// The tracee.
-        pid: i32,
-    },
-    /// The tracee is not a 64-bit x86 process.
-    #[error("pid {pid} is not a 64-bit process (cs {cs:#x}); DeltaCR handles x86_64 only")]
-    NotX86_64 {
-        /// The tracee.
-        pid: i32,
-        /// Its code segment selector.
-        cs: u64,
-    },
-    /// The injected syscall returned an error.
-    #[error("{name} injected into pid {pid} failed")]
-    Syscall {
-        /// The tracee.
-        pid: i32,
-        /// The syscall, e.g. `openat`.
-        name: &'static str,
-        /// The errno it returned.
-        #[source]
-        source: io::Error,
-    },
-    /// The tracee ran another syscall than the one injected (or stopped elsewhere).
-    #[error("pid {pid} ran syscall {seen} instead of the injected {expected}")]
-    WrongEntry {
-        /// The tracee.
-        pid: i32,
-        /// The injected syscall number.
-        expected: i64,
-        /// What `orig_rax` said when the step stopped.
-        seen: i64,
-    },
-    /// The single-step of an injected syscall stopped neither before nor right after
-    /// the `syscall` instruction.
-    #[error("pid {pid} stopped at {rip:#x} stepping the syscall instruction at {site:#x}")]
-    Strayed {
-        /// The tracee.
-        pid: i32,
-        /// Where it stopped.
-        rip: u64,
-        /// The `syscall` instruction.
-        site: u64,
-    },
-    /// A batch's data leaves no room in the scratch page for its table.
-    #[error("{data} bytes of batch data leave no room for the call table in the scratch page")]
-    BatchTooBig {
-        /// Bytes of data.
-        data: usize,
-    },
-    /// The loop of a batch faulted.
-    #[error("the injected syscall loop faulted in pid {pid}: signal {signal} at {rip:#x}")]
-    BatchFault {
-        /// The tracee.
-        pid: i32,
-        /// The signal.
-        signal: i32,
-        /// Where.
-        rip: u64,
-    },
-    /// A path does not fit in the scratch page.
-    #[error("path {path:?} is too long to pass to pid {pid}")]
-    PathTooLong {
-        /// The tracee.
-        pid: i32,
-        /// The path.
-        path: std::path::PathBuf,
-    },
-    /// An injected `clone3` succeeded without a `PTRACE_EVENT_CLONE`.
-    #[error("clone3 injected into pid {pid} returned {ret} without a clone event")]
-    NoForkEvent {
-        /// The tracee.
-        pid: i32,
-        /// What it returned.
-        ret: i64,
-    },
-    /// The new child did not stop in its attach stop first.
-    #[error("new child {child} of pid {pid} reported {stop:?} before its attach stop")]
-    ChildStop {
-        /// The tracee that forked.
-        pid: i32,
-        /// The child.
-        child: i32,
-        /// What the child reported.
-        stop: Stop,
-    },
-}
 
 /// The registers a task must resume with so that it continues exactly where it was
 /// stopped, when no signal is delivered first.
@@ -419,15 +319,7 @@ impl<'t> Injection<'t> {
         let cloned = self.run(libc::SYS_clone3, &[scratch, CLONE_ARGS_SIZE]);
         let closed = self.syscall("close", libc::SYS_close, &[dirfd]);
         let (rax, child) = cloned?;
-        if let Err(errno) = syscall_result(rax) {
-            return Err(InjectError::Syscall {
-                pid,
-                name: "clone3",
-                source: io::Error::from_raw_os_error(errno),
-            });
-        }
-        let child = child.ok_or(InjectError::NoForkEvent { pid, ret: rax })?;
-        let child = Tracee::auto_attached(child, self.tracee);
+        let child = Tracee::auto_attached(new_task(pid, "clone3", rax, child)?, self.tracee);
         closed?;
         attach_stop(pid, child)
     }
@@ -449,30 +341,28 @@ impl<'t> Injection<'t> {
         // caller's stack pointer, never used, since the thread's registers are replaced
         // before it runs.
         let (rax, child) = self.run(libc::SYS_clone, &[flags, 0, tid_address, tid_address, tls])?;
-        if let Err(errno) = syscall_result(rax) {
-            return Err(InjectError::Syscall {
-                pid,
-                name: "clone",
-                source: io::Error::from_raw_os_error(errno),
-            });
-        }
-        let child = child.ok_or(InjectError::NoForkEvent { pid, ret: rax })?;
+        let child = new_task(pid, "clone", rax, child)?;
         attach_stop(pid, Tracee::auto_attached(child, self.tracee))
     }
 
     /// Maps `len` bytes of private anonymous read-write memory in the tracee.
     pub fn mmap_scratch(&mut self, len: u64) -> Result<u64, InjectError> {
-        let prot = (libc::PROT_READ | libc::PROT_WRITE) as u64;
-        let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
-        self.syscall("mmap", libc::SYS_mmap, &[0, len, prot, flags, u64::MAX, 0])
+        self.mmap_anonymous(len, libc::PROT_READ | libc::PROT_WRITE)
     }
 
     /// Maps `len` bytes of private anonymous memory in the tracee that it can also
     /// execute: a scratch page that runs batches ([`Batch`]).
     pub fn mmap_scratch_exec(&mut self, len: u64) -> Result<u64, InjectError> {
-        let prot = (libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC) as u64;
+        self.mmap_anonymous(len, libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC)
+    }
+
+    fn mmap_anonymous(&mut self, len: u64, prot: i32) -> Result<u64, InjectError> {
         let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
-        self.syscall("mmap", libc::SYS_mmap, &[0, len, prot, flags, u64::MAX, 0])
+        self.syscall(
+            "mmap",
+            libc::SYS_mmap,
+            &[0, len, prot as u64, flags, u64::MAX, 0],
+        )
     }
 
     /// Maps `len` bytes of private anonymous read-write memory in the tracee at `addr`,
@@ -523,6 +413,25 @@ impl Drop for Injection<'_> {
             let _ = self.tracee.set_regs(&resume_regs(&self.saved));
         }
     }
+}
+
+/// The new task of an injected `clone` or `clone3` (`name`) into `pid` that returned
+/// `rax` and reported `child` in its fork event; the syscall's error, or
+/// [`InjectError::NoForkEvent`] for a success without an event.
+fn new_task(
+    pid: i32,
+    name: &'static str,
+    rax: i64,
+    child: Option<Pid>,
+) -> Result<Pid, InjectError> {
+    if let Err(errno) = syscall_result(rax) {
+        return Err(InjectError::Syscall {
+            pid,
+            name,
+            source: io::Error::from_raw_os_error(errno),
+        });
+    }
+    child.ok_or(InjectError::NoForkEvent { pid, ret: rax })
 }
 
 /// Waits for the attach stop of `child`, a new task of `pid`, auto-attached: the first
