@@ -42,34 +42,25 @@ pub fn wait_dump(daemon: &TestDaemon, node: &str, session: &str) -> PathBuf {
 /// Waits until the daemon has written every queued dump (`GET /v1/stats`'s
 /// `pool.dump_backlog` is 0); fails after 120 s.
 pub fn wait_dump_backlog(api: &Http) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let stats = api.get("/v1/stats").expect(200, "stats");
-        if stats["pool"]["dump_backlog"] == 0 {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "dumps still queued after 120 s: {stats}"
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
+    wait_pool_zero(api, "dump_backlog", "dumps still queued");
 }
 
 /// Waits until no standby fork is still to come (`GET /v1/stats`'s
 /// `pool.standbys_pending` is 0): a daemon killed during a standby's fork loses the
 /// template it forks (docs/deltacr.md, "Standby forks"). Fails after 120 s.
 pub fn wait_standbys_forked(api: &Http) {
+    wait_pool_zero(api, "standbys_pending", "standby forks still to come");
+}
+
+/// Waits until `GET /v1/stats`'s `pool.<field>` is 0; fails after 120 s, saying `what`.
+fn wait_pool_zero(api: &Http, field: &str, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let stats = api.get("/v1/stats").expect(200, "stats");
-        if stats["pool"]["standbys_pending"] == 0 {
+        if stats["pool"][field] == 0 {
             return;
         }
-        assert!(
-            Instant::now() < deadline,
-            "standby forks still to come after 120 s: {stats}"
-        );
+        assert!(Instant::now() < deadline, "{what} after 120 s: {stats}");
         thread::sleep(Duration::from_millis(20));
     }
 }
