@@ -21,8 +21,8 @@ use super::{CrError, Template};
 const SIGACTION_LEN: usize = 32;
 /// `stack_t` on x86_64.
 const ALTSTACK_LEN: usize = 24;
-/// Where the recorded `sigaction`s and `stack_t` go in the template's scratch page
-/// (after the restore's `struct clone_args`, clear of nothing else in use).
+/// Where [`set_handlers`] writes each `sigaction` and the `stack_t` it sets, in the
+/// fresh process's scratch page.
 const AT_SIGACTION: u64 = 0;
 const AT_ALTSTACK: u64 = 64;
 /// `PR_SET_MM` / `PR_SET_MM_MAP` (`<linux/prctl.h>`).

@@ -104,11 +104,6 @@ impl Batch {
         (addr - self.scratch) as usize
     }
 
-    /// The calls.
-    pub fn calls(&self) -> &[Call] {
-        &self.calls
-    }
-
     /// How many entries fit after the data and before [`LOOP`], per run.
     fn per_run(&self) -> Result<usize, InjectError> {
         let data = self.data.len().next_multiple_of(8) as u64;
@@ -128,54 +123,60 @@ impl Injection<'_> {
     /// makes); returns their results and the data area as the calls left it. The
     /// first call that fails ends the batch with its error.
     pub fn run_batch(&mut self, batch: &Batch) -> Result<(Vec<u64>, Vec<u8>), InjectError> {
-        if !batch.data.is_empty() {
-            self.tracee.write_memory(batch.scratch, &batch.data)?;
-        }
-        let table = batch.scratch + batch.data.len().next_multiple_of(8) as u64;
-        let mut results = Vec::with_capacity(batch.calls.len());
-        for chunk in batch.calls.chunks(batch.per_run()?) {
-            let mut bytes = Vec::with_capacity(chunk.len() * ENTRY_LEN as usize + LOOP.len());
-            for c in chunk {
-                bytes.extend_from_slice(&c.nr.to_ne_bytes());
-                for a in c.args {
-                    bytes.extend_from_slice(&a.to_ne_bytes());
+        self.with_data(batch, |inj| {
+            let table = batch.scratch + batch.data.len().next_multiple_of(8) as u64;
+            let mut results = Vec::with_capacity(batch.calls.len());
+            for chunk in batch.calls.chunks(batch.per_run()?) {
+                let mut bytes = Vec::with_capacity(chunk.len() * ENTRY_LEN as usize + LOOP.len());
+                for c in chunk {
+                    bytes.extend_from_slice(&c.nr.to_ne_bytes());
+                    for a in c.args {
+                        bytes.extend_from_slice(&a.to_ne_bytes());
+                    }
+                    bytes.extend_from_slice(&0u64.to_ne_bytes());
                 }
-                bytes.extend_from_slice(&0u64.to_ne_bytes());
-            }
-            bytes.extend_from_slice(&LOOP);
-            self.tracee.write_memory(table, &bytes)?;
-            let code = table + chunk.len() as u64 * ENTRY_LEN;
-            let left = self.run_loop(code, table, chunk.len() as u64)?;
-            let done = chunk.len() - left as usize;
-            let mut raw = vec![0u8; chunk.len() * ENTRY_LEN as usize];
-            self.tracee.read_memory(table, &mut raw)?;
-            for (i, c) in chunk.iter().enumerate() {
-                let at = i * ENTRY_LEN as usize + 56;
-                let rax = i64::from_ne_bytes(raw[at..at + 8].try_into().unwrap_or_default());
-                if i == done {
-                    return Err(self.failed(c, rax));
+                bytes.extend_from_slice(&LOOP);
+                inj.tracee.write_memory(table, &bytes)?;
+                let code = table + chunk.len() as u64 * ENTRY_LEN;
+                let left = inj.run_loop(code, table, chunk.len() as u64)?;
+                let done = chunk.len() - left as usize;
+                let mut raw = vec![0u8; chunk.len() * ENTRY_LEN as usize];
+                inj.tracee.read_memory(table, &mut raw)?;
+                for (i, c) in chunk.iter().enumerate() {
+                    let at = i * ENTRY_LEN as usize + 56;
+                    let rax = i64::from_ne_bytes(raw[at..at + 8].try_into().unwrap_or_default());
+                    if i == done {
+                        return Err(inj.failed(c, rax));
+                    }
+                    results.push(rax as u64);
                 }
-                results.push(rax as u64);
             }
-        }
-        let mut data = vec![0u8; batch.data.len()];
-        if !data.is_empty() {
-            self.tracee.read_memory(batch.scratch, &mut data)?;
-        }
-        Ok((results, data))
+            Ok(results)
+        })
     }
 
     /// Runs every call of `batch` one at a time ([`Injection::syscall`]): for a scratch
     /// page that is not executable. Same results as [`Self::run_batch`].
     pub fn run_each(&mut self, batch: &Batch) -> Result<(Vec<u64>, Vec<u8>), InjectError> {
+        self.with_data(batch, |inj| {
+            batch
+                .calls
+                .iter()
+                .map(|c| inj.syscall(c.name, c.nr, &c.args))
+                .collect()
+        })
+    }
+
+    /// Writes the data of `batch`, runs its calls with `run`, and reads the data back.
+    fn with_data(
+        &mut self,
+        batch: &Batch,
+        run: impl FnOnce(&mut Self) -> Result<Vec<u64>, InjectError>,
+    ) -> Result<(Vec<u64>, Vec<u8>), InjectError> {
         if !batch.data.is_empty() {
             self.tracee.write_memory(batch.scratch, &batch.data)?;
         }
-        let results = batch
-            .calls
-            .iter()
-            .map(|c| self.syscall(c.name, c.nr, &c.args))
-            .collect::<Result<Vec<_>, _>>()?;
+        let results = run(self)?;
         let mut data = vec![0u8; batch.data.len()];
         if !data.is_empty() {
             self.tracee.read_memory(batch.scratch, &mut data)?;
@@ -249,7 +250,7 @@ mod tests {
         assert_eq!(b.space(32), 0x1008);
         assert_eq!(b.offset(0x1008), 8);
         b.call("getpid", libc::SYS_getpid, &[]);
-        assert_eq!(b.calls()[0].args, [0; 6]);
+        assert_eq!(b.calls[0].args, [0; 6]);
         // (4096 - 40 - 48) / 64
         assert_eq!(b.per_run().unwrap(), 62);
         b.space(4000);

@@ -30,7 +30,7 @@ use super::ptrace::{Regs, Resume, Stop, Tracee};
 mod batch;
 mod error;
 
-pub use batch::{Batch, Call};
+pub use batch::Batch;
 pub use error::InjectError;
 
 /// `-ERESTARTSYS` and friends (`include/linux/errno.h`): a syscall interrupted by a
