@@ -47,9 +47,11 @@ fn injected_syscalls_under_a_signal_storm_return_their_results_and_defer_the_sig
                 .unwrap_or_else(|e| panic!("injection {i}: {e}"));
             assert_eq!(got, ppid as u64, "injection {i} returned another value");
         }
-        inj.finish(false).expect("finish");
         stop.store(true, Ordering::Relaxed);
-        sender.join().expect("sender")
+        let sent = sender.join().expect("sender");
+        drain_signals(&mut inj, p.pid);
+        inj.finish(false).expect("finish");
+        sent
     });
     assert!(sent > 0, "no signal was sent during the injections");
     let regs = tracee.regs().expect("regs");
@@ -135,11 +137,13 @@ fn batches_under_a_signal_storm_return_every_result_and_stop_at_the_first_failur
             }
             other => panic!("a failing close gave {other:?}"),
         }
+        stop.store(true, Ordering::Relaxed);
+        let sent = sender.join().expect("sender");
+        drain_signals(&mut inj, p.pid);
         inj.syscall("munmap", libc::SYS_munmap, &[scratch, SCRATCH_LEN])
             .expect("munmap");
         inj.finish(false).expect("finish");
-        stop.store(true, Ordering::Relaxed);
-        sender.join().expect("sender")
+        sent
     });
     assert!(sent > 0, "no signal was sent during the batches");
     let deferred = tracee.take_deferred_signals();
@@ -155,6 +159,22 @@ fn batches_under_a_signal_storm_return_every_result_and_stop_at_the_first_failur
     tracee.detach(0).expect("detach");
     assert_eq!(p.ask("inc"), "n=2");
     assert_eq!(p.ask("get"), "n=2");
+}
+
+/// Once the storm is over: runs injected `getppid`s until no signal is pending for
+/// `pid`, so that each one the storm sent has been reported, and deferred, before the
+/// detach (one still pending then would be delivered: SIGUSR1 would kill the target).
+/// A stop reports one signal, and the step's own trap can come first.
+fn drain_signals(inj: &mut Injection<'_>, pid: i32) {
+    for _ in 0..1000 {
+        let st = procfs::status(pid).expect("status");
+        if st.sig_pending | st.shared_pending == 0 {
+            return;
+        }
+        inj.syscall("getppid", libc::SYS_getppid, &[])
+            .expect("getppid");
+    }
+    panic!("signals still pending for pid {pid} after 1000 injected syscalls");
 }
 
 /// `Umask:` of `/proc/<pid>/status`.
