@@ -62,6 +62,74 @@ fn branches_do_not_share_file_offsets() {
     let _ = fs::remove_dir_all(&dir);
 }
 
+/// The fd table's rebuild is one planned batch: a table with a gap, close-on-exec
+/// flags and paths too long for the scratch page together (it maps a larger one, and
+/// unmaps it) comes back fd for fd in each branch.
+#[test]
+fn a_table_with_a_gap_and_long_paths_comes_back_in_each_branch() {
+    require_root();
+    let env = CrEnv::new("fd-plan");
+    let dir = scratch_dir("cr-fd-plan");
+    let mut deep = dir.clone();
+    for level in 0..8 {
+        deep.push(format!("{level}{}", "d".repeat(200)));
+    }
+    fs::create_dir_all(&deep).unwrap();
+    let names = ["a", "b", "c"];
+    for name in names {
+        fs::write(deep.join(name), format!("{name}{name}{name}{name}1234abcd")).unwrap();
+    }
+    let mut p = env.spawn_target(&["serve"]);
+    for (fd, name) in (3..).zip(names) {
+        let path = deep.join(name);
+        assert_eq!(
+            p.ask(&format!("open {}", path.display())),
+            format!("fd={fd}")
+        );
+    }
+    assert_eq!(p.ask("close 4"), "ok");
+    assert_eq!(p.ask("read"), "data=cccc");
+
+    let template = cr::checkpoint(Pid::from_raw(p.pid), &env.checkpoint_opts()).unwrap();
+    env.track(template.pid().as_raw());
+    for _ in 0..2 {
+        let mut b = env.adopt(template.restore(&env.restore_opts()).unwrap());
+        assert_eq!(b.ask("read"), "data=1234");
+        let fds: Vec<String> = fs::read_dir(format!("/proc/{}/fd", b.pid))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        let mut fds: Vec<i32> = fds.iter().map(|f| f.parse().unwrap()).collect();
+        fds.sort();
+        assert_eq!(fds, [0, 1, 2, 3, 5], "the restored table");
+        for (fd, name) in [(3, "a"), (5, "c")] {
+            let link = fs::read_link(format!("/proc/{}/fd/{fd}", b.pid)).unwrap();
+            assert_eq!(link, deep.join(name).canonicalize().unwrap(), "fd {fd}");
+            let info = fs::read_to_string(format!("/proc/{}/fdinfo/{fd}", b.pid)).unwrap();
+            let flags = info.lines().find_map(|l| l.strip_prefix("flags:")).unwrap();
+            let flags = u32::from_str_radix(flags.trim(), 8).unwrap();
+            assert_ne!(
+                flags & libc::O_CLOEXEC as u32,
+                0,
+                "fd {fd}: flags {flags:o}"
+            );
+        }
+        assert_eq!(fdinfo_pos(b.pid, 5), 8);
+        // Neither scratch area is left: the process maps nothing executable and
+        // writable.
+        let maps = fs::read_to_string(format!("/proc/{}/maps", b.pid)).unwrap();
+        assert!(
+            !maps
+                .lines()
+                .any(|l| l.split_whitespace().nth(1) == Some("rwxp")),
+            "a scratch area is left:\n{maps}"
+        );
+        assert_eq!(b.ask("inc"), "n=1");
+    }
+    assert_eq!(p.ask("read"), "data=1234");
+    let _ = fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn branches_have_independent_memory() {
     require_root();

@@ -137,6 +137,20 @@ fn batches_under_a_signal_storm_return_every_result_and_stop_at_the_first_failur
             }
             other => panic!("a failing close gave {other:?}"),
         }
+        // Batched or one by one, the failure names its call; an error a call tolerates
+        // does not end the batch.
+        for batched in [true, false] {
+            let failed = inj.run_calls(&batch, batched).expect_err("close of fd -1");
+            assert_eq!(failed.index, Some(1), "batched: {batched}");
+            let mut batch = Batch::new(scratch);
+            batch.call_tolerating("close", libc::SYS_close, &[u64::MAX], libc::EBADF);
+            batch.call("getppid", libc::SYS_getppid, &[]);
+            let (results, _) = inj
+                .run_calls(&batch, batched)
+                .unwrap_or_else(|e| panic!("a tolerated EBADF (batched: {batched}): {e:?}"));
+            let ebadf = -i64::from(libc::EBADF) as u64;
+            assert_eq!(results, [ebadf, ppid as u64], "batched: {batched}");
+        }
         stop.store(true, Ordering::Relaxed);
         let sent = sender.join().expect("sender");
         drain_signals(&mut inj, p.pid);

@@ -176,18 +176,22 @@ impl Template {
     /// session.
     pub fn record_handlers(&self) -> Result<Handlers, CrError> {
         let _one_at_a_time = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        self.injected(record_handlers)
+        let batched = self.scratch_exec;
+        self.injected(|inj, scratch| record_handlers(inj, (scratch, batched)))
     }
 }
 
 /// Records the [`Handlers`] of the stopped tracee of `inj` (a template, whose
 /// dispositions are its process's) by injected `rt_sigaction` of each signal it catches
-/// or ignores and `sigaltstack`, one at a time; `scratch` is a writable page of it (an
-/// older daemon's template: not executable).
-pub fn record_handlers(inj: &mut Injection<'_>, scratch: u64) -> Result<Handlers, CrError> {
+/// or ignores and `sigaltstack`; `scratch` is a writable page of it, executable if
+/// `batched` (else the calls run one at a time).
+pub fn record_handlers(
+    inj: &mut Injection<'_>,
+    (scratch, batched): (u64, bool),
+) -> Result<Handlers, CrError> {
     let mut batch = Batch::new(scratch);
     let slots = queue_handlers(&mut batch, inj.tracee().pid().as_raw())?;
-    let (_, data) = inj.run_each(&batch)?;
+    let (_, data) = inj.run_calls(&batch, batched).map_err(InjectError::from)?;
     Ok(slots.read(&batch, &data))
 }
 

@@ -339,6 +339,9 @@ impl Forked<'_> {
                 let root = opts.chroot.as_deref();
                 root_and_session(&mut inj, template.scratch, root, opts.setsid)?;
             }
+            // A dump's scratch page is executable (`mmap_scratch_at`); a template's is
+            // unless an older daemon made it.
+            let batched = from_dump.is_some() || template.scratch_exec;
             let scratch = match from_dump {
                 Some((dump, base)) => {
                     let t = Instant::now();
@@ -368,7 +371,7 @@ impl Forked<'_> {
                 &pidfd,
                 &state.fds,
                 &state.cwd,
-                scratch,
+                (scratch, batched),
                 &opts.pipes,
             )?;
             // With a signal that will be delivered (not blocked), the kernel makes the

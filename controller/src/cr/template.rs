@@ -93,6 +93,9 @@ pub struct Template {
     /// A page of the template's own (not the checkpoint's) memory, where each restore
     /// passes `struct clone_args` and a cgroup path; restored processes unmap it.
     pub(super) scratch: u64,
+    /// Whether the scratch page is executable, so that batches run there ([`Batch`]):
+    /// an older daemon's is not.
+    pub(super) scratch_exec: bool,
     pub(super) timings: CheckpointTimings,
     /// Forks between the template and a process that shares no memory with older ones.
     pub(super) generation: u32,
@@ -186,12 +189,17 @@ impl Template {
         if !template.is_frozen() {
             template.freeze()?;
         }
+        // Daemons before batched injection mapped it without PROT_EXEC.
+        let scratch_exec = procfs::maps(raw)?
+            .iter()
+            .any(|m| (m.start..m.end).contains(&scratch) && m.perms[2] == b'x');
         Ok(Self {
             pidfd,
             cgroup: template,
             cgroup_root,
             state,
             scratch,
+            scratch_exec,
             timings: CheckpointTimings::default(),
             generation,
             lock: Mutex::new(()),
@@ -467,6 +475,7 @@ fn fork_seized(seizing: Seizing, opts: &CheckpointOptions) -> Result<Template, C
         cgroup_root,
         state,
         scratch,
+        scratch_exec: true,
         timings: CheckpointTimings {
             paused,
             total: start.elapsed(),

@@ -136,7 +136,8 @@ fn xmm_read(buf: &mut [u8]) -> (u64, i64) {
 
 /// The command loop. Each command answers one line:
 /// `inc` → `n=<n>`; `get` → `n=<n>`; `addr` → `addr=<hex>`; `pid` → `pid=<> ppid=<>`;
-/// `open PATH` → `fd=<fd>`; `read` → `data=<4 bytes>`; `xmm` → (after one raw read of
+/// `open PATH` → `fd=<fd>`; `close FD` (one it opened) → `ok`; `read` (the file
+/// opened last) → `data=<4 bytes>`; `xmm` → (after one raw read of
 /// stdin) `xmm=<hex> ret=<n>`; `sum` → `sum=<checksum of the allocation>`;
 /// `write B` → every page of the allocation starts with byte B, `ok`; `cwd` →
 /// `cwd=<path>`; `umask` → `umask=<octal>`; `block` → SIGUSR1 blocked, `ok`;
@@ -178,6 +179,16 @@ fn serve(opts: &[String]) {
                 }
                 Err(e) => format!("error {e}"),
             },
+            ("close", Some(fd)) => {
+                let fd: i32 = fd.parse().unwrap_or(-1);
+                match files.iter().position(|f| f.as_raw_fd() == fd) {
+                    Some(i) => {
+                        files.remove(i);
+                        "ok".to_owned()
+                    }
+                    None => format!("error fd {fd} is not open"),
+                }
+            }
             ("read", _) => {
                 let mut buf = [0u8; 4];
                 match files.last_mut().map(|f| f.read(&mut buf)) {

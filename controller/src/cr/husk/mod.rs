@@ -381,7 +381,7 @@ fn make_dumped(
         pidfd,
         &state.fds,
         &state.cwd,
-        scratch,
+        (scratch, true),
         &opts.pipes,
     )?;
     let regs = Regs::from(&state.regs);

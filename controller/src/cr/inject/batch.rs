@@ -17,8 +17,10 @@ use crate::cr::ptrace::{Resume, Stop};
 
 /// The loop the tracee runs, with `rbx` = the first entry of the table and `r15` = the
 /// number of entries. Each entry is eight words: the syscall number, six arguments,
-/// and the result, which the loop stores; it stops (the `int3`) after the last entry
-/// or at the first negative result, leaving `r15` at the entries not done.
+/// and the result slot, which holds the one error the call may return without ending
+/// the batch (0: none) until the loop stores the result there; it stops (the `int3`)
+/// after the last entry or at the first other negative result, leaving `r15` at the
+/// entries not done.
 ///
 /// ```text
 ///  0: mov rax, [rbx]        ; 48 8b 03
@@ -29,18 +31,21 @@ use crate::cr::ptrace::{Resume, Stop};
 ///     mov r8,  [rbx+40]     ; 4c 8b 43 28
 ///     mov r9,  [rbx+48]     ; 4c 8b 4b 30
 ///     syscall               ; 0f 05
-///     mov [rbx+56], rax     ; 48 89 43 38
+///     cmp rax, [rbx+56]     ; 48 3b 43 38   the tolerated error?
+///     mov [rbx+56], rax     ; 48 89 43 38   (leaves the flags)
+///     je next               ; 74 05
 ///     test rax, rax         ; 48 85 c0
 ///     js end                ; 78 09
-///     add rbx, 64           ; 48 83 c3 40
+/// next: add rbx, 64         ; 48 83 c3 40
 ///     dec r15               ; 49 ff cf
-///     jnz 0                 ; 75 d1
+///     jnz 0                 ; 75 cb
 /// end: int3                 ; cc
 /// ```
-pub const LOOP: [u8; 48] = [
+pub const LOOP: [u8; 54] = [
     0x48, 0x8b, 0x03, 0x48, 0x8b, 0x7b, 0x08, 0x48, 0x8b, 0x73, 0x10, 0x48, 0x8b, 0x53, 0x18, 0x4c,
-    0x8b, 0x53, 0x20, 0x4c, 0x8b, 0x43, 0x28, 0x4c, 0x8b, 0x4b, 0x30, 0x0f, 0x05, 0x48, 0x89, 0x43,
-    0x38, 0x48, 0x85, 0xc0, 0x78, 0x09, 0x48, 0x83, 0xc3, 0x40, 0x49, 0xff, 0xcf, 0x75, 0xd1, 0xcc,
+    0x8b, 0x53, 0x20, 0x4c, 0x8b, 0x43, 0x28, 0x4c, 0x8b, 0x4b, 0x30, 0x0f, 0x05, 0x48, 0x3b, 0x43,
+    0x38, 0x48, 0x89, 0x43, 0x38, 0x74, 0x05, 0x48, 0x85, 0xc0, 0x78, 0x09, 0x48, 0x83, 0xc3, 0x40,
+    0x49, 0xff, 0xcf, 0x75, 0xcb, 0xcc,
 ];
 
 /// Bytes of one table entry.
@@ -55,6 +60,8 @@ pub struct Call {
     pub nr: i64,
     /// The arguments (unused ones 0).
     pub args: [u64; 6],
+    /// The errno it may fail with without ending the batch (0: none).
+    pub tolerated: i32,
 }
 
 /// Syscalls to run in a tracee, and the bytes they read or write, which go at the start
@@ -62,15 +69,54 @@ pub struct Call {
 #[derive(Debug)]
 pub struct Batch {
     scratch: u64,
+    len: u64,
     data: Vec<u8>,
     calls: Vec<Call>,
 }
 
+/// A batch that did not run to its end.
+#[derive(Debug)]
+pub struct BatchError {
+    /// The call that failed (its index in the batch), if one did: `None` when the
+    /// injection itself failed.
+    pub index: Option<usize>,
+    /// Why.
+    pub error: InjectError,
+}
+
+impl From<InjectError> for BatchError {
+    fn from(error: InjectError) -> Self {
+        Self { index: None, error }
+    }
+}
+
+impl From<crate::cr::ptrace::PtraceError> for BatchError {
+    fn from(e: crate::cr::ptrace::PtraceError) -> Self {
+        InjectError::from(e).into()
+    }
+}
+
+impl From<BatchError> for InjectError {
+    fn from(e: BatchError) -> Self {
+        e.error
+    }
+}
+
+/// What a batch returned: each call's result (a negative errno for a tolerated
+/// failure) and the data area as the calls left it.
+pub type Ran = (Vec<u64>, Vec<u8>);
+
 impl Batch {
     /// An empty batch for the scratch page at `scratch` ([`SCRATCH_LEN`] bytes).
     pub fn new(scratch: u64) -> Self {
+        Self::sized(scratch, SCRATCH_LEN)
+    }
+
+    /// An empty batch for a scratch area of `len` bytes at `scratch`.
+    pub fn sized(scratch: u64, len: u64) -> Self {
         Self {
             scratch,
+            len,
             data: Vec::new(),
             calls: Vec::new(),
         }
@@ -91,11 +137,67 @@ impl Batch {
         self.data(&vec![0; len])
     }
 
-    /// Adds syscall `nr` (`name` for errors) with up to six arguments.
-    pub fn call(&mut self, name: &'static str, nr: i64, args: &[u64]) {
+    /// Adds syscall `nr` (`name` for errors) with up to six arguments; returns its
+    /// index.
+    pub fn call(&mut self, name: &'static str, nr: i64, args: &[u64]) -> usize {
+        self.call_tolerating(name, nr, args, 0)
+    }
+
+    /// Adds syscall `nr` like [`Self::call`], which may fail with `errno` without
+    /// ending the batch (its result is then `-errno`).
+    pub fn call_tolerating(
+        &mut self,
+        name: &'static str,
+        nr: i64,
+        args: &[u64],
+        errno: i32,
+    ) -> usize {
         let mut a = [0u64; 6];
         a[..args.len()].copy_from_slice(args);
-        self.calls.push(Call { name, nr, args: a });
+        self.calls.push(Call {
+            name,
+            nr,
+            args: a,
+            tolerated: errno,
+        });
+        self.calls.len() - 1
+    }
+
+    /// Its calls, in order.
+    pub fn calls(&self) -> &[Call] {
+        &self.calls
+    }
+
+    /// Its data area as written into the tracee before the calls run.
+    pub fn bytes(&self) -> &[u8] {
+        &self.data
+    }
+
+    /// The address of its scratch area.
+    pub fn scratch(&self) -> u64 {
+        self.scratch
+    }
+
+    /// The length of its scratch area.
+    pub fn area(&self) -> u64 {
+        self.len
+    }
+
+    /// Bytes it needs to run in one stop: the data, the table, [`LOOP`].
+    pub fn room(&self) -> u64 {
+        self.data.len().next_multiple_of(8) as u64
+            + self.calls.len() as u64 * ENTRY_LEN
+            + LOOP.len() as u64
+    }
+
+    /// How many calls it holds.
+    pub fn len(&self) -> usize {
+        self.calls.len()
+    }
+
+    /// Whether it holds no call.
+    pub fn is_empty(&self) -> bool {
+        self.calls.is_empty()
     }
 
     /// The offset in the scratch page of the byte at `addr` (an address [`Self::data`]
@@ -107,7 +209,7 @@ impl Batch {
     /// How many entries fit after the data and before [`LOOP`], per run.
     fn per_run(&self) -> Result<usize, InjectError> {
         let data = self.data.len().next_multiple_of(8) as u64;
-        let free = SCRATCH_LEN.saturating_sub(data + LOOP.len() as u64);
+        let free = self.len.saturating_sub(data + LOOP.len() as u64);
         match free / ENTRY_LEN {
             0 => Err(InjectError::BatchTooBig {
                 data: self.data.len(),
@@ -121,67 +223,83 @@ impl Injection<'_> {
     /// Runs every call of `batch` from the tracee's (executable) scratch page, as few
     /// stops as the page's room for the table allows (one, for the batches DeltaCR
     /// makes); returns their results and the data area as the calls left it. The
-    /// first call that fails ends the batch with its error.
-    pub fn run_batch(&mut self, batch: &Batch) -> Result<(Vec<u64>, Vec<u8>), InjectError> {
-        self.with_data(batch, |inj| {
-            let table = batch.scratch + batch.data.len().next_multiple_of(8) as u64;
-            let mut results = Vec::with_capacity(batch.calls.len());
-            for chunk in batch.calls.chunks(batch.per_run()?) {
-                let mut bytes = Vec::with_capacity(chunk.len() * ENTRY_LEN as usize + LOOP.len());
-                for c in chunk {
-                    bytes.extend_from_slice(&c.nr.to_ne_bytes());
-                    for a in c.args {
-                        bytes.extend_from_slice(&a.to_ne_bytes());
-                    }
-                    bytes.extend_from_slice(&0u64.to_ne_bytes());
-                }
-                bytes.extend_from_slice(&LOOP);
-                inj.tracee.write_memory(table, &bytes)?;
-                let code = table + chunk.len() as u64 * ENTRY_LEN;
-                let left = inj.run_loop(code, table, chunk.len() as u64)?;
-                let done = chunk.len() - left as usize;
-                let mut raw = vec![0u8; chunk.len() * ENTRY_LEN as usize];
-                inj.tracee.read_memory(table, &mut raw)?;
-                for (i, c) in chunk.iter().enumerate() {
-                    let at = i * ENTRY_LEN as usize + 56;
-                    let rax = i64::from_ne_bytes(raw[at..at + 8].try_into().unwrap_or_default());
-                    if i == done {
-                        return Err(inj.failed(c, rax));
-                    }
-                    results.push(rax as u64);
-                }
-            }
-            Ok(results)
-        })
+    /// first call that fails (but for an error it tolerates) ends the batch with its
+    /// error.
+    pub fn run_batch(&mut self, batch: &Batch) -> Result<Ran, InjectError> {
+        Ok(self.run_calls(batch, true)?)
     }
 
     /// Runs every call of `batch` one at a time ([`Injection::syscall`]): for a scratch
     /// page that is not executable. Same results as [`Self::run_batch`].
-    pub fn run_each(&mut self, batch: &Batch) -> Result<(Vec<u64>, Vec<u8>), InjectError> {
-        self.with_data(batch, |inj| {
-            batch
-                .calls
-                .iter()
-                .map(|c| inj.syscall(c.name, c.nr, &c.args))
-                .collect()
-        })
+    pub fn run_each(&mut self, batch: &Batch) -> Result<Ran, InjectError> {
+        Ok(self.run_calls(batch, false)?)
     }
 
-    /// Writes the data of `batch`, runs its calls with `run`, and reads the data back.
-    fn with_data(
-        &mut self,
-        batch: &Batch,
-        run: impl FnOnce(&mut Self) -> Result<Vec<u64>, InjectError>,
-    ) -> Result<(Vec<u64>, Vec<u8>), InjectError> {
+    /// [`Self::run_batch`] (`batched`) or [`Self::run_each`], saying which call failed.
+    pub fn run_calls(&mut self, batch: &Batch, batched: bool) -> Result<Ran, BatchError> {
         if !batch.data.is_empty() {
             self.tracee.write_memory(batch.scratch, &batch.data)?;
         }
-        let results = run(self)?;
+        let results = if batched {
+            self.run_table(batch)?
+        } else {
+            let mut results = Vec::with_capacity(batch.calls.len());
+            for (index, c) in batch.calls.iter().enumerate() {
+                let (rax, _) = self.run(c.nr, &c.args)?;
+                match syscall_result(rax) {
+                    Ok(_) => {}
+                    Err(errno) if errno == c.tolerated => {}
+                    Err(_) => {
+                        return Err(BatchError {
+                            index: Some(index),
+                            error: self.failed(c, rax),
+                        });
+                    }
+                }
+                results.push(rax as u64);
+            }
+            results
+        };
         let mut data = vec![0u8; batch.data.len()];
         if !data.is_empty() {
             self.tracee.read_memory(batch.scratch, &mut data)?;
         }
         Ok((results, data))
+    }
+
+    /// Writes the table of `batch` (in chunks that fit) and runs [`LOOP`] over it.
+    fn run_table(&mut self, batch: &Batch) -> Result<Vec<u64>, BatchError> {
+        let table = batch.scratch + batch.data.len().next_multiple_of(8) as u64;
+        let mut results = Vec::with_capacity(batch.calls.len());
+        for chunk in batch.calls.chunks(batch.per_run()?) {
+            let mut bytes = Vec::with_capacity(chunk.len() * ENTRY_LEN as usize + LOOP.len());
+            for c in chunk {
+                bytes.extend_from_slice(&c.nr.to_ne_bytes());
+                for a in c.args {
+                    bytes.extend_from_slice(&a.to_ne_bytes());
+                }
+                bytes.extend_from_slice(&(-i64::from(c.tolerated)).to_ne_bytes());
+            }
+            bytes.extend_from_slice(&LOOP);
+            self.tracee.write_memory(table, &bytes)?;
+            let code = table + chunk.len() as u64 * ENTRY_LEN;
+            let left = self.run_loop(code, table, chunk.len() as u64)?;
+            let done = chunk.len() - left as usize;
+            let mut raw = vec![0u8; chunk.len() * ENTRY_LEN as usize];
+            self.tracee.read_memory(table, &mut raw)?;
+            for (i, c) in chunk.iter().enumerate() {
+                let at = i * ENTRY_LEN as usize + 56;
+                let rax = i64::from_ne_bytes(raw[at..at + 8].try_into().unwrap_or_default());
+                if i == done {
+                    return Err(BatchError {
+                        index: Some(results.len()),
+                        error: self.failed(c, rax),
+                    });
+                }
+                results.push(rax as u64);
+            }
+        }
+        Ok(results)
     }
 
     fn failed(&self, call: &Call, rax: i64) -> InjectError {
@@ -251,7 +369,7 @@ mod tests {
         assert_eq!(b.offset(0x1008), 8);
         b.call("getpid", libc::SYS_getpid, &[]);
         assert_eq!(b.calls[0].args, [0; 6]);
-        // (4096 - 40 - 48) / 64
+        // (4096 - 40 - 54) / 64
         assert_eq!(b.per_run().unwrap(), 62);
         b.space(4000);
         assert!(matches!(b.per_run(), Err(InjectError::BatchTooBig { .. })));

@@ -30,7 +30,7 @@ use super::ptrace::{Regs, Resume, Stop, Tracee};
 mod batch;
 mod error;
 
-pub use batch::Batch;
+pub use batch::{Batch, BatchError, Call};
 pub use error::InjectError;
 
 /// `-ERESTARTSYS` and friends (`include/linux/errno.h`): a syscall interrupted by a
@@ -365,10 +365,11 @@ impl<'t> Injection<'t> {
         )
     }
 
-    /// Maps `len` bytes of private anonymous read-write memory in the tracee at `addr`,
-    /// which must be free (`MAP_FIXED_NOREPLACE`: `EEXIST` otherwise, nothing replaced).
+    /// Maps `len` bytes of private anonymous memory in the tracee at `addr`, which must
+    /// be free (`MAP_FIXED_NOREPLACE`: `EEXIST` otherwise, nothing replaced): readable,
+    /// writable and executable, to run batches ([`Batch`]).
     pub fn mmap_scratch_at(&mut self, addr: u64, len: u64) -> Result<(), InjectError> {
-        let prot = (libc::PROT_READ | libc::PROT_WRITE) as u64;
+        let prot = (libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC) as u64;
         let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE) as u64;
         self.syscall(
             "mmap",

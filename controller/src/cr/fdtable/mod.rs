@@ -13,17 +13,19 @@
 //! files, …) make the checkpoint fail with an error naming the fd; nothing is silently
 //! dropped.
 
-use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
-use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::inject::{InjectError, Injection, SCRATCH_LEN};
-use super::pidfd::{Pidfd, PidfdError};
+use super::inject::InjectError;
+use super::pidfd::PidfdError;
 use super::procfs::{self, ProcError};
+
+mod install;
+
+pub use install::{StdioPipes, install};
 
 /// Open flags a reopen keeps: access mode and the status flags of an open file.
 /// `O_CREAT`, `O_EXCL`, `O_TRUNC` (never truncate on restore) and kernel-internal bits
@@ -92,6 +94,19 @@ pub enum FdError {
         fd: i32,
         /// The pipe's inode at the checkpoint.
         inode: u64,
+    },
+    /// The kernel gave an fd another number than the lowest free one, which the
+    /// rebuild's plan relies on (a bug, or a process that opened fds meanwhile).
+    #[error("restored pid {pid}: {call} gave fd {got}, where fd {expected} was expected")]
+    Unpredicted {
+        /// The restored process.
+        pid: i32,
+        /// The call (`openat` or `pipe2`).
+        call: &'static str,
+        /// The fd planned.
+        expected: i32,
+        /// The fd it gave.
+        got: i64,
     },
     /// A file could not be reopened in the restored process.
     #[error("cannot reopen fd {fd} ({}) in restored pid {pid}", path.display())]
@@ -249,180 +264,6 @@ pub fn record(pid: i32, session_stdio: bool) -> Result<Vec<FdEntry>, FdError> {
         });
     }
     Ok(table)
-}
-
-/// The controller's ends of a restored process's stdio pipes: write to `stdin`, read
-/// `stdout` and `stderr`. `None` where the process had no such fd at the checkpoint.
-#[derive(Debug, Default)]
-pub struct StdioPipes {
-    /// The write end of the process's fd 0.
-    pub stdin: Option<File>,
-    /// The read end of the process's fd 1.
-    pub stdout: Option<File>,
-    /// The read end of the process's fd 2.
-    pub stderr: Option<File>,
-}
-
-fn u(v: i64) -> u64 {
-    v as u64
-}
-
-/// Moves fd `from` to `to` in the tracee (closing `from`), with `O_CLOEXEC` as
-/// `flags` says; nothing to move when they are equal except the close-on-exec flag.
-fn move_fd(inj: &mut Injection<'_>, from: u64, to: i32, flags: u32) -> Result<(), InjectError> {
-    let to = u(i64::from(to));
-    let cloexec = flags & libc::O_CLOEXEC as u32;
-    if from == to {
-        if cloexec != 0 {
-            let setfd = u(libc::F_SETFD.into());
-            inj.syscall(
-                "fcntl",
-                libc::SYS_fcntl,
-                &[to, setfd, libc::FD_CLOEXEC as u64],
-            )?;
-        }
-        return Ok(());
-    }
-    inj.syscall("dup3", libc::SYS_dup3, &[from, to, u64::from(cloexec)])?;
-    inj.syscall("close", libc::SYS_close, &[from])?;
-    Ok(())
-}
-
-/// Rebuilds `table` and the working directory `cwd` in the stopped tracee of `inj`, a
-/// fork of a template: its fd table is emptied (it holds at most the cgroup fd of the
-/// template's `clone3`), each path reopened at its offset, fds 0–2 put on fresh pipes
-/// whose other ends are returned, each pipe fd opened through the path `pipes` gives
-/// for its inode. `scratch` is the template's scratch page ([`SCRATCH_LEN`] bytes),
-/// inherited: used, then unmapped.
-pub fn install(
-    inj: &mut Injection<'_>,
-    pidfd: &Pidfd,
-    table: &[FdEntry],
-    cwd: &Path,
-    scratch: u64,
-    pipes: &HashMap<u64, PathBuf>,
-) -> Result<StdioPipes, FdError> {
-    let pid = inj.tracee().pid().as_raw();
-    // Every fd reopened by path: files at their offset, pipes through `pipes`.
-    let mut reopened = Vec::with_capacity(table.len());
-    for entry in table {
-        reopened.push(match (&entry.kind, entry.pipe) {
-            (FdKind::Path { path, offset }, _) => Some((path.clone(), *offset)),
-            (FdKind::Pipe, Some(inode)) => match pipes.get(&inode) {
-                Some(path) => Some((path.clone(), 0)),
-                None => {
-                    return Err(FdError::PipeUnplaced {
-                        pid,
-                        fd: entry.fd,
-                        inode,
-                    });
-                }
-            },
-            (FdKind::Pipe, None) | (FdKind::Stdio, _) => None,
-        });
-    }
-    let all = u64::from(u32::MAX);
-    inj.syscall("close_range", libc::SYS_close_range, &[0, all, 0])?;
-    // Scratch memory: 8 bytes for pipe2's result, then the NUL-terminated paths.
-    let mut blob = vec![0u8; 8];
-    let mut path_at = Vec::with_capacity(table.len());
-    for reopen in &reopened {
-        path_at.push(blob.len() as u64);
-        if let Some((path, _)) = reopen {
-            blob.extend_from_slice(path.as_os_str().as_bytes());
-            blob.push(0);
-        }
-    }
-    let cwd_at = blob.len() as u64;
-    blob.extend_from_slice(cwd.as_os_str().as_bytes());
-    blob.push(0);
-    let inherited = scratch;
-    let len = (blob.len() as u64).next_multiple_of(4096);
-    let scratch = if len <= SCRATCH_LEN {
-        inherited
-    } else {
-        inj.mmap_scratch(len)?
-    };
-    inj.tracee()
-        .write_memory(scratch, &blob)
-        .map_err(InjectError::from)?;
-
-    let mut pipes = StdioPipes::default();
-    for ((entry, at), reopen) in table.iter().zip(path_at).zip(&reopened) {
-        match (&entry.kind, reopen) {
-            (FdKind::Stdio, _) => {
-                inj.syscall("pipe2", libc::SYS_pipe2, &[scratch, 0])?;
-                let mut ends = [0u8; 8];
-                inj.tracee()
-                    .read_memory(scratch, &mut ends)
-                    .map_err(InjectError::from)?;
-                let read_end = i32::from_ne_bytes([ends[0], ends[1], ends[2], ends[3]]);
-                let write_end = i32::from_ne_bytes([ends[4], ends[5], ends[6], ends[7]]);
-                let (theirs, ours) = if entry.fd == 0 {
-                    (read_end, write_end)
-                } else {
-                    (write_end, read_end)
-                };
-                let file = pidfd.get_fd(ours)?;
-                match entry.fd {
-                    0 => pipes.stdin = Some(file),
-                    1 => pipes.stdout = Some(file),
-                    _ => pipes.stderr = Some(file),
-                }
-                move_fd(inj, u(theirs.into()), entry.fd, entry.flags)?;
-                // A dup3 onto `ours` already closed it.
-                if ours != entry.fd {
-                    inj.syscall("close", libc::SYS_close, &[u(ours.into())])?;
-                }
-                if entry.flags & libc::O_NONBLOCK as u32 != 0 {
-                    let setfl = u(libc::F_SETFL.into());
-                    let nonblock = libc::O_NONBLOCK as u64;
-                    inj.syscall(
-                        "fcntl",
-                        libc::SYS_fcntl,
-                        &[u(entry.fd.into()), setfl, nonblock],
-                    )?;
-                }
-            }
-            (_, Some((path, offset))) => {
-                let reopen = |source| FdError::Reopen {
-                    pid,
-                    fd: entry.fd,
-                    path: path.clone(),
-                    source,
-                };
-                let flags = u64::from(reopen_flags(entry.flags));
-                let at_fdcwd = u(libc::AT_FDCWD.into());
-                let fd = inj
-                    .syscall(
-                        "openat",
-                        libc::SYS_openat,
-                        &[at_fdcwd, scratch + at, flags, 0],
-                    )
-                    .map_err(reopen)?;
-                let is_path_only = entry.flags & libc::O_PATH as u32 != 0;
-                if *offset != 0 && !is_path_only {
-                    let seek_set = libc::SEEK_SET as u64;
-                    match inj.syscall("lseek", libc::SYS_lseek, &[fd, *offset, seek_set]) {
-                        Ok(_) => {}
-                        // A device without offsets (a tty, /dev/null's cousins).
-                        Err(InjectError::Syscall { source, .. })
-                            if source.raw_os_error() == Some(libc::ESPIPE) => {}
-                        Err(e) => return Err(reopen(e)),
-                    }
-                }
-                move_fd(inj, fd, entry.fd, entry.flags).map_err(reopen)?;
-            }
-            // Refused above.
-            (_, None) => {}
-        }
-    }
-    inj.syscall("chdir", libc::SYS_chdir, &[scratch + cwd_at])?;
-    if scratch != inherited {
-        inj.syscall("munmap", libc::SYS_munmap, &[scratch, len])?;
-    }
-    inj.syscall("munmap", libc::SYS_munmap, &[inherited, SCRATCH_LEN])?;
-    Ok(pipes)
 }
 
 #[cfg(test)]
