@@ -8,7 +8,8 @@ of its own, and measures over raw HTTP/1.1 (one connection per request, as the b
 does):
   - the round trip of an unknown route (404), back to back and after 20 ms idle;
   - without --rl: ROUNDS x {session run, 20 ms, checkpoint, 20 ms, rollback to the
-    first node}: client time, the daemon's total_ms, and the difference;
+    first node}: client time, the daemon's total_ms, the difference, and the median
+    of each phase the daemon reports;
   - with --rl: after --rl-wait seconds (the first node's dump is written meanwhile),
     ROUNDS x {4 session runs, rollback to the first node}: client and daemon medians
     and how many rollbacks a standby fork served.
@@ -129,14 +130,18 @@ def probe(sock, rounds, rl, wait):
             call(sock, "POST", run, {"code": f"x = {i}"})
             time.sleep(0.02)
             node, elapsed = call(sock, "POST", f"{base}/checkpoint", {})
-            ops["checkpoint"].append((elapsed, node["timings"]["total_ms"]))
+            ops["checkpoint"].append((elapsed, node["timings"]))
             time.sleep(0.02)
             rolled, elapsed = call(sock, "POST", f"{base}/rollback", {"node": first})
-            ops["rollback"].append((elapsed, rolled["timings"]["total_ms"]))
+            ops["rollback"].append((elapsed, rolled["timings"]))
         for name, v in ops.items():
             print(f"{name}: client {st.median(a for a, _ in v):.3f} ms, daemon "
-                  f"{st.median(b for _, b in v):.3f} ms, client - daemon "
-                  f"{st.median(a - b for a, b in v):.3f} ms")
+                  f"{st.median(b['total_ms'] for _, b in v):.3f} ms, client - daemon "
+                  f"{st.median(a - b['total_ms'] for a, b in v):.3f} ms")
+            phases = [k for k, x in v[0][1].items()
+                      if k != "total_ms" and isinstance(x, (int, float))]
+            print("  daemon phases (median): " + ", ".join(
+                f"{k} {st.median(b[k] for _, b in v):.3f}" for k in phases))
     call(sock, "DELETE", base)
 
 
