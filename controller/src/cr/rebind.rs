@@ -17,10 +17,10 @@ use std::os::unix::fs::FileExt as _;
 use std::path::PathBuf;
 
 use super::dump::{PAGE, private_pages};
+use super::hold::group_stop;
 use super::inject::{InjectError, Injection, SCRATCH_LEN};
 use super::procfs::{self, Mapping};
 use super::ptrace::{Tracee, cr_options};
-use super::template::group_stop;
 use super::{CrError, Template};
 use crate::cr::ptrace::Stop;
 

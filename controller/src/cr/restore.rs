@@ -24,10 +24,11 @@ use nix::unistd::Pid;
 
 use super::dump::Dump;
 use super::fdtable::{self, StdioPipes};
+use super::hold::group_stop;
 use super::inject::{Batch, InjectError, Injection, SCRATCH_LEN, resume_regs};
 use super::pidfd::{Pidfd, PidfdError};
 use super::ptrace::{Regs, Stop, Tracee, cr_options};
-use super::template::{Template, group_stop};
+use super::template::Template;
 use super::threads;
 use super::{CrError, KILL_TIMEOUT};
 

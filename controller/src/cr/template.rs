@@ -30,12 +30,10 @@ use nix::unistd::Pid;
 
 use super::fdtable;
 use super::freezer::TemplateCgroup;
-use super::inject::{
-    Batch, Injection, SCRATCH_LEN, SyscallSite, interrupted_syscall, requeue_signals, resume_regs,
-};
+use super::inject::{Injection, SCRATCH_LEN, SyscallSite, interrupted_syscall, requeue_signals};
 use super::pidfd::Pidfd;
 use super::procfs;
-use super::ptrace::{Resume, Stop, Tracee, cr_options};
+use super::ptrace::cr_options;
 use super::shared::SharedMapping;
 use super::state::{ProcessState, Registers, STATE_VERSION};
 use super::threads;
@@ -296,7 +294,8 @@ pub struct Seizing {
     pid: Pid,
     start: Instant,
     paused_at: Instant,
-    maps: Vec<procfs::Mapping>,
+    /// Its `[vdso]` (start, end).
+    vdso: Option<(u64, u64)>,
     shared: Vec<SharedMapping>,
     seized: threads::Seized,
 }
@@ -309,7 +308,7 @@ impl Seizing {
 
     /// Forks the process into its template and lets it go (see [`checkpoint`]).
     pub fn fork(self, opts: &CheckpointOptions) -> Result<Template, CrError> {
-        fork_seized(self, opts)
+        fork_seized(self, opts, None)
     }
 }
 
@@ -325,8 +324,10 @@ pub fn checkpoint(pid: Pid, opts: &CheckpointOptions) -> Result<Template, CrErro
         .map_err(super::freezer::FreezerError::from)?
         .root()
         .to_path_buf();
-    refuse_frozen(raw, &cgroup_root, &procfs::cgroup_v2(raw)?)?;
-    seize(pid, opts)?.fork(opts)
+    let own_cgroup = procfs::cgroup_v2(raw)?;
+    refuse_frozen(raw, &cgroup_root, &own_cgroup)?;
+    // Checked a moment ago, not frozen since: the fork need not check again.
+    fork_seized(seize(pid, opts)?, opts, Some(own_cgroup))
 }
 
 /// Stops the process `pid` and all its threads, after the checks of [`checkpoint`]
@@ -337,26 +338,39 @@ pub fn seize(pid: Pid, opts: &CheckpointOptions) -> Result<Seizing, CrError> {
     let start = Instant::now();
     let raw = pid.as_raw();
     refuse_dead_leader(raw)?;
-    let maps = procfs::maps(raw)?;
-    let shared = super::shared::record(raw, &maps, opts.root_prefix.as_deref())?;
+    // Two or three queries rather than all of /proc/<pid>/maps (~0.1 ms for python).
+    let maps = super::procmap::ProcMaps::open(raw)?;
+    let writable_shared = maps.all_with(super::procmap::SHARED | super::procmap::WRITABLE)?;
+    let shared = super::shared::record(raw, &writable_shared, opts.root_prefix.as_deref())?;
+    let vdso = match maps.vdso()? {
+        Some(vdso) => Some(vdso),
+        // Moved since the exec: looked for by name.
+        None => procfs::vdso(&procfs::maps(raw)?),
+    };
     fdtable::check_supported(raw, !opts.inherited_stdio)?;
     let seized = threads::seize_all(pid, cr_options())?;
     Ok(Seizing {
         pid,
         start,
         paused_at: Instant::now(),
-        maps,
+        vdso,
         shared,
         seized,
     })
 }
 
-fn fork_seized(seizing: Seizing, opts: &CheckpointOptions) -> Result<Template, CrError> {
+/// Forks the seized process into its template; `checked`: its cgroup, already checked
+/// not to be frozen.
+fn fork_seized(
+    seizing: Seizing,
+    opts: &CheckpointOptions,
+    checked: Option<PathBuf>,
+) -> Result<Template, CrError> {
     let Seizing {
         pid,
         start,
         paused_at,
-        maps,
+        vdso,
         shared,
         seized: threads::Seized {
             leader: mut tracee,
@@ -369,8 +383,14 @@ fn fork_seized(seizing: Seizing, opts: &CheckpointOptions) -> Result<Template, C
         .map_err(super::freezer::FreezerError::from)?
         .root()
         .to_path_buf();
-    let own_cgroup = procfs::cgroup_v2(raw)?;
-    refuse_frozen(raw, &cgroup_root, &own_cgroup)?;
+    let own_cgroup = match checked {
+        Some(own) => own,
+        None => {
+            let own = procfs::cgroup_v2(raw)?;
+            refuse_frozen(raw, &cgroup_root, &own)?;
+            own
+        }
+    };
     let name = template_name(raw);
     let cgroup = TemplateCgroup::create(&opts.template_cgroups, &name)?;
     let cgroup_seen = match &opts.template_cgroups_seen {
@@ -379,7 +399,7 @@ fn fork_seized(seizing: Seizing, opts: &CheckpointOptions) -> Result<Template, C
     };
 
     // The pause: from the seize to the detach. Every thread is stopped.
-    let site = SyscallSite::find(&tracee, procfs::vdso(&maps))?;
+    let site = SyscallSite::find(&tracee, vdso)?;
     let xstate = tracee.xstate()?;
     let ((mut child, scratch), regs, fds, cwd, mut status, main_thread, thread_states) = {
         let mut inj = Injection::begin(&mut tracee, site)?;
@@ -428,7 +448,7 @@ fn fork_seized(seizing: Seizing, opts: &CheckpointOptions) -> Result<Template, C
     let paused = paused_at.elapsed();
 
     let pidfd = Pidfd::open(child.pid())?;
-    let handlers = hold(
+    let handlers = super::hold::hold(
         &mut child,
         site,
         &regs,
@@ -483,84 +503,6 @@ fn fork_seized(seizing: Seizing, opts: &CheckpointOptions) -> Result<Template, C
         generation: opts.generation.saturating_add(1),
         lock: Mutex::new(()),
     })
-}
-
-/// Turns the fresh fork `child`, born in `cgroup`, into a template: its signal
-/// handlers recorded (returned), empty fd table, own session, the checkpoint's registers, group-stop, frozen cgroup; with `root` (a
-/// directory), first a `chroot` there; its writable shared file mappings `shared`
-/// replaced by placeholders ([`super::shared`]). `scratch` is its scratch page. Leaves
-/// it in a ptrace-stop.
-#[allow(clippy::too_many_arguments)]
-fn hold(
-    child: &mut Tracee,
-    site: SyscallSite,
-    regs: &libc::user_regs_struct,
-    xstate: &super::ptrace::XState,
-    cgroup: &TemplateCgroup,
-    scratch: u64,
-    root: Option<&Path>,
-    shared: &[SharedMapping],
-) -> Result<super::carried::Handlers, CrError> {
-    let handlers = {
-        let pid = child.pid().as_raw();
-        let mut inj = Injection::begin(child, site)?;
-        // A fork carries the process's dispositions; a restore into a fresh process
-        // needs them. Recorded here, before the checkpoint is acknowledged: recorded
-        // later (by the dump), the template would be thawed under ptrace with
-        // PTRACE_O_EXITKILL after the answer, and a controller killed meanwhile would
-        // take an acknowledged node's template with it (sandbox_restart's
-        // revived_sessions_outlive_the_page_cache_of_dead_views saw it about once in
-        // ten runs). All of it is one batch: one stop instead of one per syscall
-        // (~10 for python, ~20 for bash).
-        let mut batch = Batch::new(scratch);
-        let slots = super::carried::queue_handlers(&mut batch, pid)?;
-        if let Some(root) = root {
-            super::restore::queue_chroot(&mut batch, pid, root)?;
-        }
-        super::shared::queue_unmap(&mut batch, shared);
-        batch.call(
-            "close_range",
-            libc::SYS_close_range,
-            &[0, u64::from(u32::MAX), 0],
-        );
-        batch.call("setsid", libc::SYS_setsid, &[]);
-        let (_, data) = inj.run_batch(&batch)?;
-        let handlers = slots.read(&batch, &data);
-        inj.finish_with(&resume_regs(regs))?;
-        handlers
-    };
-    child.set_xstate(xstate)?;
-
-    group_stop(child)?;
-    cgroup.freeze()?;
-    // Signals to a template are not part of the checkpoint.
-    child.take_deferred_signals();
-    Ok(handlers)
-}
-
-/// Puts the tracee (in a ptrace-stop) in group-stop and leaves it in the group-stop
-/// report. `SIGSTOP` is pending from the `kill()` on, so every resume below only runs
-/// the kernel's signal loop, which reports a signal or a stop before any return to
-/// user mode.
-pub(super) fn group_stop(tracee: &mut Tracee) -> Result<(), CrError> {
-    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
-    unsafe { libc::kill(tracee.pid().as_raw(), libc::SIGSTOP) };
-    tracee.resume(Resume::Cont, 0)?;
-    loop {
-        match tracee.wait()? {
-            Stop::Signal(libc::SIGSTOP) => tracee.resume(Resume::Cont, libc::SIGSTOP)?,
-            Stop::Group(_) => return Ok(()),
-            // Another signal sent to the template, or a stale trap: not the template's
-            // business; SIGSTOP is still pending and comes next.
-            Stop::Signal(_) | Stop::Interrupt => tracee.resume(Resume::Cont, 0)?,
-            stop => {
-                return Err(CrError::TemplateStop {
-                    pid: tracee.pid().as_raw(),
-                    stop,
-                });
-            }
-        }
-    }
 }
 
 #[cfg(test)]

@@ -211,7 +211,14 @@ pub fn reopen_flags(flags: u32) -> u32 {
 /// Fails with the first fd of `pid` that DeltaCR cannot restore (`session_stdio` as
 /// in [`classify_fd`]).
 pub fn check_supported(pid: i32, session_stdio: bool) -> Result<(), FdError> {
-    for (fd, target) in procfs::fds(pid)? {
+    check_all(pid, &procfs::fds(pid)?, session_stdio)
+}
+
+/// Fails with the first of `fds` (`pid`'s fds and their `/proc` links) that DeltaCR
+/// cannot restore.
+fn check_all(pid: i32, fds: &[(i32, OsString)], session_stdio: bool) -> Result<(), FdError> {
+    for (fd, target) in fds {
+        let fd = *fd;
         let err = |deleted: bool| {
             let comm = procfs::comm_or_unknown(pid);
             let target = target.clone();
@@ -231,7 +238,7 @@ pub fn check_supported(pid: i32, session_stdio: bool) -> Result<(), FdError> {
                 }
             }
         };
-        match classify_fd(fd, &target, session_stdio) {
+        match classify_fd(fd, target, session_stdio) {
             Class::Stdio | Class::Path(_) | Class::Pipe(_) => {}
             Class::Deleted => return Err(err(true)),
             Class::Unsupported => return Err(err(false)),
@@ -243,9 +250,10 @@ pub fn check_supported(pid: i32, session_stdio: bool) -> Result<(), FdError> {
 /// Records the fd table of `pid`, which must be stopped (offsets move while it runs);
 /// `session_stdio` as in [`classify_fd`].
 pub fn record(pid: i32, session_stdio: bool) -> Result<Vec<FdEntry>, FdError> {
-    check_supported(pid, session_stdio)?;
-    let mut table = Vec::new();
-    for (fd, target) in procfs::fds(pid)? {
+    let fds = procfs::fds(pid)?;
+    check_all(pid, &fds, session_stdio)?;
+    let mut table = Vec::with_capacity(fds.len());
+    for (fd, target) in fds {
         let info = procfs::fdinfo(pid, fd)?;
         let kind = match classify_fd(fd, &target, session_stdio) {
             Class::Path(path) => FdKind::Path {
