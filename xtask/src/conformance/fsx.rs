@@ -50,6 +50,11 @@ copy_file_range = 1
 /// The success line.
 const OK_LINE: &str = "All operations completed A-OK!";
 
+/// fsx's CPU time grows while it works; unchanged this long, fsx is stuck, and the run
+/// fails at once rather than at its timeout. fsx 0.3.2's `sendfile` op, for one, waits
+/// forever for the bytes of a `sendfile` that returned short.
+const STALL: Duration = Duration::from_secs(60);
+
 /// What one cycle under fsx does on DeltaFS.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Cycle {
@@ -141,6 +146,7 @@ pub fn run(
         ..Checkpoints::default()
     });
     let mut next_report = Duration::from_secs(30);
+    let mut stall = Stall::new(Instant::now());
     let mut next_cycle = start
         + deltafs
             .as_ref()
@@ -154,6 +160,18 @@ pub fn run(
         if elapsed > timeout {
             // The guard kills it (by pid) on the way out.
             anyhow::bail!("`{line}` did not finish within {}", human_duration(timeout));
+        }
+        if let Some(pid) = child.pid()
+            && stall.observe(cpu_ticks(pid), Instant::now()) > STALL
+        {
+            anyhow::bail!(
+                "fsx ({pid}) used no CPU for {} after {} of its run: stuck (fsx's output: \
+                 {}); where its threads wait:\n{}",
+                human_duration(STALL),
+                human_duration(elapsed),
+                stderr_path.display(),
+                thread_stacks(pid)
+            );
         }
         if elapsed > next_report {
             let taken = checkpoints
@@ -217,6 +235,60 @@ pub fn run(
         failure,
         checkpoints,
     })
+}
+
+/// The CPU time (user + system, in clock ticks) of process `pid`, all its threads.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after `pid (comm) `: state is field 3, utime 14, stime 15.
+    let (_, rest) = stat.rsplit_once(") ")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |n: usize| fields.get(n - 3)?.parse::<u64>().ok();
+    Some(field(14)? + field(15)?)
+}
+
+/// Each thread of `pid`: its `wchan` and kernel stack.
+fn thread_stacks(pid: u32) -> String {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return "(gone)".to_owned();
+    };
+    tasks
+        .flatten()
+        .map(|task| {
+            let dir = task.path();
+            let read = |name: &str| fs::read_to_string(dir.join(name)).unwrap_or_default();
+            format!(
+                "thread {}: waiting in {:?}\n{}",
+                task.file_name().to_string_lossy(),
+                read("wchan"),
+                read("stack")
+            )
+        })
+        .collect()
+}
+
+/// How long a sampled value (fsx's CPU time) has stayed the same.
+struct Stall {
+    last: Option<u64>,
+    since: Instant,
+}
+
+impl Stall {
+    fn new(now: Instant) -> Self {
+        Self {
+            last: None,
+            since: now,
+        }
+    }
+
+    /// Takes a sample at `now`; returns how long the value has not changed.
+    fn observe(&mut self, value: Option<u64>, now: Instant) -> Duration {
+        if value != self.last {
+            self.last = value;
+            self.since = now;
+        }
+        now - self.since
+    }
 }
 
 /// `None` when fsx succeeded; else the first lines that say what went wrong.
@@ -297,6 +369,19 @@ impl Drop for Paused {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_value_that_stays_the_same_is_a_stall() {
+        let t0 = Instant::now();
+        let mut stall = Stall::new(t0);
+        let s = Duration::from_secs(1);
+        assert_eq!(stall.observe(Some(5), t0), Duration::ZERO);
+        assert_eq!(stall.observe(Some(5), t0 + 30 * s), 30 * s);
+        assert_eq!(stall.observe(Some(6), t0 + 31 * s), Duration::ZERO);
+        assert_eq!(stall.observe(Some(6), t0 + 92 * s), 61 * s);
+        assert!(cpu_ticks(std::process::id()).is_some());
+        assert!(thread_stacks(std::process::id()).contains("thread "));
+    }
 
     #[test]
     fn an_fsx_that_has_just_exited_counts_as_paused() {
