@@ -16,7 +16,6 @@
 //! [`rollback`] kills the current process and restores in its place.
 
 use std::collections::HashMap;
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -444,16 +443,15 @@ pub(super) fn chroot(inj: &mut Injection<'_>, scratch: u64, root: &Path) -> Resu
 
 /// Adds `chroot(root)` and `chdir("/")` to `batch` (for pid `pid`).
 pub(super) fn queue_chroot(batch: &mut Batch, pid: i32, root: &Path) -> Result<(), CrError> {
-    let mut path = root.as_os_str().as_bytes().to_vec();
-    path.push(0);
-    if path.len() as u64 + 8 > SCRATCH_LEN {
+    // The path, its NUL and the 8-byte slot of "/\0" within the page.
+    if root.as_os_str().len() as u64 + 9 > SCRATCH_LEN {
         return Err(InjectError::PathTooLong {
             pid,
             path: root.to_path_buf(),
         }
         .into());
     }
-    let root = batch.data(&path);
+    let root = batch.path(root);
     let slash = batch.data(b"/\0");
     batch.call("chroot", libc::SYS_chroot, &[root]);
     batch.call("chdir", libc::SYS_chdir, &[slash]);

@@ -237,12 +237,17 @@ pub fn run(
     })
 }
 
+/// The fields of `/proc/<pid>/stat` after `pid (comm) `, from field 3 (the state) on.
+fn stat_fields(pid: impl std::fmt::Display) -> Option<Vec<String>> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(") ")?;
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
 /// The CPU time (user + system, in clock ticks) of process `pid`, all its threads.
 fn cpu_ticks(pid: u32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after `pid (comm) `: state is field 3, utime 14, stime 15.
-    let (_, rest) = stat.rsplit_once(") ")?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let fields = stat_fields(pid)?;
+    // utime is field 14, stime 15.
     let field = |n: usize| fields.get(n - 3)?.parse::<u64>().ok();
     Some(field(14)? + field(15)?)
 }
@@ -332,11 +337,7 @@ impl Paused {
         let paused = Self(pid);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            // The state follows the command name in parentheses: `pid (comm) T …`.
-            let state = stat
-                .rsplit_once(") ")
-                .and_then(|(_, rest)| rest.chars().next());
+            let state = stat_fields(pid).and_then(|f| f.first()?.chars().next());
             match state {
                 // Stopped; or exited (a zombie until the run loop reaps it: fsx may finish
                 // between the loop's last look and this stop), which the loop then reports.

@@ -11,7 +11,6 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use super::{FdEntry, FdError, FdKind, reopen_flags};
@@ -72,9 +71,22 @@ struct Plan {
 }
 
 impl Plan {
-    fn call(&mut self, serves: Option<usize>, name: &'static str, nr: i64, args: &[u64]) {
-        self.batch.call(name, nr, args);
+    /// Adds a call serving table entry `serves`; returns its index in the batch.
+    fn call(&mut self, serves: Option<usize>, name: &'static str, nr: i64, args: &[u64]) -> usize {
+        self.call_tolerating(serves, name, nr, args, 0)
+    }
+
+    /// [`Self::call`] of a call that may fail with `errno` ([`Batch::call_tolerating`]).
+    fn call_tolerating(
+        &mut self,
+        serves: Option<usize>,
+        name: &'static str,
+        nr: i64,
+        args: &[u64],
+        errno: i32,
+    ) -> usize {
         self.serves.push(serves);
+        self.batch.call_tolerating(name, nr, args, errno)
     }
 
     /// Moves fd `from` to `to` (closing `from`), `O_CLOEXEC` on `to` if `cloexec`;
@@ -138,23 +150,19 @@ fn plan(table: &[FdEntry], reopened: &[Option<(PathBuf, u64)>], cwd: &Path, batc
                 }
             }
             (_, Some((path, offset))) => {
-                let mut bytes = path.as_os_str().as_bytes().to_vec();
-                bytes.push(0);
-                let at = p.batch.data(&bytes);
+                let at = p.batch.path(path);
                 let flags = u64::from(reopen_flags(entry.flags));
                 let at_fdcwd = u(libc::AT_FDCWD.into());
                 let args = [at_fdcwd, at, flags, 0];
-                p.call(Some(i), "openat", libc::SYS_openat, &args);
+                let call = p.call(Some(i), "openat", libc::SYS_openat, &args);
                 let fd = p.fds.open();
-                p.opens.push((p.batch.len() - 1, fd));
+                p.opens.push((call, fd));
                 let is_path_only = entry.flags & libc::O_PATH as u32 != 0;
                 if *offset != 0 && !is_path_only {
                     let args = [u(fd.into()), *offset, libc::SEEK_SET as u64];
                     // A device without offsets (a tty) keeps none: not an error.
                     let espipe = libc::ESPIPE;
-                    p.batch
-                        .call_tolerating("lseek", libc::SYS_lseek, &args, espipe);
-                    p.serves.push(Some(i));
+                    p.call_tolerating(Some(i), "lseek", libc::SYS_lseek, &args, espipe);
                 }
                 p.move_fd(i, fd, entry.fd, cloexec);
             }
@@ -162,9 +170,7 @@ fn plan(table: &[FdEntry], reopened: &[Option<(PathBuf, u64)>], cwd: &Path, batc
             (_, None) => {}
         }
     }
-    let mut bytes = cwd.as_os_str().as_bytes().to_vec();
-    bytes.push(0);
-    let at = p.batch.data(&bytes);
+    let at = p.batch.path(cwd);
     p.call(None, "chdir", libc::SYS_chdir, &[at]);
     p
 }

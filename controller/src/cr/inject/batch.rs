@@ -131,6 +131,15 @@ impl Batch {
         self.scratch + at as u64
     }
 
+    /// Places `path`, NUL-terminated, in the data area; returns its address in the
+    /// tracee.
+    pub fn path(&mut self, path: &std::path::Path) -> u64 {
+        use std::os::unix::ffi::OsStrExt as _;
+        let mut bytes = path.as_os_str().as_bytes().to_vec();
+        bytes.push(0);
+        self.data(&bytes)
+    }
+
     /// Reserves `len` zeroed bytes of the data area for a call to write; returns their
     /// address in the tracee.
     pub fn space(&mut self, len: usize) -> u64 {

@@ -347,21 +347,33 @@ impl<'t> Injection<'t> {
 
     /// Maps `len` bytes of private anonymous read-write memory in the tracee.
     pub fn mmap_scratch(&mut self, len: u64) -> Result<u64, InjectError> {
-        self.mmap_anonymous(len, libc::PROT_READ | libc::PROT_WRITE)
+        self.mmap_private(0, len, libc::PROT_READ | libc::PROT_WRITE, 0)
     }
 
     /// Maps `len` bytes of private anonymous memory in the tracee that it can also
     /// execute: a scratch page that runs batches ([`Batch`]).
     pub fn mmap_scratch_exec(&mut self, len: u64) -> Result<u64, InjectError> {
-        self.mmap_anonymous(len, libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC)
+        self.mmap_private(
+            0,
+            len,
+            libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC,
+            0,
+        )
     }
 
-    fn mmap_anonymous(&mut self, len: u64, prot: i32) -> Result<u64, InjectError> {
-        let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
+    /// Injects `mmap(addr, len, prot, MAP_PRIVATE | MAP_ANONYMOUS | flags, -1, 0)`.
+    fn mmap_private(
+        &mut self,
+        addr: u64,
+        len: u64,
+        prot: i32,
+        flags: i32,
+    ) -> Result<u64, InjectError> {
+        let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | flags) as u64;
         self.syscall(
             "mmap",
             libc::SYS_mmap,
-            &[0, len, prot as u64, flags, u64::MAX, 0],
+            &[addr, len, prot as u64, flags, u64::MAX, 0],
         )
     }
 
@@ -369,14 +381,9 @@ impl<'t> Injection<'t> {
     /// be free (`MAP_FIXED_NOREPLACE`: `EEXIST` otherwise, nothing replaced): readable,
     /// writable and executable, to run batches ([`Batch`]).
     pub fn mmap_scratch_at(&mut self, addr: u64, len: u64) -> Result<(), InjectError> {
-        let prot = (libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC) as u64;
-        let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE) as u64;
-        self.syscall(
-            "mmap",
-            libc::SYS_mmap,
-            &[addr, len, prot, flags, u64::MAX, 0],
-        )
-        .map(drop)
+        let prot = libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC;
+        self.mmap_private(addr, len, prot, libc::MAP_FIXED_NOREPLACE)
+            .map(drop)
     }
 
     /// Gives the tracee its saved registers back, ready to resume where it stopped.

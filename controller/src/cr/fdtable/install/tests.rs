@@ -3,6 +3,7 @@
 //! are parked off the table's numbers.
 
 use std::collections::BTreeMap;
+use std::os::unix::ffi::OsStrExt as _;
 
 use proptest::prelude::*;
 
