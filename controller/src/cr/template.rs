@@ -431,9 +431,10 @@ fn fork_seized(
         inj.finish(signals_follow)?;
         (child, regs, fds, cwd, status, main_thread, states)
     };
-    // Its registers are its own again: a controller crash from here on detaches it
-    // (the template, which inherited PTRACE_O_EXITKILL, is killed until it is held).
-    tracee.set_exit_kill(false)?;
+    // Its registers are its own again, but it is still in the signal-delivery-stop of
+    // the last injected step, whose SIGTRAP a controller crash would deliver (it killed
+    // the process in cr_crash): PTRACE_O_EXITKILL stays until the detach, which
+    // resumes it with no signal.
     threads::requeue_thread_signals(raw, &mut others);
     threads::detach_all(others)?;
     // Signals that arrived during the pause are the process's: it gets them back, and

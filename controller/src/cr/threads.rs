@@ -131,7 +131,8 @@ pub fn seize_all(pid: Pid, options: Options) -> Result<Seized, CrError> {
 /// does not carry; `scratch` is a writable page in the process for injected syscalls'
 /// results. The thread is left in a ptrace-stop with its own registers (restart fix-up
 /// applied unless signals it received meanwhile are to be re-sent), `PTRACE_O_EXITKILL`
-/// cleared; the signals that arrived while it was held stay deferred on it, and are
+/// still set (it is in the last injected step's `SIGTRAP` stop, which a controller
+/// crash would deliver; the detach resumes it with no signal); the signals that arrived while it was held stay deferred on it, and are
 /// counted as pending in the record.
 pub fn record_thread(
     pid: i32,
@@ -167,7 +168,6 @@ pub fn record_thread(
         inj.finish(follow)?;
         (regs, u64_at(&buf, 0), decode_altstack(&buf[8..32]))
     };
-    tracee.set_exit_kill(false)?;
     let restarted_syscall = if regs.orig_rax as i64 == libc::SYS_restart_syscall {
         // The 24 bytes before the `syscall` instruction (rip is past it).
         let mut code = [0u8; 24];

@@ -94,8 +94,9 @@ pub fn prefault(pid: Pid, pages: &[u64]) -> Result<WarmUpReport, CrError> {
     let (mut tracee, _) = Tracee::seize_stopped(pid, cr_options())?;
     let site = SyscallSite::find(&tracee, procfs::vdso(&maps))?;
     let injected = inject_populate(&mut tracee, site, &ranges, &mut report);
-    // Its registers are its own again (the injection gave them back, or its drop did).
-    let _ = tracee.set_exit_kill(false);
+    // Its registers are its own again (the injection gave them back, or its drop did),
+    // but PTRACE_O_EXITKILL stays until the detach: it sits in the last injected
+    // step's SIGTRAP stop, which a controller crash would deliver.
     requeue_signals(&mut tracee);
     let detached = tracee.detach(0);
     injected?;
